@@ -1,0 +1,257 @@
+"""The dump set: where finished pcaps, their indexes and the timeline live on disk.
+
+The recorder, the extractor and the repair tool all go through this one module, so the layout
+in docs/FORMAT.md has a single implementation. Files are named by the epoch of their first
+packet (n2disk's `<epoch.usec>` convention) and grouped in storage directories named the same
+way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import timeline
+from .errors import DumpSetError
+
+MARKER = ".pcapvault"
+FORMAT_VERSION = 1
+TEMP_PREFIX = ".rec-"
+TEMP_SUFFIX = ".pcap.part"
+
+
+def file_name(first_ns: int) -> str:
+    """`epoch.usec` name of a file whose first packet is at `first_ns`."""
+    sec, ns = divmod(first_ns, 1_000_000_000)
+    return f"{sec}.{ns // 1000:06d}"
+
+
+def parse_name(name: str) -> int | None:
+    """First-packet time (ns, microsecond resolution) from an `epoch.usec[.pcap]` name."""
+    stem = name.removesuffix(".idx").removesuffix(".pcap")
+    sec, dot, usec = stem.partition(".")
+    if not (dot and sec.isdigit() and usec.isdigit() and len(usec) == 6):
+        return None
+    return int(sec) * 1_000_000_000 + int(usec) * 1000
+
+
+@dataclass(frozen=True, order=True)
+class StoredFile:
+    """One finished pcap of a dump set; ordering is by first-packet time."""
+
+    first_ns: int
+    pcap: Path
+
+    @property
+    def name(self) -> str:
+        return self.pcap.name
+
+    @property
+    def index(self) -> Path:
+        return self.pcap.with_name(self.pcap.name + ".idx")
+
+    @property
+    def slot(self) -> int:
+        return timeline.slot_of(self.first_ns // 1_000_000_000)
+
+
+class DumpSet:
+    """A dump set directory with its marker and timeline."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root = root
+        self.meta = meta
+        tl = Path(meta.get("timeline", "timeline"))
+        self.timeline = tl if tl.is_absolute() else root / tl
+        self.files_per_dir = int(meta.get("files_per_dir", 1000))
+
+    # --- creation and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        *,
+        interface: str,
+        linktype: int,
+        snaplen: int,
+        nanosecond: bool,
+        timeline_dir: Path | None = None,
+        files_per_dir: int = 1000,
+    ) -> DumpSet:
+        """Create a dump set, or adopt the one already at `root` (a restart)."""
+        root = Path(root).absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / MARKER).exists():
+            ds = cls.open(root)
+        else:
+            tl = Path(timeline_dir).absolute() if timeline_dir else root / "timeline"
+            meta = {
+                "format": "pcapvault-dumpset",
+                "version": FORMAT_VERSION,
+                "timeline": os.path.relpath(tl, root) if tl.is_relative_to(root) else str(tl),
+                "interface": interface,
+                "linktype": linktype,
+                "precision": "ns" if nanosecond else "us",
+                "snaplen": snaplen,
+                "files_per_dir": files_per_dir,
+            }
+            timeline.write_json_atomic(root / MARKER, meta)
+            ds = cls(root, meta)
+        timeline.ensure_marker(ds.timeline, ds.root)
+        return ds
+
+    @classmethod
+    def open(cls, path: Path | str) -> DumpSet:
+        """Open a dump set given its directory or its timeline directory."""
+        path = Path(path).absolute()
+        if not path.exists():
+            raise DumpSetError(f"{path} does not exist; give the recorder's -o directory")
+        if not path.is_dir():
+            raise DumpSetError(f"{path} is not a directory; give the recorder's -o directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise PermissionError(f"no permission to read {path}")
+        if (path / timeline.MARKER).exists() and not (path / MARKER).exists():
+            tmeta = timeline.read_marker(path)
+            ds_root = Path(tmeta["dumpset"])
+            path = (ds_root if ds_root.is_absolute() else path / ds_root).resolve()
+        marker = path / MARKER
+        try:
+            meta = json.loads(marker.read_text())
+        except FileNotFoundError:
+            raise DumpSetError(
+                f"{path} is not a pcapvault dump set (no {MARKER}); give the recorder's -o "
+                "directory or its timeline"
+            ) from None
+        except PermissionError:
+            raise
+        except (OSError, ValueError) as e:
+            raise DumpSetError(f"{marker} is damaged ({e}); run npcaprepair") from None
+        if not isinstance(meta, dict) or meta.get("format") != "pcapvault-dumpset":
+            raise DumpSetError(f"{marker} is not a pcapvault dump-set marker")
+        if meta.get("version") != FORMAT_VERSION:
+            raise DumpSetError(
+                f"{marker}: dump-set version {meta.get('version')} is not supported "
+                f"(this release reads version {FORMAT_VERSION})"
+            )
+        return cls(path, meta)
+
+    # --- layout -----------------------------------------------------------------------------
+
+    @property
+    def nanosecond(self) -> bool:
+        return self.meta.get("precision", "ns") == "ns"
+
+    def temp_path(self, tag: str | int) -> Path:
+        """Name of a file being written: hidden, so no reader ever takes it for a finished one."""
+        return self.root / f"{TEMP_PREFIX}{tag}{TEMP_SUFFIX}"
+
+    def temp_files(self) -> list[Path]:
+        return sorted(p for p in self.root.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"))
+
+    def storage_dirs(self) -> list[Path]:
+        dirs = []
+        for e in os.scandir(self.root):
+            if e.is_dir(follow_symlinks=False) and parse_name(e.name) is not None:
+                dirs.append(Path(e.path))
+        return sorted(dirs, key=lambda p: parse_name(p.name))
+
+    def files(self) -> list[StoredFile]:
+        """Every finished pcap, oldest first, found from the storage directories."""
+        out = []
+        for d in self.storage_dirs():
+            for e in os.scandir(d):
+                if e.name.endswith(".pcap") and not e.name.startswith("."):
+                    first = parse_name(e.name)
+                    if first is not None:
+                        out.append(StoredFile(first, Path(e.path)))
+        out.sort()
+        return out
+
+    def place(self, temp_pcap: Path, first_ns: int) -> StoredFile:
+        """Move a complete pcap from its temporary name to its final name in a storage dir."""
+        name = file_name(first_ns)
+        dirs = self.storage_dirs()
+        target_dir = dirs[-1] if dirs else None
+        if target_dir is None or parse_name(target_dir.name) > first_ns or (
+            sum(1 for n in os.listdir(target_dir) if n.endswith(".pcap")) >= self.files_per_dir
+        ):
+            target_dir = self.root / name
+            target_dir.mkdir(exist_ok=True)
+        final = target_dir / f"{name}.pcap"
+        if final.exists():
+            raise DumpSetError(f"{final} already exists; refusing to overwrite recorded data")
+        os.rename(temp_pcap, final)
+        return StoredFile(first_ns, final)
+
+    def link(self, sf: StoredFile) -> None:
+        """Make a finished, indexed file visible to extraction through the timeline."""
+        timeline.link(self.timeline, sf.slot, sf.pcap)
+        if sf.index.exists():
+            timeline.link(self.timeline, sf.slot, sf.index)
+
+    def delete(self, sf: StoredFile) -> int:
+        """Delete a pcap with its index and links (links first: readers stop seeing it first).
+
+        Returns the bytes freed.
+        """
+        freed = timeline.unlink(self.timeline, sf.slot, sf.name)
+        for p in (sf.index, sf.pcap):
+            try:
+                freed += p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            sf.pcap.parent.rmdir()
+        except OSError:
+            pass
+        return freed
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def files_in_window(self, begin_ns: int, end_ns: int) -> list[StoredFile]:
+        """Files that may hold packets in [begin_ns, end_ns), found from the timeline only.
+
+        A file's packets lie in [its first time, the next file's first time), so the file just
+        before the window still counts; one slot of look-back finds it. Kernel timestamps may
+        step back slightly across CPUs, hence one second of slack.
+        """
+        lo = begin_ns - 1_000_000_000
+        first_slot = timeline.slot_of(lo // 1_000_000_000) - timeline.SLOT_SECONDS
+        last_slot = (end_ns - 1) // 1_000_000_000
+        found: list[StoredFile] = []
+        for slot in timeline.slots_between(first_slot, last_slot):
+            d = timeline.slot_dir(self.timeline, slot)
+            for n in timeline.slot_entries(self.timeline, slot):
+                first = parse_name(n)
+                if first is not None:
+                    found.append(StoredFile(first, (d / n)))
+        found.sort()
+        out = []
+        for i, sf in enumerate(found):
+            nxt = found[i + 1].first_ns if i + 1 < len(found) else None
+            if sf.first_ns >= end_ns:
+                break
+            if nxt is not None and nxt <= lo:
+                continue
+            out.append(sf)
+        return out
+
+    def usage(self) -> int:
+        """Bytes of pcaps, indexes and timeline counted against the disk budget."""
+        total = timeline.link_size(self.timeline)
+        for sf in self.files():
+            for p in (sf.pcap, sf.index):
+                try:
+                    total += p.stat().st_size
+                except FileNotFoundError:
+                    pass
+        for p in self.temp_files():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total

@@ -1,0 +1,149 @@
+"""The timeline: 10-minute UTC slot directories holding relative links to pcaps and indexes.
+
+It follows n2disk's `YYYY/MM/DD/HH/MM/` tree so that operators' scripts keep working, but in
+UTC (see docs/FORMAT.md for why). A reader finds the files of a window by listing a handful of
+slot directories; the link names carry each file's first-packet time, so no file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DumpSetError
+
+SLOT_SECONDS = 600
+MARKER = ".pcapvault-timeline"
+FORMAT_VERSION = 1
+
+
+def slot_of(sec: int) -> int:
+    """Start (epoch seconds) of the slot holding `sec`."""
+    return sec - sec % SLOT_SECONDS
+
+
+def slot_dir(root: Path, slot_sec: int) -> Path:
+    t = time.gmtime(slot_sec)
+    return root / (
+        f"{t.tm_year:04d}/{t.tm_mon:02d}/{t.tm_mday:02d}/{t.tm_hour:02d}/{t.tm_min:02d}"
+    )
+
+
+def slots_between(begin_sec: int, end_sec: int) -> Iterator[int]:
+    """Slot starts of every slot overlapping [begin_sec, end_sec]."""
+    s = slot_of(begin_sec)
+    while s <= end_sec:
+        yield s
+        s += SLOT_SECONDS
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Markers are read by other processes at any moment, so they appear whole or not at all."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_marker(root: Path) -> dict:
+    path = root / MARKER
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DumpSetError(f"{root} is not a pcapvault timeline (no {MARKER})") from None
+    except PermissionError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DumpSetError(f"{path} is unreadable or damaged ({e}); run npcaprepair") from None
+    if not isinstance(meta, dict) or meta.get("format") != "pcapvault-timeline":
+        raise DumpSetError(f"{path} is not a pcapvault timeline marker")
+    if meta.get("version") != FORMAT_VERSION:
+        raise DumpSetError(
+            f"{path}: timeline version {meta.get('version')} is not supported "
+            f"(this release reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def ensure_marker(root: Path, dumpset_root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / MARKER).exists():
+        read_marker(root)
+        return
+    write_json_atomic(
+        root / MARKER,
+        {
+            "format": "pcapvault-timeline",
+            "version": FORMAT_VERSION,
+            "slot_seconds": SLOT_SECONDS,
+            "dumpset": os.path.relpath(dumpset_root, root),
+        },
+    )
+
+
+def link(root: Path, slot_sec: int, target: Path) -> Path:
+    """Link `target` into its slot under the target's own name, replacing a stale link.
+
+    The link is made under a temporary name and renamed, so a reader never sees a half state.
+    """
+    d = slot_dir(root, slot_sec)
+    d.mkdir(parents=True, exist_ok=True)
+    dest = d / target.name
+    tmp = d / f".{target.name}.part"
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(os.path.relpath(target, d), tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def unlink(root: Path, slot_sec: int, name: str) -> int:
+    """Remove the links named `name` and `name.idx` from a slot; return the bytes freed."""
+    d = slot_dir(root, slot_sec)
+    freed = 0
+    for n in (name, name + ".idx"):
+        p = d / n
+        try:
+            freed += p.lstat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    prune_empty(root, d)
+    return freed
+
+
+def prune_empty(root: Path, d: Path) -> None:
+    """Remove `d` and its empty parents up to (not including) the timeline root."""
+    root = root.resolve()
+    d = d.resolve() if d.exists() else d
+    while d != root and root in d.parents:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
+
+
+def slot_entries(root: Path, slot_sec: int) -> list[str]:
+    """Link names of finished pcaps in one slot (hidden in-progress names excluded)."""
+    try:
+        names = os.listdir(slot_dir(root, slot_sec))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n.endswith(".pcap") and not n.startswith(".")]
+
+
+def link_size(root: Path) -> int:
+    """Bytes used by the timeline's links and directories, for the disk budget."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except FileNotFoundError:
+                pass
+    return total
