@@ -1,0 +1,122 @@
+"""The disk budget: the whole dump set stays under a size or a share of its filesystem.
+
+Room is made *before* a file is opened, for the largest file the recorder may write plus its
+index, so the limit holds at every moment, not only after a clean-up pass. Deletion is oldest
+first; the file being written is never in the candidate list because it still has its
+temporary name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.errors import PcapVaultError
+
+log = logging.getLogger("pcapvault.recorder")
+
+# An index is at most this share of its pcap; measured well below it (docs/BENCHMARKS.md).
+INDEX_RESERVE = 0.5
+UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+class BudgetError(PcapVaultError):
+    """A bad limit, or one too small for the dump set to work."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    text: str
+    bytes: int | None = None
+    percent: float | None = None
+
+    def resolve(self, path: os.PathLike | str) -> int:
+        """The limit in bytes; a percentage is of the size of the filesystem holding `path`."""
+        if self.bytes is not None:
+            return self.bytes
+        st = os.statvfs(path)
+        return int(st.f_blocks * st.f_frsize * self.percent / 100)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """`500MB`, `2GB`, `1.5G`, `4096K`; a bare number is in MB (binary units, like n2disk)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise BudgetError(
+            f"bad {what} {text!r}: give a number with an optional unit, e.g. 500MB, 2GB"
+        )
+    n = int(float(m.group(1)) * UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise BudgetError(f"bad {what} {text!r}: it must be above zero")
+    return n
+
+
+def parse_limit(text: str) -> Limit:
+    """A size (see parse_size) or a percentage of the filesystem, e.g. `80%`."""
+    t = text.strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            raise BudgetError(
+                f"bad --disk-limit {text!r}: a percentage must be above 0% and at most 100%"
+            )
+        return Limit(text, percent=pct)
+    return Limit(text, bytes=parse_size(t, "--disk-limit"))
+
+
+class DiskBudget:
+    """Keeps `dumpset` under `limit`, given the largest file the recorder writes."""
+
+    def __init__(self, dumpset: DumpSet, limit: Limit, max_file_bytes: int):
+        self.dumpset = dumpset
+        self.limit = limit
+        self.limit_bytes = limit.resolve(dumpset.root)
+        self.reserve = int(max_file_bytes * (1 + INDEX_RESERVE))
+        if self.reserve + self._fixed_overhead() > self.limit_bytes:
+            raise BudgetError(
+                f"--disk-limit {limit.text} ({self.limit_bytes} bytes) cannot hold even one "
+                f"{max_file_bytes}-byte file with its index; raise the limit or lower -p"
+            )
+        self.deleted_files = 0
+
+    def _fixed_overhead(self) -> int:
+        """Directories that exist whatever we delete: one slot path, one storage dir."""
+        return 8 * 4096
+
+    def usage(self) -> int:
+        return self.dumpset.usage()
+
+    def make_room(self, extra: int = 0) -> int:
+        """Delete oldest files until a new file of the reserved size fits; return usage.
+
+        `extra` is space still to come for files already closed but not yet indexed.
+        """
+        used = self.usage()
+        files = None
+        while used + self.reserve + extra + self._fixed_overhead() > self.limit_bytes:
+            if files is None:
+                files = self.dumpset.files()
+            if not files:
+                break
+            victim = files.pop(0)
+            used -= self.dumpset.delete(victim)
+            self.deleted_files += 1
+            log.info("disk budget: deleted %s", victim.name)
+        return used
+
+    def free_oldest(self) -> bool:
+        """On disk full: delete the oldest finished file. False when there is none."""
+        files = self.dumpset.files()
+        if not files:
+            return False
+        self.dumpset.delete(files[0])
+        self.deleted_files += 1
+        log.warning("disk full: deleted the oldest file %s to go on", files[0].name)
+        return True

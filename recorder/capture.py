@@ -1,0 +1,259 @@
+"""The recorder's main loop: ring blocks in, rotating pcap files out.
+
+Work is per ring block: a retired block becomes one `bytes` of pcap records and one write.
+Packets are looked at individually only in the block that crosses a file boundary (time, slot
+or size), which happens once per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pcapvault.index import timeline
+from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.pcapfile import global_header
+
+from .budget import INDEX_RESERVE, DiskBudget, Limit
+from .indexer import BackgroundIndexer
+from .recovery import adopt_leftovers
+from .ring import PacketRing, block_to_records
+from .stats import Stats
+from .writer import DiskFullError, PcapFileWriter
+
+log = logging.getLogger("pcapvault.recorder")
+_TS = struct.Struct("<II")
+
+
+@dataclass
+class RecorderConfig:
+    interface: str
+    dumpset: Path
+    timeline: Path | None = None
+    buffer_mb: int = 128
+    snaplen: int = 1536
+    promisc: bool = True
+    bpf: str = ""
+    max_file_bytes: int = 256 << 20
+    max_file_seconds: int = 600
+    disk_limit: Limit | None = None
+    nanosecond: bool = True
+    direct_io: bool = True
+    stats_interval: float = 10.0
+    stats_file: Path | None = None
+    files_per_dir: int = 1000
+
+
+class Recorder:
+    def __init__(self, cfg: RecorderConfig):
+        from pcapvault.index.libpcap import compile_filter
+
+        self.cfg = cfg
+        self.usec = not cfg.nanosecond
+        prog = compile_filter(cfg.bpf, 1, cfg.snaplen)
+        try:
+            cfg.dumpset.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise PcapVaultError(
+                f"cannot create {cfg.dumpset}: permission denied; choose another -o or fix "
+                "its ownership"
+            ) from None
+        if not os.access(cfg.dumpset, os.W_OK | os.X_OK):
+            raise PcapVaultError(
+                f"output directory {cfg.dumpset} is not writable; choose another -o or fix "
+                "its ownership"
+            )
+        self.ring = PacketRing(
+            cfg.interface,
+            buffer_mb=cfg.buffer_mb,
+            promisc=cfg.promisc,
+            kernel_filter=prog.kernel_program(),
+        )
+        self.ds = DumpSet.create(
+            cfg.dumpset,
+            interface=cfg.interface,
+            linktype=self.ring.linktype,
+            snaplen=cfg.snaplen,
+            nanosecond=cfg.nanosecond,
+            timeline_dir=cfg.timeline,
+            files_per_dir=cfg.files_per_dir,
+        )
+        self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
+                                 cfg.max_file_bytes)
+        self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
+        self.stats = Stats(cfg.interface, str(self.ds.timeline))
+        self.stats_path = cfg.stats_file or self.ds.root / "stats"
+        self.out: PcapFileWriter | None = None
+        self.first_ns = 0
+        self.end_sec = 0
+        self.file_packets = 0
+        self.flush_requested = False
+        self.stop_requested = False
+        self.exit_code = 0
+        self.indexer: BackgroundIndexer | None = None
+        self._rx_base = self._iface_rx()
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def _on_usr1(self, *_: object) -> None:
+        self.flush_requested = True
+
+    def _on_stop(self, *_: object) -> None:
+        self.stop_requested = True
+
+    # --- files ------------------------------------------------------------------------------
+
+    def _open(self, first_hdr: bytes) -> None:
+        sec, frac = _TS.unpack_from(first_hdr)
+        self.first_ns = sec * 1_000_000_000 + frac * (1000 if self.usec else 1)
+        self.end_sec = min(
+            timeline.slot_of(sec) + timeline.SLOT_SECONDS, sec + self.cfg.max_file_seconds
+        )
+        pending = self.indexer.pending_bytes() if self.indexer else 0
+        self.stats.bytes_on_disk = self.budget.make_room(int(pending * INDEX_RESERVE))
+        self.out = PcapFileWriter(
+            self.ds.temp_path(os.getpid()),
+            self.header,
+            direct=self.cfg.direct_io,
+            on_full=self.budget.free_oldest,
+        )
+        self.file_packets = 0
+
+    def _close(self) -> None:
+        out, self.out = self.out, None
+        if out is None:
+            return
+        try:
+            size = out.close()
+        except DiskFullError:
+            size = out.safe_end
+            self._finish(out, size)
+            raise
+        self._finish(out, size)
+
+    def _finish(self, out: PcapFileWriter, size: int) -> None:
+        if size <= len(self.header):
+            out.path.unlink(missing_ok=True)
+            return
+        sf = self.ds.place(out.path, self.first_ns)
+        self.stats.files_written += 1
+        if self.indexer:
+            self.indexer.submit(sf, size)
+        log.debug("closed %s (%d bytes)", sf.name, size)
+
+    def _store(self, parts: list[bytes], secs: list[int]) -> None:
+        """Write one block's records, cutting files at time, slot and size boundaries."""
+        n = len(secs)
+        i = 0
+        mx = max(secs)
+        while i < n:
+            if self.out is None:
+                self._open(parts[2 * i])
+            data = b"".join(parts[2 * i :]) if i else b"".join(parts)
+            if mx < self.end_sec and self.out.size + len(data) <= self.cfg.max_file_bytes:
+                self._write(data, n - i, secs[i], secs[n - 1])
+                return
+            j, size = i, self.out.size
+            while j < n:
+                rec = len(parts[2 * j]) + len(parts[2 * j + 1])
+                if secs[j] >= self.end_sec or size + rec > self.cfg.max_file_bytes:
+                    if j > i or self.file_packets:
+                        break
+                size += rec
+                j += 1
+            if j > i:
+                self._write(b"".join(parts[2 * i : 2 * j]), j - i, secs[i], secs[j - 1])
+            self._close()
+            i = j
+
+    def _write(self, data: bytes, count: int, first_sec: int, last_sec: int) -> None:
+        self.out.write(data)
+        self.file_packets += count
+        self.stats.packets_written += count
+        self.stats.bytes_written += len(data)
+        self.stats.bytes_captured += len(data) - 16 * count
+        if self.stats.first_dumped_epoch is None:
+            self.stats.first_dumped_epoch = float(first_sec)
+        self.stats.last_dumped_epoch = float(last_sec)
+
+    def _on_block(self, ring, base: int, num: int, off: int) -> None:
+        if num:
+            parts, secs = block_to_records(ring, num, off, self.cfg.snaplen, self.usec)
+            self._store(parts, secs)
+
+    # --- stats ------------------------------------------------------------------------------
+
+    def _iface_rx(self) -> int | None:
+        try:
+            with open(f"/sys/class/net/{self.cfg.interface}/statistics/rx_packets") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def _report(self, final: bool = False) -> None:
+        rs = self.ring.read_stats()
+        self.stats.packets_received = rs.received
+        self.stats.packets_dropped = rs.dropped
+        rx = self._iface_rx()
+        if self.cfg.bpf and rx is not None and self._rx_base is not None:
+            seen = rs.received + rs.dropped
+            self.stats.packets_filtered = max(0, rx - self._rx_base - seen)
+        self.stats.files_deleted = self.budget.deleted_files
+        if self.indexer:
+            self.indexer.collect()
+        self.stats.bytes_on_disk = self.budget.usage()
+        self.stats.write(self.stats_path)
+        log.info("%s%s", "final: " if final else "", self.stats.line())
+
+    # --- main loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        self.indexer = BackgroundIndexer(self.ds)
+        try:
+            for sf, size in adopt_leftovers(self.ds):
+                self.indexer.submit(sf, size)
+            log.info(
+                "recording %s into %s (timeline %s, limit %d bytes)",
+                self.cfg.interface, self.ds.root, self.ds.timeline, self.budget.limit_bytes,
+            )
+            self._loop()
+        except DiskFullError as e:
+            log.error("%s", e)
+            self.exit_code = 1
+        finally:
+            try:
+                self._close()
+            except DiskFullError as e:
+                log.error("%s", e)
+                self.exit_code = 1
+            self.indexer.close()
+            self._report(final=True)
+            self.ring.close()
+        return self.exit_code
+
+    def _loop(self) -> None:
+        next_stats = time.monotonic() + self.cfg.stats_interval
+        ring = self.ring
+        while not self.stop_requested:
+            if ring.wait(100):
+                for _ in range(64):
+                    if not ring.read_block(self._on_block):
+                        break
+            if self.flush_requested:
+                self.flush_requested = False
+                self._close()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval
+                self._report()
+        while ring.read_block(self._on_block):
+            pass

@@ -1,0 +1,113 @@
+"""Indexes closed files in a second process, so the capture loop never waits for numpy.
+
+The capture process only renames a finished pcap into place and queues it here; this process
+builds its index with the same builder the repair tool uses, then links both into the
+timeline. Linking last means a file becomes visible to extraction only once it is indexed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import signal
+from pathlib import Path
+
+from pcapvault.index.dumpset import DumpSet, StoredFile
+from pcapvault.index.errors import PcapVaultError
+
+log = logging.getLogger("pcapvault.recorder")
+
+
+def index_and_link(ds: DumpSet, sf: StoredFile) -> int:
+    """Build and write `sf`'s index, link both into the timeline; return the index size.
+
+    The budget may delete a file while it is being indexed (tiny limits); then whatever this
+    step created for it is removed again instead of leaving orphans.
+    """
+    from pcapvault.index.builder import build_index
+    from pcapvault.index.indexfile import write_index
+
+    idx = build_index(sf.pcap)
+    write_index(sf.index, idx)
+    ds.link(sf)
+    if not sf.pcap.exists():
+        ds.delete(sf)
+        return 0
+    return sf.index.stat().st_size
+
+
+def _serve(root: str, todo: mp.Queue, done: mp.Queue) -> None:
+    # The parent decides when to stop: it flushes the last file first, then sends None.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="recorder[indexer]: %(message)s")
+    ds = DumpSet.open(Path(root))
+    while True:
+        item = todo.get()
+        if item is None:
+            return
+        first_ns, path = item
+        sf = StoredFile(first_ns, Path(path))
+        try:
+            size = index_and_link(ds, sf)
+        except FileNotFoundError:
+            size = 0  # deleted by the budget before we got to it
+        except (PcapVaultError, OSError) as e:
+            log.error("cannot index %s: %s (npcaprepair will retry)", sf.name, e)
+            size = 0
+        done.put((path, size))
+
+
+class BackgroundIndexer:
+    """Handle on the indexing process."""
+
+    def __init__(self, ds: DumpSet):
+        ctx = mp.get_context("spawn")
+        self.todo: mp.Queue = ctx.Queue()
+        self.done: mp.Queue = ctx.Queue()
+        self.proc = ctx.Process(
+            target=_serve, args=(str(ds.root), self.todo, self.done), name="pcapvault-indexer"
+        )
+        self.proc.start()
+        self.pending: dict[str, int] = {}
+        self.index_bytes = 0
+
+    def submit(self, sf: StoredFile, size: int) -> None:
+        self.pending[str(sf.pcap)] = size
+        self.todo.put((sf.first_ns, str(sf.pcap)))
+
+    def collect(self) -> None:
+        """Take in what the indexer finished, without waiting."""
+        while True:
+            try:
+                path, size = self.done.get_nowait()
+            except queue.Empty:
+                return
+            self.pending.pop(path, None)
+            self.index_bytes += size
+
+    def pending_bytes(self) -> int:
+        self.collect()
+        return sum(self.pending.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted file is indexed and linked (shutdown, tests)."""
+        import time
+
+        end = time.monotonic() + timeout
+        while self.pending and time.monotonic() < end and self.proc.is_alive():
+            try:
+                path, size = self.done.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self.pending.pop(path, None)
+            self.index_bytes += size
+        return not self.pending
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.wait_idle(timeout)
+        self.todo.put(None)
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()

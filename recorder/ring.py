@@ -1,0 +1,261 @@
+"""Our own AF_PACKET TPACKET_V3 receive ring, mmapped and walked a whole block at a time.
+
+Why not libpcap through pcapy-ng: its batch calls (`next_batch`, `loop_to_buffer`) return
+microsecond timestamps and no wire length, so the files could not be nanosecond pcaps with
+true original lengths, and libpcap would copy every packet once more before we write it. With
+our own ring a retired block is handed to us whole; the 16-byte pcap record header of a packet
+is, byte for byte, the `tp_sec, tp_nsec, tp_snaplen, tp_len` words of its tpacket3 header, so a
+packet costs two bytes slices and no per-packet objects. See docs/BENCHMARKS.md for figures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pcapvault.index.errors import PcapVaultError
+
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V3 = 2
+PACKET_MR_PROMISC = 1
+SO_ATTACH_FILTER = 26
+ETH_P_ALL = 0x0003
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+DLT_EN10MB = 1
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
+
+BLOCK_SIZE = 1 << 20
+FRAME_SIZE = 1 << 11
+RETIRE_MS = 50
+
+# tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1: block_status, num_pkts,
+# offset_to_first_pkt, blk_len, seq_num(u64), ts_first(sec, nsec), ts_last(sec, nsec).
+_BLOCK = struct.Struct("<IIIIII8xIIII")
+# tpacket3_hdr fields we need per packet: next_offset, snaplen, status, mac.
+_PKT = struct.Struct("<I8xI4xIH")
+# tp_vlan_tci, tp_vlan_tpid (hv1 variant), at offset 32.
+_VLAN = struct.Struct("<IH")
+_REC = struct.Struct("<IIII")
+
+
+class CaptureError(PcapVaultError):
+    """The capture socket could not be set up."""
+
+
+@dataclass
+class RingStats:
+    received: int = 0
+    dropped: int = 0
+
+
+def interface_linktype(sock: socket.socket, ifname: str) -> int:
+    """Map the interface's ARPHRD type to a pcap link type; we record Ethernet framing only."""
+    req = struct.pack("16s16x", ifname.encode())
+    res = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, req)
+    hatype = struct.unpack_from("H", res, 16)[0]
+    if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+        return DLT_EN10MB
+    raise CaptureError(
+        f"interface {ifname} has link type ARPHRD {hatype}; only Ethernet-framed interfaces "
+        "can be recorded"
+    )
+
+
+def attach_filter(sock: socket.socket, insns: bytes, count: int) -> None:
+    """Attach a libpcap-compiled classic BPF program; its `ret #snaplen` also truncates."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    fprog = struct.pack("HxxxxxxQ", count, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+class PacketRing:
+    """A bound packet socket with a TPACKET_V3 ring of `buffer_mb` megabytes."""
+
+    def __init__(
+        self,
+        ifname: str,
+        *,
+        buffer_mb: int = 128,
+        promisc: bool = True,
+        kernel_filter: tuple[bytes, int] | None = None,
+    ):
+        try:
+            self.ifindex = socket.if_nametoindex(ifname)
+        except OSError:
+            raise CaptureError(
+                f"unknown interface {ifname!r}; list interfaces with `ip link`"
+            ) from None
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        except PermissionError:
+            raise CaptureError(
+                "capturing needs CAP_NET_RAW: run as root, or start through the recorder@ "
+                "systemd unit, or grant it with setcap cap_net_raw,cap_net_admin+ep"
+            ) from None
+        self.sock = sock
+        self.ifname = ifname
+        try:
+            self.linktype = interface_linktype(sock, ifname)
+            self._loopback = ifname == "lo" or self._is_loopback(ifname)
+            if kernel_filter is not None:
+                attach_filter(sock, *kernel_filter)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            if self._loopback:
+                # Loopback shows each packet twice (out and in); libpcap drops the outgoing copy.
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            self.block_nr = max(2, (buffer_mb << 20) // BLOCK_SIZE)
+            req = struct.pack(
+                "<7I",
+                BLOCK_SIZE,
+                self.block_nr,
+                FRAME_SIZE,
+                BLOCK_SIZE // FRAME_SIZE * self.block_nr,
+                RETIRE_MS,
+                0,
+                0,
+            )
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+            self.map = mmap.mmap(sock.fileno(), BLOCK_SIZE * self.block_nr)
+            sock.bind((ifname, ETH_P_ALL))
+            if promisc:
+                mreq = struct.pack("iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b"")
+                sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        except PermissionError:
+            sock.close()
+            raise CaptureError(
+                "setting up the capture needs CAP_NET_RAW and CAP_NET_ADMIN (promiscuous "
+                "mode): run as root or use --no-promisc"
+            ) from None
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.ENOMEM:
+                raise CaptureError(
+                    f"cannot allocate a {buffer_mb} MB capture ring; lower -b"
+                ) from None
+            raise CaptureError(f"cannot set up capture on {ifname}: {e.strerror}") from None
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN | select.POLLERR)
+        self.next_block = 0
+        self.stats = RingStats()
+
+    @staticmethod
+    def _is_loopback(ifname: str) -> bool:
+        try:
+            with open(f"/sys/class/net/{ifname}/type") as f:
+                return int(f.read()) == ARPHRD_LOOPBACK
+        except OSError:
+            return False
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Block until the next block is retired or the timeout expires."""
+        if self._block_ready():
+            return True
+        try:
+            self.poller.poll(timeout_ms)
+        except InterruptedError:
+            pass
+        return self._block_ready()
+
+    def _block_ready(self) -> bool:
+        return self.map[self.next_block * BLOCK_SIZE + 8] & TP_STATUS_USER != 0
+
+    def read_block(self, convert: Callable[[mmap.mmap, int, int, int], None]) -> bool:
+        """Hand the next retired block (if any) to `convert(map, base, num_pkts, first)`.
+
+        The block is returned to the kernel as soon as `convert` returns, so `convert` must
+        copy what it keeps.
+        """
+        base = self.next_block * BLOCK_SIZE
+        (_v, _p, status, num, first, _blen, *_ts) = _BLOCK.unpack_from(self.map, base)
+        if not status & TP_STATUS_USER:
+            return False
+        try:
+            convert(self.map, base, num, base + first)
+        finally:
+            struct.pack_into("<I", self.map, base + 8, TP_STATUS_KERNEL)
+            self.next_block = (self.next_block + 1) % self.block_nr
+        return True
+
+    def read_stats(self) -> RingStats:
+        """Add the kernel's counters (which reset on every read) into the running totals."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+        packets, drops, _freeze = struct.unpack("<III", raw)
+        # The kernel's tp_packets already includes tp_drops.
+        self.stats.received += packets - drops
+        self.stats.dropped += drops
+        return self.stats
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        self.sock.close()
+
+
+def block_to_records(
+    ring: mmap.mmap, num: int, off: int, snaplen: int, usec: bool
+) -> tuple[list[bytes], list[int]]:
+    """Turn one ring block into pcap record pieces (header, data, header, data, ...).
+
+    Also returns each packet's timestamp seconds, so the caller can cut files at time and slot
+    boundaries without parsing headers again. VLAN tags the kernel moved into metadata are put
+    back in the frame, as libpcap does, so files hold the frames as they were on the wire.
+    """
+    parts: list[bytes] = []
+    secs: list[int] = []
+    add = parts.append
+    addsec = secs.append
+    unpack = _PKT.unpack_from
+    sec_at = struct.Struct("<I").unpack_from
+    # In microsecond mode every record needs its timestamp rewritten: -1 sends all there.
+    special = TP_STATUS_VLAN_VALID if not usec else -1
+    for _ in range(num):
+        nxt, snap, status, mac = unpack(ring, off)
+        if status & special:
+            hdr, data = _slow_record(ring, off, snap, status, mac, snaplen, usec)
+            add(hdr)
+            add(data)
+        else:
+            add(ring[off + 4 : off + 20])
+            add(ring[off + mac : off + mac + snap])
+        addsec(sec_at(ring, off + 4)[0])
+        off += nxt
+    return parts, secs
+
+
+def _slow_record(
+    ring: mmap.mmap, off: int, snap: int, status: int, mac: int, snaplen: int, usec: bool
+) -> tuple[bytes, bytes]:
+    """Records needing a rewrite: a VLAN tag to reinsert, or microsecond timestamps."""
+    sec, frac, _snap, wire = _REC.unpack_from(ring, off + 4)
+    if usec:
+        frac //= 1000
+    data = ring[off + mac : off + mac + snap]
+    if status & TP_STATUS_VLAN_VALID and snap >= 12:
+        tci, tpid = _VLAN.unpack_from(ring, off + 32)
+        if not status & TP_STATUS_VLAN_TPID_VALID or tpid == 0:
+            tpid = 0x8100
+        data = data[:12] + struct.pack("!HH", tpid, tci & 0xFFFF) + data[12:]
+        wire += 4
+        if len(data) > snaplen:
+            data = data[:snaplen]
+    return _REC.pack(sec, frac, len(data), wire), data
