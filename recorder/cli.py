@@ -1,0 +1,111 @@
+"""`recorder`: continuous capture from one interface into a disk-budgeted dump set."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+
+from .budget import parse_limit, parse_size
+
+EPILOG = """\b
+Examples:
+  recorder -i eth0 --disk-limit 80%
+  recorder -i eth0 -o /srv/pcap/eth0 -p 512 -t 300 --disk-limit 2TB -f "not port 22"
+  kill -USR1 $(pidof recorder)   # close the current file now, so it can be extracted
+
+The dump set is DIR (default /var/lib/pcapvault/IFACE); its timeline is DIR/timeline.
+Sizes accept K/M/G/T suffixes (binary units); a bare number is MB.
+"""
+
+
+def _mb(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value, param.opts[0])
+    except PcapVaultError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _limit(ctx: click.Context, param: click.Parameter, value: str):
+    try:
+        return parse_limit(value)
+    except PcapVaultError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-i", "--interface", required=True, help="Interface to capture from.")
+@click.option("-o", "--dump-dir", type=click.Path(path_type=Path),
+              help="Dump set directory [default: /var/lib/pcapvault/IFACE].")
+@click.option("-A", "--timeline-dir", type=click.Path(path_type=Path),
+              help="Timeline directory [default: DUMP_DIR/timeline].")
+@click.option("-b", "--buffer", "buffer_mb", type=click.IntRange(2, 1 << 16), default=128,
+              show_default=True, help="Capture ring size in MB.")
+@click.option("-s", "--snaplen", type=click.IntRange(64, 262144), default=1536,
+              show_default=True, help="Bytes kept of each packet.")
+@click.option("--promisc/--no-promisc", default=True, show_default=True,
+              help="Put the interface in promiscuous mode.")
+@click.option("-f", "--filter", "bpf", default="", help="tcpdump filter, run in the kernel.")
+@click.option("-p", "--max-file-size", default="256", show_default=True, callback=_mb,
+              help="Close a file at this size (MB).")
+@click.option("-t", "--max-file-duration", type=click.IntRange(1, 600), default=600,
+              show_default=True, help="Close a file after this many seconds.")
+@click.option("--disk-limit", default="80%", show_default=True, callback=_limit,
+              help="Budget for the whole dump set: a size (500MB, 2GB) or % of the filesystem.")
+@click.option("--usec", is_flag=True, help="Microsecond timestamps (default: nanosecond).")
+@click.option("-r", "--buffered", is_flag=True,
+              help="Buffered writes instead of O_DIRECT (chosen by itself where refused).")
+@click.option("--stats-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds between stats lines and stats-file updates.")
+@click.option("--stats-file", type=click.Path(path_type=Path),
+              help="Stats file [default: DUMP_DIR/stats].")
+@click.option("--files-per-dir", type=click.IntRange(1), default=1000, show_default=True,
+              help="Files per storage directory.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every file closed.")
+@click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
+def main(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
+         max_file_duration, disk_limit, usec, buffered, stats_interval, stats_file,
+         files_per_dir, verbose) -> None:
+    """Record packets from INTERFACE into rotating, indexed pcap files under a disk budget."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="recorder: %(message)s",
+        stream=sys.stderr,
+    )
+    from .capture import Recorder, RecorderConfig
+    from .recovery import lock_dumpset
+
+    cfg = RecorderConfig(
+        interface=interface,
+        dumpset=dump_dir or Path("/var/lib/pcapvault") / interface,
+        timeline=timeline_dir,
+        buffer_mb=buffer_mb,
+        snaplen=snaplen,
+        promisc=promisc,
+        bpf=bpf,
+        max_file_bytes=max_file_size,
+        max_file_seconds=max_file_duration,
+        disk_limit=disk_limit,
+        nanosecond=not usec,
+        direct_io=not buffered,
+        stats_interval=stats_interval,
+        stats_file=stats_file,
+        files_per_dir=files_per_dir,
+    )
+    try:
+        rec = Recorder(cfg)
+        lock_dumpset(rec.ds)
+        code = rec.run()
+    except PcapVaultError as e:
+        click.echo(f"recorder: error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(f"recorder: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
+                   err=True)
+        sys.exit(1)
+    sys.exit(code)
