@@ -29,6 +29,7 @@ from .writer import DiskFullError, PcapFileWriter
 
 log = logging.getLogger("pcapvault.recorder")
 _TS = struct.Struct("<II")
+SYNC_SECONDS = 1.0
 
 
 @dataclass
@@ -48,6 +49,26 @@ class RecorderConfig:
     stats_interval: float = 10.0
     stats_file: Path | None = None
     files_per_dir: int = 1000
+
+
+def split_at(
+    secs: list[int], lens: list[int], i: int, end_sec: int, size: int, max_bytes: int,
+    has_packets: bool,
+) -> int:
+    """First packet from `i` on that belongs in the next file.
+
+    A packet at or after `end_sec` (the slot boundary or the -t limit) or one that would
+    take the file past -p starts a new file; a file always takes at least one packet, so a
+    packet larger than -p still gets written.
+    """
+    j = i
+    while j < len(secs):
+        if secs[j] >= end_sec or size + lens[j] > max_bytes:
+            if j > i or has_packets:
+                break
+        size += lens[j]
+        j += 1
+    return j
 
 
 class Recorder:
@@ -159,14 +180,9 @@ class Recorder:
             if mx < self.end_sec and self.out.size + len(data) <= self.cfg.max_file_bytes:
                 self._write(data, n - i, secs[i], secs[n - 1])
                 return
-            j, size = i, self.out.size
-            while j < n:
-                rec = len(parts[2 * j]) + len(parts[2 * j + 1])
-                if secs[j] >= self.end_sec or size + rec > self.cfg.max_file_bytes:
-                    if j > i or self.file_packets:
-                        break
-                size += rec
-                j += 1
+            lens = [len(parts[2 * k]) + len(parts[2 * k + 1]) for k in range(n)]
+            j = split_at(secs, lens, i, self.end_sec, self.out.size, self.cfg.max_file_bytes,
+                         self.file_packets > 0)
             if j > i:
                 self._write(b"".join(parts[2 * i : 2 * j]), j - i, secs[i], secs[j - 1])
             self._close()
@@ -242,16 +258,24 @@ class Recorder:
 
     def _loop(self) -> None:
         next_stats = time.monotonic() + self.cfg.stats_interval
+        next_sync = time.monotonic() + SYNC_SECONDS
         ring = self.ring
         while not self.stop_requested:
-            if ring.wait(100):
+            busy = ring.wait(100)
+            if busy:
                 for _ in range(64):
                     if not ring.read_block(self._on_block):
                         break
+            now = time.monotonic()
+            if self.out is not None and (not busy or now >= next_sync):
+                # Bound what a crash can lose to about a second of traffic.
+                self.out.flush_aligned()
+                next_sync = now + SYNC_SECONDS
             if self.flush_requested:
                 self.flush_requested = False
+                while ring.read_block(self._on_block):
+                    pass
                 self._close()
-            now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval
                 self._report()

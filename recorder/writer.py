@@ -128,6 +128,12 @@ class PcapFileWriter:
                 self.safe_end = self.boundaries.popleft()
             view.release()
 
+    def flush_aligned(self) -> None:
+        """Put the aligned part of what is staged on disk (idle moments, crash safety)."""
+        n = self.fill - self.fill % ALIGN if self.direct else self.fill
+        if n:
+            self._flush(n)
+
     def _to_buffered(self) -> None:
         """Reopen without O_DIRECT at the same offset (refusal at write time, or short write)."""
         self._refuse_direct()

@@ -1,0 +1,186 @@
+"""Rotation, the disk budget, SIGUSR1, restarts: the recorder's file life cycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from recorderproc import RecorderProc, read_pcap, recorded_frames
+from test_recorder_capture import synthetic_pcap
+
+from pcapvault.index import timeline
+from pcapvault.index.dumpset import DumpSet
+
+
+def dumpset_bytes(root) -> int:
+    """Everything under the dump set that the budget covers, measured independently."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames + dirnames:
+            if n in (".pcapvault", ".lock", "stats", ".pcapvault-timeline") or n.endswith(
+                "stats.part"
+            ):
+                continue
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_rotation_by_size(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 2000, 500)
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.1", "--disk-limit", "1GB")
+    sent = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    files = DumpSet.open(tmp_path / "ds").files()
+    sizes = [sf.pcap.stat().st_size for sf in files]
+    assert len(files) >= 10
+    assert max(sizes) <= int(0.1 * (1 << 20))
+    assert min(sizes[:-1]) > int(0.1 * (1 << 20)) - 600, "files close only when full"
+    assert [f for _, f, _ in recorded_frames(tmp_path / "ds")] == sent
+
+
+def test_rotation_by_time(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 40, 100)
+    rec = RecorderProc(veth, tmp_path / "ds", "-t", "1", "--disk-limit", "1GB")
+    veth.send([src], pps=10)
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    files = DumpSet.open(tmp_path / "ds").files()
+    assert len(files) >= 3
+    for sf in files:
+        ts = [t for t, _, _ in read_pcap(sf.pcap)]
+        # A file holds packets from its first second up to the next one.
+        assert ts[-1] // 10**9 - ts[0] // 10**9 <= 1
+        assert sf.first_ns // 1000 == ts[0] // 1000
+
+
+def test_slot_boundary_splits_a_block(tmp_path):
+    """The block crossing a 10-minute boundary is cut there, whatever -p and -t say."""
+    from pcapvault.recorder.capture import split_at
+
+    slot_end = timeline.slot_of(1_700_000_000) + timeline.SLOT_SECONDS
+    secs = [slot_end - 2, slot_end - 1, slot_end - 1, slot_end, slot_end + 1]
+    lens = [100] * 5
+    assert split_at(secs, lens, 0, slot_end, 24, 1 << 30, False) == 3
+    # Size cut comes first when it is nearer; a file always takes at least one packet.
+    assert split_at(secs, lens, 0, slot_end, 24, 224, False) == 2
+    assert split_at(secs, lens, 0, slot_end, 1000, 10, False) == 1
+    assert split_at(secs, lens, 1, slot_end, 1000, 10, True) == 1
+
+
+def test_budget_holds_over_wraparounds(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 30000, 400)  # about 12.5 MB through a 2 MB budget
+    limit = 2 << 20
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "2MB")
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, dumpset_bytes(tmp_path / "ds"))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    sent = veth.send([src], out=tmp_path / "sent.bin")
+    time.sleep(0.5)
+    assert rec.stop() == 0, rec.stderr
+    stop.set()
+    t.join()
+    assert peak <= limit, f"budget exceeded: {peak} > {limit}"
+    ds = DumpSet.open(tmp_path / "ds")
+    files = ds.files()
+    kept = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
+    # Oldest deleted first: what is left is exactly the newest tail of what was sent.
+    assert len(kept) < len(sent) // 3
+    assert kept == sent[-len(kept):]
+    for sf in files:
+        assert sf.index.exists()
+        assert (timeline.slot_dir(ds.timeline, sf.slot) / sf.name).is_symlink()
+    links = [p for p in ds.timeline.rglob("*.pcap")]
+    assert len(links) == len(files), "links of deleted files must go with them"
+    stats = dict(
+        line.split(": ", 1) for line in (tmp_path / "ds" / "stats").read_text().splitlines()
+    )
+    assert int(stats["files_deleted"]) > 10
+
+
+def test_sigusr1_makes_file_extractable_within_a_second(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 100, 100)
+    rec = RecorderProc(veth, tmp_path / "ds", "--disk-limit", "1GB")
+    sent = veth.send([src])
+    time.sleep(0.2)
+    ds = DumpSet.open(tmp_path / "ds")
+    assert ds.files_in_window(0, 2**63 - 1) == []
+    t0 = time.monotonic()
+    rec.signal(signal.SIGUSR1)
+    found = []
+    while time.monotonic() - t0 < 5 and not found:
+        found = [f for f in ds.files_in_window(0, 2**63 - 1) if os.path.exists(f"{f.pcap}.idx")]
+        time.sleep(0.01)
+    elapsed = time.monotonic() - t0
+    assert found, rec.stderr
+    assert elapsed < 1.0, f"file visible after {elapsed:.2f} s"
+    assert [f for _, f, _ in read_pcap(found[0].pcap)] == sent
+    # Capture goes on into a new file.
+    sent2 = veth.send([src])
+    time.sleep(0.2)
+    assert rec.stop() == 0
+    assert [f for _, f, _ in recorded_frames(tmp_path / "ds")] == sent + sent2
+
+
+def test_restart_adopts_old_files(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 3000, 400)
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "4MB")
+    first = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    before = DumpSet.open(tmp_path / "ds").files()
+    assert len(before) >= 4
+    # Same budget, new traffic: the old files count against it and go first.
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "4MB")
+    second = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    after = DumpSet.open(tmp_path / "ds").files()
+    assert dumpset_bytes(tmp_path / "ds") <= 4 << 20
+    assert before[0] not in after, "the oldest file of the first run goes first"
+    kept = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
+    everything = first + second
+    assert kept == everything[-len(kept):]
+    assert len(kept) > len(second) // 2
+
+
+def test_crash_leftover_is_recovered_on_start(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 500, 300)
+    rec = RecorderProc(veth, tmp_path / "ds", "--disk-limit", "1GB")
+    sent = veth.send([src])
+    time.sleep(0.3)
+    rec.signal(signal.SIGKILL)
+    rec.wait()
+    ds = DumpSet.open(tmp_path / "ds")
+    temps = ds.temp_files()
+    assert len(temps) == 1 and ds.files() == []
+    # The crash tore the last record in half.
+    with open(temps[0], "r+b") as f:
+        f.truncate(os.path.getsize(temps[0]) - 7)
+    rec = RecorderProc(veth, tmp_path / "ds", "--disk-limit", "1GB")
+    time.sleep(0.5)
+    assert rec.stop() == 0
+    assert ds.temp_files() == []
+    got = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
+    # Only the unaligned staging tail (under 4 KiB) may be lost to kill -9.
+    assert got == sent[: len(got)] and len(got) >= len(sent) - 4096 // 316 - 1
+    assert all(sf.index.exists() for sf in ds.files())
