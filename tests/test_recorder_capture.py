@@ -61,7 +61,8 @@ def test_corpus_replayed_raw_comes_back(veth, tmp_path):
     # tcpdump reads the files and sees every packet as we wrote it.
     for sf in DumpSet.open(tmp_path / "ds").files():
         copy = tmp_path / "copy.pcap"
-        r = subprocess.run(["tcpdump", "-r", str(sf.pcap), "-w", str(copy)],
+        r = subprocess.run(["tcpdump", "--time-stamp-precision", "nano", "-r", str(sf.pcap),
+                            "-w", str(copy)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert read_pcap(copy) == read_pcap(sf.pcap)
