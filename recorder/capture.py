@@ -78,24 +78,24 @@ class Recorder:
         self.cfg = cfg
         self.usec = not cfg.nanosecond
         prog = compile_filter(cfg.bpf, 1, cfg.snaplen)
-        try:
-            cfg.dumpset.mkdir(parents=True, exist_ok=True)
-        except PermissionError:
-            raise PcapVaultError(
-                f"cannot create {cfg.dumpset}: permission denied; choose another -o or fix "
-                "its ownership"
-            ) from None
-        if not os.access(cfg.dumpset, os.W_OK | os.X_OK):
-            raise PcapVaultError(
-                f"output directory {cfg.dumpset} is not writable; choose another -o or fix "
-                "its ownership"
-            )
         self.ring = PacketRing(
             cfg.interface,
             buffer_mb=cfg.buffer_mb,
             promisc=cfg.promisc,
             kernel_filter=prog.kernel_program(),
         )
+        try:
+            cfg.dumpset.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PcapVaultError(
+                f"cannot create output directory {cfg.dumpset}: {e.strerror}; choose another "
+                "-o or fix its permissions"
+            ) from None
+        if not os.access(cfg.dumpset, os.W_OK | os.X_OK):
+            raise PcapVaultError(
+                f"output directory {cfg.dumpset} is not writable; choose another -o or fix "
+                "its permissions"
+            )
         self.ds = DumpSet.create(
             cfg.dumpset,
             interface=cfg.interface,
@@ -243,18 +243,21 @@ class Recorder:
             )
             self._loop()
         except DiskFullError as e:
-            log.error("%s", e)
-            self.exit_code = 1
+            self._disk_full(e)
         finally:
             try:
                 self._close()
             except DiskFullError as e:
-                log.error("%s", e)
-                self.exit_code = 1
+                self._disk_full(e)
             self.indexer.close()
             self._report(final=True)
             self.ring.close()
         return self.exit_code
+
+    def _disk_full(self, e: DiskFullError) -> None:
+        if not self.exit_code:
+            log.error("error: %s", e)
+        self.exit_code = 1
 
     def _loop(self) -> None:
         next_stats = time.monotonic() + self.cfg.stats_interval

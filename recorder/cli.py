@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.tools.cliutil import run
 
 from .budget import parse_limit, parse_size
 
@@ -38,7 +39,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
         raise click.BadParameter(str(e)) from None
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("recorder", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-i", "--interface", required=True, help="Interface to capture from.")
 @click.option("-o", "--dump-dir", type=click.Path(path_type=Path),
               help="Dump set directory [default: /var/lib/pcapvault/IFACE].")
@@ -68,7 +69,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
               help="Files per storage directory.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every file closed.")
 @click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
-def main(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
+def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
          max_file_duration, disk_limit, usec, buffered, stats_interval, stats_file,
          files_per_dir, verbose) -> None:
     """Record packets from INTERFACE into rotating, indexed pcap files under a disk budget."""
@@ -97,15 +98,10 @@ def main(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, ma
         stats_file=stats_file,
         files_per_dir=files_per_dir,
     )
-    try:
-        rec = Recorder(cfg)
-        lock_dumpset(rec.ds)
-        code = rec.run()
-    except PcapVaultError as e:
-        click.echo(f"recorder: error: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:
-        click.echo(f"recorder: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
-                   err=True)
-        sys.exit(1)
-    sys.exit(code)
+    rec = Recorder(cfg)
+    lock_dumpset(rec.ds)
+    sys.exit(rec.run())
+
+
+def main() -> None:
+    run(command, "recorder")

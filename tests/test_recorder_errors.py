@@ -1,0 +1,118 @@
+"""Every startup error is one line on stderr that says what to do, with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from recorderproc import RecorderProc, read_pcap, recorded_frames, tool
+from test_recorder_capture import synthetic_pcap
+
+from pcapvault.index.dumpset import DumpSet
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def run_recorder(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(prefix or []), tool("recorder"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("recorder: error: ")
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["-i", "nosuch0"], ["unknown interface", "ip link"]),
+        (["-i", "lo", "-f", "tcp port"], ["bad filter", "syntax error"]),
+        (["-i", "lo", "-p", "12XB"], ["bad -p", "e.g. 500MB"]),
+        (["-i", "lo", "--disk-limit", "150%"], ["percentage", "at most 100%"]),
+        (["-i", "lo", "--disk-limit", "lots"], ["bad --disk-limit"]),
+        (["-i", "lo", "--disk-limit", "0MB"], ["above zero"]),
+        (["-i", "lo", "--disk-limit", "1MB", "-p", "4"], ["cannot hold even one", "raise"]),
+    ],
+)
+def test_bad_arguments(tmp_path, args, needles):
+    r = run_recorder(*args, "-o", str(tmp_path / "ds"))
+    one_line_error(r, *needles)
+
+
+def test_missing_capability(tmp_path):
+    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import pcapvault.recorder"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("this Python is not usable by an unprivileged user here")
+    r = run_recorder("-i", "lo", "-o", str(tmp_path / "ds"), prefix=NOBODY)
+    one_line_error(r, "CAP_NET_RAW", "root")
+
+
+def test_output_directory_not_writable(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        one_line_error(run_recorder("-i", "lo", "-o", str(ro / "ds")), "cannot create",
+                       "choose another -o")
+        one_line_error(run_recorder("-i", "lo", "-o", str(ro)), "not writable")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def small_fs(tmp_path: Path, size: str) -> Path:
+    d = tmp_path / "fs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+    return d
+
+
+def test_disk_full_frees_oldest_and_goes_on(veth, tmp_path):
+    fs = small_fs(tmp_path, "3m")
+    try:
+        src = tmp_path / "in.pcap"
+        synthetic_pcap(src, 20000, 500)  # 10 MB into a 3 MB filesystem
+        # The budget believes there is room: only the filesystem itself says no.
+        rec = RecorderProc(veth, fs / "ds", "-p", "0.5", "--disk-limit", "100MB")
+        sent = veth.send([src])
+        time.sleep(0.5)
+        assert rec.stop() == 0, rec.stderr
+        assert "disk full: deleted the oldest file" in rec.stderr
+        assert "refuses O_DIRECT" in rec.stderr  # tmpfs: buffered fallback, said once
+        assert rec.stderr.count("refuses O_DIRECT") == 1
+        kept = [f for _, f, _ in recorded_frames(fs / "ds")]
+        assert kept and kept == sent[-len(kept):]
+        assert DumpSet.open(fs / "ds").temp_files() == []
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_disk_full_with_nothing_to_delete_closes_cleanly(veth, tmp_path):
+    fs = small_fs(tmp_path, "1m")
+    try:
+        src = tmp_path / "in.pcap"
+        synthetic_pcap(src, 4000, 500)  # 2 MB, one file of up to 8 MB
+        rec = RecorderProc(veth, fs / "ds", "-p", "8", "--disk-limit", "100MB")
+        sent = veth.send([src])
+        rc = rec.wait(30)
+        assert rc == 1
+        err = [line for line in rec.lines if "error" in line.lower()]
+        assert any("disk full" in line and "free space" in line for line in err), rec.stderr
+        ds = DumpSet.open(fs / "ds")
+        assert ds.temp_files() == []
+        files = ds.files()
+        assert len(files) == 1
+        got = read_pcap(files[0].pcap)  # parses completely: no torn record left
+        assert [f for _, f, _ in got] == sent[: len(got)] and len(got) > 100
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)

@@ -1,0 +1,63 @@
+"""One way for every command to fail: a single line on stderr and a documented exit code.
+
+click prints usage errors over several lines with a usage banner; operators grep logs and
+scripts test exit codes, so every tool runs its click command through `run` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+
+EXIT_USAGE = 2
+
+
+def fail(prog: str, message: str, code: int) -> None:
+    """Print `prog: error: message` on one line and exit."""
+    one_line = " ".join(str(message).split())
+    click.echo(f"{prog}: error: {one_line}", err=True)
+    sys.exit(code)
+
+
+def run(command: click.Command, prog: str, *, error_code: int = 1) -> None:
+    """Run a click command; map every expected failure to one line and an exit code.
+
+    Usage errors exit 2; PcapVaultError and OSError exit `error_code`; a closed output pipe
+    (`| head`) exits quietly, as tcpdump does.
+    """
+    try:
+        rc = command.main(prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except click.UsageError as e:
+        fail(prog, f"{e.format_message()} (see {prog} --help)", EXIT_USAGE)
+    except click.ClickException as e:
+        fail(prog, e.format_message(), e.exit_code)
+    except PcapVaultError as e:
+        fail(prog, str(e), error_code)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except PermissionError as e:
+        fail(prog, f"permission denied: {e.filename or e}", error_code)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        fail(prog, f"{e.strerror or e}{where}", error_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _quiet_broken_pipe() -> None:
+    # Python would complain again when flushing stdout at exit; point it at /dev/null.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(0)
