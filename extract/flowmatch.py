@@ -32,6 +32,7 @@ import itertools
 
 import numpy as np
 
+from pcapvault.index import builder, indexfile
 from pcapvault.index import libpcap as lp
 from pcapvault.index.libpcap import Filter
 
@@ -39,12 +40,14 @@ NO, YES, MAYBE = 0, 1, 2
 
 DLT_EN10MB = 1
 SYN_LEN = 96  # bytes of synthetic packet: past the ports of a QinQ IPv4 header with options
-VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
-# Next-header values that may stand between the IPv6 header and the transport header. A generous
-# set only costs precision (more variants), never soundness.
-IPV6_EXT = (0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254)
-VLAN_ABSENT = 0xFFFF
-F_PORTS, F_FRAG, F_PROTO, F_ADDRS = 1, 2, 4, 8
+# What the index builder records decides which packets a row stands for; follow its constants.
+VLAN_TPIDS = indexfile.VLAN_TPIDS
+VLAN_ABSENT = indexfile.VLAN_ABSENT
+VLAN_UNREADABLE = indexfile.VLAN_UNREADABLE
+IPV6_EXT = builder.IPV6_EXTENSIONS
+F_PORTS, F_FRAG = indexfile.FLAG_PORTS, indexfile.FLAG_FRAGMENT
+F_PROTO, F_ADDRS = indexfile.FLAG_PROTO, indexfile.FLAG_ADDRS
+ROWS_PER_BLOCK = 2048  # rows expanded at once: bounds memory for QinQ rows (many variants)
 
 U32 = np.uint32
 FULL = U32(0xFFFFFFFF)
@@ -56,9 +59,14 @@ class _Chunks:
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, rows: np.ndarray, V: np.ndarray, U: np.ndarray, KL: np.ndarray | int) -> None:
+    def add(
+        self, rows: np.ndarray, V: np.ndarray, U: np.ndarray, KL: np.ndarray | int, ok=None
+    ) -> None:
+        """Keep the variants still consistent (`ok`), the others describe no real packet."""
+        kl = np.broadcast_to(np.asarray(KL, dtype=np.int64), (len(rows),))
+        if ok is not None:
+            rows, V, U, kl = rows[ok], V[ok], U[ok], kl[ok]
         if len(rows):
-            kl = np.broadcast_to(np.asarray(KL, dtype=np.int64), (len(rows),))
             self.parts.append((rows, V, U, kl))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -71,128 +79,157 @@ class _Chunks:
 
 def _be16(x: np.ndarray) -> np.ndarray:
     """Column pairs (n, 2) holding `x` big-endian."""
-    x = x.astype(np.uint16)
+    x = np.asarray(x).astype(np.uint16)
     return np.stack([(x >> 8).astype(np.uint8), (x & 0xFF).astype(np.uint8)], axis=1)
 
 
+def _know(V: np.ndarray, U: np.ndarray, ok: np.ndarray, off: int, data, unknown=0) -> None:
+    """Make bytes off.. known (except the `unknown` bits, per byte) with `data` (n, w).
+
+    A variant in which an already known bit would change is inconsistent (e.g. ports that
+    overlap the IPv4 header when IHL < 5): it is flagged in `ok` and later dropped.
+    """
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim == 1:
+        data = np.broadcast_to(data, (len(V), len(data)))
+    w = data.shape[1]
+    new = (~np.asarray(unknown, dtype=np.int64) & 0xFF).astype(np.uint8)
+    cv, cu = V[:, off : off + w], U[:, off : off + w]
+    ok &= ~(((cv ^ data) & ~cu & new) != 0).any(axis=1)
+    V[:, off : off + w] = (cv & cu & ~new) | (cv & ~cu) | (data & new)
+    U[:, off : off + w] = cu & ~new
+
+
 def _build_variants(flows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Enumerate the packets each Ethernet flow row stands for (see the module docstring)."""
+    """Enumerate the packets each Ethernet flow row stands for (see the module docstring).
+
+    This mirrors what pcapvault.index.builder records: up to four VLAN tags are looked through
+    with the first two ids kept (0xFFFE when a TCI is cut off), IPv4 is found by ethertype with
+    its transport header at 4 x IHL for any IHL, IPv6 extension headers are walked.
+    """
     out = _Chunks()
     n = len(flows)
-    et = flows["ethertype"].astype(np.int64)
-    v1 = flows["vlan1"].astype(np.int64)
-    v2 = flows["vlan2"].astype(np.int64)
-    ipver = flows["ipver"].astype(np.int64)
-    proto = flows["proto"].astype(np.int64)
-    flags = flows["flags"].astype(np.int64)
-    src = np.frombuffer(flows["src"].tobytes(), np.uint8).reshape(n, 16)
-    dst = np.frombuffer(flows["dst"].tobytes(), np.uint8).reshape(n, 16)
-    ports = np.concatenate([_be16(flows["sport"]), _be16(flows["dport"])], axis=1)
-    p1, p2 = v1 != VLAN_ABSENT, v2 != VLAN_ABSENT
-    ntags = p1.astype(np.int64) + p2
-    vid_a = np.where(p1, v1, v2)
-    for t in (0, 1, 2):
-        base_rows = np.nonzero(ntags == t)[0]
-        if not len(base_rows):
+    names = ("ethertype", "vlan1", "vlan2", "ipver", "proto", "flags")
+    f = {k: flows[k].astype(np.int64) for k in names}
+    f["src"] = np.frombuffer(flows["src"].tobytes(), np.uint8).reshape(n, 16)
+    f["dst"] = np.frombuffer(flows["dst"].tobytes(), np.uint8).reshape(n, 16)
+    f["ports"] = np.concatenate([_be16(flows["sport"]), _be16(flows["dport"])], axis=1)
+    p1, p2 = f["vlan1"] != VLAN_ABSENT, f["vlan2"] != VLAN_ABSENT
+    layouts = [(~p1 & ~p2, 0, 0), (p1 & ~p2, 1, 0)]
+    # Two recorded tags: up to two more may follow whose ids were not recorded.
+    layouts += [(p1 & p2, 2, extra) for extra in (0, 1, 2)]
+    for sel, ntags, extra in layouts:
+        base = np.nonzero(sel)[0]
+        if extra:
+            base = base[f["ethertype"][base] != 0]
+        if not len(base):
             continue
-        for tpids in itertools.product(VLAN_TPIDS, repeat=t):
-            r = base_rows
-            m = len(r)
-            V = np.zeros((m, SYN_LEN), np.uint8)
-            U = np.full((m, SYN_LEN), 0xFF, np.uint8)
-            for j, tpid in enumerate(tpids):
-                off = 12 + 4 * j
-                V[:, off : off + 2] = (tpid >> 8, tpid & 0xFF)
-                U[:, off : off + 2] = 0
-                vid = (vid_a if j == 0 else v2)[r] & 0xFFF
-                # PCP and DEI are not recorded: the top four bits of the TCI stay unknown.
-                V[:, off + 2] = vid >> 8
-                U[:, off + 2] = 0xF0
-                V[:, off + 3] = vid & 0xFF
-                U[:, off + 3] = 0
-            eoff = 12 + 4 * t
-            l3 = eoff + 2
-            short = et[r] == 0  # 0 also means "frame too short": nothing after the tags known
-            out.add(r[short], V[short], U[short], eoff)
-            keep = ~short
-            r, V, U = r[keep], V[keep], U[keep]
-            V[:, eoff : eoff + 2] = _be16(et[r])
-            U[:, eoff : eoff + 2] = 0
-            v4 = (ipver[r] == 4) & (et[r] == 0x0800)
-            v6 = (ipver[r] == 6) & (et[r] == 0x86DD)
-            other = ~v4 & ~v6
-            out.add(r[other], V[other], U[other], l3)
-            _ipv4_variants(out, r[v4], V[v4], U[v4], l3, proto, flags, src, dst, ports)
-            _ipv6_variants(out, r[v6], V[v6], U[v6], l3, proto, flags, src, dst, ports)
+        for tpids in itertools.product(VLAN_TPIDS, repeat=ntags + extra):
+            _tagged_variants(out, f, base, tpids, ntags)
     return out.arrays()
 
 
-def _ipv4_variants(out, r, V, U, l3, proto, flags, src, dst, ports) -> None:
-    f = flags[r]
+def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: tuple, ntags: int) -> None:
+    m = len(r)
+    V = np.zeros((m, SYN_LEN), np.uint8)
+    U = np.full((m, SYN_LEN), 0xFF, np.uint8)
+    ok = np.ones(m, bool)
+    done = np.zeros(m, bool)  # the row ends inside the tags (TCI cut off)
+    for j, tpid in enumerate(tpids):
+        off = 12 + 4 * j
+        _know(V, U, ok, off, np.array([tpid >> 8, tpid & 0xFF]))
+        if j >= ntags:
+            continue  # an extra tag: its TCI is not recorded
+        vid = f["vlan1" if j == 0 else "vlan2"][r]
+        cut = (vid == VLAN_UNREADABLE) & ~done
+        out.add(r, V, U, off + 2, cut & ok)
+        done |= cut
+        # PCP and DEI are not recorded: the top four bits of the TCI stay unknown.
+        _know(V, U, ok, off + 2, _be16(vid & 0xFFF), unknown=(0xF0, 0))
+    keep = ~done
+    r, V, U, ok = r[keep], V[keep], U[keep], ok[keep]
+    eoff = 12 + 4 * len(tpids)
+    l3 = eoff + 2
+    et = f["ethertype"][r]
+    short = et == 0  # 0 also means "frame too short": nothing after the tags is known
+    out.add(r, V, U, eoff, short & ok)
+    r, V, U, ok, et = r[~short], V[~short], U[~short], ok[~short], et[~short]
+    _know(V, U, ok, eoff, _be16(et))
+    ipver = f["ipver"][r]
+    v4 = (ipver == 4) & (et == 0x0800)
+    v6 = (ipver == 6) & (et == 0x86DD)
+    other = ~v4 & ~v6
+    out.add(r, V, U, l3, other & ok)
+    _ipv4_variants(out, f, r[v4], V[v4], U[v4], ok[v4], l3)
+    _ipv6_variants(out, f, r[v6], V[v6], U[v6], ok[v6], l3)
+
+
+def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
+    flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
-    s = (f & F_PROTO) != 0
-    V[s, l3 + 9] = proto[r][s]
+    s = (flags & F_PROTO) != 0
+    V[s, l3 + 9] = f["proto"][r][s]
     U[s, l3 + 9] = 0
     KL[s] = l3 + 10
-    s = (f & F_ADDRS) != 0
-    V[s, l3 + 12 : l3 + 16] = src[r][s][:, 12:16]
-    V[s, l3 + 16 : l3 + 20] = dst[r][s][:, 12:16]
-    U[s, l3 + 12 : l3 + 20] = 0
-    KL[s] = l3 + 20
-    # First fragment or unfragmented: the 13-bit offset is zero, the three flag bits unknown.
-    s2 = s & ((f & F_FRAG) == 0)
-    V[s2, l3 + 6 : l3 + 8] = 0
+    # The fragment field is read whenever the protocol is: a zero offset unless flagged.
+    s2 = s & ((flags & F_FRAG) == 0)
+    V[s2, l3 + 6] &= 0xE0
+    V[s2, l3 + 7] = 0
     U[s2, l3 + 6] = 0xE0
     U[s2, l3 + 7] = 0
-    wp = (f & F_PORTS) != 0
+    s = (flags & F_ADDRS) != 0
+    V[s, l3 + 12 : l3 + 16] = f["src"][r][s][:, 12:16]
+    V[s, l3 + 16 : l3 + 20] = f["dst"][r][s][:, 12:16]
+    U[s, l3 + 12 : l3 + 20] = 0
+    KL[s] = l3 + 20
+    wp = (flags & F_PORTS) != 0
     # Without ports the header length stays unknown; anything that depends on it is undetermined.
-    out.add(r[~wp], V[~wp], U[~wp], KL[~wp])
-    r, V, U = r[wp], V[wp], U[wp]
-    for ihl in range(5, 16):
-        v, u = V.copy(), U.copy()
-        v[:, l3] = ihl
-        u[:, l3] = 0xF0
+    out.add(r, V, U, KL, ~wp & ok)
+    r, V, U, ok, KL = r[wp], V[wp], U[wp], ok[wp], KL[wp]
+    ports = f["ports"][r]
+    for ihl in range(16):
+        v, u, o = V.copy(), U.copy(), ok.copy()
+        _know(v, u, o, l3, np.array([ihl]), unknown=0xF0)
         l4 = l3 + 4 * ihl
-        v[:, l4 : l4 + 4] = ports[r]
-        u[:, l4 : l4 + 4] = 0
-        out.add(r, v, u, l4 + 4)
+        _know(v, u, o, l4, ports)
+        out.add(r, v, u, np.maximum(KL, l4 + 4), o)
 
 
-def _ipv6_variants(out, r, V, U, l3, proto, flags, src, dst, ports) -> None:
-    f = flags[r]
+def _ipv6_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
+    flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
-    s = (f & F_ADDRS) != 0
-    V[s, l3 + 8 : l3 + 24] = src[r][s]
-    V[s, l3 + 24 : l3 + 40] = dst[r][s]
+    s = (flags & F_ADDRS) != 0
+    V[s, l3 + 8 : l3 + 24] = f["src"][r][s]
+    V[s, l3 + 24 : l3 + 40] = f["dst"][r][s]
     U[s, l3 + 8 : l3 + 40] = 0
     KL[s] = l3 + 40
-    full = s & ((f & F_PROTO) != 0)
-    out.add(r[~full], V[~full], U[~full], KL[~full])
-    r, V, U, f = r[full], V[full], U[full], f[full]
-    P = proto[r]
+    full = s & ((flags & F_PROTO) != 0)
+    out.add(r, V, U, KL, ~full & ok)
+    r, V, U, ok, flags = r[full], V[full], U[full], ok[full], flags[full]
+    P = f["proto"][r]
     # No extension header: the next header is the transport protocol, ports follow.
     v, u = V.copy(), U.copy()
     v[:, l3 + 6] = P
     u[:, l3 + 6] = 0
-    wp = (f & F_PORTS) != 0
-    v[wp, l3 + 40 : l3 + 44] = ports[r][wp]
+    wp = (flags & F_PORTS) != 0
+    v[wp, l3 + 40 : l3 + 44] = f["ports"][r][wp]
     u[wp, l3 + 40 : l3 + 44] = 0
-    out.add(r, v, u, np.where(wp, l3 + 44, l3 + 40))
+    out.add(r, v, u, np.where(wp, l3 + 44, l3 + 40), ok)
     # Extension headers first: their content is unknown, except that a fragment header's next
     # header is either the transport protocol or another extension header.
     for ext in IPV6_EXT:
         s = P != ext
-        rr, v, u = r[s], V[s].copy(), U[s].copy()
+        rr, v, u, o = r[s], V[s].copy(), U[s].copy(), ok[s]
         v[:, l3 + 6] = ext
         u[:, l3 + 6] = 0
         if ext != 44:
-            out.add(rr, v, u, l3 + 41)
+            out.add(rr, v, u, l3 + 41, o)
             continue
         for nxt in (None, *IPV6_EXT):
             v2, u2 = v.copy(), u.copy()
             v2[:, l3 + 40] = P[s] if nxt is None else nxt
             u2[:, l3 + 40] = 0
-            out.add(rr, v2, u2, l3 + 41)
+            out.add(rr, v2, u2, l3 + 41, o)
 
 
 def _t_and(av, am, bv, bm):
@@ -440,7 +477,13 @@ class FlowMatcher:
             else:
                 out[j] = d
         if todo:
-            dec = self._decide_rows(flows[np.asarray(todo)])
+            sel = np.asarray(todo)
+            dec = np.concatenate(
+                [
+                    self._decide_rows(flows[sel[i : i + ROWS_PER_BLOCK]])
+                    for i in range(0, len(sel), ROWS_PER_BLOCK)
+                ]
+            )
             out[np.asarray(todo)] = dec
             for j, d in zip(todo, dec.tolist(), strict=True):
                 cache[keys[j]] = d

@@ -1,0 +1,230 @@
+"""npcapextract: packets of a time window and a tcpdump filter out of one or more dump sets."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+
+EPILOG = """\b
+Times: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time, as n2disk), ISO 8601 with Z or an
+offset, epoch seconds (1763737200.25), or relative: now, -15m, -2h, -30s, -1d.
+BEGIN is inclusive, END exclusive.
+
+\b
+Exit status:
+  0  packets were written (with -l: matching files were listed)
+  1  no packet matched
+  2  usage error, bad filter or time, unusable dump set, no permission
+"""
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class Size(click.ParamType):
+    """A byte count with an optional K/M/G/T suffix (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        if isinstance(value, int):
+            return value
+        s = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
+        num = s[: len(s) - len(unit)]
+        try:
+            n = int(float(num) * _SIZE_UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size (e.g. 500M, 2G)", param, ctx)
+        if n <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return n
+
+
+def _err(msg: str) -> None:
+    click.echo(f"npcapextract: {msg}", err=True)
+
+
+class _Bar:
+    """A one-line progress display on a terminal's stderr."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2 and done < total:
+            return
+        self.last = now
+        width = 30
+        fill = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} files")
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
+)
+@click.option(
+    "-t", "--dumpset", "dumpsets", multiple=True, required=True, metavar="DIR",
+    help="Dump set directory (recorder -o) or its timeline. Repeat for several interfaces.",
+)
+@click.option("-b", "--begin", required=True, help="Start of the window (inclusive).")
+@click.option("-e", "--end", required=True, help="End of the window (exclusive).")
+@click.option("-f", "--filter", "expr", default="", help="tcpdump filter expression (libpcap).")
+@click.option("-o", "--output", metavar="FILE", help="Output pcap, '-' for stdout; a directory with -P/-N.")
+@click.option("-O", "stdout", is_flag=True, help="Write to stdout (same as -o -).")
+@click.option("--pcapng", is_flag=True, help="Write pcapng with one interface per dump set.")
+@click.option("-s", "--snaplen", type=click.IntRange(min=1), help="Slice packets to N bytes.")
+@click.option("-P", "--split-mb", type=click.IntRange(min=1), help="Split into files of N MiB.")
+@click.option("-N", "--split-packets", type=click.IntRange(min=1), help="Split every N packets.")
+@click.option("-l", "--list", "list_only", is_flag=True, help="List the matching pcap files only.")
+@click.option("-0", "empty", is_flag=True, help="Write an empty capture when nothing matches.")
+@click.option("--max-bytes", type=Size(), help="Stop after this much output (e.g. 500M).")
+@click.option("--max-packets", type=click.IntRange(min=1), help="Stop after N packets.")
+@click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
+def cli(
+    dumpsets: tuple[str, ...],
+    begin: str,
+    end: str,
+    expr: str,
+    output: str | None,
+    stdout: bool,
+    pcapng: bool,
+    snaplen: int | None,
+    split_mb: int | None,
+    split_packets: int | None,
+    list_only: bool,
+    empty: bool,
+    max_bytes: int | None,
+    max_packets: int | None,
+    verbose: bool,
+) -> None:
+    """Extract the packets of [BEGIN, END) that match FILTER from pcapvault dump sets.
+
+    The timeline picks the files of the window, the index skips files and packets that cannot
+    match, and libpcap confirms every packet, so the result equals tcpdump's selection over
+    the same files.
+    """
+    from .engine import Query, extract, list_files
+    from .output import Interface, Output
+    from .select import Source, Stats
+    from .times import parse_window
+
+    t0 = time.monotonic()
+    if stdout:
+        if output not in (None, "-"):
+            raise click.UsageError("-O and -o FILE contradict each other")
+        output = "-"
+    if output is None and not list_only:
+        raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
+    b_ns, e_ns = parse_window(begin, end)
+    sources = [Source(p, i, expr) for i, p in enumerate(dumpsets)]
+    if not pcapng and len({s.linktype for s in sources}) > 1:
+        raise PcapVaultError(
+            "the dump sets have different link types; use --pcapng to combine them"
+        )
+    stats = Stats()
+    q = Query(b_ns, e_ns, list_only)
+
+    def warn(msg: str) -> None:
+        stats.warnings.append(msg)
+        _err(f"warning: {msg}")
+
+    written = 0
+    bytes_out = 0
+    if list_only:
+        for path, n in list_files(sources, q, stats, warn):
+            click.echo(f"{path}\t{n}" if verbose else path)
+            written += n
+    else:
+        ifaces = [
+            Interface(f"{s.interface} ({s.ds.root})", s.linktype, s.snaplen, s.nanosecond)
+            for s in sources
+        ]
+        out = Output(
+            output,
+            ifaces,
+            pcapng=pcapng,
+            snap=snaplen,
+            split_bytes=split_mb << 20 if split_mb else None,
+            split_packets=split_packets,
+            max_bytes=max_bytes,
+            max_packets=max_packets,
+        )
+        bar = None
+        if output != "-" and sys.stderr.isatty():
+            bar = _Bar()
+        try:
+            extract(sources, q, out, stats, warn, bar)
+            if empty and out.sink is None:
+                out.ensure_open()
+        finally:
+            out.close()
+            if bar:
+                bar.finish()
+        written = out.packets
+        bytes_out = out.bytes
+    if verbose:
+        s = stats
+        _err(
+            f"files considered {s.files_considered}, skipped by timeline {s.skipped_timeline}, "
+            f"skipped by summary {s.skipped_summary}, scanned without index "
+            f"{s.scanned_without_index}; packets read {s.packets_read}, matched "
+            f"{s.packets_matched}, written {written}; bytes read {s.bytes_read}, bytes out "
+            f"{bytes_out}; elapsed {time.monotonic() - t0:.3f} s"
+        )
+    sys.exit(0 if written else 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every user error becomes one line on stderr and exit status 2."""
+    from .output import ClosedPipe
+
+    try:
+        cli.main(args=argv, prog_name="npcapextract", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except ClosedPipe:
+        _quiet_stdout()
+        sys.exit(0)
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(0)
+    except PcapVaultError as e:
+        _err(str(e))
+        sys.exit(2)
+    except PermissionError as e:
+        _err(f"no permission to read {e.filename or ''}: run as a user who may read the dump set")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout left, make the interpreter's final flush harmless."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

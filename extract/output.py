@@ -1,0 +1,348 @@
+"""Where extracted packets go: pcap or pcapng, one stream or numbered split files, with caps.
+
+Packets arrive in batches that point into the source pcaps (memory-mapped), so the common case,
+a pcap copy at the stored precision without slicing, writes runs of adjacent source records
+straight from the mapping with writev and never copies a packet in Python. Slicing, a change of
+timestamp precision, a big-endian source or pcapng rewrite the headers (built with numpy) and
+still pass the packet bytes by reference.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.pcapfile import RECORD_HEADER_LEN, global_header
+
+IOV_MAX = 1024
+
+
+class OutputError(PcapVaultError):
+    """The output cannot be created or written."""
+
+
+class ClosedPipe(Exception):
+    """The reader of our stdout went away: stop quietly."""
+
+
+@dataclass
+class Batch:
+    """Selected packets of one source file, in output order.
+
+    `rec` are offsets of the 16-byte record headers in `buf`; the data follows each header.
+    """
+
+    buf: np.ndarray
+    rec: np.ndarray  # int64
+    caplen: np.ndarray  # int64
+    wirelen: np.ndarray  # int64
+    ts_ns: np.ndarray  # int64
+    iface: int  # which dump set (pcapng interface)
+    nanosecond: bool  # precision of the source timestamps
+    raw_ok: bool  # source record headers are little-endian and may be copied as they are
+
+    def __len__(self) -> int:
+        return len(self.rec)
+
+    def take(self, sel: slice | np.ndarray) -> Batch:
+        return Batch(
+            self.buf,
+            self.rec[sel],
+            self.caplen[sel],
+            self.wirelen[sel],
+            self.ts_ns[sel],
+            self.iface,
+            self.nanosecond,
+            self.raw_ok,
+        )
+
+
+@dataclass
+class Interface:
+    """What a pcapng interface block says about one dump set."""
+
+    name: str
+    linktype: int
+    snaplen: int
+    nanosecond: bool
+
+
+def _writev_all(fd: int, bufs: list) -> None:
+    """writev everything, continuing after partial writes."""
+    i = 0
+    while i < len(bufs):
+        chunk = bufs[i : i + IOV_MAX]
+        try:
+            n = os.writev(fd, chunk)
+        except BrokenPipeError:
+            raise ClosedPipe() from None
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise ClosedPipe() from None
+            raise OutputError(f"cannot write the output: {e.strerror}") from None
+        # Skip the buffers written completely; resume inside a partly written one.
+        j = i
+        while j < i + len(chunk) and n >= len(bufs[j]):
+            n -= len(bufs[j])
+            j += 1
+        if j < i + len(chunk) and n:
+            bufs[j] = memoryview(bufs[j])[n:]
+        i = j
+
+
+class Sink:
+    """One output stream (a file or stdout) in pcap or pcapng."""
+
+    def __init__(self, fd: int, pcapng: bool, ifaces: list[Interface], snap: int | None):
+        self.fd = fd
+        self.pcapng = pcapng
+        self.ifaces = ifaces
+        self.snap = snap
+        self.nanosecond = any(i.nanosecond for i in ifaces)
+        self.bytes = 0
+        self.packets = 0
+        self._write_header()
+
+    def _write(self, bufs: list) -> None:
+        _writev_all(self.fd, bufs)
+        self.bytes += sum(len(b) for b in bufs)
+
+    def _write_header(self) -> None:
+        if not self.pcapng:
+            lt = self.ifaces[0].linktype if self.ifaces else 1
+            snaplen = max((i.snaplen for i in self.ifaces), default=262144)
+            if self.snap:
+                snaplen = min(snaplen, self.snap)
+            self._write([global_header(lt, snaplen, self.nanosecond)])
+            return
+        shb_opts = _opt(4, b"pcapvault npcapextract") + _opt_end()
+        shb_body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + shb_opts
+        blocks = [_block(0x0A0D0D0A, shb_body)]
+        for i in self.ifaces:
+            snaplen = min(i.snaplen, self.snap) if self.snap else i.snaplen
+            opts = _opt(2, i.name.encode()) + _opt(9, bytes([9 if i.nanosecond else 6]))
+            blocks.append(_block(1, struct.pack("<HHI", i.linktype, 0, snaplen) + opts + _opt_end()))
+        self._write(blocks)
+
+    def record_sizes(self, b: Batch) -> np.ndarray:
+        """Bytes each packet of `b` will take in this output."""
+        cap = b.caplen if not self.snap else np.minimum(b.caplen, self.snap)
+        if self.pcapng:
+            return 32 + ((cap + 3) & ~3)
+        return RECORD_HEADER_LEN + cap
+
+    def write(self, b: Batch) -> None:
+        if not len(b):
+            return
+        if self.pcapng:
+            self._write_pcapng(b)
+        elif b.raw_ok and not self.snap and b.nanosecond == self.nanosecond:
+            self._write_raw(b)
+        else:
+            self._write_rebuilt(b)
+        self.packets += len(b)
+
+    def _write_raw(self, b: Batch) -> None:
+        """Copy runs of adjacent records straight from the source."""
+        start = b.rec
+        end = b.rec + RECORD_HEADER_LEN + b.caplen
+        brk = np.flatnonzero(start[1:] != end[:-1]) + 1
+        rs = np.concatenate([[0], brk])
+        re_ = np.concatenate([brk, [len(start)]]) - 1
+        mv = memoryview(b.buf)
+        bufs = [mv[s:e] for s, e in zip(start[rs].tolist(), end[re_].tolist(), strict=True)]
+        self._write(bufs)
+
+    def _headers(self, b: Batch, cap: np.ndarray) -> np.ndarray:
+        sec, frac = np.divmod(b.ts_ns, 1_000_000_000)
+        if not self.nanosecond:
+            frac //= 1000
+        h = np.empty((len(b), 4), dtype="<u4")
+        h[:, 0], h[:, 1], h[:, 2], h[:, 3] = sec, frac, cap, b.wirelen
+        return h
+
+    def _write_rebuilt(self, b: Batch) -> None:
+        cap = b.caplen if not self.snap else np.minimum(b.caplen, self.snap)
+        hdrs = memoryview(self._headers(b, cap).tobytes())
+        mv = memoryview(b.buf)
+        data_start = (b.rec + RECORD_HEADER_LEN).tolist()
+        bufs: list = []
+        for i, (s, c) in enumerate(zip(data_start, cap.tolist(), strict=True)):
+            bufs.append(hdrs[16 * i : 16 * i + 16])
+            bufs.append(mv[s : s + c])
+        self._write(bufs)
+
+    def _write_pcapng(self, b: Batch) -> None:
+        iface = self.ifaces[b.iface]
+        cap = b.caplen if not self.snap else np.minimum(b.caplen, self.snap)
+        pad = (-cap) & 3
+        total = 32 + cap + pad
+        units = b.ts_ns if iface.nanosecond else b.ts_ns // 1000
+        h = np.empty((len(b), 7), dtype="<u4")
+        h[:, 0] = 6
+        h[:, 1] = total
+        h[:, 2] = b.iface
+        h[:, 3] = units >> 32
+        h[:, 4] = units & 0xFFFFFFFF
+        h[:, 5] = cap
+        h[:, 6] = b.wirelen
+        hdrs = memoryview(h.tobytes())
+        mv = memoryview(b.buf)
+        zeros = b"\0\0\0"
+        bufs: list = []
+        starts = (b.rec + RECORD_HEADER_LEN).tolist()
+        for i, (s, c, p, t) in enumerate(
+            zip(starts, cap.tolist(), pad.tolist(), total.tolist(), strict=True)
+        ):
+            bufs.append(hdrs[28 * i : 28 * i + 28])
+            bufs.append(mv[s : s + c])
+            bufs.append(zeros[:p] + t.to_bytes(4, "little"))
+        self._write(bufs)
+
+    def close(self) -> None:
+        if self.fd > 2:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _opt(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * ((-len(value)) & 3)
+
+
+def _opt_end() -> bytes:
+    return b"\0\0\0\0"
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return struct.pack("<II", btype, total) + body + struct.pack("<I", total)
+
+
+class Output:
+    """The whole output: stdout or a file, or numbered split files; applies the caps.
+
+    Nothing is created until the first packet arrives unless `empty_ok` asks for an empty
+    capture when nothing matches (-0).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        ifaces: list[Interface],
+        *,
+        pcapng: bool = False,
+        snap: int | None = None,
+        split_bytes: int | None = None,
+        split_packets: int | None = None,
+        max_bytes: int | None = None,
+        max_packets: int | None = None,
+    ):
+        self.target = target
+        self.ifaces = ifaces
+        self.pcapng = pcapng
+        self.snap = snap
+        self.split_bytes = split_bytes
+        self.split_packets = split_packets
+        self.max_bytes = max_bytes
+        self.max_packets = max_packets
+        self.sink: Sink | None = None
+        self.files: list[str] = []
+        self.packets = 0
+        self.bytes = 0
+        self.full = False  # a cap was reached: the caller may stop early
+        self._closed_bytes = 0
+        if self.split and target == "-":
+            raise OutputError("-P/-N split the output into files: give -o a directory, not -")
+        if self.split:
+            d = Path(target)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create output directory {d}: {e.strerror}") from None
+
+    @property
+    def split(self) -> bool:
+        return bool(self.split_bytes or self.split_packets)
+
+    @property
+    def ext(self) -> str:
+        return ".pcapng" if self.pcapng else ".pcap"
+
+    def _open(self) -> Sink:
+        if self.target == "-":
+            fd = 1
+            name = "-"
+        else:
+            if self.split:
+                name = str(Path(self.target) / f"extract-{len(self.files) + 1:06d}{self.ext}")
+            else:
+                name = self.target
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot create {name}: {e.strerror}") from None
+        self.files.append(name)
+        return Sink(fd, self.pcapng, self.ifaces, self.snap)
+
+    def _roll(self) -> Sink:
+        if self.sink is not None:
+            self._closed_bytes += self.sink.bytes
+            self.sink.close()
+        self.sink = self._open()
+        return self.sink
+
+    def ensure_open(self) -> None:
+        if self.sink is None:
+            self._roll()
+
+    def write(self, b: Batch) -> None:
+        """Write a batch, honouring the caps and the split sizes."""
+        if self.full or not len(b):
+            return
+        if self.sink is None:
+            self._roll()
+        sizes = self.sink.record_sizes(b)
+        n = len(b)
+        if self.max_packets is not None:
+            n = min(n, self.max_packets - self.packets)
+        if self.max_bytes is not None:
+            room = self.max_bytes - self.bytes
+            n = min(n, int(np.searchsorted(np.cumsum(sizes), room, side="right")))
+        if n < len(b):
+            self.full = True
+            b, sizes = b.take(slice(0, n)), sizes[:n]
+        for part, psize in self._split(b, sizes):
+            self.sink.write(part)
+            self.packets += len(part)
+            self.bytes += int(psize.sum())
+
+    def _split(self, b: Batch, sizes: np.ndarray) -> Iterator[tuple[Batch, np.ndarray]]:
+        i = 0
+        while i < len(b):
+            sink = self.sink
+            n = len(b) - i
+            if self.split_packets:
+                n = min(n, self.split_packets - sink.packets)
+            if self.split_bytes:
+                room = self.split_bytes - sink.bytes
+                fit = int(np.searchsorted(np.cumsum(sizes[i : i + n]), room, side="right"))
+                n = min(n, fit)
+            if n <= 0:
+                if sink.packets == 0:
+                    n = 1  # a packet larger than the split size still gets a file of its own
+                else:
+                    self._roll()
+                    continue
+            yield b.take(slice(i, i + n)), sizes[i : i + n]
+            i += n
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()

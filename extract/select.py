@@ -1,0 +1,196 @@
+"""Which packets of a dump set are worth reading: timeline, then index summary, then index rows.
+
+Three levels, cheapest first, each never opening more than the one before needed:
+
+1. the timeline names the files whose time span overlaps the window (no file is opened);
+2. a file's index header and distinct-flow table (a few KB) skip files that lie outside the
+   window or have no flow row that can match (see flowmatch);
+3. the per-packet columns keep the packets inside the window whose flow row can match; only
+   those are read from the pcap, and libpcap confirms each of them.
+
+A file without a usable index is scanned sequentially instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pcapvault.index.dumpset import DumpSet, StoredFile
+from pcapvault.index.errors import DumpSetError, PcapVaultError
+from pcapvault.index.libpcap import Filter, compile_filter
+
+from .flowmatch import MAYBE, NO, YES, FlowMatcher
+
+
+class AccessError(PcapVaultError):
+    """The dump set exists but this user may not read it."""
+
+
+@dataclass
+class Stats:
+    """What -v reports."""
+
+    files_total: int = 0
+    files_considered: int = 0
+    skipped_timeline: int = 0
+    skipped_summary: int = 0
+    scanned_without_index: int = 0
+    packets_read: int = 0
+    bytes_read: int = 0
+    packets_matched: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Candidates:
+    """Packets of one file to read and confirm, in capture order."""
+
+    file: StoredFile
+    rec: np.ndarray  # int64 record-header offsets in the pcap
+    caplen: np.ndarray  # int64
+    wirelen: np.ndarray  # int64
+    ts_ns: np.ndarray  # int64
+    sure: np.ndarray  # bool: the flow row alone proves the packet matches
+    indexed: bool  # False: no usable index, `rec` came from a sequential scan
+
+
+Warn = Callable[[str], None]
+
+
+def open_dumpset(path: str) -> DumpSet:
+    """Open a dump set for reading, turning permission problems into one clear message."""
+    try:
+        ds = DumpSet.open(Path(path))
+    except PermissionError:
+        raise AccessError(_no_access(path)) from None
+    tl = ds.timeline
+    if not os.access(ds.root, os.R_OK | os.X_OK) or (
+        tl.exists() and not os.access(tl, os.R_OK | os.X_OK)
+    ):
+        raise AccessError(_no_access(path))
+    if not tl.is_dir():
+        raise DumpSetError(f"{path}: the dump set has no timeline at {tl}; run npcaprepair")
+    return ds
+
+
+def _no_access(path: str) -> str:
+    return (
+        f"no permission to read dump set {path}; run as its owner or a member of its group "
+        "(an authenticated extraction service will offer another way)"
+    )
+
+
+class Source:
+    """One dump set (one interface) prepared for a query."""
+
+    def __init__(self, path: str, number: int, expr: str):
+        self.path = path
+        self.number = number
+        self.ds = open_dumpset(path)
+        meta = self.ds.meta
+        self.linktype = int(meta.get("linktype", 1))
+        self.snaplen = int(meta.get("snaplen", 262144))
+        self.nanosecond = self.ds.nanosecond
+        self.interface = str(meta.get("interface") or Path(path).name)
+        self.filter: Filter = compile_filter(expr, self.linktype, max(self.snaplen, 65535))
+        self.matcher = FlowMatcher(self.filter)
+
+    def files(self, begin_ns: int, end_ns: int, stats: Stats) -> list[StoredFile]:
+        """Files of the window, from the timeline only; counts the ones left out."""
+        found = self.ds.files_in_window(begin_ns, end_ns)
+        try:
+            total = sum(1 for _ in self._all_links())
+        except OSError:
+            total = len(found)
+        stats.files_total += total
+        stats.files_considered += len(found)
+        stats.skipped_timeline += max(0, total - len(found))
+        return found
+
+    def _all_links(self):
+        for _dirpath, _dirs, names in os.walk(self.ds.timeline):
+            for n in names:
+                if n.endswith(".pcap") and not n.startswith("."):
+                    yield n
+
+    def candidates(
+        self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
+    ) -> Candidates | None:
+        """The packets of `sf` to read, or None when the index proves none can match."""
+        from pcapvault.index.indexfile import read_index
+
+        try:
+            summary = read_index(sf.index, packets=False)
+            first = int(getattr(summary, "first_ns", 0))
+            last = int(getattr(summary, "last_ns", 0))
+            count = int(getattr(summary, "count", len(getattr(summary, "ts_ns", ())) or 1))
+            if count == 0 or (first and (last < begin_ns or first >= end_ns)):
+                stats.skipped_summary += 1
+                return None
+            dec = self.matcher.decide(summary.flows)
+            if not (dec != NO).any():
+                stats.skipped_summary += 1
+                return None
+            idx = read_index(sf.index, packets=True)
+        except FileNotFoundError:
+            warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
+            return self._scan(sf, begin_ns, end_ns, stats, warn)
+        except (PcapVaultError, OSError, ValueError) as e:
+            warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
+            return self._scan(sf, begin_ns, end_ns, stats, warn)
+        ts = np.asarray(idx.ts_ns, dtype=np.int64)
+        flow = np.asarray(idx.flow, dtype=np.int64)
+        if len(flow) and int(flow.max()) >= len(dec):
+            warn(f"{sf.index}: flow numbers out of range; scanning the pcap sequentially")
+            return self._scan(sf, begin_ns, end_ns, stats, warn)
+        pdec = dec[flow]
+        keep = (ts >= begin_ns) & (ts < end_ns) & (pdec != NO)
+        sel = np.flatnonzero(keep)
+        if not len(sel):
+            stats.skipped_summary += 1
+            return None
+        return Candidates(
+            sf,
+            np.asarray(idx.offset, dtype=np.int64)[sel],
+            np.asarray(idx.caplen, dtype=np.int64)[sel],
+            np.asarray(idx.wirelen, dtype=np.int64)[sel],
+            ts[sel],
+            pdec[sel] == YES,
+            True,
+        )
+
+    def _scan(
+        self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
+    ) -> Candidates | None:
+        from pcapvault.index.pcapfile import PcapReader
+
+        stats.scanned_without_index += 1
+        try:
+            with PcapReader(sf.pcap) as r:
+                table = r.scan()
+        except (PcapVaultError, OSError) as e:
+            warn(f"{sf.pcap}: unreadable, skipped ({e})")
+            return None
+        if table.torn:
+            warn(f"{sf.pcap}: truncated after byte {table.complete_end}; extracting what is complete")
+        ts = table.ts_ns.astype(np.int64)
+        sel = np.flatnonzero((ts >= begin_ns) & (ts < end_ns))
+        if not len(sel):
+            return None
+        return Candidates(
+            sf,
+            table.offset.astype(np.int64)[sel],
+            table.caplen.astype(np.int64)[sel],
+            table.wirelen.astype(np.int64)[sel],
+            ts[sel],
+            np.zeros(len(sel), dtype=bool) | self.filter.matches_everything,
+            False,
+        )
+
+
+__all__ = ["MAYBE", "NO", "YES", "Candidates", "Source", "Stats", "open_dumpset"]
