@@ -124,20 +124,24 @@ def _build_variants(flows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
             base = base[f["ethertype"][base] != 0]
         if not len(base):
             continue
-        for tpids in itertools.product(VLAN_TPIDS, repeat=ntags + extra):
-            _tagged_variants(out, f, base, tpids, ntags)
+        # Every combination of TPIDs, all at once: rows repeated, one combination each.
+        combos = np.array(list(itertools.product(VLAN_TPIDS, repeat=ntags + extra)), np.int64)
+        combos = combos.reshape(len(combos), ntags + extra)
+        r = np.repeat(base, len(combos))
+        tpids = np.tile(combos, (len(base), 1))
+        _tagged_variants(out, f, r, tpids, ntags)
     return out.arrays()
 
 
-def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: tuple, ntags: int) -> None:
+def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, ntags: int) -> None:
     m = len(r)
     V = np.zeros((m, SYN_LEN), np.uint8)
     U = np.full((m, SYN_LEN), 0xFF, np.uint8)
     ok = np.ones(m, bool)
     done = np.zeros(m, bool)  # the row ends inside the tags (TCI cut off)
-    for j, tpid in enumerate(tpids):
+    for j in range(tpids.shape[1]):
         off = 12 + 4 * j
-        _know(V, U, ok, off, np.array([tpid >> 8, tpid & 0xFF]))
+        _know(V, U, ok, off, _be16(tpids[:, j]))
         if j >= ntags:
             continue  # an extra tag: its TCI is not recorded
         vid = f["vlan1" if j == 0 else "vlan2"][r]
@@ -148,7 +152,7 @@ def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: tuple, ntags: 
         _know(V, U, ok, off + 2, _be16(vid & 0xFFF), unknown=(0xF0, 0))
     keep = ~done
     r, V, U, ok = r[keep], V[keep], U[keep], ok[keep]
-    eoff = 12 + 4 * len(tpids)
+    eoff = 12 + 4 * tpids.shape[1]
     l3 = eoff + 2
     et = f["ethertype"][r]
     short = et == 0  # 0 also means "frame too short": nothing after the tags is known

@@ -126,10 +126,7 @@ class Source:
 
         try:
             summary = read_index(sf.index, packets=False)
-            first = int(getattr(summary, "first_ns", 0))
-            last = int(getattr(summary, "last_ns", 0))
-            count = int(getattr(summary, "count", len(getattr(summary, "ts_ns", ())) or 1))
-            if count == 0 or (first and (last < begin_ns or first >= end_ns)):
+            if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
                 stats.skipped_summary += 1
                 return None
             dec = self.matcher.decide(summary.flows)
@@ -177,7 +174,10 @@ class Source:
             warn(f"{sf.pcap}: unreadable, skipped ({e})")
             return None
         if table.torn:
-            warn(f"{sf.pcap}: truncated after byte {table.complete_end}; extracting what is complete")
+            warn(
+                f"{sf.pcap}: truncated after byte {table.complete_end}; "
+                "extracting what is complete"
+            )
         ts = table.ts_ns.astype(np.int64)
         sel = np.flatnonzero((ts >= begin_ns) & (ts < end_ns))
         if not len(sel):
