@@ -315,8 +315,9 @@ class _AbstractBpf:
             if cls == lp.BPF_JMP:
                 op = code & 0xF0
                 if op == lp.BPF_JA:
-                    pending[nxt + k].append(idx)
-                    continue
+                    if nxt + k < nins:
+                        pending[nxt + k].append(idx)
+                    continue  # a loop (protochain) wraps k backwards: undetermined
                 av, am = Av[idx], Am[idx]
                 if code & lp.BPF_X:
                     bv, bm = Xv[idx], Xm[idx]

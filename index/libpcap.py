@@ -11,7 +11,8 @@ extractor makes is libpcap's.
 Matching many packets: one ctypes call per packet costs about a microsecond, which is more than
 reading the packet. ``Filter.match_many`` therefore runs libpcap's compiled program over a whole
 batch at once with numpy, one instruction at a time over the packets standing at that
-instruction (classic BPF only jumps forward, so one pass over the program suffices). It follows
+instruction (classic BPF only jumps forward, so one pass over the program suffices; the one
+exception, ``protochain``'s loop, runs through libpcap per packet). It follows
 the semantics of libpcap's ``bpf_filter()`` exactly, including the bounds checks that reject a
 packet when a load falls past the captured length; the test suite checks it against
 ``pcap_offline_filter`` packet for packet. ``match_many(..., engine="libpcap")`` keeps the
@@ -223,6 +224,8 @@ class Filter:
             raise ValueError(f"unknown engine {engine!r}")
         if self._vm is None:
             self._vm = _VectorBpf(self.insns)
+        if self._vm.loops:
+            return self._match_many_libpcap(arr, offs, caps, wires)
         return self._vm.run(arr, offs, caps, wires)
 
     def _match_many_libpcap(
@@ -270,6 +273,12 @@ class _VectorBpf:
         self.jt = [int(c) for c in insns["jt"]]
         self.jf = [int(c) for c in insns["jf"]]
         self.k = [int(c) for c in insns["k"]]
+        # protochain compiles to a loop: BPF_JA with a k that wraps around to an earlier
+        # instruction. libpcap's interpreter follows it; the one-pass vector run cannot.
+        self.loops = any(
+            (c & 7) == BPF_JMP and (c & 0xF0) == BPF_JA and ((i + 1 + k) & 0xFFFFFFFF) <= i
+            for i, (c, k) in enumerate(zip(self.code, self.k, strict=True))
+        )
         self.mem_used = any(
             (c & 7) in (BPF_ST, BPF_STX) or ((c & 7) in (BPF_LD, BPF_LDX) and c & 0xE0 == BPF_MEM)
             for c in self.code
