@@ -223,7 +223,7 @@ class DumpSet:
         first_slot = timeline.slot_of(lo // 1_000_000_000) - timeline.SLOT_SECONDS
         last_slot = (end_ns - 1) // 1_000_000_000
         found: list[StoredFile] = []
-        for slot in timeline.slots_between(first_slot, last_slot):
+        for slot in timeline.existing_slots(self.timeline, first_slot, last_slot):
             d = timeline.slot_dir(self.timeline, slot)
             for n in timeline.slot_entries(self.timeline, slot):
                 first = parse_name(n)

@@ -7,6 +7,7 @@ slot directories; the link names carry each file's first-packet time, so no file
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import time
@@ -38,6 +39,45 @@ def slots_between(begin_sec: int, end_sec: int) -> Iterator[int]:
     while s <= end_sec:
         yield s
         s += SLOT_SECONDS
+
+
+def _prefix_range(parts: list[int]) -> tuple[int, int]:
+    """[start, end) in epoch seconds of a YYYY[/MM[/DD[/HH[/MM]]]] directory."""
+    y, mo, d, h, mi = (parts + [1, 1, 0, 0][len(parts) - 1 :])[:5]
+    start = calendar.timegm((y, mo, d, h, mi, 0))
+    if len(parts) == 1:
+        return start, calendar.timegm((y + 1, 1, 1, 0, 0, 0))
+    if len(parts) == 2:
+        return start, calendar.timegm((y + mo // 12, mo % 12 + 1, 1, 0, 0, 0))
+    return start, start + (86400, 3600, SLOT_SECONDS)[len(parts) - 3]
+
+
+def existing_slots(root: Path, begin_sec: int, end_sec: int) -> Iterator[int]:
+    """Slot starts of the slot directories that exist and overlap [begin_sec, end_sec].
+
+    Walks the tree and prunes whole years, months, days and hours outside the range, so an
+    open-ended query costs what the dump set holds, not what the calendar holds.
+    """
+
+    def walk(d: Path, parts: list[int]) -> Iterator[int]:
+        try:
+            names = sorted(n for n in os.listdir(d) if n.isdigit())
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            p = parts + [int(name)]
+            try:
+                start, end = _prefix_range(p)
+            except (ValueError, OverflowError):
+                continue
+            if end <= begin_sec or start > end_sec:
+                continue
+            if len(p) == 5:
+                yield start
+            else:
+                yield from walk(d / name, p)
+
+    return walk(root, [])
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
