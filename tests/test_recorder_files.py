@@ -148,13 +148,13 @@ def test_restart_adopts_old_files(veth, tmp_path):
     assert rec.stop() == 0
     before = DumpSet.open(tmp_path / "ds").files()
     assert len(before) >= 4
-    # Same budget, new traffic: the old files count against it and go first.
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "4MB")
+    # A tighter budget and new traffic: the old files count against it and go first.
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "2MB")
     second = veth.send([src])
     time.sleep(0.3)
     assert rec.stop() == 0
     after = DumpSet.open(tmp_path / "ds").files()
-    assert dumpset_bytes(tmp_path / "ds") <= 4 << 20
+    assert dumpset_bytes(tmp_path / "ds") <= 2 << 20
     assert before[0] not in after, "the oldest file of the first run goes first"
     kept = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
     everything = first + second
