@@ -83,7 +83,9 @@ class _Bar:
 @click.option("-b", "--begin", required=True, help="Start of the window (inclusive).")
 @click.option("-e", "--end", required=True, help="End of the window (exclusive).")
 @click.option("-f", "--filter", "expr", default="", help="tcpdump filter expression (libpcap).")
-@click.option("-o", "--output", metavar="FILE", help="Output pcap, '-' for stdout; a directory with -P/-N.")
+@click.option(
+    "-o", "--output", metavar="FILE", help="Output pcap, '-' for stdout; a directory with -P/-N."
+)
 @click.option("-O", "stdout", is_flag=True, help="Write to stdout (same as -o -).")
 @click.option("--pcapng", is_flag=True, help="Write pcapng with one interface per dump set.")
 @click.option("-s", "--snaplen", type=click.IntRange(min=1), help="Slice packets to N bytes.")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        _err(f"{e.format_message()} (see npcapextract --help)")
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

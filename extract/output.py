@@ -128,7 +128,8 @@ class Sink:
         for i in self.ifaces:
             snaplen = min(i.snaplen, self.snap) if self.snap else i.snaplen
             opts = _opt(2, i.name.encode()) + _opt(9, bytes([9 if i.nanosecond else 6]))
-            blocks.append(_block(1, struct.pack("<HHI", i.linktype, 0, snaplen) + opts + _opt_end()))
+            body = struct.pack("<HHI", i.linktype, 0, snaplen) + opts + _opt_end()
+            blocks.append(_block(1, body))
         self._write(blocks)
 
     def record_sizes(self, b: Batch) -> np.ndarray:

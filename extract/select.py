@@ -124,6 +124,9 @@ class Source:
         """The packets of `sf` to read, or None when the index proves none can match."""
         from pcapvault.index.indexfile import read_index
 
+        if not os.path.exists(sf.index):
+            warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
+            return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
             summary = read_index(sf.index, packets=False)
             if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:

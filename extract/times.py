@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from pcapvault.index.errors import PcapVaultError
 
@@ -65,13 +65,13 @@ def parse_time(text: str, now_ns: int | None = None) -> int:
         if tz is None:
             aware = base.astimezone()  # naive means local time, as in n2disk
         elif tz.upper() == "Z":
-            aware = base.replace(tzinfo=timezone.utc)
+            aware = base.replace(tzinfo=UTC)
         else:
             sign = -1 if tz[0] == "-" else 1
             digits = tz[1:].replace(":", "")
             off = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
             aware = base.replace(tzinfo=timezone(sign * off))
-        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
         delta = aware - epoch
         secs = delta.days * 86400 + delta.seconds
         return secs * NS + _frac_ns(frac)

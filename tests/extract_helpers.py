@@ -176,7 +176,9 @@ def synthetic_traffic(n: int, start_ns: int, seed: int = 7, span_s: float = 3600
                 pl = ipv6(s6, d6, 0, hbh + udp(1000, 53, os.urandom(12)))
             pkt = ether(dmac, smac, 0x86DD, pl)
         elif k < 0.90:
-            vl = (rnd.choice([100, 200, 300]),) if rnd.random() < 0.7 else (10, rnd.choice([100, 200]))
+            vl = (rnd.choice([100, 200, 300]),)
+            if rnd.random() < 0.3:
+                vl = (10, rnd.choice([100, 200]))
             l4 = tcp(rnd.randint(1024, 65535), rnd.choice([80, 25]), 0x10, os.urandom(60))
             pkt = ether(dmac, smac, 0x0800, ipv4(src, dst, 6, l4), vl)
         elif k < 0.94:

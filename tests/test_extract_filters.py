@@ -180,7 +180,7 @@ def test_begin_inclusive_end_exclusive(synth, tmp_path):
 def test_flow_decisions_are_sound_on_every_file(synth, corpus):
     """No flow row decided NO holds a packet libpcap matches; none decided YES holds one it
     rejects. Checked packet by packet on every indexed file."""
-    for root, files in (synth, corpus):
+    for _root, files in (synth, corpus):
         for pcap in files:
             idx = read_index(Path(str(pcap) + ".idx"))
             with PcapReader(pcap) as r:

@@ -22,7 +22,8 @@ FILTERS = [
     "vlan", "vlan 100", "vlan and vlan", "tcp[13] & 2 != 0", "len > 100", "greater 200",
     "less 60", "ip[8] == 64", "ether broadcast", "not ip", "ip6 and udp port 53",
     "tcp[0] % tcp[1] == 2", "ip[0] << ip[1] > 5", "ip[1] >> ip[0] == 0",
-    "ip[2:2] / 3 > 3", "tcp[2:2] / tcp[12] > 30", "ip[8] - ip[9] > 100", "ip[1] * 3 < 20", "ip[2:2] ^ 0xff > 9",
+    "ip[2:2] / 3 > 3", "tcp[2:2] / tcp[12] > 30", "ip[8] - ip[9] > 100", "ip[1] * 3 < 20",
+    "ip[2:2] ^ 0xff > 9",
     "icmp[icmptype] == icmp-echo", "ip6 protochain 17", "portrange 1000-2000",
 ]
 
