@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import struct
 import subprocess
 import time
@@ -113,3 +114,30 @@ def test_files_readable_by_tcpdump_and_tshark(veth, tmp_path):
         total += len(read_pcap(sf.pcap))
     assert total == 500
     assert tool("recorder")
+
+
+def test_kernel_drops_and_stats_are_reported(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 20000, 1000)
+    rec = RecorderProc(veth, tmp_path / "ds", "-b", "2", "--stats-interval", "0.2",
+                       "--disk-limit", "1GB", "-A", str(tmp_path / "tl"))
+    rec.signal(signal.SIGSTOP)  # a stalled consumer: the 2 MB ring overflows
+    sent = veth.send([src])
+    rec.signal(signal.SIGCONT)
+    time.sleep(0.6)
+    assert rec.stop() == 0
+    stats = dict(line.split(": ", 1)
+                 for line in (tmp_path / "ds" / "stats").read_text().splitlines())
+    written = len(recorded_frames(tmp_path / "ds"))
+    assert int(stats["packets_dropped"]) > 0
+    assert int(stats["packets_received"]) == written == int(stats["packets_written"])
+    assert int(stats["packets_received"]) + int(stats["packets_dropped"]) == len(sent)
+    assert stats["timeline_path"] == str(tmp_path / "tl")
+    for key in ("bytes_captured", "bytes_written", "files_written", "bytes_on_disk",
+                "first_dumped_epoch", "last_dumped_epoch", "packets_filtered"):
+        assert key in stats
+    assert float(stats["first_dumped_epoch"]) <= float(stats["last_dumped_epoch"])
+    periodic = [line for line in rec.lines if line.startswith("recorder: received ")]
+    assert periodic, "a stats line every --stats-interval seconds"
+    assert f"dropped {stats['packets_dropped']}" in rec.lines[-1]  # the summary at exit
+    assert any((tmp_path / "tl").rglob("*.pcap")), "-A puts the timeline elsewhere"
