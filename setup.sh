@@ -16,6 +16,9 @@ case "${1:-}" in
   --test) test_deps=yes ;;
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
+    systemctl disable --now 'recorder@*' 2>/dev/null || true
+    rm -f /etc/systemd/system/recorder@.service /etc/sysusers.d/pcapvault.conf \
+      /etc/tmpfiles.d/pcapvault.conf /etc/pam.d/npcapextract
     for t in $TOOLS; do rm -f "/usr/local/bin/$t"; done
     rm -rf "$PREFIX"
     echo "pcapvault removed; recorded data under /var/lib/pcapvault is kept"
@@ -44,3 +47,24 @@ for t in $TOOLS; do
   [ -x "$PREFIX/bin/$t" ] && ln -sf "$PREFIX/bin/$t" "/usr/local/bin/$t"
 done
 echo "pcapvault installed in $PREFIX; tools linked into /usr/local/bin"
+
+if [ -n "$system_iface" ]; then
+  install -m 0644 systemd/recorder@.service /etc/systemd/system/recorder@.service
+  install -D -m 0644 systemd/sysusers.d/pcapvault.conf /etc/sysusers.d/pcapvault.conf
+  install -D -m 0644 systemd/tmpfiles.d/pcapvault.conf /etc/tmpfiles.d/pcapvault.conf
+  install -D -m 0644 systemd/pam.d/npcapextract /etc/pam.d/npcapextract
+  systemd-sysusers /etc/sysusers.d/pcapvault.conf
+  systemd-tmpfiles --create /etc/tmpfiles.d/pcapvault.conf
+  conf=/etc/pcapvault/recorder-$system_iface.conf
+  if [ ! -e "$conf" ]; then
+    printf -- '-i=%s\n-o=/var/lib/pcapvault/%s\n--disk-limit=80%%\n' \
+      "$system_iface" "$system_iface" > "$conf"
+  fi
+  if systemctl daemon-reload 2>/dev/null; then
+    systemctl enable --now "recorder@$system_iface"
+    echo "recorder@$system_iface enabled; logs: journalctl -u recorder@$system_iface"
+  else
+    echo "systemd is not running here; units installed, start later with:"
+    echo "  systemctl enable --now recorder@$system_iface"
+  fi
+fi

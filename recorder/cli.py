@@ -10,13 +10,15 @@ from pathlib import Path
 import click
 
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.tools.cliutil import run
+from pcapvault.tools.cliutil import EXIT_USAGE, fail, run
+from pcapvault.tools.config import expand_config_args
 
 from .budget import parse_limit, parse_size
 
 EPILOG = """\b
 Examples:
   recorder -i eth0 --disk-limit 80%
+  recorder /etc/pcapvault/recorder-eth0.conf -v   # options from a file, then overrides
   recorder -i eth0 -o /srv/pcap/eth0 -p 512 -t 300 --disk-limit 2TB -f "not port 22"
   kill -USR1 $(pidof recorder)   # close the current file now, so it can be extracted
 
@@ -39,7 +41,12 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
         raise click.BadParameter(str(e)) from None
 
 
-@click.command("recorder", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "recorder",
+    epilog=EPILOG,
+    options_metavar="[CONF] [OPTIONS]",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option("-i", "--interface", required=True, help="Interface to capture from.")
 @click.option("-o", "--dump-dir", type=click.Path(path_type=Path),
               help="Dump set directory [default: /var/lib/pcapvault/IFACE].")
@@ -104,4 +111,8 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
 
 
 def main() -> None:
-    run(command, "recorder")
+    try:
+        args = expand_config_args(sys.argv[1:], command)
+    except PcapVaultError as e:
+        fail("recorder", str(e), EXIT_USAGE)
+    run(command, "recorder", args=args)

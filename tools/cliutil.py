@@ -23,14 +23,16 @@ def fail(prog: str, message: str, code: int) -> None:
     sys.exit(code)
 
 
-def run(command: click.Command, prog: str, *, error_code: int = 1) -> None:
+def run(
+    command: click.Command, prog: str, *, error_code: int = 1, args: list[str] | None = None
+) -> None:
     """Run a click command; map every expected failure to one line and an exit code.
 
     Usage errors exit 2; PcapVaultError and OSError exit `error_code`; a closed output pipe
     (`| head`) exits quietly, as tcpdump does.
     """
     try:
-        rc = command.main(prog_name=prog, standalone_mode=False)
+        rc = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort:

@@ -1,0 +1,103 @@
+"""Configuration files in n2disk's style, and the sensor's default dump sets.
+
+`recorder /etc/pcapvault/recorder-eth0.conf` reads one option per line (`--disk-limit=80%`,
+`-i=eth0`, `--no-promisc`); options given on the command line come after the file's, so they
+win. The other tools find the dump sets of a configured sensor in the same directory, so an
+analyst does not have to know where the recorder writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+
+
+class ConfigError(PcapVaultError):
+    """A configuration file that cannot be used; the message names the file and line."""
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("PCAPVAULT_CONFIG_DIR", "/etc/pcapvault"))
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    known = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            for name in p.opts + p.secondary_opts:
+                known[name] = p
+    return known
+
+
+def read_option_file(path: Path, command: click.Command) -> list[str]:
+    """The file's options as command-line arguments, checked against `command`'s options."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
+    known = _options(command)
+    args: list[str] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^(-{1,2}[A-Za-z0-9][\w-]*)(?:\s*=\s*|\s+)?(.*)$", line)
+        name, value = (m.group(1), m.group(2).strip()) if m else (line, "")
+        opt = known.get(name)
+        if opt is None:
+            raise ConfigError(
+                f"{path}:{n}: unknown option {name!r}; see {command.name} --help"
+            )
+        takes_value = not (opt.is_flag or opt.count)
+        if takes_value and not value:
+            raise ConfigError(f"{path}:{n}: option {name} needs a value ({name}=VALUE)")
+        if not takes_value and value:
+            raise ConfigError(f"{path}:{n}: option {name} takes no value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        args += [name, value] if takes_value else [name]
+    return args
+
+
+def expand_config_args(argv: list[str], command: click.Command) -> list[str]:
+    """`CONF [options]`: the file's options first, so the command line overrides them."""
+    if argv and not argv[0].startswith("-"):
+        return read_option_file(Path(argv[0]), command) + argv[1:]
+    return argv
+
+
+def default_dumpsets() -> list[Path]:
+    """Dump sets of this sensor: `dumpset=` lines of pcapvault.conf, else the recorders' -o.
+
+    A recorder configuration without -o records into /var/lib/pcapvault/IFACE.
+    """
+    d = config_dir()
+    found: list[Path] = []
+    main = d / "pcapvault.conf"
+    if main.exists():
+        for line in main.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "dumpset" and value.strip():
+                found.append(Path(value.strip()))
+        if found:
+            return found
+    for conf in sorted(d.glob("recorder-*.conf")):
+        out = iface = None
+        try:
+            lines = conf.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = re.match(r"^\s*(-o|--dump-dir|-i|--interface)(?:\s*=\s*|\s+)(\S+)", line)
+            if m and m.group(1) in ("-o", "--dump-dir"):
+                out = m.group(2)
+            elif m:
+                iface = m.group(2)
+        if out or iface:
+            found.append(Path(out) if out else Path("/var/lib/pcapvault") / iface)
+    return found
