@@ -100,12 +100,17 @@ def _know(V: np.ndarray, U: np.ndarray, ok: np.ndarray, off: int, data, unknown=
     U[:, off : off + w] = cu & ~new
 
 
-def _build_variants(flows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _build_variants(
+    flows: np.ndarray, coarse: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Enumerate the packets each Ethernet flow row stands for (see the module docstring).
 
     This mirrors what pcapvault.index.builder records: up to four VLAN tags are looked through
     with the first two ids kept (0xFFFE when a TCI is cut off), IPv4 is found by ethertype with
     its transport header at 4 x IHL for any IHL, IPv6 extension headers are walked.
+
+    `coarse` leaves the IPv4 header length and the IPv6 next header unknown instead of
+    enumerating them: one variant per row and TPID choice, enough to decide most rows.
     """
     out = _Chunks()
     n = len(flows)
@@ -129,11 +134,13 @@ def _build_variants(flows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         combos = combos.reshape(len(combos), ntags + extra)
         r = np.repeat(base, len(combos))
         tpids = np.tile(combos, (len(base), 1))
-        _tagged_variants(out, f, r, tpids, ntags)
+        _tagged_variants(out, f, r, tpids, ntags, coarse)
     return out.arrays()
 
 
-def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, ntags: int) -> None:
+def _tagged_variants(
+    out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, ntags: int, coarse: bool
+) -> None:
     m = len(r)
     V = np.zeros((m, SYN_LEN), np.uint8)
     U = np.full((m, SYN_LEN), 0xFF, np.uint8)
@@ -164,11 +171,11 @@ def _tagged_variants(out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, nt
     v6 = (ipver == 6) & (et == 0x86DD)
     other = ~v4 & ~v6
     out.add(r, V, U, l3, other & ok)
-    _ipv4_variants(out, f, r[v4], V[v4], U[v4], ok[v4], l3)
-    _ipv6_variants(out, f, r[v6], V[v6], U[v6], ok[v6], l3)
+    _ipv4_variants(out, f, r[v4], V[v4], U[v4], ok[v4], l3, coarse)
+    _ipv6_variants(out, f, r[v6], V[v6], U[v6], ok[v6], l3, coarse)
 
 
-def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
+def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) -> None:
     flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
     s = (flags & F_PROTO) != 0
@@ -186,7 +193,7 @@ def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
     V[s, l3 + 16 : l3 + 20] = f["dst"][r][s][:, 12:16]
     U[s, l3 + 12 : l3 + 20] = 0
     KL[s] = l3 + 20
-    wp = (flags & F_PORTS) != 0
+    wp = ((flags & F_PORTS) != 0) & (not coarse)
     # Without ports the header length stays unknown; anything that depends on it is undetermined.
     out.add(r, V, U, KL, ~wp & ok)
     r, V, U, ok, KL = r[wp], V[wp], U[wp], ok[wp], KL[wp]
@@ -199,7 +206,7 @@ def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
         out.add(r, v, u, np.maximum(KL, l4 + 4), o)
 
 
-def _ipv6_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
+def _ipv6_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) -> None:
     flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
     s = (flags & F_ADDRS) != 0
@@ -207,7 +214,7 @@ def _ipv6_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int) -> None:
     V[s, l3 + 24 : l3 + 40] = f["dst"][r][s]
     U[s, l3 + 8 : l3 + 40] = 0
     KL[s] = l3 + 40
-    full = s & ((flags & F_PROTO) != 0)
+    full = s & ((flags & F_PROTO) != 0) & (not coarse)
     out.add(r, V, U, KL, ~full & ok)
     r, V, U, ok, flags = r[full], V[full], U[full], ok[full], flags[full]
     P = f["proto"][r]
@@ -495,8 +502,16 @@ class FlowMatcher:
         return out
 
     def _decide_rows(self, flows: np.ndarray) -> np.ndarray:
+        """Coarse variants first; only rows they leave undetermined are enumerated in full."""
+        dec = self._decide_variants(flows, coarse=True)
+        undecided = dec == MAYBE
+        if undecided.any():
+            dec[undecided] = self._decide_variants(flows[undecided], coarse=False)
+        return dec
+
+    def _decide_variants(self, flows: np.ndarray, coarse: bool) -> np.ndarray:
         nrows = len(flows)
-        V, Um, KL, rows = _build_variants(flows)
+        V, Um, KL, rows = _build_variants(flows, coarse)
         outcome = self._vm.run(V, Um, KL)
         # Cross-check one determined variant per row on a concrete member (unknown bits zero)
         # with libpcap itself; all of them would cost more than the rest of the work.
