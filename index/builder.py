@@ -1,0 +1,485 @@
+"""Build the index of a pcap: per-packet columns plus the distinct-flow table.
+
+Indexing must keep up with capture, so nothing here touches packets one at a time in Python.
+Packets are processed in batches: every header field is read for the whole batch with one
+numpy gather at per-packet byte positions, and protocol decisions are boolean masks. Fields a
+packet does not carry (or that lie beyond its captured length) come out as "absent"; no input
+can make the builder fail.
+
+The header walk follows libpcap's view of a frame (which is what `tcpdump FILTER` sees), so
+that an index query never misses a packet tcpdump would select: IPv4 is recognised by the
+ethertype, its transport header is found at 4 x IHL, and a non-first fragment (offset != 0)
+has no ports. IPv6 extension headers are walked further than libpcap does, which can only add
+matches.
+
+Each packet's flow fields are packed into the 48-byte flow row of FORMAT.md (six uint64
+words); rows are deduplicated through a 64-bit hash that is then verified against the rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .indexfile import (
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    FLAG_ADDRS,
+    FLAG_FRAGMENT,
+    FLAG_PORTS,
+    FLAG_PROTO,
+    FLOW_DTYPE,
+    PORT_PROTOCOLS,
+    VLAN_ABSENT,
+    VLAN_TPIDS,
+    VLAN_UNREADABLE,
+    PacketIndex,
+)
+from .pcapfile import (
+    RECORD_HEADER_LEN,
+    PcapHeader,
+    PcapReader,
+    RecordTable,
+    as_bytes_array,
+    scan_records,
+)
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+# Packets per vectorised batch: large enough to amortise numpy's per-call cost, small enough
+# for a batch's working set to stay in the CPU caches.
+CHUNK = 32768
+# Bytes of each frame parsed from a compact copy: Ethernet + 802.1Q + IPv6 + ports fit.
+HEAD = 64
+# VLAN tags looked through (QinQ and a little more); the first two ids are recorded.
+MAX_VLAN_TAGS = 4
+# IPv6 extension headers followed before giving up on finding the transport protocol.
+MAX_IPV6_EXTENSIONS = 8
+IPV6_EXTENSIONS = (0, 43, 44, 51, 60, 135, 139, 140, 253, 254)
+_IPV6_FRAGMENT = 44
+_IPV6_AH = 51
+
+_ROW_WORDS = FLOW_DTYPE.itemsize // 8
+_MAPPED = np.uint64(0xFFFF << 16)  # low word of ::ffff:0:0 before the IPv4 address
+_HASH_MULT = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+     0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53],
+    dtype=np.uint64,
+)
+
+
+class _Bytes:
+    """Typed reads of one field for many packets at arbitrary (unaligned) byte positions.
+
+    Positions past the end of the buffer are clamped rather than rejected: the value read
+    there is garbage, but every caller masks it out by comparing with the captured length.
+    """
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        self._views: dict[str, np.ndarray] = {}
+
+    def _view(self, dtype: str) -> np.ndarray:
+        view = self._views.get(dtype)
+        if view is None:
+            size = np.dtype(dtype).itemsize
+            count = max(len(self.arr) - size + 1, 0)
+            view = np.ndarray(shape=(count,), dtype=dtype, buffer=self.arr, strides=(1,))
+            self._views[dtype] = view
+        return view
+
+    def read(self, dtype: str, pos: np.ndarray) -> np.ndarray:
+        view = self._view(dtype)
+        if len(view) == 0:
+            return np.zeros(len(pos), dtype=view.dtype.newbyteorder("="))
+        return view[np.minimum(pos, len(view) - 1)]
+
+    def u8(self, pos: np.ndarray) -> np.ndarray:
+        return self.read("u1", pos)
+
+    def be16(self, pos: np.ndarray) -> np.ndarray:
+        return self.read(">u2", pos).astype(np.uint16)
+
+    def be32(self, pos: np.ndarray) -> np.ndarray:
+        return self.read(">u4", pos).astype(np.uint32)
+
+    def le32(self, pos: np.ndarray) -> np.ndarray:
+        return self.read("<u4", pos)
+
+    def le64(self, pos: np.ndarray) -> np.ndarray:
+        return self.read("<u8", pos)
+
+
+def _subset(mask: np.ndarray) -> slice | np.ndarray:
+    """Index selecting `mask`: a plain slice when it selects everything, avoiding copies."""
+    return slice(None) if mask.all() else np.flatnonzero(mask)
+
+
+def _isin(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
+    hit = values == choices[0]
+    for c in choices[1:]:
+        hit |= values == c
+    return hit
+
+
+class _Batch:
+    """The flow fields of a batch of packets, filled in layer by layer."""
+
+    def __init__(self, data: np.ndarray, caplen: np.ndarray):
+        n = len(data)
+        self.data = data  # position of each frame's first byte
+        self.end = data + caplen  # position just after its last captured byte
+        self.ethertype = np.zeros(n, dtype=np.uint64)
+        self.vlan1 = np.full(n, VLAN_ABSENT, dtype=np.uint64)
+        self.vlan2 = np.full(n, VLAN_ABSENT, dtype=np.uint64)
+        self.l3 = data.copy()  # position of the network header
+        self.ipver = np.zeros(n, dtype=np.uint64)
+        self.proto = np.zeros(n, dtype=np.uint64)
+        self.flags = np.zeros(n, dtype=np.uint64)
+        self.ports = np.zeros(n, dtype=np.uint64)  # sport | dport << 16
+        # The flow rows; parsers write the address words (2..5) directly.
+        self.words = np.zeros((n, _ROW_WORDS), dtype=np.uint64)
+        # Just past the last byte the parse looked at (or wanted to).
+        self.need = self.l3
+
+    def rows(self) -> np.ndarray:
+        """The batch's flow rows as (n, 6) little-endian uint64 words (FORMAT.md layout)."""
+        w = self.words
+        w[:, 0] = (
+            self.ethertype | (self.vlan1 << 16) | (self.vlan2 << 32) | (self.ipver << 48)
+            | (self.proto << 56)
+        )
+        w[:, 1] = self.flags | (self.ports << 16)
+        return w
+
+
+def _parse_type_and_tags(b: _Bytes, batch: _Batch, type_pos: np.ndarray, l3: np.ndarray) -> None:
+    """Read the ethertype at `type_pos`, then look through VLAN tags starting at `l3`.
+
+    A tag whose TCI is cut off is recorded as VLAN_UNREADABLE (the frame is still tagged as far
+    as `tcpdump vlan` is concerned); a type field that is cut off leaves ethertype 0.
+    """
+    end = batch.end
+    readable = end >= type_pos + 2
+    batch.ethertype[:] = np.where(readable, b.be16(type_pos), 0)
+    batch.l3 = l3.copy()
+    todo = np.flatnonzero(_isin(batch.ethertype, VLAN_TPIDS))
+    for depth in range(MAX_VLAN_TAGS):
+        if len(todo) == 0:
+            break
+        tci_pos = batch.l3[todo]
+        e = end[todo]
+        vid = np.where(e >= tci_pos + 2, b.be16(tci_pos) & 0x0FFF, VLAN_UNREADABLE)
+        if depth == 0:
+            batch.vlan1[todo] = vid
+        elif depth == 1:
+            batch.vlan2[todo] = vid
+        et = np.where(e >= tci_pos + 4, b.be16(tci_pos + 2), 0).astype(np.uint64)
+        batch.ethertype[todo] = et
+        batch.l3[todo] = tci_pos + 4
+        todo = todo[_isin(et, VLAN_TPIDS)]
+    batch.need = batch.l3.copy()
+
+
+def _flag_bits(proto_ok: np.ndarray, fragment: np.ndarray, addr_ok: np.ndarray,
+               ports_ok: np.ndarray) -> np.ndarray:
+    flags = proto_ok.astype(np.uint64) * FLAG_PROTO
+    flags |= fragment.astype(np.uint64) * FLAG_FRAGMENT
+    flags |= addr_ok.astype(np.uint64) * FLAG_ADDRS
+    flags |= ports_ok.astype(np.uint64) * FLAG_PORTS
+    return flags
+
+
+def _parse_ipv4(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
+    p = batch.l3[sel]
+    e = batch.end[sel]
+    proto_ok = e >= p + 10
+    proto = np.where(proto_ok, b.u8(p + 9), 0).astype(np.uint64)
+    nonfirst = proto_ok & ((b.be16(p + 6) & 0x1FFF) != 0)
+    addr_ok = e >= p + 20
+    l4 = p + ((b.u8(p) & 0x0F).astype(np.int64) << 2)
+    ports_ok = proto_ok & ~nonfirst & _isin(proto, PORT_PROTOCOLS) & (e >= l4 + 4)
+    batch.ipver[sel] = 4
+    batch.proto[sel] = proto
+    batch.flags[sel] = _flag_bits(proto_ok, nonfirst, addr_ok, ports_ok)
+    batch.ports[sel] = _read_ports(b, l4, ports_ok)
+    batch.need[sel] = np.maximum(p + 20, l4 + 4)
+    # Both addresses in one 8-byte read: source in the low half, destination in the high half.
+    pair = np.where(addr_ok, b.le64(p + 12), 0)
+    mapped = np.where(addr_ok, _MAPPED, 0)
+    batch.words[sel, 3] = mapped | (pair << 32)
+    batch.words[sel, 5] = mapped | (pair & np.uint64(0xFFFFFFFF00000000))
+
+
+def _read_ports(b: _Bytes, l4: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Source and destination port as sport | dport << 16 (0 where not `ok`)."""
+    ports = b.be32(l4).astype(np.uint64)
+    return np.where(ok, (ports >> 16) | ((ports & 0xFFFF) << 16), 0)
+
+
+def _parse_ipv6(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
+    p = batch.l3[sel]
+    e = batch.end[sel]
+    n = len(p)
+    known = e >= p + 7
+    nh = np.where(known, b.u8(p + 6), 0).astype(np.uint64)
+    cur = p + 40  # position of the header `nh` describes
+    nonfirst = np.zeros(n, dtype=bool)
+    todo = np.flatnonzero(known & _isin(nh, IPV6_EXTENSIONS))
+    for _ in range(MAX_IPV6_EXTENSIONS):
+        if len(todo) == 0:
+            break
+        c, h, ee = cur[todo], nh[todo], e[todo]
+        next_ok = ee >= c + 1
+        nxt = b.u8(c).astype(np.uint64)
+        frag = h == _IPV6_FRAGMENT
+        length = b.u8(c + 1).astype(np.int64)
+        size = np.where(frag, 8, np.where(h == _IPV6_AH, (length + 2) * 4, (length + 1) * 8))
+        # Header length cut off: the next protocol may still be known, but nothing after it.
+        size = np.where(frag | (ee >= c + 2), size, ee + 1 - c)
+        nonfirst[todo] |= frag & (ee >= c + 4) & ((b.be16(c + 2) & 0xFFF8) != 0)
+        known[todo] = next_ok
+        nh[todo] = np.where(next_ok, nxt, h)
+        cur[todo] = c + size
+        todo = todo[next_ok & _isin(nxt, IPV6_EXTENSIONS)]
+    known[todo] = False  # still inside extension headers: the transport protocol is unknown
+    nh[~known] = 0
+    addr_ok = e >= p + 40
+    ports_ok = known & ~nonfirst & _isin(nh, PORT_PROTOCOLS) & (e >= cur + 4)
+    batch.ipver[sel] = 6
+    batch.proto[sel] = nh
+    batch.flags[sel] = _flag_bits(known, nonfirst, addr_ok, ports_ok)
+    batch.ports[sel] = _read_ports(b, cur, ports_ok)
+    batch.need[sel] = cur + 4  # cur >= p + 40
+    for word, at in enumerate((8, 16, 24, 32), start=2):
+        batch.words[sel, word] = np.where(addr_ok, b.le64(p + at), 0)
+
+
+def _parse_network(b: _Bytes, batch: _Batch) -> None:
+    for ethertype, parse in ((ETHERTYPE_IPV4, _parse_ipv4), (ETHERTYPE_IPV6, _parse_ipv6)):
+        mask = batch.ethertype == ethertype
+        if mask.any():
+            parse(b, batch, _subset(mask))
+
+
+def _parse_raw_ip(b: _Bytes, batch: _Batch) -> None:
+    """Link types without a link header: the IP version nibble stands in for the ethertype."""
+    version = np.where(batch.end > batch.data, b.u8(batch.data) >> 4, 0)
+    batch.ethertype[:] = np.select([version == 4, version == 6], [ETHERTYPE_IPV4, ETHERTYPE_IPV6])
+
+
+def _parse(
+    buf: np.ndarray, linktype: int, data: np.ndarray, caplen: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flow rows, parse extent) of frames at positions `data` of `buf`."""
+    b = _Bytes(buf)
+    batch = _Batch(data, caplen)
+    if linktype == LINKTYPE_ETHERNET:
+        _parse_type_and_tags(b, batch, data + 12, data + 14)
+    elif linktype == LINKTYPE_LINUX_SLL:
+        _parse_type_and_tags(b, batch, data + 14, data + 16)
+    elif linktype == LINKTYPE_LINUX_SLL2:
+        _parse_type_and_tags(b, batch, data, data + 20)  # protocol type comes first in SLL2
+    elif linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
+        _parse_raw_ip(b, batch)
+    else:
+        return batch.rows(), batch.need  # unknown link layer: every field absent
+    _parse_network(b, batch)
+    return batch.rows(), batch.need
+
+
+def _gather_heads(arr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """The first HEAD bytes at each position of `data` (zero-padded past the buffer end)."""
+    n = len(data)
+    safe = data <= len(arr) - HEAD
+    if safe.all():
+        return sliding_window_view(arr, HEAD)[data]
+    heads = np.zeros((n, HEAD), dtype=np.uint8)
+    if len(arr) >= HEAD:
+        heads[safe] = sliding_window_view(arr, HEAD)[data[safe]]
+    for i in np.flatnonzero(~safe).tolist():  # at most the last few records of the buffer
+        tail = arr[int(data[i]) :]
+        heads[i, : len(tail)] = tail
+    return heads
+
+
+def batch_flow_words(
+    arr: np.ndarray, linktype: int, data: np.ndarray, caplen: np.ndarray
+) -> np.ndarray:
+    """Flow rows (n, 6 uint64 words) of the frames starting at positions `data` of `arr`.
+
+    The frames' first HEAD bytes are copied side by side first, so that the dozens of field
+    reads that follow hit a few cache-resident megabytes instead of the whole file. The rare
+    frames whose headers reach past HEAD are parsed again from the file itself.
+    """
+    data = data.astype(np.int64)
+    caplen = caplen.astype(np.int64)
+    heads = _gather_heads(arr, data).reshape(-1)
+    base = np.arange(len(data), dtype=np.int64) * HEAD
+    rows, need = _parse(heads, linktype, base, np.minimum(caplen, HEAD))
+    redo = np.flatnonzero((caplen > HEAD) & (need > base + HEAD))
+    if len(redo):
+        rows[redo], _ = _parse(arr, linktype, data[redo], caplen[redo])
+    return rows
+
+
+def _hash_rows(words: np.ndarray) -> np.ndarray:
+    """64-bit multiply-xor hash of each row; collisions are caught by the caller's check."""
+    h = words[:, 0] * _HASH_MULT[0]
+    for j in range(1, _ROW_WORDS):
+        h ^= h >> np.uint64(29)
+        h ^= words[:, j]
+        h *= _HASH_MULT[j]
+    return h
+
+
+def _group_by_hash(h: np.ndarray, full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, starts): perm orders `h`, starts[i] is True where a new hash value begins.
+
+    Unless `full`, the low bits of each hash are replaced by the element's index so that a
+    plain value sort (several times faster than argsort) yields the permutation too; the
+    shortened hash can collide more often, which the caller's check catches.
+    """
+    n = len(h)
+    bits = max(n - 1, 1).bit_length()
+    if not full and bits <= 24:
+        shift = np.uint64(bits)
+        key = (h >> shift) << shift
+        key |= np.arange(n, dtype=np.uint64)
+        key.sort()
+        perm = (key & np.uint64((1 << bits) - 1)).astype(np.intp)
+        sh = key >> shift
+    else:
+        perm = np.argsort(h)
+        sh = h[perm]
+    starts = np.empty(n, dtype=bool)
+    starts[:1] = True
+    np.not_equal(sh[1:], sh[:-1], out=starts[1:])
+    return perm, starts
+
+
+def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, inverse) of `words`: words == distinct[inverse], exactly.
+
+    Sorting 64-bit hashes is much faster than sorting 48-byte rows. Rows are compared after
+    grouping, so a hash collision (accidental or crafted) costs time, never correctness.
+    """
+    h = _hash_rows(words)
+    for full in (False, True):
+        perm, starts = _group_by_hash(h, full)
+        inv = np.empty(len(h), dtype=np.intp)
+        inv[perm] = np.cumsum(starts) - 1
+        reps = words[perm[starts]]
+        if (reps[inv] == words).all():
+            return reps, inv
+    reps, inv = np.unique(words, axis=0, return_inverse=True)
+    return reps, inv.reshape(-1)
+
+
+class FlowTableBuilder:
+    """Accumulates per-batch flow rows into one sorted distinct-flow table.
+
+    Rows are deduplicated a block of up to BLOCK packets at a time: one large sort is cheaper
+    than many small ones whose results must be merged again, and memory stays bounded at one
+    block of 48-byte rows plus a uint32 per packet.
+    """
+
+    BLOCK = 1 << 17
+
+    def __init__(self) -> None:
+        self._pending: list[np.ndarray] = []
+        self._npending = 0
+        self._reps: list[np.ndarray] = []
+        self._local: list[np.ndarray] = []  # per block: packet -> flow number among _reps
+        self._nreps = 0
+
+    def add(self, words: np.ndarray) -> None:
+        """Add the flow rows (n, 6 uint64 words) of the next packets."""
+        self._pending.append(words)
+        self._npending += len(words)
+        if self._npending >= self.BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._npending == 0:
+            return
+        words = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        self._pending, self._npending = [], 0
+        reps, inv = _distinct_rows(words)
+        self._local.append(inv.astype(np.uint32) + np.uint32(self._nreps))
+        self._reps.append(reps)
+        self._nreps += len(reps)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flows as FLOW_DTYPE sorted, per-flow packet counts, per-packet flow numbers)."""
+        self._flush()
+        if not self._reps:
+            return np.zeros(0, FLOW_DTYPE), np.zeros(0, np.uint32), np.zeros(0, np.uint32)
+        rows, ginv = _distinct_rows(np.concatenate(self._reps))
+        order = np.lexsort(_sort_keys(rows))
+        rank = np.empty(len(order), dtype=np.uint32)
+        rank[order] = np.arange(len(order), dtype=np.uint32)
+        # batch-local flow -> global distinct row -> sorted position
+        flow = rank[ginv][np.concatenate(self._local)]
+        flows = np.ascontiguousarray(rows[order]).view(FLOW_DTYPE).reshape(-1)
+        counts = np.bincount(flow, minlength=len(flows)).astype(np.uint32)
+        return flows, counts, flow
+
+
+def _sort_keys(rows: np.ndarray) -> list[np.ndarray]:
+    """np.lexsort keys (least significant first) ordering rows field by field as FORMAT.md says:
+    ethertype, vlan1, vlan2, ipver, proto, flags, sport, dport, src, dst (addresses
+    byte-wise)."""
+    w0, w1 = rows[:, 0], rows[:, 1]
+    head = (
+        ((w0 & 0xFFFF) << 48) | (((w0 >> 16) & 0xFFFF) << 32) | (((w0 >> 32) & 0xFFFF) << 16)
+        | (((w0 >> 48) & 0xFF) << 8) | (w0 >> 56)
+    )
+    ports = ((w1 & 0xFF) << 32) | (((w1 >> 16) & 0xFFFF) << 16) | ((w1 >> 32) & 0xFFFF)
+    addrs = rows[:, 2:].byteswap()  # big-endian words compare like the bytes they hold
+    return [addrs[:, 3], addrs[:, 2], addrs[:, 1], addrs[:, 0], ports, head]
+
+
+def index_records(
+    buf: bytes | memoryview | np.ndarray, header: PcapHeader, records: RecordTable
+) -> PacketIndex:
+    """Index the records `scan_records` found in an in-memory pcap."""
+    arr = as_bytes_array(buf)
+    flows = FlowTableBuilder()
+    n = len(records)
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        data = records.offset[lo:hi].astype(np.int64) + RECORD_HEADER_LEN
+        flows.add(batch_flow_words(arr, header.linktype, data, records.caplen[lo:hi]))
+    table, counts, flow = flows.finish()
+    return PacketIndex(
+        nanosecond=header.nanosecond,
+        linktype=header.linktype,
+        count=n,
+        first_ns=int(records.ts_ns.min()) if n else 0,
+        last_ns=int(records.ts_ns.max()) if n else 0,
+        pcap_size=records.complete_end,
+        flows=table,
+        flow_packets=counts,
+        ts_ns=records.ts_ns,
+        offset=records.offset,
+        caplen=records.caplen,
+        wirelen=records.wirelen,
+        flow=flow,
+    )
+
+
+def build_index(pcap_path: str | os.PathLike[str]) -> PacketIndex:
+    """Index a pcap file's complete records (a torn tail is left out, see RecordTable.torn)."""
+    with PcapReader(pcap_path) as reader:
+        arr = reader.array()
+        idx = index_records(arr, reader.header, scan_records(arr, reader.header))
+        del arr  # let close() unmap the file
+    return idx
