@@ -9,6 +9,7 @@ is matched with one vectorised call of the compiled filter.
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,11 +37,14 @@ class Query:
 
 
 def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
-    """A pcap shorter than its index says (a torn tail): keep the complete records."""
+    """A pcap shorter than its index says (a torn tail): keep the complete records.
+
+    The index path has warned already (select compares the file size with the index)."""
     ok = c.rec + RECORD_HEADER_LEN + c.caplen <= size
     if ok.all():
         return c
-    warn(f"{c.file.pcap}: truncated at byte {size}; extracting the complete records before it")
+    if not c.indexed:
+        warn(f"{c.file.pcap}: truncated at byte {size}; extracting the complete records before it")
     return _subset(c, ok)
 
 
@@ -50,8 +54,14 @@ def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
     )
 
 
-def read_matches(src: Source, c: Candidates, stats: Stats, warn: Warn) -> Iterator[Batch]:
-    """The confirmed matches among `c`, in capture order, as batches."""
+def read_matches(
+    src: Source, c: Candidates, stats: Stats, warn: Warn, reuse: bool = False
+) -> Iterator[Batch]:
+    """The confirmed matches among `c`, in capture order, as batches.
+
+    With `reuse` one read buffer serves every chunk (no fresh pages to fault in): only for a
+    consumer that is done with a batch before asking for the next.
+    """
     try:
         reader = PcapReader(c.file.pcap)
     except PcapVaultError as e:
@@ -81,43 +91,78 @@ def read_matches(src: Source, c: Candidates, stats: Stats, warn: Warn) -> Iterat
                 )
             return
         end = c.rec + RECORD_HEADER_LEN + c.caplen
-        n = len(c.rec)
-        i = 0
-        while i < n:
-            j = int(np.searchsorted(end, c.rec[i] + CHUNK_BYTES, side="right"))
-            j = min(max(j, i + 1), i + CHUNK_PACKETS)
-            rec, e = c.rec[i:j], end[i:j]
-            # Coalesce records closer than GAP into one read.
-            new = np.ones(len(rec), bool)
-            new[1:] = rec[1:] - e[:-1] > GAP
-            first = np.flatnonzero(new)
-            last = np.append(first[1:], len(rec)) - 1
-            r_start, r_end = rec[first], e[last]
-            parts = [reader.pread(int(s), int(t - s)) for s, t in zip(r_start, r_end, strict=True)]
-            base = np.cumsum(np.append(0, r_end - r_start))[:-1]
-            buf = np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), np.uint8)
-            rid = np.cumsum(new) - 1
-            local = rec - r_start[rid] + base[rid]
-            stats.packets_read += len(rec)
-            stats.bytes_read += len(buf)
-            cap, wire = c.caplen[i:j], c.wirelen[i:j]
-            if everything:
-                m = np.ones(len(rec), bool)
-            else:
-                m = flt.match_many(buf, local + RECORD_HEADER_LEN, cap, wire)
-            yield Batch(buf, local[m], cap[m], wire[m], c.ts_ns[i:j][m], src.number,
-                        hdr.nanosecond, raw_ok)
-            i = j
+        fd = os.open(c.file.pcap, os.O_RDONLY)
+        try:
+            yield from _read_chunks(src, c, end, fd, stats, hdr.nanosecond, raw_ok, reuse)
+        finally:
+            os.close(fd)
+
+
+def _read_chunks(
+    src: Source,
+    c: Candidates,
+    end: np.ndarray,
+    fd: int,
+    stats: Stats,
+    nanosecond: bool,
+    raw_ok: bool,
+    reuse: bool,
+) -> Iterator[Batch]:
+    """Coalesced preads of the candidates, matched chunk by chunk."""
+    flt = src.filter
+    everything = flt.matches_everything
+    n = len(c.rec)
+    i = 0
+    spare: np.ndarray | None = None
+    dense = n and int((end - c.rec).sum()) > (int(end[-1]) - int(c.rec[0])) // 4
+    if dense:
+        os.posix_fadvise(fd, int(c.rec[0]), int(end[-1] - c.rec[0]), os.POSIX_FADV_SEQUENTIAL)
+    while i < n:
+        j = int(np.searchsorted(end, c.rec[i] + CHUNK_BYTES, side="right"))
+        j = min(max(j, i + 1), i + CHUNK_PACKETS)
+        rec, e = c.rec[i:j], end[i:j]
+        # Coalesce records closer than GAP into one read.
+        new = np.ones(len(rec), bool)
+        new[1:] = rec[1:] - e[:-1] > GAP
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], len(rec)) - 1
+        r_start, r_end = rec[first], e[last]
+        lens = r_end - r_start
+        base = np.cumsum(np.append(0, lens))
+        total = int(base[-1])
+        if reuse and spare is not None and len(spare) >= total:
+            buf = spare[:total]
+        else:
+            buf = np.empty(max(total, CHUNK_BYTES if reuse else 0), np.uint8)
+            spare = buf if reuse else None
+            buf = buf[:total]
+        mv = memoryview(buf)
+        for s, ln, b in zip(r_start.tolist(), lens.tolist(), base[:-1].tolist(), strict=True):
+            got = os.preadv(fd, [mv[b : b + ln]], s)
+            if got != ln:
+                raise PcapVaultError(f"{c.file.pcap}: short read at byte {s}")
+        rid = np.cumsum(new) - 1
+        local = rec - r_start[rid] + base[rid]
+        stats.packets_read += len(rec)
+        stats.bytes_read += len(buf)
+        cap, wire = c.caplen[i:j], c.wirelen[i:j]
+        if everything:
+            m = np.ones(len(rec), bool)
+        else:
+            m = flt.match_many(buf, local + RECORD_HEADER_LEN, cap, wire)
+        yield Batch(buf, local[m], cap[m], wire[m], c.ts_ns[i:j][m], src.number, nanosecond,
+                    raw_ok)
+        i = j
 
 
 def source_batches(
-    src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None]
+    src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool
 ) -> Iterator[Batch]:
     """Every confirmed match of one dump set in the window, in stored order."""
     for sf in src.files(q.begin_ns, q.end_ns, stats):
         c = src.candidates(sf, q.begin_ns, q.end_ns, stats, warn)
         if c is not None:
-            for b in read_matches(src, c, stats, warn):
+            for b in read_matches(src, c, stats, warn, reuse=single):
                 stats.packets_matched += len(b)
                 yield b
         tick()
@@ -198,7 +243,8 @@ def extract(
 
     if progress:
         total[0] = sum(len(s.ds.files_in_window(q.begin_ns, q.end_ns)) for s in sources)
-    streams = [source_batches(s, q, stats, warn, tick) for s in sources]
+    single = len(sources) == 1
+    streams = [source_batches(s, q, stats, warn, tick, single) for s in sources]
     batches = streams[0] if len(streams) == 1 else merge(streams)
     for b in batches:
         out.write(b)

@@ -21,9 +21,14 @@ headers before its transport header. A row is
   * YES   when every variant certainly passes;
   * MAYBE otherwise: its packets are candidates and libpcap confirms each one.
 
-Each determined outcome is also checked by running libpcap's own ``bpf_filter`` on a concrete
-member of the variant (all unknown bits zero); a disagreement demotes the row to MAYBE. So
-libpcap stays the authority and this module only adds *how much of the packet the answer used*.
+Rows are first tried with coarse variants (IPv4 header length and IPv6 next header left
+unknown), which settle most rows of most filters in one variant; only the rest are enumerated.
+
+For each decided row, one determined outcome is also checked by running the compiled program
+concretely (the vectorised matcher of index/libpcap.py, which the tests hold equal to libpcap's
+``bpf_filter``) on a concrete member of the variant (all unknown bits zero); a disagreement
+demotes the row to MAYBE. So the concrete semantics stay libpcap's and this module only adds
+*how much of the packet the answer used*.
 """
 
 from __future__ import annotations
@@ -456,6 +461,23 @@ class _AbstractBpf:
         return idx
 
 
+_HASH_MULT = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+     0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53],
+    dtype=np.uint64,
+)
+
+
+def _hash_rows(words: np.ndarray) -> np.ndarray:
+    """A 64-bit multiply-xor hash per row of uint64 words."""
+    h = np.zeros(len(words), np.uint64)
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= _HASH_MULT[j % len(_HASH_MULT)]
+        h ^= h >> np.uint64(29)
+    return h
+
+
 class FlowMatcher:
     """Decides index flow rows for one compiled filter; remembers rows it has seen."""
 
@@ -463,7 +485,9 @@ class FlowMatcher:
         self.filter = flt
         self.supported = flt.linktype == DLT_EN10MB
         self._vm = _AbstractBpf(flt)
-        self._cache: dict[bytes, int] = {}
+        self._keys = np.zeros(0, np.uint64)
+        self._words = np.zeros((0, indexfile.FLOW_DTYPE.itemsize // 8), np.uint64)
+        self._dec = np.zeros(0, np.int8)
         self.demoted = 0  # determined outcomes libpcap disagreed with (should stay 0)
 
     def decide(self, flows: np.ndarray) -> np.ndarray:
@@ -477,44 +501,48 @@ class FlowMatcher:
             return out
         if not self.supported:
             return out
-        raw = flows.tobytes()
-        size = flows.dtype.itemsize
-        keys = [raw[j * size : (j + 1) * size] for j in range(n)]
-        todo = []
-        cache = self._cache
-        for j, key in enumerate(keys):
-            d = cache.get(key)
-            if d is None:
-                todo.append(j)
-            else:
-                out[j] = d
-        if todo:
-            sel = np.asarray(todo)
-            dec = np.concatenate(
-                [
-                    self._decide_rows(flows[sel[i : i + ROWS_PER_BLOCK]])
-                    for i in range(0, len(sel), ROWS_PER_BLOCK)
-                ]
-            )
-            out[np.asarray(todo)] = dec
-            for j, d in zip(todo, dec.tolist(), strict=True):
-                cache[keys[j]] = d
+        words = np.ascontiguousarray(flows).view(np.uint64).reshape(n, -1)
+        h = _hash_rows(words)
+        # Rows seen in earlier files: a sorted table of row hashes, each hit verified against
+        # the full row, so a hash collision only costs a recomputation.
+        pos = np.searchsorted(self._keys, h)
+        pos_c = np.minimum(pos, max(len(self._keys) - 1, 0))
+        if len(self._keys):
+            hit = (self._keys[pos_c] == h) & (self._words[pos_c] == words).all(axis=1)
+        else:
+            hit = np.zeros(n, bool)
+        out[hit] = self._dec[pos_c[hit]]
+        todo = np.flatnonzero(~hit)
+        if len(todo):
+            dec = self._decide_rows(flows[todo])
+            out[todo] = dec
+            keys = np.concatenate([self._keys, h[todo]])
+            uniq, first = np.unique(keys, return_index=True)
+            allw = np.concatenate([self._words, words[todo]])
+            alld = np.concatenate([self._dec, dec])
+            self._keys, self._words, self._dec = uniq, allw[first], alld[first]
         return out
 
     def _decide_rows(self, flows: np.ndarray) -> np.ndarray:
         """Coarse variants first; only rows they leave undetermined are enumerated in full."""
-        dec = self._decide_variants(flows, coarse=True)
+        dec = self._blocks(flows, True, 16 * ROWS_PER_BLOCK)
         undecided = dec == MAYBE
         if undecided.any():
-            dec[undecided] = self._decide_variants(flows[undecided], coarse=False)
+            dec[undecided] = self._blocks(flows[undecided], False, ROWS_PER_BLOCK)
         return dec
+
+    def _blocks(self, flows: np.ndarray, coarse: bool, size: int) -> np.ndarray:
+        return np.concatenate(
+            [self._decide_variants(flows[i : i + size], coarse) for i in range(0, len(flows), size)]
+        )
 
     def _decide_variants(self, flows: np.ndarray, coarse: bool) -> np.ndarray:
         nrows = len(flows)
         V, Um, KL, rows = _build_variants(flows, coarse)
         outcome = self._vm.run(V, Um, KL)
         # Cross-check one determined variant per row on a concrete member (unknown bits zero)
-        # with libpcap itself; all of them would cost more than the rest of the work.
+        # with the concrete matcher (libpcap's semantics, verified against libpcap by the
+        # tests); all of them would cost more than the rest of the work.
         det = np.nonzero(outcome != MAYBE)[0]
         if len(det):
             _, first = np.unique(rows[det], return_index=True)
@@ -522,7 +550,7 @@ class FlowMatcher:
             conc = np.ascontiguousarray(V[det] & ~Um[det])
             offs = np.arange(len(det), dtype=np.int64) * SYN_LEN
             lens = np.full(len(det), SYN_LEN, dtype=np.int64)
-            truth = self.filter.match_many(conc.reshape(-1), offs, lens, lens, engine="libpcap")
+            truth = self.filter.match_many(conc.reshape(-1), offs, lens, lens)
             bad = truth != (outcome[det] == YES)
             if bad.any():
                 self.demoted += int(bad.sum())

@@ -143,6 +143,16 @@ class Source:
         except (PcapVaultError, OSError, ValueError) as e:
             warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
+        try:
+            size = os.stat(sf.pcap).st_size
+        except OSError as e:
+            warn(f"{sf.pcap}: unreadable, skipped ({e.strerror})")
+            return None
+        if size < idx.pcap_size:
+            warn(
+                f"{sf.pcap}: truncated at byte {size} (its index describes {idx.pcap_size}); "
+                "extracting the complete records before it"
+            )
         ts = np.asarray(idx.ts_ns, dtype=np.int64)
         flow = np.asarray(idx.flow, dtype=np.int64)
         if len(flow) and int(flow.max()) >= len(dec):
