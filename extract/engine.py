@@ -24,7 +24,7 @@ from .select import Candidates, Source, Stats, Warn
 
 CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
-GAP = 64 << 10
+GAP = 4 << 10
 
 Progress = Callable[[int, int], None]
 
