@@ -22,6 +22,7 @@ import numpy as np
 import pyzstd
 
 from .errors import FormatError
+from .pcapfile import RECORD_HEADER_LEN, RecordTable
 
 MAGIC = b"PVIDX\x00\r\n"
 VERSION = 1
@@ -55,22 +56,25 @@ PORT_PROTOCOLS = (6, 17, 132, 136)  # TCP, UDP, SCTP, UDP-Lite
 
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
+# The reserved bytes are named fields so that numpy copies them (it may leave unnamed gaps
+# of a structured dtype uninitialised), keeping row bytes exactly as written.
 FLOW_DTYPE = np.dtype(
     {
         "names": [
-            "ethertype", "vlan1", "vlan2", "ipver", "proto", "flags",
-            "sport", "dport", "src", "dst",
+            "ethertype", "vlan1", "vlan2", "ipver", "proto", "flags", "reserved9",
+            "sport", "dport", "reserved14", "src", "dst",
         ],
-        "formats": ["<u2", "<u2", "<u2", "u1", "u1", "u1", "<u2", "<u2", ("u1", 16), ("u1", 16)],
-        "offsets": [0, 2, 4, 6, 7, 8, 10, 12, 16, 32],
+        "formats": [
+            "<u2", "<u2", "<u2", "u1", "u1", "u1", "u1", "<u2", "<u2", "<u2", ("u1", 16),
+            ("u1", 16),
+        ],
+        "offsets": [0, 2, 4, 6, 7, 8, 9, 10, 12, 14, 16, 32],
         "itemsize": 48,
     }
 )
 FLOW_ROW_LEN = FLOW_DTYPE.itemsize
 # Per-packet bytes of the uncompressed packet section: ts, offset, caplen, wirelen, flow.
 _PACKET_ROW_LEN = 8 + 8 + 4 + 4 + 4
-# pcap record header size, which separates consecutive records' data.
-RECORD_OVERHEAD = 16
 
 
 @dataclass(eq=False)
@@ -157,7 +161,7 @@ def _packet_columns(idx: PacketIndex) -> list[np.ndarray]:
     ts = np.asarray(idx.ts_ns, dtype=np.int64)
     off = np.asarray(idx.offset, dtype=np.uint64)
     caplen = np.asarray(idx.caplen, dtype=np.uint32)
-    record_end = off[:-1] + RECORD_OVERHEAD + caplen[:-1]
+    record_end = off[:-1] + RECORD_HEADER_LEN + caplen[:-1]
     return [
         np.diff(ts, prepend=np.int64(0)).astype("<i8"),
         (off - np.concatenate(([np.uint64(0)], record_end))).astype("<u8"),
@@ -327,13 +331,70 @@ def _decode_packets(idx: PacketIndex, blob: bytes, name: str) -> None:
     # offset[i] = gap[i] + end of record i-1, i.e. the running sum of gaps and record sizes
     sizes = np.empty(n, dtype=np.uint64)
     sizes[:1] = 0
-    sizes[1:] = caplen[:-1].astype(np.uint64) + np.uint64(RECORD_OVERHEAD)
+    sizes[1:] = caplen[:-1].astype(np.uint64) + np.uint64(RECORD_HEADER_LEN)
     idx.offset = np.cumsum(gap + sizes, dtype=np.uint64)
     idx.caplen = caplen
     idx.wirelen = caplen + excess
     idx.flow = flow
     if n and int(flow.max()) >= len(idx.flows):
         raise FormatError(f"{name}: damaged index (flow number beyond the flow table)")
+
+
+def index_problem(idx: PacketIndex) -> str | None:
+    """The first internal inconsistency of a fully read index, or None.
+
+    The checksum proves the file is what was written; this catches what a faulty writer could
+    have written: unsorted or overlapping entries, counts or timestamps that disagree.
+    """
+    if idx.flow is None:
+        raise ValueError("index_problem needs the packet columns")
+    n = idx.count
+    if n == 0:
+        if len(idx.flows):
+            return f"no packets but {len(idx.flows)} flows"
+        return None
+    off = idx.offset.astype(np.int64)
+    ends = off[:-1] + RECORD_HEADER_LEN + idx.caplen[:-1].astype(np.int64)
+    bad = np.flatnonzero(off[1:] < ends)
+    if len(bad):
+        i = int(bad[0]) + 1
+        return (
+            f"entry {i}: offset {off[i]} is not after the end of entry {i - 1} "
+            f"(offset {off[i - 1]}, caplen {idx.caplen[i - 1]}): entries not sorted by offset"
+        )
+    end = int(off[-1]) + RECORD_HEADER_LEN + int(idx.caplen[-1])
+    if end > idx.pcap_size:
+        return f"last entry ends at byte {end}, past the pcap size {idx.pcap_size} in the header"
+    if int(idx.ts_ns.min()) != idx.first_ns or int(idx.ts_ns.max()) != idx.last_ns:
+        return "first/last timestamp in the header differ from the entries'"
+    counts = np.bincount(idx.flow, minlength=len(idx.flows))
+    if not np.array_equal(counts, idx.flow_packets):
+        f = int(np.flatnonzero(counts != idx.flow_packets)[0])
+        return f"flow {f}: summary says {idx.flow_packets[f]} packets, entries say {counts[f]}"
+    return None
+
+
+def records_problem(idx: PacketIndex, records: RecordTable) -> str | None:
+    """The first disagreement between an index's entries and the pcap's records, or None."""
+    if idx.flow is None:
+        raise ValueError("records_problem needs the packet columns")
+    if len(records) != idx.count:
+        return f"index has {idx.count} entries but the pcap has {len(records)} complete records"
+    if records.complete_end != idx.pcap_size:
+        return (
+            f"index describes {idx.pcap_size} bytes of pcap, the pcap's complete records "
+            f"end at byte {records.complete_end}"
+        )
+    for name, what in (
+        ("offset", "offset"), ("caplen", "captured length"), ("wirelen", "wire length"),
+        ("ts_ns", "timestamp"),
+    ):
+        mine, theirs = getattr(idx, name), getattr(records, name)
+        diff = np.flatnonzero(mine.astype(np.int64) != theirs.astype(np.int64))
+        if len(diff):
+            i = int(diff[0])
+            return f"entry {i}: {what} {mine[i]} but the pcap's record {i} has {theirs[i]}"
+    return None
 
 
 def read_index(path: str | os.PathLike[str], packets: bool = True) -> PacketIndex:

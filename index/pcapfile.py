@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,20 @@ def record_header(ts_ns: int, caplen: int, wirelen: int, nanosecond: bool) -> by
     if not nanosecond:
         frac //= 1000
     return struct.pack("<IIII", sec, frac, caplen, wirelen)
+
+
+def pcap_bytes(
+    packets: Iterable[tuple[int, bytes] | tuple[int, bytes, int]],
+    linktype: int = 1,
+    snaplen: int = MAX_CAPLEN,
+    nanosecond: bool = True,
+) -> bytes:
+    """A whole little-endian pcap holding `packets`: (ts_ns, frame[, wire length]) tuples."""
+    parts = [global_header(linktype, snaplen, nanosecond)]
+    for ts_ns, frame, *wire in packets:
+        parts.append(record_header(ts_ns, len(frame), wire[0] if wire else len(frame), nanosecond))
+        parts.append(bytes(frame))
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,297 @@
+"""The .pcap.idx file: round trip, atomic writing, and refusal of anything damaged."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyzstd
+
+from pcapvault.index import indexfile
+from pcapvault.index.builder import build_index, index_records
+from pcapvault.index.errors import FormatError
+from pcapvault.index.indexfile import (
+    FLAG_ADDRS,
+    FLOW_DTYPE,
+    HEADER_LEN,
+    VERSION,
+    PacketIndex,
+    address_array,
+    address_bytes,
+    address_text,
+    decode_index,
+    empty_flows,
+    encode_index,
+    flows_of_packets,
+    index_problem,
+    matches_address,
+    read_index,
+    records_problem,
+    temp_path,
+    write_index,
+)
+from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
+
+T0 = 1_763_737_200_000_000_000
+
+
+def sample_index(n: int = 1000, seed: int = 1) -> PacketIndex:
+    """A consistent index with irregular gaps, snapped lengths and a few flows."""
+    rng = np.random.default_rng(seed)
+    caplen = rng.integers(0, 1600, n).astype(np.uint32)
+    gaps = np.where(rng.random(n) < 0.1, rng.integers(1, 100, n), 0)
+    offset = 24 + np.cumsum(np.concatenate(([0], caplen[:-1].astype(np.int64) + 16)) + gaps)
+    flows = empty_flows(5)
+    flows["ethertype"] = [0x0800, 0x0800, 0x86DD, 0x0806, 0x8100]
+    flows["ipver"][:3] = [4, 4, 6]
+    flows["proto"][:3] = [6, 17, 58]
+    flows["flags"][:3] = FLAG_ADDRS
+    flows["src"][0] = address_array("10.0.0.1")
+    flows["dst"][2] = address_array("2001:db8::7")
+    flow = rng.integers(0, 5, n).astype(np.uint32)
+    ts = T0 + np.cumsum(rng.integers(-50, 10_000, n))
+    return PacketIndex(
+        nanosecond=True, linktype=1, count=n, first_ns=int(ts.min()), last_ns=int(ts.max()),
+        pcap_size=int(offset[-1]) + 16 + int(caplen[-1]) if n else 24, flows=flows,
+        flow_packets=np.bincount(flow, minlength=5).astype(np.uint32),
+        ts_ns=ts, offset=offset.astype(np.uint64), caplen=caplen,
+        wirelen=caplen + rng.integers(0, 3, n).astype(np.uint32) * 100, flow=flow,
+    )
+
+
+def assert_same(a: PacketIndex, b: PacketIndex, packets: bool = True) -> None:
+    for name in ("nanosecond", "linktype", "count", "first_ns", "last_ns", "pcap_size"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.flows.tobytes() == b.flows.tobytes()
+    assert np.array_equal(a.flow_packets, b.flow_packets)
+    for name in ("ts_ns", "offset", "caplen", "wirelen", "flow"):
+        if packets:
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        else:
+            assert getattr(b, name) is None
+
+
+def with_crc(data: bytes) -> bytes:
+    """Recompute the checksum after a deliberate change, to reach the checks behind it."""
+    crc = zlib.crc32(data[HEADER_LEN:], zlib.crc32(data[:60]))
+    return data[:60] + struct.pack("<I", crc) + data[64:]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    idx = sample_index()
+    p = tmp_path / "x.pcap.idx"
+    write_index(p, idx)
+    assert_same(idx, read_index(p))
+    assert_same(idx, read_index(p, packets=False), packets=False)
+    assert not read_index(p, packets=False).has_packets
+    assert [f.name for f in tmp_path.iterdir()] == ["x.pcap.idx"]  # no .part left behind
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_round_trip_tiny(n: int) -> None:
+    idx = sample_index(n) if n else PacketIndex(
+        False, 105, 0, 0, 0, 24, empty_flows(0), np.zeros(0, np.uint32), np.zeros(0, np.int64),
+        np.zeros(0, np.uint64), np.zeros(0, np.uint32), np.zeros(0, np.uint32),
+        np.zeros(0, np.uint32))
+    assert_same(idx, decode_index(encode_index(idx), "x"))
+
+
+def test_header_layout_matches_format_doc() -> None:
+    idx = sample_index(10)
+    data = encode_index(idx)
+    magic, version, flags, linktype, count, first, last, size, nflows, slen, plen, crc = (
+        struct.unpack_from("<8sHHIQqqQIIII", data))
+    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 1, 1, 1, 10)
+    assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
+    assert len(data) == 64 + slen + plen
+    summary = pyzstd.decompress(data[64 : 64 + slen])
+    assert summary == idx.flows.tobytes() + idx.flow_packets.astype("<u4").tobytes()
+    assert FLOW_DTYPE.itemsize == 48
+    assert [FLOW_DTYPE.fields[k][1] for k in ("ethertype", "vlan1", "vlan2", "ipver", "proto",
+                                              "flags", "sport", "dport", "src", "dst")] == [
+        0, 2, 4, 6, 7, 8, 10, 12, 16, 32]
+
+
+def test_packet_section_coding_is_compact() -> None:
+    """Contiguous records and unsnapped lengths must cost (almost) nothing."""
+    n = 100_000
+    caplen = np.full(n, 60, np.uint32)
+    idx = PacketIndex(
+        True, 1, n, T0, T0 + n - 1, 24 + n * 76, empty_flows(1), np.array([n], np.uint32),
+        T0 + np.arange(n), 24 + 76 * np.arange(n, dtype=np.uint64), caplen, caplen,
+        np.zeros(n, np.uint32))
+    assert len(encode_index(idx)) < 2000
+
+
+def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "y.pcap.idx"
+    write_index(p, sample_index(10))
+    before = p.read_bytes()
+
+    def boom(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(indexfile.os, "replace", boom)
+    with pytest.raises(OSError):
+        write_index(p, sample_index(20))
+    assert p.read_bytes() == before
+    assert not temp_path(p).exists()
+    assert temp_path(p).name == ".y.pcap.idx.part"
+
+
+def test_write_into_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        write_index(tmp_path / "no" / "x.idx", sample_index(3))
+
+
+def read_error(data: bytes, tmp_path: Path, packets: bool = True) -> str:
+    p = tmp_path / "bad.idx"
+    p.write_bytes(data)
+    with pytest.raises(FormatError) as e:
+        read_index(p, packets=packets)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "\n" not in msg
+    return msg
+
+
+def test_every_flipped_byte_is_detected(tmp_path: Path) -> None:
+    data = encode_index(sample_index(300))
+    for pos in list(range(10, 64)) + list(range(64, len(data), 7)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x20
+        msg = read_error(bytes(bad), tmp_path)
+        assert "checksum" in msg or "truncated" in msg or "trailing" in msg, (pos, msg)
+    assert "checksum" in read_error(data[:100] + bytes([data[100] ^ 1]) + data[101:], tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 8, 9, 20, 63, 64, 65, -1])
+def test_truncated_index(tmp_path: Path, cut: int) -> None:
+    data = encode_index(sample_index(50))
+    msg = read_error(data[:cut] if cut >= 0 else data[:-1], tmp_path)
+    assert "truncated" in msg or (cut in (0, 3) and "not a pcapvault index" in msg)
+
+
+def test_trailing_garbage(tmp_path: Path) -> None:
+    assert "trailing" in read_error(encode_index(sample_index(5)) + b"x", tmp_path)
+
+
+def test_bad_magic(tmp_path: Path) -> None:
+    assert "not a pcapvault index" in read_error(b"\xd4\xc3\xb2\xa1" + bytes(100), tmp_path)
+
+
+@pytest.mark.parametrize("version", [2, 7, 0xFFFF])
+def test_newer_version_is_refused(tmp_path: Path, version: int) -> None:
+    data = bytearray(encode_index(sample_index(5)))
+    struct.pack_into("<H", data, 8, version)
+    # a newer format may change anything after the version field: even a header that no
+    # longer parses must produce the version message
+    msg = read_error(with_crc(bytes(data))[:40], tmp_path)
+    assert f"version {version}" in msg and f"version {VERSION}" in msg and "newer" in msg
+
+
+def test_section_that_does_not_decompress(tmp_path: Path) -> None:
+    data = bytearray(encode_index(sample_index(50)))
+    data[-8:] = b"garbage!"
+    msg = read_error(with_crc(bytes(data)), tmp_path)
+    assert "packet section" in msg and "damaged" in msg
+    # the summary alone is still readable: the packet section is not decompressed
+    p = tmp_path / "bad.idx"
+    assert read_index(p, packets=False).count == 50
+
+
+def _rebuild(idx: PacketIndex, summary: bytes | None = None, packets: bytes | None = None,
+             **header: int) -> bytes:
+    """An index file with chosen raw sections and header fields and a valid checksum."""
+    data = encode_index(idx)
+    slen, plen = struct.unpack_from("<II", data, 52)
+    s = pyzstd.compress(summary) if summary is not None else data[64 : 64 + slen]
+    k = pyzstd.compress(packets) if packets is not None else data[64 + slen :]
+    fields = dict(count=idx.count, nflows=len(idx.flows))
+    fields.update(header)
+    head = bytearray(data[:64])
+    struct.pack_into("<Q", head, 16, fields["count"])
+    struct.pack_into("<III", head, 48, fields["nflows"], len(s), len(k))
+    return with_crc(bytes(head) + s + k)
+
+
+def test_section_of_the_wrong_size(tmp_path: Path) -> None:
+    idx = sample_index(20)
+    assert "summary section" in read_error(_rebuild(idx, summary=b"\0" * 7), tmp_path)
+    assert "packet section" in read_error(_rebuild(idx, packets=b"\0" * 9), tmp_path)
+    msg = read_error(_rebuild(idx, count=21), tmp_path)
+    assert "packet section" in msg and "expected" in msg
+
+
+def test_flow_number_out_of_range(tmp_path: Path) -> None:
+    idx = sample_index(20)
+    idx.flow = idx.flow.copy()
+    idx.flow[7] = 99
+    assert "flow number" in read_error(encode_index(idx), tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="cannot read index"):
+        read_index(tmp_path / "missing.idx")
+    with pytest.raises(FormatError, match="cannot read index"):
+        read_index(tmp_path)
+
+
+def test_flow_helpers() -> None:
+    idx = sample_index(40)
+    rows = flows_of_packets(idx)
+    assert rows.dtype == FLOW_DTYPE and len(rows) == 40
+    assert rows.tobytes() == idx.flows[idx.flow].tobytes()
+    assert flows_of_packets(idx, slice(3, 5)).tobytes() == rows[3:5].tobytes()
+    assert address_bytes("1.2.3.4") == bytes(10) + b"\xff\xff\x01\x02\x03\x04"
+    assert address_text(address_bytes("1.2.3.4"), 4) == "1.2.3.4"
+    assert address_text(address_bytes("2001:db8::7"), 6) == "2001:db8::7"
+    assert matches_address(idx.flows, "src", "10.0.0.1").tolist() == [1, 0, 0, 0, 0]
+    assert matches_address(idx.flows, "dst", "2001:db8::7").tolist() == [0, 0, 1, 0, 0]
+    summary = PacketIndex(**{**idx.__dict__, "flow": None})
+    with pytest.raises(ValueError):
+        flows_of_packets(summary)
+
+
+def test_index_problem_finds_inconsistencies() -> None:
+    assert index_problem(sample_index()) is None
+    idx = sample_index(30)
+    idx.offset = idx.offset.copy()
+    idx.offset[[10, 11]] = idx.offset[[11, 10]]
+    assert "entry 11" in index_problem(idx) and "sorted" in index_problem(idx)
+    idx = sample_index(30)
+    idx.first_ns -= 1
+    assert "timestamp" in index_problem(idx)
+    idx = sample_index(30)
+    idx.flow_packets = idx.flow_packets[::-1].copy()
+    assert "flow" in index_problem(idx)
+    idx = sample_index(30)
+    idx.pcap_size -= 1
+    assert "past the pcap size" in index_problem(idx)
+
+
+def test_records_problem() -> None:
+    frames = [bytes([i]) * (20 + i) for i in range(30)]
+    data = pcap_bytes((T0 + i * 1000, f) for i, f in enumerate(frames))
+    header = parse_global_header(data, "x")
+    records = scan_records(data, header)
+    idx = index_records(data, header, records)
+    assert records_problem(idx, records) is None
+    other = scan_records(data[:-3], header)
+    assert "29 complete records" in records_problem(idx, other)
+    idx.caplen = idx.caplen.copy()
+    idx.caplen[4] += 1
+    assert records_problem(idx, records).startswith("entry 4: captured length")
+
+
+def test_build_write_read_real_file(tmp_path: Path) -> None:
+    p = tmp_path / "a.pcap"
+    p.write_bytes(pcap_bytes([(T0 + i, b"\x00" * 12 + b"\x08\x00" + bytes(40)) for i in
+                              range(100)], nanosecond=False))
+    idx = build_index(p)
+    write_index(str(p) + ".idx", idx)
+    back = read_index(str(p) + ".idx")
+    assert_same(idx, back)
+    assert not back.nanosecond and back.count == 100
