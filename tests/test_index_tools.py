@@ -1,0 +1,231 @@
+"""npcapindex and npcapprintindex, run as a user would (exit codes, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pcapvault.index.indexfile import read_index
+from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
+from pcapvault.tools import npcapindex, printindex
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
+T0 = 1_763_737_200_123_456_789
+
+
+def frame(i: int) -> bytes:
+    """Ethernet/IPv4/UDP from 10.0.0.<i> port 1000+i to 10.9.9.9 port 53."""
+    ip = (struct.pack(">BBHHHBBH", 0x45, 0, 28, 0, 0, 64, 17, 0) + bytes([10, 0, 0, i % 256])
+          + bytes([10, 9, 9, 9]))
+    return bytes(12) + b"\x08\x00" + ip + struct.pack(">HHHH", 1000 + i, 53, 8, 0)
+
+
+def run(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture
+def pcap(tmp_path: Path) -> Path:
+    p = tmp_path / "t.pcap"
+    p.write_bytes(pcap_bytes([(T0 + i * 1000, frame(i)) for i in range(20)]))
+    return p
+
+
+def index(pcap: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> Path:
+    code, _, err = run(npcapindex.main, ["-i", str(pcap), *extra], capsys)
+    assert code == 0, err
+    return Path(str(pcap) + ".idx")
+
+
+def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = index(pcap, capsys)
+    code, out, err = run(printindex.main, ["-i", str(idx)], capsys)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert "version: 1" in lines and "precision: nanosecond" in lines and "packets: 20" in lines
+    assert "first: 2025-11-21T15:00:00.123456789Z (1763737200.123456789)" in lines
+    assert "last: 2025-11-21T15:00:00.123475789Z (1763737200.123475789)" in lines
+    assert "flows: 20" in lines
+    assert any("ip udp 10.0.0.3.1003 > 10.9.9.9.53" in line for line in lines)
+    assert sum(1 for line in lines if " offset " in line) == 20
+
+
+def test_print_limit_json_and_times(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = str(index(pcap, capsys))
+    _, out, _ = run(printindex.main, ["-i", idx, "-n", "3"], capsys)
+    assert sum(1 for line in out.splitlines() if " offset " in line) == 3
+    assert "... 17 more entries" in out and "... 17 more flows" in out
+    _, out, _ = run(printindex.main, ["-i", idx, "-j", "-n", "2"], capsys)
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["type"] for r in recs] == ["header", "flow", "flow", "packet", "packet"]
+    assert recs[0]["packets"] == 20 and recs[0]["precision"] == "ns"
+    assert recs[1]["dport"] == 53 and recs[1]["src"].startswith("10.0.0.")
+    assert recs[3] == {"type": "packet", "index": 0, "ts_ns": T0, "offset": 24, "caplen": 42,
+                       "wirelen": 42, "flow": recs[3]["flow"]}
+    _, out, _ = run(printindex.main, ["-i", idx, "-T"], capsys)
+    assert out.splitlines() == ["first: 2025-11-21T15:00:00.123456789Z (1763737200.123456789)",
+                                "last: 2025-11-21T15:00:00.123475789Z (1763737200.123475789)"]
+    _, out, _ = run(printindex.main, ["-i", idx, "-T", "-j"], capsys)
+    assert json.loads(out)["last_epoch"] == "1763737200.123475789"
+
+
+def test_output_option_and_usec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "u.pcap"
+    p.write_bytes(pcap_bytes([(T0, frame(1))], nanosecond=False))
+    out = tmp_path / "other.idx"
+    code, stdout, _ = run(npcapindex.main, ["-i", str(p), "-o", str(out), "-v"], capsys)
+    assert code == 0 and "1 packets" in stdout
+    idx = read_index(out)
+    assert not idx.nanosecond and idx.first_ns == T0 // 1000 * 1000
+    _, text, _ = run(printindex.main, ["-i", str(out), "-T"], capsys)
+    assert "2025-11-21T15:00:00.123456Z (1763737200.123456)" in text
+
+
+def test_big_endian_foreign_pcap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "be.pcap"
+    body = b"".join(struct.pack(">IIII", 1_600_000_000, i, 42, 60) + frame(i) for i in range(5))
+    p.write_bytes(struct.pack(">IHHiIII", MAGIC_US, 2, 4, 0, 0, 65535, 1) + body)
+    idx = read_index(index(p, capsys))
+    assert idx.count == 5 and idx.wirelen.tolist() == [60] * 5
+    assert sorted(idx.flows["sport"].tolist()) == [1000, 1001, 1002, 1003, 1004]
+    code, _, err = run(printindex.main, ["-c", "-i", str(p) + ".idx"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "empty"),
+        (b"hello world, this is not a capture file", "not a pcap"),
+        (b"\n\r\r\n" + bytes(40), "pcapng"),
+        (None, "No such file"),
+    ],
+)
+def test_index_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         content: bytes | None, words: str) -> None:
+    p = tmp_path / "in.pcap"
+    if content is not None:
+        p.write_bytes(content)
+    code, out, err = run(npcapindex.main, ["-i", str(p)], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("npcapindex: error: ") and words in err
+    assert not (tmp_path / "in.pcap.idx").exists()
+
+
+def test_index_unwritable_output(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(npcapindex.main, ["-i", str(pcap), "-o", "/nonexistent/x.idx"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "cannot write" in err
+
+
+def test_torn_pcap_warns_and_indexes(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = pcap.read_bytes()
+    pcap.write_bytes(data[:-10])
+    code, _, err = run(npcapindex.main, ["-i", str(pcap)], capsys)
+    assert code == 0 and err.count("\n") == 1 and "warning" in err and "torn" in err
+    assert read_index(str(pcap) + ".idx").count == 19
+    code, out, _ = run(printindex.main, ["-c", "-i", str(pcap) + ".idx"], capsys)
+    assert code == 0 and "OK (19 packets" in out
+
+
+def test_print_bad_index(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(printindex.main, ["-i", str(pcap)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "not a pcapvault index" in err
+    code, _, err = run(printindex.main, ["-i", str(pcap), "--pcap", "x"], capsys)
+    assert code == 2 and "--pcap only goes with -c" in err
+
+
+def check(idx: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code, out, err = run(printindex.main, ["-c", "-i", str(idx), *extra], capsys)
+    if code:
+        assert out == "" and err.count("\n") == 1 and err.startswith("npcapprintindex: ")
+        return code, err
+    return code, out
+
+
+def test_check_valid(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = check(index(pcap, capsys), capsys)
+    assert code == 0 and "OK (20 packets, 20 flows)" in out
+
+
+def test_check_damaged_index(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = index(pcap, capsys)
+    data = bytearray(idx.read_bytes())
+    data[70] ^= 1
+    idx.write_bytes(bytes(data))
+    code, err = check(idx, capsys)
+    assert code == 1 and "checksum" in err
+
+
+def test_check_newer_version(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = index(pcap, capsys)
+    data = bytearray(idx.read_bytes())
+    data[8] = 2
+    idx.write_bytes(bytes(data))
+    code, err = check(idx, capsys)
+    assert code == 1 and "version 2" in err
+
+
+def test_check_inconsistent_pcap(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = index(pcap, capsys)
+    original = pcap.read_bytes()
+    # a packet's port changed after indexing: lengths still agree, the flow does not
+    changed = bytearray(original)
+    changed[24 + 3 * (16 + 42) + 16 + 34] ^= 0xFF
+    pcap.write_bytes(bytes(changed))
+    code, err = check(idx, capsys)
+    assert code == 1 and "entry 3" in err and "does not match the packet" in err
+    # a record's wire length differs
+    changed = bytearray(original)
+    struct.pack_into("<I", changed, 24 + 5 * (16 + 42) + 12, 1500)
+    pcap.write_bytes(bytes(changed))
+    code, err = check(idx, capsys)
+    assert code == 1 and "entry 5: wire length 42" in err
+    # records missing
+    pcap.write_bytes(original[: -(16 + 42)])
+    code, err = check(idx, capsys)
+    assert code == 1 and "19 complete records" in err
+    # a different pcap given explicitly, and a missing one
+    other = pcap.with_name("other.pcap")
+    other.write_bytes(pcap_bytes([(T0, frame(1))]))
+    code, err = check(idx, capsys, "--pcap", str(other))
+    assert code == 1 and "1 complete records" in err
+    code, err = check(idx, capsys, "--pcap", str(pcap) + ".missing")
+    assert code == 1 and "unusable" in err
+
+
+def test_check_unsorted_entries(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pcapvault.index.indexfile import write_index
+
+    idx_path = index(pcap, capsys)
+    idx = read_index(idx_path)
+    for name in ("offset", "caplen", "wirelen", "ts_ns", "flow"):
+        col = getattr(idx, name).copy()
+        col[[4, 5]] = col[[5, 4]]
+        setattr(idx, name, col)
+    write_index(idx_path, idx)
+    code, err = check(idx_path, capsys)
+    assert code == 1 and "not sorted by offset" in err
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"tcpdump test corpus not found at {CORPUS}")
+@pytest.mark.skipif(shutil.which("npcapindex") is None, reason="console scripts not installed")
+def test_console_scripts_on_corpus_file(tmp_path: Path) -> None:
+    src = tmp_path / "qinq.pcap"
+    shutil.copy(CORPUS / "802.1ad_QinQ.pcap", src)
+    r = subprocess.run(["npcapindex", "-i", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["npcapprintindex", "-i", str(src) + ".idx"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "vlan 200 vlan 2001 arp" in r.stdout
+    r = subprocess.run(["npcapprintindex", "-c", "-i", str(src) + ".idx"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "OK" in r.stdout
