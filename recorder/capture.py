@@ -1,6 +1,6 @@
 """The recorder's main loop: ring blocks in, rotating pcap files out.
 
-Work is per ring block: a retired block becomes one `bytes` of pcap records and one write.
+Work is per ring block: a retired block becomes one buffer of pcap records and one write.
 Packets are looked at individually only in the block that crosses a file boundary (time, slot
 or size), which happens once per file.
 """
@@ -15,15 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import global_header
+from pcapvault.index.repair import repair
 
 from .budget import INDEX_RESERVE, DiskBudget, Limit
 from .indexer import BackgroundIndexer
-from .recovery import adopt_leftovers
-from .ring import PacketRing, block_to_records
+from .ring import BlockRecords, PacketRing, block_to_records
 from .stats import Stats
 from .writer import DiskFullError, PcapFileWriter
 
@@ -168,23 +170,25 @@ class Recorder:
             self.indexer.submit(sf, size)
         log.debug("closed %s (%d bytes)", sf.name, size)
 
-    def _store(self, parts: list[bytes], secs: list[int]) -> None:
+    def _store(self, recs: BlockRecords) -> None:
         """Write one block's records, cutting files at time, slot and size boundaries."""
-        n = len(secs)
+        data, ends, secs = recs
+        n = len(ends)
         i = 0
-        mx = max(secs)
+        mx = int(secs.max())
         while i < n:
+            at = int(ends[i - 1]) if i else 0
             if self.out is None:
-                self._open(parts[2 * i])
-            data = b"".join(parts[2 * i :]) if i else b"".join(parts)
-            if mx < self.end_sec and self.out.size + len(data) <= self.cfg.max_file_bytes:
-                self._write(data, n - i, secs[i], secs[n - 1])
+                self._open(data[at : at + 16])
+            size = int(ends[-1]) - at
+            if mx < self.end_sec and self.out.size + size <= self.cfg.max_file_bytes:
+                self._write(data[at:], n - i, int(secs[i]), int(secs[n - 1]))
                 return
-            lens = [len(parts[2 * k]) + len(parts[2 * k + 1]) for k in range(n)]
-            j = split_at(secs, lens, i, self.end_sec, self.out.size, self.cfg.max_file_bytes,
-                         self.file_packets > 0)
+            lens = np.diff(ends, prepend=0).tolist()
+            j = split_at(secs.tolist(), lens, i, self.end_sec, self.out.size,
+                         self.cfg.max_file_bytes, self.file_packets > 0)
             if j > i:
-                self._write(b"".join(parts[2 * i : 2 * j]), j - i, secs[i], secs[j - 1])
+                self._write(data[at : int(ends[j - 1])], j - i, int(secs[i]), int(secs[j - 1]))
             self._close()
             i = j
 
@@ -200,8 +204,7 @@ class Recorder:
 
     def _on_block(self, ring, base: int, num: int, off: int) -> None:
         if num:
-            parts, secs = block_to_records(ring, num, off, self.cfg.snaplen, self.usec)
-            self._store(parts, secs)
+            self._store(block_to_records(ring, num, off, self.cfg.snaplen, self.usec))
 
     # --- stats ------------------------------------------------------------------------------
 
@@ -235,8 +238,9 @@ class Recorder:
         signal.signal(signal.SIGINT, self._on_stop)
         self.indexer = BackgroundIndexer(self.ds)
         try:
-            for sf, size in adopt_leftovers(self.ds):
-                self.indexer.submit(sf, size)
+            for action in repair(self.ds):
+                log.warning("repair: %s", action)
+            self.ring.start()
             log.info(
                 "recording %s into %s (timeline %s, limit %d bytes)",
                 self.cfg.interface, self.ds.root, self.ds.timeline, self.budget.limit_bytes,

@@ -85,8 +85,9 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         format="recorder: %(message)s",
         stream=sys.stderr,
     )
+    from pcapvault.index.repair import lock
+
     from .capture import Recorder, RecorderConfig
-    from .recovery import lock_dumpset
 
     cfg = RecorderConfig(
         interface=interface,
@@ -106,7 +107,7 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         files_per_dir=files_per_dir,
     )
     rec = Recorder(cfg)
-    lock_dumpset(rec.ds)
+    lock(rec.ds)
     sys.exit(rec.run())
 
 

@@ -5,7 +5,9 @@ microsecond timestamps and no wire length, so the files could not be nanosecond 
 true original lengths, and libpcap would copy every packet once more before we write it. With
 our own ring a retired block is handed to us whole; the 16-byte pcap record header of a packet
 is, byte for byte, the `tp_sec, tp_nsec, tp_snaplen, tp_len` words of its tpacket3 header, so a
-packet costs two bytes slices and no per-packet objects. See docs/BENCHMARKS.md for figures.
+whole block is turned into pcap records by a few numpy calls, with no Python per packet (a
+per-packet loop, even of two bytes slices, costs more than tcpdump's whole budget). See
+docs/BENCHMARKS.md for figures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 
 from pcapvault.index.errors import PcapVaultError
 
@@ -54,6 +59,8 @@ _PKT = struct.Struct("<I8xI4xIH")
 # tp_vlan_tci, tp_vlan_tpid (hv1 variant), at offset 32.
 _VLAN = struct.Struct("<IH")
 _REC = struct.Struct("<IIII")
+_U32 = struct.Struct("<I")
+_SCRATCH = np.empty(0, np.uint8)
 
 
 class CaptureError(PcapVaultError):
@@ -104,7 +111,9 @@ class PacketRing:
                 f"unknown interface {ifname!r}; list interfaces with `ip link`"
             ) from None
         try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # Protocol 0 receives nothing until start() binds: setup work done before that
+            # (a repair of the dump set) cannot make the ring overflow.
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError:
             raise CaptureError(
                 "capturing needs CAP_NET_RAW: run as root, or start through the recorder@ "
@@ -134,7 +143,6 @@ class PacketRing:
             )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
             self.map = mmap.mmap(sock.fileno(), BLOCK_SIZE * self.block_nr)
-            sock.bind((ifname, ETH_P_ALL))
             if promisc:
                 mreq = struct.pack("iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b"")
                 sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
@@ -155,6 +163,13 @@ class PacketRing:
         self.poller.register(sock.fileno(), select.POLLIN | select.POLLERR)
         self.next_block = 0
         self.stats = RingStats()
+
+    def start(self) -> None:
+        """Begin receiving from the interface."""
+        try:
+            self.sock.bind((self.ifname, ETH_P_ALL))
+        except OSError as e:
+            raise CaptureError(f"cannot capture on {self.ifname}: {e.strerror}") from None
 
     @staticmethod
     def _is_loopback(ifname: str) -> bool:
@@ -211,21 +226,173 @@ class PacketRing:
         self.sock.close()
 
 
+class BlockRecords(NamedTuple):
+    """One ring block as pcap records, back to back, plus where each record ends.
+
+    `data` may be a scratch buffer that the next call reuses: write it out before converting
+    the next block. `secs` lets the caller cut files at time and slot boundaries without
+    parsing record headers again.
+    """
+
+    data: memoryview
+    ends: np.ndarray  # int64: end offset in `data` of each record
+    secs: np.ndarray  # uint32: timestamp seconds of each record
+
+
 def block_to_records(
     ring: mmap.mmap, num: int, off: int, snaplen: int, usec: bool
-) -> tuple[list[bytes], list[int]]:
-    """Turn one ring block into pcap record pieces (header, data, header, data, ...).
+) -> BlockRecords:
+    """Turn the block holding the packet at `off` (its first) into pcap records.
 
-    Also returns each packet's timestamp seconds, so the caller can cut files at time and slot
-    boundaries without parsing headers again. VLAN tags the kernel moved into metadata are put
-    back in the frame, as libpcap does, so files hold the frames as they were on the wire.
+    VLAN tags the kernel moved into metadata are put back in the frame, as libpcap does, so
+    files hold the frames as they were on the wire. The whole block is converted with a few
+    numpy calls (see `_vector_records`); the per-packet walk is kept for blocks that it does
+    not recognise, so an odd block costs time, never correctness.
     """
+    base = off - off % BLOCK_SIZE
+    blen = _U32.unpack_from(ring, base + 20)[0]
+    if 0 < num and off - base + 48 <= blen <= BLOCK_SIZE:
+        blk = np.frombuffer(ring, np.uint8, count=blen, offset=base)
+        recs = _vector_records(blk, off - base, num, snaplen, usec)
+        if recs is not None:
+            return recs
+    return _python_records(ring, num, off, snaplen, usec)
+
+
+def _vector_records(
+    blk: np.ndarray, first: int, num: int, snaplen: int, usec: bool
+) -> BlockRecords | None:
+    """Per-block conversion, or None when the block's layout is not the expected one.
+
+    Finding the packets is a pointer chase (each header says where the next one is), which
+    numpy cannot do. But every header starts 8-byte aligned and, on one interface, carries
+    the same (tp_mac, tp_net) pair, so one vectorised compare finds all candidates; the chain
+    is then verified in bulk: exactly `num` candidates, the first at `first`, and each
+    header's tp_next_offset equal to the distance to the next candidate. Payload bytes that
+    happen to look like a header make the check fail and the block take the per-packet path.
+    Copying is done in rows of a power-of-two width `W` (as_strided windows over the block
+    and the output): a piece of length n with W <= n < 2W is copied as its first W and its
+    last W bytes, which overlap inside the piece, so every packet costs a handful of
+    memcpy-sized row moves and no Python.
+    """
+    blen = len(blk)
+    w32 = blk[: blen & ~3].view(np.uint32)
+    key_at = (first + 24) >> 2
+    # Runs of equal-sized packets (floods, bulk transfers) are evenly spaced: try that first.
+    step = int(w32[first >> 2])
+    pos = np.arange(num, dtype=np.int64) * step + first
+    p4 = pos >> 2
+    if not (step > 0 and first + step * (num - 1) + 48 <= blen
+            and (w32[p4[:-1]] == step).all()):
+        count = (blen - 48 - first) // 8 + 1
+        # Low halves of the 8-byte words at p+24 are (tp_mac, tp_net); a contiguous cast to
+        # uint32 is three times faster than a strided view of them.
+        cand = blk[first + 24 : first + 24 + 8 * count].view(np.uint64).astype(np.uint32)
+        idx = np.flatnonzero(cand == w32[key_at])
+        if len(idx) != num or idx[0] != 0:
+            return None
+        pos = idx * 8 + first
+        p4 = pos >> 2
+        if num > 1 and not np.array_equal(w32[p4[:-1]], np.diff(pos)):
+            return None
+    mac = int(w32[key_at]) & 0xFFFF
+    snap = w32[p4 + 3].astype(np.int64)
+    if mac < 20 or int(snap.min()) < 1:
+        return None
+    hdr = np.empty((num, 4), np.uint32)
+    hdr[:, 0] = secs = w32[p4 + 1]
+    hdr[:, 1] = w32[p4 + 2] // 1000 if usec else w32[p4 + 2]
+    hdr[:, 3] = w32[p4 + 4]
+    status = w32[p4 + 5]
+    vlan = np.flatnonzero((status & TP_STATUS_VLAN_VALID != 0) & (snap >= 12))
+    caplen = snap.copy()
+    if len(vlan):
+        caplen[vlan] = np.minimum(snap[vlan] + 4, snaplen)
+        hdr[vlan, 3] += 4
+    hdr[:, 2] = caplen
+    ends = np.cumsum(caplen + 16)
+    starts = ends - (caplen + 16)
+    out = _scratch(int(ends[-1]))
+    _copy_rows(hdr.view(np.uint8), out, starts)
+    src = pos + mac
+    if not len(vlan):
+        _copy_pieces(blk, src, out, starts + 16, snap)
+    else:
+        # Tagged: the frame's first 12 bytes, the 4-byte tag, then the rest of the frame.
+        n = snap.copy()
+        n[vlan] = 12
+        rest = caplen[vlan] - 16
+        keep = rest > 0
+        _copy_pieces(blk, np.concatenate([src, src[vlan][keep] + 12]), out,
+                     np.concatenate([starts + 16, starts[vlan][keep] + 32]),
+                     np.concatenate([n, rest[keep]]))
+        tci = w32[p4[vlan] + 8] & 0xFFFF
+        tpid = w32[p4[vlan] + 9] & 0xFFFF
+        tpid[(status[vlan] & TP_STATUS_VLAN_TPID_VALID == 0) | (tpid == 0)] = 0x8100
+        tag = ((tpid << 16) | tci).astype(">u4")
+        _copy_rows(tag.view(np.uint8).reshape(-1, 4), out, starts[vlan] + 28)
+    return BlockRecords(memoryview(out), ends, secs)
+
+
+def _scratch(size: int) -> np.ndarray:
+    """The output buffer, reused: a fresh megabyte per block costs more in page faults (256
+    first touches) than converting the block does."""
+    global _SCRATCH
+    if len(_SCRATCH) < size:
+        _SCRATCH = np.empty(max(size, BLOCK_SIZE), np.uint8)
+    return _SCRATCH[:size]
+
+
+def _window(buf: np.ndarray, width: int) -> np.ndarray:
+    """Every `width`-byte run of `buf` as one element: element i is buf[i:i+width], no copy.
+
+    Elements are opaque `width`-byte values, so numpy moves each with one memcpy; a 2-D
+    uint8 window would be copied byte by byte.
+    """
+    return np.ndarray(shape=(len(buf) - width + 1,), dtype=np.dtype((np.void, width)),
+                      buffer=buf, strides=(1,))
+
+
+def _copy_rows(rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+    """out[at[i] : at[i] + width] = rows[i] for every i."""
+    _window(out, rows.shape[1])[at] = rows.reshape(-1).view((np.void, rows.shape[1]))
+
+
+def _copy_pieces(src: np.ndarray, s: np.ndarray, dst: np.ndarray, d: np.ndarray,
+                 n: np.ndarray) -> None:
+    """dst[d[i] : d[i] + n[i]] = src[s[i] : s[i] + n[i]] for every i (n >= 1)."""
+    cls = np.frexp(n)[1] - 1  # W = 2**cls <= n < 2W
+    lo, hi = int(cls.min()), int(cls.max())
+    for k in range(lo, hi + 1):
+        if lo == hi:
+            ss, dd, nn = s, d, n
+        else:
+            sel = np.flatnonzero(cls == k)
+            if not len(sel):
+                continue
+            ss, dd, nn = s[sel], d[sel], n[sel]
+        first_n = int(nn[0])
+        if (nn == first_n).all():
+            # One length (fixed-size traffic, or one common size): a single row per piece.
+            _window(dst, first_n)[dd] = _window(src, first_n)[ss]
+            continue
+        w = 1 << k
+        sw, dw = _window(src, w), _window(dst, w)
+        dw[dd] = sw[ss]
+        tail = nn - w
+        dw[dd + tail] = sw[ss + tail]
+
+
+def _python_records(
+    ring: mmap.mmap, num: int, off: int, snaplen: int, usec: bool
+) -> BlockRecords:
+    """The per-packet walk: blocks `_vector_records` does not recognise."""
     parts: list[bytes] = []
     secs: list[int] = []
+    lens: list[int] = []
     add = parts.append
-    addsec = secs.append
     unpack = _PKT.unpack_from
-    sec_at = struct.Struct("<I").unpack_from
+    sec_at = _U32.unpack_from
     # In microsecond mode every record needs its timestamp rewritten: -1 sends all there.
     special = TP_STATUS_VLAN_VALID if not usec else -1
     for _ in range(num):
@@ -234,12 +401,18 @@ def block_to_records(
             hdr, data = _slow_record(ring, off, snap, status, mac, snaplen, usec)
             add(hdr)
             add(data)
+            lens.append(16 + len(data))
         else:
             add(ring[off + 4 : off + 20])
             add(ring[off + mac : off + mac + snap])
-        addsec(sec_at(ring, off + 4)[0])
+            lens.append(16 + snap)
+        secs.append(sec_at(ring, off + 4)[0])
         off += nxt
-    return parts, secs
+    return BlockRecords(
+        memoryview(b"".join(parts)),
+        np.cumsum(np.array(lens, np.int64)),
+        np.array(secs, np.uint32),
+    )
 
 
 def _slow_record(

@@ -137,6 +137,10 @@ class PcapFileWriter:
     def _to_buffered(self) -> None:
         """Reopen without O_DIRECT at the same offset (refusal at write time, or short write)."""
         self._refuse_direct()
+        self._reopen_buffered()
+
+    def _reopen_buffered(self) -> None:
+        self.direct = False
         fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         os.lseek(fd, self.durable, os.SEEK_SET)
         os.close(self.fd)
@@ -154,7 +158,9 @@ class PcapFileWriter:
                     self._flush(aligned)
                 if self.fill:
                     if self.direct:
-                        self._to_buffered()
+                        # The unaligned tail: a plain write, not a refusal of O_DIRECT (which
+                        # would make every later file buffered).
+                        self._reopen_buffered()
                     self._flush(self.fill)
             os.fdatasync(self.fd)
         except DiskFullError:

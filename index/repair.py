@@ -1,0 +1,178 @@
+"""Bring a dump set back to a consistent state after a crash, power loss or manual meddling.
+
+Shared by `npcaprepair` and by the recorder's start, so that a crash never needs a human. The
+rules: never delete a byte of a complete packet; every change is reported; a second run finds
+nothing to do. Files are checked cheaply first (an index whose checksum holds and whose
+recorded pcap size matches the file) and read in full only when that check fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import timeline
+from .builder import build_index
+from .dumpset import DumpSet, StoredFile
+from .errors import FormatError, PcapVaultError
+from .indexfile import read_index, write_index
+from .pcapfile import PcapReader
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change made (or, in a dry run, that would be made)."""
+
+    what: str
+    path: Path
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.path}" + (f" ({self.why})" if self.why else "")
+
+
+def lock(ds: DumpSet) -> int:
+    """Exclusive lock for the life of the process: one writer (recorder or repair) at a time."""
+    fd = os.open(ds.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PcapVaultError(
+            f"a recorder (or another repair) is writing to {ds.root}; stop it first "
+            "(the recorder repairs its dump set by itself when it starts)"
+        ) from None
+    return fd
+
+
+class Repair:
+    """Finds and fixes inconsistencies; `dry_run` only reports them."""
+
+    def __init__(self, ds: DumpSet, *, dry_run: bool = False,
+                 report: Callable[[Action], None] = lambda a: None):
+        self.ds = ds
+        self.dry_run = dry_run
+        self.report = report
+        self.actions: list[Action] = []
+
+    def _do(self, what: str, path: Path, why: str, fn: Callable[[], object]) -> None:
+        action = Action(what, path, why)
+        self.actions.append(action)
+        self.report(action)
+        if not self.dry_run:
+            fn()
+
+    def run(self) -> list[Action]:
+        self.finish_temp_files()
+        self.remove_partial_files()
+        for sf in self.ds.files():
+            self.check_file(sf)
+        self.remove_dangling_links()
+        self.remove_empty_dirs()
+        return self.actions
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def finish_temp_files(self) -> None:
+        """A file the recorder was writing: keep its complete records under a final name."""
+        for temp in self.ds.temp_files():
+            table = _scan(temp)
+            if table is None or len(table.ts_ns) == 0:
+                self._do("remove", temp, "unfinished file without a complete packet",
+                         temp.unlink)
+                continue
+            if table.torn:
+                self._do("truncate", temp, f"torn last record, keeping {table.complete_end} "
+                         "bytes of complete packets", lambda t=temp, n=table.complete_end:
+                         os.truncate(t, n))
+            first = int(table.ts_ns[0])
+            self._do("finalise", temp, "left under its temporary name",
+                     lambda t=temp, f=first: self.ds.place(t, f))
+
+    def remove_partial_files(self) -> None:
+        """Leftover temporary indexes, links and markers (`.NAME.part`) are never complete."""
+        dirs = [*self.ds.storage_dirs(), self.ds.root]
+        for d in dirs:
+            for p in d.glob(".*.part"):
+                if p.name.startswith(".rec-"):
+                    continue  # pcaps being written: finish_temp_files
+                self._do("remove", p, "incomplete temporary file", p.unlink)
+        for dirpath, _dirs, files in os.walk(self.ds.timeline):
+            for n in files:
+                if n.startswith(".") and n.endswith(".part"):
+                    p = Path(dirpath) / n
+                    self._do("remove", p, "incomplete temporary link", p.unlink)
+
+    def check_file(self, sf: StoredFile) -> None:
+        size = sf.pcap.stat().st_size
+        why = _index_problem(sf, size)
+        if why:
+            table = _scan(sf.pcap)
+            if table is None or len(table.ts_ns) == 0:
+                self._do("remove", sf.pcap, "not a pcap with any complete packet",
+                         lambda: self.ds.delete(sf))
+                return
+            if table.torn:
+                self._do("truncate", sf.pcap, f"torn last record, keeping "
+                         f"{table.complete_end} bytes of complete packets",
+                         lambda: os.truncate(sf.pcap, table.complete_end))
+            self._do("rebuild index", sf.index, why,
+                     lambda: write_index(sf.index, build_index(sf.pcap)))
+        slot_dir = timeline.slot_dir(self.ds.timeline, sf.slot)
+        for target in (sf.pcap, sf.index):
+            link = slot_dir / target.name
+            want = os.path.relpath(target, slot_dir)
+            try:
+                have = os.readlink(link)
+            except OSError:
+                have = None
+            if have != want and (target.exists() or self.dry_run):
+                self._do("link", link, "missing timeline link" if have is None
+                         else "timeline link points elsewhere",
+                         lambda t=target: timeline.link(self.ds.timeline, sf.slot, t))
+
+    def remove_dangling_links(self) -> None:
+        for dirpath, _dirs, files in os.walk(self.ds.timeline):
+            for n in files:
+                p = Path(dirpath) / n
+                if p.is_symlink() and not p.exists():
+                    self._do("remove", p, "timeline link to a file that is gone", p.unlink)
+
+    def remove_empty_dirs(self) -> None:
+        for dirpath, _dirs, _files in os.walk(self.ds.timeline, topdown=False):
+            d = Path(dirpath)
+            if d != self.ds.timeline and not os.listdir(d):
+                self._do("remove", d, "empty slot directory", d.rmdir)
+        for d in self.ds.storage_dirs():
+            if not os.listdir(d):
+                self._do("remove", d, "empty storage directory", d.rmdir)
+
+
+def _scan(path: Path):
+    """The pcap's record table, or None when it is not a pcap at all."""
+    try:
+        with PcapReader(path) as r:
+            return r.scan()
+    except FormatError:
+        return None
+
+
+def _index_problem(sf: StoredFile, size: int) -> str:
+    """Why the index cannot be trusted for this pcap, or '' when it can."""
+    if not sf.index.exists():
+        return "missing"
+    try:
+        idx = read_index(sf.index, packets=False)
+    except FormatError as e:
+        return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}"
+    if idx.pcap_size != size:
+        return f"describes {idx.pcap_size} bytes of a {size}-byte pcap"
+    return ""
+
+
+def repair(ds: DumpSet, *, dry_run: bool = False,
+           report: Callable[[Action], None] = lambda a: None) -> list[Action]:
+    return Repair(ds, dry_run=dry_run, report=report).run()
