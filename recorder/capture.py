@@ -23,6 +23,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
+from . import privileges
 from .budget import INDEX_RESERVE, DiskBudget, Limit
 from .indexer import BackgroundIndexer
 from .ring import BlockRecords, PacketRing, block_to_records
@@ -51,6 +52,9 @@ class RecorderConfig:
     stats_interval: float = 10.0
     stats_file: Path | None = None
     files_per_dir: int = 1000
+    user: str | None = None
+    file_mode: int = 0o640
+    dir_mode: int = 0o750
 
 
 def split_at(
@@ -86,13 +90,21 @@ class Recorder:
             promisc=cfg.promisc,
             kernel_filter=prog.kernel_program(),
         )
+        pw = privileges.lookup(cfg.user) if cfg.user else None
+        # Directories (and markers) get dir_mode through the umask; pcaps and indexes are
+        # set to file_mode explicitly.
+        os.umask(0o777 & ~cfg.dir_mode)
         try:
             cfg.dumpset.mkdir(parents=True, exist_ok=True)
+            if pw:
+                privileges.give_tree(cfg.dumpset, pw)
         except OSError as e:
             raise PcapVaultError(
                 f"cannot create output directory {cfg.dumpset}: {e.strerror}; choose another "
                 "-o or fix its permissions"
             ) from None
+        if pw:
+            privileges.drop_to(pw)
         if not os.access(cfg.dumpset, os.W_OK | os.X_OK):
             raise PcapVaultError(
                 f"output directory {cfg.dumpset} is not writable; choose another -o or fix "
@@ -145,6 +157,7 @@ class Recorder:
             self.header,
             direct=self.cfg.direct_io,
             on_full=self.budget.free_oldest,
+            file_mode=self.cfg.file_mode,
         )
         self.file_packets = 0
 
@@ -236,7 +249,7 @@ class Recorder:
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        self.indexer = BackgroundIndexer(self.ds)
+        self.indexer = BackgroundIndexer(self.ds, self.cfg.file_mode, [self.ring.sock.fileno()])
         try:
             for action in repair(self.ds):
                 log.warning("repair: %s", action)

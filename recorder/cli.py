@@ -74,11 +74,16 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
               help="Stats file [default: DUMP_DIR/stats].")
 @click.option("--files-per-dir", type=click.IntRange(1), default=1000, show_default=True,
               help="Files per storage directory.")
+@click.option("-u", "--user", help="Run as this account once the capture socket is open.")
+@click.option("--file-mode", default="0640", show_default=True,
+              help="Permissions of pcap and index files (octal).")
+@click.option("--dir-mode", default="0750", show_default=True,
+              help="Permissions of the dump set's directories (octal).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every file closed.")
 @click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
 def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
          max_file_duration, disk_limit, usec, buffered, stats_interval, stats_file,
-         files_per_dir, verbose) -> None:
+         files_per_dir, user, file_mode, dir_mode, verbose) -> None:
     """Record packets from INTERFACE into rotating, indexed pcap files under a disk budget."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -88,6 +93,7 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
     from pcapvault.index.repair import lock
 
     from .capture import Recorder, RecorderConfig
+    from .privileges import parse_mode
 
     cfg = RecorderConfig(
         interface=interface,
@@ -105,6 +111,9 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         stats_interval=stats_interval,
         stats_file=stats_file,
         files_per_dir=files_per_dir,
+        user=user,
+        file_mode=parse_mode(file_mode, "--file-mode"),
+        dir_mode=parse_mode(dir_mode, "--dir-mode"),
     )
     rec = Recorder(cfg)
     lock(rec.ds)

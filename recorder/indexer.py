@@ -9,27 +9,35 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+
+# Loaded now, while the code is surely readable: after -u the account may not be able to.
+import multiprocessing.popen_fork  # noqa: F401
+import multiprocessing.queues  # noqa: F401
+import multiprocessing.synchronize  # noqa: F401
+import os
 import queue
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
+from pcapvault.index.builder import build_index
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.indexfile import write_index
 
 log = logging.getLogger("pcapvault.recorder")
 
 
-def index_and_link(ds: DumpSet, sf: StoredFile) -> int:
+def index_and_link(ds: DumpSet, sf: StoredFile, file_mode: int | None = None) -> int:
     """Build and write `sf`'s index, link both into the timeline; return the index size.
 
     The budget may delete a file while it is being indexed (tiny limits); then whatever this
     step created for it is removed again instead of leaving orphans.
     """
-    from pcapvault.index.builder import build_index
-    from pcapvault.index.indexfile import write_index
-
     idx = build_index(sf.pcap)
     write_index(sf.index, idx)
+    if file_mode is not None:
+        os.chmod(sf.index, file_mode)
     ds.link(sf)
     if not sf.pcap.exists():
         ds.delete(sf)
@@ -37,7 +45,11 @@ def index_and_link(ds: DumpSet, sf: StoredFile) -> int:
     return sf.index.stat().st_size
 
 
-def _serve(root: str, todo: mp.Queue, done: mp.Queue) -> None:
+def _serve(root: str, file_mode: int, close_fds: list[int], todo: mp.Queue,
+           done: mp.Queue) -> None:
+    # Forked from the capture process: the capture socket is not ours to hold.
+    for fd in close_fds:
+        os.close(fd)
     # The parent decides when to stop: it flushes the last file first, then sends None.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -50,7 +62,7 @@ def _serve(root: str, todo: mp.Queue, done: mp.Queue) -> None:
         first_ns, path = item
         sf = StoredFile(first_ns, Path(path))
         try:
-            size = index_and_link(ds, sf)
+            size = index_and_link(ds, sf, file_mode)
         except FileNotFoundError:
             size = 0  # deleted by the budget before we got to it
         except (PcapVaultError, OSError) as e:
@@ -62,12 +74,16 @@ def _serve(root: str, todo: mp.Queue, done: mp.Queue) -> None:
 class BackgroundIndexer:
     """Handle on the indexing process."""
 
-    def __init__(self, ds: DumpSet):
-        ctx = mp.get_context("spawn")
+    def __init__(self, ds: DumpSet, file_mode: int = 0o640, close_fds: Sequence[int] = ()):
+        # Forked, not spawned: after -u the account may not be able to exec this Python, and
+        # a fork needs no re-import.
+        ctx = mp.get_context("fork")
         self.todo: mp.Queue = ctx.Queue()
         self.done: mp.Queue = ctx.Queue()
         self.proc = ctx.Process(
-            target=_serve, args=(str(ds.root), self.todo, self.done), name="pcapvault-indexer"
+            target=_serve,
+            args=(str(ds.root), file_mode, list(close_fds), self.todo, self.done),
+            name="pcapvault-indexer",
         )
         self.proc.start()
         self.pending: dict[str, int] = {}

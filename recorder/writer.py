@@ -61,6 +61,7 @@ class PcapFileWriter:
                 self._refuse_direct()
         if self.fd < 0:
             self.fd = os.open(path, flags, file_mode)
+        os.fchmod(self.fd, file_mode)  # exactly --file-mode, whatever the umask
         self.stage = mmap.mmap(-1, CHUNK)
         self.fill = 0
         self.durable = 0  # bytes on disk

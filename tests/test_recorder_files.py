@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from recorderproc import RecorderProc, read_pcap, recorded_frames
 from test_recorder_capture import synthetic_pcap
@@ -184,3 +185,49 @@ def test_crash_leftover_is_recovered_on_start(veth, tmp_path):
     # Only the unaligned staging tail (under 4 KiB) may be lost to kill -9.
     assert got == sent[: len(got)] and len(got) >= len(sent) - 4096 // 316 - 1
     assert all(sf.index.exists() for sf in ds.files())
+
+
+def test_private_dump_set_and_privilege_drop(veth, tmp_path):
+    import pwd
+    import stat
+    import tempfile
+
+    # A world-traversable parent: the account we drop to must reach the dump set.
+    base = Path(tempfile.mkdtemp(prefix="pv-priv-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        src = tmp_path / "in.pcap"
+        synthetic_pcap(src, 300, 200)
+        rec = RecorderProc(veth, base / "ds", "-u", "nobody", "-p", "0.02",
+                           "--disk-limit", "1GB")
+        sent = veth.send([src])
+        time.sleep(0.3)
+        assert rec.stop() == 0, rec.stderr
+        nobody = pwd.getpwnam("nobody").pw_uid
+        ds = DumpSet.open(base / "ds")
+        files = ds.files()
+        assert len(files) > 2 and all(sf.index.exists() for sf in files)
+        assert [f for _, f, _ in recorded_frames(base / "ds")] == sent
+        for sf in files:
+            for p in (sf.pcap, sf.index):
+                st = p.stat()
+                assert st.st_uid == nobody, p
+                assert stat.S_IMODE(st.st_mode) == 0o640, p
+            assert stat.S_IMODE(sf.pcap.parent.stat().st_mode) == 0o750
+        for d in [base / "ds", *ds.timeline.rglob("*")]:
+            if d.is_dir() and not d.is_symlink():
+                assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+        # Configurable, as n2disk's --file-mode / --dir-mode.
+        rec = RecorderProc(veth, base / "ds2", "--file-mode", "0600", "--dir-mode", "0700",
+                           "--disk-limit", "1GB")
+        veth.send([src])
+        time.sleep(0.3)
+        assert rec.stop() == 0
+        sf = DumpSet.open(base / "ds2").files()[0]
+        assert stat.S_IMODE(sf.pcap.stat().st_mode) == 0o600
+        assert stat.S_IMODE(sf.index.stat().st_mode) == 0o600
+        assert stat.S_IMODE(sf.pcap.parent.stat().st_mode) == 0o700
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
