@@ -130,6 +130,7 @@ class Recorder:
         self.file_packets = 0
         self.flush_requested = False
         self.stop_requested = False
+        self.inherited_fds: list[int] = []  # e.g. the dump-set lock: not for the indexer
         self.exit_code = 0
         self.indexer: BackgroundIndexer | None = None
         self._rx_base = self._iface_rx()
@@ -249,7 +250,9 @@ class Recorder:
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        self.indexer = BackgroundIndexer(self.ds, self.cfg.file_mode, [self.ring.sock.fileno()])
+        self.indexer = BackgroundIndexer(
+            self.ds, self.cfg.file_mode, [self.ring.sock.fileno(), *self.inherited_fds]
+        )
         try:
             for action in repair(self.ds):
                 log.warning("repair: %s", action)

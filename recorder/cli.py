@@ -116,7 +116,7 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         dir_mode=parse_mode(dir_mode, "--dir-mode"),
     )
     rec = Recorder(cfg)
-    lock(rec.ds)
+    rec.inherited_fds.append(lock(rec.ds))
     sys.exit(rec.run())
 
 

@@ -7,6 +7,7 @@ timeline. Linking last means a file becomes visible to extraction only once it i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 
@@ -26,6 +27,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import write_index
 
 log = logging.getLogger("pcapvault.recorder")
+PR_SET_PDEATHSIG = 1
 
 
 def index_and_link(ds: DumpSet, sf: StoredFile, file_mode: int | None = None) -> int:
@@ -45,11 +47,15 @@ def index_and_link(ds: DumpSet, sf: StoredFile, file_mode: int | None = None) ->
     return sf.index.stat().st_size
 
 
-def _serve(root: str, file_mode: int, close_fds: list[int], todo: mp.Queue,
+def _serve(root: str, file_mode: int, close_fds: list[int], parent: int, todo: mp.Queue,
            done: mp.Queue) -> None:
-    # Forked from the capture process: the capture socket is not ours to hold.
+    # Forked from the capture process: its socket and dump-set lock are not ours to hold,
+    # and we must not outlive it (kill -9 of the recorder would leave us holding the queue).
     for fd in close_fds:
         os.close(fd)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return
     # The parent decides when to stop: it flushes the last file first, then sends None.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -82,7 +88,7 @@ class BackgroundIndexer:
         self.done: mp.Queue = ctx.Queue()
         self.proc = ctx.Process(
             target=_serve,
-            args=(str(ds.root), file_mode, list(close_fds), self.todo, self.done),
+            args=(str(ds.root), file_mode, list(close_fds), os.getpid(), self.todo, self.done),
             name="pcapvault-indexer",
         )
         self.proc.start()

@@ -179,7 +179,8 @@ def test_crash_leftover_is_recovered_on_start(veth, tmp_path):
         f.truncate(os.path.getsize(temps[0]) - 7)
     rec = RecorderProc(veth, tmp_path / "ds", "--disk-limit", "1GB")
     time.sleep(0.5)
-    assert rec.stop() == 0
+    assert rec.stop() == 0, rec.stderr
+    assert "repair: finalise" in rec.stderr
     assert ds.temp_files() == []
     got = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
     # Only the unaligned staging tail (under 4 KiB) may be lost to kill -9.
