@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .indexfile import (
     ETHERTYPE_IPV4,
@@ -41,9 +40,12 @@ from .pcapfile import (
     RECORD_HEADER_LEN,
     PcapHeader,
     PcapReader,
+    RecordLocations,
     RecordTable,
     as_bytes_array,
-    scan_records,
+    gather_bytes,
+    locate_records,
+    timestamps_ns,
 )
 
 LINKTYPE_ETHERNET = 1
@@ -295,39 +297,26 @@ def _parse(
     return batch.rows(), batch.need
 
 
-def _gather_heads(arr: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """The first HEAD bytes at each position of `data` (zero-padded past the buffer end)."""
-    n = len(data)
-    safe = data <= len(arr) - HEAD
-    if safe.all():
-        return sliding_window_view(arr, HEAD)[data]
-    heads = np.zeros((n, HEAD), dtype=np.uint8)
-    if len(arr) >= HEAD:
-        heads[safe] = sliding_window_view(arr, HEAD)[data[safe]]
-    for i in np.flatnonzero(~safe).tolist():  # at most the last few records of the buffer
-        tail = arr[int(data[i]) :]
-        heads[i, : len(tail)] = tail
-    return heads
+def _records_and_rows(
+    arr: np.ndarray, linktype: int, offset: np.ndarray, caplen: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(record headers as (n, 16) bytes, flow rows (n, 6 words)) of the records at `offset`.
 
-
-def batch_flow_words(
-    arr: np.ndarray, linktype: int, data: np.ndarray, caplen: np.ndarray
-) -> np.ndarray:
-    """Flow rows (n, 6 uint64 words) of the frames starting at positions `data` of `arr`.
-
-    The frames' first HEAD bytes are copied side by side first, so that the dozens of field
-    reads that follow hit a few cache-resident megabytes instead of the whole file. The rare
-    frames whose headers reach past HEAD are parsed again from the file itself.
+    Each record's header and the first HEAD bytes of its frame are copied side by side in one
+    gather, so that the dozens of field reads that follow hit a few cache-resident megabytes
+    instead of the whole file. The rare frames whose headers reach past HEAD are parsed again
+    from the file itself.
     """
-    data = data.astype(np.int64)
+    offset = offset.astype(np.int64)
     caplen = caplen.astype(np.int64)
-    heads = _gather_heads(arr, data).reshape(-1)
-    base = np.arange(len(data), dtype=np.int64) * HEAD
-    rows, need = _parse(heads, linktype, base, np.minimum(caplen, HEAD))
+    width = RECORD_HEADER_LEN + HEAD
+    recs = gather_bytes(arr, offset, width)
+    base = np.arange(len(offset), dtype=np.int64) * width + RECORD_HEADER_LEN
+    rows, need = _parse(recs.reshape(-1), linktype, base, np.minimum(caplen, HEAD))
     redo = np.flatnonzero((caplen > HEAD) & (need > base + HEAD))
     if len(redo):
-        rows[redo], _ = _parse(arr, linktype, data[redo], caplen[redo])
-    return rows
+        rows[redo], _ = _parse(arr, linktype, offset[redo] + RECORD_HEADER_LEN, caplen[redo])
+    return recs[:, :RECORD_HEADER_LEN], rows
 
 
 def _hash_rows(words: np.ndarray) -> np.ndarray:
@@ -447,39 +436,76 @@ def _sort_keys(rows: np.ndarray) -> list[np.ndarray]:
     return [addrs[:, 3], addrs[:, 2], addrs[:, 1], addrs[:, 0], ports, head]
 
 
-def index_records(
-    buf: bytes | memoryview | np.ndarray, header: PcapHeader, records: RecordTable
+def _index(
+    arr: np.ndarray,
+    header: PcapHeader,
+    offset: np.ndarray,
+    caplen: np.ndarray,
+    complete_end: int,
+    records: RecordTable | None,
 ) -> PacketIndex:
-    """Index the records `scan_records` found in an in-memory pcap."""
-    arr = as_bytes_array(buf)
+    """Index records at `offset`; timestamps and wire lengths come from `records` when given,
+    else from the record headers gathered along with the frames."""
+    n = len(offset)
     flows = FlowTableBuilder()
-    n = len(records)
+    if records is None:
+        ts_ns = np.empty(n, dtype=np.int64)
+        wirelen = np.empty(n, dtype=np.uint32)
+    else:
+        ts_ns, wirelen = records.ts_ns, records.wirelen
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
-        data = records.offset[lo:hi].astype(np.int64) + RECORD_HEADER_LEN
-        flows.add(batch_flow_words(arr, header.linktype, data, records.caplen[lo:hi]))
+        heads, rows = _records_and_rows(arr, header.linktype, offset[lo:hi], caplen[lo:hi])
+        flows.add(rows)
+        if records is None:
+            fields = heads.view(header.byteorder + "u4")
+            ts_ns[lo:hi] = timestamps_ns(fields[:, 0], fields[:, 1], header.nanosecond)
+            wirelen[lo:hi] = fields[:, 3]
     table, counts, flow = flows.finish()
     return PacketIndex(
         nanosecond=header.nanosecond,
         linktype=header.linktype,
         count=n,
-        first_ns=int(records.ts_ns.min()) if n else 0,
-        last_ns=int(records.ts_ns.max()) if n else 0,
-        pcap_size=records.complete_end,
+        first_ns=int(ts_ns.min()) if n else 0,
+        last_ns=int(ts_ns.max()) if n else 0,
+        pcap_size=complete_end,
         flows=table,
         flow_packets=counts,
-        ts_ns=records.ts_ns,
-        offset=records.offset,
-        caplen=records.caplen,
-        wirelen=records.wirelen,
+        ts_ns=ts_ns,
+        offset=offset.astype(np.uint64),
+        caplen=caplen.astype(np.uint32),
+        wirelen=wirelen,
         flow=flow,
     )
 
 
+def index_records(
+    buf: bytes | memoryview | np.ndarray, header: PcapHeader, records: RecordTable
+) -> PacketIndex:
+    """Index the records of an in-memory pcap described by `records` (from `scan_records`,
+    or from whoever wrote the pcap and knows where its records are)."""
+    return _index(
+        as_bytes_array(buf), header, records.offset, records.caplen, records.complete_end,
+        records,
+    )
+
+
+def index_pcap(
+    buf: bytes | memoryview | np.ndarray, header: PcapHeader
+) -> tuple[PacketIndex, RecordLocations]:
+    """Walk and index an in-memory pcap in one pass over its bytes (the fast path).
+
+    The locations say whether the pcap had a torn tail, which the index leaves out.
+    """
+    arr = as_bytes_array(buf)
+    loc = locate_records(arr, header)
+    return _index(arr, header, loc.offset, loc.caplen, loc.complete_end, None), loc
+
+
 def build_index(pcap_path: str | os.PathLike[str]) -> PacketIndex:
-    """Index a pcap file's complete records (a torn tail is left out, see RecordTable.torn)."""
+    """Index a pcap file's complete records (a torn tail is left out)."""
     with PcapReader(pcap_path) as reader:
         arr = reader.array()
-        idx = index_records(arr, reader.header, scan_records(arr, reader.header))
+        idx, _ = index_pcap(arr, reader.header)
         del arr  # let close() unmap the file
     return idx

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import FormatError
 
@@ -344,6 +345,21 @@ def _walk_serial_until(
             return offsets, o, caplen > MAX_CAPLEN or o > end
 
 
+def gather_bytes(arr: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) copy of the bytes at each position, zero-padded past the buffer end."""
+    pos = np.asarray(pos, dtype=np.int64)
+    safe = pos <= len(arr) - width
+    if safe.all():
+        return sliding_window_view(arr, width)[pos]
+    rows = np.zeros((len(pos), width), dtype=np.uint8)
+    if len(arr) >= width:
+        rows[safe] = sliding_window_view(arr, width)[pos[safe]]
+    for i in np.flatnonzero(~safe).tolist():  # only records in the last `width` bytes
+        tail = arr[int(pos[i]) : int(pos[i]) + width]
+        rows[i, : len(tail)] = tail
+    return rows
+
+
 def gather_record_headers(arr: np.ndarray, offsets: np.ndarray, big_endian: bool) -> np.ndarray:
     """The four uint32 header fields (sec, frac, caplen, wirelen) of records at `offsets`."""
     if len(offsets) == 0:
@@ -355,36 +371,65 @@ def gather_record_headers(arr: np.ndarray, offsets: np.ndarray, big_endian: bool
     return raw if not big_endian else raw.astype(np.uint32)
 
 
+@dataclass
+class RecordLocations:
+    """Where the complete records of a pcap are: what the record walk alone can tell."""
+
+    offset: np.ndarray  # int64: offset of each 16-byte record header
+    caplen: np.ndarray  # int64
+    complete_end: int  # byte offset just after the last complete record
+    torn: bool  # bytes after complete_end: a partial record or a corrupt length
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
+def locate_records(
+    buf: bytes | bytearray | memoryview | mmap.mmap | np.ndarray,
+    header: PcapHeader,
+    start: int = GLOBAL_HEADER_LEN,
+    end: int | None = None,
+) -> RecordLocations:
+    """Walk the records of an in-memory pcap without reading any other header field.
+
+    Captured lengths come for free: within the chain each record ends where the next begins.
+    A record whose caplen exceeds MAX_CAPLEN or runs past the end stops the walk: what follows
+    is a torn or corrupt tail, reported through `torn` and `complete_end`. Never raises.
+    """
+    arr = as_bytes_array(buf)
+    end = len(arr) if end is None else min(end, len(arr))
+    offsets = walk_offsets(arr, start, end, header.big_endian)
+    caplen = np.empty(len(offsets), dtype=np.int64)
+    if len(offsets):
+        np.subtract(offsets[1:], offsets[:-1] + RECORD_HEADER_LEN, out=caplen[:-1])
+        caplen[-1] = struct.unpack_from(header.byteorder + "I", arr, int(offsets[-1]) + 8)[0]
+    bad = (caplen > MAX_CAPLEN) | (offsets + RECORD_HEADER_LEN + caplen > end)
+    stop = int(np.argmax(bad)) if bad.any() else len(offsets)
+    offsets, caplen = offsets[:stop], caplen[:stop]
+    complete_end = int(offsets[-1] + RECORD_HEADER_LEN + caplen[-1]) if stop else min(start, end)
+    return RecordLocations(offsets, caplen, complete_end, complete_end < end)
+
+
 def scan_records(
     buf: bytes | bytearray | memoryview | mmap.mmap | np.ndarray,
     header: PcapHeader,
     start: int = GLOBAL_HEADER_LEN,
     end: int | None = None,
 ) -> RecordTable:
-    """Locate every complete record of an in-memory pcap; never raises on bad data.
+    """Every complete record of an in-memory pcap with its header fields; never raises.
 
-    A record whose caplen exceeds MAX_CAPLEN or runs past the end stops the walk: what follows
-    is a torn or corrupt tail, reported through `torn` and `complete_end`.
+    See `locate_records` for how the walk ends on a torn or corrupt tail.
     """
     arr = as_bytes_array(buf)
-    end = len(arr) if end is None else min(end, len(arr))
-    offsets = walk_offsets(arr, start, end, header.big_endian)
-    fields = gather_record_headers(arr, offsets, header.big_endian)
-    caplen = fields[:, 2]
-    # Keep records up to the first absurd length or the first that does not fit in the buffer.
-    bad = (caplen > MAX_CAPLEN) | (offsets + RECORD_HEADER_LEN + caplen > end)
-    stop = int(np.argmax(bad)) if len(bad) and bad.any() else len(offsets)
-    offsets, fields = offsets[:stop], fields[:stop]
-    complete_end = (
-        int(offsets[-1]) + RECORD_HEADER_LEN + int(fields[-1, 2]) if stop else min(start, end)
-    )
+    loc = locate_records(arr, header, start, end)
+    fields = gather_record_headers(arr, loc.offset, header.big_endian)
     return RecordTable(
-        offset=offsets.astype(np.uint64),
+        offset=loc.offset.astype(np.uint64),
         ts_ns=timestamps_ns(fields[:, 0], fields[:, 1], header.nanosecond),
-        caplen=np.ascontiguousarray(fields[:, 2], dtype=np.uint32),
+        caplen=loc.caplen.astype(np.uint32),
         wirelen=np.ascontiguousarray(fields[:, 3], dtype=np.uint32),
-        complete_end=complete_end,
-        torn=complete_end < end,
+        complete_end=loc.complete_end,
+        torn=loc.torn,
     )
 
 

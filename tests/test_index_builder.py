@@ -26,6 +26,7 @@ from pcapvault.index.builder import (
     MAX_IPV6_EXTENSIONS,
     MAX_VLAN_TAGS,
     build_index,
+    index_pcap,
     index_records,
 )
 from pcapvault.index.indexfile import (
@@ -410,6 +411,24 @@ def test_many_chunks_and_blocks_give_the_same_index(monkeypatch: pytest.MonkeyPa
     assert whole.flows.tobytes() == pieces.flows.tobytes()
     assert np.array_equal(whole.flow, pieces.flow)
     assert np.array_equal(whole.flow_packets, pieces.flow_packets)
+
+
+def test_fast_path_equals_index_of_scanned_records() -> None:
+    """index_pcap reads timestamps and lengths along with the frames; index_records takes them
+    from scan_records: both must give the same index, torn tail included."""
+    rng = np.random.default_rng(12)
+    frames = [random_frame(rng) for _ in range(2500)]
+    data = pcap_bytes([(T0 + 1000 * i, f, len(f) + i % 3) for i, f in enumerate(frames)])
+    data = data[:-3]
+    header = parse_global_header(data, "x")
+    a = index_records(data, header, scan_records(data, header))
+    b, loc = index_pcap(data, header)
+    assert loc.torn and b.pcap_size == a.pcap_size == loc.complete_end
+    assert a.flows.tobytes() == b.flows.tobytes()
+    for name in ("count", "first_ns", "last_ns", "nanosecond", "linktype"):
+        assert getattr(a, name) == getattr(b, name)
+    for name in ("ts_ns", "offset", "caplen", "wirelen", "flow", "flow_packets"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_hash_collisions_do_not_merge_flows(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,9 @@ from pcapvault.index.pcapfile import (
     MAX_CAPLEN,
     PcapHeader,
     PcapReader,
+    gather_bytes,
     global_header,
+    locate_records,
     parse_global_header,
     pcap_bytes,
     record_header,
@@ -57,6 +59,9 @@ def assert_matches_reference(data: bytes, order: str = "<", nanosecond: bool = T
     assert table.torn == (end < len(data))
     assert table.offset.dtype == np.uint64 and table.ts_ns.dtype == np.int64
     assert table.caplen.dtype == np.uint32 and table.wirelen.dtype == np.uint32
+    loc = locate_records(data, header)
+    assert loc.offset.tolist() == offsets and loc.caplen.tolist() == caplens
+    assert (loc.complete_end, loc.torn) == (table.complete_end, table.torn)
 
 
 def random_pcap(n: int, seed: int, sizes: tuple[int, ...] = (60, 64, 100, 576, 1514),
@@ -226,6 +231,12 @@ def test_parallel_walk_sample_with_garbage_timestamps() -> None:
     frames = [(0 if i < 100 else T0 + i, bytes(int(s)))
               for i, s in enumerate(np.random.default_rng(2).choice([60, 1514, 300], 20000))]
     assert_matches_reference(pcap_bytes(frames))
+
+
+def test_gather_bytes_pads_past_the_end() -> None:
+    arr = np.arange(10, dtype=np.uint8)
+    rows = gather_bytes(arr, np.array([0, 6, 9, 10]), 4)
+    assert rows.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [9, 0, 0, 0], [0, 0, 0, 0]]
 
 
 def test_walk_offsets_stops_where_no_header_fits() -> None:

@@ -11,9 +11,9 @@ import time
 
 import click
 
-from pcapvault.index.builder import index_records
+from pcapvault.index.builder import index_pcap
 from pcapvault.index.indexfile import write_index
-from pcapvault.index.pcapfile import PcapReader, scan_records
+from pcapvault.index.pcapfile import PcapReader
 from pcapvault.tools.cliutil import run
 
 PROG = "npcapindex"
@@ -33,8 +33,7 @@ def command(input_path: str, output_path: str | None, verbose: bool) -> None:
     t0 = time.monotonic()
     with PcapReader(input_path) as reader:
         arr = reader.array()
-        records = scan_records(arr, reader.header)
-        idx = index_records(arr, reader.header, records)
+        idx, records = index_pcap(arr, reader.header)
         del arr
         size = reader.size
     if records.torn:
