@@ -72,8 +72,11 @@ def recorded_frames(dumpset: Path) -> list[tuple[int, bytes, int]]:
     return out
 
 
-def read_pcap(path: Path) -> list[tuple[int, bytes, int]]:
-    """A deliberately separate, minimal pcap decoder: the test must not trust our reader."""
+def read_pcap(path: Path, torn_ok: bool = False) -> list[tuple[int, bytes, int]]:
+    """A deliberately separate, minimal pcap decoder: the test must not trust our reader.
+
+    `torn_ok` accepts a partial last record (a crash) and returns the complete ones.
+    """
     data = path.read_bytes()
     magic = struct.unpack_from("<I", data)[0]
     assert magic in (0xA1B23C4D, 0xA1B2C3D4), f"{path}: bad magic {magic:#x}"
@@ -81,8 +84,10 @@ def read_pcap(path: Path) -> list[tuple[int, bytes, int]]:
     out, pos = [], 24
     while pos + 16 <= len(data):
         sec, frac, caplen, wire = struct.unpack_from("<IIII", data, pos)
-        assert pos + 16 + caplen <= len(data), f"{path}: torn record at {pos}"
+        if pos + 16 + caplen > len(data):
+            assert torn_ok, f"{path}: torn record at {pos}"
+            return out
         out.append((sec * 1_000_000_000 + frac * mult, data[pos + 16 : pos + 16 + caplen], wire))
         pos += 16 + caplen
-    assert pos == len(data), f"{path}: trailing bytes"
+    assert pos == len(data) or torn_ok, f"{path}: trailing bytes"
     return out
