@@ -190,6 +190,16 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds of `pid` alone (all its threads), without its children."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_ns(pid: int) -> int:
     """Nanoseconds the process (all threads) has run, to find when it goes idle."""
     total = 0
@@ -322,6 +332,7 @@ class Result:
     written: int = 0
     dropped: int | None = None
     cpu: float = 0.0
+    own: float = 0.0  # the capture process alone, while the traffic ran
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -359,16 +370,17 @@ def _start(tool: Tool, pair: VethPair, size: int, ring_mb: int, tag: str
 def measure_rate(tool: Tool, pair: VethPair, size: int, count: int, ring_mb: int) -> Result:
     c, outdir, conf = _start(tool, pair, size, ring_mb, "rate")
     try:
-        base = tree_cpu(c.proc.pid)
+        base, own0 = tree_cpu(c.proc.pid), own_cpu(c.proc.pid)
         rx0 = rx_counter(pair, "rx_packets")
         sent, dt = send(pair, conf, count)
         offered = rx_counter(pair, "rx_packets") - rx0
         time.sleep(1.0)
+        own = own_cpu(c.proc.pid) - own0
         cpu = c.finish() - base
     finally:
         c.kill()
     res = Result(tool.name, size, offered=offered, sent=sent, rate_mpps=sent / dt / 1e6,
-                 cpu=cpu, seconds=dt)
+                 cpu=cpu, own=own, seconds=dt)
     res.written = count_records(outdir) - WARMUP
     res.dropped = tool.drops(c.text)
     if c.proc.returncode not in (0, None):
@@ -426,18 +438,19 @@ def _fmt_int(v: float) -> str:
 def rate_table(results: dict[tuple[int, str], list[Result]]) -> str:
     lines = [
         "| frame | consumer | offered Mpps | offered | written | kept | dropped (tool) "
-        "| CPU us/pkt | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU us/pkt | capture process us/pkt | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, name), rs in results.items():
         drops = [r.dropped for r in rs if r.dropped is not None]
+        own = _med([r.own / r.written * 1e6 if r.written else float("nan") for r in rs])
         kept = _med([r.written / r.offered * 100 if r.offered else float("nan") for r in rs])
         lines.append(
             f"| {size} B | {name} | {_med([r.rate_mpps for r in rs]):.3f} "
             f"| {_fmt_int(_med([r.offered for r in rs]))} "
             f"| {_fmt_int(_med([r.written for r in rs]))} | {kept:.1f}% "
             f"| {_fmt_int(_med(drops)) if drops else '?'} "
-            f"| {_med([r.us_per_pkt for r in rs]):.3f} | {len(rs)} |"
+            f"| {_med([r.us_per_pkt for r in rs]):.3f} | {own:.3f} | {len(rs)} |"
         )
     return "\n".join(lines)
 
