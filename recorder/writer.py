@@ -58,6 +58,8 @@ class PcapFileWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
+                # Some filesystems (ramfs) create the file before refusing O_DIRECT.
+                path.unlink(missing_ok=True)
                 self._refuse_direct()
         if self.fd < 0:
             self.fd = os.open(path, flags, file_mode)
