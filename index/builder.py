@@ -146,19 +146,20 @@ class _Batch:
         self.proto = np.zeros(n, dtype=np.uint64)
         self.flags = np.zeros(n, dtype=np.uint64)
         self.ports = np.zeros(n, dtype=np.uint64)  # sport | dport << 16
-        # The flow rows; parsers write the address words (2..5) directly.
-        self.words = np.zeros((n, _ROW_WORDS), dtype=np.uint64)
+        # The flow rows, column-major (word j of every row is contiguous, which is what the
+        # vectorised steps read); parsers write the address words (2..5) directly.
+        self.words = np.zeros((_ROW_WORDS, n), dtype=np.uint64)
         # Just past the last byte the parse looked at (or wanted to).
         self.need = self.l3
 
     def rows(self) -> np.ndarray:
-        """The batch's flow rows as (n, 6) little-endian uint64 words (FORMAT.md layout)."""
+        """The batch's flow rows as (6, n) uint64 words: row i is column i (FORMAT.md layout)."""
         w = self.words
-        w[:, 0] = (
+        w[0] = (
             self.ethertype | (self.vlan1 << 16) | (self.vlan2 << 32) | (self.ipver << 48)
             | (self.proto << 56)
         )
-        w[:, 1] = self.flags | (self.ports << 16)
+        w[1] = self.flags | (self.ports << 16)
         return w
 
 
@@ -216,8 +217,8 @@ def _parse_ipv4(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
     # Both addresses in one 8-byte read: source in the low half, destination in the high half.
     pair = np.where(addr_ok, b.le64(p + 12), 0)
     mapped = np.where(addr_ok, _MAPPED, 0)
-    batch.words[sel, 3] = mapped | (pair << 32)
-    batch.words[sel, 5] = mapped | (pair & np.uint64(0xFFFFFFFF00000000))
+    batch.words[3, sel] = mapped | (pair << 32)
+    batch.words[5, sel] = mapped | (pair & np.uint64(0xFFFFFFFF00000000))
 
 
 def _read_ports(b: _Bytes, l4: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -261,7 +262,7 @@ def _parse_ipv6(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
     batch.ports[sel] = _read_ports(b, cur, ports_ok)
     batch.need[sel] = cur + 4  # cur >= p + 40
     for word, at in enumerate((8, 16, 24, 32), start=2):
-        batch.words[sel, word] = np.where(addr_ok, b.le64(p + at), 0)
+        batch.words[word, sel] = np.where(addr_ok, b.le64(p + at), 0)
 
 
 def _parse_network(b: _Bytes, batch: _Batch) -> None:
@@ -300,7 +301,7 @@ def _parse(
 def _records_and_rows(
     arr: np.ndarray, linktype: int, offset: np.ndarray, caplen: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(record headers as (n, 16) bytes, flow rows (n, 6 words)) of the records at `offset`.
+    """(record headers as (n, 16) bytes, flow rows (6 words, n)) of the records at `offset`.
 
     Each record's header and the first HEAD bytes of its frame are copied side by side in one
     gather, so that the dozens of field reads that follow hit a few cache-resident megabytes
@@ -315,16 +316,17 @@ def _records_and_rows(
     rows, need = _parse(recs.reshape(-1), linktype, base, np.minimum(caplen, HEAD))
     redo = np.flatnonzero((caplen > HEAD) & (need > base + HEAD))
     if len(redo):
-        rows[redo], _ = _parse(arr, linktype, offset[redo] + RECORD_HEADER_LEN, caplen[redo])
+        rows[:, redo] = _parse(arr, linktype, offset[redo] + RECORD_HEADER_LEN, caplen[redo])[0]
     return recs[:, :RECORD_HEADER_LEN], rows
 
 
 def _hash_rows(words: np.ndarray) -> np.ndarray:
-    """64-bit multiply-xor hash of each row; collisions are caught by the caller's check."""
-    h = words[:, 0] * _HASH_MULT[0]
+    """64-bit multiply-xor hash of each row (column of `words`); collisions are caught by the
+    caller's check."""
+    h = words[0] * _HASH_MULT[0]
     for j in range(1, _ROW_WORDS):
         h ^= h >> np.uint64(29)
-        h ^= words[:, j]
+        h ^= words[j]
         h *= _HASH_MULT[j]
     return h
 
@@ -354,30 +356,39 @@ def _group_by_hash(h: np.ndarray, full: bool) -> tuple[np.ndarray, np.ndarray]:
     return perm, starts
 
 
-def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct rows, inverse) of `words`: words == distinct[inverse], exactly.
+def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(distinct rows, inverse, their hashes) of the rows (columns) of `words`:
+    words == distinct[:, inverse], exactly; the distinct rows come in hash order.
 
     Sorting 64-bit hashes is much faster than sorting 48-byte rows. Rows are compared after
-    grouping, so a hash collision (accidental or crafted) costs time, never correctness.
+    grouping, so a hash collision (accidental or crafted) costs time, never correctness; the
+    hashes are None when distinct rows share a hash.
     """
     h = _hash_rows(words)
     for full in (False, True):
         perm, starts = _group_by_hash(h, full)
         inv = np.empty(len(h), dtype=np.intp)
         inv[perm] = np.cumsum(starts) - 1
-        reps = words[perm[starts]]
-        if (reps[inv] == words).all():
-            return reps, inv
-    reps, inv = np.unique(words, axis=0, return_inverse=True)
-    return reps, inv.reshape(-1)
+        first = perm[starts]
+        reps = words[:, first]
+        if all(np.array_equal(rep[inv], word) for rep, word in zip(reps, words, strict=True)):
+            rep_h = h[first]
+            return reps, inv, rep_h if full or _strictly_increasing(rep_h) else None
+    reps, inv = np.unique(words.T, axis=0, return_inverse=True)
+    return np.ascontiguousarray(reps.T), inv.reshape(-1), None
+
+
+def _strictly_increasing(a: np.ndarray) -> bool:
+    return bool((a[1:] > a[:-1]).all())
 
 
 class FlowTableBuilder:
-    """Accumulates per-batch flow rows into one sorted distinct-flow table.
+    """Accumulates flow rows, batch by batch, into one sorted distinct-flow table.
 
-    Rows are deduplicated a block of up to BLOCK packets at a time: one large sort is cheaper
-    than many small ones whose results must be merged again, and memory stays bounded at one
-    block of 48-byte rows plus a uint32 per packet.
+    Each block of up to BLOCK packets is deduplicated on its own (one sort of 64-bit hashes),
+    then its distinct rows are looked up by hash among the flows of earlier blocks, so that
+    flows recurring over the whole file are compared once per block, not once per packet.
+    Memory stays bounded at one block of rows plus a uint32 per packet.
     """
 
     BLOCK = 1 << 17
@@ -385,39 +396,89 @@ class FlowTableBuilder:
     def __init__(self) -> None:
         self._pending: list[np.ndarray] = []
         self._npending = 0
-        self._reps: list[np.ndarray] = []
-        self._local: list[np.ndarray] = []  # per block: packet -> flow number among _reps
-        self._nreps = 0
+        self._flow_parts: list[np.ndarray] = []  # per block: packet -> flow id
+        self._rows = np.zeros((_ROW_WORDS, 1024), dtype=np.uint64)  # flow id -> row (column)
+        self._nflows = 0
+        self._hashes = np.zeros(0, dtype=np.uint64)  # hashes of all flows, sorted
+        self._ids = np.zeros(0, dtype=np.int64)  # flow id of each of _hashes
+        # Blocks' own distinct rows, kept only to redo the merge exactly after a collision.
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._collided = False
 
     def add(self, words: np.ndarray) -> None:
-        """Add the flow rows (n, 6 uint64 words) of the next packets."""
+        """Add the flow rows (6 uint64 words, n) of the next packets."""
         self._pending.append(words)
-        self._npending += len(words)
+        self._npending += words.shape[1]
         if self._npending >= self.BLOCK:
             self._flush()
 
     def _flush(self) -> None:
         if self._npending == 0:
             return
-        words = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        words = (
+            self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
+        )
         self._pending, self._npending = [], 0
-        reps, inv = _distinct_rows(words)
-        self._local.append(inv.astype(np.uint32) + np.uint32(self._nreps))
-        self._reps.append(reps)
-        self._nreps += len(reps)
+        reps, inv, rep_h = _distinct_rows(words)
+        self._blocks.append((reps, inv))
+        if self._collided or rep_h is None:
+            self._collided = True
+            return
+        ids = self._merge(reps, rep_h)
+        if ids is None:
+            self._collided = True
+            return
+        self._flow_parts.append(ids[inv].astype(np.uint32))
+
+    def _merge(self, reps: np.ndarray, rep_h: np.ndarray) -> np.ndarray | None:
+        """Flow ids of a block's distinct rows, adding the new ones; None on a collision."""
+        known_h = self._hashes
+        pos = np.minimum(np.searchsorted(known_h, rep_h), max(len(known_h) - 1, 0))
+        found = (known_h[pos] == rep_h) if len(known_h) else np.zeros(len(rep_h), dtype=bool)
+        ids = np.empty(len(rep_h), dtype=np.int64)
+        ids[found] = self._ids[pos[found]]
+        old = self._rows[:, ids[found]]
+        if not np.array_equal(old, reps[:, found]):
+            return None
+        new = np.flatnonzero(~found)
+        first, count = self._nflows, len(new)
+        ids[new] = np.arange(first, first + count)
+        if first + count > self._rows.shape[1]:
+            grown = np.zeros((_ROW_WORDS, max(2 * self._rows.shape[1], first + count)),
+                             dtype=np.uint64)
+            grown[:, :first] = self._rows[:, :first]
+            self._rows = grown
+        self._rows[:, first : first + count] = reps[:, new]
+        self._nflows += count
+        hashes = np.concatenate((known_h, rep_h[new]))
+        order = np.argsort(hashes)
+        self._hashes, self._ids = hashes[order], np.concatenate((self._ids, ids[new]))[order]
+        return ids
+
+    def _exact_flows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, per-packet flow ids) by deduplicating all blocks' rows together: exact
+        whatever the hashes do, but holds every block's distinct rows at once."""
+        rows, ginv, _ = _distinct_rows(np.concatenate([r for r, _ in self._blocks], axis=1))
+        parts, base = [], 0
+        for reps, inv in self._blocks:
+            parts.append(ginv[base + inv].astype(np.uint32))
+            base += reps.shape[1]
+        return rows, np.concatenate(parts)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flows as FLOW_DTYPE sorted, per-flow packet counts, per-packet flow numbers)."""
         self._flush()
-        if not self._reps:
+        if not self._blocks:
             return np.zeros(0, FLOW_DTYPE), np.zeros(0, np.uint32), np.zeros(0, np.uint32)
-        rows, ginv = _distinct_rows(np.concatenate(self._reps))
+        if self._collided:
+            rows, flow_ids = self._exact_flows()
+        else:
+            rows, flow_ids = self._rows[:, : self._nflows], np.concatenate(self._flow_parts)
         order = np.lexsort(_sort_keys(rows))
         rank = np.empty(len(order), dtype=np.uint32)
         rank[order] = np.arange(len(order), dtype=np.uint32)
-        # batch-local flow -> global distinct row -> sorted position
-        flow = rank[ginv][np.concatenate(self._local)]
-        flows = np.ascontiguousarray(rows[order]).view(FLOW_DTYPE).reshape(-1)
+        flow = rank[flow_ids]
+        flows = np.ascontiguousarray(rows[:, order].T).view(FLOW_DTYPE).reshape(-1)
         counts = np.bincount(flow, minlength=len(flows)).astype(np.uint32)
         return flows, counts, flow
 
@@ -426,14 +487,14 @@ def _sort_keys(rows: np.ndarray) -> list[np.ndarray]:
     """np.lexsort keys (least significant first) ordering rows field by field as FORMAT.md says:
     ethertype, vlan1, vlan2, ipver, proto, flags, sport, dport, src, dst (addresses
     byte-wise)."""
-    w0, w1 = rows[:, 0], rows[:, 1]
+    w0, w1 = rows[0], rows[1]
     head = (
         ((w0 & 0xFFFF) << 48) | (((w0 >> 16) & 0xFFFF) << 32) | (((w0 >> 32) & 0xFFFF) << 16)
         | (((w0 >> 48) & 0xFF) << 8) | (w0 >> 56)
     )
     ports = ((w1 & 0xFF) << 32) | (((w1 >> 16) & 0xFFFF) << 16) | ((w1 >> 32) & 0xFFFF)
-    addrs = rows[:, 2:].byteswap()  # big-endian words compare like the bytes they hold
-    return [addrs[:, 3], addrs[:, 2], addrs[:, 1], addrs[:, 0], ports, head]
+    addrs = rows[2:].byteswap()  # big-endian words compare like the bytes they hold
+    return [addrs[3], addrs[2], addrs[1], addrs[0], ports, head]
 
 
 def _index(

@@ -436,9 +436,37 @@ def test_hash_collisions_do_not_merge_flows(monkeypatch: pytest.MonkeyPatch) -> 
     rng = np.random.default_rng(8)
     frames = [random_frame(rng) for _ in range(800)]
     expected = assert_like_reference(frames)
-    monkeypatch.setattr(builder, "_hash_rows", lambda w: w[:, 0] & np.uint64(3))
+    monkeypatch.setattr(builder, "_hash_rows", lambda w: w[0] & np.uint64(3))
     rows = rows_of(frames)
     assert rows.tobytes() == expected.tobytes()
+
+
+def test_hash_collision_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of different blocks with equal hashes must not be merged either."""
+    frames = [eth(0x0800, ipv4(17, ports(1000 + i % 7, 53), src=f"10.0.{i // 50}.1"))
+              for i in range(200)]
+    expected = assert_like_reference(frames)
+    monkeypatch.setattr(builder.FlowTableBuilder, "BLOCK", 50)
+    monkeypatch.setattr(builder, "CHUNK", 50)
+    # the hash sees only the ports: no collision within a block (one source address each),
+    # collisions between blocks
+    monkeypatch.setattr(builder, "_hash_rows", lambda w: (w[1] >> np.uint64(16)) * np.uint64(3))
+    rows = rows_of(frames)
+    assert rows.tobytes() == expected.tobytes()
+
+
+def test_flow_table_builder_against_numpy_unique() -> None:
+    rng = np.random.default_rng(3)
+    words = rng.integers(0, 4, (6, 5000)).astype(np.uint64) << np.uint64(40)
+    table = builder.FlowTableBuilder()
+    table.BLOCK = 700
+    for lo in range(0, 5000, 300):
+        table.add(words[:, lo : lo + 300])
+    flows, counts, flow = table.finish()
+    rows = flows.view(np.uint64).reshape(-1, 6)
+    assert np.array_equal(rows[flow], words.T)
+    unique = np.unique(words.T, axis=0)
+    assert len(rows) == len(unique) and counts.sum() == 5000
 
 
 def test_flow_table_is_sorted_distinct_with_counts() -> None:
