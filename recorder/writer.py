@@ -1,10 +1,14 @@
-"""Writes one pcap file through an aligned staging buffer with O_DIRECT.
+"""Writes one pcap file through aligned staging buffers with O_DIRECT, off the capture thread.
 
 Sustained capture on these machines is limited by fresh page-cache memory, not by the disk:
 buffered writes make the kernel allocate and later reclaim a page for every 4 KiB recorded.
-O_DIRECT moves the data from our page-aligned staging buffer straight to the device, as
+O_DIRECT moves the data from our page-aligned staging buffers straight to the device, as
 Stenographer does. Only the unaligned tail of a file goes through the page cache, at close.
-Filesystems that refuse O_DIRECT (tmpfs, some ZFS) get buffered writes, with one warning.
+
+An O_DIRECT write is synchronous: the caller waits for the device. So full buffers go to a
+writer thread (os.write releases the GIL) while the capture loop fills the next one; a small
+pool of buffers, reused across files, absorbs the disk's latency. Filesystems that refuse
+O_DIRECT (ramfs, some ZFS) get buffered writes, with one warning.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import errno
 import logging
 import mmap
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +27,7 @@ from pcapvault.index.errors import PcapVaultError
 
 ALIGN = 4096
 CHUNK = 4 << 20
+BUFFERS = 6  # staging buffers in flight: 24 MiB, a few tens of ms of disk latency at 4 Gbps
 log = logging.getLogger("pcapvault.recorder")
 
 
@@ -28,12 +35,31 @@ class DiskFullError(PcapVaultError):
     """The filesystem is full and the recorder could not free space."""
 
 
+class _Pool:
+    """Page-aligned staging buffers, touched once and reused for every file."""
+
+    def __init__(self) -> None:
+        self.free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            self.free.put(mmap.mmap(-1, CHUNK))
+
+
+_pool: _Pool | None = None
+
+
+def _buffers() -> _Pool:
+    global _pool
+    if _pool is None:
+        _pool = _Pool()
+    return _pool
+
+
 class PcapFileWriter:
     """One pcap file being written; every `write` call must end on a record boundary.
 
-    `on_full` is called when the disk is full; it frees space and returns True, or returns
-    False when nothing more can be freed. Then DiskFullError is raised and `close()` keeps only
-    complete records.
+    `on_full` is called (from the writer thread) when the disk is full; it frees space and
+    returns True, or returns False when nothing more can be freed. Then DiskFullError is
+    raised to the caller and `close()` keeps only complete records.
     """
 
     direct_refused = False  # remembered across files: one warning, not one per file
@@ -64,16 +90,26 @@ class PcapFileWriter:
         if self.fd < 0:
             self.fd = os.open(path, flags, file_mode)
         os.fchmod(self.fd, file_mode)  # exactly --file-mode, whatever the umask
-        self.stage = mmap.mmap(-1, CHUNK)
+        self.pool = _buffers()
+        self.stage = self.pool.free.get()
         self.fill = 0
-        self.durable = 0  # bytes on disk
+        self.accepted = 0  # bytes handed to the writer thread
+        self.durable = 0  # bytes on disk (updated by the writer thread)
         self.boundaries: deque[int] = deque()
         self.safe_end = 0  # last record boundary that is on disk
+        self.error: BaseException | None = None
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._writer, name="pcap-writer", daemon=True)
+        self.thread.start()
         self.write(header)
 
     @property
     def size(self) -> int:
-        return self.durable + self.fill
+        return self.accepted + self.fill
 
     def _refuse_direct(self) -> None:
         if not PcapFileWriter.direct_refused:
@@ -85,7 +121,11 @@ class PcapFileWriter:
         PcapFileWriter.direct_refused = True
         self.direct = False
 
+    # --- capture thread side ----------------------------------------------------------------
+
     def write(self, data: bytes) -> None:
+        if self.error:
+            raise self.error
         mv = memoryview(data)
         n = len(mv)
         pos = 0
@@ -95,12 +135,88 @@ class PcapFileWriter:
             self.fill += k
             pos += k
             if self.fill == CHUNK:
-                self._flush(CHUNK)
+                self._submit(CHUNK)
         self.boundaries.append(self.size)
 
-    def _flush(self, nbytes: int) -> None:
-        """Write stage[:nbytes] (aligned when direct) and keep the rest at the front."""
-        view = memoryview(self.stage)
+    def _submit(self, nbytes: int) -> None:
+        """Hand stage[:nbytes] to the writer thread; carry the rest over to a fresh buffer."""
+        full, rest = self.stage, self.fill - nbytes
+        self.stage = self.pool.free.get()  # waits when every buffer is in flight
+        if rest:
+            self.stage[0:rest] = full[nbytes : nbytes + rest]
+        self.fill = rest
+        self.accepted += nbytes
+        with self.lock:
+            self.pending += 1
+            self.idle.clear()
+        self.jobs.put((full, nbytes))
+
+    def flush_aligned(self) -> None:
+        """Put the aligned part of what is staged on its way to disk (idle moments)."""
+        n = self.fill - self.fill % ALIGN if self.direct else self.fill
+        if n:
+            self._submit(n)
+        if self.error:
+            raise self.error
+
+    def _drain(self) -> None:
+        self.idle.wait()
+        if self.error:
+            raise self.error
+
+    def close(self) -> int:
+        """Write everything staged, sync, close; return the file size.
+
+        After a DiskFullError the file is cut back to its last complete record instead.
+        """
+        try:
+            try:
+                if self.fill:
+                    if self.direct:
+                        aligned = self.fill - self.fill % ALIGN
+                        if aligned:
+                            self._submit(aligned)
+                    self._drain()
+                    if self.fill:
+                        # The unaligned tail: a plain write, not a refusal of O_DIRECT.
+                        self._reopen_buffered()
+                        self._submit(self.fill)
+                self._drain()
+                os.fdatasync(self.fd)
+            finally:
+                self.jobs.put(None)
+                self.thread.join()
+                self.pool.free.put(self.stage)
+        except DiskFullError:
+            os.ftruncate(self.fd, self.safe_end)
+            self.durable = self.safe_end
+            os.close(self.fd)
+            raise
+        os.close(self.fd)
+        return self.durable
+
+    # --- writer thread side -----------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            buf, nbytes = job
+            try:
+                if not self.error:
+                    self._write_out(buf, nbytes)
+            except BaseException as e:  # handed to the capture thread, raised there
+                self.error = e
+            finally:
+                self.pool.free.put(buf)
+                with self.lock:
+                    self.pending -= 1
+                    if not self.pending:
+                        self.idle.set()
+
+    def _write_out(self, buf: mmap.mmap, nbytes: int) -> None:
+        view = memoryview(buf)
         done = 0
         try:
             while done < nbytes:
@@ -108,7 +224,8 @@ class PcapFileWriter:
                     w = os.write(self.fd, view[done:nbytes])
                 except OSError as e:
                     if e.errno == errno.EINVAL and self.direct:
-                        self._to_buffered()
+                        self._refuse_direct()
+                        self._reopen_buffered()
                         continue
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         if self.on_full():
@@ -119,59 +236,19 @@ class PcapFileWriter:
                         ) from None
                     raise
                 done += w
+                self.durable += w
+                while self.boundaries and self.boundaries[0] <= self.durable:
+                    self.safe_end = self.boundaries.popleft()
                 if self.direct and w % ALIGN:
-                    self._to_buffered()
+                    self._refuse_direct()
+                    self._reopen_buffered()
         finally:
-            self.durable += done
-            rest = self.fill - done
-            if done and rest:
-                self.stage[0:rest] = self.stage[done : self.fill]
-            self.fill = rest
-            while self.boundaries and self.boundaries[0] <= self.durable:
-                self.safe_end = self.boundaries.popleft()
             view.release()
 
-    def flush_aligned(self) -> None:
-        """Put the aligned part of what is staged on disk (idle moments, crash safety)."""
-        n = self.fill - self.fill % ALIGN if self.direct else self.fill
-        if n:
-            self._flush(n)
-
-    def _to_buffered(self) -> None:
-        """Reopen without O_DIRECT at the same offset (refusal at write time, or short write)."""
-        self._refuse_direct()
-        self._reopen_buffered()
-
     def _reopen_buffered(self) -> None:
+        """Continue at the same offset without O_DIRECT (tail, refusal, or short write)."""
         self.direct = False
         fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         os.lseek(fd, self.durable, os.SEEK_SET)
         os.close(self.fd)
         self.fd = fd
-
-    def close(self) -> int:
-        """Write everything staged, sync, close; return the file size.
-
-        After a DiskFullError the file is cut back to its last complete record instead.
-        """
-        try:
-            if self.fill:
-                aligned = self.fill - self.fill % ALIGN if self.direct else 0
-                if aligned:
-                    self._flush(aligned)
-                if self.fill:
-                    if self.direct:
-                        # The unaligned tail: a plain write, not a refusal of O_DIRECT (which
-                        # would make every later file buffered).
-                        self._reopen_buffered()
-                    self._flush(self.fill)
-            os.fdatasync(self.fd)
-        except DiskFullError:
-            os.ftruncate(self.fd, self.safe_end)
-            self.durable, self.fill = self.safe_end, 0
-            os.close(self.fd)
-            self.stage.close()
-            raise
-        os.close(self.fd)
-        self.stage.close()
-        return self.durable
