@@ -1,10 +1,10 @@
 """Build the index of a pcap: per-packet columns plus the distinct-flow table.
 
 Indexing must keep up with capture, so nothing here touches packets one at a time in Python.
-Packets are processed in batches: every header field is read for the whole batch with one
-numpy gather at per-packet byte positions, and protocol decisions are boolean masks. Fields a
-packet does not carry (or that lie beyond its captured length) come out as "absent"; no input
-can make the builder fail.
+Packets are processed in batches: the first bytes of every frame of a batch are copied side by
+side, every header field is then read for the whole batch with one numpy gather at per-packet
+positions, and protocol decisions are boolean masks. Fields a packet does not carry (or that
+lie beyond its captured length) come out as "absent"; no input can make the builder fail.
 
 The header walk follows libpcap's view of a frame (which is what `tcpdump FILTER` sees), so
 that an index query never misses a packet tcpdump would select: IPv4 is recognised by the
@@ -111,9 +111,6 @@ class _Bytes:
 
     def be32(self, pos: np.ndarray) -> np.ndarray:
         return self.read(">u4", pos).astype(np.uint32)
-
-    def le32(self, pos: np.ndarray) -> np.ndarray:
-        return self.read("<u4", pos)
 
     def le64(self, pos: np.ndarray) -> np.ndarray:
         return self.read("<u8", pos)

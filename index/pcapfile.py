@@ -5,9 +5,10 @@ recorder, the indexer and the extractor agree on it. Reading accepts both byte o
 timestamp precisions because `npcapindex` must index pcaps written by other tools; writing
 always produces the little-endian version 2.4 files described in docs/FORMAT.md.
 
-The record walk (`scan_records`) is the one inherently sequential step of indexing: each
-record's position depends on the previous record's length. It therefore only collects
-offsets; everything else is gathered afterwards with vectorised numpy operations.
+The record walk (`locate_records`, `scan_records`) is the one inherently sequential step of
+indexing: each record's position depends on the previous record's length. It therefore only
+follows lengths (many segments of a large file in lockstep, verified to form the one true
+chain); every other header field is gathered afterwards with vectorised numpy operations.
 """
 
 from __future__ import annotations

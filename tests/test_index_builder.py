@@ -529,6 +529,31 @@ def test_corpus_never_crashes_and_matches_reference() -> None:
 
 
 @needs_corpus
+def test_corpus_truncated_and_corrupted_never_fails(tmp_path: Path) -> None:
+    """Real captures cut short or with random bytes overwritten (lengths included): the
+    builder indexes what it can, and the index it writes reads back and checks out."""
+    from pcapvault.index.indexfile import index_problem, read_index, write_index
+
+    rng = np.random.default_rng(2025)
+    files = corpus_files()
+    for path in [files[i] for i in rng.choice(len(files), 40, replace=False)]:
+        data = bytearray(path.read_bytes())
+        for trial in range(4):
+            bad = bytearray(data[: int(rng.integers(24, len(data) + 1))])
+            if trial % 2:
+                for at in rng.integers(24, max(len(bad), 25), 1 + len(bad) // 200):
+                    if at < len(bad):
+                        bad[at] = int(rng.integers(0, 256))
+            p = tmp_path / "x.pcap"
+            p.write_bytes(bytes(bad))
+            idx = build_index(p)
+            assert idx.pcap_size <= len(bad)
+            write_index(tmp_path / "x.idx", idx)
+            back = read_index(tmp_path / "x.idx")
+            assert index_problem(back) is None, path
+
+
+@needs_corpus
 def test_corpus_plain_ipv4_ports_and_addresses_equal_dpkt() -> None:
     compared = 0
     for path in corpus_files():
