@@ -154,6 +154,12 @@ def check(idx: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[i
 def test_check_valid(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = check(index(pcap, capsys), capsys)
     assert code == 0 and "OK (20 packets, 20 flows)" in out
+    other = pcap.with_name("index-without-suffix")
+    index(pcap, capsys, "-o", str(other))
+    code, _, err = run(printindex.main, ["-c", "-i", str(other)], capsys)
+    assert code == 2 and "use --pcap" in err
+    code, out = check(other, capsys, "--pcap", str(pcap))
+    assert code == 0
 
 
 def test_check_damaged_index(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:

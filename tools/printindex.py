@@ -207,7 +207,9 @@ def check(idx_path: str, pcap_path: str) -> tuple[str | None, PacketIndex | None
 
 
 def _default_pcap(idx_path: str) -> str:
-    return idx_path[: -len(".idx")] if idx_path.endswith(".idx") else idx_path + ".pcap"
+    if not idx_path.endswith(".idx") or idx_path.endswith("/.idx"):
+        raise click.UsageError(f"cannot tell the pcap of {idx_path} (no .idx suffix): use --pcap")
+    return idx_path[: -len(".idx")]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
