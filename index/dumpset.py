@@ -8,7 +8,6 @@ way.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from . import timeline
 from .errors import DumpSetError
 
 MARKER = ".pcapvault"
-FORMAT_VERSION = 1
+FORMAT_VERSION = timeline.FORMAT_VERSION
 TEMP_PREFIX = ".rec-"
 TEMP_SUFFIX = ".pcap.part"
 
@@ -117,25 +116,12 @@ class DumpSet:
             tmeta = timeline.read_marker(path)
             ds_root = Path(tmeta["dumpset"])
             path = (ds_root if ds_root.is_absolute() else path / ds_root).resolve()
-        marker = path / MARKER
-        try:
-            meta = json.loads(marker.read_text())
-        except FileNotFoundError:
-            raise DumpSetError(
-                f"{path} is not a pcapvault dump set (no {MARKER}); give the recorder's -o "
-                "directory or its timeline"
-            ) from None
-        except PermissionError:
-            raise
-        except (OSError, ValueError) as e:
-            raise DumpSetError(f"{marker} is damaged ({e}); run npcaprepair") from None
-        if not isinstance(meta, dict) or meta.get("format") != "pcapvault-dumpset":
-            raise DumpSetError(f"{marker} is not a pcapvault dump-set marker")
-        if meta.get("version") != FORMAT_VERSION:
-            raise DumpSetError(
-                f"{marker}: dump-set version {meta.get('version')} is not supported "
-                f"(this release reads version {FORMAT_VERSION})"
-            )
+        meta = timeline.read_json_marker(
+            path / MARKER,
+            "dumpset",
+            f"{path} is not a pcapvault dump set (no {MARKER}); give the recorder's -o "
+            "directory or its timeline",
+        )
         return cls(path, meta)
 
     # --- layout -----------------------------------------------------------------------------

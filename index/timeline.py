@@ -87,24 +87,30 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_marker(root: Path) -> dict:
-    path = root / MARKER
+def read_json_marker(path: Path, kind: str, missing: str) -> dict:
+    """Read a `{"format": "pcapvault-KIND", "version": N}` marker, refusing other versions."""
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DumpSetError(f"{root} is not a pcapvault timeline (no {MARKER})") from None
+        raise DumpSetError(missing) from None
     except PermissionError:
         raise
     except (OSError, ValueError) as e:
         raise DumpSetError(f"{path} is unreadable or damaged ({e}); run npcaprepair") from None
-    if not isinstance(meta, dict) or meta.get("format") != "pcapvault-timeline":
-        raise DumpSetError(f"{path} is not a pcapvault timeline marker")
+    if not isinstance(meta, dict) or meta.get("format") != f"pcapvault-{kind}":
+        raise DumpSetError(f"{path} is not a pcapvault {kind} marker")
     if meta.get("version") != FORMAT_VERSION:
         raise DumpSetError(
-            f"{path}: timeline version {meta.get('version')} is not supported "
+            f"{path}: {kind} version {meta.get('version')} is not supported "
             f"(this release reads version {FORMAT_VERSION})"
         )
     return meta
+
+
+def read_marker(root: Path) -> dict:
+    return read_json_marker(
+        root / MARKER, "timeline", f"{root} is not a pcapvault timeline (no {MARKER})"
+    )
 
 
 def ensure_marker(root: Path, dumpset_root: Path) -> None:
