@@ -34,6 +34,16 @@ def _mb(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(e)) from None
 
 
+def _filter(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from pcapvault.index.libpcap import compile_filter
+
+    try:
+        compile_filter(value, 1, 262144).close()
+    except PcapVaultError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _limit(ctx: click.Context, param: click.Parameter, value: str):
     try:
         return parse_limit(value)
@@ -58,7 +68,8 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
               show_default=True, help="Bytes kept of each packet.")
 @click.option("--promisc/--no-promisc", default=True, show_default=True,
               help="Put the interface in promiscuous mode.")
-@click.option("-f", "--filter", "bpf", default="", help="tcpdump filter, run in the kernel.")
+@click.option("-f", "--filter", "bpf", default="", callback=_filter,
+              help="tcpdump filter, run in the kernel.")
 @click.option("-p", "--max-file-size", default="256", show_default=True, callback=_mb,
               help="Close a file at this size (MB).")
 @click.option("-t", "--max-file-duration", type=click.IntRange(1, 600), default=600,

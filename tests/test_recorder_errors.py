@@ -21,8 +21,10 @@ def run_recorder(*args: str, prefix: list[str] | None = None) -> subprocess.Comp
                           capture_output=True, text=True, timeout=60)
 
 
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> str:
     assert r.returncode != 0
+    if code is not None:
+        assert r.returncode == code, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("recorder: error: ")
@@ -46,7 +48,9 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 )
 def test_bad_arguments(tmp_path, args, needles):
     r = run_recorder(*args, "-o", str(tmp_path / "ds"))
-    one_line_error(r, *needles)
+    # Bad option values are usage errors (2); a wrong interface or limit fails at run time (1).
+    usage = "nosuch0" not in args and "cannot hold even one" not in needles
+    one_line_error(r, *needles, code=2 if usage else 1)
 
 
 def test_missing_capability(tmp_path):
