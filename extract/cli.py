@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
@@ -72,13 +73,33 @@ class _Bar:
             sys.stderr.write("\n")
 
 
+def _permission_remedy(command: Callable[..., int]) -> Callable[..., int]:
+    """A file the user may not read anywhere in the dump set gets the message with the remedy.
+
+    (cliutil.run would only say "permission denied".)
+    """
+
+    @functools.wraps(command)
+    def guarded(*args: object, **kwargs: object) -> int:
+        try:
+            return command(*args, **kwargs)
+        except PermissionError as e:
+            raise PcapVaultError(
+                f"no permission to read {e.filename or 'the dump set'}: run as a user who may "
+                "read the dump set"
+            ) from None
+
+    return guarded
+
+
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
 @click.option(
-    "-t", "--dumpset", "dumpsets", multiple=True, required=True, metavar="DIR",
-    help="Dump set directory (recorder -o) or its timeline. Repeat for several interfaces.",
+    "-t", "--dumpset", "dumpsets", multiple=True, metavar="DIR",
+    help="Dump set directory (recorder -o) or its timeline; repeat for several interfaces. "
+    "Default: the sensor's dump sets configured in /etc/pcapvault.",
 )
 @click.option("-b", "--begin", required=True, help="Start of the window (inclusive).")
 @click.option("-e", "--end", required=True, help="End of the window (exclusive).")
@@ -96,6 +117,14 @@ class _Bar:
 @click.option("--max-bytes", type=Size(), help="Stop after this much output (e.g. 500M).")
 @click.option("--max-packets", type=click.IntRange(min=1), help="Stop after N packets.")
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
+@click.option("--service", "use_service", is_flag=True,
+              help="Extract through the authenticated extraction service (chosen by itself "
+              "when a dump set is not readable).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the service password from the first line of stdin (for scripts).")
+@click.option("--service-socket", default="/run/pcapvault/npcapextract.sock", metavar="PATH",
+              show_default=True, help="The extraction service's socket.")
+@_permission_remedy
 def cli(
     dumpsets: tuple[str, ...],
     begin: str,
@@ -112,19 +141,35 @@ def cli(
     max_bytes: int | None,
     max_packets: int | None,
     verbose: bool,
-) -> None:
+    use_service: bool,
+    password_stdin: bool,
+    service_socket: str,
+) -> int:
     """Extract the packets of [BEGIN, END) that match FILTER from pcapvault dump sets.
 
     The timeline picks the files of the window, the index skips files and packets that cannot
     match, and libpcap confirms every packet, so the result equals tcpdump's selection over
     the same files.
     """
+    from .client import run_remote, service_targets
+
+    remote = service_targets(dumpsets, use_service)
+    if remote:  # before the engine's imports: the service has its own
+        run_remote(
+            socket_path=service_socket, password_stdin=password_stdin,
+            automatic=not use_service, dumpsets=remote, begin=begin, end=end, expr=expr,
+            output=output, stdout=stdout, pcapng=pcapng, snaplen=snaplen,
+            split=bool(split_mb or split_packets), list_only=list_only, empty=empty,
+            max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
+        )
     from .engine import Query, extract, list_files
     from .output import Interface, Output
     from .select import Source, Stats
     from .times import parse_window
 
     t0 = time.monotonic()
+    if not dumpsets:
+        dumpsets = _configured_dumpsets()
     if stdout:
         if output not in (None, "-"):
             raise click.UsageError("-O and -o FILE contradict each other")
@@ -187,45 +232,31 @@ def cli(
             f"{s.packets_matched}, written {written}; bytes read {s.bytes_read}, bytes out "
             f"{bytes_out}; elapsed {time.monotonic() - t0:.3f} s"
         )
-    sys.exit(0 if written else 1)
+    return 0 if written else 1
+
+
+def _configured_dumpsets() -> tuple[str, ...]:
+    """Without -t an analyst on the sensor means its own recorders' dump sets."""
+    from pcapvault.tools.config import config_dir, default_dumpsets
+
+    found = tuple(str(p) for p in default_dumpsets())
+    if not found:
+        raise click.UsageError(
+            f"no dump set given and none configured: pass -t DIR or configure {config_dir()} "
+            "(dumpset= in pcapvault.conf or recorder-*.conf files)"
+        )
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every user error becomes one line on stderr and exit status 2."""
-    from .output import ClosedPipe
+    """Entry point: tools.cliutil.run turns every failure into one line and an exit status.
 
-    try:
-        cli.main(args=argv, prog_name="npcapextract", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        _err(f"{e.format_message()} (see npcapextract --help)")
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except ClosedPipe:
-        _quiet_stdout()
-        sys.exit(0)
-    except BrokenPipeError:
-        _quiet_stdout()
-        sys.exit(0)
-    except PcapVaultError as e:
-        _err(str(e))
-        sys.exit(2)
-    except PermissionError as e:
-        _err(f"no permission to read {e.filename or ''}: run as a user who may read the dump set")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    Exit codes as documented: 0 written, 1 nothing matched, 2 for every error (usage, filter,
+    time, dump set, permission). A reader that closes our stdout ends the run quietly.
+    """
+    from pcapvault.tools.cliutil import run
 
-
-def _quiet_stdout() -> None:
-    """After the reader of stdout left, make the interpreter's final flush harmless."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
+    run(cli, "npcapextract", error_code=2, args=argv)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ class OutputError(PcapVaultError):
     """The output cannot be created or written."""
 
 
-class ClosedPipe(Exception):
-    """The reader of our stdout went away: stop quietly."""
+class ClosedPipe(BrokenPipeError):
+    """The reader of our stdout went away: stop quietly (tools.cliutil.run exits 0 on it)."""
 
 
 @dataclass

@@ -208,6 +208,26 @@ def test_no_permission_message(two, tmp_path):
     assert "no permission" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_default_dumpsets_from_configuration(two, tmp_path):
+    """Without -t the sensor's configured dump sets are used; with none, a one-line hint."""
+    a, b = two
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    env = {**os.environ, "PCAPVAULT_CONFIG_DIR": str(conf)}
+    r = cmd("-b", B, "-e", E, "-f", "tcp", "-O", env=env, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "pass -t" in r.stderr and str(conf) in r.stderr
+    (conf / "pcapvault.conf").write_text(f"dumpset = {a.root}\ndumpset={b.root}\n")
+    r = cmd("-b", B, "-e", E, "-f", "tcp", "-O", env=env)
+    assert r.returncode == 0, r.stderr
+    explicit = cmd("-t", str(a.root), "-t", str(b.root), "-b", B, "-e", E, "-f", "tcp", "-O")
+    assert r.stdout == explicit.stdout and len(read_pcap_records(r.stdout)) > 0
+    # -t still wins over the configuration
+    r = cmd("-t", str(a.root), "-b", B, "-e", E, "-f", "tcp", "-O", env=env)
+    assert r.stdout == cmd("-t", str(a.root), "-b", B, "-e", E, "-f", "tcp", "-O").stdout
+
+
 def test_help_documents_exit_codes():
     r = cmd("--help", text=True)
     assert r.returncode == 0
