@@ -1,0 +1,127 @@
+"""Compressed pcaps: the exact pcap bytes in the zstd seekable format (`.pcap.zst`).
+
+The seekable format (pyzstd's SeekableZstdFile) cuts the stream into independent frames and
+ends it with a seek table, so a reader can decompress just the frame holding a packet. Index
+offsets therefore keep pointing at uncompressed positions, and a selective extraction reads
+and decompresses a few 64 KiB frames instead of the whole file. Anything else (a plain zstd
+stream, a truncated file, a damaged frame) is refused with a one-line FormatError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import pyzstd
+
+from .errors import FormatError
+
+SUFFIX = ".zst"
+# 64 KiB frames: about 5% larger files than 1 MiB frames, a third of the cost of reading one
+# packet (measured in docs/BENCHMARKS.md, "Compression").
+FRAME_SIZE = 64 << 10
+DEFAULT_LEVEL = 3
+_COPY = 4 << 20
+_ERRORS = (pyzstd.ZstdError, pyzstd.SeekableFormatError, EOFError, ValueError)
+
+
+def is_compressed(path: os.PathLike | str) -> bool:
+    return str(path).endswith(SUFFIX)
+
+
+def compress_file(src: Path, dst: Path, level: int = DEFAULT_LEVEL,
+                  file_mode: int | None = None) -> int:
+    """Compress `src` into `dst` (temporary name, then rename); return the compressed size."""
+    tmp = dst.with_name(f".{dst.name}.part")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as raw:
+            if file_mode is not None:
+                os.fchmod(raw.fileno(), file_mode)
+            # Per-frame checksums: a damaged frame is an error, never silently wrong packets.
+            options = {pyzstd.CParameter.compressionLevel: level,
+                       pyzstd.CParameter.checksumFlag: 1}
+            with pyzstd.SeekableZstdFile(raw, "w", level_or_option=options,
+                                         max_frame_content_size=FRAME_SIZE) as z:
+                while chunk := fin.read(_COPY):
+                    z.write(chunk)
+            raw.flush()
+            os.fdatasync(raw.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst.stat().st_size
+
+
+class CompressedReader:
+    """Random access to the uncompressed bytes of a `.pcap.zst`."""
+
+    def __init__(self, path: os.PathLike | str):
+        self.name = str(path)
+        try:
+            self.file = pyzstd.SeekableZstdFile(path, "r")
+            self.size = self.file.seek(0, os.SEEK_END)
+            self.file.seek(0)
+        except OSError:
+            raise
+        except _ERRORS:
+            raise FormatError(
+                f"{self.name}: truncated, or not a pcapvault compressed pcap (no zstd seek "
+                "table at its end); npcaprepair recovers a truncated one"
+            ) from None
+
+    def pread(self, offset: int, size: int) -> bytes:
+        try:
+            self.file.seek(offset)
+            return self.file.read(size)
+        except _ERRORS:
+            raise FormatError(
+                f"{self.name}: damaged compressed data near byte {offset}; run npcaprepair"
+            ) from None
+
+    def read_all(self) -> bytes:
+        return self.pread(0, self.size)
+
+    def copy_to(self, out: BinaryIO) -> int:
+        """Stream the whole uncompressed content into `out`; return the bytes written."""
+        done = 0
+        try:
+            self.file.seek(0)
+            while chunk := self.file.read(FRAME_SIZE):
+                out.write(chunk)
+                done += len(chunk)
+        except _ERRORS:
+            raise FormatError(
+                f"{self.name}: damaged compressed data after byte {done}; run npcaprepair"
+            ) from None
+        return done
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> CompressedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def salvage(path: os.PathLike | str) -> bytes:
+    """The uncompressed content of every intact frame before the first damaged or missing one.
+
+    Works without the seek table, so it recovers a file cut short by a crash or a full disk.
+    Each frame carries its own checksum: a damaged frame ends the salvage rather than
+    returning wrong bytes.
+    """
+    data = memoryview(Path(path).read_bytes())
+    out = []
+    pos = 0
+    while pos < len(data):
+        try:
+            n = pyzstd.get_frame_size(data[pos:])
+            out.append(pyzstd.decompress(data[pos : pos + n]))
+        except _ERRORS:
+            break
+        pos += n
+    return b"".join(out)
