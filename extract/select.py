@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import DumpSetError, PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
@@ -115,7 +116,7 @@ class Source:
     def _all_links(self):
         for _dirpath, _dirs, names in os.walk(self.ds.timeline):
             for n in names:
-                if n.endswith(".pcap") and not n.startswith("."):
+                if timeline.is_pcap_name(n):
                     yield n
 
     def candidates(

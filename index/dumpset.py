@@ -29,7 +29,7 @@ def file_name(first_ns: int) -> str:
 
 def parse_name(name: str) -> int | None:
     """First-packet time (ns, microsecond resolution) from an `epoch.usec[.pcap]` name."""
-    stem = name.removesuffix(".idx").removesuffix(".pcap")
+    stem = name.removesuffix(".idx").removesuffix(".zst").removesuffix(".pcap")
     sec, dot, usec = stem.partition(".")
     if not (dot and sec.isdigit() and usec.isdigit() and len(usec) == 6):
         return None
@@ -149,7 +149,7 @@ class DumpSet:
         out = []
         for d in self.storage_dirs():
             for e in os.scandir(d):
-                if e.name.endswith(".pcap") and not e.name.startswith("."):
+                if timeline.is_pcap_name(e.name):
                     first = parse_name(e.name)
                     if first is not None:
                         out.append(StoredFile(first, Path(e.path)))
@@ -162,7 +162,7 @@ class DumpSet:
         dirs = self.storage_dirs()
         target_dir = dirs[-1] if dirs else None
         if target_dir is None or parse_name(target_dir.name) > first_ns or (
-            sum(1 for n in os.listdir(target_dir) if n.endswith(".pcap")) >= self.files_per_dir
+            sum(map(timeline.is_pcap_name, os.listdir(target_dir))) >= self.files_per_dir
         ):
             target_dir = self.root / name
             target_dir.mkdir(exist_ok=True)

@@ -17,8 +17,14 @@ from pathlib import Path
 from .errors import DumpSetError
 
 SLOT_SECONDS = 600
+PCAP_SUFFIXES = (".pcap", ".pcap.zst")
 MARKER = ".pcapvault-timeline"
 FORMAT_VERSION = 1
+
+
+def is_pcap_name(name: str) -> bool:
+    """A finished pcap, plain or compressed (hidden names are files being written)."""
+    return name.endswith(PCAP_SUFFIXES) and not name.startswith(".")
 
 
 def slot_of(sec: int) -> int:
@@ -180,7 +186,7 @@ def slot_entries(root: Path, slot_sec: int) -> list[str]:
         names = os.listdir(slot_dir(root, slot_sec))
     except FileNotFoundError:
         return []
-    return [n for n in names if n.endswith(".pcap") and not n.startswith(".")]
+    return [n for n in names if is_pcap_name(n)]
 
 
 def link_size(root: Path) -> int:
