@@ -9,7 +9,6 @@ is matched with one vectorised call of the compiled filter.
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,18 +90,14 @@ def read_matches(
                 )
             return
         end = c.rec + RECORD_HEADER_LEN + c.caplen
-        fd = os.open(c.file.pcap, os.O_RDONLY)
-        try:
-            yield from _read_chunks(src, c, end, fd, stats, hdr.nanosecond, raw_ok, reuse)
-        finally:
-            os.close(fd)
+        yield from _read_chunks(src, c, end, reader, stats, hdr.nanosecond, raw_ok, reuse)
 
 
 def _read_chunks(
     src: Source,
     c: Candidates,
     end: np.ndarray,
-    fd: int,
+    reader: PcapReader,
     stats: Stats,
     nanosecond: bool,
     raw_ok: bool,
@@ -116,7 +111,7 @@ def _read_chunks(
     spare: np.ndarray | None = None
     dense = n and int((end - c.rec).sum()) > (int(end[-1]) - int(c.rec[0])) // 4
     if dense:
-        os.posix_fadvise(fd, int(c.rec[0]), int(end[-1] - c.rec[0]), os.POSIX_FADV_SEQUENTIAL)
+        reader.advise_sequential(int(c.rec[0]), int(end[-1] - c.rec[0]))
     while i < n:
         j = int(np.searchsorted(end, c.rec[i] + CHUNK_BYTES, side="right"))
         j = min(max(j, i + 1), i + CHUNK_PACKETS)
@@ -138,7 +133,7 @@ def _read_chunks(
             buf = buf[:total]
         mv = memoryview(buf)
         for s, ln, b in zip(r_start.tolist(), lens.tolist(), base[:-1].tolist(), strict=True):
-            got = os.preadv(fd, [mv[b : b + ln]], s)
+            got = reader.read_into(mv[b : b + ln], s)
             if got != ln:
                 raise PcapVaultError(f"{c.file.pcap}: short read at byte {s}")
         rid = np.cumsum(new) - 1

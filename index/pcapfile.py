@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .compressed import CompressedReader, is_compressed
 from .errors import FormatError
 
 MAGIC_US = 0xA1B2C3D4
@@ -446,20 +447,37 @@ def timestamps_ns(sec: np.ndarray, frac: np.ndarray, nanosecond: bool) -> np.nda
 
 
 class PcapReader:
-    """An open pcap: header, whole-file byte access and positioned reads.
+    """An open pcap, plain or compressed (`.pcap.zst`): header, whole-file bytes, positioned reads.
 
-    One class for every source so that compressed pcaps can later be added behind the same
-    interface. The file is memory-mapped; `array()` is a zero-copy uint8 view of it.
+    One class for every source, so extraction, the index builder, repair and replay read both
+    kinds the same way; offsets are always positions in the uncompressed pcap. A plain file is
+    memory-mapped and `array()` is a zero-copy uint8 view of it; a compressed one is
+    decompressed whole for `array()` and frame by frame for `pread`/`read_into`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self._map: mmap.mmap | None = None
+        self._z: CompressedReader | None = None
+        self._fd = -1
+        if is_compressed(self.path):
+            try:
+                self._z = CompressedReader(self.path)
+            except OSError as e:
+                raise FormatError(f"{self.path}: cannot open: {e.strerror}") from None
+            self.size = self._z.size
+            try:
+                self.header = parse_global_header(self._z.pread(0, GLOBAL_HEADER_LEN),
+                                                  str(self.path))
+            except FormatError:
+                self.close()
+                raise
+            return
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror}") from None
         self._fd = fd
-        self._map: mmap.mmap | None = None
         try:
             self.size = os.fstat(fd).st_size
             self.header = parse_global_header(os.pread(fd, GLOBAL_HEADER_LEN, 0), str(self.path))
@@ -470,8 +488,14 @@ class PcapReader:
             self.close()
             raise
 
+    @property
+    def compressed(self) -> bool:
+        return self._z is not None
+
     def array(self) -> np.ndarray:
-        """The whole file as a read-only uint8 array (memory-mapped)."""
+        """The whole file as a read-only uint8 array (memory-mapped when plain)."""
+        if self._z is not None:
+            return np.frombuffer(self._z.read_all(), dtype=np.uint8)
         if self._map is None:
             try:
                 self._map = mmap.mmap(
@@ -483,8 +507,26 @@ class PcapReader:
 
     def pread(self, offset: int, size: int) -> bytes:
         """Read `size` bytes at `offset` (fewer at the end of the file)."""
+        if self._z is not None:
+            return self._z.pread(offset, size)
         try:
             return os.pread(self._fd, size, offset)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read: {e.strerror}") from None
+
+    def advise_sequential(self, offset: int, size: int) -> None:
+        """Tell the kernel a range will be read in order (readahead); no-op when compressed."""
+        if self._fd >= 0:
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_SEQUENTIAL)
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill `view` from `offset` without an intermediate copy; return the bytes read."""
+        if self._z is not None:
+            data = self._z.pread(offset, len(view))
+            view[: len(data)] = data
+            return len(data)
+        try:
+            return os.preadv(self._fd, [view], offset)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read: {e.strerror}") from None
 
@@ -503,6 +545,9 @@ class PcapReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._z is not None:
+            self._z.close()
+            self._z = None
 
     def __enter__(self) -> PcapReader:
         return self

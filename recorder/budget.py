@@ -74,11 +74,12 @@ def parse_limit(text: str) -> Limit:
 class DiskBudget:
     """Keeps `dumpset` under `limit`, given the largest file the recorder writes."""
 
-    def __init__(self, dumpset: DumpSet, limit: Limit, max_file_bytes: int):
+    def __init__(self, dumpset: DumpSet, limit: Limit, max_file_bytes: int, copies: int = 1):
+        """`copies` is 2 when a compressed copy of a file exists beside it for a while."""
         self.dumpset = dumpset
         self.limit = limit
         self.limit_bytes = limit.resolve(dumpset.root)
-        self.reserve = int(max_file_bytes * (1 + INDEX_RESERVE))
+        self.reserve = int(max_file_bytes * (copies + INDEX_RESERVE))
         if self.reserve + self._fixed_overhead() > self.limit_bytes:
             raise BudgetError(
                 f"--disk-limit {limit.text} ({self.limit_bytes} bytes) cannot hold even one "

@@ -55,6 +55,7 @@ class RecorderConfig:
     user: str | None = None
     file_mode: int = 0o640
     dir_mode: int = 0o750
+    compress: int | None = None  # zstd level, or None for plain pcaps
 
 
 def split_at(
@@ -120,7 +121,7 @@ class Recorder:
             files_per_dir=cfg.files_per_dir,
         )
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
-                                 cfg.max_file_bytes)
+                                 cfg.max_file_bytes, copies=2 if cfg.compress else 1)
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
         self.stats = Stats(cfg.interface, str(self.ds.timeline))
         self.stats_path = cfg.stats_file or self.ds.root / "stats"
@@ -152,7 +153,10 @@ class Recorder:
             timeline.slot_of(sec) + timeline.SLOT_SECONDS, sec + self.cfg.max_file_seconds
         )
         pending = self.indexer.pending_bytes() if self.indexer else 0
-        self.stats.bytes_on_disk = self.budget.make_room(int(pending * INDEX_RESERVE))
+        # Closed files still to come: their index, and with --compress their compressed copy,
+        # which exists beside the plain file until the plain one is deleted.
+        per_byte = INDEX_RESERVE + (1.0 if self.cfg.compress is not None else 0.0)
+        self.stats.bytes_on_disk = self.budget.make_room(int(pending * per_byte))
         self.out = PcapFileWriter(
             self.ds.temp_path(os.getpid()),
             self.header,
@@ -251,7 +255,8 @@ class Recorder:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         self.indexer = BackgroundIndexer(
-            self.ds, self.cfg.file_mode, [self.ring.sock.fileno(), *self.inherited_fds]
+            self.ds, self.cfg.file_mode, self.cfg.compress,
+            [self.ring.sock.fileno(), *self.inherited_fds],
         )
         try:
             for action in repair(self.ds):

@@ -85,6 +85,10 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
               help="Stats file [default: DUMP_DIR/stats].")
 @click.option("--files-per-dir", type=click.IntRange(1), default=1000, show_default=True,
               help="Files per storage directory.")
+@click.option("--compress", type=click.IntRange(1, 19), is_flag=False, flag_value=3,
+              default=None, metavar="[LEVEL]",
+              help="Store files as seekable zstd (.pcap.zst), compressed after close by the "
+                   "indexer process; LEVEL 1-19, default 3.")
 @click.option("-u", "--user", help="Run as this account once the capture socket is open.")
 @click.option("--file-mode", default="0640", show_default=True,
               help="Permissions of pcap and index files (octal).")
@@ -94,7 +98,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
 @click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
 def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
          max_file_duration, disk_limit, usec, buffered, stats_interval, stats_file,
-         files_per_dir, user, file_mode, dir_mode, verbose) -> None:
+         files_per_dir, compress, user, file_mode, dir_mode, verbose) -> None:
     """Record packets from INTERFACE into rotating, indexed pcap files under a disk budget."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -123,6 +127,7 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         stats_file=stats_file,
         files_per_dir=files_per_dir,
         user=user,
+        compress=compress,
         file_mode=parse_mode(file_mode, "--file-mode"),
         dir_mode=parse_mode(dir_mode, "--dir-mode"),
     )

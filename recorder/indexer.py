@@ -21,6 +21,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+from pcapvault.index import compressed
 from pcapvault.index.builder import build_index
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
@@ -30,25 +31,38 @@ log = logging.getLogger("pcapvault.recorder")
 PR_SET_PDEATHSIG = 1
 
 
-def index_and_link(ds: DumpSet, sf: StoredFile, file_mode: int | None = None) -> int:
-    """Build and write `sf`'s index, link both into the timeline; return the index size.
+def index_and_link(
+    ds: DumpSet, sf: StoredFile, file_mode: int | None = None, compress: int | None = None
+) -> int:
+    """Index `sf` (and compress it with --compress), link it into the timeline.
 
-    The budget may delete a file while it is being indexed (tiny limits); then whatever this
-    step created for it is removed again instead of leaving orphans.
+    Returns the bytes added (index, and compressed minus plain size). The index is built from
+    the plain file, so its offsets are uncompressed positions, which the seekable format lets
+    readers reach directly. The plain pcap goes only once the compressed one and its index
+    are in place. The budget may delete a file while this runs (tiny limits); then whatever
+    this step created for it is removed again instead of leaving orphans.
     """
     idx = build_index(sf.pcap)
-    write_index(sf.index, idx)
+    final = sf
+    added = 0
+    if compress is not None:
+        final = StoredFile(sf.first_ns, sf.pcap.with_name(sf.pcap.name + compressed.SUFFIX))
+        added = compressed.compress_file(sf.pcap, final.pcap, compress, file_mode)
+    write_index(final.index, idx)
     if file_mode is not None:
-        os.chmod(sf.index, file_mode)
-    ds.link(sf)
-    if not sf.pcap.exists():
-        ds.delete(sf)
+        os.chmod(final.index, file_mode)
+    ds.link(final)
+    if final is not sf:
+        added -= sf.pcap.stat().st_size
+        sf.pcap.unlink()
+    if not final.pcap.exists():
+        ds.delete(final)
         return 0
-    return sf.index.stat().st_size
+    return added + final.index.stat().st_size
 
 
-def _serve(root: str, file_mode: int, close_fds: list[int], parent: int, todo: mp.Queue,
-           done: mp.Queue) -> None:
+def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int], parent: int,
+           todo: mp.Queue, done: mp.Queue) -> None:
     # Forked from the capture process: its socket and dump-set lock are not ours to hold,
     # and we must not outlive it (kill -9 of the recorder would leave us holding the queue).
     for fd in close_fds:
@@ -68,7 +82,7 @@ def _serve(root: str, file_mode: int, close_fds: list[int], parent: int, todo: m
         first_ns, path = item
         sf = StoredFile(first_ns, Path(path))
         try:
-            size = index_and_link(ds, sf, file_mode)
+            size = index_and_link(ds, sf, file_mode, compress)
         except FileNotFoundError:
             size = 0  # deleted by the budget before we got to it
         except (PcapVaultError, OSError) as e:
@@ -80,7 +94,8 @@ def _serve(root: str, file_mode: int, close_fds: list[int], parent: int, todo: m
 class BackgroundIndexer:
     """Handle on the indexing process."""
 
-    def __init__(self, ds: DumpSet, file_mode: int = 0o640, close_fds: Sequence[int] = ()):
+    def __init__(self, ds: DumpSet, file_mode: int = 0o640, compress: int | None = None,
+                 close_fds: Sequence[int] = ()):
         # Forked, not spawned: after -u the account may not be able to exec this Python, and
         # a fork needs no re-import.
         ctx = mp.get_context("fork")
@@ -88,7 +103,8 @@ class BackgroundIndexer:
         self.done: mp.Queue = ctx.Queue()
         self.proc = ctx.Process(
             target=_serve,
-            args=(str(ds.root), file_mode, list(close_fds), os.getpid(), self.todo, self.done),
+            args=(str(ds.root), file_mode, compress, list(close_fds), os.getpid(), self.todo,
+                  self.done),
             name="pcapvault-indexer",
         )
         self.proc.start()
