@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")"
 PREFIX=${PCAPVAULT_PREFIX:-/opt/pcapvault}
-TOOLS="recorder npcapextract npcapindex npcapprintindex npcapdecompress npcaprepair disk2n"
+TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n"
 export DEBIAN_FRONTEND=noninteractive
 
 test_deps=no
@@ -16,8 +16,9 @@ case "${1:-}" in
   --test) test_deps=yes ;;
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
-    systemctl disable --now 'recorder@*' 2>/dev/null || true
-    rm -f /etc/systemd/system/recorder@.service /etc/sysusers.d/pcapvault.conf \
+    systemctl disable --now 'recorder@*' npcapextract.socket 2>/dev/null || true
+    rm -f /etc/systemd/system/recorder@.service /etc/systemd/system/npcapextract.socket \
+      /etc/systemd/system/npcapextract@.service /etc/sysusers.d/pcapvault.conf \
       /etc/tmpfiles.d/pcapvault.conf /etc/pam.d/npcapextract
     for t in $TOOLS; do rm -f "/usr/local/bin/$t"; done
     rm -rf "$PREFIX"
@@ -50,6 +51,7 @@ echo "pcapvault installed in $PREFIX; tools linked into /usr/local/bin"
 
 if [ -n "$system_iface" ]; then
   install -m 0644 systemd/recorder@.service /etc/systemd/system/recorder@.service
+  install -m 0644 systemd/npcapextract.socket systemd/npcapextract@.service /etc/systemd/system/
   install -D -m 0644 systemd/sysusers.d/pcapvault.conf /etc/sysusers.d/pcapvault.conf
   install -D -m 0644 systemd/tmpfiles.d/pcapvault.conf /etc/tmpfiles.d/pcapvault.conf
   install -D -m 0644 systemd/pam.d/npcapextract /etc/pam.d/npcapextract
@@ -62,9 +64,11 @@ if [ -n "$system_iface" ]; then
   fi
   if systemctl daemon-reload 2>/dev/null; then
     systemctl enable --now "recorder@$system_iface"
+    systemctl enable --now npcapextract.socket
     echo "recorder@$system_iface enabled; logs: journalctl -u recorder@$system_iface"
   else
     echo "systemd is not running here; units installed, start later with:"
     echo "  systemctl enable --now recorder@$system_iface"
+    echo "  systemctl enable --now npcapextract.socket"
   fi
 fi

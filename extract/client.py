@@ -1,0 +1,305 @@
+"""npcapextract through the extraction service, for dump sets this user may not read.
+
+The service (npcapextractd) checks the password with PAM and the group membership, then
+streams the result; this side writes it where the user asked, with the user's own rights, so
+the service never creates a file for anyone. The password comes from the terminal without
+echo or, for scripts, from the first line of stdin: never from argv or the environment,
+which other users can read in /proc.
+
+Only light modules are imported here: the client does not run the engine, and starting
+faster hides part of the service's own start-up (docs/BENCHMARKS.md, PAM service).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+
+from . import wire
+
+COPY_BUFFER = 4 << 20
+
+
+class ServiceError(PcapVaultError):
+    """The service refused, failed, or is not there; the text says which."""
+
+
+def readable(path: str) -> bool:
+    """May this user read the dump set directly? Other problems are the direct path's to
+    report, so only a permission failure answers no."""
+    from pcapvault.index.dumpset import DumpSet
+
+    try:
+        ds = DumpSet.open(Path(path))
+        dirs = [ds.root] + ([ds.timeline] if ds.timeline.exists() else [])
+    except PermissionError:
+        return False
+    except (PcapVaultError, OSError):
+        return True
+    return all(os.access(d, os.R_OK | os.X_OK) for d in dirs)
+
+
+def service_targets(dumpsets: tuple[str, ...], forced: bool) -> tuple[str, ...]:
+    """The dump sets to ask the service for: with --service, or when this user cannot read
+    one of them (the service may let them). Empty: extract directly.
+
+    Without -t these are the sensor's configured dump sets, as for a direct extraction."""
+    if not dumpsets:
+        from pcapvault.tools.config import default_dumpsets
+
+        dumpsets = tuple(str(p) for p in default_dumpsets())
+        if not dumpsets:
+            return ()  # the direct path explains what to configure
+    if forced or not all(readable(p) for p in dumpsets):
+        return dumpsets
+    return ()
+
+
+def connect(path: str, automatic: bool, dumpsets: tuple[str, ...]) -> socket.socket:
+    """Connect, and make sure the listener is root's (systemd's) before sending a password."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        why = f"the extraction service is not available at {path} ({e.strerror})"
+        if automatic:
+            blocked = next((p for p in dumpsets if not readable(p)), dumpsets[0])
+            raise ServiceError(
+                f"no permission to read dump set {blocked}, and {why}; run as its owner or "
+                "a member of its group, or ask the administrator to enable npcapextract.socket"
+            ) from None
+        raise ServiceError(f"{why}; ask the administrator to enable npcapextract.socket"
+                           ) from None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != 0:
+        sock.close()
+        raise ServiceError(
+            f"refusing to send a password to {path}: it is served by uid {uid}, not by root"
+        )
+    return sock
+
+
+def read_password(from_stdin: bool, user: str) -> str:
+    if from_stdin:
+        line = sys.stdin.buffer.readline(wire.MAX_PASSWORD + 2)
+        password = line.rstrip(b"\n").rstrip(b"\r")
+        if not password:
+            raise ServiceError("--password-stdin: no password on standard input")
+        try:
+            return password.decode()
+        except UnicodeDecodeError:
+            raise ServiceError("--password-stdin: the password is not UTF-8") from None
+    import getpass
+    import warnings
+
+    with warnings.catch_warnings():
+        # getpass would fall back to an echoing read of stdin; refuse instead.
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            return getpass.getpass(f"Password for {user} (npcapextract service): ")
+        except getpass.GetPassWarning:
+            raise ServiceError(
+                "no terminal to ask for the password; give it on standard input with "
+                "--password-stdin"
+            ) from None
+        except EOFError:
+            raise click.exceptions.Abort() from None
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError:
+            raise  # the reader of stdout left: npcapextract ends quietly
+        except OSError as e:
+            raise ServiceError(f"cannot write the output: {e.strerror}") from None
+        view = view[n:]
+
+
+class _Receiver:
+    """Copies DATA frames to the output, opened when the first frame arrives."""
+
+    def __init__(self, sock: socket.socket, target: str):
+        self.sock = sock
+        self.target = target
+        self.fd: int | None = None
+        self.buf = memoryview(bytearray(COPY_BUFFER))
+
+    def open(self) -> int:
+        if self.target == "-":
+            return 1
+        try:
+            return os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise ServiceError(f"cannot create {self.target}: {e.strerror}") from None
+
+    def copy(self, n: int) -> None:
+        if self.fd is None:
+            self.fd = self.open()
+        buf = self.buf
+        while n:
+            k = self.sock.recv_into(buf[: min(n, len(buf))])
+            if not k:
+                raise ServiceError("the extraction service ended the connection in the "
+                                   "middle of the result; the output is incomplete")
+            _write_all(self.fd, buf[:k])
+            n -= k
+
+    def close(self) -> None:
+        if self.fd is not None and self.fd > 2:
+            os.close(self.fd)
+
+
+def run_remote(
+    *,
+    socket_path: str,
+    password_stdin: bool,
+    automatic: bool,
+    dumpsets: tuple[str, ...],
+    begin: str,
+    end: str,
+    expr: str,
+    output: str | None,
+    stdout: bool,
+    pcapng: bool,
+    snaplen: int | None,
+    split: bool,
+    list_only: bool,
+    empty: bool,
+    max_bytes: int | None,
+    max_packets: int | None,
+    verbose: bool,
+) -> NoReturn:
+    """npcapextract's whole run through the service; exits as npcapextract does."""
+    from .times import parse_window
+
+    t0 = time.monotonic()
+    if stdout:
+        if output not in (None, "-"):
+            raise click.UsageError("-O and -o FILE contradict each other")
+        output = "-"
+    if output is None and not list_only:
+        raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
+    if split:
+        raise click.UsageError(
+            "-P/-N are not available through the extraction service; split the result "
+            "with editcap or tcpdump -C"
+        )
+    b_ns, e_ns = parse_window(begin, end)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    sock = connect(socket_path, automatic, dumpsets)
+    req = wire.Request(
+        password="",
+        dumpsets=[os.path.abspath(p) for p in dumpsets],
+        begin_ns=b_ns,
+        end_ns=e_ns,
+        filter=expr,
+        pcapng=pcapng,
+        snaplen=snaplen,
+        max_bytes=max_bytes,
+        max_packets=max_packets,
+        empty=empty,
+        list_only=list_only,
+    )
+    with sock:
+        _authenticate(sock, req, password_stdin, user)
+        trailer, receiver = _receive(sock, output or "-")
+    receiver.close()
+    if list_only:
+        for path, n in trailer["files"]:
+            click.echo(f"{path}\t{n}" if verbose else path)
+    written = int(trailer["packets"])
+    if verbose:
+        s = trailer["stats"]
+        _err(
+            f"through the extraction service as {user}: files considered "
+            f"{s['files_considered']}, skipped by timeline {s['skipped_timeline']}, skipped "
+            f"by summary {s['skipped_summary']}, scanned without index "
+            f"{s['scanned_without_index']}; packets read {s['packets_read']}, matched "
+            f"{s['packets_matched']}, written {written}; bytes read {s['bytes_read']}, bytes "
+            f"out {trailer['bytes']}; elapsed {time.monotonic() - t0:.3f} s"
+        )
+    if trailer.get("error"):
+        raise ServiceError(trailer["error"])
+    sys.exit(0 if written else 1)
+
+
+def _authenticate(sock: socket.socket, req: wire.Request, from_stdin: bool, user: str
+                  ) -> None:
+    """Send the request with a password until the service says ok; retry at a terminal."""
+    while True:
+        req.password = read_password(from_stdin, user)
+        if len(req.password.encode()) > wire.MAX_PASSWORD:
+            raise ServiceError(f"the password is longer than {wire.MAX_PASSWORD} bytes")
+        try:
+            wire.send(sock, wire.REQUEST, req.encode())
+            reply = _next_reply(sock)
+        finally:
+            req.password = ""
+        status, message = reply.get("status"), str(reply.get("message", ""))
+        if status == "ok":
+            return
+        if status == "denied" and reply.get("retry") and not from_stdin:
+            _err(f"{message}; try again")
+            continue
+        raise ServiceError(message or f"the extraction service answered {status!r}")
+
+
+def _next_reply(sock: socket.socket) -> dict:
+    try:
+        head = wire.recv_header(sock, "reply")
+        if head is None:
+            raise ServiceError("the extraction service closed the connection without an answer")
+        kind, length = head
+        if kind != wire.REPLY:
+            raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
+        return wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
+    except ConnectionResetError:
+        raise ServiceError("the extraction service closed the connection without an answer"
+                           ) from None
+
+
+def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
+    """DATA frames to the output, warnings to stderr, until the trailer."""
+    receiver = _Receiver(sock, target)
+    try:
+        while True:
+            head = wire.recv_header(sock, "result")
+            if head is None:
+                raise ServiceError("the extraction service ended the connection before the end "
+                                   "of the result; the output is incomplete")
+            kind, length = head
+            if kind == wire.DATA:
+                receiver.copy(length)
+            elif kind == wire.WARNING:
+                if length > wire.MAX_REPLY:
+                    raise wire.ProtocolError("oversized warning from the extraction service")
+                text = wire.recv_exact(sock, length, "warning")
+                _err(f"warning: {text.decode(errors='replace')}")
+            elif kind == wire.TRAILER:
+                return wire.recv_json(sock, length, wire.MAX_REPLY, "trailer"), receiver
+            elif kind == wire.REPLY:
+                reply = wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
+                raise ServiceError(str(reply.get("message", "the extraction service failed")))
+            else:
+                raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
+    except BaseException:
+        receiver.close()
+        raise
+
+
+def _err(msg: str) -> None:
+    click.echo(f"npcapextract: {msg}", err=True)

@@ -1,0 +1,513 @@
+"""npcapextractd: extraction behind PAM for users who may not read the dump sets.
+
+Recorded packets are personal data, so the dump sets belong to the recorder's account and
+nobody else may read them. n2disk lets other users extract through a setuid binary that asks
+PAM; Python cannot be setuid, so systemd starts this program once per connection instead
+(npcapextract.socket with Accept=yes, the connection on fd 3) and it hands out nothing before
+it knows who asks:
+
+1. the peer's uid comes from the kernel (SO_PEERCRED), never from the request;
+2. PAM, service `npcapextract`, checks that account's password. pam_unix has to read
+   /etc/shadow for another user's password, so this step runs as root;
+3. membership of the extractors' group (`npcap`) is the authorization, and the dump sets
+   named must be ones this sensor serves;
+4. then the process becomes the service account for good, before it compiles a filter or
+   opens a packet, and streams the result through the same engine as a direct extraction.
+
+Every attempt, allowed or not, ends as one JSON line in the audit file (opened as root
+before the drop, never writable by clients) and in syslog. docs/SECURITY.md has the threat
+model and the wire format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import stat
+import struct
+import sys
+import syslog
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.tools.cliutil import run
+
+from . import wire
+from .times import format_time
+
+if TYPE_CHECKING:
+    from .output import Output
+    from .select import Stats
+
+PROG = "npcapextractd"
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SEND_BUFFER = 8 << 20  # fewer wake-ups while streaming: the client drains in large reads
+STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+
+
+class ServiceError(PcapVaultError):
+    """The service itself cannot run (not socket-activated, no audit log, ...)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    account: str
+    group: str
+    pam_service: str
+    audit_log: Path
+    allow: tuple[str, ...]
+    max_attempts: int
+    fail_delay: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    user: str | None
+
+
+def activation_socket() -> socket.socket:
+    """The connection systemd accepted for this instance (sd_listen_fds with Accept=yes)."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    fds = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or fds != "1":
+        raise ServiceError(
+            "not started by socket activation: expects one connection on fd 3 with "
+            "LISTEN_FDS=1 and LISTEN_PID (npcapextract.socket with Accept=yes starts it)"
+        )
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as e:
+        raise ServiceError(f"fd 3 is not a socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ServiceError("fd 3 is not a Unix stream socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ServiceError("fd 3 is a listening socket: the socket unit needs Accept=yes")
+    sock.set_inheritable(False)
+    return sock
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    return Peer(pid, uid, gid, user)
+
+
+class Audit:
+    """One JSON line per attempt, appended to the audit file and sent to syslog."""
+
+    def __init__(self, path: Path):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            self.fd = os.open(path, flags, 0o640)
+        except OSError as e:
+            raise ServiceError(f"cannot open the audit log {path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_mode & 0o022
+            or st.st_uid not in (0, os.geteuid())
+        ):
+            os.close(self.fd)
+            raise ServiceError(
+                f"refusing the audit log {path}: it must be a regular file owned by root "
+                "and writable by its owner only (mode 0640)"
+            )
+        self.path = path
+        syslog.openlog(PROG, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_AUTHPRIV)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":"))
+        level = syslog.LOG_INFO if record["outcome"] == "allowed" else syslog.LOG_WARNING
+        syslog.syslog(level, line)
+        try:
+            os.write(self.fd, (line + "\n").encode())
+        except OSError as e:
+            _log(f"cannot append to the audit log {self.path}: {e.strerror}; the record: {line}")
+
+
+def authenticate(user: str, password: str, service: str) -> tuple[bool, str]:
+    """PAM authentication and account checks; (ok, PAM's reason)."""
+    import pam
+
+    p = pam.pam()
+    ok = p.authenticate(user, password, service=service, resetcreds=False)
+    return ok, str(p.reason)
+
+
+def member_of(user: str, primary_gid: int, group: str) -> bool:
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        _log(f"the extractors' group {group!r} does not exist; nobody may extract")
+        return False
+    return gid in os.getgrouplist(user, primary_gid)
+
+
+def default_allow() -> tuple[str, ...]:
+    """The dump sets of this sensor: /var/lib/pcapvault and the configured ones."""
+    from pcapvault.tools.config import default_dumpsets
+
+    return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
+
+
+def served(path: str, allow: tuple[str, ...]) -> bool:
+    """Is `path` one of the allowed dump sets or inside an allowed directory?
+
+    Resolved first, so that `..` and symbolic links cannot lead the service account to a
+    directory it may read but clients may not name."""
+    real = os.path.realpath(path)
+    for a in allow:
+        root = os.path.realpath(a)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def become(account: str) -> None:
+    """Become the service account for good: nothing after this runs as root."""
+    if os.geteuid() != 0:
+        return  # started unprivileged (see docs/SECURITY.md); nothing to give up
+    from pcapvault.recorder.privileges import drop_to, lookup
+
+    drop_to(lookup(account))
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise ServiceError("could not give up root")
+
+
+def _preload() -> None:
+    """Import the extraction engine (and load libpcap) while PAM checks the password.
+
+    Half a second of imports would otherwise come after the check; modules must also be
+    loaded before the drop in case the service account cannot read the interpreter's tree."""
+    from pcapvault.index import indexfile, pcapfile  # noqa: F401
+    from pcapvault.index.libpcap import lib
+
+    from . import engine, flowmatch, framed, output, select  # noqa: F401
+
+    lib()
+
+
+def _log(msg: str) -> None:
+    """A line for the journal (stderr of a socket-activated unit)."""
+    print(f"{PROG}: {' '.join(msg.split())}", file=sys.stderr, flush=True)
+
+
+class Session:
+    """One connection: up to max_attempts requests until one is allowed or refused."""
+
+    def __init__(self, conn: socket.socket, settings: Settings, audit: Audit):
+        self.conn = conn
+        self.settings = settings
+        self.audit = audit
+        self.peer = peer_of(conn)
+        self.loader_error: BaseException | None = None
+        self.record: dict | None = None
+        self.started = time.monotonic()
+        self.audited = False
+        self.loader = threading.Thread(target=self._load, daemon=True)
+        self.loader.start()
+
+    def _load(self) -> None:
+        try:
+            _preload()
+        except BaseException as e:  # noqa: BLE001 - reported when the engine is needed
+            self.loader_error = e
+
+    def run(self) -> None:
+        for attempt in range(1, self.settings.max_attempts + 1):
+            self.started = time.monotonic()
+            self.record = self._record(attempt)
+            self.audited = False
+            if not self._attempt(attempt):
+                return
+
+    def _attempt(self, attempt: int) -> bool:
+        """One request; True when the client may try again on this connection."""
+        s = self.settings
+        record, started = self.record, self.started
+        try:
+            req = self._read_request()
+        except wire.ProtocolError as e:
+            self._reply("error", str(e))
+            self._audit(record, started, "rejected", str(e))
+            return False
+        if req is None:
+            self.audited = True  # closed without asking: a probe, or a client that gave up
+            return False
+        record.update(_describe(req))
+        user = self.peer.user
+        if user is None:
+            self._deny(record, started, f"uid {self.peer.uid} has no account name")
+            return False
+        record["pam_user"] = user
+        ok, why = authenticate(user, req.password, s.pam_service)
+        if not ok:
+            left = s.max_attempts - attempt
+            msg = f"authentication failed for {user}"
+            if not left:
+                msg += f" ({s.max_attempts} attempts, no more on this connection)"
+            self._deny(record, started, msg, detail=why, retry=left > 0)
+            return left > 0
+        if not member_of(user, pwd.getpwnam(user).pw_gid, s.group):
+            self._deny(record, started,
+                       f"{user} is not a member of the group {s.group} whose members may extract")
+            return False
+        for path in req.dumpsets:
+            if not served(path, s.allow):
+                self._deny(record, started, f"{path} is not a dump set this service serves")
+                return False
+        self._extract(req, record, started)
+        return False
+
+    def internal_error(self, e: Exception) -> None:
+        """A bug must still leave an audit line, and the client a one-line answer."""
+        _log(f"internal error: {type(e).__name__}: {e}")
+        self._reply("error", "internal error in the extraction service; see its journal")
+        if getattr(self, "record", None) is not None and not self.audited:
+            self._audit(self.record, self.started, "error",
+                        f"internal error: {type(e).__name__}")
+
+    def _record(self, attempt: int) -> dict:
+        p = self.peer
+        return {
+            "time": format_time(time.time_ns()),
+            "service": self.settings.pam_service,
+            "peer_pid": p.pid,
+            "peer_uid": p.uid,
+            "peer_user": p.user,
+            "pam_user": None,
+            "attempt": attempt,
+        }
+
+    def _read_request(self) -> wire.Request | None:
+        self.conn.settimeout(self.settings.timeout)
+        try:
+            head = wire.recv_header(self.conn, "request")
+            if head is None:
+                return None
+            kind, length = head
+            if kind != wire.REQUEST:
+                raise wire.ProtocolError(f"malformed request: frame type {kind!r}, expected "
+                                         f"{wire.REQUEST!r}")
+            if length > wire.MAX_REQUEST:
+                raise wire.ProtocolError(
+                    f"request too large: {length} bytes (limit {wire.MAX_REQUEST})"
+                )
+            return wire.Request.decode(wire.recv_exact(self.conn, length, "request"))
+        except TimeoutError:
+            raise wire.ProtocolError(
+                f"no complete request within {self.settings.timeout:g} s"
+            ) from None
+        except ConnectionError as e:
+            raise wire.ProtocolError(f"connection lost while reading the request ({e})") from None
+
+    def _reply(self, status: str, message: str = "", **extra: object) -> None:
+        try:
+            wire.send_json(self.conn, wire.REPLY, {"status": status, "message": message,
+                                                   **extra})
+        except OSError:
+            pass  # the client left; the audit line still says what happened
+
+    def _deny(self, record: dict, started: float, reason: str, *, detail: str = "",
+              retry: bool = False) -> None:
+        # Failures take at least fail_delay (PAM's own delay counts), so guessing is slow
+        # and a wrong password cannot be told from an unknown or unauthorized user by time.
+        time.sleep(max(0.0, self.settings.fail_delay - (time.monotonic() - started)))
+        self._audit(record, started, "denied", reason + (f" ({detail})" if detail else ""))
+        self._reply("denied", reason, retry=retry)
+
+    def _audit(self, record: dict, started: float, outcome: str, reason: str | None = None,
+               packets: int = 0, nbytes: int = 0) -> None:
+        record.update(outcome=outcome, reason=reason, packets=packets, bytes=nbytes,
+                      duration_s=round(time.monotonic() - started, 3))
+        self.audited = True
+        self.audit.write(record)
+
+    def _extract(self, req: wire.Request, record: dict, started: float) -> None:
+        """Stream the result through the engine, as the service account."""
+        self.loader.join()
+        if self.loader_error is not None:
+            raise self.loader_error
+        if os.geteuid() == 0:
+            self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+        become(self.settings.account)
+
+        from .engine import Query, extract, list_files
+        from .framed import ConnectionOutput
+        from .output import ClosedPipe, Interface, OutputError
+        from .select import Source, Stats
+
+        try:
+            sources = [Source(p, i, req.filter) for i, p in enumerate(req.dumpsets)]
+            if not req.pcapng and len({src.linktype for src in sources}) > 1:
+                raise PcapVaultError(
+                    "the dump sets have different link types; use --pcapng to combine them"
+                )
+        except PcapVaultError as e:
+            self._reply("error", str(e))
+            self._audit(record, started, "error", str(e))
+            return
+        self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
+        stall = struct.pack("ll", STALL_SECONDS, 0)
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+        self._reply("ok")
+        stats = Stats()
+
+        def warn(msg: str) -> None:
+            stats.warnings.append(msg)
+            wire.send(self.conn, wire.WARNING, msg.encode())
+
+        q = Query(req.begin_ns, req.end_ns, req.list_only)
+        files: list[tuple[str, int]] = []
+        out = None
+        try:
+            if req.list_only:
+                files = list_files(sources, q, stats, warn)
+                packets = sum(n for _, n in files)
+            else:
+                ifaces = [
+                    Interface(f"{s.interface} ({s.ds.root})", s.linktype, s.snaplen,
+                              s.nanosecond)
+                    for s in sources
+                ]
+                out = ConnectionOutput(self.conn.fileno(), ifaces, pcapng=req.pcapng,
+                                       snap=req.snaplen, max_bytes=req.max_bytes,
+                                       max_packets=req.max_packets)
+                extract(sources, q, out, stats, warn)
+                if req.empty and out.sink is None:
+                    out.ensure_open()
+                packets = out.packets
+        except (ClosedPipe, OutputError) as e:
+            why = "the client stopped reading" if isinstance(e, ClosedPipe) else str(e)
+            self._audit(record, started, "error", f"{why}; result incomplete",
+                        *_returned(out))
+            return
+        except (PcapVaultError, OSError) as e:
+            msg = str(e) if isinstance(e, PcapVaultError) else f"{e.strerror}: {e.filename}"
+            self._trailer(stats, files, out, error=msg)
+            self._audit(record, started, "error", msg, *_returned(out))
+            return
+        self._trailer(stats, files, out)
+        self._audit(record, started, "allowed", None, packets, _returned(out)[1])
+
+    def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: Output | None,
+                 error: str | None = None) -> None:
+        counts = asdict(stats)
+        counts.pop("warnings")
+        body = {
+            "packets": out.packets if out else sum(n for _, n in files),
+            "bytes": out.bytes if out else 0,
+            "stats": counts,
+            "files": files,
+            "error": error,
+        }
+        try:
+            wire.send_json(self.conn, wire.TRAILER, body)
+        except OSError:
+            pass
+
+
+def _returned(out: Output | None) -> tuple[int, int]:
+    """Packets and bytes that went to the client: the pcap stream, file header included."""
+    if out is None or out.sink is None:
+        return (out.packets if out else 0), 0
+    return out.packets, out.sink.bytes
+
+
+def _describe(req: wire.Request) -> dict:
+    """The request as the audit shows it: everything but the password."""
+    return {
+        "dumpsets": req.dumpsets,
+        "begin": format_time(req.begin_ns),
+        "end": format_time(req.end_ns),
+        "filter": req.filter,
+        "options": {
+            k: v
+            for k, v in (("pcapng", req.pcapng), ("snaplen", req.snaplen),
+                         ("max_bytes", req.max_bytes), ("max_packets", req.max_packets),
+                         ("list", req.list_only), ("empty", req.empty))
+            if v
+        },
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-u", "--user", "account", default="pcapvault", show_default=True,
+              help="Account the extraction runs as once the client is authorized "
+                   "(the dump sets' owner).")
+@click.option("--group", default="npcap", show_default=True,
+              help="Members of this group may extract.")
+@click.option("--pam-service", default="npcapextract", show_default=True,
+              help="PAM service name (/etc/pam.d/NAME).")
+@click.option("--audit-log", type=click.Path(path_type=Path),
+              default=Path("/var/log/pcapvault/audit.jsonl"), show_default=True,
+              help="Append-only JSON-lines audit file, created 0640.")
+@click.option("--allow", multiple=True, metavar="DIR",
+              help="A dump set, or a directory of dump sets, that clients may name; repeat. "
+                   "[default: /var/lib/pcapvault and the configured sensors' dump sets]")
+@click.option("--max-attempts", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="Password attempts per connection.")
+@click.option("--fail-delay", type=click.FloatRange(0, 60), default=2.0, show_default=True,
+              help="Seconds a failed attempt takes at least.")
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              help="Seconds a client has to send its request.")
+def command(account: str, group: str, pam_service: str, audit_log: Path,
+            allow: tuple[str, ...], max_attempts: int, fail_delay: float,
+            timeout: float) -> int:
+    """Serve one authenticated extraction on the connection systemd passes as fd 3.
+
+    Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
+    not meant to be run by hand.
+    """
+    conn = activation_socket()
+    settings = Settings(account, group, pam_service, audit_log, allow or default_allow(),
+                        max_attempts, fail_delay, timeout)
+    try:
+        audit = Audit(audit_log)
+    except ServiceError:
+        # Fail closed: without an audit trail nobody gets packets.
+        try:
+            wire.send_json(conn, wire.REPLY, {"status": "error", "message":
+                                              "the extraction service cannot write its audit "
+                                              "log; ask the administrator"})
+        except OSError:
+            pass
+        raise
+    session = Session(conn, settings, audit)
+    try:
+        session.run()
+    except Exception as e:  # noqa: BLE001 - never a traceback, never a silent attempt
+        session.internal_error(e)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """Entry point of npcapextract@.service."""
+    run(command, PROG, error_code=1)
+
+
+if __name__ == "__main__":
+    main()

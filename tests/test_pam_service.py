@@ -1,0 +1,522 @@
+"""PAM-gated extraction end to end: real PAM (pam_unix), throwaway users, the entry point
+systemd starts per connection, and npcapextract run as those users.
+
+The module records a private dump set with `recorder -u SERVICE_ACCOUNT`, creates a group, a
+member and a non-member (with passwords), a PAM service file with the shipped content, and
+removes all of it at the end. The service runs under systemd-socket-activate --accept, which
+hands each connection to a fresh instance on fd 3 exactly as npcapextract.socket does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import pwd
+import secrets
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from extract_helpers import synthetic_traffic, write_pcap
+from netns import veth_pair
+from recorderproc import BIN, RecorderProc
+
+from pcapvault.extract import wire
+
+ROOT = Path(__file__).resolve().parents[1]
+PAM_FILE = ROOT / "systemd" / "pam.d" / "npcapextract"
+FAIL_DELAY = 0.5
+CLIENT = [sys.executable, "-m", "pcapvault.extract.cli"]
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creates users and PAM files: needs root"),
+    pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
+                       reason="systemd-socket-activate (package systemd) starts the service "
+                              "per connection as npcapextract.socket does"),
+    pytest.mark.skipif(not shutil.which("useradd"), reason="useradd (package passwd) missing"),
+]
+
+
+def service_entry() -> list[str]:
+    """The console script npcapextract@.service runs (or its module, in a source tree)."""
+    p = BIN / "npcapextractd"
+    return [str(p)] if p.exists() else [sys.executable, "-m", "pcapvault.extract.service"]
+
+
+def sh(*args: str, input: str | None = None) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True, input=input)
+
+
+@dataclass
+class User:
+    name: str
+    password: str
+    home: Path
+
+    @property
+    def pw(self) -> pwd.struct_passwd:
+        return pwd.getpwnam(self.name)
+
+    def run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(args, capture_output=True, timeout=60, **self.popen_kw(), **kw)
+
+    def popen_kw(self) -> dict:
+        """Drop to this user in the child, as login would: its uid, gid and groups."""
+        pw = self.pw
+        return dict(user=pw.pw_uid, group=pw.pw_gid,
+                    extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid), cwd=self.home,
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+
+@dataclass
+class Service:
+    """systemd-socket-activate --accept running the service's entry point."""
+
+    socket: Path
+    log: Path
+    args: list[str]
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> Service:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["systemd-socket-activate", "--accept", "-l", str(self.socket),
+                 *service_entry(), *self.args],
+                stdout=log, stderr=log,
+            )
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.02)
+        self.socket.chmod(0o666)  # SocketMode=0666 in npcapextract.socket
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class World:
+    base: Path
+    dumpset: Path
+    service_account: str
+    group: str
+    pam_service: str
+    member: User
+    outsider: User
+    audit: Path
+    service: Service
+    window: tuple[str, str]
+
+    def audit_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def client(self, *args: str) -> list[str]:
+        b, e = self.window
+        return [*CLIENT, "-t", str(self.dumpset), "-b", b, "-e", e,
+                "--service-socket", str(self.service.socket), *args]
+
+    def direct(self, *args: str) -> bytes:
+        b, e = self.window
+        r = subprocess.run([*CLIENT, "-t", str(self.dumpset), "-b", b, "-e", e, "-O", *args],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+
+def make_user(name: str, base: Path, groups: list[str]) -> User:
+    password = secrets.token_urlsafe(12)
+    sh("useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin",
+       *(["-G", ",".join(groups)] if groups else []), name)
+    sh("chpasswd", input=f"{name}:{password}\n")
+    home = base / f"home-{name}"
+    home.mkdir()
+    pw = pwd.getpwnam(name)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    home.chmod(0o700)
+    return User(name, password, home)
+
+
+@pytest.fixture(scope="module")
+def world():
+    tag = secrets.token_hex(3)
+    svc, grp_name = f"pvt{tag}s", f"pvt{tag}g"
+    pam_service = f"pvtest-{tag}"
+    base = Path(tempfile.mkdtemp(prefix="pv-pam-", dir="/tmp"))
+    base.chmod(0o755)  # traversable: the service account writes the dump set in it
+    created_users: list[str] = []
+    service = None
+    try:
+        sh("groupadd", grp_name)
+        # Its own group, as sysusers.d makes pcapvault:pcapvault: the users are not in it.
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", svc)
+        created_users.append(svc)
+        member = make_user(f"pvt{tag}a", base, [grp_name])
+        created_users.append(member.name)
+        outsider = make_user(f"pvt{tag}b", base, [])
+        created_users.append(outsider.name)
+        Path(f"/etc/pam.d/{pam_service}").write_text(PAM_FILE.read_text())
+
+        probe = outsider.run([sys.executable, "-c", "import pcapvault.extract.cli"])
+        if probe.returncode != 0:
+            pytest.skip(f"{sys.executable} cannot be run by an unprivileged user (a venv under "
+                        "/root?); run the tests with /opt/pcapvault/bin/python: "
+                        f"{probe.stderr.decode(errors='replace').strip()[-200:]}")
+
+        # A private dump set, recorded the way a sensor records it.
+        src = base / "in.pcap"
+        write_pcap(src, synthetic_traffic(1500, time.time_ns(), seed=5, span_s=2.0))
+        with veth_pair() as pair:
+            rec = RecorderProc(pair, base / "ds", "-u", svc, "-p", "0.1", "--disk-limit", "1GB")
+            pair.send([src])
+            time.sleep(0.3)
+            assert rec.stop() == 0, rec.stderr
+        src.unlink()
+
+        (base / "audit").mkdir(mode=0o755)
+        audit = base / "audit" / "audit.jsonl"
+        service = Service(base / "extract.sock", base / "service.log", [
+            "-u", svc, "--group", grp_name, "--pam-service", pam_service,
+            "--audit-log", str(audit), "--allow", str(base / "ds"),
+            "--fail-delay", str(FAIL_DELAY), "--max-attempts", "2",
+        ]).start()
+        now = int(time.time())
+        yield World(base, base / "ds", svc, grp_name, pam_service, member, outsider, audit,
+                    service, (str(now - 3600), str(now + 3600)))
+        log = (base / "service.log").read_text()
+        assert "Traceback" not in log, log
+    finally:
+        if service:
+            service.stop()
+        for name in created_users:
+            subprocess.run(["userdel", name], capture_output=True)
+        for group in (grp_name, svc):
+            subprocess.run(["groupdel", group], capture_output=True)
+        Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dump_set_is_private_to_the_service_account(world):
+    svc_uid = pwd.getpwnam(world.service_account).pw_uid
+    files = [p for p in world.dumpset.rglob("*") if p.is_file() and not p.is_symlink()]
+    pcaps = [p for p in files if p.suffix == ".pcap"]
+    assert len(pcaps) >= 2
+    for p in files:
+        st = p.stat()
+        assert st.st_uid == svc_uid and stat.S_IMODE(st.st_mode) == 0o640, p
+    for d in [world.dumpset, *(p for p in world.dumpset.rglob("*") if p.is_dir())]:
+        if not d.is_symlink():
+            assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+    # Neither user may read it directly: the member needs the service.
+    for user in (world.member, world.outsider):
+        r = user.run([sys.executable, "-c", "import os, sys; print(os.access(sys.argv[1], "
+                      "os.R_OK | os.X_OK))", str(world.dumpset)])
+        assert r.stdout.strip() == b"False"
+
+
+@pytest.mark.parametrize("args", [["-f", "tcp"], ["-f", "udp or icmp", "--pcapng", "-s", "60"]])
+def test_member_gets_exactly_the_direct_extraction(world, args):
+    expected = world.direct(*args)
+    assert len(expected) > 1000
+    out = world.member.home / "result.pcap"
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    # No --service: the dump set is unreadable, so the client turns to the service itself.
+    r = world.member.run(world.client(*args, "-o", str(out), "--password-stdin"),
+                         input=f"{world.member.password}\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"" and r.stderr == b""
+    assert out.read_bytes() == expected
+    st = out.stat()
+    assert st.st_uid == world.member.pw.pw_uid  # written by the client, with the user's rights
+    lines = world.audit_lines()[before:]
+    assert len(lines) == 1
+    a = lines[0]
+    assert a["outcome"] == "allowed"
+    assert a["peer_user"] == a["pam_user"] == world.member.name
+    assert a["peer_uid"] == world.member.pw.pw_uid
+    assert a["dumpsets"] == [str(world.dumpset)]
+    assert a["filter"] == args[1]
+    assert a["bytes"] == len(expected) and a["packets"] > 0
+    assert a["begin"].endswith("Z") and a["duration_s"] >= 0
+    assert world.member.password not in world.audit.read_text()
+
+
+def test_wrong_password_gets_nothing_and_never_shows_in_the_process_list(world):
+    wrong = "wrong-" + secrets.token_hex(8)
+    out = world.member.home / "denied.pcap"
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    t0 = time.monotonic()
+    p = subprocess.Popen(world.client("-o", str(out), "--password-stdin"),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         **world.member.popen_kw())
+    p.stdin.write(f"{wrong}\n".encode())
+    p.stdin.close()
+    scans = 0
+    while p.poll() is None:  # PAM and the failure delay keep the client waiting a while
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                for what in ("cmdline", "environ"):
+                    try:
+                        data = (proc / what).read_bytes()
+                    except OSError:
+                        continue
+                    assert wrong.encode() not in data, f"password in /proc/{proc.name}/{what}"
+        scans += 1
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    stdout, stderr = p.stdout.read(), p.stderr.read()
+    assert scans >= 2
+    assert p.returncode == 2
+    assert stdout == b"" and not out.exists()
+    assert stderr.decode().strip() == (
+        f"npcapextract: error: authentication failed for {world.member.name}")
+    assert elapsed >= FAIL_DELAY
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "denied" and a["pam_user"] == world.member.name
+    assert "authentication failed" in a["reason"] and a["bytes"] == 0
+    assert a["duration_s"] >= FAIL_DELAY
+    assert wrong not in world.audit.read_text()
+
+
+def test_user_outside_the_group_is_denied(world):
+    out = world.outsider.home / "x.pcap"
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    r = world.outsider.run(world.client("-o", str(out), "--password-stdin"),
+                           input=f"{world.outsider.password}\n".encode())
+    assert r.returncode == 2 and r.stdout == b"" and not out.exists()
+    assert r.stderr.decode().strip() == (
+        f"npcapextract: error: {world.outsider.name} is not a member of the group "
+        f"{world.group} whose members may extract")
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "denied" and a["pam_user"] == world.outsider.name
+    assert a["duration_s"] >= FAIL_DELAY
+
+
+def test_only_served_dump_sets(world):
+    other = world.base / "home-other"
+    shutil.copytree(world.dumpset, other, symlinks=True)
+    other.chmod(0o700)  # root's: the member cannot read it, and the service must not serve it
+    try:
+        b, e = world.window
+        r = world.member.run([*CLIENT, "-t", str(other), "-b", b, "-e", e, "-O",
+                              "--password-stdin", "--service-socket",
+                              str(world.service.socket)],
+                             input=f"{world.member.password}\n".encode())
+        assert r.returncode == 2 and r.stdout == b""
+        assert r.stderr.decode().strip() == (
+            f"npcapextract: error: {other} is not a dump set this service serves")
+    finally:
+        shutil.rmtree(other)
+
+
+def test_password_prompt_on_the_terminal_without_echo(world):
+    out = world.member.home / "tty.pcap"
+    master, slave = pty.openpty()
+    os.chown(os.ttyname(slave), world.member.pw.pw_uid, -1)
+
+    def controlling_tty() -> None:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen(world.client("-f", "tcp", "-o", str(out), "--service"),
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         preexec_fn=controlling_tty, **world.member.popen_kw())
+    os.close(slave)
+    seen = b""
+    sent = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if not sent and b"Password for" in seen:
+            os.write(master, f"{world.member.password}\n".encode())
+            sent = True
+        if p.poll() is not None and not ready:
+            break
+    os.close(master)
+    assert p.wait(10) == 0, seen
+    assert sent and world.member.password.encode() not in seen  # no echo
+    assert out.read_bytes() == world.direct("-f", "tcp")
+
+
+def raw_exchange(world: World, payload: bytes, shut: bool = True) -> tuple[list, bytes]:
+    """Send raw bytes as a client would; return the frames the service answered."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(str(world.service.socket))
+    try:
+        s.sendall(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    if shut:
+        s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    frames, pos = [], 0
+    while pos + wire.FRAME.size <= len(data):
+        kind, n = wire.FRAME.unpack_from(data, pos)
+        frames.append((kind, json.loads(data[pos + 12 : pos + 12 + n]) if kind == b"R"
+                       else data[pos + 12 : pos + 12 + n]))
+        pos += 12 + n
+    return frames, data
+
+
+def request(**fields) -> bytes:
+    body = {"version": 1, "password": "x", "dumpsets": ["/nonexistent"], "begin_ns": 0,
+            "end_ns": 10, **fields}
+    payload = json.dumps(body).encode()
+    return wire.FRAME.pack(b"Q", len(payload)) + payload
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"GET / HTTP/1.0\r\n\r\n", "malformed request: frame type b'G'"),
+    (wire.FRAME.pack(b"Q", 9) + b"not json!", "malformed request: not a UTF-8 JSON object"),
+    (wire.FRAME.pack(b"Q", 2) + b"[]", "malformed request: not a JSON object"),
+    (request(begin_ns="yesterday"), "malformed request: begin_ns must be an integer"),
+    (request(pcapng=1), "malformed request: pcapng must be true or false"),
+    (request(dumpsets=["relative/ds"]), "malformed request: dumpsets must hold absolute paths"),
+    (request(begin_ns=10, end_ns=5), "malformed request: begin_ns after end_ns"),
+    (request(shell="rm -rf /"), "malformed request: unknown field 'shell'"),
+    (request(version=99), "unsupported request version 99"),
+    (request(password="x" * 2000), "malformed request: password is longer than 1024 bytes"),
+    (wire.FRAME.pack(b"Q", 100) + b"{", "the connection ended in the middle of the request"),
+], ids=["http", "json", "list", "type", "bool", "relative", "window", "unknown", "version",
+        "password", "truncated"])
+def test_malformed_request_gets_an_error_reply(world, payload, message):
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    frames, _ = raw_exchange(world, payload)
+    assert len(frames) == 1, frames  # one error reply, never data
+    kind, reply = frames[0]
+    assert kind == b"R" and reply["status"] == "error"
+    assert reply["message"].startswith(message), reply
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "rejected" and a["reason"].startswith(message)
+
+
+def test_oversized_request_is_refused_from_its_header(world):
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    frames, _ = raw_exchange(world, wire.FRAME.pack(b"Q", 1 << 40))
+    assert [k for k, _ in frames] == [b"R"]
+    assert frames[0][1]["message"] == (
+        f"request too large: {1 << 40} bytes (limit {wire.MAX_REQUEST})")
+    # Really sending it changes nothing: the body is never read.
+    body = b"{" + b" " * (wire.MAX_REQUEST + 10) + b"}"
+    frames, _ = raw_exchange(world, wire.FRAME.pack(b"Q", len(body)) + body)
+    assert [k for k, _ in frames] == [b"R"]
+    assert frames[0][1]["message"].startswith("request too large")
+    lines = world.audit_lines()[before:]
+    assert [a["outcome"] for a in lines] == ["rejected", "rejected"]
+
+
+def test_attempts_per_connection_are_limited(world):
+    """Two attempts (--max-attempts 2), each slowed down, then the service hangs up."""
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    attempt = request(password="not-roots-password", dumpsets=[str(world.dumpset)])
+    t0 = time.monotonic()
+    frames, _ = raw_exchange(world, attempt * 3)
+    elapsed = time.monotonic() - t0
+    assert [k for k, _ in frames] == [b"R", b"R"]
+    assert [f[1]["status"] for f in frames] == ["denied", "denied"]
+    assert [f[1]["retry"] for f in frames] == [True, False]
+    assert "no more on this connection" in frames[1][1]["message"]
+    assert elapsed >= 2 * FAIL_DELAY
+    lines = world.audit_lines()[before:]
+    assert [(a["outcome"], a["attempt"], a["peer_uid"]) for a in lines] == [
+        ("denied", 1, 0), ("denied", 2, 0)]
+
+
+def test_a_client_that_says_nothing_is_not_an_attempt(world):
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    frames, data = raw_exchange(world, b"")
+    assert data == b""
+    assert len(world.audit_lines()) == before
+
+
+def test_audit_log_is_not_writable_by_clients(world):
+    st = world.audit.stat()
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o640
+    for user in (world.member, world.outsider):
+        r = user.run([sys.executable, "-c", "import os, sys; print(os.access(sys.argv[1], "
+                      "os.W_OK) or os.access(sys.argv[1], os.R_OK))", str(world.audit)])
+        assert r.stdout.strip() == b"False"
+
+
+def test_entry_point_outside_socket_activation_fails_in_one_line():
+    r = subprocess.run([*service_entry(), "--audit-log", "/nonexistent/a.jsonl"],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        "npcapextractd: error: not started by socket activation")
+
+
+def test_units_and_setup_ship_the_service():
+    socket_unit = (ROOT / "systemd" / "npcapextract.socket").read_text()
+    service_unit = (ROOT / "systemd" / "npcapextract@.service").read_text()
+    assert "Accept=yes" in socket_unit and f"ListenStream={wire.DEFAULT_SOCKET}" in socket_unit
+    assert "ExecStart=/usr/local/bin/npcapextractd" in service_unit
+    setup = (ROOT / "setup.sh").read_text()
+    for name in ("npcapextract.socket", "npcapextract@.service", "pam.d/npcapextract",
+                 "npcapextractd"):
+        assert name in setup, name
+    tmpfiles = (ROOT / "systemd" / "tmpfiles.d" / "pcapvault.conf").read_text()
+    assert "/var/log/pcapvault/audit.jsonl 0640 root" in tmpfiles
+
+
+def test_client_refuses_a_socket_not_served_by_root():
+    """A password goes only to a listener that root (systemd) set up."""
+    d = Path(tempfile.mkdtemp(prefix="pv-fake-", dir="/tmp"))
+    d.chmod(0o777)
+    path = d / "impostor.sock"
+    pid = os.fork()
+    if pid == 0:  # an impostor listening as nobody
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(path) + ".tmp")
+            s.listen()
+            os.rename(str(path) + ".tmp", path)  # connectable once visible
+            s.accept()
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = subprocess.run([*CLIENT, "-t", "/nonexistent", "-b", "-1h", "-e", "now", "-O",
+                            "--service", "--service-socket", str(path),
+                            "--password-stdin"], input=b"secret\n", capture_output=True)
+        assert r.returncode == 2
+        assert b"it is served by uid 65534, not by root" in r.stderr
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        shutil.rmtree(d)
