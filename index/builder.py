@@ -388,7 +388,7 @@ class FlowTableBuilder:
     Memory stays bounded at one block of rows plus a uint32 per packet.
     """
 
-    BLOCK = 1 << 17
+    BLOCK = 1 << 18
 
     def __init__(self) -> None:
         self._pending: list[np.ndarray] = []
@@ -430,7 +430,8 @@ class FlowTableBuilder:
     def _merge(self, reps: np.ndarray, rep_h: np.ndarray) -> np.ndarray | None:
         """Flow ids of a block's distinct rows, adding the new ones; None on a collision."""
         known_h = self._hashes
-        pos = np.minimum(np.searchsorted(known_h, rep_h), max(len(known_h) - 1, 0))
+        at = np.searchsorted(known_h, rep_h)
+        pos = np.minimum(at, max(len(known_h) - 1, 0))
         found = (known_h[pos] == rep_h) if len(known_h) else np.zeros(len(rep_h), dtype=bool)
         ids = np.empty(len(rep_h), dtype=np.int64)
         ids[found] = self._ids[pos[found]]
@@ -447,9 +448,10 @@ class FlowTableBuilder:
             self._rows = grown
         self._rows[:, first : first + count] = reps[:, new]
         self._nflows += count
-        hashes = np.concatenate((known_h, rep_h[new]))
-        order = np.argsort(hashes)
-        self._hashes, self._ids = hashes[order], np.concatenate((self._ids, ids[new]))[order]
+        # rep_h is sorted, so inserting the new hashes at their search positions keeps the
+        # table sorted without sorting it again
+        self._hashes = np.insert(known_h, at[new], rep_h[new])
+        self._ids = np.insert(self._ids, at[new], ids[new])
         return ids
 
     def _exact_flows(self) -> tuple[np.ndarray, np.ndarray]:
