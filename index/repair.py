@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import timeline
+import numpy as np
+
+from . import compressed, timeline
 from .builder import build_index
 from .dumpset import DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
 from .indexfile import read_index, write_index
-from .pcapfile import PcapReader
+from .pcapfile import GLOBAL_HEADER_LEN, PcapReader, parse_global_header, scan_records
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,11 @@ def lock(ds: DumpSet) -> int:
 class Repair:
     """Finds and fixes inconsistencies; `dry_run` only reports them."""
 
-    def __init__(self, ds: DumpSet, *, dry_run: bool = False,
+    def __init__(self, ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
                  report: Callable[[Action], None] = lambda a: None):
+        """`deep` also decompresses every compressed file to verify its frame checksums."""
         self.ds = ds
+        self.deep = deep
         self.dry_run = dry_run
         self.report = report
         self.actions: list[Action] = []
@@ -107,15 +111,31 @@ class Repair:
                     self._do("remove", p, "incomplete temporary link", p.unlink)
 
     def check_file(self, sf: StoredFile) -> None:
-        size = sf.pcap.stat().st_size
-        why = _index_problem(sf, size)
+        if compressed.is_compressed(sf.pcap):
+            plain = sf.pcap.with_name(sf.pcap.name.removesuffix(compressed.SUFFIX))
+            if plain.exists():
+                # Compression was interrupted before the plain file went: that one is whole.
+                self._do("remove", sf.pcap, f"duplicate of {plain.name}, whose compression was "
+                         "interrupted", lambda: self.ds.delete(sf))
+                return
+        try:
+            with PcapReader(sf.pcap) as r:
+                size = r.size
+            why = _index_problem(sf, size)
+            if not why and self.deep and compressed.is_compressed(sf.pcap):
+                with compressed.CompressedReader(sf.pcap) as z:
+                    z.copy_to(_Discard())
+        except FormatError as e:
+            why = f"pcap unreadable: {str(e).removeprefix(str(sf.pcap) + ': ')}"
         if why:
             table = _scan(sf.pcap)
+            if compressed.is_compressed(sf.pcap) and (table is None or table.torn):
+                table = self.salvage_compressed(sf)
             if table is None or len(table.ts_ns) == 0:
                 self._do("remove", sf.pcap, "not a pcap with any complete packet",
                          lambda: self.ds.delete(sf))
                 return
-            if table.torn:
+            if table.torn and not compressed.is_compressed(sf.pcap):
                 self._do("truncate", sf.pcap, f"torn last record, keeping "
                          f"{table.complete_end} bytes of complete packets",
                          lambda: os.truncate(sf.pcap, table.complete_end))
@@ -134,6 +154,29 @@ class Repair:
                          else "timeline link points elsewhere",
                          lambda t=target: timeline.link(self.ds.timeline, sf.slot, t))
 
+    def salvage_compressed(self, sf: StoredFile):
+        """A damaged or truncated .pcap.zst: keep the complete packets of its intact frames."""
+        data = compressed.salvage(sf.pcap)
+        try:
+            hdr = parse_global_header(data[:GLOBAL_HEADER_LEN], str(sf.pcap))
+        except FormatError:
+            return None
+        table = scan_records(np.frombuffer(data, np.uint8), hdr)
+        if len(table.ts_ns) == 0:
+            return None
+
+        def rewrite() -> None:
+            tmp = sf.pcap.with_name(f".{sf.pcap.name}.plain.part")
+            tmp.write_bytes(data[: table.complete_end])
+            try:
+                compressed.compress_file(tmp, sf.pcap)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        self._do("recompress", sf.pcap, f"damaged or truncated zstd data, keeping "
+                 f"{table.complete_end} bytes of complete packets", rewrite)
+        return table
+
     def remove_dangling_links(self) -> None:
         for dirpath, _dirs, files in os.walk(self.ds.timeline):
             for n in files:
@@ -149,6 +192,13 @@ class Repair:
         for d in self.ds.storage_dirs():
             if not os.listdir(d):
                 self._do("remove", d, "empty storage directory", d.rmdir)
+
+
+class _Discard:
+    """A sink for verifying data by reading it."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
 def _scan(path: Path):
@@ -173,6 +223,6 @@ def _index_problem(sf: StoredFile, size: int) -> str:
     return ""
 
 
-def repair(ds: DumpSet, *, dry_run: bool = False,
+def repair(ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
            report: Callable[[Action], None] = lambda a: None) -> list[Action]:
-    return Repair(ds, dry_run=dry_run, report=report).run()
+    return Repair(ds, dry_run=dry_run, deep=deep, report=report).run()

@@ -15,7 +15,8 @@ Examples:
   npcaprepair /var/lib/pcapvault/eth0 --dry-run   # show what would change
   npcaprepair /var/lib/pcapvault/eth0
 
-It keeps every complete packet: it cuts torn last records, finalises files left under
+It keeps every complete packet: it cuts torn last records, drops damaged zstd frames (and
+what follows them in that file), finalises files left under
 temporary names, rebuilds missing or damaged indexes, fixes timeline links and removes empty
 directories. A second run finds nothing to do. The recorder runs the same repair on start.
 """
@@ -25,9 +26,12 @@ directories. A second run finds nothing to do. The recorder runs the same repair
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dumpset", type=click.Path(path_type=Path))
 @click.option("-n", "--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--quick", is_flag=True,
+              help="Skip decompressing .pcap.zst files to verify every frame (the recorder's "
+                   "start-up check is quick).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @click.version_option(package_name="pcapvault", prog_name="npcaprepair")
-def command(dumpset: Path, dry_run: bool, quiet: bool) -> None:
+def command(dumpset: Path, dry_run: bool, quick: bool, quiet: bool) -> None:
     """Repair the dump set DUMPSET (or the one of a timeline directory)."""
     ds = DumpSet.open(dumpset)
     if not dry_run:
@@ -38,7 +42,7 @@ def command(dumpset: Path, dry_run: bool, quiet: bool) -> None:
         if not quiet:
             click.echo(f"{prefix}{action}")
 
-    actions = repair(ds, dry_run=dry_run, report=report)
+    actions = repair(ds, dry_run=dry_run, deep=not quick, report=report)
     if actions:
         click.echo(f"{len(actions)} change(s) {'needed' if dry_run else 'made'} in {ds.root}")
     else:
