@@ -398,6 +398,32 @@ def test_random_frames_match_reference() -> None:
     assert (rows["vlan2"] != VLAN_ABSENT).sum() > 100 and (rows["ipver"] == 6).sum() > 1000
 
 
+def plain_ipv4_frame(rng: np.random.Generator) -> bytes:
+    """Untagged IPv4, sometimes fragmented, with a bad IHL or cut short."""
+    proto = int(rng.choice([6, 17, 132, 136, 1, 47]))
+    frag = int(rng.choice([0, 0, 0x2000, 0x4000, 0x0001, int(rng.integers(0, 65536))]))
+    body = bytearray(ipv4(proto, ports(int(rng.integers(0, 65536)), int(rng.integers(0, 65536))),
+                          src=f"10.{rng.integers(256)}.{rng.integers(256)}.1", frag=frag))
+    if rng.random() < 0.05:
+        body[0] = 0x40 | int(rng.integers(0, 16))
+    frame = eth(0x0800, bytes(body))
+    return frame[: int(rng.integers(0, len(frame) + 1))] if rng.random() < 0.3 else frame
+
+
+@pytest.mark.parametrize("share", [0.8, 1.0, 0.3])
+def test_mostly_ipv4_batches_match_reference(share: float) -> None:
+    """Batches where IPv4 is (nearly) everything take other routes through the builder than
+    the mixed ones above."""
+    rng = np.random.default_rng(int(share * 10))
+    frames = [plain_ipv4_frame(rng) if rng.random() < share else random_frame(rng)
+              for _ in range(4000)]
+    if share == 1.0:
+        frames = [f if f[12:14] == b"\x08\x00" else eth(0x0800, b"") for f in frames]
+    rows = assert_like_reference(frames)
+    flags = rows["flags"]
+    assert ((flags & FLAG_PORTS) != 0).sum() > 500 and ((flags & FLAG_FRAGMENT) != 0).sum() > 20
+
+
 def test_many_chunks_and_blocks_give_the_same_index(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(7)
     frames = [random_frame(rng) for _ in range(3000)]
