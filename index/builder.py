@@ -116,9 +116,31 @@ class _Bytes:
         return self.read("<u8", pos)
 
 
-def _subset(mask: np.ndarray) -> slice | np.ndarray:
-    """Index selecting `mask`: a plain slice when it selects everything, avoiding copies."""
-    return slice(None) if mask.all() else np.flatnonzero(mask)
+class _Share:
+    """The packets of a batch one protocol parser handles, and how its results are stored.
+
+    A small share is compressed to an index array: less work per packet, but a gather per
+    field read and a scatter per field stored. A large share is parsed over the whole batch
+    and stored under a mask: the other packets' results are computed for nothing, which costs
+    less than gathers and scatters once they are a minority.
+    """
+
+    def __init__(self, mask: np.ndarray):
+        count = int(np.count_nonzero(mask))
+        self.empty = count == 0
+        self.sel: slice | np.ndarray = slice(None)
+        self.where: np.ndarray | None = None
+        if count * 2 < len(mask):
+            self.sel = np.flatnonzero(mask)
+        elif count < len(mask):
+            self.where = mask
+
+    def put(self, dst: np.ndarray, value: np.ndarray | int) -> None:
+        """Store the parser's results for its packets into a batch array."""
+        if self.where is None:
+            dst[self.sel] = value
+        else:  # np.where is vectorised; copyto(where=) is not
+            dst[...] = np.where(self.where, np.asarray(value).astype(dst.dtype, copy=False), dst)
 
 
 def _isin(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
@@ -197,25 +219,25 @@ def _flag_bits(proto_ok: np.ndarray, fragment: np.ndarray, addr_ok: np.ndarray,
     return flags
 
 
-def _parse_ipv4(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
-    p = batch.l3[sel]
-    e = batch.end[sel]
+def _parse_ipv4(b: _Bytes, batch: _Batch, share: _Share) -> None:
+    p = batch.l3[share.sel]
+    e = batch.end[share.sel]
     proto_ok = e >= p + 10
     proto = np.where(proto_ok, b.u8(p + 9), 0).astype(np.uint64)
     nonfirst = proto_ok & ((b.be16(p + 6) & 0x1FFF) != 0)
     addr_ok = e >= p + 20
     l4 = p + ((b.u8(p) & 0x0F).astype(np.int64) << 2)
     ports_ok = proto_ok & ~nonfirst & _isin(proto, PORT_PROTOCOLS) & (e >= l4 + 4)
-    batch.ipver[sel] = 4
-    batch.proto[sel] = proto
-    batch.flags[sel] = _flag_bits(proto_ok, nonfirst, addr_ok, ports_ok)
-    batch.ports[sel] = _read_ports(b, l4, ports_ok)
-    batch.need[sel] = np.maximum(p + 20, l4 + 4)
+    share.put(batch.ipver, 4)
+    share.put(batch.proto, proto)
+    share.put(batch.flags, _flag_bits(proto_ok, nonfirst, addr_ok, ports_ok))
+    share.put(batch.ports, _read_ports(b, l4, ports_ok))
+    share.put(batch.need, np.maximum(p + 20, l4 + 4))
     # Both addresses in one 8-byte read: source in the low half, destination in the high half.
     pair = np.where(addr_ok, b.le64(p + 12), 0)
     mapped = np.where(addr_ok, _MAPPED, 0)
-    batch.words[3, sel] = mapped | (pair << 32)
-    batch.words[5, sel] = mapped | (pair & np.uint64(0xFFFFFFFF00000000))
+    share.put(batch.words[3], mapped | (pair << 32))
+    share.put(batch.words[5], mapped | (pair & np.uint64(0xFFFFFFFF00000000)))
 
 
 def _read_ports(b: _Bytes, l4: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -224,9 +246,9 @@ def _read_ports(b: _Bytes, l4: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.where(ok, (ports >> 16) | ((ports & 0xFFFF) << 16), 0)
 
 
-def _parse_ipv6(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
-    p = batch.l3[sel]
-    e = batch.end[sel]
+def _parse_ipv6(b: _Bytes, batch: _Batch, share: _Share) -> None:
+    p = batch.l3[share.sel]
+    e = batch.end[share.sel]
     n = len(p)
     known = e >= p + 7
     nh = np.where(known, b.u8(p + 6), 0).astype(np.uint64)
@@ -253,20 +275,20 @@ def _parse_ipv6(b: _Bytes, batch: _Batch, sel: slice | np.ndarray) -> None:
     nh[~known] = 0
     addr_ok = e >= p + 40
     ports_ok = known & ~nonfirst & _isin(nh, PORT_PROTOCOLS) & (e >= cur + 4)
-    batch.ipver[sel] = 6
-    batch.proto[sel] = nh
-    batch.flags[sel] = _flag_bits(known, nonfirst, addr_ok, ports_ok)
-    batch.ports[sel] = _read_ports(b, cur, ports_ok)
-    batch.need[sel] = cur + 4  # cur >= p + 40
+    share.put(batch.ipver, 6)
+    share.put(batch.proto, nh)
+    share.put(batch.flags, _flag_bits(known, nonfirst, addr_ok, ports_ok))
+    share.put(batch.ports, _read_ports(b, cur, ports_ok))
+    share.put(batch.need, cur + 4)  # cur >= p + 40
     for word, at in enumerate((8, 16, 24, 32), start=2):
-        batch.words[word, sel] = np.where(addr_ok, b.le64(p + at), 0)
+        share.put(batch.words[word], np.where(addr_ok, b.le64(p + at), 0))
 
 
 def _parse_network(b: _Bytes, batch: _Batch) -> None:
     for ethertype, parse in ((ETHERTYPE_IPV4, _parse_ipv4), (ETHERTYPE_IPV6, _parse_ipv6)):
-        mask = batch.ethertype == ethertype
-        if mask.any():
-            parse(b, batch, _subset(mask))
+        share = _Share(batch.ethertype == ethertype)
+        if not share.empty:
+            parse(b, batch, share)
 
 
 def _parse_raw_ip(b: _Bytes, batch: _Batch) -> None:
