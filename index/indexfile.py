@@ -278,29 +278,43 @@ def parse_header(data: bytes, name: str) -> IndexHeader:
 
 
 def _decompress(blob: bytes, expected: int, what: str, name: str) -> bytes:
+    """Decompress one section, never producing more than it should hold (a damaged or hostile
+    frame must not make the reader allocate whatever size it claims)."""
+    d = pyzstd.ZstdDecompressor()
     try:
-        raw = pyzstd.decompress(blob)
+        raw = d.decompress(blob, max_length=expected + 1)
     except pyzstd.ZstdError as e:
         raise FormatError(f"{name}: damaged index ({what} does not decompress: {e})") from None
-    if len(raw) != expected:
+    if len(raw) != expected or not d.eof or d.unused_data:
+        size = f"{len(raw)}+" if len(raw) > expected else str(len(raw))
         raise FormatError(
-            f"{name}: damaged index ({what} is {len(raw)} bytes, expected {expected})"
+            f"{name}: damaged index ({what} is {size} bytes, expected {expected})"
         )
     return raw
 
 
-def decode_index(data: bytes, name: str, packets: bool = True) -> PacketIndex:
-    """Parse a complete index file held in memory; any damage raises a one-line FormatError."""
+def decode_index(
+    data: bytes, name: str, packets: bool = True, file_size: int | None = None
+) -> PacketIndex:
+    """Parse an index file held in memory; any damage raises a one-line FormatError.
+
+    `data` is normally the whole file. Given the real `file_size`, it may stop after the
+    summary section: the summary is then decoded without the checksum (which covers both
+    sections), for the cheapest possible look at the flow table.
+    """
     h = parse_header(data, name)
     expected_size = HEADER_LEN + h.summary_len + h.packets_len
-    if len(data) != expected_size:
-        what = "truncated" if len(data) < expected_size else "trailing garbage in"
-        raise FormatError(
-            f"{name}: {what} index ({len(data)} bytes, header says {expected_size})"
-        )
-    crc = zlib.crc32(memoryview(data)[HEADER_LEN:], zlib.crc32(memoryview(data)[:60]))
-    if crc != h.crc:
-        raise FormatError(f"{name}: damaged index (checksum mismatch)")
+    size = len(data) if file_size is None else file_size
+    if size != expected_size:
+        what = "truncated" if size < expected_size else "trailing garbage in"
+        raise FormatError(f"{name}: {what} index ({size} bytes, header says {expected_size})")
+    whole = len(data) == expected_size
+    if not whole and (packets or len(data) < HEADER_LEN + h.summary_len):
+        raise ValueError("decode_index needs the whole file to read packets")
+    if whole:
+        crc = zlib.crc32(memoryview(data)[HEADER_LEN:], zlib.crc32(memoryview(data)[:60]))
+        if crc != h.crc:
+            raise FormatError(f"{name}: damaged index (checksum mismatch)")
     summary = _decompress(
         data[HEADER_LEN : HEADER_LEN + h.summary_len], h.nflows * (FLOW_ROW_LEN + 4),
         "summary section", name,
@@ -397,12 +411,24 @@ def records_problem(idx: PacketIndex, records: RecordTable) -> str | None:
     return None
 
 
-def read_index(path: str | os.PathLike[str], packets: bool = True) -> PacketIndex:
-    """Read and verify an index file; `packets=False` reads the header and flow table only."""
+def read_index(
+    path: str | os.PathLike[str], packets: bool = True, verify: bool = True
+) -> PacketIndex:
+    """Read an index file; `packets=False` decodes the header and flow table only.
+
+    With `packets=False, verify=False` only the header and the summary section are read from
+    disk, skipping the checksum (which needs the whole file): the fast way to decide whether a
+    file can match a query. Every other combination verifies the checksum.
+    """
     name = str(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            if packets or verify:
+                return decode_index(f.read(), name, packets=packets)
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER_LEN)
+            summary_len = parse_header(head, name).summary_len
+            data = head + f.read(summary_len) if len(head) == HEADER_LEN else head
+            return decode_index(data, name, packets=False, file_size=size)
     except OSError as e:
         raise FormatError(f"{name}: cannot read index: {e.strerror}") from None
-    return decode_index(data, name, packets=packets)

@@ -232,6 +232,32 @@ def test_flow_number_out_of_range(tmp_path: Path) -> None:
     assert "flow number" in read_error(encode_index(idx), tmp_path)
 
 
+def test_summary_without_verification_reads_only_the_summary(tmp_path: Path) -> None:
+    idx = sample_index(200)
+    data = bytearray(encode_index(idx))
+    data[-20:] = bytes(20)  # packet section (and so the checksum) ruined
+    p = tmp_path / "s.idx"
+    p.write_bytes(bytes(data))
+    quick = read_index(p, packets=False, verify=False)
+    assert_same(idx, quick, packets=False)
+    assert "checksum" in read_error(bytes(data), tmp_path, packets=False)
+    # truncation is still noticed, from the file size
+    p.write_bytes(bytes(data[:-1]))
+    with pytest.raises(FormatError, match="truncated"):
+        read_index(p, packets=False, verify=False)
+    p.write_bytes(bytes(data[:50]))
+    with pytest.raises(FormatError, match="truncated"):
+        read_index(p, packets=False, verify=False)
+
+
+def test_section_claiming_more_data_is_refused(tmp_path: Path) -> None:
+    """A section decompressing to more than it should is stopped at the expected size."""
+    idx = sample_index(20)
+    big = _rebuild(idx, summary=bytes(10_000_000))
+    msg = read_error(big, tmp_path)
+    assert "summary section" in msg and "+ bytes" in msg
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="cannot read index"):
         read_index(tmp_path / "missing.idx")
