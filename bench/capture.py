@@ -104,6 +104,8 @@ TOOLS = {
     "recorder": Tool("recorder", _recorder([]), "recording ", _recorder_drops, signal.SIGTERM),
     "recorder -r": Tool("recorder -r", _recorder(["-r"]), "recording ", _recorder_drops,
                         signal.SIGTERM, sizes=(1000,)),
+    "recorder --compress": Tool("recorder --compress", _recorder(["--compress"]), "recording ",
+                                _recorder_drops, signal.SIGTERM),
     "tcpdump": Tool("tcpdump", lambda i, d, mb: [
         "tcpdump", "-i", i, "-w", str(d / "out.pcap"), "-s", str(SNAPLEN), "-B", str(mb * 1024),
         "-n"], "listening on", _tcpdump_drops),
@@ -303,6 +305,12 @@ def count_records(outdir: Path) -> int:
     for root, _dirs, files in os.walk(outdir):
         for name in files:
             p = Path(root) / name
+            if name.endswith(".pcap.zst") and not p.is_symlink():
+                from pcapvault.index.pcapfile import PcapReader
+
+                with PcapReader(p) as r:
+                    total += len(r.scan())
+                continue
             if p.is_symlink() or not (name.endswith(".pcap") or name.endswith(".part")):
                 continue
             size = p.stat().st_size
