@@ -169,7 +169,7 @@ class _Batch:
         # vectorised steps read); parsers write the address words (2..5) directly.
         self.words = np.zeros((_ROW_WORDS, n), dtype=np.uint64)
         # Just past the last byte the parse looked at (or wanted to).
-        self.need = self.l3
+        self.need = data.copy()
 
     def rows(self) -> np.ndarray:
         """The batch's flow rows as (6, n) uint64 words: row i is column i (FORMAT.md layout)."""

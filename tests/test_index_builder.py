@@ -350,6 +350,23 @@ def test_other_link_types(linktype: int) -> None:
         assert rows["sport"].tolist()[:2] == [1, 3]
 
 
+@pytest.mark.parametrize("linktype", [1, 113, 276, 101, 229])
+def test_other_link_types_all_ipv4_or_ipv6(linktype: int) -> None:
+    """Batches of one protocol only take the whole-batch route of the parsers."""
+    rng = np.random.default_rng(linktype)
+    for version in (4, 6):
+        l3 = [ipv4(int(rng.choice([6, 17, 1])), ports(i, 2 * i), src=f"10.0.{i % 256}.1")
+              if version == 4 else ipv6(int(rng.choice([6, 17, 58])), ports(i, 3 * i))
+              for i in range(300)]
+        et = 0x0800 if version == 4 else 0x86DD
+        frames = {1: [eth(et, p) for p in l3], 113: [bytes(14) + struct.pack(">H", et) + p
+                                                     for p in l3],
+                  276: [struct.pack(">H", et) + bytes(18) + p for p in l3]}.get(linktype, l3)
+        frames = [f[: int(rng.integers(len(f) - 30, len(f) + 1))] for f in frames]
+        rows = assert_like_reference(frames, linktype)
+        assert (rows["ipver"] == version).all() and (rows["flags"] & FLAG_ADDRS != 0).sum() > 100
+
+
 def random_frame(rng: np.random.Generator) -> bytes:
     """A frame of random but mostly well-formed structure, cut at a random length."""
     ntags = int(rng.choice([0, 0, 0, 1, 2, 3, 5]))
