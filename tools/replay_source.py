@@ -1,0 +1,148 @@
+"""What disk2n replays: frames out of a dump set (through npcapextract's selection engine) or out
+of pcap files, in replay order, as chunks of numpy columns pointing into the read buffers.
+
+Every input is opened and checked before the first frame is sent, so a bad path, an
+unreadable file, a wrong link type, a bad filter or time fails at once with one line instead of
+in the middle of a replay. Files are read through PcapReader, so whatever it learns to open
+(compressed pcaps) replays too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcapvault.extract.engine import Query, merge, source_batches
+from pcapvault.extract.select import Source, Stats
+from pcapvault.index.errors import FormatError, PcapVaultError
+from pcapvault.index.libpcap import Filter, compile_filter
+from pcapvault.index.pcapfile import MAX_CAPLEN, RECORD_HEADER_LEN, PcapReader, scan_records
+
+DLT_EN10MB = 1
+# Frames handed on at a time from a file: bounds the numpy temporaries, not the reads.
+CHUNK_FRAMES = 1 << 16
+
+Warn = Callable[[str], None]
+
+
+class InputError(PcapVaultError):
+    """An input cannot be replayed."""
+
+
+@dataclass
+class Frames:
+    """Consecutive frames to replay; frame i is buf[off[i] : off[i] + caplen[i]].
+
+    The buffer may be reused by the source for its next chunk: copy what you keep first.
+    """
+
+    buf: np.ndarray  # uint8
+    off: np.ndarray  # int64
+    caplen: np.ndarray  # int64
+    ts_ns: np.ndarray  # int64
+    origin: str  # file or dump set, for messages
+    first: bool  # first chunk of a file or dump-set pass: a new timing segment
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+    def take(self, sel: np.ndarray | slice) -> Frames:
+        return Frames(self.buf, self.off[sel], self.caplen[sel], self.ts_ns[sel], self.origin,
+                      self.first)
+
+
+def _need_ethernet(linktype: int, what: str) -> None:
+    if linktype != DLT_EN10MB:
+        raise InputError(
+            f"{what}: link type {linktype} is not Ethernet; only Ethernet captures can be "
+            "replayed onto an interface"
+        )
+
+
+class FileInput:
+    """pcap files played one after the other, each in its stored order."""
+
+    def __init__(self, paths: list[Path], expr: str, warn: Warn):
+        self.paths = paths
+        self.warn = warn
+        for p in paths:
+            with PcapReader(p) as r:
+                _need_ethernet(r.header.linktype, str(p))
+        self.filter: Filter | None = compile_filter(expr, DLT_EN10MB, MAX_CAPLEN) if expr else None
+
+    def __iter__(self) -> Iterator[Frames]:
+        for path in self.paths:
+            yield from self._file(path)
+
+    def _file(self, path: Path) -> Iterator[Frames]:
+        with PcapReader(path) as r:
+            _need_ethernet(r.header.linktype, str(path))
+            arr = r.array()  # once: a compressed file is decompressed here
+            table = scan_records(arr, r.header)
+            if table.torn:
+                self.warn(f"{path}: truncated after byte {table.complete_end}; replaying the "
+                          "complete records")
+            rec = table.offset.astype(np.int64)
+            cap = table.caplen.astype(np.int64)
+            ts = table.ts_ns
+            if self.filter is not None and len(rec):
+                keep = self.filter.match_many(arr, rec + RECORD_HEADER_LEN, cap,
+                                              table.wirelen.astype(np.int64))
+                rec, cap, ts = rec[keep], cap[keep], ts[keep]
+            first = True
+            for i in range(0, len(rec), CHUNK_FRAMES):
+                s = slice(i, i + CHUNK_FRAMES)
+                yield Frames(arr, rec[s] + RECORD_HEADER_LEN, cap[s], ts[s], str(path), first)
+                first = False
+
+
+class DumpSetInput:
+    """The frames of [BEGIN, END) matching FILTER in dump sets, exactly as npcapextract selects
+    them (merged in time order across several dump sets)."""
+
+    def __init__(self, paths: list[str], begin_ns: int, end_ns: int, expr: str, warn: Warn):
+        self.sources = [Source(p, i, expr) for i, p in enumerate(paths)]
+        for s in self.sources:
+            _need_ethernet(s.linktype, f"dump set {s.path}")
+        self.query = Query(begin_ns, end_ns)
+        self.warn = warn
+        self.origin = ", ".join(paths)
+        self.stats = Stats()
+
+    def __iter__(self) -> Iterator[Frames]:
+        single = len(self.sources) == 1
+        streams = [source_batches(s, self.query, self.stats, self.warn, lambda: None, single)
+                   for s in self.sources]
+        batches = streams[0] if single else merge(streams)
+        first = True
+        for b in batches:
+            if len(b):
+                yield Frames(b.buf, b.rec + RECORD_HEADER_LEN, b.caplen, b.ts_ns, self.origin,
+                             first)
+                first = False
+
+
+def read_playlist(path: Path) -> list[Path]:
+    """A playlist: one pcap per line; blank lines and `#` comments ignored; relative paths are
+    relative to the playlist, so a directory of captures can carry its own list."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read playlist {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text playlist (one pcap path per line)") from None
+    out = []
+    for line in lines:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            p = Path(entry)
+            out.append(p if p.is_absolute() else path.parent / p)
+    if not out:
+        raise InputError(f"playlist {path} names no pcap")
+    return out
+
+
+__all__ = ["DumpSetInput", "FileInput", "FormatError", "Frames", "InputError", "read_playlist"]
