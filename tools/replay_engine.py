@@ -26,8 +26,10 @@ from .replay_pace import Pace, Schedule, TimingErrors, wait_until
 from .replay_source import Frames
 from .replay_tx import ETH_HLEN, TxRing, max_frame_len
 
-# Frames per load in paced modes: small enough to fit between two sends at 10 kpps.
+# Frames per load in paced modes, at least: small enough to fit between two sends at 10 kpps.
 PACED_LOAD = 64
+# ... and enough to cover this much of the schedule at higher rates.
+LOAD_SPAN_NS = 1_000_000
 # Minimum ring headroom, in units of the measured load time, before loading between sends.
 LOAD_MARGIN = 2.0
 
@@ -88,6 +90,7 @@ class Replayer:
         self._t0: int | None = None
         self._pending: deque[_Pending] = deque()
         self._load_ns = 50_000.0  # running estimate of one paced load
+        self._load_size = PACED_LOAD
         self._limit = max_frame_len(tx.mtu, False)
 
     # -- admission -------------------------------------------------------------------------
@@ -150,17 +153,23 @@ class Replayer:
             if self.stop[0]:
                 return
             k = min(step, len(fr) - i)
-            while tx.free() < k:
-                tx.flush()
-                tx.poller.poll(1)
+            self._wait_room(k)
             tx.load(fr.buf, fr.off[i : i + k], fr.caplen[i : i + k], self.src_mac, self.dst_mac)
             tx.release(k)
             self._sent(k, int(fr.caplen[i : i + k].sum()), time.monotonic_ns())
 
+    def _wait_room(self, k: int) -> None:
+        """Until `k` frames can be loaded (a real NIC may still be sending older ones)."""
+        tx = self.tx
+        while tx.free() < k and not self.stop[0]:
+            tx.flush()
+            tx.poller.poll(1)
+
     def _pace(self, fr: Frames) -> None:
         tx = self.tx
-        for i in range(0, len(fr), PACED_LOAD):
-            k = min(PACED_LOAD, len(fr) - i)
+        i = 0
+        while i < len(fr):
+            k = min(self._load_size, len(fr) - i)
             self._serve(final=False, room=k)
             if self.stop[0]:
                 return
@@ -173,23 +182,32 @@ class Replayer:
             self._pending.append(_Pending(sched.tolist(), sched, cum.tolist(),
                                           np.empty(k, np.int64)))
             self._load_ns = 0.8 * self._load_ns + 0.2 * (time.monotonic_ns() - t)
+            # Size the next load to cover about LOAD_SPAN_NS of the schedule: small at low
+            # rates (it must fit between two sends), large at high ones (fewer, cheaper
+            # loads per frame).
+            span = int(sched[-1] - sched[0])
+            want = k * LOAD_SPAN_NS // span if span > 0 else tx.capacity
+            self._load_size = min(max(PACED_LOAD, 1 << (want.bit_length() - 1) if want else 0),
+                                  tx.capacity // 4)
+            i += k
 
     def _serve(self, final: bool, room: int = 0) -> None:
-        """Release frames as they fall due. Unless `final`, return when it is time to load
-        `room` more frames: before the start, until half the ring is loaded; then whenever
-        the load fits in the ring and has time to finish before the next frame is due, or at
-        once when few frames are left loaded ahead."""
+        """Release frames as they fall due, all that are due with one send(). Unless `final`,
+        return when it is time to load `room` more frames: before the start, until half the
+        ring is loaded; then whenever the load fits and has time to finish before the next
+        frame is due, or at once when few frames are left loaded ahead."""
         tx = self.tx
         clock = time.monotonic_ns
         ahead_max = tx.capacity // 2
-        low = max(PACED_LOAD, ahead_max // 8)
+        low = max(room, ahead_max // 8)
         if self._t0 is None:
             if not final and tx.loaded - tx.released + room <= ahead_max:
                 return
             self._t0 = clock()
         t0 = self._t0
-        while self._pending and not self.stop[0]:
-            p = self._pending[0]
+        pending = self._pending
+        while pending and not self.stop[0]:
+            p = pending[0]
             due = p.deadline[p.pos] + t0
             now = clock()
             if not final and tx.free() >= room:
@@ -203,18 +221,27 @@ class Replayer:
                 if self.stop[0]:
                     return
                 now = clock()
-            j = bisect_right(p.deadline, now - t0, p.pos)
-            tx.release(j - p.pos)
+            # Everything due by now, across loads.
+            ends = []
+            for q in pending:
+                j = bisect_right(q.deadline, now - t0, q.pos)
+                ends.append(j)
+                if j < len(q.deadline):
+                    break
+            tx.release(sum(j - q.pos for q, j in zip(pending, ends, strict=False)))
             after = clock()
-            p.sent[p.pos : j] = after - t0
-            self._sent(j - p.pos, p.cum_bytes[j] - p.cum_bytes[p.pos], after)
-            p.pos = j
-            if j == len(p.deadline):
-                self._retire(self._pending.popleft())
+            n = nbytes = 0
+            for j in ends:
+                q = pending[0]
+                q.sent[q.pos : j] = after - t0
+                n += j - q.pos
+                nbytes += q.cum_bytes[j] - q.cum_bytes[q.pos]
+                q.pos = j
+                if j == len(q.deadline):
+                    self._retire(pending.popleft())
+            self._sent(n, nbytes, after)
         if not final:
-            while tx.free() < room and not self.stop[0]:
-                tx.flush()
-                tx.poller.poll(1)
+            self._wait_room(room)
 
     def _retire(self, p: _Pending) -> None:
         self.errors.add(p.sent[: p.pos] - p.sched[: p.pos])
