@@ -554,7 +554,7 @@ def _index(
         flows=table,
         flow_packets=counts,
         ts_ns=ts_ns,
-        offset=offset.astype(np.uint64),
+        offset=offset.astype(np.int64, copy=False).view(np.uint64),
         caplen=caplen.astype(np.uint32),
         wirelen=wirelen,
         flow=flow,
