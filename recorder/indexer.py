@@ -70,6 +70,12 @@ def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int]
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return
+    # Indexing and compression may lag behind; capture must never wait for them. Idle
+    # scheduling gives the CPU to the capture process (and the kernel's receive path) first.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        os.nice(19)
     # The parent decides when to stop: it flushes the last file first, then sends None.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
