@@ -1,29 +1,41 @@
 """Read the selected candidates, confirm them with libpcap, merge dump sets in time order.
 
-Reads are planned from the index offsets: candidates closer than GAP bytes are read with one
-pread (so dense selections become large sequential reads and sparse ones touch only their
-records), in chunks of at most CHUNK_BYTES so memory stays bounded on any file size. Each chunk
-is matched with one vectorised call of the compiled filter.
+Each file's candidates are planned before they are read: records closer than GAP bytes share
+one read range (dense selections become large sequential reads, sparse ones touch only their
+pages), long ranges are split, and ranges are grouped into chunks of about CHUNK_BYTES so
+memory stays bounded on any file size. Files are planned ahead of reading (up to AHEAD_BYTES of
+planned reads) and their ranges announced to the prefetcher, so the disk serves the next files
+while the main thread matches and writes the current one (see prefetch.py).
+
+Candidates of flow rows the index decides YES are passed without running the filter (the
+decision is exact: flowmatch proves every packet of the row matches, and the tests hold it to
+libpcap packet by packet); the others are confirmed by the compiled program, one vectorised
+call per chunk.
 """
 
 from __future__ import annotations
 
-import heapq
-import time
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
 from .output import Batch, Output
+from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
 
 CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
 GAP = 4 << 10
+SPLIT_BYTES = 16 << 20  # longest read range: a dense file is read in pieces, not in one go
+AHEAD_BYTES = LOOKAHEAD_BYTES  # planned but unread bytes before planning stops
+AHEAD_FILES = 64
 
 Progress = Callable[[int, int], None]
 
@@ -33,6 +45,12 @@ class Query:
     begin_ns: int
     end_ns: int
     list_only: bool = False
+
+
+def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
+    return Candidates(
+        c.file, c.rec[sel], c.caplen[sel], c.wirelen[sel], c.ts_ns[sel], c.sure[sel], c.indexed
+    )
 
 
 def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
@@ -47,117 +65,253 @@ def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
     return _subset(c, ok)
 
 
-def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
-    return Candidates(
-        c.file, c.rec[sel], c.caplen[sel], c.wirelen[sel], c.ts_ns[sel], c.sure[sel], c.indexed
-    )
+class _Buffers:
+    """One read buffer for every chunk when the consumer is done with a batch before asking
+    for the next (no fresh pages to fault in each time); a new one per chunk otherwise."""
+
+    def __init__(self, reuse: bool):
+        self.reuse = reuse
+        self.spare: np.ndarray | None = None
+
+    def get(self, size: int) -> np.ndarray:
+        if not self.reuse:
+            return np.empty(size, np.uint8)
+        if self.spare is None or len(self.spare) < size:
+            self.spare = np.empty(max(size, CHUNK_BYTES), np.uint8)
+        return self.spare[:size]
 
 
-def read_matches(
-    src: Source, c: Candidates, stats: Stats, warn: Warn, reuse: bool = False
-) -> Iterator[Batch]:
-    """The confirmed matches among `c`, in capture order, as batches.
+class _Plan:
+    """The reads of one file's candidates: ranges, chunks of ranges, its read-ahead job."""
 
-    With `reuse` one read buffer serves every chunk (no fresh pages to fault in): only for a
-    consumer that is done with a batch before asking for the next.
-    """
-    try:
-        reader = PcapReader(c.file.pcap)
-    except PcapVaultError as e:
-        warn(f"{c.file.pcap}: unreadable, skipped ({e})")
-        return
-    with reader:
-        hdr = reader.header
-        c = _drop_past_end(c, reader.size, warn)
-        flt = src.filter
-        everything = flt.matches_everything
+    def __init__(
+        self, src: Source, c: Candidates, reader: PcapReader, pf: Prefetcher, warn: Warn
+    ):
+        self.src = src
+        self.reader = reader
+        self.pf = pf
+        self.c = c = _drop_past_end(c, reader.size, warn)
+        self.job: Job | None = None
+        n = len(c.rec)
+        rec, end = c.rec, c.rec + RECORD_HEADER_LEN + c.caplen
+        if not c.indexed or n == 0:
+            self.unread = 0
+            return
+        new = np.ones(n, bool)
+        new[1:] = rec[1:] - end[:-1] > GAP
+        # Split ranges longer than SPLIT_BYTES at a record boundary.
+        seg = (rec - rec[new][np.cumsum(new) - 1]) // SPLIT_BYTES
+        new[1:] |= seg[1:] != seg[:-1]
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], n) - 1
+        self.starts = rec[first]
+        self.lens = end[last] - rec[first]
+        self.rid = np.cumsum(new) - 1
+        self.first = first  # first candidate of each range
+        # Chunks: consecutive ranges, a new chunk every CHUNK_BYTES of reads or CHUNK_PACKETS.
+        before = np.cumsum(self.lens) - self.lens
+        key = before // CHUNK_BYTES * (n // CHUNK_PACKETS + 1) + first // CHUNK_PACKETS
+        cnew = np.ones(len(first), bool)
+        cnew[1:] = key[1:] != key[:-1]
+        self.chunks = np.append(np.flatnonzero(cnew), len(first))
+        self.unread = int(self.lens.sum())
+        if not reader.compressed:
+            self.job = pf.submit(reader.path, self.starts, self.lens)
+
+    def close(self) -> None:
+        if self.job is not None:
+            self.pf.done(self.job)
+        self.reader.close()
+
+    def batches(
+        self, stats: Stats, bufs: _Buffers, between: Callable[[], None]
+    ) -> Iterator[Batch]:
+        """The confirmed matches, in capture order, one batch per chunk."""
+        c, src = self.c, self.src
+        hdr = self.reader.header
         raw_ok = not hdr.big_endian
         if not c.indexed:
-            # Sequential scan: the records are in the mapped file already.
-            arr = reader.array()
-            for i in range(0, len(c.rec), CHUNK_PACKETS):
-                rec = c.rec[i : i + CHUNK_PACKETS]
-                cap, wire = c.caplen[i : i + CHUNK_PACKETS], c.wirelen[i : i + CHUNK_PACKETS]
-                stats.packets_read += len(rec)
-                m = (
-                    np.ones(len(rec), bool)
-                    if everything
-                    else flt.match_many(arr, rec + RECORD_HEADER_LEN, cap, wire)
-                )
-                yield Batch(
-                    arr, rec[m], cap[m], wire[m], c.ts_ns[i : i + CHUNK_PACKETS][m],
-                    src.number, hdr.nanosecond, raw_ok,
-                )
+            yield from self._scanned(stats, raw_ok)
             return
-        end = c.rec + RECORD_HEADER_LEN + c.caplen
-        yield from _read_chunks(src, c, end, reader, stats, hdr.nanosecond, raw_ok, reuse)
+        if not len(c.rec):
+            return
+        for a, b in zip(self.chunks[:-1].tolist(), self.chunks[1:].tolist(), strict=True):
+            i = int(self.first[a])
+            j = int(self.first[b]) if b < len(self.first) else len(c.rec)
+            buf, local = self._read(a, b, i, j, bufs)
+            cap, wire, ts = c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
+            m = self._confirm(buf, local, cap, wire, c.sure[i:j])
+            stats.packets_read += j - i
+            stats.bytes_read += len(buf)
+            if m is None:
+                yield Batch(buf, local, cap, wire, ts, src.number, hdr.nanosecond, raw_ok)
+            else:
+                yield Batch(buf, local[m], cap[m], wire[m], ts[m], src.number, hdr.nanosecond,
+                            raw_ok)
+            between()
 
-
-def _read_chunks(
-    src: Source,
-    c: Candidates,
-    end: np.ndarray,
-    reader: PcapReader,
-    stats: Stats,
-    nanosecond: bool,
-    raw_ok: bool,
-    reuse: bool,
-) -> Iterator[Batch]:
-    """Coalesced preads of the candidates, matched chunk by chunk."""
-    flt = src.filter
-    everything = flt.matches_everything
-    n = len(c.rec)
-    i = 0
-    spare: np.ndarray | None = None
-    dense = n and int((end - c.rec).sum()) > (int(end[-1]) - int(c.rec[0])) // 4
-    if dense:
-        reader.advise_sequential(int(c.rec[0]), int(end[-1] - c.rec[0]))
-    while i < n:
-        j = int(np.searchsorted(end, c.rec[i] + CHUNK_BYTES, side="right"))
-        j = min(max(j, i + 1), i + CHUNK_PACKETS)
-        rec, e = c.rec[i:j], end[i:j]
-        # Coalesce records closer than GAP into one read.
-        new = np.ones(len(rec), bool)
-        new[1:] = rec[1:] - e[:-1] > GAP
-        first = np.flatnonzero(new)
-        last = np.append(first[1:], len(rec)) - 1
-        r_start, r_end = rec[first], e[last]
-        lens = r_end - r_start
-        base = np.cumsum(np.append(0, lens))
+    def _read(
+        self, a: int, b: int, i: int, j: int, bufs: _Buffers
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Read ranges [a, b) into one buffer; the buffer positions of candidates [i, j)."""
+        starts, lens = self.starts[a:b], self.lens[a:b]
+        base = np.zeros(b - a + 1, np.int64)
+        np.cumsum(lens, out=base[1:])
         total = int(base[-1])
-        if reuse and spare is not None and len(spare) >= total:
-            buf = spare[:total]
-        else:
-            buf = np.empty(max(total, CHUNK_BYTES if reuse else 0), np.uint8)
-            spare = buf if reuse else None
-            buf = buf[:total]
+        buf = bufs.get(total)
         mv = memoryview(buf)
-        for s, ln, b in zip(r_start.tolist(), lens.tolist(), base[:-1].tolist(), strict=True):
-            got = reader.read_into(mv[b : b + ln], s)
-            if got != ln:
-                raise PcapVaultError(f"{c.file.pcap}: short read at byte {s}")
-        rid = np.cumsum(new) - 1
-        local = rec - r_start[rid] + base[rid]
-        stats.packets_read += len(rec)
-        stats.bytes_read += len(buf)
-        cap, wire = c.caplen[i:j], c.wirelen[i:j]
-        if everything:
-            m = np.ones(len(rec), bool)
-        else:
-            m = flt.match_many(buf, local + RECORD_HEADER_LEN, cap, wire)
-        yield Batch(buf, local[m], cap[m], wire[m], c.ts_ns[i:j][m], src.number, nanosecond,
-                    raw_ok)
-        i = j
+        read_into = self.reader.read_into
+        for s, ln, o in zip(starts.tolist(), lens.tolist(), base[:-1].tolist(), strict=True):
+            if read_into(mv[o : o + ln], s) != ln:
+                raise PcapVaultError(f"{self.c.file.pcap}: short read at byte {s}")
+        if self.job is not None:
+            self.pf.consumed(self.job, total)
+        self.unread -= total
+        r = self.rid[i:j] - a
+        return buf, self.c.rec[i:j] - starts[r] + base[r]
+
+    def _confirm(
+        self, buf: np.ndarray, local: np.ndarray, cap: np.ndarray, wire: np.ndarray,
+        sure: np.ndarray,
+    ) -> np.ndarray | None:
+        """Which candidates match (None: all of them); only the unsure ones run the filter."""
+        flt = self.src.filter
+        if flt.matches_everything or sure.all():
+            return None
+        m = sure.copy()
+        u = np.flatnonzero(~sure)
+        m[u] = flt.match_many(buf, local[u] + RECORD_HEADER_LEN, cap[u], wire[u])
+        return m
+
+    def _scanned(self, stats: Stats, raw_ok: bool) -> Iterator[Batch]:
+        """A file without a usable index: its records are in the mapped file already."""
+        c, src = self.c, self.src
+        arr = self.reader.array()
+        nanosecond = self.reader.header.nanosecond
+        for i in range(0, len(c.rec), CHUNK_PACKETS):
+            s = slice(i, i + CHUNK_PACKETS)
+            rec, cap, wire = c.rec[s], c.caplen[s], c.wirelen[s]
+            stats.packets_read += len(rec)
+            m = self._confirm(arr, rec, cap, wire, c.sure[s])
+            if m is None:
+                yield Batch(arr, rec, cap, wire, c.ts_ns[s], src.number, nanosecond, raw_ok)
+            else:
+                yield Batch(arr, rec[m], cap[m], wire[m], c.ts_ns[s][m], src.number,
+                            nanosecond, raw_ok)
+
+
+def _will_need(path: os.PathLike) -> None:
+    """Start reading a whole (small) file into the page cache; only a hint."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Planned:
+    file: StoredFile
+    plan: _Plan | None  # None: nothing to read
+    sure: int = 0  # candidates known to match and left out of the plan (listing)
+
+
+class _Pipeline:
+    """The files of one dump set in the window, planned ahead of reading them.
+
+    `listing` plans only the candidates the index cannot decide (the others are counted).
+    """
+
+    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False):
+        self.src, self.q, self.stats, self.warn = src, q, stats, warn
+        self.listing = listing
+        self.files = src.files(q.begin_ns, q.end_ns, stats)
+        self.next = 0
+        self.queue: deque[_Planned] = deque()
+        self.pf = Prefetcher()
+        # The indexes are read first and are small: ask for the first ones now, before any
+        # pcap range is queued (a sequential read behind thousands of scattered ones waits).
+        for sf in self.files[:AHEAD_FILES]:
+            _will_need(sf.index)
+
+    def top_up(self) -> None:
+        """Plan further files while little is planned and unread."""
+        while self.next < len(self.files) and (
+            not self.queue
+            or (
+                len(self.queue) < AHEAD_FILES
+                and sum(p.plan.unread for p in self.queue if p.plan) < AHEAD_BYTES
+            )
+        ):
+            self.queue.append(self._plan(self.files[self.next]))
+            self.next += 1
+
+    def _plan(self, sf: StoredFile) -> _Planned:
+        if self.next + AHEAD_FILES < len(self.files):
+            _will_need(self.files[self.next + AHEAD_FILES].index)
+        c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
+        if c is None:
+            return _Planned(sf, None)
+        sure = 0
+        if self.listing:
+            sure = int(c.sure.sum())
+            if sure:
+                c = _subset(c, ~c.sure)
+            if not len(c.rec):
+                return _Planned(sf, None, sure)
+        try:
+            reader = PcapReader(c.file.pcap)
+        except PcapVaultError as e:
+            self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
+            return _Planned(sf, None)
+        try:
+            plan = _Plan(self.src, c, reader, self.pf, self.warn)
+        except BaseException:
+            reader.close()
+            raise
+        return _Planned(sf, plan, sure)
+
+    def __iter__(self) -> Iterator[_Planned]:
+        try:
+            while True:
+                self.top_up()
+                if not self.queue:
+                    return
+                p = self.queue[0]
+                try:
+                    yield p
+                finally:
+                    self.queue.popleft()
+                    if p.plan:
+                        p.plan.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        while self.queue:
+            p = self.queue.popleft()
+            if p.plan:
+                p.plan.close()
+        self.pf.close()
 
 
 def source_batches(
     src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool
 ) -> Iterator[Batch]:
-    """Every confirmed match of one dump set in the window, in stored order."""
-    for sf in src.files(q.begin_ns, q.end_ns, stats):
-        c = src.candidates(sf, q.begin_ns, q.end_ns, stats, warn)
-        if c is not None:
-            for b in read_matches(src, c, stats, warn, reuse=single):
+    """Every confirmed match of one dump set in the window, in stored order.
+
+    `single`: the consumer is done with each batch before asking for the next, so one read
+    buffer serves every chunk."""
+    pipe = _Pipeline(src, q, stats, warn)
+    bufs = _Buffers(single)
+    for p in pipe:
+        if p.plan is not None:
+            for b in p.plan.batches(stats, bufs, pipe.top_up):
                 stats.packets_matched += len(b)
                 yield b
         tick()
@@ -252,20 +406,14 @@ def list_files(
 ) -> list[tuple[str, int]]:
     """Files holding matches and how many; only rows the index cannot decide are read."""
     found: list[tuple[int, str, int]] = []
+    bufs = _Buffers(True)
     for src in sources:
-        for sf in src.files(q.begin_ns, q.end_ns, stats):
-            c = src.candidates(sf, q.begin_ns, q.end_ns, stats, warn)
-            if c is None:
-                continue
-            sure = int(c.sure.sum())
-            rest = _subset(c, ~c.sure) if sure else c
-            n = sure + sum(len(b) for b in read_matches(src, rest, stats, warn))
+        pipe = _Pipeline(src, q, stats, warn, listing=True)
+        for p in pipe:
+            n = p.sure
+            if p.plan is not None:
+                n += sum(len(b) for b in p.plan.batches(stats, bufs, pipe.top_up))
             if n:
                 stats.packets_matched += n
-                found.append((sf.first_ns, str(sf.pcap.resolve()), n))
-    heapq.heapify(found)
-    return [(p, n) for _, p, n in sorted(found)]
-
-
-def elapsed_since(t0: float) -> float:
-    return time.monotonic() - t0
+                found.append((p.file.first_ns, str(p.file.pcap.resolve()), n))
+    return [(path, n) for _, path, n in sorted(found)]

@@ -59,27 +59,45 @@ FULL = U32(0xFFFFFFFF)
 
 
 class _Chunks:
-    """Synthetic packets built in bulk: values, unknown-bit masks, bytes surely captured, row."""
+    """Synthetic packets built in bulk: values, unknown-bit masks, bytes surely captured, row,
+    and the byte span [start, stop) where the row's addresses sit (0, 0: none recorded)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.parts: list[tuple[np.ndarray, ...]] = []
 
     def add(
-        self, rows: np.ndarray, V: np.ndarray, U: np.ndarray, KL: np.ndarray | int, ok=None
+        self, rows: np.ndarray, V: np.ndarray, U: np.ndarray, KL: np.ndarray | int, ok=None,
+        addr_span: np.ndarray | None = None,
     ) -> None:
         """Keep the variants still consistent (`ok`), the others describe no real packet."""
+        if ok is not None and not ok.any():
+            return
         kl = np.broadcast_to(np.asarray(KL, dtype=np.int64), (len(rows),))
-        if ok is not None:
-            rows, V, U, kl = rows[ok], V[ok], U[ok], kl[ok]
+        span = np.zeros((len(rows), 2), np.int64) if addr_span is None else addr_span
+        if ok is not None:  # a copy even when all are kept: callers go on changing V and U
+            rows, V, U, kl, span = rows[ok], V[ok], U[ok], kl[ok], span[ok]
         if len(rows):
-            self.parts.append((rows, V, U, kl))
+            self.parts.append((rows, V, U, kl, span))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, ...]:
         if not self.parts:
             e = np.zeros((0, SYN_LEN), np.uint8)
-            return e, e, np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows, V, U, KL = (np.concatenate(x) for x in zip(*self.parts, strict=True))
-        return V, U, KL, rows
+            z = np.zeros(0, np.int64)
+            return e, e, z, z, np.zeros((0, 2), np.int64)
+        rows, V, U, KL, span = (np.concatenate(x) for x in zip(*self.parts, strict=True))
+        return V, U, KL, rows, span
+
+
+def _pick(sel: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The selected rows of each array; no copy when all are selected (the common case)."""
+    if sel.all():
+        return arrays
+    return tuple(a[sel] for a in arrays)
+
+
+def _addr_span(has: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Per variant, where the addresses of rows that record them lie in the packet."""
+    return np.where(has[:, None], np.array([start, stop], np.int64), 0)
 
 
 def _be16(x: np.ndarray) -> np.ndarray:
@@ -106,8 +124,8 @@ def _know(V: np.ndarray, U: np.ndarray, ok: np.ndarray, off: int, data, unknown=
 
 
 def _build_variants(
-    flows: np.ndarray, coarse: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    flows: np.ndarray, coarse: bool = False, addrs: bool = True
+) -> tuple[np.ndarray, ...]:
     """Enumerate the packets each Ethernet flow row stands for (see the module docstring).
 
     This mirrors what pcapvault.index.builder records: up to four VLAN tags are looked through
@@ -116,6 +134,8 @@ def _build_variants(
 
     `coarse` leaves the IPv4 header length and the IPv6 next header unknown instead of
     enumerating them: one variant per row and TPID choice, enough to decide most rows.
+    `addrs=False` also leaves the addresses unknown (still captured), so that rows differing
+    only in addresses and ports share one decision; the returned spans say where they were.
     """
     out = _Chunks()
     n = len(flows)
@@ -139,12 +159,13 @@ def _build_variants(
         combos = combos.reshape(len(combos), ntags + extra)
         r = np.repeat(base, len(combos))
         tpids = np.tile(combos, (len(base), 1))
-        _tagged_variants(out, f, r, tpids, ntags, coarse)
+        _tagged_variants(out, f, r, tpids, ntags, coarse, addrs)
     return out.arrays()
 
 
 def _tagged_variants(
-    out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, ntags: int, coarse: bool
+    out: _Chunks, f: dict, r: np.ndarray, tpids: np.ndarray, ntags: int, coarse: bool,
+    addrs: bool,
 ) -> None:
     m = len(r)
     V = np.zeros((m, SYN_LEN), np.uint8)
@@ -162,25 +183,28 @@ def _tagged_variants(
         done |= cut
         # PCP and DEI are not recorded: the top four bits of the TCI stay unknown.
         _know(V, U, ok, off + 2, _be16(vid & 0xFFF), unknown=(0xF0, 0))
-    keep = ~done
-    r, V, U, ok = r[keep], V[keep], U[keep], ok[keep]
+    r, V, U, ok = _pick(~done, r, V, U, ok)
     eoff = 12 + 4 * tpids.shape[1]
     l3 = eoff + 2
     et = f["ethertype"][r]
     short = et == 0  # 0 also means "frame too short": nothing after the tags is known
     out.add(r, V, U, eoff, short & ok)
-    r, V, U, ok, et = r[~short], V[~short], U[~short], ok[~short], et[~short]
+    r, V, U, ok, et = _pick(~short, r, V, U, ok, et)
     _know(V, U, ok, eoff, _be16(et))
     ipver = f["ipver"][r]
     v4 = (ipver == 4) & (et == 0x0800)
     v6 = (ipver == 6) & (et == 0x86DD)
     other = ~v4 & ~v6
     out.add(r, V, U, l3, other & ok)
-    _ipv4_variants(out, f, r[v4], V[v4], U[v4], ok[v4], l3, coarse)
-    _ipv6_variants(out, f, r[v6], V[v6], U[v6], ok[v6], l3, coarse)
+    if v4.any():
+        _ipv4_variants(out, f, *_pick(v4, r, V, U, ok), l3, coarse, addrs)
+    if v6.any():
+        _ipv6_variants(out, f, *_pick(v6, r, V, U, ok), l3, coarse, addrs)
 
 
-def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) -> None:
+def _ipv4_variants(
+    out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool, addrs: bool = True
+) -> None:
     flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
     s = (flags & F_PROTO) != 0
@@ -194,13 +218,14 @@ def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) ->
     U[s2, l3 + 6] = 0xE0
     U[s2, l3 + 7] = 0
     s = (flags & F_ADDRS) != 0
-    V[s, l3 + 12 : l3 + 16] = f["src"][r][s][:, 12:16]
-    V[s, l3 + 16 : l3 + 20] = f["dst"][r][s][:, 12:16]
-    U[s, l3 + 12 : l3 + 20] = 0
+    if addrs:
+        V[s, l3 + 12 : l3 + 16] = f["src"][r][s][:, 12:16]
+        V[s, l3 + 16 : l3 + 20] = f["dst"][r][s][:, 12:16]
+        U[s, l3 + 12 : l3 + 20] = 0
     KL[s] = l3 + 20
     wp = ((flags & F_PORTS) != 0) & (not coarse)
     # Without ports the header length stays unknown; anything that depends on it is undetermined.
-    out.add(r, V, U, KL, ~wp & ok)
+    out.add(r, V, U, KL, ~wp & ok, _addr_span(s, l3 + 12, l3 + 20))
     r, V, U, ok, KL = r[wp], V[wp], U[wp], ok[wp], KL[wp]
     ports = f["ports"][r]
     for ihl in range(16):
@@ -211,16 +236,19 @@ def _ipv4_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) ->
         out.add(r, v, u, np.maximum(KL, l4 + 4), o)
 
 
-def _ipv6_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool) -> None:
+def _ipv6_variants(
+    out: _Chunks, f: dict, r, V, U, ok, l3: int, coarse: bool, addrs: bool = True
+) -> None:
     flags = f["flags"][r]
     KL = np.full(len(r), l3, np.int64)
     s = (flags & F_ADDRS) != 0
-    V[s, l3 + 8 : l3 + 24] = f["src"][r][s]
-    V[s, l3 + 24 : l3 + 40] = f["dst"][r][s]
-    U[s, l3 + 8 : l3 + 40] = 0
+    if addrs:
+        V[s, l3 + 8 : l3 + 24] = f["src"][r][s]
+        V[s, l3 + 24 : l3 + 40] = f["dst"][r][s]
+        U[s, l3 + 8 : l3 + 40] = 0
     KL[s] = l3 + 40
     full = s & ((flags & F_PROTO) != 0) & (not coarse)
-    out.add(r, V, U, KL, ~full & ok)
+    out.add(r, V, U, KL, ~full & ok, _addr_span(s, l3 + 8, l3 + 40))
     r, V, U, ok, flags = r[full], V[full], U[full], ok[full], flags[full]
     P = f["proto"][r]
     # No extension header: the next header is the transport protocol, ports follow.
@@ -291,10 +319,15 @@ class _AbstractBpf:
         self.jf = [int(c) for c in flt.insns["jf"]]
         self.k = [int(c) for c in flt.insns["k"]]
 
-    def run(self, V: np.ndarray, Um: np.ndarray, KL: np.ndarray) -> np.ndarray:
+    def run(
+        self, V: np.ndarray, Um: np.ndarray, KL: np.ndarray, spans: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Outcome per variant; with `spans`, also whether a load at a known position touched
+        each variant's [start, stop) byte span, as `self.touched`."""
         n = len(KL)
         nins = len(self.code)
         res = np.full(n, MAYBE, dtype=np.int8)
+        self.touched = np.zeros(n, bool)
         if nins == 0:
             res[:] = YES
             return res
@@ -374,6 +407,9 @@ class _AbstractBpf:
                         off = Xv[idx].astype(np.int64) + k
                     else:
                         off = np.full(len(idx), k, np.int64)
+                    if spans is not None:
+                        sp = spans[idx]
+                        self.touched[idx] |= (off < sp[:, 1]) & (off + size > sp[:, 0])
                     ok = off + size <= KL[idx]
                     idx, off = idx[ok], off[ok]
                     v = np.zeros(len(idx), U32)
@@ -468,26 +504,100 @@ _HASH_MULT = np.array(
 )
 
 
-def _hash_rows(words: np.ndarray) -> np.ndarray:
-    """A 64-bit multiply-xor hash per row of uint64 words."""
-    h = np.zeros(len(words), np.uint64)
-    for j in range(words.shape[1]):
-        h ^= words[:, j]
+def _hash_columns(cols: np.ndarray) -> np.ndarray:
+    """A 64-bit multiply-xor hash per row of uint64 words held column by column (k, n)."""
+    h = np.zeros(cols.shape[1], np.uint64)
+    for j, col in enumerate(cols):
+        h ^= col
         h *= _HASH_MULT[j % len(_HASH_MULT)]
         h ^= h >> np.uint64(29)
     return h
 
 
+def _distinct(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted distinct values of `h`, a position of each in `h`, and each element's index in
+    the distinct values (np.unique's, without its slower stable sort)."""
+    order = np.argsort(h)
+    sh = h[order]
+    start = np.ones(len(h), bool)
+    start[1:] = sh[1:] != sh[:-1]
+    inv = np.empty(len(h), np.int64)
+    inv[order] = np.cumsum(start) - 1
+    return sh[start], order[start], inv
+
+
+def _equal_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise equality of two (k, n) column arrays."""
+    diff = np.zeros(a.shape[1], np.uint64)
+    for x, y in zip(a, b, strict=True):
+        diff |= x ^ y
+    return diff == 0
+
+
+class _Cache:
+    """Decisions of rows seen before (in earlier files), found by a hash of the row and verified
+    against the full row, so a hash collision only costs a recomputation. Rows are kept as
+    columns of 64-bit words (column-wise numpy is several times faster here)."""
+
+    def __init__(self, width: int) -> None:
+        self.keys = np.zeros(0, np.uint64)
+        self.cols = np.zeros((width, 0), np.uint64)
+        self.dec = np.zeros(0, np.int8)
+        self.extra = np.zeros(0, bool)
+
+    def lookup(self, h: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hit, position) per row; `h` sorted (searching sorted hashes is much faster)."""
+        if not len(self.keys):
+            return np.zeros(len(h), bool), np.zeros(len(h), np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, h), len(self.keys) - 1)
+        hit = self.keys[pos] == h
+        hit[hit] = _equal_columns(np.take(self.cols, pos[hit], axis=1), cols[:, hit])
+        return hit, pos
+
+    def add(self, h: np.ndarray, cols: np.ndarray, dec: np.ndarray, extra: np.ndarray) -> None:
+        """Insert rows with sorted, distinct hashes that are not in the cache yet."""
+        if len(self.keys):
+            new = self.keys[np.minimum(np.searchsorted(self.keys, h), len(self.keys) - 1)] != h
+            h, cols, dec, extra = h[new], cols[:, new], dec[new], extra[new]
+        at = np.searchsorted(self.keys, h)
+        self.keys = np.insert(self.keys, at, h)
+        self.cols = np.insert(self.cols, at, cols, axis=1)
+        self.dec = np.insert(self.dec, at, dec)
+        self.extra = np.insert(self.extra, at, extra)
+
+
+def _field_mask(*fields: str) -> np.ndarray:
+    """Per 64-bit word of a flow row: the bits outside `fields` (AND-ing wipes the fields)."""
+    keep = np.full(indexfile.FLOW_DTYPE.itemsize, 0xFF, np.uint8)
+    for name in fields:
+        dtype, offset = indexfile.FLOW_DTYPE.fields[name][:2]
+        keep[offset : offset + dtype.itemsize] = 0
+    return keep.view("<u8")
+
+
+# The levels at which rows are decided, cheapest first: the fields wiped from the row so that
+# rows share a decision, and the variant enumeration. Each is a sound abstraction of the row
+# (the wiped fields are unknown, not absent), so a YES or NO at any level is final.
+_LEVELS = {
+    "shape": _field_mask("sport", "dport", "src", "dst"),  # addresses and ports unknown
+    "hosts": _field_mask("sport", "dport"),  # addresses known, IPv4 header length unknown
+    "full": _field_mask(),  # everything the row records, header lengths enumerated
+}
+
+
 class FlowMatcher:
-    """Decides index flow rows for one compiled filter; remembers rows it has seen."""
+    """Decides index flow rows for one compiled filter; remembers rows it has seen.
+
+    Rows are decided level by level (see _LEVELS), each only for the rows the level before
+    left undecided, and each on distinct rows only: filters on protocols or VLANs never pay
+    for the number of hosts or ports, and a host filter never for the number of ports.
+    """
 
     def __init__(self, flt: Filter):
         self.filter = flt
         self.supported = flt.linktype == DLT_EN10MB
         self._vm = _AbstractBpf(flt)
-        self._keys = np.zeros(0, np.uint64)
-        self._words = np.zeros((0, indexfile.FLOW_DTYPE.itemsize // 8), np.uint64)
-        self._dec = np.zeros(0, np.int8)
+        self._cache = {name: _Cache(int((m != 0).sum())) for name, m in _LEVELS.items()}
         self.demoted = 0  # determined outcomes libpcap disagreed with (should stay 0)
 
     def decide(self, flows: np.ndarray) -> np.ndarray:
@@ -501,45 +611,58 @@ class FlowMatcher:
             return out
         if not self.supported:
             return out
-        words = np.ascontiguousarray(flows).view(np.uint64).reshape(n, -1)
-        h = _hash_rows(words)
-        # Rows seen in earlier files: a sorted table of row hashes, each hit verified against
-        # the full row, so a hash collision only costs a recomputation.
-        pos = np.searchsorted(self._keys, h)
-        pos_c = np.minimum(pos, max(len(self._keys) - 1, 0))
-        if len(self._keys):
-            hit = (self._keys[pos_c] == h) & (self._words[pos_c] == words).all(axis=1)
-        else:
-            hit = np.zeros(n, bool)
-        out[hit] = self._dec[pos_c[hit]]
-        todo = np.flatnonzero(~hit)
+        # Plain 64-bit words: structured-array copies and field writes are far slower.
+        words = np.ascontiguousarray(flows).view("<u8").reshape(n, -1)
+        # Shape first; its undecided rows go on to hosts only where the program looked at the
+        # addresses (otherwise knowing them cannot help), and the rest straight to full.
+        dec, addr_relevant = self._level("shape", words)
+        out[:] = dec
+        hosts = np.flatnonzero((dec == MAYBE) & addr_relevant)
+        if len(hosts):
+            out[hosts], _ = self._level("hosts", words[hosts])
+        todo = np.flatnonzero(out == MAYBE)
         if len(todo):
-            dec = self._decide_rows(flows[todo])
-            out[todo] = dec
-            keys = np.concatenate([self._keys, h[todo]])
-            uniq, first = np.unique(keys, return_index=True)
-            allw = np.concatenate([self._words, words[todo]])
-            alld = np.concatenate([self._dec, dec])
-            self._keys, self._words, self._dec = uniq, allw[first], alld[first]
+            out[todo], _ = self._level("full", words[todo])
         return out
 
-    def _decide_rows(self, flows: np.ndarray) -> np.ndarray:
-        """Coarse variants first; only rows they leave undetermined are enumerated in full."""
-        dec = self._blocks(flows, True, 16 * ROWS_PER_BLOCK)
-        undecided = dec == MAYBE
-        if undecided.any():
-            dec[undecided] = self._blocks(flows[undecided], False, ROWS_PER_BLOCK)
-        return dec
+    def _level(self, level: str, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions of rows at one level, through the cache: (decision, address relevant)."""
+        mask = _LEVELS[level]
+        keep = np.flatnonzero(mask != 0)
+        cols = np.ascontiguousarray((words[:, keep] & mask[keep]).T)  # the words the level keeps
+        h = _hash_columns(cols)
+        # Distinct rows: one row of each hash stands for the others, verified equal to it.
+        uh, first, inv = _distinct(h)
+        ucols = np.take(cols, first, axis=1)
+        same = _equal_columns(cols, np.take(ucols, inv, axis=1))
+        cache = self._cache[level]
+        hit, pos = cache.lookup(uh, ucols)
+        udec = np.empty(len(uh), np.int8)
+        uextra = np.empty(len(uh), bool)
+        udec[hit], uextra[hit] = cache.dec[pos[hit]], cache.extra[pos[hit]]
+        miss = np.flatnonzero(~hit)
+        if len(miss):
+            udec[miss], uextra[miss] = self._decide(words[first[miss]] & mask, level)
+            cache.add(uh[miss], ucols[:, miss], udec[miss], uextra[miss])
+        dec, extra = udec[inv], uextra[inv]
+        odd = np.flatnonzero(~same)  # a hash collision among these rows: decide those alone
+        if len(odd):
+            dec[odd], extra[odd] = self._decide(words[odd] & mask, level)
+        return dec, extra
 
-    def _blocks(self, flows: np.ndarray, coarse: bool, size: int) -> np.ndarray:
-        return np.concatenate(
-            [self._decide_variants(flows[i : i + size], coarse) for i in range(0, len(flows), size)]
-        )
+    def _decide(self, words: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+        flows = np.ascontiguousarray(words).view(indexfile.FLOW_DTYPE).reshape(-1)
+        size = ROWS_PER_BLOCK if level == "full" else 16 * ROWS_PER_BLOCK
+        parts = [self._decide_variants(flows[i : i + size], level)
+                 for i in range(0, len(flows), size)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _decide_variants(self, flows: np.ndarray, coarse: bool) -> np.ndarray:
+    def _decide_variants(self, flows: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+        """Decision per row and, at the shape level, whether the addresses could matter."""
         nrows = len(flows)
-        V, Um, KL, rows = _build_variants(flows, coarse)
-        outcome = self._vm.run(V, Um, KL)
+        shape = level == "shape"
+        V, Um, KL, rows, spans = _build_variants(flows, coarse=level != "full", addrs=not shape)
+        outcome = self._vm.run(V, Um, KL, spans if shape else None)
         # Cross-check one determined variant per row on a concrete member (unknown bits zero)
         # with the concrete matcher (libpcap's semantics, verified against libpcap by the
         # tests); all of them would cost more than the rest of the work.
@@ -563,4 +686,9 @@ class FlowMatcher:
         any_yes[rows[outcome == YES]] = True
         any_maybe[rows[outcome == MAYBE]] = True
         dec = np.where(any_maybe | (any_no & any_yes), MAYBE, np.where(any_yes, YES, NO))
-        return dec.astype(np.int8)
+        # Knowing the addresses can only settle a row whose undecided variants read them: a
+        # run that never loads them takes the same path with them known.
+        relevant = np.zeros(nrows, bool)
+        if shape:
+            relevant[rows[(outcome == MAYBE) & self._vm.touched]] = True
+        return dec.astype(np.int8), relevant

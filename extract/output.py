@@ -1,14 +1,19 @@
 """Where extracted packets go: pcap or pcapng, one stream or numbered split files, with caps.
 
-Packets arrive in batches that point into the source pcaps (memory-mapped), so the common case,
-a pcap copy at the stored precision without slicing, writes runs of adjacent source records
-straight from the mapping with writev and never copies a packet in Python. Slicing, a change of
-timestamp precision, a big-endian source or pcapng rewrite the headers (built with numpy) and
-still pass the packet bytes by reference.
+Packets arrive in batches that point into read buffers, so the common case, a pcap copy at the
+stored precision without slicing, writes runs of adjacent source records straight from the
+buffer and never copies a packet in Python. Slicing, a change of timestamp precision, a
+big-endian source or pcapng rewrite the headers (built with numpy) and still pass the packet
+bytes by reference.
+
+Writes go out as `Pieces`: (address, length) pairs built with numpy and handed to libc's
+writev through ctypes, 1024 at a time. A broad extraction writes a million runs; one Python
+object per run (a memoryview slice for os.writev) cost more than the writes themselves.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -74,6 +79,67 @@ class Interface:
     nanosecond: bool
 
 
+class Pieces:
+    """Memory pieces written in order: `iov` is an (n, 2) uint64 array laid out as
+    `struct iovec` (address, length); `keep` holds the arrays the addresses point into.
+
+    len() is the byte count, so code that frames each write (extract/framed.py) handles it
+    like any other buffer."""
+
+    def __init__(self, iov: np.ndarray, keep: tuple):
+        self.iov = iov
+        self.keep = keep
+        self.total = int(iov[:, 1].sum())
+
+    def __len__(self) -> int:
+        return self.total
+
+    @classmethod
+    def of(cls, buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> Pieces:
+        """Ranges of `buf` given by byte offsets and lengths."""
+        iov = np.empty((len(offsets), 2), np.uint64)
+        iov[:, 0] = offsets
+        iov[:, 0] += buf.ctypes.data
+        iov[:, 1] = lengths
+        return cls(iov, (buf,))
+
+
+_libc_writev = None
+
+
+def _writev_pieces(fd: int, iov: np.ndarray) -> None:
+    """writev every piece, IOV_MAX at a time, continuing after partial writes."""
+    global _libc_writev
+    if _libc_writev is None:
+        f = ctypes.CDLL(None, use_errno=True).writev
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        f.restype = ctypes.c_ssize_t
+        _libc_writev = f
+    iov = np.ascontiguousarray(iov, dtype=np.uint64)
+    lens = iov[:, 1]
+    i, n = 0, len(iov)
+    while i < n:
+        k = min(n, i + IOV_MAX)
+        got = _libc_writev(fd, iov[i:k].ctypes.data, k - i)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err == errno.EPIPE:
+                raise ClosedPipe()
+            raise OutputError(f"cannot write the output: {os.strerror(err)}")
+        # Skip the pieces written completely; resume inside a partly written one.
+        done = np.cumsum(lens[i:k])
+        j = int(np.searchsorted(done, got, side="right"))
+        if i + j < k:
+            part = got - (int(done[j - 1]) if j else 0)
+            if got == 0 and lens[i + j]:
+                raise OutputError("cannot write the output: nothing was written")
+            iov[i + j, 0] += part
+            iov[i + j, 1] -= part
+        i += j
+
+
 def _writev_all(fd: int, bufs: list) -> None:
     """writev everything, continuing after partial writes."""
     i = 0
@@ -111,8 +177,19 @@ class Sink:
         self._write_header()
 
     def _write(self, bufs: list) -> None:
-        _writev_all(self.fd, bufs)
-        self.bytes += sum(len(b) for b in bufs)
+        """Write buffers and Pieces in order; every call is a whole number of records."""
+        plain: list = []
+        for b in bufs:
+            if isinstance(b, Pieces):
+                if plain:
+                    _writev_all(self.fd, plain)
+                    plain = []
+                _writev_pieces(self.fd, b.iov)
+            else:
+                plain.append(b)
+        if plain:
+            _writev_all(self.fd, plain)
+        self.bytes += sum(map(len, bufs))
 
     def _write_header(self) -> None:
         if not self.pcapng:
@@ -154,12 +231,10 @@ class Sink:
         """Copy runs of adjacent records straight from the source."""
         start = b.rec
         end = b.rec + RECORD_HEADER_LEN + b.caplen
-        brk = np.flatnonzero(start[1:] != end[:-1]) + 1
-        rs = np.concatenate([[0], brk])
-        re_ = np.concatenate([brk, [len(start)]]) - 1
-        mv = memoryview(b.buf)
-        bufs = [mv[s:e] for s, e in zip(start[rs].tolist(), end[re_].tolist(), strict=True)]
-        self._write(bufs)
+        first = np.ones(len(start), bool)
+        first[1:] = start[1:] != end[:-1]
+        last = np.append(first[1:], True)
+        self._write([Pieces.of(b.buf, start[first], end[last] - start[first])])
 
     def _headers(self, b: Batch, cap: np.ndarray) -> np.ndarray:
         sec, frac = np.divmod(b.ts_ns, 1_000_000_000)
@@ -171,14 +246,14 @@ class Sink:
 
     def _write_rebuilt(self, b: Batch) -> None:
         cap = b.caplen if not self.snap else np.minimum(b.caplen, self.snap)
-        hdrs = memoryview(self._headers(b, cap).tobytes())
-        mv = memoryview(b.buf)
-        data_start = (b.rec + RECORD_HEADER_LEN).tolist()
-        bufs: list = []
-        for i, (s, c) in enumerate(zip(data_start, cap.tolist(), strict=True)):
-            bufs.append(hdrs[16 * i : 16 * i + 16])
-            bufs.append(mv[s : s + c])
-        self._write(bufs)
+        hdrs = self._headers(b, cap)
+        n = len(b)
+        iov = np.empty((2 * n, 2), np.uint64)
+        iov[0::2, 0] = hdrs.ctypes.data + 16 * np.arange(n, dtype=np.uint64)
+        iov[0::2, 1] = 16
+        iov[1::2, 0] = b.buf.ctypes.data + (b.rec + RECORD_HEADER_LEN).astype(np.uint64)
+        iov[1::2, 1] = cap
+        self._write([Pieces(iov, (hdrs, b.buf))])
 
     def _write_pcapng(self, b: Batch) -> None:
         iface = self.ifaces[b.iface]
@@ -194,18 +269,20 @@ class Sink:
         h[:, 4] = units & 0xFFFFFFFF
         h[:, 5] = cap
         h[:, 6] = b.wirelen
-        hdrs = memoryview(h.tobytes())
-        mv = memoryview(b.buf)
-        zeros = b"\0\0\0"
-        bufs: list = []
-        starts = (b.rec + RECORD_HEADER_LEN).tolist()
-        for i, (s, c, p, t) in enumerate(
-            zip(starts, cap.tolist(), pad.tolist(), total.tolist(), strict=True)
-        ):
-            bufs.append(hdrs[28 * i : 28 * i + 28])
-            bufs.append(mv[s : s + c])
-            bufs.append(zeros[:p] + t.to_bytes(4, "little"))
-        self._write(bufs)
+        # Trailer of packet i: its `pad` zero bytes then the block length, i.e. the last
+        # pad + 4 bytes of the pair (0, total).
+        tail = np.zeros((len(b), 2), dtype="<u4")
+        tail[:, 1] = total
+        n = len(b)
+        step = np.arange(n, dtype=np.uint64)
+        iov = np.empty((3 * n, 2), np.uint64)
+        iov[0::3, 0] = h.ctypes.data + 28 * step
+        iov[0::3, 1] = 28
+        iov[1::3, 0] = b.buf.ctypes.data + (b.rec + RECORD_HEADER_LEN).astype(np.uint64)
+        iov[1::3, 1] = cap
+        iov[2::3, 0] = tail.ctypes.data + 8 * step + (4 - pad).astype(np.uint64)
+        iov[2::3, 1] = pad + 4
+        self._write([Pieces(iov, (h, tail, b.buf))])
 
     def close(self) -> None:
         if self.fd > 2:

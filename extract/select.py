@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pcapvault.index import timeline
+from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import DumpSetError, PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
@@ -123,53 +124,71 @@ class Source:
         self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
     ) -> Candidates | None:
         """The packets of `sf` to read, or None when the index proves none can match."""
-        from pcapvault.index.indexfile import read_index
+        from pcapvault.index.indexfile import decode_index
 
-        if not os.path.exists(sf.index):
-            warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
-            return self._scan(sf, begin_ns, end_ns, stats, warn)
+        name = str(sf.index)
         try:
-            summary = read_index(sf.index, packets=False)
-            if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
-                stats.skipped_summary += 1
-                return None
-            dec = self.matcher.decide(summary.flows)
-            if not (dec != NO).any():
-                stats.skipped_summary += 1
-                return None
-            idx = read_index(sf.index, packets=True)
+            with open(sf.index, "rb") as f:
+                data = f.read()  # once: the summary and then the packet columns come from it
         except FileNotFoundError:
             warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
-        except (PcapVaultError, OSError, ValueError) as e:
-            warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
+        except OSError as e:
+            warn(f"{sf.pcap}: index unusable ({name}: {e.strerror}); scanning the pcap "
+                 "sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
-            size = os.stat(sf.pcap).st_size
-        except OSError as e:
-            warn(f"{sf.pcap}: unreadable, skipped ({e.strerror})")
-            return None
-        if size < idx.pcap_size:
-            warn(
-                f"{sf.pcap}: truncated at byte {size} (its index describes {idx.pcap_size}); "
-                "extracting the complete records before it"
-            )
-        ts = np.asarray(idx.ts_ns, dtype=np.int64)
-        flow = np.asarray(idx.flow, dtype=np.int64)
-        if len(flow) and int(flow.max()) >= len(dec):
-            warn(f"{sf.index}: flow numbers out of range; scanning the pcap sequentially")
+            summary = decode_index(data, name, packets=False)
+            if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
+                stats.skipped_summary += 1
+                return None
+            inside = begin_ns <= summary.first_ns and summary.last_ns < end_ns
+            if inside:
+                # Every row has packets in the window: decide them all first, and skip the
+                # packet columns when none can match.
+                dec = self.matcher.decide(summary.flows)
+                if not (dec != NO).any():
+                    stats.skipped_summary += 1
+                    return None
+            idx = decode_index(data, name, packets=True)
+        except (PcapVaultError, ValueError) as e:
+            warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
-        pdec = dec[flow]
-        keep = (ts >= begin_ns) & (ts < end_ns) & (pdec != NO)
+        if not is_compressed(sf.pcap):
+            try:
+                size = os.stat(sf.pcap).st_size
+            except OSError as e:
+                warn(f"{sf.pcap}: unreadable, skipped ({e.strerror})")
+                return None
+            if size < idx.pcap_size:
+                warn(
+                    f"{sf.pcap}: truncated at byte {size} (its index describes "
+                    f"{idx.pcap_size}); extracting the complete records before it"
+                )
+        ts = idx.ts_ns
+        flow = idx.flow
+        if inside:
+            pdec = dec[flow]
+            keep = pdec != NO
+        else:
+            # A file the window cuts: decide only the rows of its packets inside the window.
+            keep = (ts >= begin_ns) & (ts < end_ns)
+            present = np.zeros(len(summary.flows), bool)
+            present[flow[keep]] = True
+            rows = np.flatnonzero(present)
+            dec = np.full(len(summary.flows), NO, np.int8)
+            dec[rows] = self.matcher.decide(summary.flows[rows])
+            pdec = dec[flow]
+            keep &= pdec != NO
         sel = np.flatnonzero(keep)
         if not len(sel):
             stats.skipped_summary += 1
             return None
         return Candidates(
             sf,
-            np.asarray(idx.offset, dtype=np.int64)[sel],
-            np.asarray(idx.caplen, dtype=np.int64)[sel],
-            np.asarray(idx.wirelen, dtype=np.int64)[sel],
+            idx.offset[sel].astype(np.int64),
+            idx.caplen[sel].astype(np.int64),
+            idx.wirelen[sel].astype(np.int64),
             ts[sel],
             pdec[sel] == YES,
             True,
