@@ -196,17 +196,33 @@ def become(account: str) -> None:
     raise ServiceError("could not give up root")
 
 
-def _preload() -> None:
-    """Import the extraction engine (and load libpcap) while PAM checks the password.
+class Preload(threading.Thread):
+    """Imports the extraction engine (and loads libpcap) while PAM checks the password.
 
-    Half a second of imports would otherwise come after the check; modules must also be
-    loaded before the drop in case the service account cannot read the interpreter's tree."""
-    from pcapvault.index import indexfile, pcapfile  # noqa: F401
-    from pcapvault.index.libpcap import lib
+    Half a second of imports would otherwise come after the check, on every connection. The
+    modules must also be loaded before the privilege drop, in case the service account
+    cannot read the interpreter's tree."""
 
-    from . import engine, flowmatch, framed, output, select  # noqa: F401
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.error: BaseException | None = None
+        self.start()
 
-    lib()
+    def run(self) -> None:
+        try:
+            from pcapvault.index import indexfile, pcapfile  # noqa: F401
+            from pcapvault.index.libpcap import lib
+
+            from . import engine, flowmatch, framed, output, select  # noqa: F401
+
+            lib()
+        except BaseException as e:  # noqa: BLE001 - raised in wait(), where it is reported
+            self.error = e
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _log(msg: str) -> None:
@@ -217,23 +233,16 @@ def _log(msg: str) -> None:
 class Session:
     """One connection: up to max_attempts requests until one is allowed or refused."""
 
-    def __init__(self, conn: socket.socket, settings: Settings, audit: Audit):
+    def __init__(self, conn: socket.socket, settings: Settings, audit: Audit,
+                 preload: Preload):
         self.conn = conn
         self.settings = settings
         self.audit = audit
+        self.preload = preload
         self.peer = peer_of(conn)
-        self.loader_error: BaseException | None = None
         self.record: dict | None = None
         self.started = time.monotonic()
         self.audited = False
-        self.loader = threading.Thread(target=self._load, daemon=True)
-        self.loader.start()
-
-    def _load(self) -> None:
-        try:
-            _preload()
-        except BaseException as e:  # noqa: BLE001 - reported when the engine is needed
-            self.loader_error = e
 
     def run(self) -> None:
         for attempt in range(1, self.settings.max_attempts + 1):
@@ -347,9 +356,7 @@ class Session:
 
     def _extract(self, req: wire.Request, record: dict, started: float) -> None:
         """Stream the result through the engine, as the service account."""
-        self.loader.join()
-        if self.loader_error is not None:
-            raise self.loader_error
+        self.preload.wait()
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
         become(self.settings.account)
@@ -377,7 +384,10 @@ class Session:
 
         def warn(msg: str) -> None:
             stats.warnings.append(msg)
-            wire.send(self.conn, wire.WARNING, msg.encode())
+            try:
+                wire.send(self.conn, wire.WARNING, msg.encode())
+            except OSError:
+                raise ClosedPipe() from None
 
         q = Query(req.begin_ns, req.end_ns, req.list_only)
         files: list[tuple[str, int]] = []
@@ -409,11 +419,15 @@ class Session:
             self._trailer(stats, files, out, error=msg)
             self._audit(record, started, "error", msg, *_returned(out))
             return
-        self._trailer(stats, files, out)
+        if not self._trailer(stats, files, out):
+            self._audit(record, started, "error", "the client stopped reading before the end; "
+                        "result incomplete", *_returned(out))
+            return
         self._audit(record, started, "allowed", None, packets, _returned(out)[1])
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: Output | None,
-                 error: str | None = None) -> None:
+                 error: str | None = None) -> bool:
+        """The end of the result; False when the client is gone (it missed the end)."""
         counts = asdict(stats)
         counts.pop("warnings")
         body = {
@@ -426,7 +440,8 @@ class Session:
         try:
             wire.send_json(self.conn, wire.TRAILER, body)
         except OSError:
-            pass
+            return False
+        return True
 
 
 def _returned(out: Output | None) -> tuple[int, int]:
@@ -481,6 +496,7 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
     Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
     not meant to be run by hand.
     """
+    preload = Preload()  # first: it runs while everything below happens
     conn = activation_socket()
     settings = Settings(account, group, pam_service, audit_log, allow or default_allow(),
                         max_attempts, fail_delay, timeout)
@@ -495,7 +511,7 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
         except OSError:
             pass
         raise
-    session = Session(conn, settings, audit)
+    session = Session(conn, settings, audit, preload)
     try:
         session.run()
     except Exception as e:  # noqa: BLE001 - never a traceback, never a silent attempt

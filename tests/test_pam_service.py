@@ -148,6 +148,15 @@ def make_user(name: str, base: Path, groups: list[str]) -> User:
     return User(name, password, home)
 
 
+def remove_user(name: str) -> None:
+    """userdel refuses while a process of the user lives (a service instance finishing)."""
+    for _ in range(50):
+        if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):
+            return
+        time.sleep(0.1)
+    subprocess.run(["userdel", "-f", name], capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def world():
     tag = secrets.token_hex(3)
@@ -168,11 +177,15 @@ def world():
         created_users.append(outsider.name)
         Path(f"/etc/pam.d/{pam_service}").write_text(PAM_FILE.read_text())
 
-        probe = outsider.run([sys.executable, "-c", "import pcapvault.extract.cli"])
-        if probe.returncode != 0:
-            pytest.skip(f"{sys.executable} cannot be run by an unprivileged user (a venv under "
-                        "/root?); run the tests with /opt/pcapvault/bin/python: "
-                        f"{probe.stderr.decode(errors='replace').strip()[-200:]}")
+        try:
+            probe = outsider.run([sys.executable, "-c", "import pcapvault.extract.cli"])
+            why = probe.stderr.decode(errors="replace").strip()[-200:]
+            usable = probe.returncode == 0
+        except OSError as e:
+            why, usable = e.strerror, False
+        if not usable:
+            pytest.skip(f"{sys.executable} cannot be run by an unprivileged user (an interpreter "
+                        f"under /root?): {why}; run the tests with /opt/pcapvault/bin/python")
 
         # A private dump set, recorded the way a sensor records it.
         src = base / "in.pcap"
@@ -200,7 +213,7 @@ def world():
         if service:
             service.stop()
         for name in created_users:
-            subprocess.run(["userdel", name], capture_output=True)
+            remove_user(name)
         for group in (grp_name, svc):
             subprocess.run(["groupdel", group], capture_output=True)
         Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
@@ -250,6 +263,60 @@ def test_member_gets_exactly_the_direct_extraction(world, args):
     assert a["bytes"] == len(expected) and a["packets"] > 0
     assert a["begin"].endswith("Z") and a["duration_s"] >= 0
     assert world.member.password not in world.audit.read_text()
+
+
+def test_list_and_summary_through_the_service(world):
+    b, e = world.window
+    direct = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-f", "tcp",
+                             "-l"], capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 0 and direct.stdout
+    r = world.member.run(world.client("-f", "tcp", "-l", "--password-stdin"),
+                         input=f"{world.member.password}\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == direct.stdout
+    r = world.member.run(world.client("-f", "tcp", "-o", "r.pcap", "-v", "--password-stdin"),
+                         input=f"{world.member.password}\n".encode())
+    assert r.returncode == 0
+    summary = r.stderr.decode()
+    assert summary.count("\n") == 1 and summary.startswith(
+        f"npcapextract: through the extraction service as {world.member.name}: files considered")
+
+
+def test_warnings_reach_the_client(world):
+    idx = sorted(world.dumpset.glob("*/*.pcap.idx"))[0]
+    aside = idx.with_name(idx.name + ".aside")
+    idx.rename(aside)
+    try:
+        expected = world.direct("-f", "tcp")
+        r = world.member.run(world.client("-f", "tcp", "-O", "--password-stdin"),
+                             input=f"{world.member.password}\n".encode())
+        assert r.returncode == 0 and r.stdout == expected
+        name = idx.name.removesuffix(".idx")
+        err = r.stderr.decode()
+        assert err.count("\n") == 1 and err.startswith("npcapextract: warning: /")
+        assert err.endswith(f"/{name}: no index; scanning the pcap sequentially\n")
+    finally:
+        aside.rename(idx)
+
+
+def test_a_client_that_stops_reading_costs_the_service_nothing(world):
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    client = subprocess.Popen(world.client("-O", "--password-stdin"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              **world.member.popen_kw())
+    client.stdin.write(f"{world.member.password}\n".encode())
+    client.stdin.close()
+    head = client.stdout.read(100)  # then hang up, as `| head -c 100` would
+    client.stdout.close()
+    assert client.wait(30) == 0 and client.stderr.read() == b""
+    assert head[:4] == bytes.fromhex("4d3cb2a1")
+    deadline = time.monotonic() + 10
+    while len(world.audit_lines()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] in ("allowed", "error")  # small results may be out before the hang-up
+    if a["outcome"] == "error":
+        assert a["reason"].startswith("the client stopped reading")
 
 
 def test_wrong_password_gets_nothing_and_never_shows_in_the_process_list(world):
