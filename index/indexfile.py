@@ -158,17 +158,18 @@ def _packet_columns(idx: PacketIndex) -> list[np.ndarray]:
     previous record and wire lengths as the excess over the captured length turns both into
     zeros for ordinary pcaps.
     """
-    ts = np.asarray(idx.ts_ns, dtype=np.int64)
-    off = np.asarray(idx.offset, dtype=np.uint64)
-    caplen = np.asarray(idx.caplen, dtype=np.uint32)
-    record_end = off[:-1] + RECORD_HEADER_LEN + caplen[:-1]
-    return [
-        np.diff(ts, prepend=np.int64(0)).astype("<i8"),
-        (off - np.concatenate(([np.uint64(0)], record_end))).astype("<u8"),
-        caplen.astype("<u4"),
-        (np.asarray(idx.wirelen, dtype=np.uint32) - caplen).astype("<u4"),
-        np.asarray(idx.flow, dtype="<u4"),
-    ]
+    ts = np.asarray(idx.ts_ns, dtype="<i8")
+    off = np.asarray(idx.offset, dtype="<u8")
+    caplen = np.asarray(idx.caplen, dtype="<u4")
+    ts_delta = np.empty_like(ts)
+    ts_delta[:1] = ts[:1]
+    np.subtract(ts[1:], ts[:-1], out=ts_delta[1:])
+    gap = off.copy()
+    gap[1:] -= off[:-1]
+    gap[1:] -= caplen[:-1]
+    gap[1:] -= np.uint64(RECORD_HEADER_LEN)
+    excess = np.asarray(idx.wirelen, dtype="<u4") - caplen
+    return [ts_delta, gap, caplen, excess, np.asarray(idx.flow, dtype="<u4")]
 
 
 def _byte_planes(columns: list[np.ndarray]) -> np.ndarray:
