@@ -199,9 +199,9 @@ def become(account: str) -> None:
 class Preload(threading.Thread):
     """Imports the extraction engine (and loads libpcap) while PAM checks the password.
 
-    Half a second of imports would otherwise come after the check, on every connection. The
-    modules must also be loaded before the privilege drop, in case the service account
-    cannot read the interpreter's tree."""
+    A fifth of a second of imports would otherwise come after the check, on every
+    connection. The modules must also be loaded before the privilege drop, in case the
+    service account cannot read the interpreter's tree."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -233,12 +233,11 @@ def _log(msg: str) -> None:
 class Session:
     """One connection: up to max_attempts requests until one is allowed or refused."""
 
-    def __init__(self, conn: socket.socket, settings: Settings, audit: Audit,
-                 preload: Preload):
+    def __init__(self, conn: socket.socket, settings: Settings, audit: Audit):
         self.conn = conn
         self.settings = settings
         self.audit = audit
-        self.preload = preload
+        self.preload: Preload | None = None
         self.peer = peer_of(conn)
         self.record: dict | None = None
         self.started = time.monotonic()
@@ -271,6 +270,10 @@ class Session:
             self._deny(record, started, f"uid {self.peer.uid} has no account name")
             return False
         record["pam_user"] = user
+        if self.preload is None:
+            # Now, not earlier: the imports hold the GIL, and PAM releases it. Started any
+            # sooner they would only slow down the way to this call.
+            self.preload = Preload()
         ok, why = authenticate(user, req.password, s.pam_service)
         if not ok:
             left = s.max_attempts - attempt
@@ -356,7 +359,7 @@ class Session:
 
     def _extract(self, req: wire.Request, record: dict, started: float) -> None:
         """Stream the result through the engine, as the service account."""
-        self.preload.wait()
+        (self.preload or Preload()).wait()
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
         become(self.settings.account)
@@ -496,7 +499,6 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
     Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
     not meant to be run by hand.
     """
-    preload = Preload()  # first: it runs while everything below happens
     conn = activation_socket()
     settings = Settings(account, group, pam_service, audit_log, allow or default_allow(),
                         max_attempts, fail_delay, timeout)
@@ -511,7 +513,7 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
         except OSError:
             pass
         raise
-    session = Session(conn, settings, audit, preload)
+    session = Session(conn, settings, audit)
     try:
         session.run()
     except Exception as e:  # noqa: BLE001 - never a traceback, never a silent attempt
