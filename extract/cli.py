@@ -159,7 +159,8 @@ def cli(
             socket_path=service_socket, password_stdin=password_stdin,
             automatic=not use_service, dumpsets=remote, begin=begin, end=end, expr=expr,
             output=output, stdout=stdout, pcapng=pcapng, snaplen=snaplen,
-            split=bool(split_mb or split_packets), list_only=list_only, empty=empty,
+            split_bytes=split_mb << 20 if split_mb else None, split_packets=split_packets,
+            list_only=list_only, empty=empty,
             max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
         )
     from .engine import Query, extract, list_files

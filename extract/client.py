@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import pwd
+import re
 import socket
 import stat
 import struct
@@ -33,6 +34,7 @@ from . import wire
 COPY_BUFFER = 4 << 20
 PIPE_SIZE = 1 << 20  # the default pipe-max-size
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SPLIT_NAME = re.compile(r"extract-\d{6}\.pcap(ng)?")
 
 
 class ServiceError(PcapVaultError):
@@ -149,14 +151,14 @@ class _Receiver:
         self.pipe: tuple[int, int] | None = None  # (read, write) between socket and file
         self.splice = False
 
-    def open(self) -> int:
-        if self.target == "-":
+    def open(self, name: str) -> int:
+        if name == "-":
             fd = 1
         else:
             try:
-                fd = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             except OSError as e:
-                raise ServiceError(f"cannot create {self.target}: {e.strerror}") from None
+                raise ServiceError(f"cannot create {name}: {e.strerror}") from None
         st = os.fstat(fd)
         appending = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
         if stat.S_ISFIFO(st.st_mode):
@@ -170,9 +172,22 @@ class _Receiver:
                 pass  # the default 64 KiB pipe works, with more calls
         return fd
 
+    def next_file(self, name: str) -> None:
+        """-P/-N: the service's engine started the next file; create it in our directory."""
+        if not SPLIT_NAME.fullmatch(name):
+            raise wire.ProtocolError(f"unexpected file name {name!r} from the extraction service")
+        if self.fd is None:
+            try:
+                os.makedirs(self.target, exist_ok=True)
+            except OSError as e:
+                raise ServiceError(f"cannot create output directory {self.target}: "
+                                   f"{e.strerror}") from None
+        self.close()
+        self.fd = self.open(os.path.join(self.target, name))
+
     def copy(self, n: int) -> None:
         if self.fd is None:
-            self.fd = self.open()
+            self.fd = self.open(self.target)
         if self.splice:
             try:
                 self._splice(n)
@@ -215,8 +230,10 @@ class _Receiver:
     def close(self) -> None:
         if self.fd is not None and self.fd > 2:
             os.close(self.fd)
+        self.fd = None
         for fd in self.pipe or ():
             os.close(fd)
+        self.pipe = None
 
 
 class _NoSplice(Exception):
@@ -241,7 +258,8 @@ def run_remote(
     stdout: bool,
     pcapng: bool,
     snaplen: int | None,
-    split: bool,
+    split_bytes: int | None,
+    split_packets: int | None,
     list_only: bool,
     empty: bool,
     max_bytes: int | None,
@@ -258,11 +276,8 @@ def run_remote(
         output = "-"
     if output is None and not list_only:
         raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
-    if split:
-        raise click.UsageError(
-            "-P/-N are not available through the extraction service; split the result "
-            "with editcap or tcpdump -C"
-        )
+    if (split_bytes or split_packets) and output == "-":
+        raise ServiceError("-P/-N split the output into files: give -o a directory, not -")
     b_ns, e_ns = parse_window(begin, end)
     user = pwd.getpwuid(os.getuid()).pw_name
     sock = connect(socket_path, automatic, dumpsets)
@@ -276,6 +291,8 @@ def run_remote(
         snaplen=snaplen,
         max_bytes=max_bytes,
         max_packets=max_packets,
+        split_bytes=split_bytes,
+        split_packets=split_packets,
         empty=empty,
         list_only=list_only,
     )
@@ -349,6 +366,10 @@ def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
             kind, length = head
             if kind == wire.DATA:
                 receiver.copy(length)
+            elif kind == wire.FILE:
+                name = wire.recv_exact(sock, min(length, 256), "file name").decode(
+                    errors="replace")
+                receiver.next_file(name)
             elif kind == wire.WARNING:
                 if length > wire.MAX_REPLY:
                     raise wire.ProtocolError("oversized warning from the extraction service")

@@ -8,6 +8,8 @@ frames to its own output without parsing packets.
 
 from __future__ import annotations
 
+import socket
+
 from . import wire
 from .output import Interface, Output, Sink
 
@@ -25,12 +27,29 @@ class FramedSink(Sink):
 
 
 class ConnectionOutput(Output):
-    """Output to the connection `fd`: one stream, no split (the client writes the files)."""
+    """Output to the connection: one stream, or split files announced by FILE frames.
 
-    def __init__(self, fd: int, ifaces: list[Interface], **caps: int | bool | None):
-        self.conn_fd = fd
-        super().__init__("-", ifaces, **caps)
+    The engine's own split logic decides where a file ends; the client creates the files,
+    in its own directory and with its own rights."""
+
+    def __init__(self, conn: socket.socket, ifaces: list[Interface], **caps: int | bool | None):
+        self.conn = conn
+        self.finished_bytes = 0  # of the split files before the current one
+        split = caps.get("split_bytes") or caps.get("split_packets")
+        # With a split, Output makes sure its directory exists: "." is the service's own
+        # working directory, a no-op; the client makes the real one.
+        super().__init__("." if split else "-", ifaces, **caps)
+
+    @property
+    def sent(self) -> int:
+        """Bytes of pcap streams sent, file headers included (what the client's files hold)."""
+        return self.finished_bytes + (self.sink.bytes if self.sink else 0)
 
     def _open(self) -> Sink:
-        self.files.append("-")
-        return FramedSink(self.conn_fd, self.pcapng, self.ifaces, self.snap)
+        if self.sink is not None:  # Output._roll: the previous file is complete
+            self.finished_bytes += self.sink.bytes
+        name = f"extract-{len(self.files) + 1:06d}{self.ext}" if self.split else "-"
+        if self.split:
+            wire.send(self.conn, wire.FILE, name.encode())
+        self.files.append(name)
+        return FramedSink(self.conn.fileno(), self.pcapng, self.ifaces, self.snap)

@@ -44,7 +44,7 @@ from . import wire
 from .times import format_time
 
 if TYPE_CHECKING:
-    from .output import Output
+    from .framed import ConnectionOutput
     from .select import Stats
 
 PROG = "npcapextractd"
@@ -370,7 +370,9 @@ class Session:
         from .select import Source, Stats
 
         try:
-            sources = [Source(p, i, req.filter) for i, p in enumerate(req.dumpsets)]
+            # The paths checked by served(), resolved: a link swapped since cannot redirect us.
+            sources = [Source(os.path.realpath(p), i, req.filter)
+                       for i, p in enumerate(req.dumpsets)]
             if not req.pcapng and len({src.linktype for src in sources}) > 1:
                 raise PcapVaultError(
                     "the dump sets have different link types; use --pcapng to combine them"
@@ -405,9 +407,11 @@ class Session:
                               s.nanosecond)
                     for s in sources
                 ]
-                out = ConnectionOutput(self.conn.fileno(), ifaces, pcapng=req.pcapng,
+                out = ConnectionOutput(self.conn, ifaces, pcapng=req.pcapng,
                                        snap=req.snaplen, max_bytes=req.max_bytes,
-                                       max_packets=req.max_packets)
+                                       max_packets=req.max_packets,
+                                       split_bytes=req.split_bytes,
+                                       split_packets=req.split_packets)
                 extract(sources, q, out, stats, warn)
                 if req.empty and out.sink is None:
                     out.ensure_open()
@@ -428,7 +432,7 @@ class Session:
             return
         self._audit(record, started, "allowed", None, packets, _returned(out)[1])
 
-    def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: Output | None,
+    def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
                  error: str | None = None) -> bool:
         """The end of the result; False when the client is gone (it missed the end)."""
         counts = asdict(stats)
@@ -447,11 +451,9 @@ class Session:
         return True
 
 
-def _returned(out: Output | None) -> tuple[int, int]:
-    """Packets and bytes that went to the client: the pcap stream, file header included."""
-    if out is None or out.sink is None:
-        return (out.packets if out else 0), 0
-    return out.packets, out.sink.bytes
+def _returned(out: ConnectionOutput | None) -> tuple[int, int]:
+    """Packets and bytes that went to the client."""
+    return (out.packets, out.sent) if out else (0, 0)
 
 
 def _describe(req: wire.Request) -> dict:
@@ -465,7 +467,9 @@ def _describe(req: wire.Request) -> dict:
             k: v
             for k, v in (("pcapng", req.pcapng), ("snaplen", req.snaplen),
                          ("max_bytes", req.max_bytes), ("max_packets", req.max_packets),
-                         ("list", req.list_only), ("empty", req.empty))
+                         ("split_bytes", req.split_bytes),
+                         ("split_packets", req.split_packets), ("list", req.list_only),
+                         ("empty", req.empty))
             if v
         },
     }

@@ -25,6 +25,7 @@ REPLY = b"R"  # service -> client: ok / denied / error (JSON)
 DATA = b"D"  # service -> client: a piece of the pcap or pcapng stream
 WARNING = b"W"  # service -> client: a warning line (UTF-8)
 TRAILER = b"T"  # service -> client: counts and statistics, the end of the result (JSON)
+FILE = b"F"  # service -> client: the next DATA frames start the split file named here (-P/-N)
 
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 16 << 20  # a trailer lists the matching files with -l
@@ -52,6 +53,8 @@ class Request:
     snaplen: int | None = None
     max_bytes: int | None = None
     max_packets: int | None = None
+    split_bytes: int | None = None
+    split_packets: int | None = None
     empty: bool = False
     list_only: bool = False
 
@@ -99,6 +102,8 @@ _FIELDS: dict[str, tuple[str, bool]] = {
     "snaplen": ("count", False),
     "max_bytes": ("count", False),
     "max_packets": ("count", False),
+    "split_bytes": ("count", False),
+    "split_packets": ("count", False),
     "empty": ("bool", False),
     "list_only": ("bool", False),
 }

@@ -265,6 +265,24 @@ def test_member_gets_exactly_the_direct_extraction(world, args):
     assert world.member.password not in world.audit.read_text()
 
 
+@pytest.mark.parametrize("split", [["-N", "300"], ["-P", "1", "--pcapng"]])
+def test_split_output_through_the_service(world, split, tmp_path):
+    b, e = world.window
+    r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, *split, "-o",
+                        str(tmp_path / "direct")], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "direct").iterdir()}
+    out = world.member.home / f"split{len(split)}"
+    r = world.member.run(world.client(*split, "-o", str(out), "--password-stdin"),
+                         input=f"{world.member.password}\n".encode())
+    assert r.returncode == 0, r.stderr
+    got = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert got == expected and (len(got) > 1 or split[0] == "-P")
+    assert all(p.stat().st_uid == world.member.pw.pw_uid for p in [out, *out.iterdir()])
+    a = world.audit_lines()[-1]
+    assert a["bytes"] == sum(map(len, expected.values()))
+
+
 def test_list_and_summary_through_the_service(world):
     b, e = world.window
     direct = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-f", "tcp",
