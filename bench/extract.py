@@ -25,18 +25,20 @@ scattered into each file's buffer in one operation; payload bytes are zero.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pcapvault.index.dumpset import DumpSet
-from pcapvault.index.pcapfile import global_header
+from pcapvault.index.pcapfile import PcapReader, global_header
 from pcapvault.recorder.indexer import index_and_link
 
 NS = 1_000_000_000
@@ -174,20 +176,30 @@ def drop_caches() -> bool:
         return False
 
 
-def timed(argv: list[str]) -> tuple[float, int, bytes]:
-    """Wall time, bytes read from disk (ru_inblock), stderr of one run."""
+@dataclass
+class Run:
+    wall: float  # seconds
+    cpu: float  # user + system seconds of the process and its children
+    disk: int  # bytes read from the device (ru_inblock)
+    err: bytes
+
+
+def timed(argv: list[str], out: str | None = None) -> Run:
+    """One run: wall and CPU time, bytes read from disk (ru_inblock), stderr."""
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
+    with open(out or os.devnull, "wb") as sink:
+        p = subprocess.Popen(argv, stdout=sink, stderr=subprocess.PIPE)
+        err = p.stderr.read()
+        _, status, ru = os.wait4(p.pid, 0)
     dt = time.monotonic() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode not in (0, 1):
-        raise SystemExit(f"{argv[0]} failed ({p.returncode}): {err.decode()[-500:]}")
-    return dt, ru.ru_inblock * 512, err
+    rc = os.waitstatus_to_exitcode(status)
+    if rc not in (0, 1):
+        raise SystemExit(f"{argv[0]} failed ({rc}): {err.decode()[-500:]}")
+    return Run(dt, ru.ru_utime + ru.ru_stime, ru.ru_inblock * 512, err)
 
 
 def tcpdump_files(files: list[Path], expr: str) -> list[str]:
+    """What an analyst without an index runs: tcpdump over each file, one after the other."""
     script = "; ".join(f"tcpdump -r {f} -w /dev/null '{expr}' 2>/dev/null" for f in files)
     return ["sh", "-c", script]
 
@@ -199,27 +211,91 @@ WARM = [
 ]
 
 
-def median_runs(argv: list[str], repeat: int, cold: bool) -> tuple[float, int, bytes]:
-    """Cold data, warm programs: the page cache is dropped, then the interpreter, numpy and
-    tcpdump are loaded again, as on a machine where the tools are in use."""
-    runs = []
+def interleaved(cmds: dict[str, list[str]], repeat: int, cold: bool) -> dict[str, list[Run]]:
+    """Cold data, warm programs: before every run the page cache is dropped, then the
+    interpreter, numpy and tcpdump are loaded again, as on a machine where the tools are in
+    use. The commands take turns, so that load from other work on a shared machine falls on
+    all of them alike."""
+    runs: dict[str, list[Run]] = {k: [] for k in cmds}
     for _ in range(repeat):
-        if cold:
-            drop_caches()
-            for w in WARM:
-                subprocess.run(w, capture_output=True)
-        runs.append(timed(argv))
-    t = statistics.median(r[0] for r in runs)
-    b = int(statistics.median(r[1] for r in runs))
-    return t, b, runs[-1][2]
+        for k, argv in cmds.items():
+            if cold:
+                drop_caches()
+                for w in WARM:
+                    subprocess.run(w, capture_output=True)
+            runs[k].append(timed(argv))
+    return runs
+
+
+def med(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def records(path: str) -> list[tuple[int, bytes]]:
+    """(timestamp, record bytes) of every record of a pcap file or a tcpdump -w - stream."""
+    with PcapReader(path) as r:
+        t = r.scan()
+        arr = r.array()
+        return [
+            (ts, bytes(arr[o + 16 : o + 16 + c]))
+            for ts, o, c in zip(t.ts_ns.tolist(), t.offset.tolist(), t.caplen.tolist(),
+                                strict=True)
+        ]
+
+
+def verify(exe: list[str], root: Path, win: list[Path], b: int, e: int, expr: str,
+           tmp: Path) -> int:
+    """Case (a) written to a file equals tcpdump's selection of the window's files."""
+    ours, theirs = tmp / "ours.pcap", tmp / "tcpdump.pcap"
+    timed([*exe, "-t", str(root), "-b", str(b), "-e", str(e), "-f", expr, "-o", str(ours)])
+    want = []
+    for f in win:
+        subprocess.run(["tcpdump", "--time-stamp-precision=nano", "-r", str(f), "-w",
+                        str(theirs), expr], check=True, capture_output=True)
+        want += [p for p in records(str(theirs)) if b * NS <= p[0] < e * NS]
+    got = records(str(ours))
+    ours.unlink()
+    theirs.unlink()
+    if got != want:
+        raise SystemExit(f"(a) differs from tcpdump: {len(got)} packets against {len(want)}")
+    return len(got)
+
+
+def records_digest(argvs: list[list[str]]) -> tuple[str, int]:
+    """SHA-256 of the records (global headers skipped) the commands write to stdout, in turn."""
+    h = hashlib.sha256()
+    n = 0
+    for argv in argvs:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        head = p.stdout.read(24)
+        if len(head) not in (0, 24):
+            raise SystemExit(f"{argv[0]}: short output")
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+        if p.wait() not in (0, 1):
+            raise SystemExit(f"{argv[0]} failed")
+    return h.hexdigest(), n
+
+
+def verify_broad(exe: list[str], root: Path, files: list[Path], h0: str, h1: str) -> int:
+    """Case (b)'s output equals tcpdump's over every file (all packets lie in the hour)."""
+    ours = records_digest([[*exe, "-t", str(root), "-b", h0, "-e", h1, "-f", "tcp", "-O"]])
+    theirs = records_digest([["tcpdump", "--time-stamp-precision=nano", "-r", str(f), "-w", "-",
+                              "tcp"] for f in files])
+    if ours != theirs:
+        raise SystemExit(f"(b) differs from tcpdump: {ours[1]} bytes against {theirs[1]}")
+    return ours[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="/work/bench-data")
     ap.add_argument("--gb", type=float, default=5.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the data set afterwards")
+    ap.add_argument("--verify-broad", action="store_true",
+                    help="also check (b)'s 4 GB output against tcpdump's (slow)")
     args = ap.parse_args()
     root = Path(args.dir) / "ds"
     free = shutil.disk_usage(Path(args.dir).parent if not Path(args.dir).exists()
@@ -237,36 +313,54 @@ def main() -> None:
     exe = [sys.executable, "-m", "pcapvault.extract.cli"]
     b = HOUR_START + 1510  # 13:25:10 .. 13:35:10 UTC: starts and ends inside files
     e = b + 600
+    h0, h1 = str(HOUR_START), str(HOUR_START + 3600)
     win = [sf.pcap for sf in ds.files_in_window(b * NS, e * NS)]
     host = "10.0.0.51"  # the 50th most popular host of 4,000
     sel = f"host {host}"
     print(f"dump set: {len(files)} files, {total / 1e9:.2f} GB; window files: {len(win)}, "
           f"{sum(f.stat().st_size for f in win) / 1e9:.2f} GB; cold cache: {cold}")
-    rows = []
-    ta = median_runs(tcpdump_files(win, sel), args.repeat, cold)
-    xa = median_runs([*exe, "-t", str(root), "-b", str(b), "-e", str(e), "-f", sel, "-o",
-                      "/dev/null", "-v"], args.repeat, cold)
-    rows.append(("(a) selective: host, 10 min", ta, xa))
-    tb = median_runs(tcpdump_files(files, "tcp"), args.repeat, cold)
-    xb = median_runs([*exe, "-t", str(root), "-b", str(HOUR_START), "-e",
-                      str(HOUR_START + 3600), "-f", "tcp", "-o", "/dev/null", "-v"],
-                     args.repeat, cold)
-    rows.append(("(b) broad: tcp, 1 hour", tb, xb))
-    xc = median_runs([*exe, "-t", str(root), "-b", str(b), "-e", str(e), "-f", sel, "-l", "-v"],
-                     args.repeat, cold)
-    rows.append(("(c) count of (a): -l -v", None, xc))
-    print("| case | tcpdump s | tcpdump disk MB | npcapextract s | npcapextract disk MB "
-          "| speed-up |")
-    print("|---|---|---|---|---|---|")
-    for name, t, x in rows:
-        tt = f"{t[0]:.2f}" if t else "-"
-        tm = f"{t[1] / 1e6:.0f}" if t else "-"
-        sp = f"{t[0] / x[0]:.1f}x" if t else "-"
-        print(f"| {name} | {tt} | {tm} | {x[0]:.2f} | {x[1] / 1e6:.1f} | {sp} |")
-    for name, _, x in rows:
-        print(f"{name}: {x[2].decode().strip().splitlines()[-1]}")
+    n = verify(exe, root, win, b, e, sel, Path(args.dir))
+    print(f"(a) verified: {n} packets, identical to tcpdump's selection of the window's files")
+    if args.verify_broad:
+        n = verify_broad(exe, root, files, h0, h1)
+        print(f"(b) verified: {n} bytes of records, identical to tcpdump's")
+    cmds = {
+        "td_a_win": tcpdump_files(win, sel),
+        "td_a_hour": tcpdump_files(files, sel),
+        "a": [*exe, "-t", str(root), "-b", str(b), "-e", str(e), "-f", sel, "-o", "/dev/null",
+              "-v"],
+        "c": [*exe, "-t", str(root), "-b", str(b), "-e", str(e), "-f", sel, "-l", "-v"],
+        "td_b": tcpdump_files(files, "tcp"),
+        "b": [*exe, "-t", str(root), "-b", h0, "-e", h1, "-f", "tcp", "-o", "/dev/null", "-v"],
+    }
+    r = interleaved(cmds, args.repeat, cold)
+    print("| case | command | files | wall s (median) | CPU s | disk MB | ratio |")
+    print("|---|---|---|---|---|---|---|")
+
+    def row(case: str, key: str, what: str, nfiles: int, base: str | None) -> None:
+        ratio = f"{med(r[base], 'wall') / med(r[key], 'wall'):.1f}x" if base else "-"
+        print(f"| {case} | {what} | {nfiles} | {med(r[key], 'wall'):.2f} | "
+              f"{med(r[key], 'cpu'):.2f} | {med(r[key], 'disk') / 1e6:.1f} | {ratio} |")
+
+    row("(a) host, 10 min", "td_a_win", "tcpdump, window's files", len(win), None)
+    row("(a) host, 10 min", "td_a_hour", "tcpdump, hour's files", len(files), None)
+    row("(a) host, 10 min", "a", "npcapextract", len(win), "td_a_win")
+    print(f"|  | ... against tcpdump over the hour's files |  |  |  |  | "
+          f"{med(r['td_a_hour'], 'wall') / med(r['a'], 'wall'):.1f}x |")
+    row("(b) tcp, 1 hour", "td_b", "tcpdump", len(files), None)
+    row("(b) tcp, 1 hour", "b", "npcapextract", len(files), "td_b")
+    row("(c) count of (a)", "c", "npcapextract -l -v", len(win), None)
+    for k in ("a", "b", "c"):
+        print(f"({k}) runs: " + " ".join(f"{x.wall:.2f}" for x in r[k]) + " s; "
+              + r[k][-1].err.decode().strip().splitlines()[-1])
+    for k in ("td_a_win", "td_a_hour", "td_b"):
+        print(f"{k} runs: " + " ".join(f"{x.wall:.2f}" for x in r[k]) + " s")
     if not args.keep:
-        shutil.rmtree(args.dir)
+        shutil.rmtree(root)  # only what this script built: the directory may be shared
+        try:
+            Path(args.dir).rmdir()
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -163,9 +163,7 @@ def cli(
             list_only=list_only, empty=empty,
             max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
         )
-    from .engine import Query, extract, list_files
-    from .output import Interface, Output
-    from .select import Source, Stats
+    from .hints import warm_indexes
     from .times import parse_window
 
     t0 = time.monotonic()
@@ -178,12 +176,18 @@ def cli(
     if output is None and not list_only:
         raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
     b_ns, e_ns = parse_window(begin, end)
+    warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
+
+    from .engine import Query, extract, list_files
+    from .output import Interface, Output
+    from .select import Source, Stats
+
     sources = [Source(p, i, expr) for i, p in enumerate(dumpsets)]
     if not pcapng and len({s.linktype for s in sources}) > 1:
         raise PcapVaultError(
             "the dump sets have different link types; use --pcapng to combine them"
         )
-    stats = Stats()
+    stats = Stats(count_timeline=verbose)
     q = Query(b_ns, e_ns, list_only)
 
     def warn(msg: str) -> None:

@@ -15,7 +15,6 @@ call per chunk.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
+from .hints import will_need
 from .output import Batch, Output
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
@@ -200,20 +200,6 @@ class _Plan:
                             nanosecond, raw_ok)
 
 
-def _will_need(path: os.PathLike) -> None:
-    """Start reading a whole (small) file into the page cache; only a hint."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _Planned:
     file: StoredFile
@@ -237,7 +223,7 @@ class _Pipeline:
         # The indexes are read first and are small: ask for the first ones now, before any
         # pcap range is queued (a sequential read behind thousands of scattered ones waits).
         for sf in self.files[:AHEAD_FILES]:
-            _will_need(sf.index)
+            will_need(sf.index)
 
     def top_up(self) -> None:
         """Plan further files while little is planned and unread."""
@@ -253,7 +239,7 @@ class _Pipeline:
 
     def _plan(self, sf: StoredFile) -> _Planned:
         if self.next + AHEAD_FILES < len(self.files):
-            _will_need(self.files[self.next + AHEAD_FILES].index)
+            will_need(self.files[self.next + AHEAD_FILES].index)
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)

@@ -46,6 +46,9 @@ class Stats:
     bytes_read: int = 0
     packets_matched: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Counting the files outside the window walks the whole timeline (months of slot
+    # directories on a long-lived sensor): only when the count is shown.
+    count_timeline: bool = True
 
 
 @dataclass
@@ -105,13 +108,14 @@ class Source:
     def files(self, begin_ns: int, end_ns: int, stats: Stats) -> list[StoredFile]:
         """Files of the window, from the timeline only; counts the ones left out."""
         found = self.ds.files_in_window(begin_ns, end_ns)
-        try:
-            total = sum(1 for _ in self._all_links())
-        except OSError:
-            total = len(found)
-        stats.files_total += total
         stats.files_considered += len(found)
-        stats.skipped_timeline += max(0, total - len(found))
+        if stats.count_timeline:
+            try:
+                total = sum(1 for _ in self._all_links())
+            except OSError:
+                total = len(found)
+            stats.files_total += total
+            stats.skipped_timeline += max(0, total - len(found))
         return found
 
     def _all_links(self):
