@@ -135,31 +135,37 @@ def command(
 
     pace = _pace(speed, pps, mbps, topspeed, max_gap)
     source = _source(dumpsets, begin, end, expr, files, playlists)
-    with TxRing(interface) as tx:
-        report = Report(tx.ifname, pace.describe())
-        rep = Replayer(tx, pace, src_mac=src_mac, dst_mac=dst_mac,
-                       fail_oversize=oversize == "fail",
-                       report=report.progress if stats_interval else None,
-                       interval_ns=int(stats_interval * 1e9))
-        report.rep = rep
-        prepare_for_timing()
-        stopped = _stop_on_signals(rep.stop)
-        try:
-            passes = 0
-            while loop == 0 or passes < loop:
-                offered = rep.play(source)
-                passes += 1
-                if rep.stop[0]:
-                    break
-                if not offered:
-                    if rep.counters.oversize or rep.counters.runts:
-                        report.final(stopped[0])
-                    raise PcapVaultError(_nothing(dumpsets, rep.counters))
-            rep.finish()
-        finally:
-            _restore_signals()
-        report.final(stopped[0])
+    try:
+        with TxRing(interface) as tx:
+            report = Report(tx.ifname, pace.describe())
+            rep = Replayer(tx, pace, src_mac=src_mac, dst_mac=dst_mac,
+                           fail_oversize=oversize == "fail",
+                           report=report.progress if stats_interval else None,
+                           interval_ns=int(stats_interval * 1e9))
+            report.rep = rep
+            prepare_for_timing()
+            stopped = _stop_on_signals(rep.stop)
+            try:
+                _play(rep, source, loop, bool(dumpsets))
+            finally:
+                _restore_signals()
+            report.final(stopped[0])
+    finally:
+        source.close()
     return 0
+
+
+def _play(rep, source, loop: int, dumpset: bool) -> None:  # noqa: ANN001
+    """`loop` passes over `source` (0: until stopped); a pass with nothing to send ends it."""
+    passes = 0
+    while loop == 0 or passes < loop:
+        offered = rep.play(source)
+        passes += 1
+        if rep.stop[0]:
+            break
+        if not offered:
+            raise PcapVaultError(_nothing(dumpset, rep.counters))
+    rep.finish()
 
 
 def _pace(speed, pps, mbps, topspeed, max_gap):  # noqa: ANN001, ANN202 - click values
@@ -198,11 +204,11 @@ def _source(dumpsets, begin, end, expr, files, playlists):  # noqa: ANN001, ANN2
     return FileInput(paths, expr, _warn)
 
 
-def _nothing(dumpsets, c) -> str:  # noqa: ANN001
+def _nothing(dumpset: bool, c) -> str:  # noqa: ANN001
     skipped = ""
     if c.oversize or c.runts:
         skipped = f" ({c.oversize} over the MTU and {c.runts} runts skipped)"
-    if dumpsets:
+    if dumpset:
         return "nothing to replay: no packet of the dump set matched the window and filter" \
             + skipped
     return "nothing to replay: the input holds no sendable packet" + skipped
@@ -266,6 +272,8 @@ class Report:
         skipped = ""
         if c.oversize or c.runts:
             skipped = f"; skipped {c.oversize} over the MTU, {c.runts} runts"
+        if c.refused_bytes:
+            skipped += f"; the kernel refused {c.refused_bytes} bytes of frames"
         click.echo(
             f"{PROG}: {'interrupted' if interrupted else 'done'}: {self.ifname}: sent "
             f"{c.packets} packets ({c.bytes} bytes) in {secs:.3f} s at {self.pace}: {rate}; "

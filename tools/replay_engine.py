@@ -24,7 +24,7 @@ from pcapvault.index.errors import PcapVaultError
 
 from .replay_pace import Pace, Schedule, TimingErrors, wait_until
 from .replay_source import Frames
-from .replay_tx import ETH_HLEN, TxRing, max_frame_len
+from .replay_tx import ETH_HLEN, ETH_P_8021Q, TxRing, max_frame_len
 
 # Frames per load in paced modes, at least: small enough to fit between two sends at 10 kpps.
 PACED_LOAD = 64
@@ -44,6 +44,7 @@ class Counters:
     bytes: int = 0
     oversize: int = 0
     runts: int = 0
+    refused_bytes: int = 0  # released, but the kernel dropped them (PACKET_LOSS)
     first_ns: int = 0  # monotonic time of the first send (0: none yet)
     last_ns: int = 0  # monotonic time the latest send returned
 
@@ -91,7 +92,7 @@ class Replayer:
         self._pending: deque[_Pending] = deque()
         self._load_ns = 50_000.0  # running estimate of one paced load
         self._load_size = PACED_LOAD
-        self._limit = max_frame_len(tx.mtu, False)
+        self._limits = (max_frame_len(tx.mtu, False), max_frame_len(tx.mtu, True))
 
     # -- admission -------------------------------------------------------------------------
 
@@ -101,8 +102,8 @@ class Replayer:
         cap = fr.caplen
         runt = cap < ETH_HLEN
         at = np.where(runt, 0, fr.off + 12)
-        tagged = (fr.buf[at] == 0x81) & (fr.buf[at + 1] == 0x00) & ~runt
-        limit = self._limit + np.where(tagged, max_frame_len(0, True) - ETH_HLEN, 0)
+        tpid = fr.buf[at].astype(np.int64) << 8 | fr.buf[at + 1]
+        limit = np.where((tpid == ETH_P_8021Q) & ~runt, self._limits[1], self._limits[0])
         over = cap > limit
         if over.any() and self.fail_oversize:
             i = int(np.argmax(over))
@@ -145,6 +146,7 @@ class Replayer:
             while self._pending:  # stopped: account for what did leave
                 self._retire(self._pending.popleft())
         self.tx.drain()
+        self.counters.refused_bytes = max(0, self.counters.bytes - self.tx.bytes_accepted)
 
     def _blast(self, fr: Frames) -> None:
         tx = self.tx
@@ -153,17 +155,9 @@ class Replayer:
             if self.stop[0]:
                 return
             k = min(step, len(fr) - i)
-            self._wait_room(k)
             tx.load(fr.buf, fr.off[i : i + k], fr.caplen[i : i + k], self.src_mac, self.dst_mac)
             tx.release(k)
             self._sent(k, int(fr.caplen[i : i + k].sum()), time.monotonic_ns())
-
-    def _wait_room(self, k: int) -> None:
-        """Until `k` frames can be loaded (a real NIC may still be sending older ones)."""
-        tx = self.tx
-        while tx.free() < k and not self.stop[0]:
-            tx.flush()
-            tx.poller.poll(1)
 
     def _pace(self, fr: Frames) -> None:
         tx = self.tx
@@ -240,8 +234,6 @@ class Replayer:
                 if j == len(q.deadline):
                     self._retire(pending.popleft())
             self._sent(n, nbytes, after)
-        if not final:
-            self._wait_room(room)
 
     def _retire(self, p: _Pending) -> None:
         self.errors.add(p.sent[: p.pos] - p.sched[: p.pos])

@@ -63,7 +63,16 @@ def _need_ethernet(linktype: int, what: str) -> None:
 
 
 class FileInput:
-    """pcap files played one after the other, each in its stored order."""
+    """pcap files played one after the other, each in its stored order.
+
+    Record tables are kept between loops (24 bytes a frame, plus the decompressed bytes of a
+    compressed file), so a looped replay does not walk its files again on every pass, which
+    would stall the sends at each file start; past CACHE_FRAMES / CACHE_BYTES, files are
+    walked again each time.
+    """
+
+    CACHE_FRAMES = 1 << 22
+    CACHE_BYTES = 256 << 20
 
     def __init__(self, paths: list[Path], expr: str, warn: Warn):
         self.paths = paths
@@ -72,31 +81,59 @@ class FileInput:
             with PcapReader(p) as r:
                 _need_ethernet(r.header.linktype, str(p))
         self.filter: Filter | None = compile_filter(expr, DLT_EN10MB, MAX_CAPLEN) if expr else None
+        self._cache: dict[Path, tuple[PcapReader, np.ndarray, np.ndarray, np.ndarray,
+                                      np.ndarray]] = {}
+        self._frames = self._bytes = 0
 
     def __iter__(self) -> Iterator[Frames]:
         for path in self.paths:
             yield from self._file(path)
 
+    def close(self) -> None:
+        for r, *_ in self._cache.values():
+            r.close()
+        self._cache.clear()
+
     def _file(self, path: Path) -> Iterator[Frames]:
-        with PcapReader(path) as r:
-            _need_ethernet(r.header.linktype, str(path))
-            arr = r.array()  # once: a compressed file is decompressed here
-            table = scan_records(arr, r.header)
-            if table.torn:
-                self.warn(f"{path}: truncated after byte {table.complete_end}; replaying the "
-                          "complete records")
-            rec = table.offset.astype(np.int64)
-            cap = table.caplen.astype(np.int64)
-            ts = table.ts_ns
-            if self.filter is not None and len(rec):
-                keep = self.filter.match_many(arr, rec + RECORD_HEADER_LEN, cap,
-                                              table.wirelen.astype(np.int64))
-                rec, cap, ts = rec[keep], cap[keep], ts[keep]
-            first = True
-            for i in range(0, len(rec), CHUNK_FRAMES):
+        hit = self._cache.get(path)
+        if hit is None:
+            r = PcapReader(path)
+            try:
+                hit = (r, *self._read(r, path))
+            except BaseException:
+                r.close()
+                raise
+            size = len(hit[1]) if r.compressed else 0
+            if (self._frames + len(hit[2]) <= self.CACHE_FRAMES
+                    and self._bytes + size <= self.CACHE_BYTES):
+                self._cache[path] = hit
+                self._frames += len(hit[2])
+                self._bytes += size
+        r, arr, off, cap, ts = hit
+        try:
+            for i in range(0, len(off), CHUNK_FRAMES):
                 s = slice(i, i + CHUNK_FRAMES)
-                yield Frames(arr, rec[s] + RECORD_HEADER_LEN, cap[s], ts[s], str(path), first)
-                first = False
+                yield Frames(arr, off[s], cap[s], ts[s], str(path), i == 0)
+        finally:
+            if path not in self._cache:
+                r.close()
+
+    def _read(self, r: PcapReader, path: Path) -> tuple[np.ndarray, ...]:
+        """(file bytes, data offsets, lengths, timestamps) of the frames to replay."""
+        _need_ethernet(r.header.linktype, str(path))
+        arr = r.array()  # once: a compressed file is decompressed here
+        table = scan_records(arr, r.header)
+        if table.torn:
+            self.warn(f"{path}: truncated after byte {table.complete_end}; replaying the "
+                      "complete records")
+        rec = table.offset.astype(np.int64)
+        cap = table.caplen.astype(np.int64)
+        ts = table.ts_ns
+        if self.filter is not None and len(rec):
+            keep = self.filter.match_many(arr, rec + RECORD_HEADER_LEN, cap,
+                                          table.wirelen.astype(np.int64))
+            rec, cap, ts = rec[keep], cap[keep], ts[keep]
+        return arr, rec + RECORD_HEADER_LEN, cap, ts
 
 
 class DumpSetInput:
@@ -111,6 +148,9 @@ class DumpSetInput:
         self.warn = warn
         self.origin = ", ".join(paths)
         self.stats = Stats()
+
+    def close(self) -> None:
+        """Nothing is kept open between passes: each pass selects afresh."""
 
     def __iter__(self) -> Iterator[Frames]:
         single = len(self.sources) == 1

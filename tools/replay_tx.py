@@ -8,12 +8,12 @@ never touches a frame individually. See docs/BENCHMARKS.md ("Replay") for the fi
 The ring is a circle of fixed-size frames; each holds a 32-byte tpacket2 header and the frame
 data right after it. A frame's status word says who owns it: 0 (available) = us,
 SEND_REQUEST = handed to the kernel, SENDING = in flight. The kernel walks the circle from its
-own head, in order, so three counters that only grow describe our side completely:
+own head, in order, so two counters that only grow describe our side:
 
-    done <= released <= loaded <= done + capacity
+    released <= loaded <= released + capacity
 
-frames before `done` are reusable, [done, released) belong to the kernel, [released, loaded)
-hold data waiting for their send time.
+[released, loaded) hold data waiting for their send time; frames before `released` belong to
+the kernel until their status says otherwise, which `load` checks before reusing them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class TxRing:
         except BaseException:
             sock.close()
             raise
-        self.done = self.released = self.loaded = 0
+        self.released = self.loaded = 0
         self.bytes_accepted = 0  # what send() reported: frames the kernel took
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLOUT)
@@ -201,20 +201,33 @@ class TxRing:
     # -- filling ---------------------------------------------------------------------------
 
     def free(self) -> int:
-        """Frames that can be loaded now (after reclaiming the ones the kernel finished)."""
-        self.reclaim()
-        return self.done + self.capacity - self.loaded
-
-    def reclaim(self) -> None:
-        """Advance `done` over the frames the kernel has finished with."""
-        if self.done == self.released:
-            return
-        busy = self._slots(self.done, self.released)
-        owned = np.flatnonzero(self._status[busy] & _OWNED_BY_KERNEL)
-        self.done = self.released if not len(owned) else self.done + int(owned[0])
+        """Frames not holding data that waits to be released (`load` may still have to wait
+        for the kernel to finish sending some of them)."""
+        return self.capacity - (self.loaded - self.released)
 
     def _slots(self, a: int, b: int) -> np.ndarray:
         return np.arange(a, b) % self.capacity
+
+    def _busy(self, a: int, b: int) -> bool:
+        """Whether the kernel still owns any of frames [a, b) (counters, b - a <= capacity).
+
+        Checked right before those frames are written, so the status words come in with the
+        pages the copy touches next; out-of-order completions (multi-queue NICs) are safe.
+        """
+        i, j = a % self.capacity, b % self.capacity
+        parts = [self._status[i:j]] if i < j else [self._status[i:], self._status[:j]]
+        return any((part & _OWNED_BY_KERNEL).any() for part in parts)
+
+    def _wait_until_free(self, a: int, b: int) -> None:
+        since = time.monotonic_ns()
+        while self._busy(a, b):
+            self.flush()
+            self.poller.poll(1)
+            if time.monotonic_ns() - since > STALL_NS:
+                raise TransmitError(
+                    f"{self.ifname} has not finished a frame for {STALL_NS // 10**9} s; is its "
+                    "link down?"
+                )
 
     def load(self, buf: np.ndarray, data_off: np.ndarray, caplen: np.ndarray,
              src_mac: bytes | None = None, dst_mac: bytes | None = None) -> None:
@@ -226,6 +239,9 @@ class TxRing:
         n = len(data_off)
         if not n:
             return
+        assert n <= self.free()
+        if self.loaded >= self.capacity:
+            self._wait_until_free(self.loaded, self.loaded + n)
         slots = self._slots(self.loaded, self.loaded + n)
         base = slots * self.frame_size
         _copy_pieces(buf, data_off, self.bytes, base + self.data_offset, caplen)
@@ -247,11 +263,13 @@ class TxRing:
 
     def release(self, n: int) -> None:
         """Hand the next `n` loaded frames to the kernel and push them out."""
+        if n <= 0:
+            return
         end = self.released + n
         assert end <= self.loaded
         a, b = self.released % self.capacity, end % self.capacity
         # The data was written before; x86 and the kernel's smp_rmb order the status after it.
-        if a < b or n == 0:
+        if a < b:
             self._status[a:b] = TP_STATUS_SEND_REQUEST
         else:
             self._status[a:] = TP_STATUS_SEND_REQUEST
@@ -276,7 +294,7 @@ class TxRing:
                 if e.errno not in (errno.ENOBUFS, errno.EAGAIN):
                     raise TransmitError(f"sending on {self.ifname} failed: {e.strerror}") \
                         from None
-            if self.released == self.done or not self._status[last] & TP_STATUS_SEND_REQUEST:
+            if not self._status[last] & TP_STATUS_SEND_REQUEST:
                 return
             now = time.monotonic_ns()
             since = since or now
@@ -291,11 +309,10 @@ class TxRing:
     def drain(self, timeout: float = 5.0) -> None:
         """Wait until every released frame has left (or `timeout` passes)."""
         deadline = time.monotonic() + timeout
-        self.reclaim()
-        while self.done < self.released and time.monotonic() < deadline:
+        first = max(0, self.released - self.capacity)
+        while self._busy(first, self.released) and time.monotonic() < deadline:
             self.flush()
             time.sleep(0.0005)
-            self.reclaim()
 
     def close(self) -> None:
         try:
