@@ -311,13 +311,13 @@ def test_sigint_stops_with_a_summary(pair, tmp_path):
     p = subprocess.Popen(["ip", "netns", "exec", pair.tx_ns, tool("disk2n"), "-i", pair.tx,
                           "-r", str(src), "--loop", "0", "--stats-interval", "0.2"],
                          stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    progress = [p.stderr.readline() for _ in range(3)]  # a line every 0.2 s while it runs
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=10)
     assert p.returncode == 0, err
+    assert all(line.startswith("disk2n: pvtx: sent ") for line in progress), progress
+    assert " pps " in progress[-1] and "p99" in progress[-1]
     lines = err.strip().splitlines()
-    progress = [line for line in lines if line.startswith("disk2n: pvtx: sent ")]
-    assert len(progress) >= 3 and " pps " in progress[-1] and "p99" in progress[-1]
     assert lines[-1].startswith("disk2n: interrupted: pvtx: sent ")
     assert "Traceback" not in err
 
