@@ -224,7 +224,7 @@ def _parse_ipv4(b: _Bytes, batch: _Batch, share: _Share) -> None:
     e = batch.end[share.sel]
     proto_ok = e >= p + 10
     proto = np.where(proto_ok, b.u8(p + 9), 0).astype(np.uint64)
-    nonfirst = proto_ok & ((b.be16(p + 6) & 0x1FFF) != 0)
+    nonfirst = (e >= p + 8) & ((b.be16(p + 6) & 0x1FFF) != 0)
     addr_ok = e >= p + 20
     l4 = p + ((b.u8(p) & 0x0F).astype(np.int64) << 2)
     ports_ok = proto_ok & ~nonfirst & _isin(proto, PORT_PROTOCOLS) & (e >= l4 + 4)

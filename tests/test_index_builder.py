@@ -96,11 +96,10 @@ def ref_row(frame: bytes, linktype: int = 1) -> bytes:
 def _ref_ipv4(frame: bytes, p: int, r: dict) -> None:
     n = len(frame)
     r["ipver"] = 4
-    nonfirst = False
+    nonfirst = n >= p + 8 and int.from_bytes(frame[p + 6 : p + 8], "big") & 0x1FFF != 0
     if n >= p + 10:
         r["proto"] = frame[p + 9]
         r["flags"] |= FLAG_PROTO
-        nonfirst = int.from_bytes(frame[p + 6 : p + 8], "big") & 0x1FFF != 0
     if nonfirst:
         r["flags"] |= FLAG_FRAGMENT
     if n >= p + 20:
