@@ -12,6 +12,13 @@ import click
 from pcapvault.index.errors import PcapVaultError
 
 EPILOG = """\b
+Examples:
+  npcapextract -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:00:00" -e "2025-11-21 14:10:00" \\
+      -f "host 10.0.0.5 and port 443" -o incident.pcap
+  npcapextract -b -15m -e now -f "net 192.168.1.0/24" -o - | tcpdump -r - -n
+  npcapextract -t eth0-ds -t eth1-ds --pcapng -b -1h -e now -f icmp -o both.pcapng
+
+\b
 Times: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time, as n2disk), ISO 8601 with Z or an
 offset, epoch seconds (1763737200.25), or relative: now, -15m, -2h, -30s, -1d.
 BEGIN is inclusive, END exclusive.
@@ -96,6 +103,7 @@ def _permission_remedy(command: Callable[..., int]) -> Callable[..., int]:
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
+@click.version_option(package_name="pcapvault", prog_name="npcapextract")
 @click.option(
     "-t", "--dumpset", "dumpsets", multiple=True, metavar="DIR",
     help="Dump set directory (recorder -o) or its timeline; repeat for several interfaces. "

@@ -116,7 +116,8 @@ def test_pam_file_uses_pam_unix():
     assert "auth" in text and "pam_unix.so" in text and "account" in text
 
 
-@pytest.mark.parametrize("prog", ["recorder"])
+@pytest.mark.parametrize("prog", ["recorder", "npcapextract", "npcapindex", "npcapprintindex",
+                                  "npcaprepair", "npcapdecompress", "disk2n"])
 def test_help_and_version(prog):
     r = subprocess.run([tool(prog), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "Examples:" in r.stdout

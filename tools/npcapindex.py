@@ -20,7 +20,15 @@ PROG = "npcapindex"
 EXIT_BAD_INPUT = 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  npcapindex -i capture.pcap                 # writes capture.pcap.idx
+  npcapindex -i /srv/old/trace.pcap -o /tmp/trace.pcap.idx -v
+""",
+)
+@click.version_option(package_name="pcapvault", prog_name="npcapindex")
 @click.option("-i", "input_path", required=True, metavar="FILE.pcap", help="pcap to index")
 @click.option(
     "-o", "output_path", default=None, metavar="FILE.idx",

@@ -212,7 +212,17 @@ def _default_pcap(idx_path: str) -> str:
     return idx_path[: -len(".idx")]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  npcapprintindex -i 1763737200.123456.pcap.idx -n 20      # header, summary, 20 entries
+  npcapprintindex -i 1763737200.123456.pcap.idx -j | jq .   # JSON lines
+  npcapprintindex -i 1763737200.123456.pcap.idx -T          # first/last timestamps only
+  npcapprintindex -c -i 1763737200.123456.pcap.idx          # check against its pcap
+""",
+)
+@click.version_option(package_name="pcapvault", prog_name="npcapprintindex")
 @click.option("-i", "idx_path", required=True, metavar="FILE.idx", help="index to read")
 @click.option("-n", "limit", type=click.IntRange(min=0), default=None,
               help="show at most N flows and N packet entries")
