@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 NS = 1_000_000_000
-# Closer to the deadline than this, spin instead of sleeping.
-SPIN_NS = 200_000
+# Closer to the deadline than this, spin instead of sleeping: about a sleep's overshoot with
+# 1 ns timer slack. Spinning whole gaps instead (at 10 kpps) doubled the CPU used and, on a
+# busy machine, did not shorten the stalls that make the tail (see docs/BENCHMARKS.md).
+SPIN_NS = 50_000
 # Sleep in slices at most this long, so signals and periodic reports are served during long
 # gaps of the original traffic.
 SLICE_NS = 100_000_000
