@@ -37,7 +37,11 @@ if ! dpkg -s $pkgs >/dev/null 2>&1; then
   apt-get install -y -q --no-install-recommends $pkgs
 fi
 
-python3 -m venv "$PREFIX"
+# Debian's own interpreter, not whatever python3 comes first on PATH: the service accounts
+# (pcapvault, and the users the tests drop to) must be able to run it, and an interpreter
+# under /root or a home directory would not be readable by them.
+rm -rf "$PREFIX"
+/usr/bin/python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install -q --upgrade pip
 if [ "$test_deps" = yes ]; then
   "$PREFIX/bin/pip" install -q ".[test]"

@@ -148,7 +148,11 @@ class DumpSet:
         """Every finished pcap, oldest first, found from the storage directories."""
         out = []
         for d in self.storage_dirs():
-            for e in os.scandir(d):
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue  # emptied and removed by another process meanwhile
+            for e in entries:
                 if timeline.is_pcap_name(e.name):
                     first = parse_name(e.name)
                     if first is not None:
@@ -156,20 +160,35 @@ class DumpSet:
         out.sort()
         return out
 
+    @staticmethod
+    def _count(d: Path) -> int:
+        try:
+            return sum(map(timeline.is_pcap_name, os.listdir(d)))
+        except FileNotFoundError:
+            return 0
+
     def place(self, temp_pcap: Path, first_ns: int) -> StoredFile:
         """Move a complete pcap from its temporary name to its final name in a storage dir."""
         name = file_name(first_ns)
         dirs = self.storage_dirs()
         target_dir = dirs[-1] if dirs else None
         if target_dir is None or parse_name(target_dir.name) > first_ns or (
-            sum(map(timeline.is_pcap_name, os.listdir(target_dir))) >= self.files_per_dir
+            self._count(target_dir) >= self.files_per_dir
         ):
             target_dir = self.root / name
-            target_dir.mkdir(exist_ok=True)
         final = target_dir / f"{name}.pcap"
         if final.exists():
             raise DumpSetError(f"{final} already exists; refusing to overwrite recorded data")
-        os.rename(temp_pcap, final)
+        # Another process (the indexer cleaning up after the budget) may remove an empty
+        # storage directory between our choice and the rename: recreate it and retry.
+        for attempt in range(3):
+            target_dir.mkdir(exist_ok=True)
+            try:
+                os.rename(temp_pcap, final)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not temp_pcap.exists():
+                    raise
         return StoredFile(first_ns, final)
 
     def link(self, sf: StoredFile) -> None:

@@ -89,11 +89,10 @@ def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int]
         sf = StoredFile(first_ns, Path(path))
         try:
             size = index_and_link(ds, sf, file_mode, compress)
-        except FileNotFoundError:
-            size = 0  # deleted by the budget before we got to it
         except (PcapVaultError, OSError) as e:
-            log.error("cannot index %s: %s (npcaprepair will retry)", sf.name, e)
             size = 0
+            if sf.pcap.exists():  # else the budget deleted it before we got to it
+                log.error("cannot index %s: %s (npcaprepair will retry)", sf.name, e)
         done.put((path, size))
 
 
