@@ -40,8 +40,10 @@ fi
 # Debian's own interpreter, not whatever python3 comes first on PATH: the service accounts
 # (pcapvault, and the users the tests drop to) must be able to run it, and an interpreter
 # under /root or a home directory would not be readable by them.
-rm -rf "$PREFIX"
-/usr/bin/python3 -m venv "$PREFIX"
+case "$(readlink -f "$PREFIX/bin/python" 2>/dev/null)" in
+  /usr/bin/*) ;;
+  *) rm -rf "$PREFIX"; /usr/bin/python3 -m venv "$PREFIX" ;;
+esac
 "$PREFIX/bin/pip" install -q --upgrade pip
 if [ "$test_deps" = yes ]; then
   "$PREFIX/bin/pip" install -q ".[test]"
