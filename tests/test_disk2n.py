@@ -204,6 +204,21 @@ def test_topspeed_loops_and_rewrites_macs(pair, tmp_path):
     assert "sent 6000 packets" in r.stderr and "at top speed" in r.stderr
 
 
+def test_compressed_pcap_replays_like_the_plain_one(pair, tmp_path):
+    from pcapvault.index.compressed import compress_file
+
+    src = tmp_path / "in.pcap"
+    frames = [frame(i, 60 + (i * 53) % 1400) for i in range(1500)]
+    write_frames(src, frames)
+    zst = tmp_path / "in.pcap.zst"
+    compress_file(src, zst)
+    r, got = replay_into_recorder(pair, tmp_path / "ds", "-r", str(zst), "-r", str(src),
+                                  "--pps", "20000", "-f", "udp src port 4002")
+    assert r.returncode == 0, r.stderr
+    want = [f for i, f in enumerate(frames) if i % 7 == 2]
+    assert [f for _, f, _ in got] == want * 2
+
+
 def test_frames_over_the_mtu_are_skipped_or_fatal(tmp_path):
     with veth_pair(mtu=1500) as p:
         src = tmp_path / "in.pcap"
