@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -259,7 +260,7 @@ def command(
         return
     idx = read_index(idx_path, packets=True)
     lines = (_json_lines if as_json else _text_lines)(idx, idx_path, limit)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     while batch := list(itertools.islice(lines, 4096)):
         out.write("\n".join(batch) + "\n")
     out.flush()
