@@ -12,12 +12,18 @@ import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.tools.cliutil import run
 from pcapvault.tools.config import expand_config_args
+
+if TYPE_CHECKING:
+    from .replay_engine import Counters, Replayer
+    from .replay_pace import Pace
+    from .replay_source import DumpSetInput, FileInput
 
 PROG = "disk2n"
 
@@ -155,7 +161,7 @@ def command(
     return 0
 
 
-def _play(rep, source, loop: int, dumpset: bool) -> None:  # noqa: ANN001
+def _play(rep: Replayer, source: DumpSetInput | FileInput, loop: int, dumpset: bool) -> None:
     """`loop` passes over `source` (0: until stopped); a pass with nothing to send ends it."""
     passes = 0
     while loop == 0 or passes < loop:
@@ -168,7 +174,8 @@ def _play(rep, source, loop: int, dumpset: bool) -> None:  # noqa: ANN001
     rep.finish()
 
 
-def _pace(speed, pps, mbps, topspeed, max_gap):  # noqa: ANN001, ANN202 - click values
+def _pace(speed: float | None, pps: float | None, mbps: float | None, topspeed: bool,
+          max_gap: float | None) -> Pace:
     from .replay_pace import NS, Pace
 
     chosen = [n for n, v in (("--speed", speed), ("--pps", pps), ("--mbps", mbps),
@@ -181,7 +188,8 @@ def _pace(speed, pps, mbps, topspeed, max_gap):  # noqa: ANN001, ANN202 - click 
                 max_gap_ns=None if max_gap is None else int(max_gap * NS))
 
 
-def _source(dumpsets, begin, end, expr, files, playlists):  # noqa: ANN001, ANN202
+def _source(dumpsets: tuple[str, ...], begin: str | None, end: str | None, expr: str,
+            files: tuple[Path, ...], playlists: tuple[Path, ...]) -> DumpSetInput | FileInput:
     from .replay_source import DumpSetInput, FileInput, read_playlist
 
     if dumpsets and (files or playlists):
@@ -204,7 +212,7 @@ def _source(dumpsets, begin, end, expr, files, playlists):  # noqa: ANN001, ANN2
     return FileInput(paths, expr, _warn)
 
 
-def _nothing(dumpset: bool, c) -> str:  # noqa: ANN001
+def _nothing(dumpset: bool, c: Counters) -> str:
     skipped = ""
     if c.oversize or c.runts:
         skipped = f" ({c.oversize} over the MTU and {c.runts} runts skipped)"
@@ -247,7 +255,7 @@ class Report:
     def __init__(self, ifname: str, pace: str):
         self.ifname = ifname
         self.pace = pace
-        self.rep = None
+        self.rep: Replayer | None = None
         self._last = (0, 0, 0)  # time, packets, bytes at the previous progress line
 
     def progress(self, now: int) -> None:
