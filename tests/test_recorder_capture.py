@@ -95,6 +95,9 @@ def test_kernel_filter(veth, tmp_path):
     got = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
     want = [f for f in sent if struct.unpack_from("!H", f, 34)[0] == 4003]
     assert got == want and len(want) == 10
+    stats = dict(line.split(": ", 1)
+                 for line in (tmp_path / "ds" / "stats").read_text().splitlines())
+    assert int(stats["packets_filtered"]) == 60
 
 
 def test_files_readable_by_tcpdump_and_tshark(veth, tmp_path):
