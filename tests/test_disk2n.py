@@ -268,22 +268,21 @@ def test_interface_errors_are_one_line(pair, tmp_path):
 
 def _without(*caps: str) -> list[str]:
     """A command prefix that runs as root without `caps` (root keeps the others)."""
-    if os.geteuid() != 0 or not shutil.which("capsh"):
-        pytest.skip("needs root and capsh")
-    return ["capsh", f"--drop={','.join(caps)}", "--"]
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv (util-linux)")
+    return ["setpriv", "--bounding-set=" + ",".join(f"-{c}" for c in caps), "--"]
 
 
 def test_no_capability_and_unreadable_input(pair, tmp_path):
     src = tmp_path / "in.pcap"
     write_frames(src, [frame(i) for i in range(10)])
-    ns = ["ip", "netns", "exec", pair.tx_ns]
-    cmd = f"{tool('disk2n')} -i {pair.tx} -r {src}"
-    r = subprocess.run([*ns, *_without("cap_net_raw"), "-c", cmd], capture_output=True,
-                       text=True)
+    cmd = ["ip", "netns", "exec", pair.tx_ns]
+    args = [tool("disk2n"), "-i", pair.tx, "-r", str(src)]
+    r = subprocess.run([*cmd, *_without("net_raw"), *args], capture_output=True, text=True)
     assert r.returncode == 1 and "needs CAP_NET_RAW" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     os.chmod(src, 0)
-    r = subprocess.run([*ns, *_without("cap_dac_override", "cap_dac_read_search"), "-c", cmd],
+    r = subprocess.run([*cmd, *_without("dac_override", "dac_read_search"), *args],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "cannot open: Permission denied" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
