@@ -2,19 +2,23 @@
 
 Builds (once, reused when present) a dump set holding one hour of synthetic traffic, at least
 5 GB by default, in the recorder's layout (256 MB files closed at 10-minute slot boundaries,
-each indexed and linked into the timeline), then times
+each indexed and linked into the timeline), checks that (a) (and with --verify-broad, (b))
+writes exactly what tcpdump selects, then times
 
   (a) selective: one host over a 10-minute window inside the hour, against tcpdump over the
-      files that overlap the window (what an operator without an index would read);
+      files that overlap the window (an analyst who picks the files by their names) and over
+      the hour's files (an analyst who does not);
   (b) broad: `tcp` over the whole hour, against tcpdump over every file;
   (c) the count of (a) with -l -v (no packet written).
 
-Each case runs REPEAT times with the page cache dropped before every run when the machine
-allows it (root) and the programs (Python, numpy, tcpdump) loaded again, and reports the median
-wall time and the bytes the process read from disk (rusage ru_inblock, so cached reads do not
+Each command runs REPEAT times, the commands taking turns, with the page cache dropped before
+every run when the machine allows it (root) and the programs (Python, numpy, tcpdump) loaded
+again. Reported: the median wall time, the median CPU time (user + system, children included)
+and the bytes the process read from the device (rusage ru_inblock, so cached reads do not
 count).
 
-    python bench/extract.py [--dir /work/bench-data] [--gb 5] [--repeat 3] [--keep]
+    python bench/extract.py [--dir /work/bench-data] [--gb 5] [--repeat 5] [--keep]
+                            [--verify-broad]
 
 Traffic: 4,000 hosts in 10.0.0.0/12 with Zipf-like popularity, 60,000 flows (TCP 85%, UDP
 13%, ICMP and ARP the rest; 5% of frames VLAN tagged), packet sizes from a mix of ACK-sized,

@@ -104,6 +104,10 @@ class Source:
         self.interface = str(meta.get("interface") or Path(path).name)
         self.filter: Filter = compile_filter(expr, self.linktype, max(self.snaplen, 65535))
         self.matcher = FlowMatcher(self.filter)
+        # Whether the last file had candidates: then the next one probably has too, and its
+        # summary is not decoded on its own first (a file skipped by its summary saves the
+        # packet columns, one with matches pays for the summary twice).
+        self._last_matched = False
 
     def files(self, begin_ns: int, end_ns: int, stats: Stats) -> list[StoredFile]:
         """Files of the window, from the timeline only; counts the ones left out."""
@@ -142,7 +146,8 @@ class Source:
                  "sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
-            summary = decode_index(data, name, packets=False)
+            # The packet columns right away when the last file had candidates (see __init__).
+            idx = summary = decode_index(data, name, packets=self._last_matched)
             if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
                 stats.skipped_summary += 1
                 return None
@@ -151,10 +156,12 @@ class Source:
                 # Every row has packets in the window: decide them all first, and skip the
                 # packet columns when none can match.
                 dec = self.matcher.decide(summary.flows)
-                if not (dec != NO).any():
+                self._last_matched = bool((dec != NO).any())
+                if not self._last_matched:
                     stats.skipped_summary += 1
                     return None
-            idx = decode_index(data, name, packets=True)
+            if not idx.has_packets:
+                idx = decode_index(data, name, packets=True)
         except (PcapVaultError, ValueError) as e:
             warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
@@ -185,6 +192,7 @@ class Source:
             pdec = dec[flow]
             keep &= pdec != NO
         sel = np.flatnonzero(keep)
+        self._last_matched = bool(len(sel))
         if not len(sel):
             stats.skipped_summary += 1
             return None
