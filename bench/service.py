@@ -13,7 +13,9 @@ systemd-socket-activate --accept, as npcapextract.socket does. Then it times, in
 for the whole hour without a filter, so both write the same ~GB result to the same
 filesystem, and checks that both outputs are identical. Wall time is the whole command,
 interpreter start-up included, on both sides: the service's cost is its process start,
-PAM, and the relay through the socket. Page cache warm (one unmeasured run of each first),
+PAM, and the relay through the socket. CPU time (user + system) adds, for the service path,
+the client's and the service instance's (from its audit line), which shows the extra work
+independently of what else the machine is doing. Page cache warm (one unmeasured run of each first),
 or dropped before every run with --cold. --out-dir /dev/shm writes both results to a tmpfs,
 which takes disk write-back (the same for both) out of the comparison.
 
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import statistics
@@ -66,7 +70,8 @@ def private(root: Path, uid: int, gid: int) -> None:
 
 
 def run(argv: list[str], *, user: pwd.struct_passwd | None = None, stdin: bytes = b"",
-        cold: bool = False) -> float:
+        cold: bool = False) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of one command."""
     if cold:
         drop_caches()
     kw: dict = {}
@@ -74,13 +79,16 @@ def run(argv: list[str], *, user: pwd.struct_passwd | None = None, stdin: bytes 
         kw = dict(user=user.pw_uid, group=user.pw_gid,
                   extra_groups=os.getgrouplist(user.pw_name, user.pw_gid), cwd=user.pw_dir,
                   env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(argv, input=stdin, capture_output=True, **kw)
     dt = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:3])} ... failed ({r.returncode}): "
                          f"{r.stderr.decode()[-500:]}")
-    return dt
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dt, cpu
 
 
 def digest(path: Path) -> str:
@@ -164,12 +172,16 @@ def main() -> None:
                   "--password-stdin", "--service-socket", str(sock)]
         secret = f"{password}\n".encode()
 
-        def once(kind: str, cold: bool) -> float:
+        audit = base / "audit.jsonl"
+
+        def once(kind: str, cold: bool) -> tuple[float, float]:
             for p in (direct_out, service_out):
                 p.unlink(missing_ok=True)
             if kind == "direct":
                 return run(direct, cold=cold)
-            return run(remote, user=pw, stdin=secret, cold=cold)
+            wall, cpu = run(remote, user=pw, stdin=secret, cold=cold)
+            # The service instance is systemd-socket-activate's child: its CPU is in the audit.
+            return wall, cpu + json.loads(audit.read_text().splitlines()[-1])["cpu_s"]
 
         once("direct", False)
         once("service", False)
@@ -181,10 +193,13 @@ def main() -> None:
         if digest(direct_out) != same:
             raise SystemExit("the service's result differs from the direct extraction")
         times: dict[str, list[float]] = {"direct": [], "service": []}
+        cpus: dict[str, list[float]] = {"direct": [], "service": []}
         for i in range(a.repeat):
             order = ("direct", "service") if i % 2 == 0 else ("service", "direct")
             for kind in order:
-                times[kind].append(once(kind, a.cold))
+                wall, cpu = once(kind, a.cold)
+                times[kind].append(wall)
+                cpus[kind].append(cpu)
         d, s = statistics.median(times["direct"]), statistics.median(times["service"])
         # Pairs run back to back share the machine's load of the moment: their ratio is the
         # steadiest figure on a shared machine.
@@ -192,12 +207,12 @@ def main() -> None:
                                                              strict=True))
         print(f"result: {size / 1e9:.3f} GB to {out_dir}, {'cold' if a.cold else 'warm'} page "
               f"cache, {a.repeat} runs each, interleaved")
-        print("| path | median s | min s | runs |")
-        print("|---|---|---|---|")
+        print("| path | median s | min s | median CPU s | runs (wall s) |")
+        print("|---|---|---|---|---|")
         for kind in ("direct", "service"):
             t = times[kind]
             print(f"| {kind} | {statistics.median(t):.3f} | {min(t):.3f} | "
-                  f"{' '.join(f'{x:.2f}' for x in t)} |")
+                  f"{statistics.median(cpus[kind]):.3f} | {' '.join(f'{x:.2f}' for x in t)} |")
         mins = min(times["service"]) / min(times["direct"])
         print(f"overhead of the service: {100 * (s - d) / d:+.1f}% (medians), "
               f"{100 * (ratio - 1):+.1f}% (median of paired ratios), {100 * (mins - 1):+.1f}% "

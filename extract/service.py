@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
+import signal
 import socket
 import stat
 import struct
@@ -258,8 +260,8 @@ class Session:
         try:
             req = self._read_request()
         except wire.ProtocolError as e:
-            self._reply("error", str(e))
             self._audit(record, started, "rejected", str(e))
+            self._reply("error", str(e))
             return False
         if req is None:
             self.audited = True  # closed without asking: a probe, or a client that gave up
@@ -293,13 +295,18 @@ class Session:
         self._extract(req, record, started)
         return False
 
-    def internal_error(self, e: Exception) -> None:
-        """A bug must still leave an audit line, and the client a one-line answer."""
-        _log(f"internal error: {type(e).__name__}: {e}")
-        self._reply("error", "internal error in the extraction service; see its journal")
-        if getattr(self, "record", None) is not None and not self.audited:
-            self._audit(self.record, self.started, "error",
-                        f"internal error: {type(e).__name__}")
+    def interrupted(self, e: BaseException) -> None:
+        """A bug, or systemd stopping us, must still leave an audit line and a one-line
+        answer for the client."""
+        if isinstance(e, Terminated):
+            why, told = "stopped by SIGTERM", "the extraction service was stopped"
+        else:
+            why = f"internal error: {type(e).__name__}"
+            told = "internal error in the extraction service; see its journal"
+            _log(f"internal error: {type(e).__name__}: {e}")
+        if self.record is not None and not self.audited:
+            self._audit(self.record, self.started, "error", why)
+        self._reply("error", told)
 
     def _record(self, attempt: int) -> dict:
         p = self.peer
@@ -352,8 +359,10 @@ class Session:
 
     def _audit(self, record: dict, started: float, outcome: str, reason: str | None = None,
                packets: int = 0, nbytes: int = 0) -> None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
         record.update(outcome=outcome, reason=reason, packets=packets, bytes=nbytes,
-                      duration_s=round(time.monotonic() - started, 3))
+                      duration_s=round(time.monotonic() - started, 3),
+                      cpu_s=round(ru.ru_utime + ru.ru_stime, 3))
         self.audited = True
         self.audit.write(record)
 
@@ -378,8 +387,8 @@ class Session:
                     "the dump sets have different link types; use --pcapng to combine them"
                 )
         except PcapVaultError as e:
-            self._reply("error", str(e))
             self._audit(record, started, "error", str(e))
+            self._reply("error", str(e))
             return
         self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
         stall = struct.pack("ll", STALL_SECONDS, 0)
@@ -423,18 +432,17 @@ class Session:
             return
         except (PcapVaultError, OSError) as e:
             msg = str(e) if isinstance(e, PcapVaultError) else f"{e.strerror}: {e.filename}"
-            self._trailer(stats, files, out, error=msg)
             self._audit(record, started, "error", msg, *_returned(out))
+            self._trailer(stats, files, out, error=msg)
             return
-        if not self._trailer(stats, files, out):
-            self._audit(record, started, "error", "the client stopped reading before the end; "
-                        "result incomplete", *_returned(out))
-            return
+        # Every packet is with the client (or in its socket) by now. Audit first: whoever
+        # sees the end of the result can rely on the audit line being there.
         self._audit(record, started, "allowed", None, packets, _returned(out)[1])
+        self._trailer(stats, files, out)
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
-                 error: str | None = None) -> bool:
-        """The end of the result; False when the client is gone (it missed the end)."""
+                 error: str | None = None) -> None:
+        """The end of the result (a client that has left misses nothing else)."""
         counts = asdict(stats)
         counts.pop("warnings")
         body = {
@@ -447,8 +455,7 @@ class Session:
         try:
             wire.send_json(self.conn, wire.TRAILER, body)
         except OSError:
-            return False
-        return True
+            pass
 
 
 def _returned(out: ConnectionOutput | None) -> tuple[int, int]:
@@ -518,12 +525,21 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
             pass
         raise
     session = Session(conn, settings, audit)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         session.run()
-    except Exception as e:  # noqa: BLE001 - never a traceback, never a silent attempt
-        session.internal_error(e)
+    except (Exception, Terminated) as e:  # noqa: BLE001 - no traceback, no silent attempt
+        session.interrupted(e)
         return 1
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM (systemctl stop npcapextract.socket), raised where the session is."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main() -> None:

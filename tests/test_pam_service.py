@@ -545,6 +545,30 @@ def test_a_client_that_says_nothing_is_not_an_attempt(world):
     assert len(world.audit_lines()) == before
 
 
+def test_sigterm_ends_the_instance_with_an_answer_and_an_audit_line(world):
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    sa = world.service.proc.pid
+    children = Path(f"/proc/{sa}/task/{sa}/children")
+    earlier = set(children.read_text().split())  # instances of earlier tests still finishing
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(str(world.service.socket))
+    deadline = time.monotonic() + 10
+    while not set(children.read_text().split()) - earlier and time.monotonic() < deadline:
+        time.sleep(0.02)
+    new = set(children.read_text().split()) - earlier
+    (pid,) = map(int, new)
+    time.sleep(0.3)  # let it reach the read of the request
+    os.kill(pid, 15)
+    kind, length = wire.FRAME.unpack(s.recv(wire.FRAME.size, socket.MSG_WAITALL))
+    reply = json.loads(s.recv(length, socket.MSG_WAITALL))
+    s.close()
+    assert kind == b"R" and reply == {"status": "error",
+                                      "message": "the extraction service was stopped"}
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "error" and a["reason"] == "stopped by SIGTERM"
+
+
 def test_audit_log_is_not_writable_by_clients(world):
     st = world.audit.stat()
     assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o640
