@@ -31,11 +31,15 @@ def is_compressed(path: os.PathLike | str) -> bool:
 
 
 def compress_file(src: Path, dst: Path, level: int = DEFAULT_LEVEL,
-                  file_mode: int | None = None) -> int:
-    """Compress `src` into `dst` (temporary name, then rename); return the compressed size."""
+                  file_mode: int | None = None, data: memoryview | None = None) -> int:
+    """Compress `src` into `dst` (temporary name, then rename); return the compressed size.
+
+    `data`, when given, is `src`'s content already in memory (the recorder's indexer has just
+    read it), so the file is not read a second time.
+    """
     tmp = dst.with_name(f".{dst.name}.part")
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as raw:
+        with open(tmp, "wb") as raw:
             if file_mode is not None:
                 os.fchmod(raw.fileno(), file_mode)
             # Per-frame checksums: a damaged frame is an error, never silently wrong packets.
@@ -43,8 +47,12 @@ def compress_file(src: Path, dst: Path, level: int = DEFAULT_LEVEL,
                        pyzstd.CParameter.checksumFlag: 1}
             with pyzstd.SeekableZstdFile(raw, "w", level_or_option=options,
                                          max_frame_content_size=FRAME_SIZE) as z:
-                while chunk := fin.read(_COPY):
-                    z.write(chunk)
+                if data is not None:
+                    z.write(data)
+                else:
+                    with open(src, "rb") as fin:
+                        while chunk := fin.read(_COPY):
+                            z.write(chunk)
             raw.flush()
             os.fdatasync(raw.fileno())
         os.replace(tmp, dst)

@@ -8,7 +8,9 @@ timeline. Linking last means a file becomes visible to extraction only once it i
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import mmap
 import multiprocessing as mp
 
 # Loaded now, while the code is surely readable: after -u the account may not be able to.
@@ -21,14 +23,64 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from pcapvault.index import compressed
-from pcapvault.index.builder import build_index
+from pcapvault.index.builder import build_index, index_pcap
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import write_index
+from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN, parse_global_header
 
 log = logging.getLogger("pcapvault.recorder")
 PR_SET_PDEATHSIG = 1
+ALIGN = 4096
+
+
+class DirectReader:
+    """Reads a whole closed file with O_DIRECT into one buffer reused for every file.
+
+    The file was just written with O_DIRECT, so it is not in the page cache; reading it back
+    through the cache (mmap or read) would allocate a fresh page per 4 KiB, the very cost the
+    writer avoids. Measured on a 128 MB file of 64-byte packets: 0.39 us/packet to index it
+    through a cold mmap, 0.22 through this buffer. Filesystems refusing O_DIRECT get None.
+    """
+
+    def __init__(self) -> None:
+        self.buf: mmap.mmap | None = None
+
+    def read(self, path: Path) -> np.ndarray | None:
+        size = path.stat().st_size
+        cap = -(-size // ALIGN) * ALIGN
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        try:
+            if self.buf is None or len(self.buf) < cap:
+                if self.buf is not None:
+                    self.buf.close()
+                self.buf = mmap.mmap(-1, max(cap, ALIGN))
+            view = memoryview(self.buf)
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[done:cap]], done)
+                if n <= 0:
+                    break
+                done += n
+            view.release()
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        finally:
+            os.close(fd)
+        return np.frombuffer(self.buf, np.uint8, count=min(done, size))
+
+
+_reader = DirectReader()
 
 
 def index_and_link(
@@ -42,12 +94,19 @@ def index_and_link(
     are in place. The budget may delete a file while this runs (tiny limits); then whatever
     this step created for it is removed again instead of leaving orphans.
     """
-    idx = build_index(sf.pcap)
+    arr = _reader.read(sf.pcap)
+    if arr is None:
+        idx = build_index(sf.pcap)
+    else:
+        idx, _ = index_pcap(arr, parse_global_header(bytes(arr[:GLOBAL_HEADER_LEN]),
+                                                     str(sf.pcap)))
     final = sf
     added = 0
     if compress is not None:
         final = StoredFile(sf.first_ns, sf.pcap.with_name(sf.pcap.name + compressed.SUFFIX))
-        added = compressed.compress_file(sf.pcap, final.pcap, compress, file_mode)
+        added = compressed.compress_file(sf.pcap, final.pcap, compress, file_mode,
+                                         data=None if arr is None else memoryview(arr))
+    del arr
     write_index(final.index, idx)
     if file_mode is not None:
         os.chmod(final.index, file_mode)
