@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pcapvault.index.bytecopy import copy_pieces, window
 from pcapvault.index.errors import PcapVaultError
 
 SOL_PACKET = 263
@@ -316,14 +317,14 @@ def _vector_records(
     _copy_rows(hdr.view(np.uint8), out, starts)
     src = pos + mac
     if not len(vlan):
-        _copy_pieces(blk, src, out, starts + 16, snap)
+        copy_pieces(blk, src, out, starts + 16, snap)
     else:
         # Tagged: the frame's first 12 bytes, the 4-byte tag, then the rest of the frame.
         n = snap.copy()
         n[vlan] = 12
         rest = caplen[vlan] - 16
         keep = rest > 0
-        _copy_pieces(blk, np.concatenate([src, src[vlan][keep] + 12]), out,
+        copy_pieces(blk, np.concatenate([src, src[vlan][keep] + 12]), out,
                      np.concatenate([starts + 16, starts[vlan][keep] + 32]),
                      np.concatenate([n, rest[keep]]))
         tci = w32[p4[vlan] + 8] & 0xFFFF
@@ -343,44 +344,9 @@ def _scratch(size: int) -> np.ndarray:
     return _SCRATCH[:size]
 
 
-def _window(buf: np.ndarray, width: int) -> np.ndarray:
-    """Every `width`-byte run of `buf` as one element: element i is buf[i:i+width], no copy.
-
-    Elements are opaque `width`-byte values, so numpy moves each with one memcpy; a 2-D
-    uint8 window would be copied byte by byte.
-    """
-    return np.ndarray(shape=(len(buf) - width + 1,), dtype=np.dtype((np.void, width)),
-                      buffer=buf, strides=(1,))
-
-
 def _copy_rows(rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
     """out[at[i] : at[i] + width] = rows[i] for every i."""
-    _window(out, rows.shape[1])[at] = rows.reshape(-1).view((np.void, rows.shape[1]))
-
-
-def _copy_pieces(src: np.ndarray, s: np.ndarray, dst: np.ndarray, d: np.ndarray,
-                 n: np.ndarray) -> None:
-    """dst[d[i] : d[i] + n[i]] = src[s[i] : s[i] + n[i]] for every i (n >= 1)."""
-    cls = np.frexp(n)[1] - 1  # W = 2**cls <= n < 2W
-    lo, hi = int(cls.min()), int(cls.max())
-    for k in range(lo, hi + 1):
-        if lo == hi:
-            ss, dd, nn = s, d, n
-        else:
-            sel = np.flatnonzero(cls == k)
-            if not len(sel):
-                continue
-            ss, dd, nn = s[sel], d[sel], n[sel]
-        first_n = int(nn[0])
-        if (nn == first_n).all():
-            # One length (fixed-size traffic, or one common size): a single row per piece.
-            _window(dst, first_n)[dd] = _window(src, first_n)[ss]
-            continue
-        w = 1 << k
-        sw, dw = _window(src, w), _window(dst, w)
-        dw[dd] = sw[ss]
-        tail = nn - w
-        dw[dd + tail] = sw[ss + tail]
+    window(out, rows.shape[1])[at] = rows.reshape(-1).view((np.void, rows.shape[1]))
 
 
 def _python_records(

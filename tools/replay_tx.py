@@ -28,10 +28,9 @@ import time
 
 import numpy as np
 
-from pcapvault.index.errors import PcapVaultError
-
 # The recorder's vectorised piece copy (rows of power-of-two widths, one memcpy each).
-from pcapvault.recorder.ring import _copy_pieces
+from pcapvault.index.bytecopy import copy_pieces
+from pcapvault.index.errors import PcapVaultError
 
 SOL_PACKET = 263
 PACKET_LOSS = 14
@@ -244,7 +243,7 @@ class TxRing:
             self._wait_until_free(self.loaded, self.loaded + n)
         slots = self._slots(self.loaded, self.loaded + n)
         base = slots * self.frame_size
-        _copy_pieces(buf, data_off, self.bytes, base + self.data_offset, caplen)
+        copy_pieces(buf, data_off, self.bytes, base + self.data_offset, caplen)
         if self.linear:
             self._len[slots] = caplen + VNET_HDR_LEN
             self._hdr_len[slots] = caplen
