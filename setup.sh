@@ -17,9 +17,10 @@ case "${1:-}" in
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
     systemctl disable --now 'recorder@*' npcapextract.socket 2>/dev/null || true
-    rm -f /etc/systemd/system/recorder@.service /etc/systemd/system/npcapextract.socket \
-      /etc/systemd/system/npcapextract@.service /etc/sysusers.d/pcapvault.conf \
-      /etc/tmpfiles.d/pcapvault.conf /etc/pam.d/npcapextract
+    for unit in systemd/*.service systemd/*.socket; do
+      rm -f "/etc/systemd/system/$(basename "$unit")"
+    done
+    rm -f /etc/sysusers.d/pcapvault.conf /etc/tmpfiles.d/pcapvault.conf /etc/pam.d/npcapextract
     for t in $TOOLS; do rm -f "/usr/local/bin/$t"; done
     rm -rf "$PREFIX"
     echo "pcapvault removed; recorded data under /var/lib/pcapvault is kept"
@@ -56,8 +57,9 @@ done
 echo "pcapvault installed in $PREFIX; tools linked into /usr/local/bin"
 
 if [ -n "$system_iface" ]; then
-  install -m 0644 systemd/recorder@.service /etc/systemd/system/recorder@.service
-  install -m 0644 systemd/npcapextract.socket systemd/npcapextract@.service /etc/systemd/system/
+  for unit in systemd/*.service systemd/*.socket; do
+    install -m 0644 "$unit" /etc/systemd/system/
+  done
   install -D -m 0644 systemd/sysusers.d/pcapvault.conf /etc/sysusers.d/pcapvault.conf
   install -D -m 0644 systemd/tmpfiles.d/pcapvault.conf /etc/tmpfiles.d/pcapvault.conf
   install -D -m 0644 systemd/pam.d/npcapextract /etc/pam.d/npcapextract
