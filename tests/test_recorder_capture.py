@@ -144,3 +144,25 @@ def test_kernel_drops_and_stats_are_reported(veth, tmp_path):
     assert periodic, "a stats line every --stats-interval seconds"
     assert f"dropped {stats['packets_dropped']}" in rec.lines[-1]  # the summary at exit
     assert any((tmp_path / "tl").rglob("*.pcap")), "-A puts the timeline elsewhere"
+
+
+def promiscuity(veth) -> int:
+    out = subprocess.run(["ip", "-n", veth.rx_ns, "-d", "link", "show", veth.rx],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split("promiscuity ")[1].split()[0])
+
+
+def test_promiscuous_by_default_and_buffered_mode(veth, tmp_path):
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 300, 500)
+    assert promiscuity(veth) == 0
+    rec = RecorderProc(veth, tmp_path / "ds", "-r", "--disk-limit", "1GB")
+    assert promiscuity(veth) == 1
+    sent = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    assert promiscuity(veth) == 0, "the socket's membership goes with it"
+    assert [f for _, f, _ in recorded_frames(tmp_path / "ds")] == sent  # -r: buffered writes
+    rec = RecorderProc(veth, tmp_path / "ds2", "--no-promisc", "--disk-limit", "1GB")
+    assert promiscuity(veth) == 0
+    assert rec.stop() == 0
