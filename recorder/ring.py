@@ -87,6 +87,23 @@ def interface_linktype(sock: socket.socket, ifname: str) -> int:
     )
 
 
+def open_packet_socket(
+    ifname: str, error: type[PcapVaultError], no_capability: str
+) -> tuple[socket.socket, int]:
+    """An unbound AF_PACKET socket (protocol 0: it receives nothing yet) and the ifindex.
+
+    Shared by capture and replay so that both name the same two failures the same way.
+    """
+    try:
+        ifindex = socket.if_nametoindex(ifname)
+    except OSError:
+        raise error(f"unknown interface {ifname!r}; list interfaces with `ip link`") from None
+    try:
+        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0), ifindex
+    except PermissionError:
+        raise error(no_capability) from None
+
+
 def attach_filter(sock: socket.socket, insns: bytes, count: int) -> None:
     """Attach a libpcap-compiled classic BPF program; its `ret #snaplen` also truncates."""
     buf = ctypes.create_string_buffer(insns, len(insns))
@@ -105,21 +122,13 @@ class PacketRing:
         promisc: bool = True,
         kernel_filter: tuple[bytes, int] | None = None,
     ):
-        try:
-            self.ifindex = socket.if_nametoindex(ifname)
-        except OSError:
-            raise CaptureError(
-                f"unknown interface {ifname!r}; list interfaces with `ip link`"
-            ) from None
-        try:
-            # Protocol 0 receives nothing until start() binds: setup work done before that
-            # (a repair of the dump set) cannot make the ring overflow.
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        except PermissionError:
-            raise CaptureError(
-                "capturing needs CAP_NET_RAW: run as root, or start through the recorder@ "
-                "systemd unit, or grant it with setcap cap_net_raw,cap_net_admin+ep"
-            ) from None
+        # Protocol 0 receives nothing until start() binds: setup work done before that
+        # (a repair of the dump set) cannot make the ring overflow.
+        sock, self.ifindex = open_packet_socket(
+            ifname, CaptureError,
+            "capturing needs CAP_NET_RAW: run as root, or start through the recorder@ systemd "
+            "unit, or grant it with setcap cap_net_raw,cap_net_admin+ep",
+        )
         self.sock = sock
         self.ifname = ifname
         try:

@@ -31,6 +31,7 @@ import numpy as np
 # The recorder's vectorised piece copy (rows of power-of-two widths, one memcpy each).
 from pcapvault.index.bytecopy import copy_pieces
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.recorder.ring import open_packet_socket
 
 SOL_PACKET = 263
 PACKET_LOSS = 14
@@ -84,20 +85,12 @@ class TxRing:
     """A packet socket bound to `ifname` for sending only, with a TPACKET_V2 TX ring."""
 
     def __init__(self, ifname: str, *, ring_bytes: int = RING_BYTES):
-        try:
-            self.ifindex = socket.if_nametoindex(ifname)
-        except OSError:
-            raise TransmitError(
-                f"unknown interface {ifname!r}; list interfaces with `ip link`"
-            ) from None
-        try:
-            # Protocol 0: the socket receives nothing, so sending costs no capture copies.
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        except PermissionError:
-            raise TransmitError(
-                "sending raw frames needs CAP_NET_RAW: run as root, start through the disk2n@ "
-                "systemd unit, or grant it with setcap cap_net_raw+ep"
-            ) from None
+        # Protocol 0: the socket receives nothing, so sending costs no capture copies.
+        sock, self.ifindex = open_packet_socket(
+            ifname, TransmitError,
+            "sending raw frames needs CAP_NET_RAW: run as root, start through the disk2n@ "
+            "systemd unit, or grant it with setcap cap_net_raw+ep",
+        )
         self.sock = sock
         self.ifname = ifname
         try:
