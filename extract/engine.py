@@ -15,6 +15,7 @@ call per chunk.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
+from .direct import DirectReader, Span, open_direct
 from .hints import will_need
 from .output import Batch, Output
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
@@ -34,6 +36,12 @@ CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
 GAP = 4 << 10
 SPLIT_BYTES = 16 << 20  # longest read range: a dense file is read in pieces, not in one go
+# O_DIRECT for a file whose page-cache ranges would cover at least this share of the span from
+# its first to its last candidate: reading the whole span sequentially then costs little more.
+DENSE_SHARE = 4
+# ... and whose span is at least this long: a small cluster is better announced early with the
+# other files' scattered ranges than read on its own when its turn comes.
+DIRECT_MIN_BYTES = 1 << 20
 AHEAD_BYTES = LOOKAHEAD_BYTES  # planned but unread bytes before planning stops
 AHEAD_FILES = 64
 
@@ -51,6 +59,13 @@ def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
     return Candidates(
         c.file, c.rec[sel], c.caplen[sel], c.wirelen[sel], c.ts_ns[sel], c.sure[sel], c.indexed
     )
+
+
+def _range_bytes(rec: np.ndarray, end: np.ndarray, new: np.ndarray) -> int:
+    """Bytes the ranges starting at `new` cover (what the page-cache path would read)."""
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], len(rec)) - 1
+    return int((end[last] - rec[first]).sum())
 
 
 def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
@@ -82,23 +97,45 @@ class _Buffers:
 
 
 class _Plan:
-    """The reads of one file's candidates: ranges, chunks of ranges, its read-ahead job."""
+    """The reads of one file's candidates, in chunks: through the page cache with read-ahead
+    (sparse candidates) or with O_DIRECT (dense ones, see direct.py)."""
 
     def __init__(
-        self, src: Source, c: Candidates, reader: PcapReader, pf: Prefetcher, warn: Warn
+        self, src: Source, c: Candidates, reader: PcapReader, pf: Prefetcher, dr: DirectReader,
+        warn: Warn,
     ):
         self.src = src
         self.reader = reader
         self.pf = pf
+        self.dr = dr
         self.c = c = _drop_past_end(c, reader.size, warn)
         self.job: Job | None = None
+        self.direct_fd: int | None = None
+        self.spans: dict[int, Span] = {}  # direct reads started, by chunk
+        self.cuts: list[int] = []  # chunk k holds candidates cuts[k]:cuts[k + 1]
+        self.unread = 0
         n = len(c.rec)
-        rec, end = c.rec, c.rec + RECORD_HEADER_LEN + c.caplen
         if not c.indexed or n == 0:
-            self.unread = 0
             return
+        rec, end = c.rec, c.rec + RECORD_HEADER_LEN + c.caplen
         new = np.ones(n, bool)
         new[1:] = rec[1:] - end[:-1] > GAP
+        span = int(end[-1] - rec[0])
+        if (
+            not reader.compressed
+            and span >= DIRECT_MIN_BYTES
+            and _range_bytes(rec, end, new) * DENSE_SHARE >= span
+        ):
+            self.direct_fd = open_direct(reader.path)
+        if self.direct_fd is not None:
+            # Chunks of contiguous file bytes, a new one every CHUNK_BYTES or CHUNK_PACKETS.
+            key = (rec - rec[0]) // CHUNK_BYTES * (n // CHUNK_PACKETS + 1)
+            key += np.arange(n) // CHUNK_PACKETS
+            cnew = np.ones(n, bool)
+            cnew[1:] = key[1:] != key[:-1]
+            self.cuts = [*np.flatnonzero(cnew).tolist(), n]
+            self.unread = span
+            return
         # Split ranges longer than SPLIT_BYTES at a record boundary.
         seg = (rec - rec[new][np.cumsum(new) - 1]) // SPLIT_BYTES
         new[1:] |= seg[1:] != seg[:-1]
@@ -107,13 +144,13 @@ class _Plan:
         self.starts = rec[first]
         self.lens = end[last] - rec[first]
         self.rid = np.cumsum(new) - 1
-        self.first = first  # first candidate of each range
         # Chunks: consecutive ranges, a new chunk every CHUNK_BYTES of reads or CHUNK_PACKETS.
         before = np.cumsum(self.lens) - self.lens
         key = before // CHUNK_BYTES * (n // CHUNK_PACKETS + 1) + first // CHUNK_PACKETS
         cnew = np.ones(len(first), bool)
         cnew[1:] = key[1:] != key[:-1]
-        self.chunks = np.append(np.flatnonzero(cnew), len(first))
+        self.chunk_ranges = [*np.flatnonzero(cnew).tolist(), len(first)]
+        self.cuts = [int(first[r]) for r in self.chunk_ranges[:-1]] + [n]
         self.unread = int(self.lens.sum())
         if not reader.compressed:
             self.job = pf.submit(reader.path, self.starts, self.lens)
@@ -121,24 +158,53 @@ class _Plan:
     def close(self) -> None:
         if self.job is not None:
             self.pf.done(self.job)
+        for sp in self.spans.values():
+            sp.settle()  # its descriptor is about to close
+        self.spans.clear()
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         self.reader.close()
 
+    def start_direct(self, k: int) -> None:
+        """Start reading chunk k with O_DIRECT (no-op when started or not a direct plan)."""
+        if self.direct_fd is None or k in self.spans or k + 1 >= len(self.cuts):
+            return
+        i, j = self.cuts[k], self.cuts[k + 1]
+        c = self.c
+        stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
+        self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop)
+
     def batches(
-        self, stats: Stats, bufs: _Buffers, between: Callable[[], None]
+        self, stats: Stats, bufs: _Buffers, between: Callable[[], None],
+        following: Callable[[], _Plan | None],
     ) -> Iterator[Batch]:
-        """The confirmed matches, in capture order, one batch per chunk."""
+        """The confirmed matches, in capture order, one batch per chunk.
+
+        `following` gives the plan read after this one, whose first O_DIRECT read starts while
+        this plan's last chunk is processed."""
         c, src = self.c, self.src
         hdr = self.reader.header
         raw_ok = not hdr.big_endian
         if not c.indexed:
             yield from self._scanned(stats, raw_ok)
             return
-        if not len(c.rec):
-            return
-        for a, b in zip(self.chunks[:-1].tolist(), self.chunks[1:].tolist(), strict=True):
-            i = int(self.first[a])
-            j = int(self.first[b]) if b < len(self.first) else len(c.rec)
-            buf, local = self._read(a, b, i, j, bufs)
+        for k in range(len(self.cuts) - 1):
+            i, j = self.cuts[k], self.cuts[k + 1]
+            if self.direct_fd is not None:
+                self.start_direct(k)
+                if k + 2 < len(self.cuts):
+                    self.start_direct(k + 1)
+                elif (nxt := following()) is not None:
+                    nxt.start_direct(0)
+                span = self.spans[k]
+                buf = span.result()
+                local = c.rec[i:j] - span.base
+            else:
+                span = None
+                buf, local = self._read(self.chunk_ranges[k], self.chunk_ranges[k + 1], i, j,
+                                        bufs)
+            self.unread -= len(buf)
             cap, wire, ts = c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
             m = self._confirm(buf, local, cap, wire, c.sure[i:j])
             stats.packets_read += j - i
@@ -148,6 +214,10 @@ class _Plan:
             else:
                 yield Batch(buf, local[m], cap[m], wire[m], ts[m], src.number, hdr.nanosecond,
                             raw_ok)
+            if span is not None:
+                del self.spans[k]
+                if bufs.reuse:  # the consumer is done with the batch: recycle the buffer
+                    self.dr.release(span)
             between()
 
     def _read(
@@ -166,7 +236,6 @@ class _Plan:
                 raise PcapVaultError(f"{self.c.file.pcap}: short read at byte {s}")
         if self.job is not None:
             self.pf.consumed(self.job, total)
-        self.unread -= total
         r = self.rid[i:j] - a
         return buf, self.c.rec[i:j] - starts[r] + base[r]
 
@@ -220,6 +289,7 @@ class _Pipeline:
         self.next = 0
         self.queue: deque[_Planned] = deque()
         self.pf = Prefetcher()
+        self.dr = DirectReader()
         # The indexes are read first and are small: ask for the first ones now, before any
         # pcap range is queued (a sequential read behind thousands of scattered ones waits).
         for sf in self.files[:AHEAD_FILES]:
@@ -256,7 +326,7 @@ class _Pipeline:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
             return _Planned(sf, None)
         try:
-            plan = _Plan(self.src, c, reader, self.pf, self.warn)
+            plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn)
         except BaseException:
             reader.close()
             raise
@@ -284,6 +354,11 @@ class _Pipeline:
             if p.plan:
                 p.plan.close()
         self.pf.close()
+        self.dr.close()
+
+    def following(self) -> _Plan | None:
+        """The plan read after the current one, if planned already."""
+        return self.queue[1].plan if len(self.queue) > 1 else None
 
 
 def source_batches(
@@ -297,7 +372,7 @@ def source_batches(
     bufs = _Buffers(single)
     for p in pipe:
         if p.plan is not None:
-            for b in p.plan.batches(stats, bufs, pipe.top_up):
+            for b in p.plan.batches(stats, bufs, pipe.top_up, pipe.following):
                 stats.packets_matched += len(b)
                 yield b
         tick()
@@ -398,7 +473,8 @@ def list_files(
         for p in pipe:
             n = p.sure
             if p.plan is not None:
-                n += sum(len(b) for b in p.plan.batches(stats, bufs, pipe.top_up))
+                n += sum(len(b) for b in p.plan.batches(stats, bufs, pipe.top_up,
+                                                        pipe.following))
             if n:
                 stats.packets_matched += n
                 found.append((p.file.first_ns, str(p.file.pcap.resolve()), n))
