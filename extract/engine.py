@@ -1,16 +1,19 @@
 """Read the selected candidates, confirm them with libpcap, merge dump sets in time order.
 
-Each file's candidates are planned before they are read: records closer than GAP bytes share
-one read range (dense selections become large sequential reads, sparse ones touch only their
-pages), long ranges are split, and ranges are grouped into chunks of about CHUNK_BYTES so
-memory stays bounded on any file size. Files are planned ahead of reading (up to AHEAD_BYTES of
-planned reads) and their ranges announced to the prefetcher, so the disk serves the next files
-while the main thread matches and writes the current one (see prefetch.py).
+Each file's candidates are planned before they are read, and files are planned ahead of
+reading (up to AHEAD_BYTES of planned reads) so the disk works on the next files while the main
+thread matches and writes the current one. A plan reads its file one of two ways:
 
-Candidates of flow rows the index decides YES are passed without running the filter (the
-decision is exact: flowmatch proves every packet of the row matches, and the tests hold it to
-libpcap packet by packet); the others are confirmed by the compiled program, one vectorised
-call per chunk.
+* sparse candidates through the page cache: records closer than GAP bytes share one read
+  range, and the ranges are announced to the kernel at once by the read-ahead thread
+  (prefetch.py), so thousands of scattered reads are served in parallel;
+* dense candidates with O_DIRECT, one aligned span per chunk, read by a thread one chunk
+  ahead (direct.py): no page-cache work, which dominated the CPU of a broad query.
+
+Chunks of about CHUNK_BYTES keep memory bounded on any file size. Candidates of flow rows the
+index decides YES are passed without running the filter (the decision is exact: flowmatch
+proves every packet of the row matches, and the tests hold it to libpcap packet by packet);
+the others are confirmed by the compiled program, one vectorised call per chunk.
 """
 
 from __future__ import annotations
