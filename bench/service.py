@@ -11,13 +11,15 @@ systemd-socket-activate --accept, as npcapextract.socket does. Then it times, in
            (the member, who may not: the client turns to the service by itself)
 
 for the whole hour without a filter, so both write the same ~GB result to the same
-filesystem, and checks that both outputs are identical. Wall time is the whole command,
+filesystem, and then for one second of it (a few hundred KB: the fixed cost of a request),
+checking each time that both outputs are identical. Wall time is the whole command,
 interpreter start-up included, on both sides: the service's cost is its process start,
 PAM, and the relay through the socket. CPU time (user + system) adds, for the service path,
 the client's and the service instance's (from its audit line), which shows the extra work
 independently of what else the machine is doing. Page cache warm (one unmeasured run of each first),
 or dropped before every run with --cold. --out-dir /dev/shm writes both results to a tmpfs,
-which takes disk write-back (the same for both) out of the comparison.
+which takes disk write-back (the same for both) out of the comparison; --null writes both to
+/dev/null, which leaves only what differs: the service's start, PAM and the socket.
 
     python bench/service.py [--dir /work/bench-data/service] [--gb 1] [--repeat 5] [--cold]
                             [--out-dir DIR] [--keep]
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every run")
     ap.add_argument("--out-dir", help="where both outputs go (default: next to the data; a "
                     "tmpfs such as /dev/shm takes disk write-back out of the comparison)")
+    ap.add_argument("--null", action="store_true", help="write both results to /dev/null: "
+                    "takes the output's page-cache writes (the same work on both paths) out")
     ap.add_argument("--keep", action="store_true", help="keep the data set afterwards")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -160,63 +164,71 @@ def main() -> None:
             time.sleep(0.02)
         sock.chmod(0o666)
 
-        begin, end = str(HOUR_START), str(HOUR_START + 3600)
         cli = tool("npcapextract", "pcapvault.extract.cli")
         out_dir = Path(a.out_dir) if a.out_dir else base
         user_dir = out_dir / f"out-{member}"
         user_dir.mkdir(exist_ok=True)
         os.chown(user_dir, pw.pw_uid, pw.pw_gid)
         direct_out, service_out = out_dir / "direct.pcap", user_dir / "service.pcap"
-        direct = [*cli, "-t", str(ds), "-b", begin, "-e", end, "-o", str(direct_out)]
-        remote = [*cli, "-t", str(ds), "-b", begin, "-e", end, "-o", str(service_out),
-                  "--password-stdin", "--service-socket", str(sock)]
         secret = f"{password}\n".encode()
-
         audit = base / "audit.jsonl"
 
-        def once(kind: str, cold: bool) -> tuple[float, float]:
-            for p in (direct_out, service_out):
-                p.unlink(missing_ok=True)
-            if kind == "direct":
-                return run(direct, cold=cold)
-            wall, cpu = run(remote, user=pw, stdin=secret, cold=cold)
-            # The service instance is systemd-socket-activate's child: its CPU is in the audit.
-            return wall, cpu + json.loads(audit.read_text().splitlines()[-1])["cpu_s"]
+        def measure(label: str, begin: int, end: int) -> None:
+            window = ["-t", str(ds), "-b", str(begin), "-e", str(end)]
+            direct = [*cli, *window, "-o", "/dev/null" if a.null else str(direct_out)]
+            remote = [*cli, *window, "-o", "/dev/null" if a.null else str(service_out),
+                      "--password-stdin", "--service-socket", str(sock)]
 
-        once("direct", False)
-        once("service", False)
-        size = service_out.stat().st_size
-        if direct_out.exists():
-            raise SystemExit("unexpected: the direct output survived")
-        same = digest(service_out)
-        once("direct", False)
-        if digest(direct_out) != same:
-            raise SystemExit("the service's result differs from the direct extraction")
-        times: dict[str, list[float]] = {"direct": [], "service": []}
-        cpus: dict[str, list[float]] = {"direct": [], "service": []}
-        for i in range(a.repeat):
-            order = ("direct", "service") if i % 2 == 0 else ("service", "direct")
-            for kind in order:
-                wall, cpu = once(kind, a.cold)
-                times[kind].append(wall)
-                cpus[kind].append(cpu)
-        d, s = statistics.median(times["direct"]), statistics.median(times["service"])
-        # Pairs run back to back share the machine's load of the moment: their ratio is the
-        # steadiest figure on a shared machine.
-        ratio = statistics.median(sv / dv for sv, dv in zip(times["service"], times["direct"],
-                                                             strict=True))
-        print(f"result: {size / 1e9:.3f} GB to {out_dir}, {'cold' if a.cold else 'warm'} page "
-              f"cache, {a.repeat} runs each, interleaved")
-        print("| path | median s | min s | median CPU s | runs (wall s) |")
-        print("|---|---|---|---|---|")
-        for kind in ("direct", "service"):
-            t = times[kind]
-            print(f"| {kind} | {statistics.median(t):.3f} | {min(t):.3f} | "
-                  f"{statistics.median(cpus[kind]):.3f} | {' '.join(f'{x:.2f}' for x in t)} |")
-        mins = min(times["service"]) / min(times["direct"])
-        print(f"overhead of the service: {100 * (s - d) / d:+.1f}% (medians), "
-              f"{100 * (ratio - 1):+.1f}% (median of paired ratios), {100 * (mins - 1):+.1f}% "
-              "(minima)")
+            def once(kind: str, cold: bool) -> tuple[float, float]:
+                for p in (direct_out, service_out):
+                    p.unlink(missing_ok=True)
+                if kind == "direct":
+                    return run(direct, cold=cold)
+                wall, cpu = run(remote, user=pw, stdin=secret, cold=cold)
+                # The instance is systemd-socket-activate's child: its CPU is in the audit.
+                return wall, cpu + json.loads(audit.read_text().splitlines()[-1])["cpu_s"]
+
+            once("direct", False)
+            once("service", False)
+            if a.null:  # the audit line counts what went to the client
+                size = json.loads(audit.read_text().splitlines()[-1])["bytes"]
+            else:
+                size = service_out.stat().st_size
+                same = digest(service_out)
+                once("direct", False)
+                if digest(direct_out) != same:
+                    raise SystemExit("the service's result differs from the direct extraction")
+            times: dict[str, list[float]] = {"direct": [], "service": []}
+            cpus: dict[str, list[float]] = {"direct": [], "service": []}
+            for i in range(a.repeat):
+                order = ("direct", "service") if i % 2 == 0 else ("service", "direct")
+                for kind in order:
+                    wall, cpu = once(kind, a.cold)
+                    times[kind].append(wall)
+                    cpus[kind].append(cpu)
+            d, s = statistics.median(times["direct"]), statistics.median(times["service"])
+            # Pairs run back to back share the machine's load of the moment: their ratio is
+            # the steadiest figure on a shared machine.
+            ratio = statistics.median(
+                sv / dv for sv, dv in zip(times["service"], times["direct"], strict=True))
+            mins = min(times["service"]) / min(times["direct"])
+            cpu_d, cpu_s = statistics.median(cpus["direct"]), statistics.median(cpus["service"])
+            print(f"\n{label}: {size / 1e6:.3f} MB to {'/dev/null' if a.null else out_dir}, "
+                  f"{'cold' if a.cold else 'warm'} page cache, {a.repeat} runs each, interleaved")
+            print("| path | median s | min s | median CPU s | runs (wall s) |")
+            print("|---|---|---|---|---|")
+            for kind in ("direct", "service"):
+                t = times[kind]
+                print(f"| {kind} | {statistics.median(t):.3f} | {min(t):.3f} | "
+                      f"{statistics.median(cpus[kind]):.3f} | "
+                      f"{' '.join(f'{x:.2f}' for x in t)} |")
+            print(f"service overhead: wall {100 * (s - d) / d:+.1f}% (medians), "
+                  f"{100 * (ratio - 1):+.1f}% (median of paired ratios), "
+                  f"{100 * (mins - 1):+.1f}% (minima); CPU {cpu_s - cpu_d:+.3f} s", flush=True)
+
+        measure("the hour (the ~1 GB result)", HOUR_START, HOUR_START + 3600)
+        measure("one second (the fixed cost of a request)", HOUR_START + 1800,
+                HOUR_START + 1801)
     finally:
         if service and service.poll() is None:
             service.terminate()
