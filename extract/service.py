@@ -371,7 +371,6 @@ class Session:
         (self.preload or Preload()).wait()
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
-        become(self.settings.account)
 
         from .engine import Query, extract, list_files
         from .framed import ConnectionOutput
@@ -379,6 +378,7 @@ class Session:
         from .select import Source, Stats
 
         try:
+            become(self.settings.account)
             # The paths checked by served(), resolved: a link swapped since cannot redirect us.
             sources = [Source(os.path.realpath(p), i, req.filter)
                        for i, p in enumerate(req.dumpsets)]

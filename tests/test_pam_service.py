@@ -283,6 +283,19 @@ def test_split_output_through_the_service(world, split, tmp_path):
     assert a["bytes"] == sum(map(len, expected.values()))
 
 
+def test_bad_filter_is_reported_as_a_direct_extraction_reports_it(world):
+    b, e = world.window
+    direct = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-f",
+                             "tcp port", "-O"], capture_output=True, timeout=60)
+    before = len(world.audit_lines()) if world.audit.exists() else 0
+    r = world.member.run(world.client("-f", "tcp port", "-O", "--password-stdin"),
+                         input=f"{world.member.password}\n".encode())
+    assert r.returncode == direct.returncode == 2 and r.stdout == b""
+    assert r.stderr == direct.stderr and r.stderr.startswith(b"npcapextract: error: bad filter")
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "error" and a["reason"].startswith("bad filter")
+
+
 def test_list_and_summary_through_the_service(world):
     b, e = world.window
     direct = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-f", "tcp",
