@@ -85,8 +85,8 @@ def open_dumpset(path: str) -> DumpSet:
 
 def _no_access(path: str) -> str:
     return (
-        f"no permission to read dump set {path}; run as its owner or a member of its group "
-        "(an authenticated extraction service will offer another way)"
+        f"no permission to read dump set {path}; run as its owner or a member of its group, "
+        "or extract through the PAM-gated service (npcapextract --service)"
     )
 
 

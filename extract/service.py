@@ -482,7 +482,17 @@ def _describe(req: wire.Request) -> dict:
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Examples:
+  # systemd starts one per connection through systemd/npcapextract.socket
+  systemctl enable --now npcapextract.socket
+  systemd-socket-activate --accept -l /run/pcapvault/npcapextract.sock npcapextractd --group npcap
+  npcapextract --service -t /var/lib/pcapvault/eth0 -b -15m -e now -f "host 10.0.0.5" -o x.pcap
+""",
+)
+@click.version_option(package_name="pcapvault", prog_name="npcapextractd")
 @click.option("-u", "--user", "account", default="pcapvault", show_default=True,
               help="Account the extraction runs as once the client is authorized "
                    "(the dump sets' owner).")

@@ -117,7 +117,7 @@ def test_pam_file_uses_pam_unix():
 
 
 @pytest.mark.parametrize("prog", ["recorder", "npcapextract", "npcapindex", "npcapprintindex",
-                                  "npcaprepair", "npcapdecompress", "disk2n"])
+                                  "npcaprepair", "npcapdecompress", "disk2n", "npcapextractd"])
 def test_help_and_version(prog):
     r = subprocess.run([tool(prog), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "Examples:" in r.stdout
