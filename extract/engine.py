@@ -29,7 +29,7 @@ from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
-from .direct import DirectReader, Span, open_direct
+from .direct import DirectReader, Span, cached, open_direct
 from .hints import will_need
 from .output import Batch, Output
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
@@ -128,6 +128,7 @@ class _Plan:
             not reader.compressed
             and span >= DIRECT_MIN_BYTES
             and _range_bytes(rec, end, new) * DENSE_SHARE >= span
+            and not cached(reader.path, int(rec[0]), int(end[-1]))
         ):
             self.direct_fd = open_direct(reader.path)
         if self.direct_fd is not None:

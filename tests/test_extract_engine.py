@@ -225,8 +225,9 @@ def test_pcapng_and_slices_through_pieces(ds, tmp_path):
 
 @pytest.mark.parametrize("direct_ok", [True, False])
 def test_dense_reads_bypass_the_page_cache_where_possible(ds, tmp_path, monkeypatch, direct_ok):
-    """Dense selections are read with O_DIRECT (sparse ones never are); where the filesystem
-    refuses O_DIRECT the page-cache path gives the same result."""
+    """Dense selections not in the page cache are read with O_DIRECT (sparse or cached ones
+    never are); where the filesystem refuses O_DIRECT the page-cache path gives the same
+    result."""
     root, files = ds
     opened: list[Path] = []
     real = engine.open_direct
@@ -241,6 +242,9 @@ def test_dense_reads_bypass_the_page_cache_where_possible(ds, tmp_path, monkeypa
     assert opened == []
     monkeypatch.setattr(engine, "DIRECT_MIN_BYTES", 0)  # the test files are small
     monkeypatch.setattr(engine, "CHUNK_BYTES", 8192)  # several direct chunks per file
+    assert extract(root, tmp_path / "o.pcap", "") == tcpdump_select(files, "")
+    assert opened == [], "just written, hence cached: copied from the page cache"
+    monkeypatch.setattr(engine, "cached", lambda *a: False)
     for expr in ("", "not udp"):
         opened.clear()
         assert extract(root, tmp_path / "o.pcap", expr) == tcpdump_select(files, expr)
@@ -257,6 +261,7 @@ def test_every_file_read_directly_equals_tcpdump(ds, tmp_path, monkeypatch, expr
     root, files = ds
     monkeypatch.setattr(engine, "DIRECT_MIN_BYTES", 0)
     monkeypatch.setattr(engine, "DENSE_SHARE", 1 << 40)
+    monkeypatch.setattr(engine, "cached", lambda *a: False)
     monkeypatch.setattr(engine, "CHUNK_BYTES", 3000)
     b, e = START + 200 * NS + 17, START + 1100 * NS + 3
     out = tmp_path / "o.pcap"
