@@ -514,11 +514,6 @@ class PcapReader:
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read: {e.strerror}") from None
 
-    def advise_sequential(self, offset: int, size: int) -> None:
-        """Tell the kernel a range will be read in order (readahead); no-op when compressed."""
-        if self._fd >= 0:
-            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_SEQUENTIAL)
-
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill `view` from `offset` without an intermediate copy; return the bytes read."""
         if self._z is not None:

@@ -39,14 +39,6 @@ def slot_dir(root: Path, slot_sec: int) -> Path:
     )
 
 
-def slots_between(begin_sec: int, end_sec: int) -> Iterator[int]:
-    """Slot starts of every slot overlapping [begin_sec, end_sec]."""
-    s = slot_of(begin_sec)
-    while s <= end_sec:
-        yield s
-        s += SLOT_SECONDS
-
-
 def _prefix_range(parts: list[int]) -> tuple[int, int]:
     """[start, end) in epoch seconds of a YYYY[/MM[/DD[/HH[/MM]]]] directory."""
     y, mo, d, h, mi = (parts + [1, 1, 0, 0][len(parts) - 1 :])[:5]

@@ -85,10 +85,10 @@ _reader = DirectReader()
 
 def index_and_link(
     ds: DumpSet, sf: StoredFile, file_mode: int | None = None, compress: int | None = None
-) -> int:
+) -> StoredFile | None:
     """Index `sf` (and compress it with --compress), link it into the timeline.
 
-    Returns the bytes added (index, and compressed minus plain size). The index is built from
+    Returns the file as finally stored (None if it was deleted meanwhile). The index is built from
     the plain file, so its offsets are uncompressed positions, which the seekable format lets
     readers reach directly. The plain pcap goes only once the compressed one and its index
     are in place. The budget may delete a file while this runs (tiny limits); then whatever
@@ -101,23 +101,21 @@ def index_and_link(
         idx, _ = index_pcap(arr, parse_global_header(bytes(arr[:GLOBAL_HEADER_LEN]),
                                                      str(sf.pcap)))
     final = sf
-    added = 0
     if compress is not None:
         final = StoredFile(sf.first_ns, sf.pcap.with_name(sf.pcap.name + compressed.SUFFIX))
-        added = compressed.compress_file(sf.pcap, final.pcap, compress, file_mode,
-                                         data=None if arr is None else memoryview(arr))
+        compressed.compress_file(sf.pcap, final.pcap, compress, file_mode,
+                                 data=None if arr is None else memoryview(arr))
     del arr
     write_index(final.index, idx)
     if file_mode is not None:
         os.chmod(final.index, file_mode)
     ds.link(final)
     if final is not sf:
-        added -= sf.pcap.stat().st_size
         sf.pcap.unlink()
     if not final.pcap.exists():
         ds.delete(final)
-        return 0
-    return added + final.index.stat().st_size
+        return None
+    return final
 
 
 def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int], parent: int,
@@ -147,12 +145,11 @@ def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int]
         first_ns, path = item
         sf = StoredFile(first_ns, Path(path))
         try:
-            size = index_and_link(ds, sf, file_mode, compress)
+            index_and_link(ds, sf, file_mode, compress)
         except (PcapVaultError, OSError) as e:
-            size = 0
             if sf.pcap.exists():  # else the budget deleted it before we got to it
                 log.error("cannot index %s: %s (npcaprepair will retry)", sf.name, e)
-        done.put((path, size))
+        done.put(path)
 
 
 class BackgroundIndexer:
@@ -173,7 +170,6 @@ class BackgroundIndexer:
         )
         self.proc.start()
         self.pending: dict[str, int] = {}
-        self.index_bytes = 0
 
     def submit(self, sf: StoredFile, size: int) -> None:
         self.pending[str(sf.pcap)] = size
@@ -183,11 +179,10 @@ class BackgroundIndexer:
         """Take in what the indexer finished, without waiting."""
         while True:
             try:
-                path, size = self.done.get_nowait()
+                path = self.done.get_nowait()
             except queue.Empty:
                 return
             self.pending.pop(path, None)
-            self.index_bytes += size
 
     def pending_bytes(self) -> int:
         self.collect()
@@ -200,11 +195,10 @@ class BackgroundIndexer:
         end = time.monotonic() + timeout
         while self.pending and time.monotonic() < end and self.proc.is_alive():
             try:
-                path, size = self.done.get(timeout=0.05)
+                path = self.done.get(timeout=0.05)
             except queue.Empty:
                 continue
             self.pending.pop(path, None)
-            self.index_bytes += size
         return not self.pending
 
     def close(self, timeout: float = 60.0) -> None:
