@@ -91,3 +91,8 @@ def read_pcap(path: Path, torn_ok: bool = False) -> list[tuple[int, bytes, int]]
         pos += 16 + caplen
     assert pos == len(data) or torn_ok, f"{path}: trailing bytes"
     return out
+
+
+def read_stats(dumpset: Path) -> dict[str, str]:
+    """The recorder's `key: value` stats file."""
+    return dict(line.split(": ", 1) for line in (dumpset / "stats").read_text().splitlines())

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from recorderproc import CORPUS, RecorderProc, read_pcap, recorded_frames, tool
+from recorderproc import CORPUS, RecorderProc, read_pcap, read_stats, recorded_frames, tool
 
 from pcapvault.index.dumpset import DumpSet
 
@@ -28,6 +28,17 @@ def synthetic_pcap(path: Path, n: int, size: int = 64, vlan: int | None = None) 
         frame = eth + b"\x08\x00" + ip + udp
         recs.append(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame)
     path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + b"".join(recs))
+
+
+def record(veth, tmp_path: Path, count: int, size: int, *args: str) -> list[bytes]:
+    """Record `count` synthetic frames into tmp_path/ds with `recorder ARGS`; return them."""
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, count, size)
+    rec = RecorderProc(veth, tmp_path / "ds", *args, "--disk-limit", "1GB")
+    sent = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0, rec.stderr
+    return sent
 
 
 def test_frames_come_back_byte_for_byte(veth, tmp_path):
@@ -70,12 +81,7 @@ def test_corpus_replayed_raw_comes_back(veth, tmp_path):
 
 
 def test_usec_and_snaplen(veth, tmp_path):
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 50, 1000)
-    rec = RecorderProc(veth, tmp_path / "ds", "--usec", "-s", "128", "--disk-limit", "1GB")
-    sent = veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0
+    sent = record(veth, tmp_path, 50, 1000, "--usec", "-s", "128")
     sf = DumpSet.open(tmp_path / "ds").files()[0]
     assert struct.unpack_from("<I", sf.pcap.read_bytes())[0] == 0xA1B2C3D4
     got = read_pcap(sf.pcap)
@@ -86,27 +92,16 @@ def test_usec_and_snaplen(veth, tmp_path):
 
 
 def test_kernel_filter(veth, tmp_path):
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 70, 100)
-    rec = RecorderProc(veth, tmp_path / "ds", "-f", "udp src port 4003", "--disk-limit", "1GB")
-    sent = veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0
+    sent = record(veth, tmp_path, 70, 100, "-f", "udp src port 4003")
     got = [f for _, f, _ in recorded_frames(tmp_path / "ds")]
     want = [f for f in sent if struct.unpack_from("!H", f, 34)[0] == 4003]
     assert got == want and len(want) == 10
-    stats = dict(line.split(": ", 1)
-                 for line in (tmp_path / "ds" / "stats").read_text().splitlines())
+    stats = read_stats(tmp_path / "ds")
     assert int(stats["packets_filtered"]) == 60
 
 
 def test_files_readable_by_tcpdump_and_tshark(veth, tmp_path):
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 500, 300)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.05", "--disk-limit", "1GB")
-    veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0
+    record(veth, tmp_path, 500, 300, "-p", "0.05")
     files = DumpSet.open(tmp_path / "ds").files()
     assert len(files) > 2
     total = 0
@@ -129,8 +124,7 @@ def test_kernel_drops_and_stats_are_reported(veth, tmp_path):
     rec.signal(signal.SIGCONT)
     time.sleep(0.6)
     assert rec.stop() == 0
-    stats = dict(line.split(": ", 1)
-                 for line in (tmp_path / "ds" / "stats").read_text().splitlines())
+    stats = read_stats(tmp_path / "ds")
     written = len(recorded_frames(tmp_path / "ds"))
     assert int(stats["packets_dropped"]) > 0
     assert int(stats["packets_received"]) == written == int(stats["packets_written"])

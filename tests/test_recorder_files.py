@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from recorderproc import RecorderProc, read_pcap, recorded_frames
-from test_recorder_capture import synthetic_pcap
+from recorderproc import RecorderProc, read_pcap, read_stats, recorded_frames
+from test_recorder_capture import record, synthetic_pcap
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
@@ -32,12 +32,7 @@ def dumpset_bytes(root) -> int:
 
 
 def test_rotation_by_size(veth, tmp_path):
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 2000, 500)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.1", "--disk-limit", "1GB")
-    sent = veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0
+    sent = record(veth, tmp_path, 2000, 500, "-p", "0.1")
     files = DumpSet.open(tmp_path / "ds").files()
     sizes = [sf.pcap.stat().st_size for sf in files]
     assert len(files) >= 10
@@ -109,9 +104,7 @@ def test_budget_holds_over_wraparounds(veth, tmp_path):
         assert (timeline.slot_dir(ds.timeline, sf.slot) / sf.name).is_symlink()
     links = [p for p in ds.timeline.rglob("*.pcap")]
     assert len(links) == len(files), "links of deleted files must go with them"
-    stats = dict(
-        line.split(": ", 1) for line in (tmp_path / "ds" / "stats").read_text().splitlines()
-    )
+    stats = read_stats(tmp_path / "ds")
     assert int(stats["files_deleted"]) > 10
 
 
