@@ -161,12 +161,18 @@ def cli(
     """
     from .client import run_remote, service_targets
 
+    if stdout:
+        if output not in (None, "-"):
+            raise click.UsageError("-O and -o FILE contradict each other")
+        output = "-"
+    if output is None and not list_only:
+        raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
     remote = service_targets(dumpsets, use_service)
     if remote:  # before the engine's imports: the service has its own
         run_remote(
             socket_path=service_socket, password_stdin=password_stdin,
             automatic=not use_service, dumpsets=remote, begin=begin, end=end, expr=expr,
-            output=output, stdout=stdout, pcapng=pcapng, snaplen=snaplen,
+            output=output, pcapng=pcapng, snaplen=snaplen,
             split_bytes=split_mb << 20 if split_mb else None, split_packets=split_packets,
             list_only=list_only, empty=empty,
             max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
@@ -177,12 +183,6 @@ def cli(
     t0 = time.monotonic()
     if not dumpsets:
         dumpsets = _configured_dumpsets()
-    if stdout:
-        if output not in (None, "-"):
-            raise click.UsageError("-O and -o FILE contradict each other")
-        output = "-"
-    if output is None and not list_only:
-        raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
     b_ns, e_ns = parse_window(begin, end)
     warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
 

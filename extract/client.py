@@ -255,7 +255,6 @@ def run_remote(
     end: str,
     expr: str,
     output: str | None,
-    stdout: bool,
     pcapng: bool,
     snaplen: int | None,
     split_bytes: int | None,
@@ -266,16 +265,13 @@ def run_remote(
     max_packets: int | None,
     verbose: bool,
 ) -> NoReturn:
-    """npcapextract's whole run through the service; exits as npcapextract does."""
+    """npcapextract's whole run through the service; exits as npcapextract does.
+
+    `output` is already resolved by the command line (-O folded into `-o -`).
+    """
     from .times import parse_window
 
     t0 = time.monotonic()
-    if stdout:
-        if output not in (None, "-"):
-            raise click.UsageError("-O and -o FILE contradict each other")
-        output = "-"
-    if output is None and not list_only:
-        raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
     if (split_bytes or split_packets) and output == "-":
         raise ServiceError("-P/-N split the output into files: give -o a directory, not -")
     b_ns, e_ns = parse_window(begin, end)
