@@ -20,6 +20,8 @@ log = logging.getLogger("pcapvault.recorder")
 
 # An index is at most this share of its pcap; measured well below it (docs/BENCHMARKS.md).
 INDEX_RESERVE = 0.5
+# Directories that exist whatever is deleted: a slot path and a storage directory.
+FIXED_OVERHEAD = 8 * 4096
 UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -80,16 +82,12 @@ class DiskBudget:
         self.limit = limit
         self.limit_bytes = limit.resolve(dumpset.root)
         self.reserve = int(max_file_bytes * (copies + INDEX_RESERVE))
-        if self.reserve + self._fixed_overhead() > self.limit_bytes:
+        if self.reserve + FIXED_OVERHEAD > self.limit_bytes:
             raise BudgetError(
                 f"--disk-limit {limit.text} ({self.limit_bytes} bytes) cannot hold even one "
                 f"{max_file_bytes}-byte file with its index; raise the limit or lower -p"
             )
         self.deleted_files = 0
-
-    def _fixed_overhead(self) -> int:
-        """Directories that exist whatever we delete: one slot path, one storage dir."""
-        return 8 * 4096
 
     def usage(self) -> int:
         return self.dumpset.usage()
@@ -101,7 +99,7 @@ class DiskBudget:
         """
         used = self.usage()
         files = None
-        while used + self.reserve + extra + self._fixed_overhead() > self.limit_bytes:
+        while used + self.reserve + extra + FIXED_OVERHEAD > self.limit_bytes:
             if files is None:
                 files = self.dumpset.files()
             if not files:
