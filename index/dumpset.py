@@ -8,7 +8,10 @@ way.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from .errors import DumpSetError
 MARKER = ".pcapvault"
 FORMAT_VERSION = timeline.FORMAT_VERSION
 TEMP_PREFIX = ".rec-"
+LINKS_LOCK = ".links.lock"
 TEMP_SUFFIX = ".pcap.part"
 
 
@@ -197,11 +201,38 @@ class DumpSet:
         if sf.index.exists():
             timeline.link(self.timeline, sf.slot, sf.index)
 
+    @contextmanager
+    def links_locked(self) -> Iterator[None]:
+        """Serialise linking and deleting across processes (recorder and its indexer).
+
+        Without it the indexer could check that a file still exists, the budget delete it and
+        its (not yet made) links, and the indexer then link a file that is gone.
+        """
+        fd = os.open(self.root / LINKS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def link_if_present(self, sf: StoredFile) -> bool:
+        """Link `sf` unless it was deleted meanwhile (then clear what is left of it)."""
+        with self.links_locked():
+            if sf.pcap.exists():
+                self.link(sf)
+                return True
+            self._delete(sf)
+            return False
+
     def delete(self, sf: StoredFile) -> int:
         """Delete a pcap with its index and links (links first: readers stop seeing it first).
 
         Returns the bytes freed.
         """
+        with self.links_locked():
+            return self._delete(sf)
+
+    def _delete(self, sf: StoredFile) -> int:
         freed = timeline.unlink(self.timeline, sf.slot, sf.name)
         for p in (sf.index, sf.pcap):
             try:

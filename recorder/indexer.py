@@ -109,13 +109,13 @@ def index_and_link(
     write_index(final.index, idx)
     if file_mode is not None:
         os.chmod(final.index, file_mode)
-    ds.link(final)
     if final is not sf:
-        sf.pcap.unlink()
-    if not final.pcap.exists():
-        ds.delete(final)
-        return None
-    return final
+        try:
+            sf.pcap.unlink()
+        except FileNotFoundError:  # the budget took the plain file: its copy goes too
+            ds.delete(final)
+            return None
+    return final if ds.link_if_present(final) else None
 
 
 def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int], parent: int,
