@@ -10,7 +10,8 @@ it knows who asks:
 2. PAM, service `npcapextract`, checks that account's password. pam_unix has to read
    /etc/shadow for another user's password, so this step runs as root;
 3. membership of the extractors' group (`npcap`) is the authorization, and the dump sets
-   named must be ones this sensor serves;
+   named must be ones this sensor serves; members of a group given with --group-filter see
+   only the packets that group's filter selects;
 4. then the process becomes the service account for good, before it compiles a filter or
    opens a packet, and streams the result through the same engine as a direct extraction.
 
@@ -21,6 +22,7 @@ model and the wire format.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -47,7 +49,7 @@ from .times import format_time
 
 if TYPE_CHECKING:
     from .framed import ConnectionOutput
-    from .select import Stats
+    from .select import Source, Stats
 
 PROG = "npcapextractd"
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -60,9 +62,19 @@ class ServiceError(PcapVaultError):
 
 
 @dataclass(frozen=True)
+class GroupFilter:
+    """--group-filter GROUP=FILTER: the members of `group` may extract only what `expr` selects."""
+
+    group: str
+    gid: int
+    expr: str
+
+
+@dataclass(frozen=True)
 class Settings:
     account: str
     group: str
+    group_filters: tuple[GroupFilter, ...]
     pam_service: str
     audit_log: Path
     allow: tuple[str, ...]
@@ -153,15 +165,72 @@ def authenticate(user: str, password: str, service: str) -> tuple[bool, str]:
     return ok, str(p.reason)
 
 
-def member_of(user: str, primary_gid: int, group: str) -> bool:
-    import grp
-
+def member_of(group: str, gids: set[int]) -> bool:
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         _log(f"the extractors' group {group!r} does not exist; nobody may extract")
         return False
-    return gid in os.getgrouplist(user, primary_gid)
+    return gid in gids
+
+
+def parse_group_filters(values: tuple[str, ...]) -> tuple[GroupFilter, ...]:
+    """The --group-filter options, checked before anything else runs.
+
+    A mistake must stop the service rather than fail open: a misspelt group would leave its
+    members unrestricted, and a filter that does not compile would only show up as every
+    restricted extraction failing. The filters come from the unit file (the administrator,
+    not a client), so compiling them as root is no exposure."""
+    found: dict[str, GroupFilter] = {}
+    for value in values:
+        group, sep, expr = (part.strip() for part in value.partition("="))
+        if not sep or not group or not expr:
+            raise _bad_group_filter(f"{value!r} is not GROUP=FILTER (both parts non-empty)")
+        if group in found:
+            raise _bad_group_filter(f"group {group!r} is given twice")
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise _bad_group_filter(f"no group named {group!r}") from None
+        from pcapvault.index.libpcap import compile_filter
+
+        try:
+            compile_filter(expr)
+        except PcapVaultError as e:
+            raise _bad_group_filter(f"group {group}: {e}") from None
+        found[group] = GroupFilter(group, gid, expr)
+    return tuple(found.values())
+
+
+def _bad_group_filter(message: str) -> click.BadParameter:
+    return click.BadParameter(message, param_hint="'--group-filter'")
+
+
+def allowed_filter(restrictions: tuple[GroupFilter, ...]) -> str | None:
+    """What a member of these restricted groups may see; None when unrestricted.
+
+    The union: each group alone would grant its filter, so being in a second group must
+    not take away what the first one grants."""
+    if not restrictions:
+        return None
+    if len(restrictions) == 1:
+        return restrictions[0].expr
+    return " or ".join(f"({r.expr})" for r in restrictions)
+
+
+def effective_filter(user_filter: str, allowed: str | None) -> str:
+    """The filter the engine runs: the user's, inside what the user may see.
+
+    A conjunction, never a check that the user's filter starts with the allowed one:
+    `ALLOWED or anything` has that prefix and selects everything. The allowed filter comes
+    first and both are parenthesised, so neither borrows the other's qualifiers (tcpdump's
+    `host a or b` shorthand stops at a parenthesis); the user's filter must compile on its
+    own too (see _open_sources), so its parentheses cannot close ours."""
+    if allowed is None:
+        return user_filter
+    if not user_filter.strip():
+        return allowed
+    return f"({allowed}) and ({user_filter})"
 
 
 def default_allow() -> tuple[str, ...]:
@@ -284,7 +353,8 @@ class Session:
                 msg += f" ({s.max_attempts} attempts, no more on this connection)"
             self._deny(record, started, msg, detail=why, retry=left > 0)
             return left > 0
-        if not member_of(user, pwd.getpwnam(user).pw_gid, s.group):
+        gids = set(os.getgrouplist(user, pwd.getpwnam(user).pw_gid))
+        if not member_of(s.group, gids):
             self._deny(record, started,
                        f"{user} is not a member of the group {s.group} whose members may extract")
             return False
@@ -292,7 +362,11 @@ class Session:
             if not served(path, s.allow):
                 self._deny(record, started, f"{path} is not a dump set this service serves")
                 return False
-        self._extract(req, record, started)
+        restrictions = tuple(f for f in s.group_filters if f.gid in gids)
+        allowed = allowed_filter(restrictions)
+        record.update(restricted_by=[r.group for r in restrictions],
+                      effective_filter=effective_filter(req.filter, allowed))
+        self._extract(req, record, started, restrictions, allowed)
         return False
 
     def interrupted(self, e: BaseException) -> None:
@@ -366,7 +440,8 @@ class Session:
         self.audited = True
         self.audit.write(record)
 
-    def _extract(self, req: wire.Request, record: dict, started: float) -> None:
+    def _extract(self, req: wire.Request, record: dict, started: float,
+                 restrictions: tuple[GroupFilter, ...], allowed: str | None) -> None:
         """Stream the result through the engine, as the service account."""
         (self.preload or Preload()).wait()
         if os.geteuid() == 0:
@@ -375,13 +450,11 @@ class Session:
         from .engine import Query, extract, list_files
         from .framed import ConnectionOutput
         from .output import ClosedPipe, Interface, OutputError
-        from .select import Source, Stats
+        from .select import Stats
 
         try:
             become(self.settings.account)
-            # The paths checked by served(), resolved: a link swapped since cannot redirect us.
-            sources = [Source(os.path.realpath(p), i, req.filter)
-                       for i, p in enumerate(req.dumpsets)]
+            sources = _open_sources(req.dumpsets, req.filter, allowed)
             if not req.pcapng and len({src.linktype for src in sources}) > 1:
                 raise PcapVaultError(
                     "the dump sets have different link types; use --pcapng to combine them"
@@ -407,6 +480,10 @@ class Session:
         files: list[tuple[str, int]] = []
         out = None
         try:
+            if allowed is not None:
+                # Said, so that an analyst who finds fewer packets than expected knows why.
+                groups = ", ".join(r.group for r in restrictions)
+                warn(f"as a member of {groups} you may extract only packets matching {allowed}")
             if req.list_only:
                 files = list_files(sources, q, stats, warn)
                 packets = sum(n for _, n in files)
@@ -458,6 +535,32 @@ class Session:
             pass
 
 
+def _open_sources(paths: list[str], user_filter: str, allowed: str | None) -> list[Source]:
+    """The dump sets, each with the filter this user may run.
+
+    The user's filter is compiled on its own first, even when it will run inside a
+    restriction: only an expression that is whole by itself can be put in parentheses (with
+    `tcp) or (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its
+    errors then read exactly as in a direct extraction."""
+    from pcapvault.index.libpcap import FilterError
+
+    from .select import Source
+
+    # The paths checked by served(), resolved: a link swapped since cannot redirect us.
+    sources = [Source(os.path.realpath(p), i, user_filter) for i, p in enumerate(paths)]
+    if allowed is None:
+        return sources
+    expr = effective_filter(user_filter, allowed)
+    restricted = []
+    for src in sources:
+        try:
+            restricted.append(Source(src.path, src.number, expr))
+        except FilterError as e:
+            raise FilterError(f"{src.path} (link type {src.linktype}): your filter cannot run "
+                              f"inside the --group-filter restriction {allowed!r}: {e}") from None
+    return restricted
+
+
 def _returned(out: ConnectionOutput | None) -> tuple[int, int]:
     """Packets and bytes that went to the client."""
     return (out.packets, out.sent) if out else (0, 0)
@@ -490,6 +593,8 @@ Examples:
   systemctl enable --now npcapextract.socket
   systemd-socket-activate --accept -l /run/pcapvault/npcapextract.sock npcapextractd --group npcap
   npcapextract --service -t /var/lib/pcapvault/eth0 -b -15m -e now -f "host 10.0.0.5" -o x.pcap
+  # members of group contractors extract only their own network's packets
+  npcapextractd --group npcap --group-filter "contractors=net 10.20.0.0/16"
 """,
 )
 @click.version_option(package_name="pcapvault", prog_name="npcapextractd")
@@ -498,6 +603,11 @@ Examples:
                    "(the dump sets' owner).")
 @click.option("--group", default="npcap", show_default=True,
               help="Members of this group may extract.")
+@click.option("--group-filter", "group_filters", multiple=True, metavar="GROUP=FILTER",
+              help="Members of GROUP (who must also be in --group) extract only packets "
+                   "matching FILTER: their own filter F runs as (FILTER) and (F). In several "
+                   "such groups they get the union, (FILTER1) or (FILTER2). Repeat for more "
+                   "groups; each FILTER is compiled at start.")
 @click.option("--pam-service", default="npcapextract", show_default=True,
               help="PAM service name (/etc/pam.d/NAME).")
 @click.option("--audit-log", type=click.Path(path_type=Path),
@@ -512,27 +622,33 @@ Examples:
               help="Seconds a failed attempt takes at least.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
               help="Seconds a client has to send its request.")
-def command(account: str, group: str, pam_service: str, audit_log: Path,
-            allow: tuple[str, ...], max_attempts: int, fail_delay: float,
+def command(account: str, group: str, group_filters: tuple[str, ...], pam_service: str,
+            audit_log: Path, allow: tuple[str, ...], max_attempts: int, fail_delay: float,
             timeout: float) -> int:
     """Serve one authenticated extraction on the connection systemd passes as fd 3.
 
     Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
     not meant to be run by hand.
     """
+    try:
+        filters = parse_group_filters(group_filters)
+    except click.BadParameter:
+        # Fail closed, before the connection is even looked at; the client still learns why.
+        try:
+            _refuse(activation_socket(), "the extraction service is misconfigured; ask the "
+                                         "administrator")
+        except ServiceError:
+            pass  # run by hand: the one-line error is all there is to say
+        raise
     conn = activation_socket()
-    settings = Settings(account, group, pam_service, audit_log, allow or default_allow(),
-                        max_attempts, fail_delay, timeout)
+    settings = Settings(account, group, filters, pam_service, audit_log,
+                        allow or default_allow(), max_attempts, fail_delay, timeout)
     try:
         audit = Audit(audit_log)
     except ServiceError:
         # Fail closed: without an audit trail nobody gets packets.
-        try:
-            wire.send_json(conn, wire.REPLY, {"status": "error", "message":
-                                              "the extraction service cannot write its audit "
-                                              "log; ask the administrator"})
-        except OSError:
-            pass
+        _refuse(conn, "the extraction service cannot write its audit log; ask the "
+                      "administrator")
         raise
     session = Session(conn, settings, audit)
     signal.signal(signal.SIGTERM, _terminate)
@@ -542,6 +658,14 @@ def command(account: str, group: str, pam_service: str, audit_log: Path,
         session.interrupted(e)
         return 1
     return 0
+
+
+def _refuse(conn: socket.socket, message: str) -> None:
+    """The answer to a client of an instance that cannot serve anyone."""
+    try:
+        wire.send_json(conn, wire.REPLY, {"status": "error", "message": message})
+    except OSError:
+        pass
 
 
 class Terminated(BaseException):

@@ -2,9 +2,10 @@
 systemd starts per connection, and npcapextract run as those users.
 
 The module records a private dump set with `recorder -u SERVICE_ACCOUNT`, creates a group, a
-member and a non-member (with passwords), a PAM service file with the shipped content, and
-removes all of it at the end. The service runs under systemd-socket-activate --accept, which
-hands each connection to a fresh instance on fd 3 exactly as npcapextract.socket does.
+member and a non-member (with passwords), two groups restricted by --group-filter with members
+of their own, a PAM service file with the shipped content, and removes all of it at the end.
+The service runs under systemd-socket-activate --accept, which hands each connection to a
+fresh instance on fd 3 exactly as npcapextract.socket does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from pcapvault.extract import wire
 ROOT = Path(__file__).resolve().parents[1]
 PAM_FILE = ROOT / "systemd" / "pam.d" / "npcapextract"
 FAIL_DELAY = 0.5
+# The --group-filter restrictions of the module's service: one selects by address, the other
+# by protocol, so that their union is wider than either.
+NET_FILTER = "net 10.0.0.0/16"
+UDP_FILTER = "udp"
 CLIENT = [sys.executable, "-m", "pcapvault.extract.cli"]
 
 pytestmark = [
@@ -118,21 +123,35 @@ class World:
     audit: Path
     service: Service
     window: tuple[str, str]
+    net_group: str  # --group-filter NET_FILTER
+    udp_group: str  # --group-filter UDP_FILTER
+    restricted: User  # in the group and in net_group
+    doubly_restricted: User  # in the group, net_group and udp_group
 
     def audit_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
-    def client(self, *args: str) -> list[str]:
+    def client(self, *args: str, service: Service | None = None) -> list[str]:
         b, e = self.window
         return [*CLIENT, "-t", str(self.dumpset), "-b", b, "-e", e,
-                "--service-socket", str(self.service.socket), *args]
+                "--service-socket", str((service or self.service).socket), *args]
 
-    def direct(self, *args: str) -> bytes:
+    def direct(self, *args: str, to_stdout: bool = True) -> bytes:
         b, e = self.window
-        r = subprocess.run([*CLIENT, "-t", str(self.dumpset), "-b", b, "-e", e, "-O", *args],
+        r = subprocess.run([*CLIENT, "-t", str(self.dumpset), "-b", b, "-e", e,
+                            *(["-O"] if to_stdout else []), *args],
                            capture_output=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout
+
+    def through_service(self, user: User, *args: str, service: Service | None = None
+                        ) -> subprocess.CompletedProcess:
+        """npcapextract run by `user`, who types the right password."""
+        return user.run(self.client(*args, "--password-stdin", service=service),
+                        input=f"{user.password}\n".encode())
+
+    def audit_count(self) -> int:
+        return len(self.audit_lines()) if self.audit.exists() else 0
 
 
 def make_user(name: str, base: Path, groups: list[str]) -> User:
@@ -161,20 +180,27 @@ def remove_user(name: str) -> None:
 def world():
     tag = secrets.token_hex(3)
     svc, grp_name = f"pvt{tag}s", f"pvt{tag}g"
+    net_group, udp_group = f"pvt{tag}n", f"pvt{tag}u"
     pam_service = f"pvtest-{tag}"
     base = Path(tempfile.mkdtemp(prefix="pv-pam-", dir="/tmp"))
     base.chmod(0o755)  # traversable: the service account writes the dump set in it
     created_users: list[str] = []
     service = None
     try:
-        sh("groupadd", grp_name)
+        for group in (grp_name, net_group, udp_group):
+            sh("groupadd", group)
         # Its own group, as sysusers.d makes pcapvault:pcapvault: the users are not in it.
         sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", svc)
         created_users.append(svc)
         member = make_user(f"pvt{tag}a", base, [grp_name])
         created_users.append(member.name)
-        outsider = make_user(f"pvt{tag}b", base, [])
+        # In a restricted group but not in the extractors' group: a restriction grants nothing.
+        outsider = make_user(f"pvt{tag}b", base, [udp_group])
         created_users.append(outsider.name)
+        restricted = make_user(f"pvt{tag}c", base, [grp_name, net_group])
+        created_users.append(restricted.name)
+        doubly = make_user(f"pvt{tag}d", base, [grp_name, net_group, udp_group])
+        created_users.append(doubly.name)
         Path(f"/etc/pam.d/{pam_service}").write_text(PAM_FILE.read_text())
 
         try:
@@ -203,10 +229,13 @@ def world():
             "-u", svc, "--group", grp_name, "--pam-service", pam_service,
             "--audit-log", str(audit), "--allow", str(base / "ds"),
             "--fail-delay", str(FAIL_DELAY), "--max-attempts", "2",
+            "--group-filter", f"{net_group}={NET_FILTER}",
+            "--group-filter", f"{udp_group}={UDP_FILTER}",
         ]).start()
         now = int(time.time())
         yield World(base, base / "ds", svc, grp_name, pam_service, member, outsider, audit,
-                    service, (str(now - 3600), str(now + 3600)))
+                    service, (str(now - 3600), str(now + 3600)), net_group, udp_group,
+                    restricted, doubly)
         log = (base / "service.log").read_text()
         assert "Traceback" not in log, log
     finally:
@@ -214,7 +243,7 @@ def world():
             service.stop()
         for name in created_users:
             remove_user(name)
-        for group in (grp_name, svc):
+        for group in (grp_name, net_group, udp_group, svc):
             subprocess.run(["groupdel", group], capture_output=True)
         Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -259,7 +288,8 @@ def test_member_gets_exactly_the_direct_extraction(world, args):
     assert a["peer_user"] == a["pam_user"] == world.member.name
     assert a["peer_uid"] == world.member.pw.pw_uid
     assert a["dumpsets"] == [str(world.dumpset)]
-    assert a["filter"] == args[1]
+    assert a["filter"] == a["effective_filter"] == args[1]  # in no restricted group
+    assert a["restricted_by"] == []
     assert a["bytes"] == len(expected) and a["packets"] > 0
     assert a["begin"].endswith("Z") and a["duration_s"] >= 0
     assert world.member.password not in world.audit.read_text()
@@ -455,6 +485,147 @@ def test_password_prompt_on_the_terminal_without_echo(world):
     assert p.wait(10) == 0, seen
     assert sent and world.member.password.encode() not in seen  # no echo
     assert out.read_bytes() == world.direct("-f", "tcp")
+
+
+def restriction_warning(groups: str, allowed: str) -> bytes:
+    return (f"npcapextract: warning: as a member of {groups} you may extract only packets "
+            f"matching {allowed}\n").encode()
+
+
+@pytest.mark.parametrize("user_filter, effective", [
+    ("tcp", f"({NET_FILTER}) and (tcp)"),
+    (None, NET_FILTER),
+], ids=["own-filter", "no-filter"])
+@pytest.mark.parametrize("fmt", [[], ["--pcapng"]], ids=["pcap", "pcapng"])
+def test_restricted_member_gets_only_the_groups_selection(world, user_filter, effective, fmt):
+    own = ["-f", user_filter] if user_filter else []
+    expected = world.direct("-f", effective, *fmt)
+    assert len(expected) > 1000
+    assert expected != world.direct(*own, *fmt)  # the restriction takes something away
+    before = world.audit_count()
+    r = world.through_service(world.restricted, *own, *fmt, "-O")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert r.stderr == restriction_warning(world.net_group, NET_FILTER)
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "allowed" and a["pam_user"] == world.restricted.name
+    assert a["filter"] == (user_filter or "")
+    assert a["effective_filter"] == effective and a["restricted_by"] == [world.net_group]
+    assert a["bytes"] == len(expected)
+
+
+@pytest.mark.parametrize("attempt", [f"{NET_FILTER} or udp", f"{NET_FILTER} or not {NET_FILTER}"])
+def test_allowed_prefix_or_more_does_not_widen_the_selection(world, attempt):
+    """What a textual prefix check would let through selects nothing beyond the restriction."""
+    expected = world.direct("-f", NET_FILTER)
+    assert world.direct("-f", attempt) != expected  # directly, it would select more
+    before = world.audit_count()
+    r = world.through_service(world.restricted, "-f", attempt, "-O")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    (a,) = world.audit_lines()[before:]
+    assert a["effective_filter"] == f"({NET_FILTER}) and ({attempt})"
+
+
+def test_a_filter_that_closes_the_restrictions_parenthesis_is_refused(world):
+    """`tcp) or (udp` would turn `(RESTRICTION) and (...)` into `... and (tcp) or (udp)`."""
+    attempt = "tcp) or (udp"
+    b, e = world.window
+    direct = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-f",
+                             attempt, "-O"], capture_output=True, timeout=60)
+    before = world.audit_count()
+    r = world.through_service(world.restricted, "-f", attempt, "-O")
+    assert r.returncode == direct.returncode == 2 and r.stdout == b""
+    assert r.stderr == direct.stderr and r.stderr.startswith(b"npcapextract: error: bad filter")
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "error" and a["packets"] == a["bytes"] == 0
+
+
+@pytest.mark.parametrize("user_filter", ["tcp or udp", None])
+def test_several_restricted_groups_get_the_union(world, user_filter):
+    union = f"({NET_FILTER}) or ({UDP_FILTER})"
+    effective = f"({union}) and ({user_filter})" if user_filter else union
+    expected = world.direct("-f", effective)
+    # Wider than either group's selection alone, narrower than no restriction.
+    assert expected not in (world.direct("-f", NET_FILTER), world.direct("-f", UDP_FILTER),
+                            world.direct(*(["-f", user_filter] if user_filter else [])))
+    before = world.audit_count()
+    r = world.through_service(world.doubly_restricted,
+                              *(["-f", user_filter] if user_filter else []), "-O")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    groups = f"{world.net_group}, {world.udp_group}"
+    assert r.stderr == restriction_warning(groups, union)
+    (a,) = world.audit_lines()[before:]
+    assert a["effective_filter"] == effective
+    assert a["restricted_by"] == [world.net_group, world.udp_group]
+
+
+@pytest.mark.parametrize("user_filter, effective", [
+    ("tcp", f"({NET_FILTER}) and (tcp)"),
+    (None, NET_FILTER),
+], ids=["own-filter", "no-filter"])
+def test_list_mode_counts_only_the_restricted_selection(world, user_filter, effective):
+    own = ["-f", user_filter] if user_filter else []
+    expected = world.direct("-f", effective, "-l", "-v", to_stdout=False)  # files and counts
+    assert expected and expected != world.direct(*own, "-l", "-v", to_stdout=False)
+    r = world.through_service(world.restricted, *own, "-l", "-v")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    total = sum(int(line.split(b"\t")[1]) for line in expected.splitlines())
+    assert f"matched {total}, written {total};".encode() in r.stderr
+    # The summary of an extraction counts the restricted selection too.
+    r = world.through_service(world.restricted, *own, "-o", "r.pcap", "-v")
+    assert r.returncode == 0, r.stderr
+    assert f"matched {total}, written {total};".encode() in r.stderr
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{group}=tcp port", "group {group}: bad filter 'tcp port': can't parse filter expression"),
+    ("{group}", "'{group}' is not GROUP=FILTER"),
+    ("{group}=", "'{group}=' is not GROUP=FILTER"),
+    ("=tcp", "'=tcp' is not GROUP=FILTER"),
+    ("pvt-no-such-group=tcp", "no group named 'pvt-no-such-group'"),
+], ids=["filter", "no-equals", "no-filter", "no-group", "unknown-group"])
+def test_bad_group_filter_fails_the_start_in_one_line(world, value, message):
+    value, message = value.format(group=world.group), message.format(group=world.group)
+    r = subprocess.run([*service_entry(), "--group-filter", value], capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        f"npcapextractd: error: Invalid value for '--group-filter': {message}")
+
+
+def test_same_group_twice_fails_the_start(world):
+    r = subprocess.run([*service_entry(), "--group-filter", f"{world.group}=tcp",
+                        "--group-filter", f"{world.group}=udp"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"group '{world.group}' is given twice" in r.stderr
+
+
+def test_misconfigured_service_tells_the_client_and_serves_nothing(world):
+    log = world.base / "misconfigured.log"
+    service = Service(world.base / "misconfigured.sock", log, [
+        "-u", world.service_account, "--group", world.group, "--pam-service", world.pam_service,
+        "--audit-log", str(world.audit), "--allow", str(world.dumpset),
+        "--group-filter", f"{world.net_group}=tcp port",
+    ]).start()
+    try:
+        before = world.audit_count()
+        r = world.through_service(world.member, "-O", service=service)
+    finally:
+        service.stop()
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr == (b"npcapextract: error: the extraction service is misconfigured; "
+                        b"ask the administrator\n")
+    assert world.audit_count() == before  # refused before it opens the audit log
+    text = log.read_text()  # systemd-socket-activate's own lines, and the instance's
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.startswith("npcapextractd")]
+    assert lines == [f"npcapextractd: error: Invalid value for '--group-filter': group "
+                     f"{world.net_group}: bad filter 'tcp port': can't parse filter expression: "
+                     f"syntax error (see npcapextractd --help)"]
 
 
 def raw_exchange(world: World, payload: bytes, shut: bool = True) -> tuple[list, bytes]:
