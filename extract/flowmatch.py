@@ -194,12 +194,29 @@ def _tagged_variants(
     ipver = f["ipver"][r]
     v4 = (ipver == 4) & (et == 0x0800)
     v6 = (ipver == 6) & (et == 0x86DD)
-    other = ~v4 & ~v6
+    arp = (et == indexfile.ETHERTYPE_ARP) | (et == indexfile.ETHERTYPE_RARP)
+    other = ~v4 & ~v6 & ~arp
     out.add(r, V, U, l3, other & ok)
+    if arp.any():
+        _arp_variants(out, f, *_pick(arp, r, V, U, ok), l3, addrs)
     if v4.any():
         _ipv4_variants(out, f, *_pick(v4, r, V, U, ok), l3, coarse, addrs)
     if v6.any():
         _ipv6_variants(out, f, *_pick(v6, r, V, U, ok), l3, coarse, addrs)
+
+
+def _arp_variants(out: _Chunks, f: dict, r, V, U, ok, l3: int, addrs: bool = True) -> None:
+    """ARP/RARP rows record the bytes libpcap's `arp host` compares, nothing else of the
+    header: sender (l3 + 14) and target (l3 + 24) protocol address."""
+    s = (f["flags"][r] & F_ADDRS) != 0
+    sender, target = l3 + builder.ARP_SENDER, l3 + builder.ARP_TARGET
+    if addrs:
+        V[s, sender : sender + 4] = f["src"][r][s][:, 12:16]
+        V[s, target : target + 4] = f["dst"][r][s][:, 12:16]
+        U[s, sender : sender + 4] = 0
+        U[s, target : target + 4] = 0
+    KL = np.where(s, l3 + builder.ARP_ADDRS_END, l3)
+    out.add(r, V, U, KL, ok, _addr_span(s, sender, l3 + builder.ARP_ADDRS_END))
 
 
 def _ipv4_variants(

@@ -23,8 +23,10 @@ import os
 import numpy as np
 
 from .indexfile import (
+    ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
+    ETHERTYPE_RARP,
     FLAG_ADDRS,
     FLAG_FRAGMENT,
     FLAG_PORTS,
@@ -65,6 +67,10 @@ MAX_VLAN_TAGS = 4
 # IPv6 extension headers followed before giving up on finding the transport protocol.
 MAX_IPV6_EXTENSIONS = 8
 IPV6_EXTENSIONS = (0, 43, 44, 51, 60, 135, 139, 140, 253, 254)
+# Where libpcap's `arp host` looks: sender and target protocol address, from the ARP header.
+ARP_SENDER = 14
+ARP_TARGET = 24
+ARP_ADDRS_END = ARP_TARGET + 4
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
 
@@ -284,9 +290,32 @@ def _parse_ipv6(b: _Bytes, batch: _Batch, share: _Share) -> None:
         share.put(batch.words[word], np.where(addr_ok, b.le64(p + at), 0))
 
 
+def _parse_arp(b: _Bytes, batch: _Batch, share: _Share) -> None:
+    """ARP and RARP: the protocol addresses at the fixed offsets libpcap's `arp host` reads.
+
+    libpcap compiles `host X` to look at bytes 14-17 (sender) and 24-27 (target) of any ARP
+    or RARP frame, whatever its hardware and protocol types say, so those bytes are recorded
+    as they are, in the IPv4-mapped form. Without them every host filter would have to read
+    every ARP frame of a file.
+    """
+    p = batch.l3[share.sel]
+    addr_ok = batch.end[share.sel] >= p + ARP_ADDRS_END
+    share.put(batch.flags, addr_ok.astype(np.uint64) * FLAG_ADDRS)
+    share.put(batch.need, p + ARP_ADDRS_END)
+    mapped = np.where(addr_ok, _MAPPED, 0)
+    for word, at in ((3, ARP_SENDER), (5, ARP_TARGET)):
+        addr = b.read("<u4", p + at).astype(np.uint64)
+        share.put(batch.words[word], np.where(addr_ok, mapped | (addr << np.uint64(32)), 0))
+
+
 def _parse_network(b: _Bytes, batch: _Batch) -> None:
-    for ethertype, parse in ((ETHERTYPE_IPV4, _parse_ipv4), (ETHERTYPE_IPV6, _parse_ipv6)):
-        share = _Share(batch.ethertype == ethertype)
+    et = batch.ethertype
+    for mask, parse in (
+        (et == ETHERTYPE_IPV4, _parse_ipv4),
+        (et == ETHERTYPE_IPV6, _parse_ipv6),
+        ((et == ETHERTYPE_ARP) | (et == ETHERTYPE_RARP), _parse_arp),
+    ):
+        share = _Share(mask)
         if not share.empty:
             parse(b, batch, share)
 

@@ -25,7 +25,10 @@ from .errors import FormatError
 from .pcapfile import RECORD_HEADER_LEN, RecordTable
 
 MAGIC = b"PVIDX\x00\r\n"
-VERSION = 1
+VERSION = 2
+# Version 1 differs only in recording no addresses for ARP/RARP rows, which version 2 readers
+# take as "addresses unknown" (as for a frame cut short): still read, never rewritten.
+READABLE_VERSIONS = (1, 2)
 HEADER_LEN = 64
 # magic, version, flags, linktype, count, first_ns, last_ns, pcap_size,
 # nflows, summary_len, packets_len, crc
@@ -98,6 +101,7 @@ class PacketIndex:
     caplen: np.ndarray | None = None
     wirelen: np.ndarray | None = None
     flow: np.ndarray | None = None
+    version: int = VERSION  # of the file it was read from; writing always writes VERSION
 
     @property
     def has_packets(self) -> bool:
@@ -262,11 +266,12 @@ def parse_header(data: bytes, name: str) -> IndexHeader:
             raise FormatError(f"{name}: truncated index ({len(data)} bytes)")
         raise FormatError(f"{name}: not a pcapvault index (bad magic)")
     (version,) = struct.unpack_from("<H", data, 8)
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         newer = "newer than" if version > VERSION else "unknown to"
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise FormatError(
             f"{name}: index format version {version} is {newer} this pcapvault, "
-            f"which reads version {VERSION}"
+            f"which reads versions {readable}"
         )
     if len(data) < HEADER_LEN:
         raise FormatError(f"{name}: truncated index ({len(data)} bytes, header is 64)")
@@ -325,6 +330,7 @@ def decode_index(
     idx = PacketIndex(
         nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
         last_ns=h.last_ns, pcap_size=h.pcap_size, flows=flows, flow_packets=flow_packets,
+        version=h.version,
     )
     if packets:
         _decode_packets(idx, data[HEADER_LEN + h.summary_len :], name)

@@ -21,7 +21,7 @@ from extract_helpers import (  # noqa: E402
 
 from pcapvault.extract.cli import main  # noqa: E402
 from pcapvault.extract.flowmatch import MAYBE, NO, YES, FlowMatcher  # noqa: E402
-from pcapvault.index.indexfile import read_index  # noqa: E402
+from pcapvault.index.indexfile import FLAG_ADDRS, read_index  # noqa: E402
 from pcapvault.index.libpcap import compile_filter  # noqa: E402
 from pcapvault.index.pcapfile import PcapReader  # noqa: E402
 
@@ -33,6 +33,9 @@ FILTERS = [
     "udp",
     "icmp",
     "arp",
+    "arp host 10.0.1.3",
+    "arp src host 10.0.1.3 or arp dst host 10.0.0.2",
+    "rarp or (arp and not host 10.0.1.3)",
     "ip",
     "ip6",
     "host 10.0.1.3",
@@ -192,6 +195,22 @@ def test_flow_decisions_are_sound_on_every_file(synth, corpus):
                 assert not (m & (dec == NO)).any(), (pcap, expr)
                 assert not (~m & (dec == YES)).any(), (pcap, expr)
                 assert set(np.unique(dec)) <= {NO, YES, MAYBE}
+
+
+def test_host_filters_decide_arp_rows(synth):
+    """ARP rows record the addresses `arp host` compares, so a host filter settles them
+    without reading the frames (before, every ARP frame was a candidate)."""
+    _root, files = synth
+    f = compile_filter("host 10.0.1.3")
+    decided = 0
+    for pcap in files:
+        idx = read_index(Path(str(pcap) + ".idx"))
+        # frames sliced before the target address stay candidates; libpcap decides them
+        arp = (idx.flows["ethertype"] == 0x0806) & (idx.flows["flags"] & FLAG_ADDRS != 0)
+        dec = FlowMatcher(f).decide(idx.flows[arp])
+        assert (dec != MAYBE).all(), pcap
+        decided += len(dec)
+    assert decided > 20
 
 
 def test_index_skips_what_it_can(synth, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pcapvault.index.indexfile import read_index
+from pcapvault.index.indexfile import VERSION, read_index
 from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
 from pcapvault.tools import npcapindex, printindex
 
@@ -50,7 +50,7 @@ def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run(printindex.main, ["-i", str(idx)], capsys)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert "version: 1" in lines and "precision: nanosecond" in lines and "packets: 20" in lines
+    assert f"version: {VERSION}" in lines and "precision: nanosecond" in lines and "packets: 20" in lines
     assert "first: 2025-11-21T15:00:00.123456789Z (1763737200.123456789)" in lines
     assert "last: 2025-11-21T15:00:00.123475789Z (1763737200.123475789)" in lines
     assert "flows: 20" in lines
@@ -174,10 +174,10 @@ def test_check_damaged_index(pcap: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_check_newer_version(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
     idx = index(pcap, capsys)
     data = bytearray(idx.read_bytes())
-    data[8] = 2
+    data[8] = VERSION + 1
     idx.write_bytes(bytes(data))
     code, err = check(idx, capsys)
-    assert code == 1 and "version 2" in err
+    assert code == 1 and f"version {VERSION + 1}" in err
 
 
 def test_check_inconsistent_pcap(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,7 +231,10 @@ def test_console_scripts_on_corpus_file(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["npcapprintindex", "-i", str(src) + ".idx"], capture_output=True,
                        text=True)
-    assert r.returncode == 0 and "vlan 200 vlan 2001 arp" in r.stdout
+    assert r.returncode == 0, r.stderr
+    # the ARP request's sender and target, as tcpdump prints them (who-has .100 tell .97)
+    assert "vlan 200 vlan 2001 arp 172.21.79.97 > 172.21.79.100" in r.stdout
+    assert f"version: {VERSION}" in r.stdout
     r = subprocess.run(["npcapprintindex", "-c", "-i", str(src) + ".idx"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "OK" in r.stdout

@@ -104,7 +104,7 @@ def test_header_layout_matches_format_doc() -> None:
     data = encode_index(idx)
     magic, version, flags, linktype, count, first, last, size, nflows, slen, plen, crc = (
         struct.unpack_from("<8sHHIQqqQIIII", data))
-    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 1, 1, 1, 10)
+    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 2, 1, 1, 10)
     assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
     assert len(data) == 64 + slen + plen
     summary = pyzstd.decompress(data[64 : 64 + slen])
@@ -182,14 +182,28 @@ def test_bad_magic(tmp_path: Path) -> None:
     assert "not a pcapvault index" in read_error(b"\xd4\xc3\xb2\xa1" + bytes(100), tmp_path)
 
 
-@pytest.mark.parametrize("version", [2, 7, 0xFFFF])
+def test_version_1_is_still_read(tmp_path: Path) -> None:
+    """Version 1 indexes (no ARP addresses) stay readable: their rows are valid version 2
+    rows, only less informative."""
+    idx = sample_index(20)
+    data = bytearray(encode_index(idx))
+    assert struct.unpack_from("<H", data, 8) == (VERSION,) == (2,)
+    struct.pack_into("<H", data, 8, 1)
+    p = tmp_path / "v1.idx"
+    p.write_bytes(with_crc(bytes(data)))
+    back = read_index(p)
+    assert back.count == 20 and np.array_equal(back.flows, idx.flows)
+    assert np.array_equal(back.offset, idx.offset)
+
+
+@pytest.mark.parametrize("version", [3, 7, 0xFFFF])
 def test_newer_version_is_refused(tmp_path: Path, version: int) -> None:
     data = bytearray(encode_index(sample_index(5)))
     struct.pack_into("<H", data, 8, version)
     # a newer format may change anything after the version field: even a header that no
     # longer parses must produce the version message
     msg = read_error(with_crc(bytes(data))[:40], tmp_path)
-    assert f"version {version}" in msg and f"version {VERSION}" in msg and "newer" in msg
+    assert f"version {version}" in msg and f"versions 1 and {VERSION}" in msg and "newer" in msg
 
 
 def test_section_that_does_not_decompress(tmp_path: Path) -> None:

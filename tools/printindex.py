@@ -69,14 +69,15 @@ def flow_record(row: np.void) -> dict[str, Any]:
     ipver = int(row["ipver"])
     addrs = bool(flags & FLAG_ADDRS)
     ports = bool(flags & FLAG_PORTS)
+    family = 6 if ipver == 6 else 4  # ARP/RARP rows hold IPv4-mapped protocol addresses
     return {
         "ethertype": int(row["ethertype"]),
         "vlan1": _vlan(int(row["vlan1"])),
         "vlan2": _vlan(int(row["vlan2"])),
         "ipver": ipver or None,
         "proto": int(row["proto"]) if ipver and flags & FLAG_PROTO else None,
-        "src": address_text(row["src"], ipver) if addrs else None,
-        "dst": address_text(row["dst"], ipver) if addrs else None,
+        "src": address_text(row["src"], family) if addrs else None,
+        "dst": address_text(row["dst"], family) if addrs else None,
         "sport": int(row["sport"]) if ports else None,
         "dport": int(row["dport"]) if ports else None,
         "fragment": bool(flags & FLAG_FRAGMENT),
@@ -111,7 +112,7 @@ def header_record(idx: PacketIndex, path: str) -> dict[str, Any]:
     last_iso, last_epoch = format_time(idx.last_ns, idx.nanosecond)
     return {
         "index": path,
-        "version": 1,
+        "version": idx.version,
         "precision": "ns" if idx.nanosecond else "us",
         "linktype": idx.linktype,
         "packets": idx.count,
@@ -127,7 +128,7 @@ def header_record(idx: PacketIndex, path: str) -> dict[str, Any]:
 def _text_lines(idx: PacketIndex, path: str, limit: int | None) -> Iterator[str]:
     h = header_record(idx, path)
     yield f"index: {path}"
-    yield "version: 1"
+    yield f"version: {idx.version}"
     yield f"precision: {'nanosecond' if idx.nanosecond else 'microsecond'}"
     yield f"link type: {idx.linktype}"
     yield f"packets: {idx.count}"
