@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
-
-import pyzstd
 
 from .errors import FormatError
 
@@ -23,7 +22,20 @@ SUFFIX = ".zst"
 FRAME_SIZE = 64 << 10
 DEFAULT_LEVEL = 3
 _COPY = 4 << 20
-_ERRORS = (pyzstd.ZstdError, pyzstd.SeekableFormatError, EOFError, ValueError)
+
+
+def _pyzstd() -> ModuleType:
+    """pyzstd, imported on first use: its import takes 25 to 45 ms (typing_extensions pulls in
+    inspect and asyncio), which a selective extraction over plain files would pay for nothing.
+    """
+    import pyzstd
+
+    return pyzstd
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    z = _pyzstd()
+    return (z.ZstdError, z.SeekableFormatError, EOFError, ValueError)
 
 
 def is_compressed(path: os.PathLike | str) -> bool:
@@ -38,6 +50,7 @@ def compress_file(src: Path, dst: Path, level: int = DEFAULT_LEVEL,
     read it), so the file is not read a second time.
     """
     tmp = dst.with_name(f".{dst.name}.part")
+    pyzstd = _pyzstd()
     try:
         with open(tmp, "wb") as raw:
             if file_mode is not None:
@@ -68,12 +81,12 @@ class CompressedReader:
     def __init__(self, path: os.PathLike | str):
         self.name = str(path)
         try:
-            self.file = pyzstd.SeekableZstdFile(path, "r")
+            self.file = _pyzstd().SeekableZstdFile(path, "r")
             self.size = self.file.seek(0, os.SEEK_END)
             self.file.seek(0)
         except OSError:
             raise
-        except _ERRORS:
+        except _errors():
             raise FormatError(
                 f"{self.name}: truncated, or not a pcapvault compressed pcap (no zstd seek "
                 "table at its end); npcaprepair recovers a truncated one"
@@ -83,7 +96,7 @@ class CompressedReader:
         try:
             self.file.seek(offset)
             return self.file.read(size)
-        except _ERRORS:
+        except _errors():
             raise FormatError(
                 f"{self.name}: damaged compressed data near byte {offset}; run npcaprepair"
             ) from None
@@ -99,7 +112,7 @@ class CompressedReader:
             while chunk := self.file.read(FRAME_SIZE):
                 out.write(chunk)
                 done += len(chunk)
-        except _ERRORS:
+        except _errors():
             raise FormatError(
                 f"{self.name}: damaged compressed data after byte {done}; run npcaprepair"
             ) from None
@@ -123,13 +136,14 @@ def salvage(path: os.PathLike | str) -> bytes:
     returning wrong bytes.
     """
     data = memoryview(Path(path).read_bytes())
+    pyzstd = _pyzstd()
     out = []
     pos = 0
     while pos < len(data):
         try:
             n = pyzstd.get_frame_size(data[pos:])
             out.append(pyzstd.decompress(data[pos : pos + n]))
-        except _ERRORS:
+        except _errors():
             break
         pos += n
     return b"".join(out)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyzstd
 
 from .errors import FormatError
 from .pcapfile import RECORD_HEADER_LEN, RecordTable
+from .zstdlib import zstd
 
 MAGIC = b"PVIDX\x00\r\n"
 VERSION = 2
@@ -206,8 +206,8 @@ def encode_index(idx: PacketIndex) -> bytes:
             raise ValueError(f"index column {name} must have {count} entries")
     if len(idx.flows) != len(idx.flow_packets):
         raise ValueError("flows and flow_packets differ in length")
-    summary = pyzstd.compress(_summary_section(idx), ZSTD_LEVEL)
-    packets = pyzstd.compress(_byte_planes(_packet_columns(idx)), ZSTD_LEVEL)
+    summary = zstd.compress(_summary_section(idx), ZSTD_LEVEL)
+    packets = zstd.compress(_byte_planes(_packet_columns(idx)), ZSTD_LEVEL)
     head = _HEADER.pack(
         MAGIC, VERSION, _HEADER_FLAG_NS if idx.nanosecond else 0, idx.linktype, count,
         idx.first_ns, idx.last_ns, idx.pcap_size, len(idx.flows), len(summary), len(packets), 0,
@@ -286,10 +286,10 @@ def parse_header(data: bytes, name: str) -> IndexHeader:
 def _decompress(blob: bytes, expected: int, what: str, name: str) -> bytes:
     """Decompress one section, never producing more than it should hold (a damaged or hostile
     frame must not make the reader allocate whatever size it claims)."""
-    d = pyzstd.ZstdDecompressor()
+    d = zstd.ZstdDecompressor()
     try:
         raw = d.decompress(blob, max_length=expected + 1)
-    except pyzstd.ZstdError as e:
+    except zstd.ZstdError as e:
         raise FormatError(f"{name}: damaged index ({what} does not decompress: {e})") from None
     if len(raw) != expected or not d.eof or d.unused_data:
         size = f"{len(raw)}+" if len(raw) > expected else str(len(raw))
