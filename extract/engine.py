@@ -14,6 +14,12 @@ Chunks of about CHUNK_BYTES keep memory bounded on any file size. Candidates of 
 index decides YES are passed without running the filter (the decision is exact: flowmatch
 proves every packet of the row matches, and the tests hold it to libpcap packet by packet);
 the others are confirmed by the compiled program, one vectorised call per chunk.
+
+When the output is a pipe or a socket that takes records unmodified (Output.takes_file_runs),
+batches of a page-cache plan also carry the file offsets of their records, and a chunk whose
+candidates need no filter and lie in long runs is not read at all: the output sends it from
+the page cache with sendfile (output.FileRuns), so its bytes never enter this process.
+O_DIRECT plans keep reading: their bytes are not in the page cache for sendfile to take.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
 from .direct import DirectReader, Span, cached, open_direct
 from .hints import will_need
-from .output import Batch, Output
+from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
 
@@ -49,6 +55,7 @@ AHEAD_BYTES = LOOKAHEAD_BYTES  # planned but unread bytes before planning stops
 AHEAD_FILES = 64
 
 Progress = Callable[[int, int], None]
+TakesFileRuns = Callable[[bool, bool], bool]  # Output.takes_file_runs
 
 
 @dataclass
@@ -114,6 +121,7 @@ class _Plan:
         self.c = c = _drop_past_end(c, reader.size, warn)
         self.job: Job | None = None
         self.direct_fd: int | None = None
+        self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
         self.cuts: list[int] = []  # chunk k holds candidates cuts[k]:cuts[k + 1]
         self.unread = 0
@@ -165,9 +173,10 @@ class _Plan:
         for sp in self.spans.values():
             sp.settle()  # its descriptor is about to close
         self.spans.clear()
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
+        for fd in (self.direct_fd, self.send_fd):
+            if fd is not None:
+                os.close(fd)
+        self.direct_fd = self.send_fd = None
         self.reader.close()
 
     def start_direct(self, k: int) -> None:
@@ -179,22 +188,42 @@ class _Plan:
         stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
         self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop)
 
+    def _sendable(self, takes: TakesFileRuns | None, nanosecond: bool, raw_ok: bool
+                  ) -> int | None:
+        """A descriptor the output may sendfile this file's records from, or None."""
+        if (
+            takes is None
+            or self.direct_fd is not None
+            or self.reader.compressed
+            or not takes(nanosecond, raw_ok)
+        ):
+            return None
+        if self.send_fd is None:
+            try:
+                self.send_fd = os.open(self.reader.path, os.O_RDONLY)
+            except OSError:
+                return None  # read it as usual; the reader has it open
+        return self.send_fd
+
     def batches(
         self, stats: Stats, bufs: _Buffers, between: Callable[[], None],
-        following: Callable[[], _Plan | None],
+        following: Callable[[], _Plan | None], takes: TakesFileRuns | None = None,
     ) -> Iterator[Batch]:
         """The confirmed matches, in capture order, one batch per chunk.
 
         `following` gives the plan read after this one, whose first O_DIRECT read starts while
-        this plan's last chunk is processed."""
+        this plan's last chunk is processed. `takes`: the output's takes_file_runs, when its
+        batches may come unread (see the module's docstring)."""
         c, src = self.c, self.src
         hdr = self.reader.header
         raw_ok = not hdr.big_endian
         if not c.indexed:
             yield from self._scanned(stats, raw_ok)
             return
+        fd = self._sendable(takes, hdr.nanosecond, raw_ok)
         for k in range(len(self.cuts) - 1):
             i, j = self.cuts[k], self.cuts[k + 1]
+            at, cap, wire, ts = c.rec[i:j], c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
             if self.direct_fd is not None:
                 self.start_direct(k)
                 if k + 2 < len(self.cuts):
@@ -203,21 +232,23 @@ class _Plan:
                     nxt.start_direct(0)
                 span = self.spans[k]
                 buf = span.result()
-                local = c.rec[i:j] - span.base
+                local = at - span.base
+                size = len(buf)
             else:
                 span = None
-                buf, local = self._read(self.chunk_ranges[k], self.chunk_ranges[k + 1], i, j,
-                                        bufs)
-            self.unread -= len(buf)
-            cap, wire, ts = c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
-            m = self._confirm(buf, local, cap, wire, c.sure[i:j])
+                a, z = self.chunk_ranges[k], self.chunk_ranges[k + 1]
+                if fd is not None and self._unfiltered(c.sure[i:j]) and long_runs(at, cap):
+                    buf, local, size = None, at, self._consume(a, z)  # the output sends it
+                else:
+                    buf, local = self._read(a, z, i, j, bufs)
+                    size = len(buf)
+            self.unread -= size
+            m = None if buf is None else self._confirm(buf, local, cap, wire, c.sure[i:j])
             stats.packets_read += j - i
-            stats.bytes_read += len(buf)
-            if m is None:
-                yield Batch(buf, local, cap, wire, ts, src.number, hdr.nanosecond, raw_ok)
-            else:
-                yield Batch(buf, local[m], cap[m], wire[m], ts[m], src.number, hdr.nanosecond,
-                            raw_ok)
+            stats.bytes_read += size
+            sel = slice(None) if m is None else m
+            yield Batch(buf, local[sel], cap[sel], wire[sel], ts[sel], src.number,
+                        hdr.nanosecond, raw_ok, fd, None if fd is None else at[sel])
             if span is not None:
                 del self.spans[k]
                 if bufs.reuse:  # the consumer is done with the batch: recycle the buffer
@@ -231,26 +262,36 @@ class _Plan:
         starts, lens = self.starts[a:b], self.lens[a:b]
         base = np.zeros(b - a + 1, np.int64)
         np.cumsum(lens, out=base[1:])
-        total = int(base[-1])
-        buf = bufs.get(total)
+        buf = bufs.get(int(base[-1]))
         mv = memoryview(buf)
         read_into = self.reader.read_into
         for s, ln, o in zip(starts.tolist(), lens.tolist(), base[:-1].tolist(), strict=True):
             if read_into(mv[o : o + ln], s) != ln:
                 raise PcapVaultError(f"{self.c.file.pcap}: short read at byte {s}")
-        if self.job is not None:
-            self.pf.consumed(self.job, total)
+        self._consume(a, b)
         r = self.rid[i:j] - a
         return buf, self.c.rec[i:j] - starts[r] + base[r]
+
+    def _consume(self, a: int, b: int) -> int:
+        """Ranges [a, b) are done with (read, or left to the output): the read-ahead may move
+        on. Their byte count."""
+        total = int(self.lens[a:b].sum())
+        if self.job is not None:
+            self.pf.consumed(self.job, total)
+        return total
+
+    def _unfiltered(self, sure: np.ndarray) -> bool:
+        """Whether every one of these candidates matches without running the filter."""
+        return self.src.filter.matches_everything or bool(sure.all())
 
     def _confirm(
         self, buf: np.ndarray, local: np.ndarray, cap: np.ndarray, wire: np.ndarray,
         sure: np.ndarray,
     ) -> np.ndarray | None:
         """Which candidates match (None: all of them); only the unsure ones run the filter."""
-        flt = self.src.filter
-        if flt.matches_everything or sure.all():
+        if self._unfiltered(sure):
             return None
+        flt = self.src.filter
         m = sure.copy()
         u = np.flatnonzero(~sure)
         m[u] = flt.match_many(buf, local[u] + RECORD_HEADER_LEN, cap[u], wire[u])
@@ -366,17 +407,18 @@ class _Pipeline:
 
 
 def source_batches(
-    src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool
+    src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool,
+    takes: TakesFileRuns | None = None,
 ) -> Iterator[Batch]:
     """Every confirmed match of one dump set in the window, in stored order.
 
     `single`: the consumer is done with each batch before asking for the next, so one read
-    buffer serves every chunk."""
+    buffer serves every chunk. `takes`: as for _Plan.batches."""
     pipe = _Pipeline(src, q, stats, warn)
     bufs = _Buffers(single)
     for p in pipe:
         if p.plan is not None:
-            for b in p.plan.batches(stats, bufs, pipe.top_up, pipe.following):
+            for b in p.plan.batches(stats, bufs, pipe.top_up, pipe.following, takes):
                 stats.packets_matched += len(b)
                 yield b
         tick()
@@ -458,7 +500,8 @@ def extract(
     if progress:
         total[0] = sum(len(s.ds.files_in_window(q.begin_ns, q.end_ns)) for s in sources)
     single = len(sources) == 1
-    streams = [source_batches(s, q, stats, warn, tick, single) for s in sources]
+    streams = [source_batches(s, q, stats, warn, tick, single, out.takes_file_runs)
+               for s in sources]
     batches = streams[0] if len(streams) == 1 else merge(streams)
     for b in batches:
         out.write(b)

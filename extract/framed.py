@@ -15,7 +15,10 @@ from .output import Interface, Output, Sink
 
 
 class FramedSink(Sink):
-    """A Sink whose writes are DATA frames; `bytes` still counts pcap bytes only."""
+    """A Sink whose writes are DATA frames; `bytes` still counts pcap bytes only.
+
+    A frame's length is known before its payload is sent, so framing does not stand in the
+    way of sendfile: the header goes with writev, then the runs straight from the file."""
 
     def _write(self, bufs: list) -> None:
         n = sum(len(b) for b in bufs)
@@ -39,6 +42,7 @@ class ConnectionOutput(Output):
         # With a split, Output makes sure its directory exists: "." is the service's own
         # working directory, a no-op; the client makes the real one.
         super().__init__("." if split else "-", ifaces, **caps)
+        self.stream = True  # sendfile into the socket: a frame header, then the runs
 
     @property
     def sent(self) -> int:
