@@ -90,6 +90,84 @@ def _no_access(path: str) -> str:
     )
 
 
+class _LoadedIndex:
+    """An index file's bytes and their decoding, or the error either raised (re-raised where
+    the caller can handle it, as if it had loaded the file itself)."""
+
+    def __init__(self, sf: StoredFile, packets: bool):
+        from pcapvault.index.indexfile import decode_index
+
+        self._data: bytes | None = None
+        self._idx = None
+        self._data_error: BaseException | None = None
+        self._index_error: BaseException | None = None
+        try:
+            with open(sf.index, "rb") as f:
+                self._data = f.read()
+        except OSError as e:
+            self._data_error = e
+            return
+        try:
+            # The packet columns right away when the last file had candidates (see Source).
+            self._idx = decode_index(self._data, str(sf.index), packets=packets)
+        except (PcapVaultError, ValueError) as e:
+            self._index_error = e
+
+    def data(self) -> bytes:
+        if self._data_error is not None:
+            raise self._data_error
+        assert self._data is not None
+        return self._data
+
+    def index(self):  # -> PacketIndex (imported lazily, with numpy's users)
+        if self._index_error is not None:
+            raise self._index_error
+        return self._idx
+
+
+class _IndexAhead:
+    """The window's index files read and decoded on a thread, a couple of files ahead.
+
+    Reading a file's index (cold: a disk read) and decoding its packet columns (zstd, then
+    numpy) take about as long as deciding its flow rows; file reads, zstd and numpy's large
+    operations release the GIL, so with a second core the next index is ready when the
+    current file's decisions are done. Bounded to AHEAD files, so a query over months of
+    files holds a few decoded indexes, not all of them.
+    """
+
+    AHEAD = 2
+
+    def __init__(self, files: list[StoredFile], packets: Callable[[], bool]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._files = files
+        self._next = 0
+        self._packets = packets
+        self._pending: dict[Path, object] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="index-ahead")
+        self._fill()
+
+    @staticmethod
+    def load(sf: StoredFile, packets: bool) -> _LoadedIndex:
+        return _LoadedIndex(sf, packets)
+
+    def _fill(self) -> None:
+        while self._next < len(self._files) and len(self._pending) < self.AHEAD:
+            sf = self._files[self._next]
+            self._next += 1
+            self._pending[sf.index] = self._pool.submit(self.load, sf, self._packets())
+
+    def take(self, sf: StoredFile) -> _LoadedIndex | None:
+        """`sf`'s loaded index, waiting for it if needed; None if it was never announced."""
+        fut = self._pending.pop(sf.index, None)
+        self._fill()
+        return None if fut is None else fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()
+
+
 class Source:
     """One dump set (one interface) prepared for a query."""
 
@@ -107,11 +185,17 @@ class Source:
         # Whether the last file had candidates: then the next one probably has too, and its
         # summary is not decoded on its own first (a file skipped by its summary saves the
         # packet columns, one with matches pays for the summary twice).
-        self._last_matched = False
+        self._last_matched: bool | None = None  # None: no file decided yet
+        self._ahead: _IndexAhead | None = None
 
     def files(self, begin_ns: int, end_ns: int, stats: Stats) -> list[StoredFile]:
-        """Files of the window, from the timeline only; counts the ones left out."""
+        """Files of the window, from the timeline only; counts the ones left out.
+
+        Their indexes start loading on a thread at once, in this order (see _IndexAhead)."""
         found = self.ds.files_in_window(begin_ns, end_ns)
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead = _IndexAhead(found, lambda: self._last_matched is not False)
         stats.files_considered += len(found)
         if stats.count_timeline:
             try:
@@ -135,9 +219,11 @@ class Source:
         from pcapvault.index.indexfile import decode_index
 
         name = str(sf.index)
+        loaded = self._ahead.take(sf) if self._ahead is not None else None
+        if loaded is None:  # not announced by files(): load it now
+            loaded = _IndexAhead.load(sf, bool(self._last_matched))
         try:
-            with open(sf.index, "rb") as f:
-                data = f.read()  # once: the summary and then the packet columns come from it
+            data = loaded.data()  # once: the summary and then the packet columns come from it
         except FileNotFoundError:
             warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
@@ -146,8 +232,7 @@ class Source:
                  "sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
-            # The packet columns right away when the last file had candidates (see __init__).
-            idx = summary = decode_index(data, name, packets=self._last_matched)
+            idx = summary = loaded.index()
             if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
                 stats.skipped_summary += 1
                 return None
