@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     from pcapvault.tools.cliutil import run
 
+    from .heap import keep_freed_memory
+
+    keep_freed_memory()
     run(cli, "npcapextract", error_code=2, args=argv)
 
 

@@ -678,6 +678,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Entry point of npcapextract@.service."""
+    from .heap import keep_freed_memory
+
+    keep_freed_memory()
     run(command, PROG, error_code=1)
 
 
