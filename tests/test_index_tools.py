@@ -50,7 +50,8 @@ def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run(printindex.main, ["-i", str(idx)], capsys)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert f"version: {VERSION}" in lines and "precision: nanosecond" in lines and "packets: 20" in lines
+    assert f"version: {VERSION}" in lines and "precision: nanosecond" in lines
+    assert "packets: 20" in lines
     assert "first: 2025-11-21T15:00:00.123456789Z (1763737200.123456789)" in lines
     assert "last: 2025-11-21T15:00:00.123475789Z (1763737200.123475789)" in lines
     assert "flows: 20" in lines
