@@ -108,6 +108,19 @@ class PacketIndex:
         return self.flow is not None
 
 
+def flows_as_version(flows: np.ndarray, version: int) -> np.ndarray:
+    """The rows a writer of index `version` records where this one wrote `flows`: what a
+    stored older index is compared with after a fresh build (npcapprintindex -c)."""
+    if version >= 2:
+        return flows
+    out = flows.copy()
+    arp = (out["ethertype"] == ETHERTYPE_ARP) | (out["ethertype"] == ETHERTYPE_RARP)
+    out["flags"][arp] &= 0xFF & ~FLAG_ADDRS
+    out["src"][arp] = 0
+    out["dst"][arp] = 0
+    return out
+
+
 def empty_flows(count: int = 0) -> np.ndarray:
     """A zeroed flow table with absent VLANs: the row of a packet nothing could be read from."""
     rows = np.zeros(count, dtype=FLOW_DTYPE)

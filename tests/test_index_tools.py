@@ -6,13 +6,19 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pcapvault.index.indexfile import VERSION, read_index
+from pcapvault.index import builder
+from pcapvault.index.builder import build_index
+from pcapvault.index.indexfile import FLAG_ADDRS, VERSION, read_index, write_index
 from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
 from pcapvault.tools import npcapindex, printindex
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_indexfile import with_crc  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
 T0 = 1_763_737_200_123_456_789
@@ -239,3 +245,29 @@ def test_console_scripts_on_corpus_file(tmp_path: Path) -> None:
     r = subprocess.run(["npcapprintindex", "-c", "-i", str(src) + ".idx"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "OK" in r.stdout
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"tcpdump test corpus not found at {CORPUS}")
+def test_check_accepts_a_version_1_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version 1 index (no ARP addresses) of a capture with ARP frames checks OK: it is
+    compared with what a version 1 writer records, not with today's rows."""
+    src = tmp_path / "qinq.pcap"
+    shutil.copy(CORPUS / "802.1ad_QinQ.pcap", src)  # two ARP frames
+    with monkeypatch.context() as m:
+        m.setattr(builder, "_parse_arp", lambda *args: None)  # what version 1 wrote
+        idx = build_index(src)
+    assert not (idx.flows["flags"] & FLAG_ADDRS).any()
+    path = Path(str(src) + ".idx")
+    write_index(path, idx)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 8, 1)
+    path.write_bytes(with_crc(bytes(data)))
+    code, out = check(path, capsys)
+    assert code == 0 and "OK" in out, out
+    # today's index of the same file records the addresses, and checks OK too
+    write_index(path, build_index(src))
+    assert read_index(path).version == VERSION
+    code, out = check(path, capsys)
+    assert code == 0 and "OK" in out, out

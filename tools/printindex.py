@@ -33,6 +33,7 @@ from pcapvault.index.indexfile import (
     VLAN_UNREADABLE,
     PacketIndex,
     address_text,
+    flows_as_version,
     index_problem,
     read_index,
     records_problem,
@@ -197,13 +198,14 @@ def check(idx_path: str, pcap_path: str) -> tuple[str | None, PacketIndex | None
         fresh = index_records(arr, hdr, records)
         del arr
     stored = idx.flows[idx.flow].view(np.dtype((np.void, FLOW_DTYPE.itemsize)))
-    actual = fresh.flows[fresh.flow].view(np.dtype((np.void, FLOW_DTYPE.itemsize)))
+    fresh_rows = flows_as_version(fresh.flows, idx.version)[fresh.flow]
+    actual = fresh_rows.view(np.dtype((np.void, FLOW_DTYPE.itemsize)))
     diff = np.flatnonzero(stored != actual)
     if len(diff):
         i = int(diff[0])
         return (
             f"{idx_path}: entry {i}: flow {idx.flow[i]} ({describe_flow(idx.flows[idx.flow[i]])})"
-            f" does not match the packet ({describe_flow(fresh.flows[fresh.flow[i]])})", idx,
+            f" does not match the packet ({describe_flow(fresh_rows[i])})", idx,
         )
     return None, idx
 
