@@ -182,6 +182,10 @@ def main() -> None:
             def once(kind: str, cold: bool) -> tuple[float, float]:
                 for p in (direct_out, service_out):
                     p.unlink(missing_ok=True)
+                # Commit the deletion now: on a filesystem mounted with `discard` (as / is
+                # here) the freed GB is otherwise trimmed, and the previous result written
+                # back, during the next run, whichever kind it is.
+                os.sync()
                 if kind == "direct":
                     return run(direct, cold=cold)
                 wall, cpu = run(remote, user=pw, stdin=secret, cold=cold)

@@ -19,11 +19,7 @@ When the output is a pipe or a socket that takes records unmodified (Output.take
 batches of a page-cache plan also carry the file offsets of their records, and a chunk whose
 candidates need no filter and lie in long runs is not read at all: the output sends it from
 the page cache with sendfile (output.FileRuns), so its bytes never enter this process.
-Such a plan never uses O_DIRECT, even for a dense file out of the page cache: sending from
-the page cache then costs the kernel's read-ahead, where O_DIRECT would cost a read into our
-buffer and a copy out of it (in the extraction service, a cold 1 GB result cost 0.8 s more CPU
-than a direct extraction that way, 0.16 s this way; docs/BENCHMARKS.md). Plans whose
-candidates the filter must confirm still read, with O_DIRECT when dense.
+O_DIRECT plans keep reading: their bytes are not in the page cache for sendfile to take.
 """
 
 from __future__ import annotations
@@ -116,7 +112,7 @@ class _Plan:
 
     def __init__(
         self, src: Source, c: Candidates, reader: PcapReader, pf: Prefetcher, dr: DirectReader,
-        warn: Warn, takes: TakesFileRuns | None = None,
+        warn: Warn,
     ):
         self.src = src
         self.reader = reader
@@ -136,13 +132,8 @@ class _Plan:
         new = np.ones(n, bool)
         new[1:] = rec[1:] - end[:-1] > GAP
         span = int(end[-1] - rec[0])
-        hdr = reader.header
         if (
             not reader.compressed
-            and not (  # the output sends them from the page cache: no copy through us
-                takes is not None and takes(hdr.nanosecond, not hdr.big_endian)
-                and self._unfiltered(c.sure)
-            )
             and span >= DIRECT_MIN_BYTES
             and _range_bytes(rec, end, new) * DENSE_SHARE >= span
             and not cached(reader.path, int(rec[0]), int(end[-1]))
@@ -336,11 +327,9 @@ class _Pipeline:
     `listing` plans only the candidates the index cannot decide (the others are counted).
     """
 
-    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False,
-                 takes: TakesFileRuns | None = None):
+    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False):
         self.src, self.q, self.stats, self.warn = src, q, stats, warn
         self.listing = listing
-        self.takes = takes
         self.files = src.files(q.begin_ns, q.end_ns, stats)
         self.next = 0
         self.queue: deque[_Planned] = deque()
@@ -382,7 +371,7 @@ class _Pipeline:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
             return _Planned(sf, None)
         try:
-            plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn, self.takes)
+            plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn)
         except BaseException:
             reader.close()
             raise
@@ -425,7 +414,7 @@ def source_batches(
 
     `single`: the consumer is done with each batch before asking for the next, so one read
     buffer serves every chunk. `takes`: as for _Plan.batches."""
-    pipe = _Pipeline(src, q, stats, warn, takes=takes)
+    pipe = _Pipeline(src, q, stats, warn)
     bufs = _Buffers(single)
     for p in pipe:
         if p.plan is not None:

@@ -233,21 +233,3 @@ def test_outputs_refusing_sendfile_get_a_copy(sets, tmp_path):
         os.close(fd_out)
     want = b"x" + b"".join(data[o : o + n] for o, n in zip(offsets, lengths, strict=True))
     assert dst.read_bytes() == want
-
-
-def test_cold_dense_files_go_to_a_pipe_from_the_page_cache(sets, tmp_path, seen, monkeypatch):
-    """A dense file that is not in the page cache is read with O_DIRECT for a file output, but
-    sent from the page cache to a pipe or socket: one copy fewer in the extraction service (a
-    cold 1 GB relay cost 0.8 s more CPU than a direct extraction, 0.16 s this way)."""
-    monkeypatch.setattr(engine, "DIRECT_MIN_BYTES", 0)  # the test files are small
-    monkeypatch.setattr(engine, "cached", lambda *args: False)  # as if cold
-    (ns, _), _ = sets
-    want = to_file([ns], "", tmp_path / "o.pcap")
-    assert seen["read"] > 0 and seen["unread"] == 0 and seen["sent"] == 0  # O_DIRECT
-    seen.update(read=0, unread=0, sent=0)
-    assert to_pipe([ns], "") == want
-    assert seen["unread"] > 0 and seen["read"] == 0
-    # a filter that the index cannot prove keeps O_DIRECT for the pipe too
-    seen.update(read=0, unread=0, sent=0)
-    to_pipe([ns], "len > 500")
-    assert seen["unread"] == 0 and seen["read"] > 0
