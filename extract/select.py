@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,11 @@ from pcapvault.index.errors import DumpSetError, PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
 
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from pcapvault.index.indexfile import PacketIndex
 
 
 class AccessError(PcapVaultError):
@@ -98,7 +104,7 @@ class _LoadedIndex:
         from pcapvault.index.indexfile import decode_index
 
         self._data: bytes | None = None
-        self._idx = None
+        self._idx: PacketIndex | None = None
         self._data_error: BaseException | None = None
         self._index_error: BaseException | None = None
         try:
@@ -119,9 +125,10 @@ class _LoadedIndex:
         assert self._data is not None
         return self._data
 
-    def index(self):  # -> PacketIndex (imported lazily, with numpy's users)
+    def index(self) -> PacketIndex:
         if self._index_error is not None:
             raise self._index_error
+        assert self._idx is not None
         return self._idx
 
 
@@ -143,19 +150,15 @@ class _IndexAhead:
         self._files = files
         self._next = 0
         self._packets = packets
-        self._pending: dict[Path, object] = {}
+        self._pending: dict[Path, Future[_LoadedIndex]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="index-ahead")
         self._fill()
-
-    @staticmethod
-    def load(sf: StoredFile, packets: bool) -> _LoadedIndex:
-        return _LoadedIndex(sf, packets)
 
     def _fill(self) -> None:
         while self._next < len(self._files) and len(self._pending) < self.AHEAD:
             sf = self._files[self._next]
             self._next += 1
-            self._pending[sf.index] = self._pool.submit(self.load, sf, self._packets())
+            self._pending[sf.index] = self._pool.submit(_LoadedIndex, sf, self._packets())
 
     def take(self, sf: StoredFile) -> _LoadedIndex | None:
         """`sf`'s loaded index, waiting for it if needed; None if it was never announced."""
@@ -221,7 +224,7 @@ class Source:
         name = str(sf.index)
         loaded = self._ahead.take(sf) if self._ahead is not None else None
         if loaded is None:  # not announced by files(): load it now
-            loaded = _IndexAhead.load(sf, bool(self._last_matched))
+            loaded = _LoadedIndex(sf, bool(self._last_matched))
         try:
             data = loaded.data()  # once: the summary and then the packet columns come from it
         except FileNotFoundError:
