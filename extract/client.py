@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import pwd
 import re
@@ -150,6 +151,42 @@ class _Receiver:
         self.buf: memoryview | None = None
         self.pipe: tuple[int, int] | None = None  # (read, write) between socket and file
         self.splice = False
+        self.shared: memoryview | None = None  # the service's shared read buffers, read-only
+
+    def share(self, length: int) -> None:
+        """The SHARED frame: map the region the service reads dense spans into."""
+        if length != 8:
+            raise wire.ProtocolError("malformed shared-buffer frame from the extraction service")
+        data, fd = wire.recv_fd(self.sock, length, "shared-buffer frame")
+        try:
+            size = struct.unpack("<Q", data)[0]
+            if self.shared is not None or not 0 < size <= os.fstat(fd).st_size:
+                raise wire.ProtocolError("unexpected shared-buffer frame from the extraction "
+                                         "service")
+            self.shared = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+
+    def copy_shared(self, length: int) -> None:
+        """A REFS frame: write the referenced pieces of the shared region, then acknowledge
+        it, so that the service may read into that space again."""
+        view = self.shared
+        if view is None or not length or length % 16 or length > wire.MAX_REPLY:
+            raise wire.ProtocolError("unexpected reference frame from the extraction service")
+        refs = struct.iter_unpack("<QQ", wire.recv_exact(self.sock, length, "references"))
+        pieces = []
+        for off, n in refs:
+            if off + n > len(view):
+                raise wire.ProtocolError("reference outside the shared buffers")
+            pieces.append(view[off : off + n])
+        if self.fd is None:
+            self.fd = self.open(self.target)
+        for piece in pieces:
+            _write_all(self.fd, piece)
+        try:
+            wire.send(self.sock, wire.ACK)
+        except OSError:
+            pass  # the service has sent everything and left; the next read tells
 
     def open(self, name: str) -> int:
         if name == "-":
@@ -291,6 +328,7 @@ def run_remote(
         split_packets=split_packets,
         empty=empty,
         list_only=list_only,
+        shared_memory=True,
     )
     with sock:
         _authenticate(sock, req, password_stdin, user)
@@ -362,6 +400,10 @@ def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
             kind, length = head
             if kind == wire.DATA:
                 receiver.copy(length)
+            elif kind == wire.REFS:
+                receiver.copy_shared(length)
+            elif kind == wire.SHARED:
+                receiver.share(length)
             elif kind == wire.FILE:
                 name = wire.recv_exact(sock, min(length, 256), "file name").decode(
                     errors="replace")

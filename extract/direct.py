@@ -19,10 +19,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pcapvault.index.errors import PcapVaultError
+
+if TYPE_CHECKING:
+    from .shared import SharedSlots
 
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the block size
 
@@ -83,10 +87,12 @@ class Span:
     """One aligned read in flight: file bytes [base, base + len(buf)) into `buf`."""
 
     def __init__(
-        self, future: Future, whole: np.ndarray, size: int, base: int, need: int, path: Path
+        self, future: Future, whole: np.ndarray, size: int, base: int, need: int, path: Path,
+        slot: int | None = None,
     ):
         self.future = future
         self.whole = whole  # the recyclable buffer; `buf` is its first `size` bytes
+        self.slot = slot  # the shared slot `whole` is, if any
         self.buf = whole[:size]
         self.base = base
         self.need = need  # bytes from `base` the chunk needs (the rest is alignment)
@@ -108,28 +114,39 @@ class Span:
 
 
 class DirectReader:
-    """Aligned O_DIRECT reads on one thread, in submission order, into recycled buffers."""
+    """Aligned O_DIRECT reads on one thread, in submission order, into recycled buffers, or
+    into the buffers shared with the extraction client (shared.py) when asked and free."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedSlots | None = None) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._free: list[np.ndarray] = []
+        self.shared = shared
 
-    def read(self, fd: int, path: Path, start: int, end: int) -> Span:
-        """Start reading file bytes [start, end) (widened to the alignment)."""
+    def read(self, fd: int, path: Path, start: int, end: int, share: bool = False) -> Span:
+        """Start reading file bytes [start, end) (widened to the alignment). `share`: the
+        widened span holds only bytes the client may have (see shared.py)."""
         base = start - start % ALIGN
         stop = -(-end // ALIGN) * ALIGN
         size = stop - base
-        fits = [k for k, b in enumerate(self._free) if len(b) >= size]
-        whole = self._free.pop(fits[0]) if fits else _aligned(-(-size // (1 << 20)) << 20)
+        got = self.shared.acquire(size) if share and self.shared else None
+        if got is not None:
+            slot, whole = got
+        else:
+            slot = None
+            fits = [k for k, b in enumerate(self._free) if len(b) >= size]
+            whole = self._free.pop(fits[0]) if fits else _aligned(-(-size // (1 << 20)) << 20)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-read")
         future = self._pool.submit(_read_all, fd, whole[:size], base, path)
-        return Span(future, whole, size, base, end - base, path)
+        return Span(future, whole, size, base, end - base, path, slot)
 
     def release(self, span: Span) -> None:
         """The consumer is done with the span's bytes: its buffer may be read into again."""
         span.settle()
-        self._free = [*self._free[-3:], span.whole]  # only a few are in flight at a time
+        if span.slot is not None:
+            self.shared.release(span.slot)
+        else:
+            self._free = [*self._free[-3:], span.whole]  # only a few are in flight at a time
 
     def close(self) -> None:
         if self._pool is not None:

@@ -28,6 +28,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from .hints import will_need
 from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
+
+if TYPE_CHECKING:
+    from .shared import SharedSlots
 
 CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
@@ -123,6 +127,8 @@ class _Plan:
         self.direct_fd: int | None = None
         self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
+        self.contiguous = False  # the candidates are adjacent records, without gaps
+        self.share = False  # middle chunks may be read into the client's shared buffers
         self.cuts: list[int] = []  # chunk k holds candidates cuts[k]:cuts[k + 1]
         self.unread = 0
         n = len(c.rec)
@@ -140,6 +146,7 @@ class _Plan:
         ):
             self.direct_fd = open_direct(reader.path)
         if self.direct_fd is not None:
+            self.contiguous = bool((rec[1:] == end[:-1]).all())
             # Chunks of contiguous file bytes, a new one every CHUNK_BYTES or CHUNK_PACKETS.
             key = (rec - rec[0]) // CHUNK_BYTES * (n // CHUNK_PACKETS + 1)
             key += np.arange(n) // CHUNK_PACKETS
@@ -172,6 +179,8 @@ class _Plan:
             self.pf.done(self.job)
         for sp in self.spans.values():
             sp.settle()  # its descriptor is about to close
+            if sp.slot is not None:
+                self.dr.shared.release(sp.slot)
         self.spans.clear()
         for fd in (self.direct_fd, self.send_fd):
             if fd is not None:
@@ -186,7 +195,10 @@ class _Plan:
         i, j = self.cuts[k], self.cuts[k + 1]
         c = self.c
         stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
-        self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop)
+        # Only a middle chunk: an O_DIRECT read widens it into its neighbours, which are
+        # selected records only in the middle of the plan (see shared.py).
+        share = self.share and 0 < k < len(self.cuts) - 2
+        self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop, share)
 
     def _sendable(self, takes: TakesFileRuns | None, nanosecond: bool, raw_ok: bool
                   ) -> int | None:
@@ -221,6 +233,13 @@ class _Plan:
             yield from self._scanned(stats, raw_ok)
             return
         fd = self._sendable(takes, hdr.nanosecond, raw_ok)
+        self.share = (
+            self.dr.shared is not None
+            and self.contiguous
+            and takes is not None
+            and takes(hdr.nanosecond, raw_ok)
+            and self._unfiltered(c.sure)
+        )
         for k in range(len(self.cuts) - 1):
             i, j = self.cuts[k], self.cuts[k + 1]
             at, cap, wire, ts = c.rec[i:j], c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
@@ -327,14 +346,15 @@ class _Pipeline:
     `listing` plans only the candidates the index cannot decide (the others are counted).
     """
 
-    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False):
+    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False,
+                 shared: SharedSlots | None = None):
         self.src, self.q, self.stats, self.warn = src, q, stats, warn
         self.listing = listing
         self.files = src.files(q.begin_ns, q.end_ns, stats)
         self.next = 0
         self.queue: deque[_Planned] = deque()
         self.pf = Prefetcher()
-        self.dr = DirectReader()
+        self.dr = DirectReader(shared)
         # The indexes are read first and are small: ask for the first ones now, before any
         # pcap range is queued (a sequential read behind thousands of scattered ones waits).
         for sf in self.files[:AHEAD_FILES]:
@@ -408,13 +428,14 @@ class _Pipeline:
 
 def source_batches(
     src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool,
-    takes: TakesFileRuns | None = None,
+    takes: TakesFileRuns | None = None, shared: SharedSlots | None = None,
 ) -> Iterator[Batch]:
     """Every confirmed match of one dump set in the window, in stored order.
 
     `single`: the consumer is done with each batch before asking for the next, so one read
-    buffer serves every chunk. `takes`: as for _Plan.batches."""
-    pipe = _Pipeline(src, q, stats, warn)
+    buffer serves every chunk. `takes`: as for _Plan.batches. `shared`: buffers the output
+    passes on by reference (extraction service), for dense reads that may go there."""
+    pipe = _Pipeline(src, q, stats, warn, shared=shared if single else None)
     bufs = _Buffers(single)
     for p in pipe:
         if p.plan is not None:
@@ -500,7 +521,7 @@ def extract(
     if progress:
         total[0] = sum(len(s.ds.files_in_window(q.begin_ns, q.end_ns)) for s in sources)
     single = len(sources) == 1
-    streams = [source_batches(s, q, stats, warn, tick, single, out.takes_file_runs)
+    streams = [source_batches(s, q, stats, warn, tick, single, out.takes_file_runs, out.shared)
                for s in sources]
     batches = streams[0] if len(streams) == 1 else merge(streams)
     for b in batches:

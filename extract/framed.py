@@ -11,19 +11,41 @@ from __future__ import annotations
 import socket
 
 from . import wire
-from .output import Interface, Output, Sink
+from .output import Interface, Output, Pieces, Sink
+from .shared import SharedSlots
 
 
 class FramedSink(Sink):
     """A Sink whose writes are DATA frames; `bytes` still counts pcap bytes only.
 
     A frame's length is known before its payload is sent, so framing does not stand in the
-    way of sendfile: the header goes with writev, then the runs straight from the file."""
+    way of sendfile: the header goes with writev, then the runs straight from the file.
+    Pieces that lie in the buffers shared with the client go as a REFS frame instead: their
+    place, not their bytes."""
+
+    def __init__(self, fd: int, pcapng: bool, ifaces: list[Interface], snap: int | None,
+                 shared: SharedSlots | None = None):
+        self.shared = shared
+        super().__init__(fd, pcapng, ifaces, snap)
 
     def _write(self, bufs: list) -> None:
-        n = sum(len(b) for b in bufs)
-        super()._write([wire.FRAME.pack(wire.DATA, n), *bufs])
-        self.bytes -= wire.FRAME.size
+        plain: list = []
+        for b in bufs:
+            refs = self.shared.references(b.iov) if self.shared and isinstance(b, Pieces) \
+                else None
+            if refs is None:
+                plain.append(b)
+                continue
+            self._data(plain)
+            plain = []
+            super()._write([wire.FRAME.pack(wire.REFS, len(refs)), refs])
+            self.bytes += len(b) - wire.FRAME.size - len(refs)
+        self._data(plain)
+
+    def _data(self, bufs: list) -> None:
+        if bufs:
+            super()._write([wire.FRAME.pack(wire.DATA, sum(len(b) for b in bufs)), *bufs])
+            self.bytes -= wire.FRAME.size
 
     def close(self) -> None:
         """Leave the connection open: the trailer follows the data."""
@@ -35,8 +57,10 @@ class ConnectionOutput(Output):
     The engine's own split logic decides where a file ends; the client creates the files,
     in its own directory and with its own rights."""
 
-    def __init__(self, conn: socket.socket, ifaces: list[Interface], **caps: int | bool | None):
+    def __init__(self, conn: socket.socket, ifaces: list[Interface],
+                 shared: SharedSlots | None = None, **caps: int | bool | None):
         self.conn = conn
+        self.shared = shared
         self.finished_bytes = 0  # of the split files before the current one
         split = caps.get("split_bytes") or caps.get("split_packets")
         # With a split, Output makes sure its directory exists: "." is the service's own
@@ -56,4 +80,4 @@ class ConnectionOutput(Output):
         if self.split:
             wire.send(self.conn, wire.FILE, name.encode())
         self.files.append(name)
-        return FramedSink(self.conn.fileno(), self.pcapng, self.ifaces, self.snap)
+        return FramedSink(self.conn.fileno(), self.pcapng, self.ifaces, self.snap, self.shared)

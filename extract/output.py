@@ -28,11 +28,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, global_header
+
+if TYPE_CHECKING:
+    from .shared import SharedSlots
 
 IOV_MAX = 1024
 # Mean run length from which a batch goes by sendfile: one call per run must cost less than
@@ -420,6 +424,8 @@ class Output:
     Nothing is created until the first packet arrives unless `empty_ok` asks for an empty
     capture when nothing matches (-0).
     """
+
+    shared: SharedSlots | None = None  # read buffers passed on by reference (framed.py)
 
     def __init__(
         self,

@@ -447,10 +447,11 @@ class Session:
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
-        from .engine import Query, extract, list_files
+        from .engine import CHUNK_BYTES, Query, extract, list_files
         from .framed import ConnectionOutput
         from .output import ClosedPipe, Interface, OutputError
         from .select import Stats
+        from .shared import SharedSlots
 
         try:
             become(self.settings.account)
@@ -466,6 +467,7 @@ class Session:
         self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
         stall = struct.pack("ll", STALL_SECONDS, 0)
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)  # acknowledgements
         self._reply("ok")
         stats = Stats()
 
@@ -493,7 +495,15 @@ class Session:
                               s.nanosecond)
                     for s in sources
                 ]
-                out = ConnectionOutput(self.conn, ifaces, pcapng=req.pcapng,
+                shared = None
+                if req.shared_memory and len(sources) == 1:
+                    try:  # a chunk, its alignment and its last record's overhang fit a slot
+                        shared = SharedSlots(self.conn, CHUNK_BYTES + (1 << 20))
+                    except OSError as e:
+                        _log(f"no shared buffers ({e.strerror}); sending every byte")
+                    else:
+                        shared.offer()
+                out = ConnectionOutput(self.conn, ifaces, shared, pcapng=req.pcapng,
                                        snap=req.snaplen, max_bytes=req.max_bytes,
                                        max_packets=req.max_packets,
                                        split_bytes=req.split_bytes,

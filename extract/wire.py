@@ -10,6 +10,7 @@ service runs it through PAM as root, so nothing it does not expect may get that 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,9 @@ DATA = b"D"  # service -> client: a piece of the pcap or pcapng stream
 WARNING = b"W"  # service -> client: a warning line (UTF-8)
 TRAILER = b"T"  # service -> client: counts and statistics, the end of the result (JSON)
 FILE = b"F"  # service -> client: the next DATA frames start the split file named here (-P/-N)
+SHARED = b"M"  # service -> client: the shared read buffers (memfd by SCM_RIGHTS), size u64
+REFS = b"S"  # service -> client: pieces of the stream in the shared buffers, n x (u64, u64)
+ACK = b"A"  # client -> service: the oldest unacknowledged REFS frame is written out
 
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 16 << 20  # a trailer lists the matching files with -l
@@ -57,6 +61,7 @@ class Request:
     split_packets: int | None = None
     empty: bool = False
     list_only: bool = False
+    shared_memory: bool = False  # the client takes dense spans through shared buffers
 
     def encode(self) -> bytes:
         return json.dumps({"version": VERSION, **asdict(self)}).encode()
@@ -106,6 +111,7 @@ _FIELDS: dict[str, tuple[str, bool]] = {
     "split_packets": ("count", False),
     "empty": ("bool", False),
     "list_only": ("bool", False),
+    "shared_memory": ("bool", False),
 }
 
 
@@ -151,6 +157,27 @@ def _check(name: str, value: object, kind: str) -> object:
 
 def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
     sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def send_fd(sock: socket.socket, kind: bytes, payload: bytes, fd: int) -> None:
+    """A frame whose payload carries a descriptor. The header goes on its own, so a reader
+    that takes headers with plain recv() cannot swallow the descriptor with them."""
+    sock.sendall(FRAME.pack(kind, len(payload)))
+    sent = socket.send_fds(sock, [payload], [fd])
+    if sent < len(payload):
+        sock.sendall(payload[sent:])
+
+
+def recv_fd(sock: socket.socket, length: int, what: str) -> tuple[bytes, int]:
+    """The payload of a send_fd frame and the descriptor it carries."""
+    data, fds, _, _ = socket.recv_fds(sock, length, 1)
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        raise ProtocolError(f"the {what} came without its descriptor")
+    if len(data) < length:
+        data += recv_exact(sock, length - len(data), what)
+    return data, fds[0]
 
 
 def send_json(sock: socket.socket, kind: bytes, obj: dict) -> None:
