@@ -36,7 +36,7 @@ from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
-from .direct import DirectReader, Span, cached, open_direct
+from .direct import ALIGN, DirectReader, Span, cached, open_direct
 from .hints import will_need
 from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
@@ -152,6 +152,12 @@ class _Plan:
             key += np.arange(n) // CHUNK_PACKETS
             cnew = np.ones(n, bool)
             cnew[1:] = key[1:] != key[:-1]
+            if self.contiguous:
+                # Small first and last chunks: a chunk may go to the client's shared buffers
+                # only if its read, widened to the alignment, stays inside the selection.
+                lo, hi = int(rec[0]), int(end[-1])
+                cnew[min(n - 1, int(np.searchsorted(rec, lo - lo % ALIGN + ALIGN)))] = True
+                cnew[min(n - 1, int(np.searchsorted(end, hi - hi % ALIGN, "right")))] = True
             self.cuts = [*np.flatnonzero(cnew).tolist(), n]
             self.unread = span
             return
@@ -195,10 +201,17 @@ class _Plan:
         i, j = self.cuts[k], self.cuts[k + 1]
         c = self.c
         stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
-        # Only a middle chunk: an O_DIRECT read widens it into its neighbours, which are
-        # selected records only in the middle of the plan (see shared.py).
-        share = self.share and 0 < k < len(self.cuts) - 2
+        share = self.share and self._inside(int(c.rec[i]), stop)
         self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop, share)
+
+    def _inside(self, start: int, stop: int) -> bool:
+        """Whether reading [start, stop) widened to the alignment takes in only bytes of the
+        selection (or nothing, past the end of the file): the test for the shared buffers."""
+        c = self.c
+        lo = int(c.rec[0])
+        hi = int(c.rec[-1] + RECORD_HEADER_LEN + c.caplen[-1])
+        return start - start % ALIGN >= lo and (-(-stop // ALIGN) * ALIGN <= hi
+                                                or hi >= self.reader.size)
 
     def _sendable(self, takes: TakesFileRuns | None, nanosecond: bool, raw_ok: bool
                   ) -> int | None:

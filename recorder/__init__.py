@@ -1,1 +1,3 @@
 """pcapvault.recorder"""
+
+import pcapvault.index  # noqa: F401  (first: it limits numpy's BLAS threads)
