@@ -170,6 +170,20 @@ def write_file(ds, k, ts, wire, flow, swap, fa, fb, fproto, fsport, fdport) -> N
     index_and_link(ds, sf)
 
 
+def compile_package() -> None:
+    """Bytecode for the package, as pip writes it when it installs one: from an editable
+    install under PYTHONDONTWRITEBYTECODE every run would compile the modules it imports from
+    source (40 ms on this machine, a tenth of case (a))."""
+    import compileall
+
+    import pcapvault.extract
+    import pcapvault.index
+    import pcapvault.tools
+
+    for pkg in (pcapvault.extract, pcapvault.index, pcapvault.tools):
+        compileall.compile_dir(Path(pkg.__file__).parent, quiet=1)
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -311,6 +325,7 @@ def main() -> None:
         build(root, args.gb)
         print(f"built {args.gb} GB dump set in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     ds = DumpSet.open(root)
+    compile_package()
     files = [sf.pcap for sf in ds.files()]
     total = sum(f.stat().st_size for f in files)
     cold = drop_caches()

@@ -147,8 +147,11 @@ class _Plan:
             self.direct_fd = open_direct(reader.path)
         if self.direct_fd is not None:
             self.contiguous = bool((rec[1:] == end[:-1]).all())
-            # Chunks of contiguous file bytes, a new one every CHUNK_BYTES or CHUNK_PACKETS.
-            key = (rec - rec[0]) // CHUNK_BYTES * (n // CHUNK_PACKETS + 1)
+            # Chunks of contiguous file bytes, a new one every CHUNK_BYTES (or the shared
+            # buffers' chunk size) or CHUNK_PACKETS.
+            shareable = dr.shared is not None and self.contiguous and self._unfiltered(c.sure)
+            size = dr.shared.chunk_bytes if shareable else CHUNK_BYTES
+            key = (rec - rec[0]) // size * (n // CHUNK_PACKETS + 1)
             key += np.arange(n) // CHUNK_PACKETS
             cnew = np.ones(n, bool)
             cnew[1:] = key[1:] != key[:-1]

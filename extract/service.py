@@ -447,7 +447,7 @@ class Session:
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
-        from .engine import CHUNK_BYTES, Query, extract, list_files
+        from .engine import Query, extract, list_files
         from .framed import ConnectionOutput
         from .output import ClosedPipe, Interface, OutputError
         from .select import Stats
@@ -497,8 +497,8 @@ class Session:
                 ]
                 shared = None
                 if req.shared_memory and len(sources) == 1:
-                    try:  # a chunk, its alignment and its last record's overhang fit a slot
-                        shared = SharedSlots(self.conn, CHUNK_BYTES + (1 << 20))
+                    try:
+                        shared = SharedSlots(self.conn)
                     except OSError as e:
                         _log(f"no shared buffers ({e.strerror}); sending every byte")
                     else:

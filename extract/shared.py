@@ -37,6 +37,10 @@ from .output import ClosedPipe
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 SLOTS = 4  # a chunk being sent, the next one being read, two the client is writing out
+# Chunks of plans read into the slots: smaller than a private read's (engine.CHUNK_BYTES),
+# because the region is fresh memory in every service process and fresh memory is what costs.
+CHUNK_BYTES = 8 << 20
+MARGIN = 512 << 10  # a chunk's last record may reach past it (262 KiB), plus the alignment
 REF = struct.Struct("<QQ")  # a reference: offset in the region, length
 MAX_REFS = 4096  # per REFS frame; a chunk read into one slot is one run, so one reference
 
@@ -47,9 +51,10 @@ class SharedSlots:
     A slot is free when the engine has released it and every reference frame that touched it
     has been acknowledged. Acknowledgements arrive in the order of the frames."""
 
-    def __init__(self, conn: socket.socket, slot_bytes: int, slots: int = SLOTS):
+    def __init__(self, conn: socket.socket, chunk_bytes: int = CHUNK_BYTES, slots: int = SLOTS):
         self.conn = conn
-        self.slot_bytes = slot_bytes
+        self.chunk_bytes = chunk_bytes  # the engine cuts shared-capable plans at this size
+        self.slot_bytes = slot_bytes = chunk_bytes + MARGIN
         self.size = slot_bytes * slots
         self.fd = os.memfd_create("pcapvault-extract", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:

@@ -36,7 +36,6 @@ from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader  # noqa: E402
 
 START = 1763737200 * NS + 123_456_789
 CHUNK = 8192  # several O_DIRECT chunks per test file
-SLOT = 64 << 10
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def through_service(root: Path, expr: str, q: engine.Query, out_path: Path,
     t.start()
     try:
         src = Source(str(root), 0, expr)
-        shared = SharedSlots(ours, SLOT)
+        shared = SharedSlots(ours, CHUNK)
         shared.offer()
         out = ConnectionOutput(ours, [Interface(src.interface, src.linktype, src.snaplen,
                                                 src.nanosecond)], shared, **caps)
@@ -207,17 +206,18 @@ def test_region_is_sealed_against_the_client():
     with a, b:
         slots = SharedSlots(a, 1 << 20)
         slots.offer()
+        size = slots.size
         head = wire.recv_header(b, "frame")
         assert head == (wire.SHARED, 8)
         _, fd = wire.recv_fd(b, 8, "frame")
         try:
             with pytest.raises(PermissionError):
-                mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                mmap.mmap(fd, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             with pytest.raises(PermissionError):
                 os.ftruncate(fd, 0)
             with pytest.raises(PermissionError):
                 os.pwrite(fd, b"x", 0)
-            mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ).close()
+            mmap.mmap(fd, size, prot=mmap.PROT_READ).close()
         finally:
             os.close(fd)
             slots.close()
