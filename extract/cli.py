@@ -11,6 +11,8 @@ import click
 
 from pcapvault.index.errors import PcapVaultError
 
+from .early import SOCKET
+
 EPILOG = """\b
 Examples:
   npcapextract -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:00:00" -e "2025-11-21 14:10:00" \\
@@ -130,7 +132,7 @@ def _permission_remedy(command: Callable[..., int]) -> Callable[..., int]:
               "when a dump set is not readable).")
 @click.option("--password-stdin", is_flag=True,
               help="Read the service password from the first line of stdin (for scripts).")
-@click.option("--service-socket", default="/run/pcapvault/npcapextract.sock", metavar="PATH",
+@click.option("--service-socket", default=SOCKET, metavar="PATH",
               show_default=True, help="The extraction service's socket.")
 @_permission_remedy
 def cli(

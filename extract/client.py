@@ -30,11 +30,12 @@ import click
 
 from pcapvault.index.errors import PcapVaultError
 
-from . import wire
+from . import early, wire
 
 COPY_BUFFER = 4 << 20
 PIPE_SIZE = 1 << 20  # the default pipe-max-size
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+NO_ANSWER = "the extraction service closed the connection without an answer"
 SPLIT_NAME = re.compile(r"extract-\d{6}\.pcap(ng)?")
 
 
@@ -74,21 +75,16 @@ def service_targets(dumpsets: tuple[str, ...], forced: bool) -> tuple[str, ...]:
 
 
 def connect(path: str, automatic: bool, dumpsets: tuple[str, ...]) -> socket.socket:
-    """Connect, and make sure the listener is root's (systemd's) before sending a password."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as e:
-        sock.close()
-        why = f"the extraction service is not available at {path} ({e.strerror})"
-        if automatic:
-            blocked = next((p for p in dumpsets if not readable(p)), dumpsets[0])
-            raise ServiceError(
-                f"no permission to read dump set {blocked}, and {why}; run as its owner or "
-                "a member of its group, or ask the administrator to enable npcapextract.socket"
-            ) from None
-        raise ServiceError(f"{why}; ask the administrator to enable npcapextract.socket"
-                           ) from None
+    """Connect (or take the connection early.py made), and make sure the listener is root's
+    (systemd's) before sending a password."""
+    sock = early.take(path)
+    if sock is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            raise _unavailable(path, e, automatic, dumpsets) from None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     if uid != 0:
@@ -97,6 +93,18 @@ def connect(path: str, automatic: bool, dumpsets: tuple[str, ...]) -> socket.soc
             f"refusing to send a password to {path}: it is served by uid {uid}, not by root"
         )
     return sock
+
+
+def _unavailable(path: str, e: OSError, automatic: bool, dumpsets: tuple[str, ...]
+                 ) -> ServiceError:
+    why = f"the extraction service is not available at {path} ({e.strerror})"
+    if automatic:
+        blocked = next((p for p in dumpsets if not readable(p)), dumpsets[0])
+        return ServiceError(
+            f"no permission to read dump set {blocked}, and {why}; run as its owner or "
+            "a member of its group, or ask the administrator to enable npcapextract.socket"
+        )
+    return ServiceError(f"{why}; ask the administrator to enable npcapextract.socket")
 
 
 def read_password(from_stdin: bool, user: str) -> str:
@@ -363,6 +371,9 @@ def _authenticate(sock: socket.socket, req: wire.Request, from_stdin: bool, user
         try:
             wire.send(sock, wire.REQUEST, req.encode())
             reply = _next_reply(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            # Not our stdout's reader leaving: the service went away before answering.
+            raise ServiceError(NO_ANSWER) from None
         finally:
             req.password = ""
         status, message = reply.get("status"), str(reply.get("message", ""))
@@ -378,14 +389,13 @@ def _next_reply(sock: socket.socket) -> dict:
     try:
         head = wire.recv_header(sock, "reply")
         if head is None:
-            raise ServiceError("the extraction service closed the connection without an answer")
+            raise ServiceError(NO_ANSWER)
         kind, length = head
         if kind != wire.REPLY:
             raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
         return wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
     except ConnectionResetError:
-        raise ServiceError("the extraction service closed the connection without an answer"
-                           ) from None
+        raise ServiceError(NO_ANSWER) from None
 
 
 def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
