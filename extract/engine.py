@@ -127,8 +127,10 @@ class _Plan:
         self.direct_fd: int | None = None
         self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
-        self.contiguous = False  # the candidates are adjacent records, without gaps
-        self.share = False  # middle chunks may be read into the client's shared buffers
+        # Whether chunks inside the selection may be read into the client's shared buffers:
+        # as far as the plan tells (adjacent records, no filter to run), then with the output.
+        self.shareable = False
+        self.share = False
         self.cuts: list[int] = []  # chunk k holds candidates cuts[k]:cuts[k + 1]
         self.unread = 0
         n = len(c.rec)
@@ -146,16 +148,19 @@ class _Plan:
         ):
             self.direct_fd = open_direct(reader.path)
         if self.direct_fd is not None:
-            self.contiguous = bool((rec[1:] == end[:-1]).all())
+            self.shareable = (
+                dr.shared is not None
+                and bool((rec[1:] == end[:-1]).all())
+                and self._unfiltered(c.sure)
+            )
             # Chunks of contiguous file bytes, a new one every CHUNK_BYTES (or the shared
             # buffers' chunk size) or CHUNK_PACKETS.
-            shareable = dr.shared is not None and self.contiguous and self._unfiltered(c.sure)
-            size = dr.shared.chunk_bytes if shareable else CHUNK_BYTES
+            size = dr.shared.chunk_bytes if self.shareable else CHUNK_BYTES
             key = (rec - rec[0]) // size * (n // CHUNK_PACKETS + 1)
             key += np.arange(n) // CHUNK_PACKETS
             cnew = np.ones(n, bool)
             cnew[1:] = key[1:] != key[:-1]
-            if self.contiguous:
+            if self.shareable:
                 # Small first and last chunks: a chunk may go to the client's shared buffers
                 # only if its read, widened to the alignment, stays inside the selection.
                 lo, hi = int(rec[0]), int(end[-1])
@@ -249,13 +254,7 @@ class _Plan:
             yield from self._scanned(stats, raw_ok)
             return
         fd = self._sendable(takes, hdr.nanosecond, raw_ok)
-        self.share = (
-            self.dr.shared is not None
-            and self.contiguous
-            and takes is not None
-            and takes(hdr.nanosecond, raw_ok)
-            and self._unfiltered(c.sure)
-        )
+        self.share = self.shareable and takes is not None and takes(hdr.nanosecond, raw_ok)
         for k in range(len(self.cuts) - 1):
             i, j = self.cuts[k], self.cuts[k + 1]
             at, cap, wire, ts = c.rec[i:j], c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
