@@ -22,6 +22,7 @@ which takes disk write-back (the same for both) out of the comparison; --null wr
 /dev/null, which leaves only what differs: the service's start, PAM and the socket.
 
     python bench/service.py [--dir /work/bench-data/service] [--gb 1] [--repeat 5] [--cold]
+                            [--settle 2]
                             [--out-dir DIR] [--keep]
 
 Needs root, and an interpreter an unprivileged user may run (/opt/pcapvault/bin/python after
@@ -72,10 +73,13 @@ def private(root: Path, uid: int, gid: int) -> None:
 
 
 def run(argv: list[str], *, user: pwd.struct_passwd | None = None, stdin: bytes = b"",
-        cold: bool = False) -> tuple[float, float]:
-    """Wall time and CPU time (user + system) of one command."""
+        cold: bool = False, settle: float = 0.0) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of one command. `settle`: seconds to wait
+    first, so that memory freed before the run (the previous outputs, the page cache) has
+    been handed back to the host like the rest of the free memory (see main)."""
     if cold:
         drop_caches()
+    time.sleep(settle)
     kw: dict = {}
     if user is not None:
         kw = dict(user=user.pw_uid, group=user.pw_gid,
@@ -112,6 +116,13 @@ def main() -> None:
     ap.add_argument("--null", action="store_true", help="write both results to /dev/null: "
                     "takes the output's page-cache writes (the same work on both paths) out")
     ap.add_argument("--keep", action="store_true", help="keep the data set afterwards")
+    # This VM reports freed memory to its host within about a second (free page reporting),
+    # after which touching it again costs a host fault per page: writing 1 GB into the page
+    # cache takes 0.25 s right after another 1 GB was freed, 1.2 to 1.7 s a second later.
+    # Each run follows the deletion of a 1 GB output, so without a pause the path that starts
+    # writing sooner (direct: no second process, no PAM) gets recycled memory more often.
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds between the previous run's cleanup and the next run")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark creates users and a PAM service file")
@@ -187,8 +198,8 @@ def main() -> None:
                 # back, during the next run, whichever kind it is.
                 os.sync()
                 if kind == "direct":
-                    return run(direct, cold=cold)
-                wall, cpu = run(remote, user=pw, stdin=secret, cold=cold)
+                    return run(direct, cold=cold, settle=a.settle)
+                wall, cpu = run(remote, user=pw, stdin=secret, cold=cold, settle=a.settle)
                 # The instance is systemd-socket-activate's child: its CPU is in the audit.
                 return wall, cpu + json.loads(audit.read_text().splitlines()[-1])["cpu_s"]
 
