@@ -7,8 +7,12 @@ import os
 import random
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+from pcapvault.extract import engine
+from pcapvault.extract.output import Interface, Output
+from pcapvault.extract.select import Source, Stats
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.pcapfile import global_header, record_header
@@ -56,6 +60,20 @@ def build_dumpset(root: Path, packets: list[Packet], *, linktype: int = 1,
         group.append(p)
     flush()
     return ds
+
+
+def engine_extract(roots: list[Path], expr: str, q: engine.Query,
+                   make: Callable[[list[Interface]], Output]) -> Output:
+    """The engine over these dump sets into the output `make` builds for their interfaces,
+    closed afterwards (what npcapextract and the service do, without their front ends)."""
+    sources = [Source(str(r), i, expr) for i, r in enumerate(roots)]
+    ifaces = [Interface(s.interface, s.linktype, s.snaplen, s.nanosecond) for s in sources]
+    out = make(ifaces)
+    try:
+        engine.extract(sources, q, out, Stats(), lambda m: None)
+    finally:
+        out.close()
+    return out
 
 
 def read_pcap_records(data: bytes) -> list[tuple[int, int, bytes]]:

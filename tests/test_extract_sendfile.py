@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from extract_helpers import (  # noqa: E402
     NS,
     build_dumpset,
+    engine_extract,
     read_pcap_records,
     synthetic_traffic,
     tcpdump_select,
@@ -31,7 +32,6 @@ from extract_helpers import (  # noqa: E402
 from pcapvault.extract import engine, output, wire  # noqa: E402
 from pcapvault.extract.framed import ConnectionOutput  # noqa: E402
 from pcapvault.extract.output import Batch, FileRuns, Interface, Output  # noqa: E402
-from pcapvault.extract.select import Source, Stats  # noqa: E402
 from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN  # noqa: E402
 
 START = 1763737200 * NS + 123_456_789
@@ -78,14 +78,7 @@ def seen(monkeypatch) -> dict[str, int]:
 
 
 def run(roots: list[Path], expr: str, make: Callable[[list[Interface]], Output]) -> Output:
-    sources = [Source(str(r), i, expr) for i, r in enumerate(roots)]
-    ifaces = [Interface(s.interface, s.linktype, s.snaplen, s.nanosecond) for s in sources]
-    out = make(ifaces)
-    try:
-        engine.extract(sources, engine.Query(*WINDOW), out, Stats(), lambda m: None)
-    finally:
-        out.close()
-    return out
+    return engine_extract(roots, expr, engine.Query(*WINDOW), make)
 
 
 def to_file(roots: list[Path], expr: str, path: Path, **caps: int) -> bytes:

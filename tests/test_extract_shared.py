@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from extract_helpers import (  # noqa: E402
     NS,
     build_dumpset,
+    engine_extract,
     read_pcap_records,
     synthetic_traffic,
     tcpdump_select,
@@ -29,8 +30,7 @@ from extract_helpers import (  # noqa: E402
 
 from pcapvault.extract import client, direct, engine, wire  # noqa: E402
 from pcapvault.extract.framed import ConnectionOutput  # noqa: E402
-from pcapvault.extract.output import Interface, Output  # noqa: E402
-from pcapvault.extract.select import Source, Stats  # noqa: E402
+from pcapvault.extract.output import Output  # noqa: E402
 from pcapvault.extract.shared import SharedSlots  # noqa: E402
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader  # noqa: E402
 
@@ -92,13 +92,10 @@ def through_service(root: Path, expr: str, q: engine.Query, out_path: Path,
     t = threading.Thread(target=receive)
     t.start()
     try:
-        src = Source(str(root), 0, expr)
         shared = SharedSlots(ours, CHUNK)
         shared.offer()
-        out = ConnectionOutput(ours, [Interface(src.interface, src.linktype, src.snaplen,
-                                                src.nanosecond)], shared, **caps)
-        engine.extract([src], q, out, Stats(), lambda m: None)
-        out.close()
+        out = engine_extract([root], expr, q,
+                             lambda ifaces: ConnectionOutput(ours, ifaces, shared, **caps))
         wire.send_json(ours, wire.TRAILER, {"packets": out.packets})
         shared.close()
     finally:
@@ -111,11 +108,7 @@ def through_service(root: Path, expr: str, q: engine.Query, out_path: Path,
 
 
 def direct_file(root: Path, expr: str, q: engine.Query, path: Path, **caps: int) -> bytes:
-    src = Source(str(root), 0, expr)
-    out = Output(str(path), [Interface(src.interface, src.linktype, src.snaplen,
-                                       src.nanosecond)], **caps)
-    engine.extract([src], q, out, Stats(), lambda m: None)
-    out.close()
+    engine_extract([root], expr, q, lambda ifaces: Output(str(path), ifaces, **caps))
     return path.read_bytes() if path.is_file() else b""
 
 
