@@ -9,6 +9,16 @@ cached. A thread reads the next piece while the current one is matched and writt
 
 A span already in the page cache is still read from it (`cached`).
 
+Reads meant for the buffers shared with the extraction client (shared.py) still go to private
+memory first and are then copied into their slot, on the reading thread. The shared region is
+a memfd in 4 KiB pages, and the block layer cuts a read into it at max_segments pages (1 MiB
+on the benchmark VM's virtio disk); private buffers are large numpy arrays, which numpy backs
+with transparent huge pages, so the same read goes out in 4 MiB requests. Measured with the
+client writing to a tmpfs meanwhile: the service's reads of 1 GB took 1.4 to 2.1 s of reading
+time straight into the slots and kept the client waiting; through the private buffer the path
+was as fast as a direct extraction, for a memcpy into slots that stay mapped (about 0.05 s of
+CPU per GB). See docs/BENCHMARKS.md, "PAM service".
+
 Sparse selections stay on the page cache with WILLNEED read-ahead (prefetch.py): one 4 KiB
 O_DIRECT read at a time would wait for the device each time, and queueing thousands of them
 would take asynchronous I/O of our own.
@@ -17,6 +27,7 @@ would take asynchronous I/O of our own.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +94,17 @@ def _read_all(fd: int, buf: np.ndarray, offset: int, path: Path) -> int:
     return done
 
 
+def _read_through(fd: int, dst: np.ndarray, offset: int, path: Path, own: threading.local
+                  ) -> int:
+    """_read_all into this thread's private buffer, then copy what came into `dst`."""
+    tmp = getattr(own, "buf", None)
+    if tmp is None or len(tmp) < len(dst):
+        tmp = own.buf = _aligned(len(dst))
+    got = _read_all(fd, tmp[: len(dst)], offset, path)
+    dst[:got] = tmp[:got]
+    return got
+
+
 class Span:
     """One aligned read in flight: file bytes [base, base + len(buf)) into `buf`."""
 
@@ -121,6 +143,7 @@ class DirectReader:
         self._pool: ThreadPoolExecutor | None = None
         self._free: list[np.ndarray] = []
         self.shared = shared
+        self._own = threading.local()  # each reading thread's buffer for shared reads
 
     def read(self, fd: int, path: Path, start: int, end: int, share: bool = False) -> Span:
         """Start reading file bytes [start, end) (widened to the alignment). `share`: the
@@ -136,8 +159,14 @@ class DirectReader:
             fits = [k for k, b in enumerate(self._free) if len(b) >= size]
             whole = self._free.pop(fits[0]) if fits else _aligned(-(-size // (1 << 20)) << 20)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-read")
-        future = self._pool.submit(_read_all, fd, whole[:size], base, path)
+            # Two reads at a time when reading for the client: its writes and our reads then
+            # overlap however their speeds vary (measured; one thread kept the device idle).
+            self._pool = ThreadPoolExecutor(2 if self.shared else 1,
+                                            thread_name_prefix="direct-read")
+        if slot is not None:
+            future = self._pool.submit(_read_through, fd, whole[:size], base, path, self._own)
+        else:
+            future = self._pool.submit(_read_all, fd, whole[:size], base, path)
         return Span(future, whole, size, base, end - base, path, slot)
 
     def release(self, span: Span) -> None:

@@ -212,6 +212,18 @@ class _Plan:
         share = self.share and self._inside(int(c.rec[i]), stop)
         self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop, share)
 
+    def _read_ahead(self, k: int) -> None:
+        """Shared chunks from k on into the slots free right now: reads overlap the client's
+        writes however their speeds vary (the slots are small, and one read ahead ran dry)."""
+        if not self.share:
+            return
+        shared = self.dr.shared
+        for ahead in range(k, min(k + len(shared.engine_holds), len(self.cuts) - 2)):
+            if ahead not in self.spans:
+                if not shared.free_now():
+                    return
+                self.start_direct(ahead)
+
     def _inside(self, start: int, stop: int) -> bool:
         """Whether reading [start, stop) widened to the alignment takes in only bytes of the
         selection (or nothing, past the end of the file): the test for the shared buffers."""
@@ -262,6 +274,7 @@ class _Plan:
                 self.start_direct(k)
                 if k + 2 < len(self.cuts):
                     self.start_direct(k + 1)
+                    self._read_ahead(k + 2)
                 elif (nxt := following()) is not None:
                     nxt.start_direct(0)
                 span = self.spans[k]

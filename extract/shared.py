@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import select
 import socket
 import struct
 from collections import deque
@@ -36,7 +37,7 @@ from .output import ClosedPipe
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
-SLOTS = 4  # a chunk being sent, the next one being read, two the client is writing out
+SLOTS = 4  # chunks being read (two at a time), sent, or written out by the client
 # Chunks of plans read into the slots: smaller than a private read's (engine.CHUNK_BYTES),
 # because the region is fresh memory in every service process and fresh memory is what costs.
 CHUNK_BYTES = 8 << 20
@@ -80,15 +81,28 @@ class SharedSlots:
         every slot (the caller reads into private memory then)."""
         if size > self.slot_bytes:
             return None
-        while True:
-            for k, held in enumerate(self.engine_holds):
-                if not held and not self.unacked[k]:
-                    self.engine_holds[k] = True
-                    at = k * self.slot_bytes
-                    return k, self.array[at : at + self.slot_bytes]
+        while (k := self._free_slot()) is None:
             if not self.frames:
                 return None
             self._await_ack()
+        self.engine_holds[k] = True
+        at = k * self.slot_bytes
+        return k, self.array[at : at + self.slot_bytes]
+
+    def _free_slot(self) -> int | None:
+        for k, held in enumerate(self.engine_holds):
+            if not held and not self.unacked[k]:
+                return k
+        return None
+
+    def free_now(self) -> bool:
+        """Whether a slot is free without waiting: takes in the acknowledgements that have
+        arrived already. Lets the engine read further ahead only when the client keeps up."""
+        while self._free_slot() is None:
+            if not self.frames or not select.select([self.conn], [], [], 0)[0]:
+                return False
+            self._await_ack()
+        return True
 
     def release(self, slot: int) -> None:
         """The engine is done with the slot (its references may still be unacknowledged)."""

@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -227,4 +228,24 @@ def test_reference_outside_the_region_is_refused(tmp_path):
         wire.send_json(a, wire.TRAILER, {"packets": 0})
         with pytest.raises(wire.ProtocolError, match="outside the shared buffers"):
             client._receive(b, str(tmp_path / "o.pcap"))
+        slots.close()
+
+
+def test_free_now_takes_arrived_acknowledgements_without_waiting():
+    """The engine reads ahead only into slots free at once: with every slot sent and none
+    acknowledged it must not wait, and an acknowledgement already there frees one."""
+    a, b = socket.socketpair()
+    with a, b:
+        slots = SharedSlots(a, 1 << 20, slots=2)
+        for _ in range(2):
+            k, whole = slots.acquire(4096)
+            iov = np.array([[whole.ctypes.data, 4096]], np.uint64)
+            assert slots.references(iov) is not None
+            slots.release(k)
+        a.settimeout(5)  # a wait for an acknowledgement would fail the test, not hang it
+        assert not slots.free_now()
+        wire.send(b, wire.ACK)
+        assert slots.free_now()
+        assert slots.free_now()  # still free; nothing more was read from the socket
+        assert slots.acquire(4096) is not None
         slots.close()
