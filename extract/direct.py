@@ -14,7 +14,7 @@ memory first and are then copied into their slot, on the reading thread. The sha
 a memfd in 4 KiB pages, and the block layer cuts a read into it at max_segments pages (1 MiB
 on the benchmark VM's virtio disk); private buffers are large numpy arrays, which numpy backs
 with transparent huge pages, so the same read goes out in 4 MiB requests. Measured with the
-client writing to a tmpfs meanwhile: the service's reads of 1 GB took 1.4 to 2.1 s of reading
+client writing to a tmpfs meanwhile: the service's reads of 1 GB took 1.1 to 2.1 s of reading
 time straight into the slots and kept the client waiting; through the private buffer the path
 was as fast as a direct extraction, for a memcpy into slots that stay mapped (about 0.05 s of
 CPU per GB). See docs/BENCHMARKS.md, "PAM service".
