@@ -147,13 +147,15 @@ class Audit:
         syslog.openlog(PROG, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_AUTHPRIV)
 
     def write(self, record: dict) -> None:
+        # The file first: it is the record of reference, and a stalled syslog daemon (sending
+        # to /dev/log blocks when its queue is full) must not delay or lose it.
         line = json.dumps(record, separators=(",", ":"))
-        level = syslog.LOG_INFO if record["outcome"] == "allowed" else syslog.LOG_WARNING
-        syslog.syslog(level, line)
         try:
             os.write(self.fd, (line + "\n").encode())
         except OSError as e:
             _log(f"cannot append to the audit log {self.path}: {e.strerror}; the record: {line}")
+        level = syslog.LOG_INFO if record["outcome"] == "allowed" else syslog.LOG_WARNING
+        syslog.syslog(level, line)
 
 
 def authenticate(user: str, password: str, service: str) -> tuple[bool, str]:

@@ -21,8 +21,12 @@ import socket
 import stat
 import subprocess
 import sys
+import syslog
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +94,12 @@ class Service:
     log: Path
     args: list[str]
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    prefix: list[str] = field(default_factory=list)  # runs the whole command, e.g. unshare
 
     def start(self) -> Service:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                ["systemd-socket-activate", "--accept", "-l", str(self.socket),
+                [*self.prefix, "systemd-socket-activate", "--accept", "-l", str(self.socket),
                  *service_entry(), *self.args],
                 stdout=log, stderr=log,
             )
@@ -127,6 +132,7 @@ class World:
     udp_group: str  # --group-filter UDP_FILTER
     restricted: User  # in the group and in net_group
     doubly_restricted: User  # in the group, net_group and udp_group
+    syslog: SyslogCatcher
 
     def audit_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
@@ -152,6 +158,66 @@ class World:
 
     def audit_count(self) -> int:
         return len(self.audit_lines()) if self.audit.exists() else 0
+
+
+class SyslogCatcher:
+    """Everything sent to /dev/log while it runs, as (priority, message) pairs.
+
+    A thread keeps reading: senders block once a Unix datagram socket holds
+    net.unix.max_dgram_qlen messages (10 by default)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.received: list[tuple[int, str]] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return  # closed at the end of the module
+            head, _, rest = data.decode(errors="replace").partition(">")
+            if head.startswith("<") and head[1:].isdigit():
+                self.received.append((int(head[1:]), rest))
+
+    def wait_for(self, tag: str, lines: list[str], timeout: float = 10) -> list[int]:
+        """The priority of the message that carries each of `lines` after `tag[pid]: `."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {}
+            for prio, msg in list(self.received):
+                before, sep, line = msg.partition("]: ")
+                if sep and before.split()[-1].startswith(f"{tag}[") and line in lines:
+                    found[line] = prio
+            if len(found) == len(lines) or time.monotonic() > deadline:
+                return [found.get(line, -1) for line in lines]
+            time.sleep(0.05)
+
+
+@contextmanager
+def catch_syslog(base: Path) -> Iterator[tuple[SyslogCatcher, list[str]]]:
+    """A socket that receives what is sent to /dev/log, and the prefix of the command that
+    starts the service so that its /dev/log is that socket.
+
+    Where the machine has a syslog socket, the service gets ours in a mount namespace of its
+    own (bind-mounted over /dev/log), so the machine's logging is untouched; where it has none
+    (containers, CI), ours is created at /dev/log and removed at the end."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    own = not os.path.lexists("/dev/log")
+    path = Path("/dev/log") if own else base / "dev-log"
+    try:
+        sock.bind(str(path))
+        path.chmod(0o666)
+        prefix = [] if own else [
+            "unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", 'mount --bind "$0" /dev/log && exec "$@"', str(path),
+        ]
+        yield SyslogCatcher(sock), prefix
+    finally:
+        sock.close()
+        if own:
+            path.unlink(missing_ok=True)
 
 
 def make_user(name: str, base: Path, groups: list[str]) -> User:
@@ -186,6 +252,7 @@ def world():
     base.chmod(0o755)  # traversable: the service account writes the dump set in it
     created_users: list[str] = []
     service = None
+    cleanup = ExitStack()
     try:
         for group in (grp_name, net_group, udp_group):
             sh("groupadd", group)
@@ -225,7 +292,8 @@ def world():
 
         (base / "audit").mkdir(mode=0o755)
         audit = base / "audit" / "audit.jsonl"
-        service = Service(base / "extract.sock", base / "service.log", [
+        catcher, prefix = cleanup.enter_context(catch_syslog(base))
+        service = Service(base / "extract.sock", base / "service.log", prefix=prefix, args=[
             "-u", svc, "--group", grp_name, "--pam-service", pam_service,
             "--audit-log", str(audit), "--allow", str(base / "ds"),
             "--fail-delay", str(FAIL_DELAY), "--max-attempts", "2",
@@ -235,12 +303,13 @@ def world():
         now = int(time.time())
         yield World(base, base / "ds", svc, grp_name, pam_service, member, outsider, audit,
                     service, (str(now - 3600), str(now + 3600)), net_group, udp_group,
-                    restricted, doubly)
+                    restricted, doubly, catcher)
         log = (base / "service.log").read_text()
         assert "Traceback" not in log, log
     finally:
         if service:
             service.stop()
+        cleanup.close()
         for name in created_users:
             remove_user(name)
         for group in (grp_name, net_group, udp_group, svc):
@@ -429,6 +498,22 @@ def test_user_outside_the_group_is_denied(world):
     (a,) = world.audit_lines()[before:]
     assert a["outcome"] == "denied" and a["pam_user"] == world.outsider.name
     assert a["duration_s"] >= FAIL_DELAY
+
+
+def test_every_attempt_also_goes_to_syslog(world):
+    """The audit file's line, word for word, at authpriv.info when allowed and
+    authpriv.warning when denied: the priorities a log filter or SIEM rule keys on."""
+    before = world.audit_count()
+    ok = world.through_service(world.member, "-f", "tcp", "-o",
+                               str(world.member.home / "logged.pcap"))
+    assert ok.returncode == 0, ok.stderr
+    denied = world.member.run(world.client("-o", str(world.member.home / "refused.pcap"),
+                                           "--password-stdin"), input=b"not-the-password\n")
+    assert denied.returncode == 2
+    lines = world.audit.read_text().splitlines()[before:]
+    assert [json.loads(line)["outcome"] for line in lines] == ["allowed", "denied"]
+    assert world.syslog.wait_for("npcapextractd", lines) == [
+        syslog.LOG_AUTHPRIV | syslog.LOG_INFO, syslog.LOG_AUTHPRIV | syslog.LOG_WARNING]
 
 
 def test_only_served_dump_sets(world):
