@@ -92,6 +92,8 @@ def remove(python: str) -> None:
     d = site_dir(python)
     for suffix in (".py", ".pth"):
         (d / f"{HOOK}{suffix}").unlink(missing_ok=True)
+    for cached in (d / "__pycache__").glob(f"{HOOK}.*.pyc"):
+        cached.unlink()  # harmless without its source, but nothing of the hook may stay
 
 
 def report() -> None:
