@@ -17,9 +17,6 @@ from dataclasses import asdict, dataclass, field
 
 from pcapvault.index.errors import PcapVaultError
 
-from .early import SOCKET
-
-DEFAULT_SOCKET = SOCKET  # npcapextract's --service-socket default
 VERSION = 1
 
 FRAME = struct.Struct("!c3xQ")  # type, 3 reserved bytes, payload length

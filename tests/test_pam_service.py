@@ -35,7 +35,7 @@ from extract_helpers import synthetic_traffic, write_pcap
 from netns import veth_pair
 from recorderproc import BIN, RecorderProc
 
-from pcapvault.extract import wire
+from pcapvault.extract import early, wire
 
 ROOT = Path(__file__).resolve().parents[1]
 PAM_FILE = ROOT / "systemd" / "pam.d" / "npcapextract"
@@ -858,7 +858,7 @@ def test_entry_point_outside_socket_activation_fails_in_one_line():
 def test_units_and_setup_ship_the_service():
     socket_unit = (ROOT / "systemd" / "npcapextract.socket").read_text()
     service_unit = (ROOT / "systemd" / "npcapextract@.service").read_text()
-    assert "Accept=yes" in socket_unit and f"ListenStream={wire.DEFAULT_SOCKET}" in socket_unit
+    assert "Accept=yes" in socket_unit and f"ListenStream={early.SOCKET}" in socket_unit
     assert "ExecStart=/usr/local/bin/npcapextractd" in service_unit
     setup = (ROOT / "setup.sh").read_text()
     # Every unit of systemd/ is installed; the socket is enabled, the PAM file installed and
