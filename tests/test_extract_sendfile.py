@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import (  # noqa: E402
+from extract_helpers import (
     NS,
     build_dumpset,
     engine_extract,
@@ -29,10 +26,10 @@ from extract_helpers import (  # noqa: E402
     tcpdump_select,
 )
 
-from pcapvault.extract import engine, output, wire  # noqa: E402
-from pcapvault.extract.framed import ConnectionOutput  # noqa: E402
-from pcapvault.extract.output import Batch, FileRuns, Interface, Output  # noqa: E402
-from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN  # noqa: E402
+from pcapvault.extract import engine, output, wire
+from pcapvault.extract.framed import ConnectionOutput
+from pcapvault.extract.output import Batch, FileRuns, Interface, Output
+from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN
 
 START = 1763737200 * NS + 123_456_789
 WINDOW = (START - NS, START + 3600 * NS)

@@ -12,15 +12,12 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import (  # noqa: E402
+from extract_helpers import (
     NS,
     build_dumpset,
     engine_extract,
@@ -29,11 +26,11 @@ from extract_helpers import (  # noqa: E402
     tcpdump_select,
 )
 
-from pcapvault.extract import client, direct, engine, wire  # noqa: E402
-from pcapvault.extract.framed import ConnectionOutput  # noqa: E402
-from pcapvault.extract.output import Output  # noqa: E402
-from pcapvault.extract.shared import SharedSlots  # noqa: E402
-from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader  # noqa: E402
+from pcapvault.extract import client, direct, engine, wire
+from pcapvault.extract.framed import ConnectionOutput
+from pcapvault.extract.output import Output
+from pcapvault.extract.shared import SharedSlots
+from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
 START = 1763737200 * NS + 123_456_789
 CHUNK = 8192  # several O_DIRECT chunks per test file
