@@ -179,9 +179,9 @@ class _Receiver:
         """A REFS frame: write the referenced pieces of the shared region, then acknowledge
         it, so that the service may read into that space again."""
         view = self.shared
-        if view is None or not length or length % 16 or length > wire.MAX_REPLY:
+        if view is None or not length or length % wire.REF.size or length > wire.MAX_REPLY:
             raise wire.ProtocolError("unexpected reference frame from the extraction service")
-        refs = struct.iter_unpack("<QQ", wire.recv_exact(self.sock, length, "references"))
+        refs = wire.REF.iter_unpack(wire.recv_exact(self.sock, length, "references"))
         pieces = []
         for off, n in refs:
             if off + n > len(view):

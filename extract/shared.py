@@ -42,7 +42,6 @@ SLOTS = 4  # chunks being read (two at a time), sent, or written out by the clie
 # because the region is fresh memory in every service process and fresh memory is what costs.
 CHUNK_BYTES = 8 << 20
 MARGIN = 512 << 10  # a chunk's last record may reach past it (262 KiB), plus the alignment
-REF = struct.Struct("<QQ")  # a reference: offset in the region, length
 MAX_REFS = 4096  # per REFS frame; a chunk read into one slot is one run, so one reference
 
 

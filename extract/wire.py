@@ -29,6 +29,7 @@ FILE = b"F"  # service -> client: the next DATA frames start the split file name
 SHARED = b"M"  # service -> client: the shared read buffers (memfd by SCM_RIGHTS), size u64
 REFS = b"S"  # service -> client: pieces of the stream in the shared buffers, n x (u64, u64)
 ACK = b"A"  # client -> service: the oldest unacknowledged REFS frame is written out
+REF = struct.Struct("<QQ")  # one piece of a REFS frame: offset in the shared region, length
 
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 16 << 20  # a trailer lists the matching files with -l
