@@ -10,9 +10,10 @@ extractor makes is libpcap's.
 
 Matching many packets: one ctypes call per packet costs about a microsecond, which is more than
 reading the packet. ``Filter.match_many`` therefore runs libpcap's compiled program over a whole
-batch at once with numpy, one instruction at a time over the packets standing at that
-instruction (classic BPF only jumps forward, so one pass over the program suffices; the one
-exception, ``protochain``'s loop, runs through libpcap per packet). It follows
+batch at once with numpy (index/bpfvector.py, imported only then, so that compiling a filter
+never loads numpy), one instruction at a time over the packets standing at that instruction
+(classic BPF only jumps forward, so one pass over the program suffices; the one exception,
+``protochain``'s loop, runs through libpcap per packet). It follows
 the semantics of libpcap's ``bpf_filter()`` exactly, including the bounds checks that reject a
 packet when a load falls past the captured length; the test suite checks it against
 ``pcap_offline_filter`` packet for packet. ``match_many(..., engine="libpcap")`` keeps the
@@ -23,12 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import struct
 import threading
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import PcapVaultError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .bpfvector import VectorBpf
 
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 PCAP_ERRBUF_SIZE = 256
@@ -44,7 +50,7 @@ BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
 BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MEMWORDS = 16
 
-INSN_DTYPE = np.dtype([("code", "<u2"), ("jt", "u1"), ("jf", "u1"), ("k", "<u4")])
+_INSN = struct.Struct("=HBBI")  # struct bpf_insn, host byte order
 
 
 class FilterError(PcapVaultError):
@@ -139,10 +145,22 @@ class Filter:
         self._prog = prog
         self._hdr = _PktHdr()
         n = prog.bf_len
-        raw = ctypes.string_at(prog.bf_insns, n * ctypes.sizeof(_BpfInsn)) if n else b""
-        #: The program as a numpy structured array (code, jt, jf, k), host byte order.
-        self.insns: np.ndarray = np.frombuffer(raw, dtype=INSN_DTYPE).copy()
-        self._vm: _VectorBpf | None = None
+        self._raw = ctypes.string_at(prog.bf_insns, n * ctypes.sizeof(_BpfInsn)) if n else b""
+        #: The program as (code, jt, jf, k) tuples: what start-up-critical code reads, numpy-free.
+        self.program: list[tuple[int, int, int, int]] = list(_INSN.iter_unpack(self._raw))
+        self._insns: np.ndarray | None = None
+        self._vm: VectorBpf | None = None
+
+    @property
+    def insns(self) -> np.ndarray:
+        """The program as a numpy structured array (code, jt, jf, k), host byte order."""
+        if self._insns is None:
+            import numpy as np
+
+            from .bpfvector import INSN_DTYPE
+
+            self._insns = np.frombuffer(self._raw, dtype=INSN_DTYPE).copy()
+        return self._insns
 
     def __del__(self) -> None:
         self.close()
@@ -161,15 +179,15 @@ class Filter:
         self.close()
 
     def __len__(self) -> int:
-        return len(self.insns)
+        return len(self.program)
 
     @property
     def matches_everything(self) -> bool:
         """True for the empty filter, which libpcap compiles to a lone ``ret #snaplen``."""
         return (
-            len(self.insns) == 1
-            and int(self.insns[0]["code"]) == BPF_RET | BPF_K
-            and int(self.insns[0]["k"]) != 0
+            len(self.program) == 1
+            and self.program[0][0] == BPF_RET | BPF_K
+            and self.program[0][3] != 0
         )
 
     def kernel_program(self) -> tuple[bytes, int]:
@@ -178,7 +196,7 @@ class Filter:
         Ready for ``struct sock_fprog {len, filter}`` and ``setsockopt(SO_ATTACH_FILTER)``;
         ``struct bpf_insn`` and ``struct sock_filter`` have the same layout.
         """
-        return self.insns.tobytes(), len(self.insns)
+        return self._raw, len(self.program)
 
     def _program(self) -> _BpfProgram:
         if self._prog is None:
@@ -210,6 +228,8 @@ class Filter:
         engine="numpy" runs the program vectorised (fast); "libpcap" calls libpcap's
         ``bpf_filter`` once per packet (the reference).
         """
+        import numpy as np
+
         offs = np.asarray(offsets, dtype=np.int64)
         caps = np.asarray(caplens, dtype=np.int64)
         wires = np.asarray(wirelens, dtype=np.int64)
@@ -223,7 +243,9 @@ class Filter:
         if engine != "numpy":
             raise ValueError(f"unknown engine {engine!r}")
         if self._vm is None:
-            self._vm = _VectorBpf(self.insns)
+            from .bpfvector import VectorBpf
+
+            self._vm = VectorBpf(self.insns)
         if self._vm.loops:
             return self._match_many_libpcap(arr, offs, caps, wires)
         return self._vm.run(arr, offs, caps, wires)
@@ -231,6 +253,8 @@ class Filter:
     def _match_many_libpcap(
         self, arr: np.ndarray, offs: np.ndarray, caps: np.ndarray, wires: np.ndarray
     ) -> np.ndarray:
+        import numpy as np
+
         insns = self._program().bf_insns
         f = lib().bpf_filter
         base = arr.ctypes.data
@@ -263,188 +287,3 @@ def compile_filter(expr: str, linktype: int = 1, snaplen: int = 262144) -> Filte
         finally:
             L.pcap_close(p)
     return Filter(expr, linktype, snaplen, prog)
-
-
-class _VectorBpf:
-    """libpcap's ``bpf_filter()`` over many packets at once (see the module docstring)."""
-
-    def __init__(self, insns: np.ndarray):
-        self.code = [int(c) for c in insns["code"]]
-        self.jt = [int(c) for c in insns["jt"]]
-        self.jf = [int(c) for c in insns["jf"]]
-        self.k = [int(c) for c in insns["k"]]
-        # protochain compiles to a loop: BPF_JA with a k that wraps around to an earlier
-        # instruction. libpcap's interpreter follows it; the one-pass vector run cannot.
-        self.loops = any(
-            (c & 7) == BPF_JMP and (c & 0xF0) == BPF_JA and ((i + 1 + k) & 0xFFFFFFFF) <= i
-            for i, (c, k) in enumerate(zip(self.code, self.k, strict=True))
-        )
-        self.mem_used = any(
-            (c & 7) in (BPF_ST, BPF_STX) or ((c & 7) in (BPF_LD, BPF_LDX) and c & 0xE0 == BPF_MEM)
-            for c in self.code
-        )
-
-    @staticmethod
-    def _load(
-        arr: np.ndarray, start: np.ndarray, idx_off: np.ndarray, caps: np.ndarray, size: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Big-endian load of `size` bytes at packet offset `idx_off`; (ok mask, values)."""
-        ok = (idx_off >= 0) & (idx_off + size <= caps)
-        pos = start[ok] + idx_off[ok]
-        if size == 1:
-            v = arr[pos].astype(np.uint32)
-        elif size == 2:
-            v = (arr[pos].astype(np.uint32) << 8) | arr[pos + 1]
-        else:
-            v = (
-                (arr[pos].astype(np.uint32) << 24)
-                | (arr[pos + 1].astype(np.uint32) << 16)
-                | (arr[pos + 2].astype(np.uint32) << 8)
-                | arr[pos + 3]
-            )
-        return ok, v
-
-    def run(
-        self, arr: np.ndarray, offs: np.ndarray, caps: np.ndarray, wires: np.ndarray
-    ) -> np.ndarray:
-        n = len(offs)
-        nins = len(self.code)
-        result = np.zeros(n, dtype=bool)
-        if nins == 0:
-            # libpcap treats an empty program as "accept everything".
-            result[:] = True
-            return result
-        A = np.zeros(n, dtype=np.uint32)
-        X = np.zeros(n, dtype=np.uint32)
-        M = np.zeros((BPF_MEMWORDS, n), dtype=np.uint32) if self.mem_used else None
-        wires32 = (wires & 0xFFFFFFFF).astype(np.uint32)
-        pending: list[list[np.ndarray]] = [[] for _ in range(nins + 1)]
-        pending[0].append(np.arange(n, dtype=np.int64))
-        for pc in range(nins):
-            parts = pending[pc]
-            if not parts:
-                continue
-            idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            pending[pc] = []
-            if len(idx) == 0:
-                continue
-            code, k = self.code[pc], self.k[pc]
-            cls = code & 7
-            nxt = pc + 1
-            if cls == BPF_RET:
-                rv = code & 0x18
-                if rv == BPF_K:
-                    result[idx] = k != 0
-                elif rv == BPF_A:
-                    result[idx] = A[idx] != 0
-                else:
-                    result[idx] = X[idx] != 0
-                continue
-            if cls == BPF_JMP:
-                op = code & 0xF0
-                if op == BPF_JA:
-                    pending[nxt + k].append(idx)
-                    continue
-                a = A[idx]
-                b = np.uint32(k) if code & BPF_X == 0 else X[idx]
-                if op == BPF_JEQ:
-                    c = a == b
-                elif op == BPF_JGT:
-                    c = a > b
-                elif op == BPF_JGE:
-                    c = a >= b
-                elif op == BPF_JSET:
-                    c = (a & b) != 0
-                else:
-                    result[idx] = False
-                    continue
-                jt, jf = nxt + self.jt[pc], nxt + self.jf[pc]
-                if jt == jf:
-                    pending[jt].append(idx)
-                else:
-                    pending[jt].append(idx[c])
-                    pending[jf].append(idx[~c])
-                continue
-            if cls in (BPF_LD, BPF_LDX):
-                mode = code & 0xE0
-                size = {BPF_W: 4, BPF_H: 2, BPF_B: 1}.get(code & 0x18, 0)
-                target = A if cls == BPF_LD else X
-                if mode == BPF_IMM:
-                    target[idx] = k
-                elif mode == BPF_LEN:
-                    target[idx] = wires32[idx]
-                elif mode == BPF_MEM:
-                    target[idx] = M[k][idx]
-                elif mode in (BPF_ABS, BPF_IND, BPF_MSH):
-                    if mode == BPF_IND:
-                        # libpcap rejects when X + k overflows or passes caplen.
-                        off = X[idx].astype(np.int64) + k
-                    else:
-                        off = np.full(len(idx), k, dtype=np.int64)
-                    if mode == BPF_MSH:
-                        size = 1
-                    if not size:
-                        result[idx] = False
-                        continue
-                    ok, v = self._load(arr, offs[idx], off, caps[idx], size)
-                    if not ok.all():
-                        result[idx[~ok]] = False
-                        idx = idx[ok]
-                    if mode == BPF_MSH:
-                        v = (v & 0xF) << 2
-                    target[idx] = v
-                else:
-                    result[idx] = False
-                    continue
-                pending[nxt].append(idx)
-                continue
-            if cls == BPF_ST:
-                M[k][idx] = A[idx]
-            elif cls == BPF_STX:
-                M[k][idx] = X[idx]
-            elif cls == BPF_MISC:
-                if code & 0xF8 == BPF_TXA:
-                    A[idx] = X[idx]
-                else:
-                    X[idx] = A[idx]
-            elif cls == BPF_ALU:
-                op = code & 0xF0
-                a = A[idx]
-                if op == BPF_NEG:
-                    A[idx] = (np.uint32(0) - a).astype(np.uint32)
-                    pending[nxt].append(idx)
-                    continue
-                b = np.full(len(idx), k, dtype=np.uint32) if code & BPF_X == 0 else X[idx]
-                if op in (BPF_DIV, BPF_MOD):
-                    zero = b == 0
-                    if zero.any():
-                        result[idx[zero]] = False
-                        idx, a, b = idx[~zero], a[~zero], b[~zero]
-                    r = a // b if op == BPF_DIV else a % b
-                elif op == BPF_ADD:
-                    r = a + b
-                elif op == BPF_SUB:
-                    r = a - b
-                elif op == BPF_MUL:
-                    r = a * b
-                elif op == BPF_OR:
-                    r = a | b
-                elif op == BPF_AND:
-                    r = a & b
-                elif op == BPF_XOR:
-                    r = a ^ b
-                elif op in (BPF_LSH, BPF_RSH):
-                    # libpcap 1.10: a shift by 32 or more gives 0.
-                    big = b >= 32
-                    sh = np.where(big, 0, b).astype(np.uint32)
-                    r = (a << sh) if op == BPF_LSH else (a >> sh)
-                    r = np.where(big, np.uint32(0), r)
-                else:
-                    result[idx] = False
-                    continue
-                A[idx] = r.astype(np.uint32)
-            else:
-                result[idx] = False
-                continue
-            pending[nxt].append(idx)
-        return result
