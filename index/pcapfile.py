@@ -25,18 +25,20 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .compressed import CompressedReader, is_compressed
 from .errors import FormatError
+from .pcaplayout import (
+    _HEADER,
+    GLOBAL_HEADER_LEN,
+    MAGIC_NS,
+    MAGIC_US,
+    MAX_CAPLEN,
+    RECORD_HEADER_LEN,
+    global_header,
+    record_header,
+)
 
-MAGIC_US = 0xA1B2C3D4
-MAGIC_NS = 0xA1B23C4D
 _MAGIC_MODIFIED = 0xA1B2CD34  # Kuznetzov's patched libpcap: longer record headers
 _MAGIC_PCAPNG = 0x0A0D0D0A
 
-GLOBAL_HEADER_LEN = 24
-RECORD_HEADER_LEN = 16
-# Largest caplen any libpcap accepts (MAXIMUM_SNAPLEN); a larger value can only be garbage.
-MAX_CAPLEN = 262144
-
-_HEADER = struct.Struct("<IHHiIII")
 # Linktype field: the low 26 bits are the link type, the rest FCS information (pcap spec).
 _LINKTYPE_MASK = 0x03FFFFFF
 
@@ -46,20 +48,6 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 # Record header, as one 16-byte item so that a batch of them is gathered with one numpy call.
 _REC_DTYPE = np.dtype((np.void, RECORD_HEADER_LEN))
-
-
-def global_header(linktype: int, snaplen: int, nanosecond: bool) -> bytes:
-    """The 24-byte header of the little-endian version 2.4 pcaps pcapvault writes."""
-    magic = MAGIC_NS if nanosecond else MAGIC_US
-    return _HEADER.pack(magic, 2, 4, 0, 0, snaplen, linktype)
-
-
-def record_header(ts_ns: int, caplen: int, wirelen: int, nanosecond: bool) -> bytes:
-    """The 16-byte little-endian record header for one packet."""
-    sec, frac = divmod(ts_ns, 1_000_000_000)
-    if not nanosecond:
-        frac //= 1000
-    return struct.pack("<IIII", sec, frac, caplen, wirelen)
 
 
 def pcap_bytes(

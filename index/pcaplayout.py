@@ -1,0 +1,33 @@
+"""The byte layout of the classic pcaps pcapvault writes: constants and header builders.
+
+Apart from index/pcapfile.py (numpy, for reading and indexing whole files) so that the
+host-query fast path (extract/hostquery.py) writes its output header without importing numpy.
+"""
+
+from __future__ import annotations
+
+import struct
+
+MAGIC_US = 0xA1B2C3D4
+MAGIC_NS = 0xA1B23C4D
+
+GLOBAL_HEADER_LEN = 24
+RECORD_HEADER_LEN = 16
+# Largest caplen any libpcap accepts (MAXIMUM_SNAPLEN); a larger value can only be garbage.
+MAX_CAPLEN = 262144
+
+_HEADER = struct.Struct("<IHHiIII")
+
+
+def global_header(linktype: int, snaplen: int, nanosecond: bool) -> bytes:
+    """The 24-byte header of the little-endian version 2.4 pcaps pcapvault writes."""
+    magic = MAGIC_NS if nanosecond else MAGIC_US
+    return _HEADER.pack(magic, 2, 4, 0, 0, snaplen, linktype)
+
+
+def record_header(ts_ns: int, caplen: int, wirelen: int, nanosecond: bool) -> bytes:
+    """The 16-byte little-endian record header for one packet."""
+    sec, frac = divmod(ts_ns, 1_000_000_000)
+    if not nanosecond:
+        frac //= 1000
+    return struct.pack("<IIII", sec, frac, caplen, wirelen)
