@@ -239,14 +239,7 @@ def cli(
         written = out.packets
         bytes_out = out.bytes
     if verbose:
-        s = stats
-        _err(
-            f"files considered {s.files_considered}, skipped by timeline {s.skipped_timeline}, "
-            f"skipped by summary {s.skipped_summary}, scanned without index "
-            f"{s.scanned_without_index}; packets read {s.packets_read}, matched "
-            f"{s.packets_matched}, written {written}; bytes read {s.bytes_read}, bytes out "
-            f"{bytes_out}; elapsed {time.monotonic() - t0:.3f} s"
-        )
+        _err(stats.line(written, bytes_out, time.monotonic() - t0))
     return 0 if written else 1
 
 

@@ -347,15 +347,12 @@ def run_remote(
             click.echo(f"{path}\t{n}" if verbose else path)
     written = int(trailer["packets"])
     if verbose:
-        s = trailer["stats"]
-        _err(
-            f"through the extraction service as {user}: files considered "
-            f"{s['files_considered']}, skipped by timeline {s['skipped_timeline']}, skipped "
-            f"by summary {s['skipped_summary']}, scanned without index "
-            f"{s['scanned_without_index']}; packets read {s['packets_read']}, matched "
-            f"{s['packets_matched']}, written {written}; bytes read {s['bytes_read']}, bytes "
-            f"out {trailer['bytes']}; elapsed {time.monotonic() - t0:.3f} s"
+        from .report import Stats
+
+        line = Stats.from_counts(trailer["stats"]).line(
+            written, trailer["bytes"], time.monotonic() - t0
         )
+        _err(f"through the extraction service as {user}: {line}")
     if trailer.get("error"):
         raise ServiceError(trailer["error"])
     sys.exit(0 if written else 1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,24 +31,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pcapvault.index.errors import PcapVaultError
-from pcapvault.index.pcapfile import RECORD_HEADER_LEN, global_header
+from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
+
+from .outfile import IOV_MAX, OutputError, create, is_stream, write_error, writev_all
 
 if TYPE_CHECKING:
     from .shared import SharedSlots
 
-IOV_MAX = 1024
 # Mean run length from which a batch goes by sendfile: one call per run must cost less than
 # the copy it saves (about 6 us for 64 KiB here), and writev sends a thousand short runs at once.
 SEND_MIN_RUN = 64 << 10
-
-
-class OutputError(PcapVaultError):
-    """The output cannot be created or written."""
-
-
-class ClosedPipe(BrokenPipeError):
-    """The reader of our stdout went away: stop quietly (tools.cliutil.run exits 0 on it)."""
 
 
 @dataclass
@@ -112,15 +103,6 @@ def long_runs(at: np.ndarray, caplen: np.ndarray) -> bool:
     end = at + RECORD_HEADER_LEN + caplen
     runs = 1 + int(np.count_nonzero(at[1:] != end[:-1]))
     return int((end - at).sum()) >= runs * SEND_MIN_RUN
-
-
-def _is_stream(fd: int) -> bool:
-    """A pipe or a socket: where sendfile passes page-cache pages on without copying them."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 @dataclass
@@ -192,7 +174,7 @@ class FileRuns:
                             and n == self.lengths[0]:
                         self._copy_to(fd)  # this output refuses sendfile: copy instead
                         return
-                    raise _write_error(e.errno) from None
+                    raise write_error(e.errno) from None
                 if not k:
                     raise OutputError("cannot write the output: the source file ended early")
                 off += k
@@ -204,16 +186,9 @@ class FileRuns:
                 data = os.pread(self.fd, min(n, 4 << 20), off)
                 if not data:
                     raise OutputError("cannot write the output: the source file ended early")
-                _writev_all(fd, [data])
+                writev_all(fd, [data])
                 off += len(data)
                 n -= len(data)
-
-
-def _write_error(err: int) -> Exception:
-    """The exception for a failed write: a reader that left ends the run quietly."""
-    if err == errno.EPIPE:
-        return ClosedPipe()
-    return OutputError(f"cannot write the output: {os.strerror(err)}")
 
 
 _libc_writev = None
@@ -237,7 +212,7 @@ def _writev_pieces(fd: int, iov: np.ndarray) -> None:
             err = ctypes.get_errno()
             if err == errno.EINTR:
                 continue
-            raise _write_error(err)
+            raise write_error(err)
         # Skip the pieces written completely; resume inside a partly written one.
         done = np.cumsum(lens[i:k])
         j = int(np.searchsorted(done, got, side="right"))
@@ -250,25 +225,6 @@ def _writev_pieces(fd: int, iov: np.ndarray) -> None:
         i += j
 
 
-def _writev_all(fd: int, bufs: list) -> None:
-    """writev everything, continuing after partial writes."""
-    i = 0
-    while i < len(bufs):
-        chunk = bufs[i : i + IOV_MAX]
-        try:
-            n = os.writev(fd, chunk)
-        except OSError as e:
-            raise _write_error(e.errno) from None
-        # Skip the buffers written completely; resume inside a partly written one.
-        j = i
-        while j < i + len(chunk) and n >= len(bufs[j]):
-            n -= len(bufs[j])
-            j += 1
-        if j < i + len(chunk) and n:
-            bufs[j] = memoryview(bufs[j])[n:]
-        i = j
-
-
 class Sink:
     """One output stream (a file or stdout) in pcap or pcapng."""
 
@@ -278,7 +234,7 @@ class Sink:
         self.ifaces = ifaces
         self.snap = snap
         self.nanosecond = _nanosecond(ifaces)
-        self.stream = _is_stream(fd)
+        self.stream = is_stream(fd)
         self.bytes = 0
         self.packets = 0
         self._write_header()
@@ -290,13 +246,13 @@ class Sink:
         for b in bufs:
             if isinstance(b, Pieces | FileRuns):
                 if plain:
-                    _writev_all(self.fd, plain)
+                    writev_all(self.fd, plain)
                     plain = []
                 b.write_to(self.fd)
             else:
                 plain.append(b)
         if plain:
-            _writev_all(self.fd, plain)
+            writev_all(self.fd, plain)
         self.bytes += sum(map(len, bufs))
 
     def _write_header(self) -> None:
@@ -454,7 +410,7 @@ class Output:
         self.full = False  # a cap was reached: the caller may stop early
         self._closed_bytes = 0
         # Only stdout is looked at: a named pipe as -o keeps the plain path.
-        self.stream = target == "-" and _is_stream(1)
+        self.stream = target == "-" and is_stream(1)
         if self.split and target == "-":
             raise OutputError("-P/-N split the output into files: give -o a directory, not -")
         if self.split:
@@ -487,10 +443,7 @@ class Output:
                 name = str(Path(self.target) / f"extract-{len(self.files) + 1:06d}{self.ext}")
             else:
                 name = self.target
-            try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except OSError as e:
-                raise OutputError(f"cannot create {name}: {e.strerror}") from None
+            fd = create(name)
         self.files.append(name)
         return Sink(fd, self.pcapng, self.ifaces, self.snap)
 

@@ -15,46 +15,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pcapvault.index import timeline
 from pcapvault.index.compressed import is_compressed
-from pcapvault.index.dumpset import DumpSet, StoredFile
-from pcapvault.index.errors import DumpSetError, PcapVaultError
+from pcapvault.index.dumpset import StoredFile
+from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
 
+from .access import AccessError, open_dumpset
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
+from .report import Stats
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from pcapvault.index.indexfile import PacketIndex
-
-
-class AccessError(PcapVaultError):
-    """The dump set exists but this user may not read it."""
-
-
-@dataclass
-class Stats:
-    """What -v reports."""
-
-    files_total: int = 0
-    files_considered: int = 0
-    skipped_timeline: int = 0
-    skipped_summary: int = 0
-    scanned_without_index: int = 0
-    packets_read: int = 0
-    bytes_read: int = 0
-    packets_matched: int = 0
-    warnings: list[str] = field(default_factory=list)
-    # Counting the files outside the window walks the whole timeline (months of slot
-    # directories on a long-lived sensor): only when the count is shown.
-    count_timeline: bool = True
 
 
 @dataclass
@@ -71,29 +50,6 @@ class Candidates:
 
 
 Warn = Callable[[str], None]
-
-
-def open_dumpset(path: str) -> DumpSet:
-    """Open a dump set for reading, turning permission problems into one clear message."""
-    try:
-        ds = DumpSet.open(Path(path))
-    except PermissionError:
-        raise AccessError(_no_access(path)) from None
-    tl = ds.timeline
-    if not os.access(ds.root, os.R_OK | os.X_OK) or (
-        tl.exists() and not os.access(tl, os.R_OK | os.X_OK)
-    ):
-        raise AccessError(_no_access(path))
-    if not tl.is_dir():
-        raise DumpSetError(f"{path}: the dump set has no timeline at {tl}; run npcaprepair")
-    return ds
-
-
-def _no_access(path: str) -> str:
-    return (
-        f"no permission to read dump set {path}; run as its owner or a member of its group, "
-        "or extract through the PAM-gated service (npcapextract --service)"
-    )
 
 
 class _LoadedIndex:
@@ -199,21 +155,8 @@ class Source:
         if self._ahead is not None:
             self._ahead.close()
         self._ahead = _IndexAhead(found, lambda: self._last_matched is not False)
-        stats.files_considered += len(found)
-        if stats.count_timeline:
-            try:
-                total = sum(1 for _ in self._all_links())
-            except OSError:
-                total = len(found)
-            stats.files_total += total
-            stats.skipped_timeline += max(0, total - len(found))
+        stats.count_files(self.ds, len(found))
         return found
-
-    def _all_links(self):
-        for _dirpath, _dirs, names in os.walk(self.ds.timeline):
-            for n in names:
-                if timeline.is_pcap_name(n):
-                    yield n
 
     def candidates(
         self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
@@ -326,4 +269,4 @@ class Source:
         )
 
 
-__all__ = ["MAYBE", "NO", "YES", "Candidates", "Source", "Stats", "open_dumpset"]
+__all__ = ["MAYBE", "NO", "YES", "AccessError", "Candidates", "Source", "Stats", "open_dumpset"]

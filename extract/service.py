@@ -451,7 +451,8 @@ class Session:
 
         from .engine import Query, extract, list_files
         from .framed import ConnectionOutput
-        from .output import ClosedPipe, Interface, OutputError
+        from .outfile import ClosedPipe, OutputError
+        from .output import Interface
         from .select import Stats
         from .shared import SharedSlots
 

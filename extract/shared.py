@@ -33,7 +33,7 @@ from collections import deque
 import numpy as np
 
 from . import wire
-from .output import ClosedPipe
+from .outfile import ClosedPipe
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL

@@ -1,0 +1,65 @@
+"""What -v reports: the counters both extraction paths keep, and the summary line.
+
+One place for the line's wording, so that the engine and the host-query fast path
+(hostquery.py) report alike; no numpy here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from pcapvault.index import timeline
+from pcapvault.index.dumpset import DumpSet
+
+
+@dataclass
+class Stats:
+    """What -v reports."""
+
+    files_total: int = 0
+    files_considered: int = 0
+    skipped_timeline: int = 0
+    skipped_summary: int = 0
+    scanned_without_index: int = 0
+    packets_read: int = 0
+    bytes_read: int = 0
+    packets_matched: int = 0
+    warnings: list[str] = field(default_factory=list)
+    # Counting the files outside the window walks the whole timeline (months of slot
+    # directories on a long-lived sensor): only when the count is shown.
+    count_timeline: bool = True
+
+    @classmethod
+    def from_counts(cls, counts: dict) -> Stats:
+        """The counters the extraction service sends in its trailer (unknown keys ignored:
+        the service may be newer than this client)."""
+        names = {f.name for f in fields(cls)} - {"warnings"}
+        return cls(**{k: v for k, v in counts.items() if k in names})
+
+    def count_files(self, ds: DumpSet, considered: int) -> None:
+        """Count `considered` files of the window and, when shown, the timeline's others."""
+        self.files_considered += considered
+        if not self.count_timeline:
+            return
+        try:
+            total = sum(
+                1
+                for _dirpath, _dirs, names in os.walk(ds.timeline)
+                for n in names
+                if timeline.is_pcap_name(n)
+            )
+        except OSError:
+            total = considered
+        self.files_total += total
+        self.skipped_timeline += max(0, total - considered)
+
+    def line(self, written: int, bytes_out: int, elapsed: float) -> str:
+        """The -v summary on stderr."""
+        return (
+            f"files considered {self.files_considered}, skipped by timeline "
+            f"{self.skipped_timeline}, skipped by summary {self.skipped_summary}, scanned "
+            f"without index {self.scanned_without_index}; packets read {self.packets_read}, "
+            f"matched {self.packets_matched}, written {written}; bytes read {self.bytes_read}, "
+            f"bytes out {bytes_out}; elapsed {elapsed:.3f} s"
+        )
