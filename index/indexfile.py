@@ -22,18 +22,32 @@ import numpy as np
 
 from .errors import FormatError
 from .pcapfile import RECORD_HEADER_LEN, RecordTable
+
+# The header (MAGIC, VERSION, READABLE_VERSIONS, parse_header) is defined in the numpy-free
+# postings module: a host query reads it before numpy is imported.
+from .postings import (
+    ENTRY_LEN,
+    FRAME_ENTRIES,
+    FRAME_ENTRY_LEN,
+    HEADER_LEN,
+    KEY_LEN,
+    KEY_UNKNOWN,
+    LINKTYPE_ETHERNET,
+    POSTED_ETHERTYPES,
+    ROLE_DST,
+    ROLE_SRC,
+    VERSION,
+    IndexHeader,
+    check_directory,
+    check_size,
+    decompress_exact,
+    file_crc,
+    pack_header,
+    parse_header,
+    require_postings,
+)
 from .zstdlib import zstd
 
-MAGIC = b"PVIDX\x00\r\n"
-VERSION = 2
-# Version 1 differs only in recording no addresses for ARP/RARP rows, which version 2 readers
-# take as "addresses unknown" (as for a frame cut short): still read, never rewritten.
-READABLE_VERSIONS = (1, 2)
-HEADER_LEN = 64
-# magic, version, flags, linktype, count, first_ns, last_ns, pcap_size,
-# nflows, summary_len, packets_len, crc
-_HEADER = struct.Struct("<8sHHIQqqQIIII")
-_HEADER_FLAG_NS = 1
 # zstd level: on byte-transposed columns level 1 compresses as well as higher levels (measured
 # with bench/index_build.py), at twice the speed of level 3.
 ZSTD_LEVEL = 1
@@ -210,8 +224,165 @@ def _summary_section(idx: PacketIndex) -> bytes:
     return flows.tobytes() + np.asarray(idx.flow_packets, dtype="<u4").tobytes()
 
 
+# Postings directory entries (FORMAT.md "Address postings").
+KEY_DTYPE = np.dtype(
+    {
+        "names": ["address", "ethertype", "flags", "count", "frame", "first"],
+        "formats": [("u1", 16), ">u2", ">u2", "<u4", "<u4", "<u4"],
+        "offsets": [0, 16, 18, 20, 24, 28],
+        "itemsize": KEY_LEN,
+    }
+)
+
+
+def _key_order(itemsize: int) -> np.dtype:
+    """A key's 20 sort bytes as big-endian numbers, which compare as memcmp does."""
+    return np.dtype({"names": ["hi", "lo", "tail"], "formats": [">u8", ">u8", ">u4"],
+                     "offsets": [0, 8, 16], "itemsize": itemsize})
+
+
+_KEY_ORDER = _key_order(20)  # a key's sort bytes alone, as the builder holds them
+_KEY_ORDER_ENTRY = _key_order(KEY_LEN)  # ... read in place in a directory entry
+FRAME_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("entries", "<u4")])
+assert FRAME_DTYPE.itemsize == FRAME_ENTRY_LEN
+_FRAME_OPTIONS = {
+    zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
+    zstd.CompressionParameter.checksum_flag: 1,
+}
+
+
+@dataclass(eq=False)
+class PostingsSection:
+    """Address postings before compression: what a writer stores and `postings_problem`
+    compares (compressed bytes depend on the zstd release, their content does not)."""
+
+    keys: np.ndarray  # KEY_DTYPE, in stored order
+    frames: list[bytes]  # each frame decompressed: ENTRY_LEN x its entry count
+
+    def frame_entries(self) -> np.ndarray:
+        return np.array([len(f) // ENTRY_LEN for f in self.frames], dtype="<u4")
+
+
+def _flow_keys(flows: np.ndarray, present: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per flow row: its source-side key (the address-unknown key when it has no addresses)
+    and destination-side key as numbers into the sorted key table, -1 when none, the role of
+    the source-side entry, and the key table's 20 sort bytes. Only rows marked `present` (with
+    packets) make keys."""
+    posted = present & (flows["vlan1"] == VLAN_ABSENT) & np.isin(
+        flows["ethertype"], POSTED_ETHERTYPES)
+    known = posted & ((flows["flags"] & FLAG_ADDRS) != 0)
+    sides = np.zeros((2, len(flows), 20), np.uint8)
+    sides[0, :, :16] = np.where(known[:, None], flows["src"], 0)
+    sides[1, :, :16] = flows["dst"]
+    sides[:, :, 16:18] = flows["ethertype"].astype(">u2").view(np.uint8).reshape(-1, 2)
+    sides[0, :, 19] = np.where(posted & ~known, KEY_UNKNOWN, 0)
+    # src == dst: one entry with both roles, under the source-side key
+    two = known & (flows["src"] != flows["dst"]).any(axis=1)
+    role = np.where(known, np.where(two, ROLE_SRC, ROLE_SRC | ROLE_DST), 0).astype(np.uint8)
+    wanted = np.concatenate([posted, two])
+    table, inverse = _distinct_keys(sides.reshape(-1, 20)[wanted])
+    number = np.full(2 * len(flows), -1, np.int64)
+    number[wanted] = inverse
+    return number[: len(flows)], number[len(flows) :], role, table
+
+
+def _distinct_keys(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct 20-byte keys of `raw` ((n, 20) uint8) in memcmp order, and each row's
+    number among them. (np.unique on a structured view does the same ten times slower.)"""
+    words = raw.view(_KEY_ORDER).ravel()
+    columns = [words[name].astype(np.uint64) for name in ("hi", "lo", "tail")]
+    order = np.lexsort(columns[::-1])
+    same = np.ones(max(len(order) - 1, 0), bool)
+    for col in columns:
+        ordered = col[order]
+        same &= ordered[1:] == ordered[:-1]
+    new = np.concatenate(([True], ~same)) if len(order) else same
+    inverse = np.empty(len(order), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return raw[order[new]], inverse
+
+
+def _list_deltas(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per-list delta coding: each entry minus the previous one of its list, the first of each
+    list absolute."""
+    out = values.copy()
+    out[1:] -= values[:-1]
+    out[starts] = values[starts]
+    return out
+
+
+def _frame_bounds(counts: np.ndarray) -> list[tuple[int, int]]:
+    """[first key, end key) of each frame: lists in key order, a frame closed once it holds
+    FRAME_ENTRIES entries, and a list of FRAME_ENTRIES or more alone in its frame."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    long = np.flatnonzero(counts >= FRAME_ENTRIES)
+    bounds = []
+    k, nkeys = 0, len(counts)
+    while k < nkeys:
+        if counts[k] >= FRAME_ENTRIES:
+            end = k + 1
+        else:
+            start = int(ends[k] - counts[k])
+            end = int(np.searchsorted(ends, start + FRAME_ENTRIES, side="left")) + 1
+            later_long = long[np.searchsorted(long, k) :]
+            end = min(end, nkeys, int(later_long[0]) if len(later_long) else nkeys)
+        bounds.append((k, end))
+        k = end
+    return bounds
+
+
+def build_postings(idx: PacketIndex) -> PostingsSection:
+    """The address postings of an index with packet columns (FORMAT.md "Address postings").
+
+    Everything is done per flow row and then gathered per packet: no per-packet Python.
+    """
+    if idx.flow is None:
+        raise ValueError("build_postings needs the packet columns")
+    if idx.linktype != LINKTYPE_ETHERNET or idx.count == 0 or not len(idx.flows):
+        return PostingsSection(np.zeros(0, KEY_DTYPE), [])
+    flow = np.asarray(idx.flow)
+    present = np.bincount(flow, minlength=len(idx.flows)) > 0
+    src_key, dst_key, src_role, table = _flow_keys(idx.flows, present)
+    # Two candidate entries per packet, interleaved so that they stay in pcap order; a stable
+    # sort by key then groups each key's entries in that order.
+    key = np.stack([src_key[flow], dst_key[flow]], axis=1).ravel()
+    keep = np.flatnonzero(key >= 0)
+    key = key[keep].astype(np.uint16 if len(table) <= 1 << 16 else np.uint32)
+    order = np.argsort(key, kind="stable")
+    slot = keep[order]
+    packet = slot >> 1
+    role = np.where(slot & 1, np.uint8(ROLE_DST), src_role[flow[packet]]).astype(np.uint8)
+    counts = np.bincount(key, minlength=len(table))
+    starts = np.cumsum(counts) - counts
+    ts = _list_deltas(np.asarray(idx.ts_ns, dtype="<i8")[packet], starts)
+    offset = _list_deltas(np.asarray(idx.offset).astype("<i8")[packet], starts)
+    length = (np.asarray(idx.caplen)[packet] + RECORD_HEADER_LEN).astype("<u4")
+
+    keys = np.zeros(len(table), KEY_DTYPE)
+    keys.view(np.uint8).reshape(-1, KEY_LEN)[:, :20] = table
+    keys["count"] = counts
+    frames = []
+    for number, (k0, k1) in enumerate(_frame_bounds(counts)):
+        e0, e1 = int(starts[k0]), int(starts[k1 - 1] + counts[k1 - 1])
+        keys["frame"][k0:k1] = number
+        keys["first"][k0:k1] = starts[k0:k1] - e0
+        frames.append(b"".join(col[e0:e1].tobytes() for col in (ts, offset, length, role)))
+    return PostingsSection(keys, frames)
+
+
+def encode_postings(postings: PostingsSection) -> tuple[bytes, bytes]:
+    """(directory, frames) as stored: each frame one zstd frame with a content checksum."""
+    blobs = [zstd.compress(f, options=_FRAME_OPTIONS) for f in postings.frames]
+    table = np.zeros(len(blobs), FRAME_DTYPE)
+    table["length"] = [len(b) for b in blobs]
+    table["offset"] = np.cumsum(table["length"], dtype=np.uint64) - table["length"]
+    table["entries"] = postings.frame_entries()
+    return postings.keys.tobytes() + table.tobytes(), b"".join(blobs)
+
+
 def encode_index(idx: PacketIndex) -> bytes:
-    """The complete index file as bytes."""
+    """The complete index file as bytes (always the current VERSION)."""
     count = idx.count
     for name in ("ts_ns", "offset", "caplen", "wirelen", "flow"):
         col = getattr(idx, name)
@@ -219,14 +390,21 @@ def encode_index(idx: PacketIndex) -> bytes:
             raise ValueError(f"index column {name} must have {count} entries")
     if len(idx.flows) != len(idx.flow_packets):
         raise ValueError("flows and flow_packets differ in length")
+    if count and int(np.max(idx.flow)) >= len(idx.flows):
+        raise ValueError("flow numbers must be below the number of flows")
     summary = zstd.compress(_summary_section(idx), ZSTD_LEVEL)
     packets = zstd.compress(_byte_planes(_packet_columns(idx)), ZSTD_LEVEL)
-    head = _HEADER.pack(
-        MAGIC, VERSION, _HEADER_FLAG_NS if idx.nanosecond else 0, idx.linktype, count,
-        idx.first_ns, idx.last_ns, idx.pcap_size, len(idx.flows), len(summary), len(packets), 0,
-    )[:60]
-    crc = zlib.crc32(packets, zlib.crc32(summary, zlib.crc32(head)))
-    return head + struct.pack("<I", crc) + summary + packets
+    postings = build_postings(idx)
+    directory, frames = encode_postings(postings)
+    h = IndexHeader(
+        VERSION, idx.nanosecond, idx.linktype, count, idx.first_ns, idx.last_ns,
+        idx.pcap_size, len(idx.flows), len(summary), len(packets), 0, len(directory),
+        len(postings.keys), len(frames), zlib.crc32(directory),
+    )
+    head = bytearray(pack_header(h))
+    sections = (directory, summary, packets, frames)
+    struct.pack_into("<I", head, 60, file_crc(head, *sections))
+    return b"".join((head, *sections))
 
 
 def temp_path(path: str | os.PathLike[str]) -> Path:
@@ -255,61 +433,54 @@ def write_index(path: str | os.PathLike[str], idx: PacketIndex) -> None:
 # Decoding
 
 
-@dataclass(frozen=True)
-class IndexHeader:
-    """The fixed 64-byte header, decoded."""
+def _checked_header(data: bytes, name: str, file_size: int | None = None) -> IndexHeader:
+    """Header checks in FORMAT.md's order: magic, version, length; then, when `data` is the
+    whole file, the checksum and the postings directory."""
+    h = parse_header(data, name)
+    check_size(h, len(data) if file_size is None else file_size, name)
+    if len(data) == h.file_size:
+        if file_crc(data) != h.crc:
+            raise FormatError(f"{name}: damaged index (checksum mismatch)")
+        directory = memoryview(data)[h.header_len : h.summary_offset]
+        check_directory(h, directory, name)
+        problem = _directory_problem(h, directory)
+        if problem:
+            raise FormatError(f"{name}: damaged index ({problem})")
+    return h
 
-    version: int
-    nanosecond: bool
-    linktype: int
-    count: int
-    first_ns: int
-    last_ns: int
-    pcap_size: int
-    nflows: int
-    summary_len: int
-    packets_len: int
-    crc: int
+
+def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
+    """What is wrong with a postings directory whose checksum, shape and frame table are
+    right: the damage a faulty writer could do, found without decompressing a frame."""
+    keys = np.frombuffer(directory, KEY_DTYPE, count=h.keys)
+    table = np.frombuffer(directory, FRAME_DTYPE, offset=KEY_LEN * h.keys)
+    if len(keys) > 1:
+        order = np.frombuffer(directory, _KEY_ORDER_ENTRY, count=h.keys)
+        a, b = order[:-1], order[1:]
+        after = (b["hi"] > a["hi"]) | (b["hi"] == a["hi"]) & (
+            (b["lo"] > a["lo"]) | (b["lo"] == a["lo"]) & (b["tail"] > a["tail"]))
+        if not after.all():
+            return f"postings key {int(np.flatnonzero(~after)[0]) + 1} out of order"
+    bad = (keys["flags"] > KEY_UNKNOWN) | (keys["count"] == 0) | (
+        keys["frame"] >= len(table))
+    if not bad.any():
+        end = keys["first"].astype(np.int64) + keys["count"]
+        bad = end > table["entries"][keys["frame"]]
+    if bad.any():
+        return f"postings key {int(np.flatnonzero(bad)[0])} does not fit the frame table"
+    return None
 
 
-def parse_header(data: bytes, name: str) -> IndexHeader:
-    """Decode and sanity-check the header; version is checked before anything else changes."""
-    if len(data) < 10 or data[:8] != MAGIC:
-        if len(data) < 8 and MAGIC.startswith(data):
-            raise FormatError(f"{name}: truncated index ({len(data)} bytes)")
-        raise FormatError(f"{name}: not a pcapvault index (bad magic)")
-    (version,) = struct.unpack_from("<H", data, 8)
-    if version not in READABLE_VERSIONS:
-        newer = "newer than" if version > VERSION else "unknown to"
-        readable = " and ".join(map(str, READABLE_VERSIONS))
-        raise FormatError(
-            f"{name}: index format version {version} is {newer} this pcapvault, "
-            f"which reads versions {readable}"
-        )
-    if len(data) < HEADER_LEN:
-        raise FormatError(f"{name}: truncated index ({len(data)} bytes, header is 64)")
-    (_, version, flags, linktype, count, first_ns, last_ns, pcap_size, nflows,
-     slen, plen, crc) = _HEADER.unpack_from(data)
-    return IndexHeader(
-        version, bool(flags & _HEADER_FLAG_NS), linktype, count, first_ns, last_ns, pcap_size,
-        nflows, slen, plen, crc,
+def _summary_index(h: IndexHeader, blob: bytes | memoryview, name: str) -> PacketIndex:
+    """The index with its flow table, from the compressed summary section."""
+    summary = decompress_exact(blob, h.nflows * (FLOW_ROW_LEN + 4), "summary section", name)
+    return PacketIndex(
+        nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
+        last_ns=h.last_ns, pcap_size=h.pcap_size,
+        flows=np.frombuffer(summary, dtype=FLOW_DTYPE, count=h.nflows),
+        flow_packets=np.frombuffer(summary, dtype="<u4", offset=h.nflows * FLOW_ROW_LEN),
+        version=h.version,
     )
-
-
-def _decompress(blob: bytes, expected: int, what: str, name: str) -> bytes:
-    """Decompress one section, never producing more than it should hold (a damaged or hostile
-    frame must not make the reader allocate whatever size it claims)."""
-    d = zstd.ZstdDecompressor()
-    try:
-        raw = d.decompress(blob, max_length=expected + 1)
-    except zstd.ZstdError as e:
-        raise FormatError(f"{name}: damaged index ({what} does not decompress: {e})") from None
-    if len(raw) != expected or not d.eof or d.unused_data:
-        size = f"{len(raw)}+" if len(raw) > expected else str(len(raw))
-        raise FormatError(
-            f"{name}: damaged index ({what} is {size} bytes, expected {expected})"
-        )
-    return raw
 
 
 def decode_index(
@@ -318,41 +489,23 @@ def decode_index(
     """Parse an index file held in memory; any damage raises a one-line FormatError.
 
     `data` is normally the whole file. Given the real `file_size`, it may stop after the
-    summary section: the summary is then decoded without the checksum (which covers both
-    sections), for the cheapest possible look at the flow table.
+    summary section: the summary is then decoded without the checksum (which covers the whole
+    file), for the cheapest possible look at the flow table.
     """
-    h = parse_header(data, name)
-    expected_size = HEADER_LEN + h.summary_len + h.packets_len
-    size = len(data) if file_size is None else file_size
-    if size != expected_size:
-        what = "truncated" if size < expected_size else "trailing garbage in"
-        raise FormatError(f"{name}: {what} index ({size} bytes, header says {expected_size})")
-    whole = len(data) == expected_size
-    if not whole and (packets or len(data) < HEADER_LEN + h.summary_len):
+    h = _checked_header(data, name, file_size)
+    if len(data) != h.file_size and (packets or len(data) < h.packets_offset):
         raise ValueError("decode_index needs the whole file to read packets")
-    if whole:
-        crc = zlib.crc32(memoryview(data)[HEADER_LEN:], zlib.crc32(memoryview(data)[:60]))
-        if crc != h.crc:
-            raise FormatError(f"{name}: damaged index (checksum mismatch)")
-    summary = _decompress(
-        data[HEADER_LEN : HEADER_LEN + h.summary_len], h.nflows * (FLOW_ROW_LEN + 4),
-        "summary section", name,
-    )
-    flows = np.frombuffer(summary, dtype=FLOW_DTYPE, count=h.nflows)
-    flow_packets = np.frombuffer(summary, dtype="<u4", offset=h.nflows * FLOW_ROW_LEN)
-    idx = PacketIndex(
-        nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
-        last_ns=h.last_ns, pcap_size=h.pcap_size, flows=flows, flow_packets=flow_packets,
-        version=h.version,
-    )
+    view = memoryview(data)
+    idx = _summary_index(h, view[h.summary_offset : h.packets_offset], name)
     if packets:
-        _decode_packets(idx, data[HEADER_LEN + h.summary_len :], name)
+        _decode_packets(idx, view[h.packets_offset : h.frames_offset], name)
     return idx
 
 
-def _decode_packets(idx: PacketIndex, blob: bytes, name: str) -> None:
+def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> None:
     n = idx.count
-    raw = np.frombuffer(_decompress(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
+    raw = np.frombuffer(
+        decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
     columns = []
     pos = 0
     for dtype in ("<i8", "<u8", "<u4", "<u4", "<u4"):
@@ -431,6 +584,14 @@ def records_problem(idx: PacketIndex, records: RecordTable) -> str | None:
     return None
 
 
+def _read_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read index: {e.strerror}") from None
+
+
 def read_index(
     path: str | os.PathLike[str], packets: bool = True, verify: bool = True
 ) -> PacketIndex:
@@ -441,14 +602,80 @@ def read_index(
     file can match a query. Every other combination verifies the checksum.
     """
     name = str(path)
+    if packets or verify:
+        return decode_index(_read_file(path), name, packets=packets)
     try:
         with open(path, "rb") as f:
-            if packets or verify:
-                return decode_index(f.read(), name, packets=packets)
             size = os.fstat(f.fileno()).st_size
-            head = f.read(HEADER_LEN)
-            summary_len = parse_header(head, name).summary_len
-            data = head + f.read(summary_len) if len(head) == HEADER_LEN else head
-            return decode_index(data, name, packets=False, file_size=size)
+            h = parse_header(f.read(HEADER_LEN), name)
+            check_size(h, size, name)
+            f.seek(h.summary_offset)
+            blob = f.read(h.summary_len)
     except OSError as e:
         raise FormatError(f"{name}: cannot read index: {e.strerror}") from None
+    return _summary_index(h, blob, name)
+
+
+def decode_postings(data: bytes, name: str) -> PostingsSection:
+    """The postings of a whole index file, every frame decompressed (for checking them);
+    NoPostings for a version without them."""
+    h = _checked_header(data, name)
+    require_postings(h, name)
+    view = memoryview(data)
+    keys = np.frombuffer(view[h.header_len :], KEY_DTYPE, count=h.keys)
+    table = np.frombuffer(
+        view[h.header_len + KEY_LEN * h.keys : h.summary_offset], FRAME_DTYPE)
+    frames = [
+        decompress_exact(view[h.frames_offset + int(off) : h.frames_offset + int(off + length)],
+                         ENTRY_LEN * int(m), f"postings frame {i}", name)
+        for i, (off, length, m) in enumerate(table.tolist())
+    ]
+    return PostingsSection(keys, frames)
+
+
+def read_postings(path: str | os.PathLike[str]) -> PostingsSection:
+    """`decode_postings` of the file at `path`."""
+    return decode_postings(_read_file(path), str(path))
+
+
+def key_text(key: np.void) -> str:
+    """A postings key (KEY_DTYPE row) in words, for messages."""
+    et = int(key["ethertype"])
+    if key["flags"] & KEY_UNKNOWN:
+        return f"address unknown, ethertype 0x{et:04x}"
+    return f"{address_text(key['address'], 6 if et == ETHERTYPE_IPV6 else 4)}, ethertype 0x{et:04x}"
+
+
+def postings_problem(stored: PostingsSection, fresh: PostingsSection) -> str | None:
+    """The first difference between stored postings and those rebuilt from the pcap, or None.
+
+    Compared uncompressed: the same content compresses differently across zstd releases.
+    """
+    a, b = stored.keys, fresh.keys
+    n = min(len(a), len(b))
+    row = np.dtype((np.void, KEY_LEN))
+    diff = np.flatnonzero(a[:n].view(row) != b[:n].view(row))
+    if len(diff) or len(a) != len(b):
+        i = int(diff[0]) if len(diff) else n
+        mine = f"{key_text(a[i])}: {a[i]['count']} entries" if i < len(a) else "no such key"
+        theirs = f"{key_text(b[i])}: {b[i]['count']} entries" if i < len(b) else "no such key"
+        return f"postings key {i} ({mine}) but the pcap gives ({theirs})"
+    if len(stored.frames) != len(fresh.frames):
+        return (f"postings have {len(stored.frames)} frames but the pcap's would have "
+                f"{len(fresh.frames)}")
+    for f, (mine, theirs) in enumerate(zip(stored.frames, fresh.frames, strict=True)):
+        if mine != theirs:
+            return f"postings {_first_different_list(a, f, mine, theirs)} differ from the pcap's"
+    return None
+
+
+def _first_different_list(keys: np.ndarray, frame: int, mine: bytes, theirs: bytes) -> str:
+    """Names the first list of `frame` whose entries differ between two decoded frames."""
+    m = len(theirs) // ENTRY_LEN
+    for k in np.flatnonzero(keys["frame"] == frame).tolist():
+        first, count = int(keys["first"][k]), int(keys["count"][k])
+        for width, pos in ((8, 0), (8, 8 * m), (4, 16 * m), (1, 20 * m)):
+            span = slice(pos + width * first, pos + width * (first + count))
+            if mine[span] != theirs[span]:
+                return f"of key {k} ({key_text(keys[k])})"
+    return f"frame {frame}"

@@ -13,12 +13,20 @@ import pytest
 
 from pcapvault.index import builder
 from pcapvault.index.builder import build_index
-from pcapvault.index.indexfile import FLAG_ADDRS, VERSION, read_index, write_index
+from pcapvault.index.indexfile import (
+    FLAG_ADDRS,
+    VERSION,
+    build_postings,
+    encode_postings,
+    read_index,
+    write_index,
+)
 from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
 from pcapvault.tools import npcapindex, printindex
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_indexfile import with_crc  # noqa: E402
+from test_indexfile import as_version  # noqa: E402
+from test_postings import with_postings  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
 T0 = 1_763_737_200_123_456_789
@@ -63,6 +71,24 @@ def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "flows: 20" in lines
     assert any("ip udp 10.0.0.3.1003 > 10.9.9.9.53" in line for line in lines)
     assert sum(1 for line in lines if " offset " in line) == 20
+    (postings,) = [line for line in lines if line.startswith("postings: ")]
+    assert postings.startswith("postings: 21 keys, ") and postings.endswith(" bytes in 1 frames")
+    assert "  key 3: ip 10.0.0.3: 1 packets" in lines
+    assert "  key 20: ip 10.9.9.9: 20 packets" in lines
+
+
+def test_print_older_version_without_postings(
+    pcap: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    idx = index(pcap, capsys)
+    idx.write_bytes(as_version(idx.read_bytes(), 2))
+    code, out, _ = run(printindex.main, ["-i", str(idx)], capsys)
+    assert code == 0 and "postings: none (index version 2)" in out.splitlines()
+    _, out, _ = run(printindex.main, ["-i", str(idx), "-j"], capsys)
+    assert json.loads(out.splitlines()[0])["postings"] is None
+    assert "key" not in {json.loads(line)["type"] for line in out.splitlines()}
+    code, out = check(idx, capsys)
+    assert code == 0 and "OK (20 packets, 20 flows)" in out
 
 
 def test_print_limit_json_and_times(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,11 +98,15 @@ def test_print_limit_json_and_times(pcap: Path, capsys: pytest.CaptureFixture[st
     assert "... 17 more entries" in out and "... 17 more flows" in out
     _, out, _ = run(printindex.main, ["-i", idx, "-j", "-n", "2"], capsys)
     recs = [json.loads(line) for line in out.splitlines()]
-    assert [r["type"] for r in recs] == ["header", "flow", "flow", "packet", "packet"]
+    assert [r["type"] for r in recs] == ["header", "flow", "flow", "key", "key", "packet",
+                                         "packet"]
     assert recs[0]["packets"] == 20 and recs[0]["precision"] == "ns"
+    assert recs[0]["postings"]["keys"] == 21 and recs[0]["postings"]["frames"] == 1
+    assert recs[3] == {"type": "key", "key": 0, "address": "10.0.0.0", "ethertype": 0x0800,
+                       "entries": 1}
     assert recs[1]["dport"] == 53 and recs[1]["src"].startswith("10.0.0.")
-    assert recs[3] == {"type": "packet", "index": 0, "ts_ns": T0, "offset": 24, "caplen": 42,
-                       "wirelen": 42, "flow": recs[3]["flow"]}
+    assert recs[5] == {"type": "packet", "index": 0, "ts_ns": T0, "offset": 24, "caplen": 42,
+                       "wirelen": 42, "flow": recs[5]["flow"]}
     _, out, _ = run(printindex.main, ["-i", idx, "-T"], capsys)
     assert out.splitlines() == ["first: 2025-11-21T15:00:00.123456789Z (1763737200.123456789)",
                                 "last: 2025-11-21T15:00:00.123475789Z (1763737200.123475789)"]
@@ -215,6 +245,50 @@ def test_check_inconsistent_pcap(pcap: Path, capsys: pytest.CaptureFixture[str])
     assert code == 1 and "unusable" in err
 
 
+def test_check_postings_that_do_not_match_the_pcap(
+    pcap: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Postings rewritten with valid checksums but other content: -c compares them with the
+    postings the pcap gives."""
+    path = index(pcap, capsys)
+    good = path.read_bytes()
+    idx = read_index(path)
+
+    def respliced(change) -> None:
+        section = build_postings(idx)
+        change(section)
+        directory, frames = encode_postings(section)
+        path.write_bytes(with_postings(good, directory, len(section.keys), frames))
+
+    def role(section) -> None:  # 10.0.0.5 was the destination of its packet
+        frame = bytearray(section.frames[0])
+        frame[len(frame) - len(frame) // 21 + 5] = 2
+        section.frames[0] = bytes(frame)
+
+    def address(section) -> None:  # 10.9.9.9 said to be 10.9.9.10
+        section.keys["address"][-1][-1] = 10
+
+    def dropped(section) -> None:  # the last packet to 10.9.9.9 left out
+        section.keys["count"][-1] -= 1
+        f, m = section.frames[0], len(section.frames[0]) // 21
+        section.frames[0] = f[: 8 * m - 8] + f[8 * m : 16 * m - 8] + f[16 * m : 20 * m - 4] + f[
+            20 * m : -1]
+
+    respliced(role)
+    code, err = check(path, capsys)
+    assert code == 1 and "postings of key 5 (10.0.0.5, ethertype 0x0800) differ" in err, err
+    respliced(address)
+    code, err = check(path, capsys)
+    assert code == 1 and "postings key 20 (10.9.9.10, ethertype 0x0800: 20 entries)" in err
+    assert "but the pcap gives (10.9.9.9, ethertype 0x0800: 20 entries)" in err
+    respliced(dropped)
+    code, err = check(path, capsys)
+    assert code == 1 and "postings key 20 (10.9.9.9, ethertype 0x0800: 19 entries)" in err
+    path.write_bytes(good)
+    code, out = check(path, capsys)
+    assert code == 0 and "OK" in out
+
+
 def test_check_unsorted_entries(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pcapvault.index.indexfile import write_index
 
@@ -261,9 +335,7 @@ def test_check_accepts_a_version_1_index(
     assert not (idx.flows["flags"] & FLAG_ADDRS).any()
     path = Path(str(src) + ".idx")
     write_index(path, idx)
-    data = bytearray(path.read_bytes())
-    struct.pack_into("<H", data, 8, 1)
-    path.write_bytes(with_crc(bytes(data)))
+    path.write_bytes(as_version(path.read_bytes(), 1))
     code, out = check(path, capsys)
     assert code == 0 and "OK" in out, out
     # today's index of the same file records the addresses, and checks OK too

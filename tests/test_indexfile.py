@@ -34,6 +34,7 @@ from pcapvault.index.indexfile import (
     write_index,
 )
 from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
+from pcapvault.index.postings import HEADER_LEN_V2, parse_header
 
 T0 = 1_763_737_200_000_000_000
 
@@ -76,8 +77,17 @@ def assert_same(a: PacketIndex, b: PacketIndex, packets: bool = True) -> None:
 
 def with_crc(data: bytes) -> bytes:
     """Recompute the checksum after a deliberate change, to reach the checks behind it."""
-    crc = zlib.crc32(data[HEADER_LEN:], zlib.crc32(data[:60]))
+    crc = zlib.crc32(data[64:], zlib.crc32(data[:60]))
     return data[:60] + struct.pack("<I", crc) + data[64:]
+
+
+def as_version(data: bytes, version: int) -> bytes:
+    """A version 3 file as the same index written by version 1 or 2: a 64-byte header and
+    the summary and packet sections, no postings."""
+    h = parse_header(data, "x")
+    head = bytearray(data[:HEADER_LEN_V2])
+    struct.pack_into("<H", head, 8, version)
+    return with_crc(bytes(head) + data[h.summary_offset : h.frames_offset])
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -104,10 +114,14 @@ def test_header_layout_matches_format_doc() -> None:
     data = encode_index(idx)
     magic, version, flags, linktype, count, first, last, size, nflows, slen, plen, crc = (
         struct.unpack_from("<8sHHIQqqQIIII", data))
-    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 2, 1, 1, 10)
+    dlen, keys, flen, dcrc = struct.unpack_from("<IIII", data, 64)
+    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 3, 1, 1, 10)
     assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
-    assert len(data) == 64 + slen + plen
-    summary = pyzstd.decompress(data[64 : 64 + slen])
+    assert HEADER_LEN == 80 and len(data) == 80 + dlen + slen + plen + flen
+    assert crc == zlib.crc32(data[64:], zlib.crc32(data[:60]))
+    assert dcrc == zlib.crc32(data[80 : 80 + dlen]) and keys and flen
+    assert (dlen - 32 * keys) % 16 == 0
+    summary = pyzstd.decompress(data[80 + dlen : 80 + dlen + slen])
     assert summary == idx.flows.tobytes() + idx.flow_packets.astype("<u4").tobytes()
     assert FLOW_DTYPE.itemsize == 48
     assert [FLOW_DTYPE.fields[k][1] for k in ("ethertype", "vlan1", "vlan2", "ipver", "proto",
@@ -159,7 +173,7 @@ def read_error(data: bytes, tmp_path: Path, packets: bool = True) -> str:
 
 def test_every_flipped_byte_is_detected(tmp_path: Path) -> None:
     data = encode_index(sample_index(300))
-    for pos in list(range(10, 64)) + list(range(64, len(data), 7)):
+    for pos in list(range(10, 80)) + list(range(80, len(data), 7)):
         bad = bytearray(data)
         bad[pos] ^= 0x20
         msg = read_error(bytes(bad), tmp_path)
@@ -167,7 +181,7 @@ def test_every_flipped_byte_is_detected(tmp_path: Path) -> None:
     assert "checksum" in read_error(data[:100] + bytes([data[100] ^ 1]) + data[101:], tmp_path)
 
 
-@pytest.mark.parametrize("cut", [0, 3, 8, 9, 20, 63, 64, 65, -1])
+@pytest.mark.parametrize("cut", [0, 3, 8, 9, 20, 63, 64, 65, 79, 80, 81, -1])
 def test_truncated_index(tmp_path: Path, cut: int) -> None:
     data = encode_index(sample_index(50))
     msg = read_error(data[:cut] if cut >= 0 else data[:-1], tmp_path)
@@ -182,33 +196,47 @@ def test_bad_magic(tmp_path: Path) -> None:
     assert "not a pcapvault index" in read_error(b"\xd4\xc3\xb2\xa1" + bytes(100), tmp_path)
 
 
-def test_version_1_is_still_read(tmp_path: Path) -> None:
-    """Version 1 indexes (no ARP addresses) stay readable: their rows are valid version 2
-    rows, only less informative."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_are_still_read(tmp_path: Path, version: int) -> None:
+    """Version 1 (no ARP addresses) and 2 (no postings) indexes stay readable: their rows are
+    valid version 3 rows, only less informative."""
     idx = sample_index(20)
-    data = bytearray(encode_index(idx))
-    assert struct.unpack_from("<H", data, 8) == (VERSION,) == (2,)
-    struct.pack_into("<H", data, 8, 1)
-    p = tmp_path / "v1.idx"
-    p.write_bytes(with_crc(bytes(data)))
+    assert struct.unpack_from("<H", encode_index(idx), 8) == (VERSION,) == (3,)
+    p = tmp_path / "old.idx"
+    p.write_bytes(as_version(encode_index(idx), version))
+    assert p.stat().st_size < len(encode_index(idx))
     back = read_index(p)
-    assert back.count == 20 and np.array_equal(back.flows, idx.flows)
-    assert np.array_equal(back.offset, idx.offset)
+    assert back.version == version
+    assert_same(idx, back)
+    assert_same(idx, read_index(p, packets=False, verify=False), packets=False)
+    assert_same(idx, decode_index(p.read_bytes(), str(p)))
+    bad = bytearray(p.read_bytes())
+    bad[70] ^= 1
+    assert "checksum" in read_error(bytes(bad), tmp_path)
 
 
-@pytest.mark.parametrize("version", [3, 7, 0xFFFF])
+@pytest.mark.parametrize("version", [4, 7, 0xFFFF])
 def test_newer_version_is_refused(tmp_path: Path, version: int) -> None:
     data = bytearray(encode_index(sample_index(5)))
     struct.pack_into("<H", data, 8, version)
     # a newer format may change anything after the version field: even a header that no
     # longer parses must produce the version message
     msg = read_error(with_crc(bytes(data))[:40], tmp_path)
-    assert f"version {version}" in msg and f"versions 1 and {VERSION}" in msg and "newer" in msg
+    assert f"version {version}" in msg and "versions 1, 2 and 3" in msg and "newer" in msg
+    msg = read_error(with_crc(bytes(data)), tmp_path, packets=False)
+    assert f"version {version}" in msg
+
+
+def test_version_0_is_unknown(tmp_path: Path) -> None:
+    data = bytearray(encode_index(sample_index(5)))
+    struct.pack_into("<H", data, 8, 0)
+    assert "version 0 is unknown to" in read_error(bytes(data), tmp_path)
 
 
 def test_section_that_does_not_decompress(tmp_path: Path) -> None:
     data = bytearray(encode_index(sample_index(50)))
-    data[-8:] = b"garbage!"
+    end = parse_header(bytes(data), "x").frames_offset
+    data[end - 8 : end] = b"garbage!"  # the packet section's last bytes
     msg = read_error(with_crc(bytes(data)), tmp_path)
     assert "packet section" in msg and "damaged" in msg
     # the summary alone is still readable: the packet section is not decompressed
@@ -220,15 +248,17 @@ def _rebuild(idx: PacketIndex, summary: bytes | None = None, packets: bytes | No
              **header: int) -> bytes:
     """An index file with chosen raw sections and header fields and a valid checksum."""
     data = encode_index(idx)
-    slen, plen = struct.unpack_from("<II", data, 52)
-    s = pyzstd.compress(summary) if summary is not None else data[64 : 64 + slen]
-    k = pyzstd.compress(packets) if packets is not None else data[64 + slen :]
+    h = parse_header(data, "x")
+    s = pyzstd.compress(summary) if summary is not None else data[
+        h.summary_offset : h.packets_offset]
+    k = pyzstd.compress(packets) if packets is not None else data[
+        h.packets_offset : h.frames_offset]
     fields = dict(count=idx.count, nflows=len(idx.flows))
     fields.update(header)
-    head = bytearray(data[:64])
+    head = bytearray(data[: h.summary_offset])
     struct.pack_into("<Q", head, 16, fields["count"])
     struct.pack_into("<III", head, 48, fields["nflows"], len(s), len(k))
-    return with_crc(bytes(head) + s + k)
+    return with_crc(bytes(head) + s + k + data[h.frames_offset :])
 
 
 def test_section_of_the_wrong_size(tmp_path: Path) -> None:
@@ -241,15 +271,19 @@ def test_section_of_the_wrong_size(tmp_path: Path) -> None:
 
 def test_flow_number_out_of_range(tmp_path: Path) -> None:
     idx = sample_index(20)
-    idx.flow = idx.flow.copy()
-    idx.flow[7] = 99
-    assert "flow number" in read_error(encode_index(idx), tmp_path)
+    bad = PacketIndex(**{**idx.__dict__, "flow": idx.flow.copy()})
+    bad.flow[7] = 99
+    with pytest.raises(ValueError, match="flow numbers"):
+        encode_index(bad)
+    packets = indexfile._byte_planes(indexfile._packet_columns(bad)).tobytes()
+    assert "flow number" in read_error(_rebuild(idx, packets=packets), tmp_path)
 
 
 def test_summary_without_verification_reads_only_the_summary(tmp_path: Path) -> None:
     idx = sample_index(200)
     data = bytearray(encode_index(idx))
-    data[-20:] = bytes(20)  # packet section (and so the checksum) ruined
+    end = parse_header(bytes(data), "x").frames_offset
+    data[end - 20 : end] = bytes(20)  # packet section (and so the checksum) ruined
     p = tmp_path / "s.idx"
     p.write_bytes(bytes(data))
     quick = read_index(p, packets=False, verify=False)

@@ -1,9 +1,10 @@
 """npcapprintindex: show or check a `.pcap.idx` index.
 
-Prints the header, the distinct-flow summary and the per-packet entries, as text or JSON
-lines. `-c` checks an index against its pcap instead: checksum and version, internal
-consistency, and that every entry describes the record really found at its offset (lengths,
-timestamp, and flow fields re-derived from the packet's headers).
+Prints the header, the distinct-flow summary, the address postings' keys and the per-packet
+entries, as text or JSON lines. `-c` checks an index against its pcap instead: checksum and
+version, internal consistency, that every entry describes the record really found at its
+offset (lengths, timestamp, and flow fields re-derived from the packet's headers), and that
+the postings are those the pcap gives.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from pcapvault.index.indexfile import (
     VLAN_UNREADABLE,
     PacketIndex,
     address_text,
+    build_postings,
     flows_as_version,
     index_problem,
+    postings_problem,
     read_index,
+    read_postings,
     records_problem,
 )
 from pcapvault.index.pcapfile import PcapReader, scan_records
+from pcapvault.index.postings import NoPostings, Postings
 from pcapvault.tools.cliutil import run
 
 PROG = "npcapprintindex"
@@ -108,7 +113,28 @@ def describe_flow(row: np.void) -> str:
     return " ".join(words)
 
 
-def header_record(idx: PacketIndex, path: str) -> dict[str, Any]:
+def key_record(postings: Postings, key: int) -> dict[str, Any]:
+    """A postings key as a JSON-ready dict; the address is None for an "address unknown"
+    list."""
+    address, ethertype, unknown = postings.key(key)
+    family = 6 if ethertype == ETHERTYPE_IPV6 else 4  # ARP/RARP keys are IPv4-mapped
+    return {
+        "key": key,
+        "address": None if unknown else address_text(address, family),
+        "ethertype": ethertype,
+        "entries": postings.size(key),
+    }
+
+
+def describe_key(postings: Postings, key: int) -> str:
+    k = key_record(postings, key)
+    et = k["ethertype"]
+    name = _ETHERTYPES.get(et, f"ethertype 0x{et:04x}")
+    return f"{name} {k['address'] or '(addresses not captured)'}: {k['entries']} packets"
+
+
+def header_record(idx: PacketIndex, path: str, postings: Postings | None = None
+                  ) -> dict[str, Any]:
     first_iso, first_epoch = format_time(idx.first_ns, idx.nanosecond)
     last_iso, last_epoch = format_time(idx.last_ns, idx.nanosecond)
     return {
@@ -123,11 +149,18 @@ def header_record(idx: PacketIndex, path: str) -> dict[str, Any]:
         "last_epoch": last_epoch,
         "pcap_size": idx.pcap_size,
         "flows": len(idx.flows),
+        "postings": None if postings is None else {
+            "keys": postings.keys, "frames": postings.frames, "bytes": postings.frames_len},
     }
 
 
-def _text_lines(idx: PacketIndex, path: str, limit: int | None) -> Iterator[str]:
-    h = header_record(idx, path)
+def _shown(total: int, limit: int | None) -> int:
+    return total if limit is None else min(limit, total)
+
+
+def _text_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postings | None
+                ) -> Iterator[str]:
+    h = header_record(idx, path, postings)
     yield f"index: {path}"
     yield f"version: {idx.version}"
     yield f"precision: {'nanosecond' if idx.nanosecond else 'microsecond'}"
@@ -137,13 +170,23 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None) -> Iterator[str]
     yield f"last: {h['last']} ({h['last_epoch']})"
     yield f"pcap size: {idx.pcap_size} bytes"
     yield f"flows: {len(idx.flows)}"
-    shown = len(idx.flows) if limit is None else min(limit, len(idx.flows))
+    shown = _shown(len(idx.flows), limit)
     for i in range(shown):
         yield f"  flow {i}: {idx.flow_packets[i]} packets: {describe_flow(idx.flows[i])}"
     if shown < len(idx.flows):
         yield f"  ... {len(idx.flows) - shown} more flows"
+    if postings is None:
+        yield f"postings: none (index version {idx.version})"
+    else:
+        yield (f"postings: {postings.keys} keys, {postings.frames_len} bytes in "
+               f"{postings.frames} frames")
+        shown = _shown(postings.keys, limit)
+        for k in range(shown):
+            yield f"  key {k}: {describe_key(postings, k)}"
+        if shown < postings.keys:
+            yield f"  ... {postings.keys - shown} more keys"
     yield "entries:"
-    shown = idx.count if limit is None else min(limit, idx.count)
+    shown = _shown(idx.count, limit)
     for i in range(shown):
         ts = format_time(int(idx.ts_ns[i]), idx.nanosecond)[0]
         yield (
@@ -154,13 +197,16 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None) -> Iterator[str]
         yield f"  ... {idx.count - shown} more entries"
 
 
-def _json_lines(idx: PacketIndex, path: str, limit: int | None) -> Iterator[str]:
-    yield json.dumps({"type": "header", **header_record(idx, path)})
-    shown = len(idx.flows) if limit is None else min(limit, len(idx.flows))
+def _json_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postings | None
+                ) -> Iterator[str]:
+    yield json.dumps({"type": "header", **header_record(idx, path, postings)})
+    shown = _shown(len(idx.flows), limit)
     for i in range(shown):
         rec = {"type": "flow", "flow": i, "packets": int(idx.flow_packets[i])}
         yield json.dumps({**rec, **flow_record(idx.flows[i])})
-    shown = idx.count if limit is None else min(limit, idx.count)
+    for k in range(_shown(postings.keys, limit) if postings is not None else 0):
+        yield json.dumps({"type": "key", **key_record(postings, k)})
+    shown = _shown(idx.count, limit)
     cols = [c[:shown].tolist() for c in (idx.ts_ns, idx.offset, idx.caplen, idx.wirelen, idx.flow)]
     for i, (ts, off, cap, wire, flow) in enumerate(zip(*cols, strict=True)):
         yield json.dumps(
@@ -207,7 +253,14 @@ def check(idx_path: str, pcap_path: str) -> tuple[str | None, PacketIndex | None
             f"{idx_path}: entry {i}: flow {idx.flow[i]} ({describe_flow(idx.flows[idx.flow[i]])})"
             f" does not match the packet ({describe_flow(fresh_rows[i])})", idx,
         )
-    return None, idx
+    try:
+        stored_postings = read_postings(idx_path)
+    except NoPostings:
+        return None, idx  # written before postings existed: nothing more to compare
+    except FormatError as e:
+        return str(e), idx
+    problem = postings_problem(stored_postings, build_postings(fresh))
+    return (f"{idx_path}: {problem} ({pcap_path})" if problem else None), idx
 
 
 def _default_pcap(idx_path: str) -> str:
@@ -262,11 +315,19 @@ def command(
             click.echo(f"last: {h['last']} ({h['last_epoch']})")
         return
     idx = read_index(idx_path, packets=True)
-    lines = (_json_lines if as_json else _text_lines)(idx, idx_path, limit)
-    out = sys.stdout
-    while batch := list(itertools.islice(lines, 4096)):
-        out.write("\n".join(batch) + "\n")
-    out.flush()
+    try:
+        postings: Postings | None = Postings.read(idx_path)
+    except NoPostings:
+        postings = None
+    try:
+        lines = (_json_lines if as_json else _text_lines)(idx, idx_path, limit, postings)
+        out = sys.stdout
+        while batch := list(itertools.islice(lines, 4096)):
+            out.write("\n".join(batch) + "\n")
+        out.flush()
+    finally:
+        if postings is not None:
+            postings.close()
 
 
 def main(argv: list[str] | None = None) -> None:
