@@ -186,6 +186,12 @@ def cli(
     if not dumpsets:
         dumpsets = _configured_dumpsets()
     b_ns, e_ns = parse_window(begin, end)
+    if len(dumpsets) == 1 and not (
+        pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
+    ):
+        code = _host_query(dumpsets[0], b_ns, e_ns, expr, output, empty, list_only, verbose, t0)
+        if code is not None:
+            return code
     warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
 
     from .engine import Query, extract, list_files
@@ -241,6 +247,26 @@ def cli(
     if verbose:
         _err(stats.line(written, bytes_out, time.monotonic() - t0))
     return 0 if written else 1
+
+
+def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
+                empty: bool, list_only: bool, verbose: bool, t0: float) -> int | None:
+    """The query answered by hostquery.py without numpy, or None for the engine."""
+    from .hostquery import Request, run, take
+
+    plan = take(Request(dumpset, b_ns, e_ns, expr))
+    if plan is None:
+        return None
+    if verbose:
+        plan.stats.add_timeline(plan.ds, plan.stats.files_considered)
+    res = run(plan, output, empty, list_only)
+    if res is None:
+        return None
+    for path, n in res.files:
+        click.echo(f"{path}\t{n}" if verbose else path)
+    if verbose:
+        _err(res.stats.line(res.written, res.bytes_out, time.monotonic() - t0))
+    return 0 if res.written else 1
 
 
 def _configured_dumpsets() -> tuple[str, ...]:

@@ -1,7 +1,10 @@
-"""npcapextract's entry point: connect to the extraction service before anything else loads,
-when the command line shows that the service will be needed.
+"""npcapextract's entry point: start what the command will wait for before anything else loads.
 
-Why: systemd starts a service instance when a client connects, and that instance's own
+Two things can start this early: the connection to the extraction service, when the command
+line shows that the service will be needed, and otherwise the plan of a host query
+(`plan_ahead`, see extract/hostquery.py), whose disk reads then overlap with the imports.
+
+Why connect early: systemd starts a service instance when a client connects, and that instance's own
 interpreter start and imports (about 0.1 s) then overlap with this process importing click,
 parsing its options and checking the dump sets, instead of following them: the fixed cost of
 an extraction through the service (docs/BENCHMARKS.md, "PAM service"). Nothing is sent on the
@@ -10,8 +13,8 @@ everything, and checks who is listening before it sends a password. A connection
 (a usage error, a dump set readable after all) closes with the process; the service counts
 that as a client that gave up.
 
-Only `os`, `socket` and `sys` are imported here, and the scan of the arguments is a best
-effort: whatever it does not recognise simply means no early connection.
+Only `os`, `socket`, `sys` and `threading` are imported here, and the scan of the arguments
+is a best effort: whatever it does not recognise simply means no early connection or plan.
 """
 
 from __future__ import annotations
@@ -19,15 +22,29 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 
 SOCKET = "/run/pcapvault/npcapextract.sock"  # the default of --service-socket
 
+# Options whose value click takes from the next argument (or the same one: -tDIR, --x=V), as
+# far as this scan needs to tell them apart; a value is never read as an option.
+_VALUED = {
+    "-t": "dumpset", "--dumpset": "dumpset", "-b": "begin", "--begin": "begin",
+    "-e": "end", "--end": "end", "-f": "filter", "--filter": "filter",
+    "--service-socket": "socket", "-o": "", "--output": "", "-s": "", "--snaplen": "",
+    "-P": "", "--split-mb": "", "-N": "", "--split-packets": "", "--max-bytes": "",
+    "--max-packets": "",
+}
+
 _held: dict[str, socket.socket] = {}
+_ahead: tuple[threading.Thread, list] | None = None
 
 
 def main() -> None:
     """The npcapextract command."""
     preconnect(sys.argv[1:])
+    if not _held:
+        plan_ahead(sys.argv[1:])
     from .cli import main as cli_main
 
     cli_main()
@@ -36,8 +53,10 @@ def main() -> None:
 def preconnect(argv: list[str]) -> None:
     """Connect to the service now if these arguments will need it (--service, or a dump set
     this user may not read); never fails."""
-    dumpsets, forced, path = _scan(argv)
-    if not forced and not any(not os.access(d, os.R_OK | os.X_OK) for d in dumpsets):
+    args = _scan(argv)
+    forced = bool(args.get("service"))
+    path = (args.get("socket") or [SOCKET])[-1]
+    if not forced and not any(not os.access(d, os.R_OK | os.X_OK) for d in args["dumpset"]):
         return
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -53,33 +72,74 @@ def take(path: str) -> socket.socket | None:
     return _held.pop(path, None)
 
 
-def _scan(argv: list[str]) -> tuple[list[str], bool, str]:
-    """The -t/--dumpset values, --service, and --service-socket, as click will read them.
-    Other options' values are not skipped: none of them can look like these."""
-    dumpsets: list[str] = []
-    forced = False
-    path = SOCKET
+def plan_ahead(argv: list[str]) -> None:
+    """Start planning a host query (extract/hostquery.py) on a thread, for one dump set and a
+    window: its imports and index reads, then the disk reading the packets, overlap with
+    click's import and everything the command does before it asks for the plan
+    (`planned_ahead`). Nothing is decided here: the command uses the plan only for the very
+    request it parses itself, and reports every error itself."""
+    global _ahead
+    args = _scan(argv)
+    dumpsets, begin, end = args["dumpset"], args.get("begin"), args.get("end")
+    if len(dumpsets) != 1 or not begin or not end:
+        return
+    expr = (args.get("filter") or [""])[-1]
+    box: list = []
+
+    def work() -> None:
+        try:
+            from .hostquery import Request, plan
+            from .times import parse_window
+
+            b, e = parse_window(begin[-1], end[-1])
+            req = Request(dumpsets[0], b, e, expr)
+            box.append((req, plan(req)))
+        except Exception:
+            pass
+
+    t = threading.Thread(target=work, name="plan-ahead", daemon=True)
+    _ahead = (t, box)
+    t.start()
+
+
+def planned_ahead() -> tuple | None:
+    """(request, plan or None) from plan_ahead, waiting for it; None if nothing was planned
+    (once)."""
+    global _ahead
+    ahead, _ahead = _ahead, None
+    if ahead is None:
+        return None
+    t, box = ahead
+    t.join()
+    return box[0] if box else None
+
+
+def _scan(argv: list[str]) -> dict[str, list[str]]:
+    """The values of -t, -b, -e, -f and --service-socket (as lists, in order) and whether
+    --service was given, as click will read them; a best effort."""
+    out: dict[str, list[str]] = {"dumpset": []}
     it = iter(argv)
     for arg in it:
         if arg == "--":
             break
         if arg == "--service":
-            forced = True
-        elif arg in ("-t", "--dumpset", "--service-socket"):
+            out["service"] = ["1"]
+            continue
+        name, eq, value = arg.partition("=")
+        if arg.startswith("--") and eq and name in _VALUED:
+            key = _VALUED[name]
+        elif arg in _VALUED:
+            key = _VALUED[arg]
             value = next(it, None)
             if value is None:
                 break
-            if arg == "--service-socket":
-                path = value
-            else:
-                dumpsets.append(value)
-        elif arg.startswith("--dumpset="):
-            dumpsets.append(arg.partition("=")[2])
-        elif arg.startswith("--service-socket="):
-            path = arg.partition("=")[2]
-        elif arg.startswith("-t") and not arg.startswith("--"):
-            dumpsets.append(arg[2:])
-    return dumpsets, forced, path
+        elif arg[:2] in _VALUED and not arg.startswith("--"):
+            key, value = _VALUED[arg[:2]], arg[2:]
+        else:
+            continue
+        if key:
+            out.setdefault(key, []).append(value)
+    return out
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ class Stats:
     def count_files(self, ds: DumpSet, considered: int) -> None:
         """Count `considered` files of the window and, when shown, the timeline's others."""
         self.files_considered += considered
-        if not self.count_timeline:
-            return
+        if self.count_timeline:
+            self.add_timeline(ds, considered)
+
+    def add_timeline(self, ds: DumpSet, considered: int) -> None:
+        """Count the timeline's files outside the window (walks the whole timeline)."""
         try:
             total = sum(
                 1

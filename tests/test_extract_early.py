@@ -95,11 +95,14 @@ def test_no_service_no_connection_no_error(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "want"),
     [
-        (["-t", "/a", "-t/b", "--dumpset", "/c", "--dumpset=/d"], (["/a", "/b", "/c", "/d"],
-                                                                   False, early.SOCKET)),
-        (["--service", "--service-socket=/s"], ([], True, "/s")),
-        (["--service-socket", "/s", "-f", "tcp", "--", "--service"], ([], False, "/s")),
-        (["-t"], ([], False, early.SOCKET)),
+        (["-t", "/a", "-t/b", "--dumpset", "/c", "--dumpset=/d"],
+         {"dumpset": ["/a", "/b", "/c", "/d"]}),
+        (["--service", "--service-socket=/s"], {"dumpset": [], "service": ["1"], "socket": ["/s"]}),
+        (["--service-socket", "/s", "-f", "tcp", "--", "--service"],
+         {"dumpset": [], "socket": ["/s"], "filter": ["tcp"]}),
+        (["-t"], {"dumpset": []}),
+        (["-o", "-t", "-b", "-15m", "-e=now", "--end", "now", "-fhost 10.0.0.1", "-lv"],
+         {"dumpset": [], "begin": ["-15m"], "end": ["=now", "now"], "filter": ["host 10.0.0.1"]}),
     ],
 )
 def test_arguments_read_as_click_reads_them(argv, want):

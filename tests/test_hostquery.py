@@ -1,0 +1,310 @@
+"""The host-query fast path (extract/hostquery.py, hostkeys.py): it takes the queries it is for,
+hands every other one to the engine, and its answers equal tcpdump's selection."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from extract_helpers import (
+    CORPUS,
+    NS,
+    build_dumpset,
+    ether,
+    ipv4,
+    read_pcap_records,
+    synthetic_traffic,
+    tcp,
+    tcpdump_select,
+)
+from test_indexfile import as_version
+
+from pcapvault.extract import early, hostkeys, hostquery
+from pcapvault.extract.cli import main
+from pcapvault.extract.hostquery import Request
+from pcapvault.index.indexfile import read_index
+from pcapvault.index.libpcap import compile_filter
+from pcapvault.index.pcapfile import PcapReader
+from pcapvault.index.postings import Postings
+
+START = 1763737200 * NS + 123_456_789  # a slot start, as in test_extract_filters
+
+# Every one of these names an address on each accepting path: the fast path answers them.
+HOST_FILTERS = [
+    "host 10.0.1.3",
+    "src host 10.0.1.3",
+    "dst host 192.168.1.1",
+    "host 2001:db8::1",
+    "src host fe80::1",
+    "ip6 host 2001:db8::2",
+    "arp host 10.0.1.3",
+    "ip host 10.0.0.2",
+    "host 10.0.1.3 or host 10.1.2.4",
+    "host 10.0.1.3 and host 10.0.0.2",
+    "host 10.0.1.3 and tcp port 80",
+    "host 10.0.1.3 and not host 10.0.0.2",
+    "host 10.0.1.3 and ip[8] == 128",
+    "(host 10.0.0.1 or host 2001:db8::1) and udp",
+    "host 203.0.113.99",
+]
+# These do not: the engine answers them.
+ENGINE_FILTERS = ["", "tcp", "not host 10.0.1.3", "net 10.1.0.0/16", "vlan and host 10.0.1.3",
+                  "host 10.0.1.3 or tcp", "ether host 00:16:3e:00:01:02", "port 80"]
+
+
+def epoch(ns: int) -> str:
+    return f"{ns // NS}.{ns % NS:09d}"
+
+
+def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | None:
+    """The fast path's records for the request, or None if it hands it to the engine."""
+    plan = hostquery.plan(Request(str(root), begin, end, expr))
+    if plan is None:
+        return None
+    if out.exists():
+        out.unlink()
+    res = hostquery.run(plan, str(out), False, False)
+    assert res is not None
+    if not res.written:
+        assert not out.exists()
+        return []
+    return read_pcap_records(out.read_bytes())
+
+
+def oracle(files: list[Path], expr: str, begin: int, end: int) -> list:
+    return [p for p in tcpdump_select(files, expr) if begin <= p[0] < end]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hq-synth") / "ds"
+    ds = build_dumpset(root, synthetic_traffic(2400, START, seed=11, span_s=1800), per_file=300)
+    return root, [sf.pcap for sf in ds.files()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """tcpdump's test captures (Ethernet) replayed into one dump set, 0.25 s apart."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
+    packets = []
+    ts = START
+    for f in sorted(CORPUS.glob("*.pcap")):
+        try:
+            with PcapReader(f) as r:
+                if r.header.linktype != 1:
+                    continue
+                t = r.scan()
+                arr = r.array()
+                for o, c, w in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
+                                   strict=True):
+                    ts += 250_000_000
+                    packets.append((ts, bytes(arr[o + 16 : o + 16 + c]), w))
+                del arr
+        except Exception:  # noqa: BLE001 - the corpus holds deliberately broken files
+            continue
+    root = tmp_path_factory.mktemp("hq-corpus") / "ds"
+    ds = build_dumpset(root, packets, per_file=160)
+    return root, [sf.pcap for sf in ds.files()]
+
+
+def _corpus_hosts(files: list[Path], n: int) -> list[str]:
+    """The addresses the corpus uses most (IPv4 and IPv6), from its indexes."""
+    seen: dict[str, int] = {}
+    for f in files:
+        idx = read_index(str(f) + ".idx")
+        for row, cnt in zip(idx.flows, idx.flow_packets.tolist(), strict=True):
+            if not row["flags"] & 0x08 or row["ipver"] == 0:
+                continue
+            for a in (bytes(row["src"]), bytes(row["dst"])):
+                ip = ipaddress.ip_address(a)
+                text = str(ip.ipv4_mapped or ip) if row["ipver"] == 4 else str(ip)
+                seen[text] = seen.get(text, 0) + cnt
+    return [a for a, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:n]]
+
+
+@pytest.mark.parametrize("expr", HOST_FILTERS)
+def test_synthetic_host_filters_equal_tcpdump(synth, tmp_path, expr):
+    root, files = synth
+    windows = [(START, START + 3600 * NS),  # everything
+               (START + 400 * NS + 7, START + 1300 * NS + 11)]  # cuts files and slots
+    for b, e in windows:
+        got = answer(root, expr, b, e, tmp_path / "o.pcap")
+        assert got is not None, f"{expr!r}: the fast path should answer it"
+        assert got == oracle(files, expr, b, e), (expr, b, e)
+
+
+def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
+    root, files = corpus
+    hosts = _corpus_hosts(files, 25)
+    assert sum(":" in h for h in hosts) >= 3, hosts  # IPv6 hosts too
+    mid = START + 30 * 60 * NS + 3
+    for h in hosts:
+        for expr in (f"host {h}", f"dst host {h}"):
+            for b, e in ((START, START + 24 * 3600 * NS), (mid, mid + 20 * 60 * NS)):
+                got = answer(root, expr, b, e, tmp_path / "o.pcap")
+                assert got is not None, expr
+                assert got == oracle(files, expr, b, e), (expr, b, e)
+
+
+@pytest.mark.parametrize("expr", ENGINE_FILTERS)
+def test_other_filters_go_to_the_engine(synth, expr):
+    root, _ = synth
+    assert hostquery.plan(Request(str(root), START, START + 3600 * NS, expr)) is None
+
+
+def test_decisions_agree_with_libpcap_on_every_posting(synth, corpus):
+    """Each posting the fast path takes without libpcap (YES) or drops (NO) is one libpcap
+    accepts or rejects: checked packet by packet on both dump sets."""
+    checked = {hostkeys.YES: 0, hostkeys.NO: 0}
+    corpus_filters = [f"{d}host {h}" for h in _corpus_hosts(corpus[1], 10)
+                      for d in ("", "src ", "dst ")]
+    for (_, files), exprs in ((synth, HOST_FILTERS), (corpus, corpus_filters)):
+        for expr in exprs:
+            flt = compile_filter(expr, 1, 262144)
+            keys = hostkeys.posting_keys(flt.program)
+            assert keys, expr
+            for f in files:
+                data = Path(f).read_bytes()
+                with Postings.read(str(f) + ".idx") as p:
+                    for addr, etype in keys:
+                        k = p.find(addr, etype)
+                        if k is None:
+                            continue
+                        pl = p.entries(k)
+                        for off, ln, roles in zip(pl.offset, pl.length, pl.roles, strict=True):
+                            dec = hostkeys.decide(flt.program, addr, etype, roles)
+                            if dec == hostkeys.MAYBE:
+                                continue
+                            wire = int.from_bytes(data[off + 12 : off + 16], "little")
+                            assert flt.match(data[off + 16 : off + ln], wire) == (
+                                dec == hostkeys.YES), (expr, f, off)
+                            checked[dec] += 1
+    assert checked[hostkeys.YES] > 1000 and checked[hostkeys.NO] > 50, checked
+
+
+def test_short_frames_are_confirmed_by_libpcap(tmp_path):
+    """Frames cut before the index could record their addresses sit in the "address unknown"
+    lists; libpcap decides them (a 32-byte IPv4 frame still has its source address)."""
+    pkts = []
+    for i in range(40):
+        frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                      ipv4(f"10.9.0.{1 + i % 4}", "10.9.1.1", 6, tcp(1000 + i, 80, 0x02)))
+        pkts.append((START + i * NS, frame[:32], len(frame)))
+    root = tmp_path / "ds"
+    ds = build_dumpset(root, pkts, snaplen=32)
+    files = [sf.pcap for sf in ds.files()]
+    for expr in ("host 10.9.0.2", "src host 10.9.0.3", "dst host 10.9.1.1"):
+        got = answer(root, expr, START, START + 3600 * NS, tmp_path / "o.pcap")
+        assert got is not None
+        assert got == oracle(files, expr, START, START + 3600 * NS), expr
+    assert len(answer(root, "host 10.9.0.2", START, START + 3600 * NS, tmp_path / "o.pcap")) == 10
+    assert answer(root, "dst host 10.9.1.1", START, START + 3600 * NS, tmp_path / "o.pcap") == []
+
+
+def test_indexes_without_postings_go_to_the_engine(synth, tmp_path):
+    """A dump set indexed by an earlier release (index version 2) is answered by the engine,
+    and still exactly."""
+    root = tmp_path / "ds"
+    shutil.copytree(synth[0], root, symlinks=True)
+    files = [sf for sf in sorted(root.rglob("*.pcap")) if not sf.is_symlink()]
+    idx_path = Path(str(files[1]) + ".idx")
+    idx_path.write_bytes(as_version(idx_path.read_bytes(), 2))
+    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    assert hostquery.plan(req) is None
+    out = tmp_path / "o.pcap"
+    rc = _cli(["-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
+               "-f", "host 10.0.1.3", "-o", str(out)])
+    assert rc == 0
+    assert read_pcap_records(out.read_bytes()) == oracle(files, "host 10.0.1.3", START,
+                                                         START + 3600 * NS)
+
+
+def test_a_stale_index_hands_over_before_writing(synth, tmp_path):
+    """A pcap whose records no longer agree with its index (here: rewritten with shifted
+    timestamps) is noticed while reading, before anything is written."""
+    root = tmp_path / "ds"
+    shutil.copytree(synth[0], root, symlinks=True)
+    pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[0]
+    data = bytearray(pcap.read_bytes())
+    with PcapReader(pcap) as r:
+        t = r.scan()
+    for o in t.offset.tolist():
+        data[o + 4 : o + 8] = (int.from_bytes(data[o + 4 : o + 8], "little") ^ 1).to_bytes(
+            4, "little")
+    pcap.write_bytes(bytes(data))
+    plan = hostquery.plan(Request(str(root), START, START + 3600 * NS, "host 10.0.1.3"))
+    assert plan is not None
+    out = tmp_path / "o.pcap"
+    assert hostquery.run(plan, str(out), False, False) is None
+    assert not out.exists()
+
+
+def test_torn_pcaps_go_to_the_engine(synth, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synth[0], root, symlinks=True)
+    pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[2]
+    with open(pcap, "r+b") as f:
+        f.truncate(os.path.getsize(pcap) - 5)
+    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    assert hostquery.plan(req) is None
+
+
+def test_listing_and_verbose_summary(synth, tmp_path, capsys):
+    root, files = synth
+    args = ["-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
+            "-f", "host 10.0.1.3", "-l", "-v"]
+    assert _cli(args) == 0
+    cap = capsys.readouterr()
+    listed = dict(line.split("\t") for line in cap.out.splitlines())
+    want = {}
+    for f in files:
+        n = len(tcpdump_select([f], "host 10.0.1.3"))
+        if n:
+            want[os.path.realpath(f)] = str(n)
+    assert listed == want
+    assert f"files considered {len(files)}, skipped by timeline 0" in cap.err
+    assert "written " + str(sum(map(int, want.values()))) in cap.err
+
+
+def test_plan_made_ahead_is_the_one_used(synth, tmp_path):
+    """The entry point plans on a thread before click loads; the command uses that plan when
+    it parses the same request, and plans itself otherwise."""
+    root, _ = synth
+    b, e = epoch(START), epoch(START + 3600 * NS)
+    early.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", "-O"])
+    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    ahead = early._ahead[1]
+    got = hostquery.take(req)
+    assert got is not None and ahead and got is ahead[0][1]
+    got.close()
+    early.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.4"])
+    other = hostquery.take(req)  # not the request planned ahead: planned now
+    assert other is not None and other.files
+    other.close()
+
+
+def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
+    """The installed command's entry point (early.main) with -O, read by tcpdump -r -."""
+    root, files = synth
+    cmd = [sys.executable, "-c", "from pcapvault.extract.early import main; main()",
+           "-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
+           "-f", "src host 10.0.1.3", "-O"]
+    ours = subprocess.run(cmd, capture_output=True, check=True).stdout
+    td = subprocess.run(["tcpdump", "-r", "-", "-w", "-", "--time-stamp-precision=nano"],
+                        input=ours, capture_output=True, check=True).stdout
+    assert read_pcap_records(td) == read_pcap_records(ours) == oracle(
+        files, "src host 10.0.1.3", START, START + 3600 * NS)
+
+
+def _cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
