@@ -235,14 +235,9 @@ KEY_DTYPE = np.dtype(
 )
 
 
-def _key_order(itemsize: int) -> np.dtype:
-    """A key's 20 sort bytes as big-endian numbers, which compare as memcmp does."""
-    return np.dtype({"names": ["hi", "lo", "tail"], "formats": [">u8", ">u8", ">u4"],
-                     "offsets": [0, 8, 16], "itemsize": itemsize})
-
-
-_KEY_ORDER = _key_order(20)  # a key's sort bytes alone, as the builder holds them
-_KEY_ORDER_ENTRY = _key_order(KEY_LEN)  # ... read in place in a directory entry
+# A directory entry's 20 sort bytes as numbers that compare as memcmp compares the bytes.
+_KEY_ORDER = np.dtype({"names": ["hi", "lo", "tail"], "formats": [">u8", ">u8", ">u4"],
+                       "offsets": [0, 8, 16], "itemsize": KEY_LEN})
 FRAME_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("entries", "<u4")])
 assert FRAME_DTYPE.itemsize == FRAME_ENTRY_LEN
 _FRAME_OPTIONS = {
@@ -267,40 +262,77 @@ def _flow_keys(flows: np.ndarray, present: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per flow row: its source-side key (the address-unknown key when it has no addresses)
     and destination-side key as numbers into the sorted key table, -1 when none, the role of
-    the source-side entry, and the key table's 20 sort bytes. Only rows marked `present` (with
-    packets) make keys."""
+    the source-side entry, and the key table (KEY_DTYPE, counts and frames not filled in).
+    Only rows marked `present` (with packets) make keys."""
     posted = present & (flows["vlan1"] == VLAN_ABSENT) & np.isin(
         flows["ethertype"], POSTED_ETHERTYPES)
     known = posted & ((flows["flags"] & FLAG_ADDRS) != 0)
-    sides = np.zeros((2, len(flows), 20), np.uint8)
-    sides[0, :, :16] = np.where(known[:, None], flows["src"], 0)
-    sides[1, :, :16] = flows["dst"]
-    sides[:, :, 16:18] = flows["ethertype"].astype(">u2").view(np.uint8).reshape(-1, 2)
-    sides[0, :, 19] = np.where(posted & ~known, KEY_UNKNOWN, 0)
+    # A key's 20 sort bytes as three numbers that compare as the bytes do: the address as two
+    # big-endian words, then ethertype and key flags.
+    words = np.ascontiguousarray(flows, dtype=FLOW_DTYPE).view("<u8").reshape(-1, 6)
+    src_hi, src_lo, dst_hi, dst_lo = (words[:, i].byteswap() for i in range(2, 6))
+    tail = flows["ethertype"].astype(np.uint64) << np.uint64(16)
     # src == dst: one entry with both roles, under the source-side key
-    two = known & (flows["src"] != flows["dst"]).any(axis=1)
+    two = known & ((src_hi != dst_hi) | (src_lo != dst_lo))
     role = np.where(known, np.where(two, ROLE_SRC, ROLE_SRC | ROLE_DST), 0).astype(np.uint8)
     wanted = np.concatenate([posted, two])
-    table, inverse = _distinct_keys(sides.reshape(-1, 20)[wanted])
+    zero = np.uint64(0)
+    columns = [
+        np.concatenate([np.where(known, src_hi, zero), dst_hi])[wanted],
+        np.concatenate([np.where(known, src_lo, zero), dst_lo])[wanted],
+        np.concatenate([np.where(known, tail, tail | np.uint64(KEY_UNKNOWN)), tail])[wanted],
+    ]
+    distinct, inverse = _distinct_keys(columns)
     number = np.full(2 * len(flows), -1, np.int64)
     number[wanted] = inverse
+    hi, lo, tail = (col[distinct] for col in columns)
+    table = np.zeros(len(distinct), KEY_DTYPE)
+    table.view(np.uint8).reshape(-1, KEY_LEN)[:, :16] = (
+        np.stack([hi, lo], axis=1).astype(">u8").view(np.uint8))
+    table["ethertype"] = tail >> np.uint64(16)
+    table["flags"] = tail & np.uint64(0xFFFF)
     return number[: len(flows)], number[len(flows) :], role, table
 
 
-def _distinct_keys(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct 20-byte keys of `raw` ((n, 20) uint8) in memcmp order, and each row's
-    number among them. (np.unique on a structured view does the same ten times slower.)"""
-    words = raw.view(_KEY_ORDER).ravel()
-    columns = [words[name].astype(np.uint64) for name in ("hi", "lo", "tail")]
-    order = np.lexsort(columns[::-1])
-    same = np.ones(max(len(order) - 1, 0), bool)
-    for col in columns:
-        ordered = col[order]
-        same &= ordered[1:] == ordered[:-1]
-    new = np.concatenate(([True], ~same)) if len(order) else same
-    inverse = np.empty(len(order), np.int64)
-    inverse[order] = np.cumsum(new) - 1
-    return raw[order[new]], inverse
+_KEY_HASH = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F,
+                                         0x165667B19E3779F9))
+
+
+def _distinct_keys(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, inverse): one row number of each distinct key, the keys given as uint64 columns
+    compared in order, in ascending key order; and each row's number among the distinct keys.
+
+    The rows are grouped by sorting one 64-bit word each, a hash of the key above the row's
+    number (a plain value sort is several times faster than sorting the keys themselves);
+    the groups are then checked against the keys, and only a hash collision takes the exact
+    sort. The few distinct keys are then sorted exactly.
+    """
+    n = len(columns[0])
+    bits = max(n - 1, 1).bit_length()
+    h = columns[0] * _KEY_HASH[0]
+    for col, mult in zip(columns[1:], _KEY_HASH[1:], strict=True):
+        h ^= h >> np.uint64(29)
+        h ^= col
+        h *= mult
+    shift = np.uint64(bits)
+    packed = (h >> shift) << shift | np.arange(n, dtype=np.uint64)
+    packed.sort()
+    rows = (packed & np.uint64((1 << bits) - 1)).astype(np.intp)
+    grouped = packed >> shift
+    first = np.ones(n, bool)
+    np.not_equal(grouped[1:], grouped[:-1], out=first[1:])
+    inverse = np.empty(n, np.intp)
+    inverse[rows] = np.cumsum(first) - 1
+    distinct = rows[first]
+    if all(np.array_equal(col[distinct][inverse], col) for col in columns):
+        order = np.lexsort([col[distinct] for col in columns[::-1]])
+        rank = np.empty(len(order), np.intp)
+        rank[order] = np.arange(len(order))
+        return distinct[order], rank[inverse]
+    rows = np.lexsort(columns[::-1])  # a hash collision: the exact sort
+    first[1:] = np.any([col[rows[1:]] != col[rows[:-1]] for col in columns], axis=0)
+    inverse[rows] = np.cumsum(first) - 1
+    return rows[first], inverse
 
 
 def _list_deltas(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -335,7 +367,7 @@ def _frame_bounds(counts: np.ndarray) -> list[tuple[int, int]]:
 def build_postings(idx: PacketIndex) -> PostingsSection:
     """The address postings of an index with packet columns (FORMAT.md "Address postings").
 
-    Everything is done per flow row and then gathered per packet: no per-packet Python.
+    Keys are made per flow row; per packet there are only gathers and one radix sort.
     """
     if idx.flow is None:
         raise ValueError("build_postings needs the packet columns")
@@ -344,23 +376,29 @@ def build_postings(idx: PacketIndex) -> PostingsSection:
     flow = np.asarray(idx.flow)
     present = np.bincount(flow, minlength=len(idx.flows)) > 0
     src_key, dst_key, src_role, table = _flow_keys(idx.flows, present)
-    # Two candidate entries per packet, interleaved so that they stay in pcap order; a stable
-    # sort by key then groups each key's entries in that order.
-    key = np.stack([src_key[flow], dst_key[flow]], axis=1).ravel()
-    keep = np.flatnonzero(key >= 0)
-    key = key[keep].astype(np.uint16 if len(table) <= 1 << 16 else np.uint32)
-    order = np.argsort(key, kind="stable")
-    slot = keep[order]
+    nkeys = len(table)
+    # Two entry slots per packet, interleaved so that they stay in pcap order; slots without
+    # an entry get key number nkeys. A stable sort by key then groups each key's entries in
+    # pcap order and puts the empty slots last (numpy's stable sort of 16-bit values is a
+    # radix sort).
+    kind = np.uint16 if nkeys < 1 << 16 else np.uint32
+    slot_key = np.empty((len(flow), 2), kind)
+    slot_key[:, 0] = np.where(src_key < 0, nkeys, src_key)[flow]
+    slot_key[:, 1] = np.where(dst_key < 0, nkeys, dst_key)[flow]
+    counts = np.bincount(slot_key.ravel(), minlength=nkeys + 1)[:nkeys]
+    slot = np.argsort(slot_key.ravel(), kind="stable")[: int(counts.sum())]
     packet = slot >> 1
-    role = np.where(slot & 1, np.uint8(ROLE_DST), src_role[flow[packet]]).astype(np.uint8)
-    counts = np.bincount(key, minlength=len(table))
+    slot_role = np.empty((len(flow), 2), np.uint8)
+    slot_role[:, 0] = src_role[flow]
+    slot_role[:, 1] = ROLE_DST
+    role = slot_role.ravel()[slot]
     starts = np.cumsum(counts) - counts
     ts = _list_deltas(np.asarray(idx.ts_ns, dtype="<i8")[packet], starts)
-    offset = _list_deltas(np.asarray(idx.offset).astype("<i8")[packet], starts)
-    length = (np.asarray(idx.caplen)[packet] + RECORD_HEADER_LEN).astype("<u4")
+    offset = _list_deltas(np.asarray(idx.offset).view("<i8")[packet], starts)
+    length = np.asarray(idx.caplen, dtype="<u4")[packet]
+    length += RECORD_HEADER_LEN
 
-    keys = np.zeros(len(table), KEY_DTYPE)
-    keys.view(np.uint8).reshape(-1, KEY_LEN)[:, :20] = table
+    keys = table
     keys["count"] = counts
     frames = []
     for number, (k0, k1) in enumerate(_frame_bounds(counts)):
@@ -455,7 +493,7 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
     keys = np.frombuffer(directory, KEY_DTYPE, count=h.keys)
     table = np.frombuffer(directory, FRAME_DTYPE, offset=KEY_LEN * h.keys)
     if len(keys) > 1:
-        order = np.frombuffer(directory, _KEY_ORDER_ENTRY, count=h.keys)
+        order = np.frombuffer(directory, _KEY_ORDER, count=h.keys)
         a, b = order[:-1], order[1:]
         after = (b["hi"] > a["hi"]) | (b["hi"] == a["hi"]) & (
             (b["lo"] > a["lo"]) | (b["lo"] == a["lo"]) & (b["tail"] > a["tail"]))

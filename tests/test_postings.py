@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +27,8 @@ from test_index_builder import (
 )
 from test_indexfile import as_version, sample_index, with_crc
 
-from pcapvault.index.builder import build_index
+from pcapvault.index import indexfile
+from pcapvault.index.builder import build_index, index_records
 from pcapvault.index.errors import FormatError
 from pcapvault.index.indexfile import (
     FLAG_ADDRS,
@@ -42,7 +45,7 @@ from pcapvault.index.indexfile import (
     read_index,
     write_index,
 )
-from pcapvault.index.pcapfile import pcap_bytes
+from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
 from pcapvault.index.postings import (
     FRAME_ENTRIES,
     READ_AHEAD,
@@ -446,3 +449,36 @@ def test_unsorted_keys_are_refused_by_the_full_decoder(tmp_path: Path) -> None:
     path = _respliced(tmp_path, swap)
     with pytest.raises(FormatError, match="postings key 1 out of order"):
         decode_index(path.read_bytes(), str(path))
+
+
+def test_reader_needs_no_numpy(tmp_path: Path) -> None:
+    """The host-query path reads postings before numpy is imported: it must stay that way."""
+    frames = [udp4("10.0.0.1", "10.0.0.2", i) for i in range(3)]
+    _, path = index_of(tmp_path, frames)
+    code = (
+        "import sys\n"
+        "from pcapvault.index.postings import Postings\n"
+        f"with Postings.read({str(path)!r}) as p:\n"
+        "    lst = p.entries(p.find(bytes(10) + b'\\xff\\xff' + bytes([10, 0, 0, 2]), 0x0800))\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+        "print(lst.offset, lst.roles.hex())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["[24,", "94,", "164]", "020202"]
+
+
+def test_key_hash_collisions_take_the_exact_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are grouped through a hash, checked afterwards: with every key hashing alike the
+    postings come out the same."""
+    frames = [udp4(f"10.{i % 3}.{i % 11}.1", f"10.9.{i % 5}.9", i) for i in range(500)]
+    frames += [eth(0x86DD, ipv6(17, ports(1, 2), src=f"2001:db8::{i}")) for i in range(1, 9)]
+    pcap = pcap_bytes([(T0 + i, f) for i, f in enumerate(frames)])
+    header = parse_global_header(pcap, "x")
+    idx = index_records(pcap, header, scan_records(pcap, header))
+    normal = build_postings(idx)
+    monkeypatch.setattr(indexfile, "_KEY_HASH", (np.uint64(0),) * 3)
+    colliding = build_postings(idx)
+    assert len(normal.keys) == 33 + 5 + 8  # 10.x.y.1, 10.9.z.9, 2001:db8::1..8
+    assert colliding.keys.tobytes() == normal.keys.tobytes()
+    assert colliding.frames == normal.frames
