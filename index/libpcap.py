@@ -23,10 +23,9 @@ per-packet ctypes path for comparison and benchmarks.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import PcapVaultError
@@ -78,11 +77,20 @@ class _PktHdr(ctypes.Structure):
     _fields_ = [("ts", _Timeval), ("caplen", ctypes.c_uint32), ("len", ctypes.c_uint32)]
 
 
+def _sonames() -> Iterator[str]:
+    """The sonames distributions ship first: ctypes.util.find_library runs ldconfig in a
+    subprocess (10 ms, on the host-query fast path's critical path)."""
+    yield from ("libpcap.so.0.8", "libpcap.so.1", "libpcap.so")
+    import ctypes.util
+
+    found = ctypes.util.find_library("pcap")
+    if found:
+        yield found
+
+
 def _load() -> ctypes.CDLL:
-    name = ctypes.util.find_library("pcap")
-    candidates = [n for n in (name, "libpcap.so.0.8", "libpcap.so.1", "libpcap.so") if n]
     last: OSError | None = None
-    for n in candidates:
+    for n in _sonames():
         try:
             lib = ctypes.CDLL(n)
             break
