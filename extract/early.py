@@ -45,6 +45,10 @@ def main() -> None:
     preconnect(sys.argv[1:])
     if not _held:
         plan_ahead(sys.argv[1:])
+        # Planning is mostly Python and holds the GIL; importing click beside it would only
+        # delay the moment the packets' reads start. Once planned, those reads run in the
+        # kernel (the hints thread waits there) while click imports.
+        _wait_planned()
     from .cli import main as cli_main
 
     cli_main()
@@ -100,6 +104,11 @@ def plan_ahead(argv: list[str]) -> None:
     t = threading.Thread(target=work, name="plan-ahead", daemon=True)
     _ahead = (t, box)
     t.start()
+
+
+def _wait_planned() -> None:
+    if _ahead is not None:
+        _ahead[0].join()
 
 
 def planned_ahead() -> tuple | None:
