@@ -37,7 +37,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
 from .direct import ALIGN, DirectReader, Span, cached, open_direct
-from .hints import will_need
+from .hints import will_need_index
 from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
@@ -386,7 +386,7 @@ class _Pipeline:
         # The indexes are read first and are small: ask for the first ones now, before any
         # pcap range is queued (a sequential read behind thousands of scattered ones waits).
         for sf in self.files[:AHEAD_FILES]:
-            will_need(sf.index)
+            will_need_index(sf.index)
 
     def top_up(self) -> None:
         """Plan further files while little is planned and unread."""
@@ -402,7 +402,7 @@ class _Pipeline:
 
     def _plan(self, sf: StoredFile) -> _Planned:
         if self.next + AHEAD_FILES < len(self.files):
-            will_need(self.files[self.next + AHEAD_FILES].index)
+            will_need_index(self.files[self.next + AHEAD_FILES].index)
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)

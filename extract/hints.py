@@ -12,15 +12,21 @@ import os
 from collections.abc import Iterable
 
 
-def will_need(path: str | os.PathLike[str]) -> None:
-    """Start reading a whole (small) file into the page cache; only a hint, never fails."""
+def will_need_index(path: str | os.PathLike[str]) -> None:
+    """Start reading the part of an index file the engine reads (header, postings directory,
+    summary and packet sections), not the postings frames at the end of a version 3 index,
+    which only the host-query path reads; only a hint, never fails."""
+    from pcapvault.index.errors import PcapVaultError
+    from pcapvault.index.postings import HEADER_LEN, parse_header
+
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
+        h = parse_header(os.pread(fd, HEADER_LEN, 0), str(path))
+        os.posix_fadvise(fd, 0, h.frames_offset, os.POSIX_FADV_WILLNEED)
+    except (PcapVaultError, OSError):
         pass
     finally:
         os.close(fd)
@@ -39,4 +45,4 @@ def warm_indexes(dumpsets: Iterable[str], begin_ns: int, end_ns: int, limit: int
         except (PcapVaultError, OSError):
             continue
         for sf in files[:limit]:
-            will_need(sf.index)
+            will_need_index(sf.index)
