@@ -222,24 +222,19 @@ def tcpdump_files(files: list[Path], expr: str) -> list[str]:
     return ["sh", "-c", script]
 
 
-WARM = [
-    [sys.executable, "-c", "import numpy, pyzstd, click, pcapvault.extract.engine, "
-     "pcapvault.extract.cli, pcapvault.extract.flowmatch, pcapvault.extract.hostquery"],
-    ["tcpdump", "--version"],
-]
-
-
-def interleaved(cmds: dict[str, list[str]], repeat: int, cold: bool) -> dict[str, list[Run]]:
+def interleaved(cmds: dict[str, list[str]], repeat: int, cold: bool, warm: list[list[str]]
+                ) -> dict[str, list[Run]]:
     """Cold data, warm programs: before every run the page cache is dropped, then the
-    interpreter, numpy and tcpdump are loaded again, as on a machine where the tools are in
-    use. The commands take turns, so that load from other work on a shared machine falls on
-    all of them alike."""
+    programs are loaded again by running `warm` (the same commands on another, small dump
+    set), as on a machine where the tools are in use: every module and library a command
+    touches is then cached, not only those it imports first. The commands take turns, so
+    that load from other work on a shared machine falls on all of them alike."""
     runs: dict[str, list[Run]] = {k: [] for k in cmds}
     for _ in range(repeat):
         for k, argv in cmds.items():
             if cold:
                 drop_caches()
-                for w in WARM:
+                for w in warm:
                     subprocess.run(w, capture_output=True)
             runs[k].append(timed(argv))
     return runs
@@ -352,7 +347,13 @@ def main() -> None:
         "td_b": tcpdump_files(files, "tcp"),
         "b": [*exe, "-t", str(root), "-b", h0, "-e", h1, "-f", "tcp", "-o", "/dev/null", "-v"],
     }
-    r = interleaved(cmds, args.repeat, cold)
+    small = Path(args.dir) / "warm"
+    if not (small / ".pcapvault").exists():
+        build(small, 0.02)
+    warm = [[*a[:a.index("-t") + 1], str(small), *a[a.index("-t") + 2:]]
+            for k, a in cmds.items() if not k.startswith("td_")]
+    warm.append(["tcpdump", "--version"])
+    r = interleaved(cmds, args.repeat, cold, warm)
     print("| case | command | files | wall s (median) | CPU s | disk MB | ratio |")
     print("|---|---|---|---|---|---|---|")
 
@@ -376,6 +377,7 @@ def main() -> None:
         print(f"{k} runs: " + " ".join(f"{x.wall:.2f}" for x in r[k]) + " s")
     if not args.keep:
         shutil.rmtree(root)  # only what this script built: the directory may be shared
+        shutil.rmtree(small)
         try:
             Path(args.dir).rmdir()
         except OSError:
