@@ -26,22 +26,26 @@ from .pcapfile import RECORD_HEADER_LEN, RecordTable
 # The header (MAGIC, VERSION, READABLE_VERSIONS, parse_header) is defined in the numpy-free
 # postings module: a host query reads it before numpy is imported.
 from .postings import (
-    ENTRY_LEN,
+    BLOCK,
+    BLOCK_ENTRY_LEN,
+    CRC_AT,
     FRAME_ENTRIES,
     FRAME_ENTRY_LEN,
     HEADER_LEN,
     KEY_LEN,
     KEY_UNKNOWN,
+    LENGTH_WIDTHS,
     LINKTYPE_ETHERNET,
     POSTED_ETHERTYPES,
-    ROLE_DST,
-    ROLE_SRC,
     VERSION,
     IndexHeader,
     check_directory,
     check_size,
     decompress_exact,
     file_crc,
+    frame_sizes,
+    list_columns,
+    offset_width,
     pack_header,
     parse_header,
     require_postings,
@@ -227,23 +231,27 @@ def _summary_section(idx: PacketIndex) -> bytes:
 # Postings directory entries (FORMAT.md "Address postings").
 KEY_DTYPE = np.dtype(
     {
-        "names": ["address", "ethertype", "flags", "count", "frame", "first"],
-        "formats": [("u1", 16), ">u2", ">u2", "<u4", "<u4", "<u4"],
-        "offsets": [0, 16, 18, 20, 24, 28],
+        "names": ["address", "ethertype", "flags", "count", "sources", "frame", "first",
+                  "reserved"],
+        "formats": [("u1", 16), ">u2", ">u2", "<u4", "<u4", "<u4", "<u4", "<u4"],
+        "offsets": [0, 16, 18, 20, 24, 28, 32, 36],
         "itemsize": KEY_LEN,
     }
 )
-
-
 # A directory entry's 20 sort bytes as numbers that compare as memcmp compares the bytes.
 _KEY_ORDER = np.dtype({"names": ["hi", "lo", "tail"], "formats": [">u8", ">u8", ">u4"],
                        "offsets": [0, 8, 16], "itemsize": KEY_LEN})
 FRAME_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("entries", "<u4")])
 assert FRAME_DTYPE.itemsize == FRAME_ENTRY_LEN
+BLOCK_DTYPE = np.dtype([("offset", "<u8"), ("min_ns", "<i8"), ("max_ns", "<i8")])
+assert BLOCK_DTYPE.itemsize == BLOCK_ENTRY_LEN
 _FRAME_OPTIONS = {
     zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
     zstd.CompressionParameter.checksum_flag: 1,
 }
+# The posted ethertypes as an array, ascending: a key's ethertype and flags compare as its
+# position here (times two, plus the "address unknown" flag) does.
+_POSTED = np.array(sorted(POSTED_ETHERTYPES), np.uint16)
 
 
 @dataclass(eq=False)
@@ -252,96 +260,108 @@ class PostingsSection:
     compares (compressed bytes depend on the zstd release, their content does not)."""
 
     keys: np.ndarray  # KEY_DTYPE, in stored order
-    frames: list[bytes]  # each frame decompressed: ENTRY_LEN x its entry count
+    frames: list[bytes]  # each frame decompressed: offsets, then lengths, byte-transposed
+    entries: np.ndarray  # entries of each frame
+    blocks: np.ndarray  # BLOCK_DTYPE: the block time table
+    offset_bytes: int = 4  # width of the frames' record offsets
 
-    def frame_entries(self) -> np.ndarray:
-        return np.array([len(f) // ENTRY_LEN for f in self.frames], dtype="<u4")
+
+def block_table(idx: PacketIndex) -> np.ndarray:
+    """The block time table of an index with packet columns: per BLOCK packets in pcap order,
+    the first one's record offset and the blocks' minimum and maximum timestamp."""
+    starts = np.arange(0, idx.count, BLOCK)
+    blocks = np.empty(len(starts), BLOCK_DTYPE)
+    if len(starts):
+        ts = np.asarray(idx.ts_ns, dtype=np.int64)
+        blocks["offset"] = np.asarray(idx.offset)[starts]
+        blocks["min_ns"] = np.minimum.reduceat(ts, starts)
+        blocks["max_ns"] = np.maximum.reduceat(ts, starts)
+    return blocks
+
+
+def _ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's rank among the distinct values, ascending, and the position of one
+    occurrence of each distinct value (np.unique's inverse, cheaper than its index)."""
+    order = np.argsort(values)
+    ordered = values[order]
+    new = np.empty(len(values), bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    rank = np.empty(len(values), np.int64)
+    rank[order] = np.cumsum(new) - 1
+    return rank, order[new]
 
 
 def _flow_keys(flows: np.ndarray, present: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per flow row: its source-side key (the address-unknown key when it has no addresses)
-    and destination-side key as numbers into the sorted key table, -1 when none, the role of
-    the source-side entry, and the key table (KEY_DTYPE, counts and frames not filled in).
-    Only rows marked `present` (with packets) make keys."""
-    posted = present & (flows["vlan1"] == VLAN_ABSENT) & np.isin(
-        flows["ethertype"], POSTED_ETHERTYPES)
-    known = posted & ((flows["flags"] & FLAG_ADDRS) != 0)
-    # A key's 20 sort bytes as three numbers that compare as the bytes do: the address as two
-    # big-endian words, then ethertype and key flags.
-    words = np.ascontiguousarray(flows, dtype=FLOW_DTYPE).view("<u8").reshape(-1, 6)
-    src_hi, src_lo, dst_hi, dst_lo = (words[:, i].byteswap() for i in range(2, 6))
-    tail = flows["ethertype"].astype(np.uint64) << np.uint64(16)
-    # src == dst: one entry with both roles, under the source-side key
-    two = known & ((src_hi != dst_hi) | (src_lo != dst_lo))
-    role = np.where(known, np.where(two, ROLE_SRC, ROLE_SRC | ROLE_DST), 0).astype(np.uint8)
-    wanted = np.concatenate([posted, two])
-    zero = np.uint64(0)
-    columns = [
-        np.concatenate([np.where(known, src_hi, zero), dst_hi])[wanted],
-        np.concatenate([np.where(known, src_lo, zero), dst_lo])[wanted],
-        np.concatenate([np.where(known, tail, tail | np.uint64(KEY_UNKNOWN)), tail])[wanted],
-    ]
-    distinct, inverse = _distinct_keys(columns)
-    number = np.full(2 * len(flows), -1, np.int64)
-    number[wanted] = inverse
-    hi, lo, tail = (col[distinct] for col in columns)
-    table = np.zeros(len(distinct), KEY_DTYPE)
-    table.view(np.uint8).reshape(-1, KEY_LEN)[:, :16] = (
-        np.stack([hi, lo], axis=1).astype(">u8").view(np.uint8))
-    table["ethertype"] = tail >> np.uint64(16)
-    table["flags"] = tail & np.uint64(0xFFFF)
-    return number[: len(flows)], number[len(flows) :], role, table
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per flow row the number of the key its packets are posted under as the source, and
+    as the destination, nkeys when none; and the key table (KEY_DTYPE, sorted, counts and
+    frames not filled in). Only rows marked `present` (with packets) make keys.
 
-
-_KEY_HASH = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F,
-                                         0x165667B19E3779F9))
-
-
-def _distinct_keys(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, inverse): one row number of each distinct key, the keys given as uint64 columns
-    compared in order, in ascending key order; and each row's number among the distinct keys.
-
-    The rows are grouped by sorting one 64-bit word each, a hash of the key above the row's
-    number (a plain value sort is several times faster than sorting the keys themselves);
-    the groups are then checked against the keys, and only a hash collision takes the exact
-    sort. The few distinct keys are then sorted exactly.
+    A row without addresses posts under its ethertype's "address unknown" key, as the
+    source only. The keys (a few per row, never per packet) are numbered in their sort
+    order through exact ranks of their address halves.
     """
-    n = len(columns[0])
-    bits = max(n - 1, 1).bit_length()
-    h = columns[0] * _KEY_HASH[0]
-    for col, mult in zip(columns[1:], _KEY_HASH[1:], strict=True):
-        h ^= h >> np.uint64(29)
-        h ^= col
-        h *= mult
-    shift = np.uint64(bits)
-    packed = (h >> shift) << shift | np.arange(n, dtype=np.uint64)
-    packed.sort()
-    rows = (packed & np.uint64((1 << bits) - 1)).astype(np.intp)
-    grouped = packed >> shift
-    first = np.ones(n, bool)
-    np.not_equal(grouped[1:], grouped[:-1], out=first[1:])
-    inverse = np.empty(n, np.intp)
-    inverse[rows] = np.cumsum(first) - 1
-    distinct = rows[first]
-    if all(np.array_equal(col[distinct][inverse], col) for col in columns):
-        order = np.lexsort([col[distinct] for col in columns[::-1]])
-        rank = np.empty(len(order), np.intp)
-        rank[order] = np.arange(len(order))
-        return distinct[order], rank[inverse]
-    rows = np.lexsort(columns[::-1])  # a hash collision: the exact sort
-    first[1:] = np.any([col[rows[1:]] != col[rows[:-1]] for col in columns], axis=0)
-    inverse[rows] = np.cumsum(first) - 1
-    return rows[first], inverse
+    ethertype = flows["ethertype"]
+    posted = present & (flows["vlan1"] == VLAN_ABSENT) & np.isin(ethertype, _POSTED)
+    known = posted & ((flows["flags"] & FLAG_ADDRS) != 0)
+    # Candidate keys: the source side of every posted row, the destination side of rows
+    # with addresses. Address halves as big-endian numbers compare as their bytes do.
+    words = np.ascontiguousarray(flows, dtype=FLOW_DTYPE).view("<u8").reshape(-1, 6)
+    side = np.concatenate([posted, known])
+    unknown = np.concatenate([~known, np.zeros_like(known)])[side]
+    hi = np.concatenate([words[:, 2], words[:, 4]])[side].byteswap()
+    lo = np.concatenate([words[:, 3], words[:, 5]])[side].byteswap()
+    hi[unknown] = 0
+    lo[unknown] = 0
+    tail = np.searchsorted(_POSTED, np.concatenate([ethertype, ethertype])[side]) * 2 + unknown
+    rank_hi, _ = _ranks(hi)
+    rank_lo, _ = _ranks(lo)
+    combined = (rank_hi * int(rank_lo.max(initial=0) + 1) + rank_lo) * 8 + tail
+    number, first = _ranks(combined.astype(np.uint64))
+    nkeys = len(first)
+    key = np.full(2 * len(flows), nkeys, np.int64)
+    key[side] = number
+    table = np.zeros(nkeys, KEY_DTYPE)
+    address = table["address"].view(">u8").reshape(-1, 2)
+    address[:, 0] = hi[first]
+    address[:, 1] = lo[first]
+    table["ethertype"] = _POSTED[tail[first] >> 1]
+    table["flags"] = tail[first] & KEY_UNKNOWN
+    return key[: len(flows)], key[len(flows) :], table
 
 
-def _list_deltas(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Per-list delta coding: each entry minus the previous one of its list, the first of each
-    list absolute."""
-    out = values.copy()
-    out[1:] -= values[:-1]
-    out[starts] = values[starts]
-    return out
+def _grouped_slots(src_key: np.ndarray, dst_key: np.ndarray, flow: np.ndarray,
+                   nkeys: int) -> np.ndarray:
+    """Entry slots grouped by key: slot p is packet p as a source, slot n + p packet p as a
+    destination (n packets). A stable sort by key keeps each key's source slots first and
+    both parts in pcap order; slots posted nowhere (key nkeys) come last.
+
+    numpy's stable sort of 16-bit integers is a radix sort: one pass of 16-bit key numbers,
+    or two (low half, then high half, LSD) for 65536 keys or more.
+    """
+    n = len(flow)
+    order: np.ndarray | None = None
+    for shift in range(0, max(nkeys.bit_length(), 1), 16):
+        digit = np.empty(2 * n, np.uint16)
+        for part, keys in enumerate((src_key, dst_key)):
+            np.take((keys >> shift).astype(np.uint16), flow, out=digit[part * n : (part + 1) * n])
+        order = (np.argsort(digit, kind="stable") if order is None
+                 else order[np.argsort(digit[order], kind="stable")])
+    assert order is not None
+    return order
+
+
+def _entry_records(idx: PacketIndex, slots: np.ndarray, widths: tuple[int, int]
+                   ) -> np.ndarray:
+    """The record offset and length of each entry slot, as (offset, length) rows of the
+    given byte widths (a packed structured array)."""
+    record = np.dtype([("offset", f"<u{widths[0]}"), ("length", f"<u{widths[1]}")])
+    packets = np.empty(idx.count, record)
+    packets["offset"] = idx.offset
+    packets["length"] = idx.caplen
+    packets["length"] += RECORD_HEADER_LEN
+    return np.take(packets, slots, mode="wrap")  # slot n + p is packet p
 
 
 def _frame_bounds(counts: np.ndarray) -> list[tuple[int, int]]:
@@ -364,59 +384,72 @@ def _frame_bounds(counts: np.ndarray) -> list[tuple[int, int]]:
     return bounds
 
 
-def build_postings(idx: PacketIndex) -> PostingsSection:
-    """The address postings of an index with packet columns (FORMAT.md "Address postings").
+def _transposed(records: np.ndarray) -> bytes:
+    """A frame's content: the entries' offsets, then their lengths, each column
+    byte-transposed (all least significant bytes first)."""
+    return b"".join(
+        np.ascontiguousarray(records[name]).view(np.uint8).reshape(len(records), -1).T.tobytes()
+        for name in ("offset", "length")
+    )
 
-    Keys are made per flow row; per packet there are only gathers and one radix sort.
+
+def build_postings(idx: PacketIndex) -> PostingsSection:
+    """The address postings and block time table of an index with packet columns (FORMAT.md
+    "Address postings").
+
+    Keys are made per flow row; per packet there are only gathers and one radix sort by key.
     """
     if idx.flow is None:
         raise ValueError("build_postings needs the packet columns")
+    blocks = block_table(idx)
     if idx.linktype != LINKTYPE_ETHERNET or idx.count == 0 or not len(idx.flows):
-        return PostingsSection(np.zeros(0, KEY_DTYPE), [])
+        return PostingsSection(np.zeros(0, KEY_DTYPE), [], np.zeros(0, np.int64), blocks)
     flow = np.asarray(idx.flow)
-    present = np.bincount(flow, minlength=len(idx.flows)) > 0
-    src_key, dst_key, src_role, table = _flow_keys(idx.flows, present)
-    nkeys = len(table)
-    # Two entry slots per packet, interleaved so that they stay in pcap order; slots without
-    # an entry get key number nkeys. A stable sort by key then groups each key's entries in
-    # pcap order and puts the empty slots last (numpy's stable sort of 16-bit values is a
-    # radix sort).
-    kind = np.uint16 if nkeys < 1 << 16 else np.uint32
-    slot_key = np.empty((len(flow), 2), kind)
-    slot_key[:, 0] = np.where(src_key < 0, nkeys, src_key)[flow]
-    slot_key[:, 1] = np.where(dst_key < 0, nkeys, dst_key)[flow]
-    counts = np.bincount(slot_key.ravel(), minlength=nkeys + 1)[:nkeys]
-    slot = np.argsort(slot_key.ravel(), kind="stable")[: int(counts.sum())]
-    packet = slot >> 1
-    slot_role = np.empty((len(flow), 2), np.uint8)
-    slot_role[:, 0] = src_role[flow]
-    slot_role[:, 1] = ROLE_DST
-    role = slot_role.ravel()[slot]
+    packets = np.bincount(flow, minlength=len(idx.flows))
+    src_key, dst_key, keys = _flow_keys(idx.flows, packets > 0)
+    nkeys = len(keys)
+    sources = np.bincount(src_key, weights=packets, minlength=nkeys + 1)[:nkeys].astype(np.int64)
+    counts = sources + np.bincount(dst_key, weights=packets, minlength=nkeys + 1)[:nkeys].astype(
+        np.int64)
+    slots = _grouped_slots(src_key, dst_key, flow, nkeys)[: int(counts.sum())]
+    widths = (offset_width(idx.pcap_size),
+              LENGTH_WIDTHS[int(np.max(idx.caplen)) + RECORD_HEADER_LEN >= 1 << 16])
+    records = _entry_records(idx, slots, widths)
+    # Offsets delta-coded within each part: every part's first one absolute.
     starts = np.cumsum(counts) - counts
-    ts = _list_deltas(np.asarray(idx.ts_ns, dtype="<i8")[packet], starts)
-    offset = _list_deltas(np.asarray(idx.offset).view("<i8")[packet], starts)
-    length = np.asarray(idx.caplen, dtype="<u4")[packet]
-    length += RECORD_HEADER_LEN
+    part = np.concatenate([starts[sources > 0], (starts + sources)[counts > sources]])
+    offset = records["offset"]
+    first = offset[part]
+    offset[1:] -= offset[:-1].copy()
+    offset[part] = first
 
-    keys = table
     keys["count"] = counts
-    frames = []
+    keys["sources"] = sources
+    frames, entries = [], []
     for number, (k0, k1) in enumerate(_frame_bounds(counts)):
         e0, e1 = int(starts[k0]), int(starts[k1 - 1] + counts[k1 - 1])
         keys["frame"][k0:k1] = number
         keys["first"][k0:k1] = starts[k0:k1] - e0
-        frames.append(b"".join(col[e0:e1].tobytes() for col in (ts, offset, length, role)))
-    return PostingsSection(keys, frames)
+        frames.append(_transposed(records[e0:e1]))
+        entries.append(e1 - e0)
+    return PostingsSection(keys, frames, np.array(entries, np.int64), blocks, widths[0])
+
+
+def postings_directory(postings: PostingsSection, compressed: list[bytes]) -> bytes:
+    """The directory of `postings` whose frames compressed to `compressed`: key table,
+    frame table, block time table."""
+    table = np.zeros(len(compressed), FRAME_DTYPE)
+    table["length"] = [len(b) for b in compressed]
+    table["offset"] = np.cumsum(table["length"], dtype=np.uint64) - table["length"]
+    table["entries"] = postings.entries
+    return postings.keys.tobytes() + table.tobytes() + postings.blocks.tobytes()
 
 
 def encode_postings(postings: PostingsSection) -> tuple[bytes, bytes]:
     """(directory, frames) as stored: each frame one zstd frame with a content checksum."""
-    blobs = [zstd.compress(f, options=_FRAME_OPTIONS) for f in postings.frames]
-    table = np.zeros(len(blobs), FRAME_DTYPE)
-    table["length"] = [len(b) for b in blobs]
-    table["offset"] = np.cumsum(table["length"], dtype=np.uint64) - table["length"]
-    table["entries"] = postings.frame_entries()
-    return postings.keys.tobytes() + table.tobytes(), b"".join(blobs)
+    compressor = zstd.ZstdCompressor(options=_FRAME_OPTIONS)
+    blobs = [compressor.compress(f, zstd.ZstdCompressor.FLUSH_FRAME) for f in postings.frames]
+    return postings_directory(postings, blobs), b"".join(blobs)
 
 
 def encode_index(idx: PacketIndex) -> bytes:
@@ -440,9 +473,8 @@ def encode_index(idx: PacketIndex) -> bytes:
         len(postings.keys), len(frames), zlib.crc32(directory),
     )
     head = bytearray(pack_header(h))
-    sections = (directory, summary, packets, frames)
-    struct.pack_into("<I", head, 60, file_crc(head, *sections))
-    return b"".join((head, *sections))
+    struct.pack_into("<I", head, CRC_AT, file_crc(head, directory, summary, packets))
+    return b"".join((head, directory, summary, packets, frames))
 
 
 def temp_path(path: str | os.PathLike[str]) -> Path:
@@ -472,14 +504,16 @@ def write_index(path: str | os.PathLike[str], idx: PacketIndex) -> None:
 
 
 def _checked_header(data: bytes, name: str, file_size: int | None = None) -> IndexHeader:
-    """Header checks in FORMAT.md's order: magic, version, length; then, when `data` is the
-    whole file, the checksum and the postings directory."""
+    """Header checks in FORMAT.md's order: magic, version, length; then, when `data` reaches
+    the postings frames, the checksum and the postings directory. The frames themselves are
+    not needed: the checksum covers everything before them."""
     h = parse_header(data, name)
     check_size(h, len(data) if file_size is None else file_size, name)
-    if len(data) == h.file_size:
-        if file_crc(data) != h.crc:
+    if len(data) >= h.frames_offset:
+        view = memoryview(data)
+        if file_crc(view[: h.frames_offset]) != h.crc:
             raise FormatError(f"{name}: damaged index (checksum mismatch)")
-        directory = memoryview(data)[h.header_len : h.summary_offset]
+        directory = view[h.header_len : h.summary_offset]
         check_directory(h, directory, name)
         problem = _directory_problem(h, directory)
         if problem:
@@ -491,7 +525,8 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
     """What is wrong with a postings directory whose checksum, shape and frame table are
     right: the damage a faulty writer could do, found without decompressing a frame."""
     keys = np.frombuffer(directory, KEY_DTYPE, count=h.keys)
-    table = np.frombuffer(directory, FRAME_DTYPE, offset=KEY_LEN * h.keys)
+    table = np.frombuffer(directory[: h.blocks_at], FRAME_DTYPE, offset=KEY_LEN * h.keys)
+    blocks = np.frombuffer(directory[h.blocks_at :], BLOCK_DTYPE)
     if len(keys) > 1:
         order = np.frombuffer(directory, _KEY_ORDER, count=h.keys)
         a, b = order[:-1], order[1:]
@@ -506,6 +541,15 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
         bad = end > table["entries"][keys["frame"]]
     if bad.any():
         return f"postings key {int(np.flatnonzero(bad)[0])} does not fit the frame table"
+    unknown = (keys["flags"] & KEY_UNKNOWN) != 0
+    bad = (keys["sources"] > keys["count"]) | unknown & (keys["sources"] != keys["count"])
+    if bad.any():
+        return f"postings key {int(np.flatnonzero(bad)[0])} has a wrong source count"
+    bad = (blocks["min_ns"] > blocks["max_ns"]) | (blocks["min_ns"] < h.first_ns) | (
+        blocks["max_ns"] > h.last_ns) | (blocks["offset"] >= h.pcap_size)
+    bad[1:] |= blocks["offset"][1:] <= blocks["offset"][:-1]
+    if bad.any():
+        return f"postings time block {int(np.flatnonzero(bad)[0])} contradicts the header"
     return None
 
 
@@ -526,13 +570,14 @@ def decode_index(
 ) -> PacketIndex:
     """Parse an index file held in memory; any damage raises a one-line FormatError.
 
-    `data` is normally the whole file. Given the real `file_size`, it may stop after the
-    summary section: the summary is then decoded without the checksum (which covers the whole
-    file), for the cheapest possible look at the flow table.
+    `data` is the whole file, or, given the real `file_size`, its first bytes: up to the
+    postings frames (`index_bytes`: everything this decodes and verifies), or even only up to
+    the end of the summary section, which is then decoded without the checksum, for the
+    cheapest possible look at the flow table. Postings frames are never read here.
     """
     h = _checked_header(data, name, file_size)
-    if len(data) != h.file_size and (packets or len(data) < h.packets_offset):
-        raise ValueError("decode_index needs the whole file to read packets")
+    if len(data) < (h.frames_offset if packets else h.packets_offset):
+        raise ValueError("decode_index needs the file up to its postings frames to read packets")
     view = memoryview(data)
     idx = _summary_index(h, view[h.summary_offset : h.packets_offset], name)
     if packets:
@@ -630,18 +675,39 @@ def _read_file(path: str | os.PathLike[str]) -> bytes:
         raise FormatError(f"{path}: cannot read index: {e.strerror}") from None
 
 
+def index_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    """(the index's bytes up to its postings frames, the file's size): all that
+    `decode_index(data, name, file_size=size)` decodes and verifies, without reading the
+    postings frames (megabytes a query that does not use them must not read)."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER_LEN)
+            h = parse_header(head, name)
+            check_size(h, size, name)
+            data = head[: h.frames_offset] + f.read(max(h.frames_offset - len(head), 0))
+    except OSError as e:
+        raise FormatError(f"{name}: cannot read index: {e.strerror}") from None
+    if len(data) < h.frames_offset:  # the file shrank under us
+        raise FormatError(f"{name}: truncated index ({len(data)} bytes read)")
+    return data, size
+
+
 def read_index(
     path: str | os.PathLike[str], packets: bool = True, verify: bool = True
 ) -> PacketIndex:
     """Read an index file; `packets=False` decodes the header and flow table only.
 
-    With `packets=False, verify=False` only the header and the summary section are read from
-    disk, skipping the checksum (which needs the whole file): the fast way to decide whether a
+    The postings frames are never read (see `index_bytes`). With `packets=False,
+    verify=False` only the header and the summary section are read from disk, skipping the
+    checksum (which needs everything before the frames): the fast way to decide whether a
     file can match a query. Every other combination verifies the checksum.
     """
     name = str(path)
     if packets or verify:
-        return decode_index(_read_file(path), name, packets=packets)
+        data, size = index_bytes(path)
+        return decode_index(data, name, packets=packets, file_size=size)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -659,20 +725,21 @@ def decode_postings(data: bytes, name: str) -> PostingsSection:
     NoPostings for a version without them."""
     h = _checked_header(data, name)
     require_postings(h, name)
-    view = memoryview(data)
-    keys = np.frombuffer(view[h.header_len :], KEY_DTYPE, count=h.keys)
-    table = np.frombuffer(
-        view[h.header_len + KEY_LEN * h.keys : h.summary_offset], FRAME_DTYPE)
+    directory = memoryview(data)[h.header_len : h.summary_offset]
+    keys = np.frombuffer(directory, KEY_DTYPE, count=h.keys)
+    table = np.frombuffer(directory[: h.blocks_at], FRAME_DTYPE, offset=KEY_LEN * h.keys)
     frames = [
-        decompress_exact(view[h.frames_offset + int(off) : h.frames_offset + int(off + length)],
-                         ENTRY_LEN * int(m), f"postings frame {i}", name)
+        decompress_exact(data[h.frames_offset + off : h.frames_offset + off + length],
+                         frame_sizes(m, h.offset_width), f"postings frame {i}", name)
         for i, (off, length, m) in enumerate(table.tolist())
     ]
-    return PostingsSection(keys, frames)
+    blocks = np.frombuffer(directory[h.blocks_at :], BLOCK_DTYPE)
+    return PostingsSection(keys, frames, table["entries"].astype(np.int64), blocks,
+                           h.offset_width)
 
 
 def read_postings(path: str | os.PathLike[str]) -> PostingsSection:
-    """`decode_postings` of the file at `path`."""
+    """`decode_postings` of the file at `path`: the whole file, frames included."""
     return decode_postings(_read_file(path), str(path))
 
 
@@ -695,25 +762,42 @@ def postings_problem(stored: PostingsSection, fresh: PostingsSection) -> str | N
     diff = np.flatnonzero(a[:n].view(row) != b[:n].view(row))
     if len(diff) or len(a) != len(b):
         i = int(diff[0]) if len(diff) else n
-        mine = f"{key_text(a[i])}: {a[i]['count']} entries" if i < len(a) else "no such key"
-        theirs = f"{key_text(b[i])}: {b[i]['count']} entries" if i < len(b) else "no such key"
+        mine = _key_counts(a[i]) if i < len(a) else "no such key"
+        theirs = _key_counts(b[i]) if i < len(b) else "no such key"
         return f"postings key {i} ({mine}) but the pcap gives ({theirs})"
     if len(stored.frames) != len(fresh.frames):
         return (f"postings have {len(stored.frames)} frames but the pcap's would have "
                 f"{len(fresh.frames)}")
     for f, (mine, theirs) in enumerate(zip(stored.frames, fresh.frames, strict=True)):
         if mine != theirs:
-            return f"postings {_first_different_list(a, f, mine, theirs)} differ from the pcap's"
+            return f"postings {_first_different_list(stored, fresh, f)} differ from the pcap's"
+    x, y = stored.blocks, fresh.blocks
+    diff = np.flatnonzero(x.view(np.void(BLOCK_ENTRY_LEN).dtype) != y.view(
+        np.void(BLOCK_ENTRY_LEN).dtype)) if len(x) == len(y) else [min(len(x), len(y))]
+    if len(diff):
+        i = int(diff[0])
+        mine = tuple(x[i].tolist()) if i < len(x) else "no such block"
+        theirs = tuple(y[i].tolist()) if i < len(y) else "no such block"
+        return (f"postings time block {i} (offset, min, max ns {mine}) but the pcap gives "
+                f"({theirs})")
     return None
 
 
-def _first_different_list(keys: np.ndarray, frame: int, mine: bytes, theirs: bytes) -> str:
-    """Names the first list of `frame` whose entries differ between two decoded frames."""
-    m = len(theirs) // ENTRY_LEN
-    for k in np.flatnonzero(keys["frame"] == frame).tolist():
-        first, count = int(keys["first"][k]), int(keys["count"][k])
-        for width, pos in ((8, 0), (8, 8 * m), (4, 16 * m), (1, 20 * m)):
-            span = slice(pos + width * first, pos + width * (first + count))
-            if mine[span] != theirs[span]:
+def _key_counts(key: np.void) -> str:
+    sources, count = int(key["sources"]), int(key["count"])
+    return f"{key_text(key)}: {count} entries, {sources} as source"
+
+
+def _first_different_list(stored: PostingsSection, fresh: PostingsSection, frame: int) -> str:
+    """Names the first list of `frame` whose entries differ between two sections with the
+    same keys."""
+    keys = fresh.keys
+    m, theirs_m = int(stored.entries[frame]), int(fresh.entries[frame])
+    mine, theirs = stored.frames[frame], fresh.frames[frame]
+    if m == theirs_m:
+        for k in np.flatnonzero(keys["frame"] == frame).tolist():
+            first, count = int(keys["first"][k]), int(keys["count"][k])
+            if (list_columns(mine, m, first, count, stored.offset_bytes)
+                    != list_columns(theirs, m, first, count, fresh.offset_bytes)):
                 return f"of key {k} ({key_text(keys[k])})"
     return f"frame {frame}"

@@ -19,6 +19,7 @@ from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import add
 
 from .errors import FormatError
 from .zstdlib import zstd
@@ -41,16 +42,18 @@ CRC_AT = 60
 HEADER_FLAG_NS = 1
 
 # Postings layout (FORMAT.md "Address postings").
-KEY_LEN = 32
+KEY_LEN = 40
 KEY_SORT_LEN = 20  # address, ethertype, key flags: what keys are sorted and found by
 FRAME_ENTRY_LEN = 16
-ENTRY_LEN = 8 + 8 + 4 + 1  # timestamp, record offset, record length, roles
+BLOCK_ENTRY_LEN = 24  # first record offset, minimum and maximum timestamp
+# The packets of a file, in pcap order, are cut into blocks of this many for the block time
+# table: what tells a reader which postings a time window keeps, without timestamps in them.
+BLOCK = 1024
 # Lists are packed into frames of at least this many entries; a longer list gets a frame of
 # its own, so a small list never costs the decompression of a large one.
 FRAME_ENTRIES = 8192
 KEY_UNKNOWN = 0x0001  # key flag: the list of packets whose addresses were not captured
-ROLE_SRC = 0x01
-ROLE_DST = 0x02
+LENGTH_WIDTHS = (2, 4)  # bytes of a frame's record lengths: u16 when every length fits
 LINKTYPE_ETHERNET = 1
 # The ethertypes whose addresses `host ADDR` compares on Ethernet: IPv4, ARP, RARP, IPv6.
 POSTED_ETHERTYPES = (0x0800, 0x0806, 0x8035, 0x86DD)
@@ -58,9 +61,10 @@ POSTED_ETHERTYPES = (0x0800, 0x0806, 0x8035, 0x86DD)
 # First read of Postings.read: header and directory of all but the largest files at once.
 READ_AHEAD = 256 * 1024
 
-_KEY_TAIL = struct.Struct("<III")  # count, frame, first
+_KEY_TAIL = struct.Struct("<IIII")  # count, sources, frame, first
 _FRAME_ENTRY = struct.Struct("<QII")  # offset, compressed length, entries
-_U32 = "I" if array("I").itemsize == 4 else "L"
+_BLOCK_ENTRY = struct.Struct("<Qqq")  # first record offset, min and max timestamp
+_TYPECODES = {2: "H", 4: "I" if array("I").itemsize == 4 else "L", 8: "Q"}
 _SWAP = sys.byteorder != "little"
 
 
@@ -101,6 +105,7 @@ class IndexHeader:
 
     @property
     def frames_offset(self) -> int:
+        """Where the postings frames start; also the end of what the header CRC covers."""
         return self.packets_offset + self.packets_len
 
     @property
@@ -108,9 +113,30 @@ class IndexHeader:
         return self.frames_offset + self.frames_len
 
     @property
+    def blocks(self) -> int:
+        """Entries of the block time table: one per BLOCK packets (none before version 3)."""
+        if self.version < FIRST_POSTINGS_VERSION:
+            return 0
+        return -(-self.count // BLOCK)
+
+    @property
     def frame_count(self) -> int:
         """Entries of the frame table (valid once `check_directory` passed)."""
-        return (self.directory_len - KEY_LEN * self.keys) // FRAME_ENTRY_LEN
+        return self.frame_table_len // FRAME_ENTRY_LEN
+
+    @property
+    def blocks_at(self) -> int:
+        """Where the block time table starts within the directory."""
+        return KEY_LEN * self.keys + self.frame_table_len
+
+    @property
+    def frame_table_len(self) -> int:
+        return self.directory_len - KEY_LEN * self.keys - BLOCK_ENTRY_LEN * self.blocks
+
+    @property
+    def offset_width(self) -> int:
+        """Bytes of a record offset in the postings frames: 4 for a pcap under 4 GiB."""
+        return offset_width(self.pcap_size)
 
 
 def parse_header(data: bytes, name: str) -> IndexHeader:
@@ -148,10 +174,17 @@ def pack_header(h: IndexHeader) -> bytes:
     ) + _HEADER_V3.pack(h.directory_len, h.keys, h.frames_len, h.directory_crc)
 
 
+def offset_width(pcap_size: int) -> int:
+    """Bytes of a record offset in the postings frames of a pcap of `pcap_size` bytes."""
+    return 4 if pcap_size < 1 << 32 else 8
+
+
 def file_crc(head: bytes | memoryview, *sections: bytes | memoryview) -> int:
-    """CRC-32 of an index file, given whole or as its header and the sections after it: every
-    byte but the CRC field itself (bytes 60..63), in file order. In version 3 this covers the
-    postings fields of the header (64..79) and the postings with everything else."""
+    """CRC-32 the header stores at byte 60, of an index given as its first `frames_offset`
+    bytes or as its header and the sections after it: every byte before the postings frames
+    but the CRC field itself (bytes 60..63), in file order. The frames are left out: each
+    carries its own checksum, and a reader of the flow table and packet section never reads
+    them (in versions 1 and 2 there are none, so the CRC covers the whole file)."""
     view = memoryview(head)
     crc = zlib.crc32(view[HEADER_LEN_V2:], zlib.crc32(view[:CRC_AT]))
     for section in sections:
@@ -169,18 +202,19 @@ def check_size(h: IndexHeader, size: int, name: str) -> None:
 def check_directory(h: IndexHeader, directory: bytes | memoryview, name: str) -> None:
     """The postings directory's shape, checksum and frame table: what a reader of the header
     and the directory alone can verify."""
-    rest = h.directory_len - KEY_LEN * h.keys
+    rest = h.frame_table_len
     if rest < 0 or rest % FRAME_ENTRY_LEN or (h.keys and not rest):
         raise FormatError(
             f"{name}: damaged index (a postings directory of {h.directory_len} bytes cannot "
-            f"hold {h.keys} keys and a frame table)"
+            f"hold {h.keys} keys, a frame table and {h.blocks} time blocks)"
         )
     if zlib.crc32(directory) != h.directory_crc:
         raise FormatError(f"{name}: damaged index (postings directory checksum mismatch)")
     # Frames follow one another without gaps and fill the frames section: checked here, a
-    # key count damaged in the header (which the directory's checksum does not cover) shows.
+    # key or packet count damaged in the header (which the directory's checksum does not
+    # cover) shows.
     end = 0
-    for offset, length, _ in _FRAME_ENTRY.iter_unpack(directory[KEY_LEN * h.keys :]):
+    for offset, length, _ in _FRAME_ENTRY.iter_unpack(directory[KEY_LEN * h.keys : h.blocks_at]):
         if offset != end:
             break
         end += length
@@ -192,20 +226,57 @@ def check_directory(h: IndexHeader, directory: bytes | memoryview, name: str) ->
     )
 
 
-def decompress_exact(blob: bytes | memoryview, expected: int, what: str, name: str) -> bytes:
-    """Decompress one zstd frame of known size, never producing more than it should hold (a
-    damaged or hostile frame must not make the reader allocate whatever size it claims)."""
+def decompress_exact(blob: bytes | memoryview, expected: int | tuple[int, ...], what: str,
+                     name: str) -> bytes:
+    """Decompress one zstd frame of known size (or one of a few sizes), never producing more
+    than it should hold (a damaged or hostile frame must not make the reader allocate
+    whatever size it claims)."""
+    sizes = expected if isinstance(expected, tuple) else (expected,)
     d = zstd.ZstdDecompressor()
     try:
-        raw = d.decompress(blob, max_length=expected + 1)
+        raw = d.decompress(blob, max_length=max(sizes) + 1)
     except zstd.ZstdError as e:
         raise FormatError(f"{name}: damaged index ({what} does not decompress: {e})") from None
-    if len(raw) != expected or not d.eof or d.unused_data:
-        size = f"{len(raw)}+" if len(raw) > expected else str(len(raw))
+    if len(raw) not in sizes or not d.eof or d.unused_data:
+        size = f"{len(raw)}+" if len(raw) > max(sizes) else str(len(raw))
         raise FormatError(
-            f"{name}: damaged index ({what} is {size} bytes, expected {expected})"
+            f"{name}: damaged index ({what} is {size} bytes, expected "
+            f"{' or '.join(map(str, sorted(set(sizes))))})"
         )
     return raw
+
+
+def frame_sizes(entries: int, offset_bytes: int) -> tuple[int, ...]:
+    """The sizes a postings frame of `entries` entries may decompress to: offsets and lengths,
+    the lengths 2 or 4 bytes wide."""
+    return tuple(entries * (offset_bytes + w) for w in LENGTH_WIDTHS)
+
+
+def list_columns(frame: bytes | memoryview, entries: int, first: int, count: int,
+                 offset_bytes: int) -> tuple[array, array]:
+    """The stored offsets (delta-coded per part) and lengths of `count` entries from entry
+    `first` of a decompressed frame of `entries` entries, as arrays of numbers.
+
+    Each column is byte-transposed: byte k of entry i is at k x entries + i within it. An
+    entry's bytes are gathered with one slice assignment per byte plane, no loop per entry.
+    """
+    length_bytes = len(frame) // entries - offset_bytes
+    if length_bytes not in LENGTH_WIDTHS:  # decompress_exact took only these sizes
+        raise ValueError(f"a postings frame of {entries} entries is not {len(frame)} bytes")
+    columns = []
+    base = 0
+    for width in (offset_bytes, length_bytes):
+        out = bytearray(count * width)
+        for k in range(width):
+            start = base + k * entries + first
+            out[k::width] = frame[start : start + count]
+        col = array(_TYPECODES[width])
+        col.frombytes(out)
+        if _SWAP:
+            col.byteswap()
+        columns.append(col)
+        base += width * entries
+    return columns[0], columns[1]
 
 
 def key_bytes(address: bytes, ethertype: int, unknown: bool = False) -> bytes:
@@ -233,12 +304,13 @@ def require_postings(h: IndexHeader, name: str) -> None:
 
 @dataclass
 class PostingList:
-    """The packets of one key, in pcap order."""
+    """The packets of one key: first those where its address is the source, then those where
+    it is the destination (a packet from an address to itself in both), each part in pcap
+    order. An "address unknown" list has only the first part."""
 
-    ts_ns: list[int]  # absolute, ns
     offset: list[int]  # offset of the 16-byte record header in the pcap
     length: list[int]  # 16 + caplen: the record's bytes
-    roles: bytes  # per entry ROLE_SRC | ROLE_DST (0 in "address unknown" lists)
+    sources: int  # entries of the source part: offset[:sources]
 
 
 class Postings:
@@ -261,6 +333,7 @@ class Postings:
         self.keys = header.keys
         self.frames = header.frame_count
         self.frames_len = header.frames_len
+        self.block_count = header.blocks
         self._header = header
         self._fd = fd
         self._own_fd = own_fd
@@ -334,18 +407,36 @@ class Postings:
         """Entries in the key's list (from the directory: no frame is read)."""
         return self._key_entry(key)[0]
 
+    def sources(self, key: int) -> int:
+        """Entries of the key's source part (from the directory: no frame is read)."""
+        return self._key_entry(key)[1]
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """The block time table: per BLOCK packets in pcap order, the offset of the block's
+        first record and the minimum and maximum timestamp (ns) of its packets. A posting
+        whose offset lies in a block entirely inside (outside) a time window is inside
+        (outside) it."""
+        start = self._header.blocks_at
+        return list(_BLOCK_ENTRY.iter_unpack(self._dir[start:]))
+
     def directory_span(self) -> tuple[int, int]:
         """(file offset, length) of the header and the directory: for page-cache hints."""
         return 0, self._header.header_len + self._header.directory_len
 
     def frame_span(self, key: int) -> tuple[int, int]:
         """(file offset, length) of the compressed frame holding the key's list."""
-        offset, length, _ = self._frame_entry(key, self._key_entry(key)[1])
+        offset, length, _ = self._frame_entry(key, self._key_entry(key)[2])
         return self._header.frames_offset + offset, length
 
     def entries(self, key: int) -> PostingList:
-        """The key's list, decoded; FormatError when its frame is damaged."""
-        count, frame, first = self._key_entry(key)
+        """The key's list, decoded; FormatError when its frame is damaged or a record it names
+        lies beyond the pcap size."""
+        count, sources, frame, first = self._key_entry(key)
+        if sources > count:
+            raise FormatError(
+                f"{self.path}: damaged index (postings key {key} has {sources} sources in a "
+                f"list of {count})"
+            )
         offset, length, m = self._frame_entry(key, frame)
         if first + count > m:
             raise FormatError(
@@ -355,21 +446,23 @@ class Postings:
         if raw is None:
             raw = self._read_frame(frame, offset, length, m)
             self._cache[frame] = raw
-        view = memoryview(raw)
-        ts = _column(view, "q", 8 * first, count)
-        off = _column(view, "q", 8 * m + 8 * first, count)
-        rec = _column(view, _U32, 16 * m + 4 * first, count)
-        return PostingList(
-            ts_ns=list(accumulate(ts)), offset=list(accumulate(off)), length=rec.tolist(),
-            roles=raw[20 * m + first : 20 * m + first + count],
-        )
+        deltas, lengths = list_columns(raw, m, first, count, self._header.offset_width)
+        offsets = list(accumulate(deltas[:sources]))
+        offsets += accumulate(deltas[sources:])
+        ends = list(map(add, offsets, lengths))
+        if ends and max(ends) > self.pcap_size:
+            raise FormatError(
+                f"{self.path}: damaged index (postings key {key} names a record beyond the "
+                f"pcap's {self.pcap_size} bytes)"
+            )
+        return PostingList(offset=offsets, length=lengths.tolist(), sources=sources)
 
     def _check_key(self, key: int) -> int:
         if not 0 <= key < self.keys:
             raise IndexError(f"postings key {key} out of range (0..{self.keys - 1})")
         return key
 
-    def _key_entry(self, key: int) -> tuple[int, int, int]:
+    def _key_entry(self, key: int) -> tuple[int, int, int, int]:
         return _KEY_TAIL.unpack_from(self._dir, self._check_key(key) * KEY_LEN + KEY_SORT_LEN)
 
     def _frame_entry(self, key: int, frame: int) -> tuple[int, int, int]:
@@ -390,13 +483,5 @@ class Postings:
             raise FormatError(f"{self.path}: cannot read index: {e.strerror}") from None
         if len(blob) != length:
             raise FormatError(f"{self.path}: truncated index (postings frame {frame} cut short)")
-        return decompress_exact(blob, ENTRY_LEN * entries, f"postings frame {frame}", self.path)
-
-
-def _column(view: memoryview, typecode: str, start: int, count: int) -> array:
-    """`count` little-endian items of a frame column, from byte `start`."""
-    col = array(typecode)
-    col.frombytes(view[start : start + count * col.itemsize])
-    if _SWAP:
-        col.byteswap()
-    return col
+        return decompress_exact(blob, frame_sizes(entries, self._header.offset_width),
+                                f"postings frame {frame}", self.path)

@@ -72,9 +72,10 @@ def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert any("ip udp 10.0.0.3.1003 > 10.9.9.9.53" in line for line in lines)
     assert sum(1 for line in lines if " offset " in line) == 20
     (postings,) = [line for line in lines if line.startswith("postings: ")]
-    assert postings.startswith("postings: 21 keys, ") and postings.endswith(" bytes in 1 frames")
-    assert "  key 3: ip 10.0.0.3: 1 packets" in lines
-    assert "  key 20: ip 10.9.9.9: 20 packets" in lines
+    assert postings.startswith("postings: 21 keys, ")
+    assert postings.endswith(" bytes in 1 frames, 1 time blocks")
+    assert "  key 3: ip 10.0.0.3: 1 packets (1 as source, 0 as destination)" in lines
+    assert "  key 20: ip 10.9.9.9: 20 packets (0 as source, 20 as destination)" in lines
 
 
 def test_print_older_version_without_postings(
@@ -102,8 +103,9 @@ def test_print_limit_json_and_times(pcap: Path, capsys: pytest.CaptureFixture[st
                                          "packet"]
     assert recs[0]["packets"] == 20 and recs[0]["precision"] == "ns"
     assert recs[0]["postings"]["keys"] == 21 and recs[0]["postings"]["frames"] == 1
+    assert recs[0]["postings"]["time_blocks"] == 1
     assert recs[3] == {"type": "key", "key": 0, "address": "10.0.0.0", "ethertype": 0x0800,
-                       "entries": 1}
+                       "entries": 1, "sources": 1, "destinations": 0}
     assert recs[1]["dport"] == 53 and recs[1]["src"].startswith("10.0.0.")
     assert recs[5] == {"type": "packet", "index": 0, "ts_ns": T0, "offset": 24, "caplen": 42,
                        "wirelen": 42, "flow": recs[5]["flow"]}
@@ -260,33 +262,55 @@ def test_check_postings_that_do_not_match_the_pcap(
         directory, frames = encode_postings(section)
         path.write_bytes(with_postings(good, directory, len(section.keys), frames))
 
-    def role(section) -> None:  # 10.0.0.5 was the destination of its packet
-        frame = bytearray(section.frames[0])
-        frame[len(frame) - len(frame) // 21 + 5] = 2
-        section.frames[0] = bytes(frame)
+    def role(section) -> None:  # 10.9.9.9 said to be the source of one of its packets
+        section.keys["sources"][-1] = 1
 
     def address(section) -> None:  # 10.9.9.9 said to be 10.9.9.10
         section.keys["address"][-1][-1] = 10
 
     def dropped(section) -> None:  # the last packet to 10.9.9.9 left out
         section.keys["count"][-1] -= 1
-        f, m = section.frames[0], len(section.frames[0]) // 21
-        section.frames[0] = f[: 8 * m - 8] + f[8 * m : 16 * m - 8] + f[16 * m : 20 * m - 4] + f[
-            20 * m : -1]
+
+    def offset(section) -> None:  # 10.0.0.5's packet said to be 1 byte further
+        frame = bytearray(section.frames[0])
+        frame[int(section.keys["first"][5])] += 1  # the low byte of its (only) offset
+        section.frames[0] = bytes(frame)
+
+    def block(section) -> None:  # the time block said to start 1 ns later
+        section.blocks["min_ns"][0] += 1
 
     respliced(role)
     code, err = check(path, capsys)
-    assert code == 1 and "postings of key 5 (10.0.0.5, ethertype 0x0800) differ" in err, err
+    assert code == 1 and ("postings key 20 (10.9.9.9, ethertype 0x0800: 20 entries, 1 as "
+                          "source) but the pcap gives (10.9.9.9, ethertype 0x0800: 20 entries, "
+                          "0 as source)") in err, err
     respliced(address)
     code, err = check(path, capsys)
-    assert code == 1 and "postings key 20 (10.9.9.10, ethertype 0x0800: 20 entries)" in err
-    assert "but the pcap gives (10.9.9.9, ethertype 0x0800: 20 entries)" in err
+    assert code == 1 and "postings key 20 (10.9.9.10, ethertype 0x0800: 20 entries" in err
+    assert "but the pcap gives (10.9.9.9, ethertype 0x0800: 20 entries" in err
     respliced(dropped)
     code, err = check(path, capsys)
-    assert code == 1 and "postings key 20 (10.9.9.9, ethertype 0x0800: 19 entries)" in err
+    assert code == 1 and "postings key 20 (10.9.9.9, ethertype 0x0800: 19 entries" in err
+    respliced(offset)
+    code, err = check(path, capsys)
+    assert code == 1 and "postings of key 5 (10.0.0.5, ethertype 0x0800) differ" in err, err
+    respliced(block)
+    code, err = check(path, capsys)
+    assert code == 1 and "postings time block 0 (offset, min, max ns" in err, err
     path.write_bytes(good)
     code, out = check(path, capsys)
     assert code == 0 and "OK" in out
+
+
+def test_check_damaged_postings_frame(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A frame byte is outside the header's checksum: -c still decompresses every frame."""
+    path = index(pcap, capsys)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # in the frame's content checksum
+    path.write_bytes(bytes(data))
+    assert read_index(path).count == 20
+    code, err = check(path, capsys)
+    assert code == 1 and "damaged index (postings frame 0" in err, err
 
 
 def test_check_unsorted_entries(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:

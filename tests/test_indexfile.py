@@ -75,9 +75,19 @@ def assert_same(a: PacketIndex, b: PacketIndex, packets: bool = True) -> None:
             assert getattr(b, name) is None
 
 
+def crc_end(data: bytes) -> int:
+    """Where the header's checksum ends: at the postings frames of a version 3 file (taken
+    from the raw header fields, whatever the version says), at the end of an older one."""
+    if struct.unpack_from("<H", data, 8)[0] < 3 or len(data) < 80:
+        return len(data)
+    (summary, packets), (directory,) = struct.unpack_from("<II", data, 52), struct.unpack_from(
+        "<I", data, 64)
+    return 80 + directory + summary + packets
+
+
 def with_crc(data: bytes) -> bytes:
     """Recompute the checksum after a deliberate change, to reach the checks behind it."""
-    crc = zlib.crc32(data[64:], zlib.crc32(data[:60]))
+    crc = zlib.crc32(data[64 : crc_end(data)], zlib.crc32(data[:60]))
     return data[:60] + struct.pack("<I", crc) + data[64:]
 
 
@@ -118,9 +128,10 @@ def test_header_layout_matches_format_doc() -> None:
     assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 3, 1, 1, 10)
     assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
     assert HEADER_LEN == 80 and len(data) == 80 + dlen + slen + plen + flen
-    assert crc == zlib.crc32(data[64:], zlib.crc32(data[:60]))
+    # the checksum covers everything but itself up to the postings frames
+    assert crc == zlib.crc32(data[64 : 80 + dlen + slen + plen], zlib.crc32(data[:60]))
     assert dcrc == zlib.crc32(data[80 : 80 + dlen]) and keys and flen
-    assert (dlen - 32 * keys) % 16 == 0
+    assert (dlen - 40 * keys - 24) % 16 == 0  # keys, frame table, one time block
     summary = pyzstd.decompress(data[80 + dlen : 80 + dlen + slen])
     assert summary == idx.flows.tobytes() + idx.flow_packets.astype("<u4").tobytes()
     assert FLOW_DTYPE.itemsize == 48
@@ -137,7 +148,9 @@ def test_packet_section_coding_is_compact() -> None:
         True, 1, n, T0, T0 + n - 1, 24 + n * 76, empty_flows(1), np.array([n], np.uint32),
         T0 + np.arange(n), 24 + 76 * np.arange(n, dtype=np.uint64), caplen, caplen,
         np.zeros(n, np.uint32))
-    assert len(encode_index(idx)) < 2000
+    h = parse_header(encode_index(idx), "x")
+    assert h.summary_len + h.packets_len < 2000
+    assert (h.keys, h.directory_len) == (0, 24 * 98)  # nothing posted: the time blocks only
 
 
 def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,8 +185,12 @@ def read_error(data: bytes, tmp_path: Path, packets: bool = True) -> str:
 
 
 def test_every_flipped_byte_is_detected(tmp_path: Path) -> None:
+    """Every byte up to the postings frames (the frames have checksums of their own, see
+    test_postings)."""
     data = encode_index(sample_index(300))
-    for pos in list(range(10, 80)) + list(range(80, len(data), 7)):
+    end = parse_header(data, "x").frames_offset
+    assert end < len(data)
+    for pos in list(range(10, 80)) + list(range(80, end, 7)) + [end - 1]:
         bad = bytearray(data)
         bad[pos] ^= 0x20
         msg = read_error(bytes(bad), tmp_path)

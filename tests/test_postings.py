@@ -1,6 +1,7 @@
 """Address postings (index version 3): the numpy-free reader against postings computed one
-packet at a time from the decoded index, tcpdump as the oracle for `host ADDR`, and refusal
-of anything damaged with a one-line error naming the file."""
+packet at a time from the decoded index, tcpdump as the oracle for `host`, `src host` and
+`dst host`, the block time table against the packet columns, and refusal of anything damaged
+with a one-line error naming the file."""
 
 from __future__ import annotations
 
@@ -27,14 +28,12 @@ from test_index_builder import (
 )
 from test_indexfile import as_version, sample_index, with_crc
 
-from pcapvault.index import indexfile
-from pcapvault.index.builder import build_index, index_records
+from pcapvault.index.builder import build_index
 from pcapvault.index.errors import FormatError
 from pcapvault.index.indexfile import (
     FLAG_ADDRS,
     VLAN_ABSENT,
     PacketIndex,
-    PostingsSection,
     address_bytes,
     address_text,
     build_postings,
@@ -42,55 +41,61 @@ from pcapvault.index.indexfile import (
     decode_postings,
     encode_index,
     encode_postings,
+    postings_directory,
     read_index,
+    read_postings,
     write_index,
 )
-from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
+from pcapvault.index.pcapfile import pcap_bytes
 from pcapvault.index.postings import (
+    BLOCK,
     FRAME_ENTRIES,
     READ_AHEAD,
-    ROLE_DST,
-    ROLE_SRC,
     NoPostings,
     Postings,
     parse_header,
 )
+from pcapvault.index.zstdlib import zstd
 
 T0 = 1_763_737_200_000_000_000
 POSTED = (0x0800, 0x0806, 0x8035, 0x86DD)
 IPV4_TYPES = (0x0800, 0x0806, 0x8035)
 
 Key = tuple[bytes, int, bool]  # address (zeros for "unknown"), ethertype, unknown
-Entry = tuple[int, int, int, int]  # ts_ns, record offset, record length, roles
+Entry = tuple[int, int]  # record offset, record length
+Parts = tuple[list[Entry], list[Entry]]  # source part, destination part
 
 
-def reference_postings(idx: PacketIndex) -> dict[Key, list[Entry]]:
+def reference_postings(idx: PacketIndex) -> dict[Key, Parts]:
     """FORMAT.md's postings, one packet at a time, from a decoded index."""
-    lists: dict[Key, list[Entry]] = defaultdict(list)
+    lists: dict[Key, Parts] = defaultdict(lambda: ([], []))
     for i in range(idx.count):
         row = idx.flows[idx.flow[i]]
         et = int(row["ethertype"])
         if int(row["vlan1"]) != VLAN_ABSENT or et not in POSTED:
             continue
-        where = (int(idx.ts_ns[i]), int(idx.offset[i]), 16 + int(idx.caplen[i]))
+        entry = (int(idx.offset[i]), 16 + int(idx.caplen[i]))
         if not row["flags"] & FLAG_ADDRS:
-            lists[(bytes(16), et, True)].append((*where, 0))
+            lists[(bytes(16), et, True)][0].append(entry)
             continue
-        src, dst = bytes(row["src"]), bytes(row["dst"])
-        if src == dst:
-            lists[(src, et, False)].append((*where, ROLE_SRC | ROLE_DST))
-        else:
-            lists[(src, et, False)].append((*where, ROLE_SRC))
-            lists[(dst, et, False)].append((*where, ROLE_DST))
-    return lists
+        lists[(bytes(row["src"]), et, False)][0].append(entry)
+        lists[(bytes(row["dst"]), et, False)][1].append(entry)
+    return dict(lists)
 
 
-def stored_lists(p: Postings) -> dict[Key, list[Entry]]:
+def reference_blocks(idx: PacketIndex) -> list[tuple[int, int, int]]:
+    return [(int(idx.offset[i]), int(idx.ts_ns[i : i + BLOCK].min()),
+             int(idx.ts_ns[i : i + BLOCK].max())) for i in range(0, idx.count, BLOCK)]
+
+
+def stored_lists(p: Postings) -> dict[Key, Parts]:
     out = {}
     for k in range(p.keys):
         got = p.entries(k)
-        assert len(got.ts_ns) == p.size(k) > 0
-        out[p.key(k)] = list(zip(got.ts_ns, got.offset, got.length, got.roles, strict=True))
+        assert len(got.offset) == len(got.length) == p.size(k) > 0
+        assert got.sources == p.sources(k)
+        entries = list(zip(got.offset, got.length, strict=True))
+        out[p.key(k)] = (entries[: got.sources], entries[got.sources :])
     return out
 
 
@@ -124,6 +129,15 @@ def with_postings(data: bytes, directory: bytes, keys: int, frames: bytes) -> by
     return with_crc(bytes(head) + directory + data[h.summary_offset : h.frames_offset] + frames)
 
 
+def respliced(idx: PacketIndex, change) -> bytes:
+    """The file of `idx` with its postings altered by `change` (a function of the built
+    PostingsSection) and re-encoded, every checksum valid."""
+    section = build_postings(idx)
+    change(section)
+    directory, frames = encode_postings(section)
+    return with_postings(encode_index(idx), directory, len(section.keys), frames)
+
+
 def read_error(path: Path, key: int | None = None) -> str:
     """The one-line FormatError of reading `path`'s postings (and list `key`)."""
     with pytest.raises(FormatError) as e:
@@ -144,7 +158,8 @@ def udp4(src: str, dst: str, i: int = 0) -> bytes:
 
 @needs_corpus
 def test_corpus_round_trip(tmp_path: Path) -> None:
-    """Every list of every corpus capture equals the one computed packet by packet."""
+    """Every list of every corpus capture equals the one computed packet by packet, and the
+    block time table the one computed from the packet columns."""
     totals = defaultdict(int)
     for pcap in corpus_files():
         path = tmp_path / "c.idx"
@@ -157,18 +172,22 @@ def test_corpus_round_trip(tmp_path: Path) -> None:
                 3, idx.count, idx.first_ns, idx.last_ns, idx.pcap_size)
             got = stored_lists(p)
             assert got == want, pcap
+            assert p.blocks() == reference_blocks(idx), pcap
             order = [sort_bytes(p.key(k)) for k in range(p.keys)]
             assert order == sorted(set(order)), pcap
-            for key, lst in want.items():
+            for key, (src, dst) in want.items():
                 k = p.find(key[0], key[1], unknown=key[2])
-                assert k is not None and p.size(k) == len(lst)
+                assert k is not None and (p.size(k), p.sources(k)) == (len(src) + len(dst),
+                                                                       len(src))
             assert p.find(address_bytes("203.0.113.254"), 0x0800) is None
         totals["keys"] += len(want)
         totals["unknown"] += sum(1 for key in want if key[2])
         totals["arp"] += sum(1 for key in want if key[1] in (0x0806, 0x8035) and not key[2])
         totals["ip6"] += sum(1 for key in want if key[1] == 0x86DD and not key[2])
+        totals["both"] += sum(1 for key, (s, d) in want.items() if set(s) & set(d))
     # guard against a vacuous pass: every kind of list occurs in the corpus
     assert totals["keys"] > 300 and totals["unknown"] and totals["arp"] and totals["ip6"] > 30
+    assert totals["both"]  # packets from an address to itself
 
 
 def _addresses(p: Postings, types: tuple[int, ...]) -> list[bytes]:
@@ -176,14 +195,17 @@ def _addresses(p: Postings, types: tuple[int, ...]) -> list[bytes]:
     return sorted(found)
 
 
-def _records(p: Postings, keys: list[int | None], role: int | None = None) -> set[int]:
-    """Record numbers (the combined capture stamps record i at i seconds) of the lists."""
+def _records(p: Postings, number: dict[int, int], keys: list[int | None],
+             part: str | None = None) -> set[int]:
+    """Record numbers (found by their offsets) of the entries of `keys`: of their source
+    parts ("src"), destination parts ("dst") or both (None)."""
     out = set()
     for k in keys:
         if k is not None:
             lst = p.entries(k)
-            out.update(ts // 1_000_000_000 for ts, r in zip(lst.ts_ns, lst.roles, strict=True)
-                       if role is None or r & role)
+            start = lst.sources if part == "dst" else 0
+            end = lst.sources if part == "src" else len(lst.offset)
+            out.update(number[off] for off in lst.offset[start:end])
     return out
 
 
@@ -192,37 +214,39 @@ def test_tcpdump_host_selects_the_posted_records(
     combined: tuple[Path, np.ndarray], tmp_path: Path  # noqa: F811
 ) -> None:
     """`host ADDR` selects every record posted under ADDR for its family's ethertypes, and
-    otherwise only records of those ethertypes' "address unknown" lists; likewise `src host`
-    with the source role."""
+    otherwise only records of those ethertypes' "address unknown" lists; `src host ADDR`
+    likewise with exactly the source parts, `dst host ADDR` the destination parts."""
     pcap, _ = combined
     path = tmp_path / "corpus.pcap.idx"
     write_index(path, build_index(pcap))
+    idx = read_index(path)
+    number = {off: i for i, off in enumerate(idx.offset.tolist())}
     with Postings.read(str(path)) as p:
         checked = 0
         for types, family in ((IPV4_TYPES, 4), ((0x86DD,), 6)):
             unknown = [p.find(bytes(16), et, unknown=True) for et in types]
-            maybe = _records(p, unknown)
+            maybe = _records(p, number, unknown)
             addresses = _addresses(p, types)
             assert len(addresses) > 20
             for address in addresses[:: max(1, len(addresses) // 12)]:
                 text = address_text(address, family)
                 keys = [p.find(address, et) for et in types]
-                for expr, role in (("host", None), ("src host", ROLE_SRC)):
+                for expr, part in (("host", None), ("src host", "src"), ("dst host", "dst")):
                     selected = set(tcpdump_select(pcap, f"{expr} {text}").tolist())
-                    posted = _records(p, keys, role)
+                    posted = _records(p, number, keys, part)
                     assert posted <= selected, (expr, text, sorted(posted - selected))
                     assert selected <= posted | maybe, (
                         expr, text, sorted(selected - posted - maybe))
-                    assert posted or role is not None, text
+                    assert posted or part is not None, text
                     checked += 1
-        assert checked > 40
+        assert checked > 60
 
 
 def test_lists_and_frames_of_a_real_capture(tmp_path: Path) -> None:
-    """Thousands of hosts around one busy server: the server's lists are long (each alone in
-    its frame), the hosts' short ones share frames of at least FRAME_ENTRIES entries; a
-    packet with src == dst is one entry with both roles; tagged frames and other ethertypes
-    are not posted; frames cut short are under "address unknown"."""
+    """Thousands of hosts around one busy server: the server's list is long (alone in its
+    frame), the hosts' short ones share frames of at least FRAME_ENTRIES entries; a packet
+    with src == dst is in both parts of its list; tagged frames and other ethertypes are not
+    posted; frames cut short are under "address unknown", as sources."""
     rng = np.random.default_rng(7)
     frames = []
     for i in range(30_000):
@@ -236,8 +260,10 @@ def test_lists_and_frames_of_a_real_capture(tmp_path: Path) -> None:
     idx = read_index(path)
     section = decode_postings(path.read_bytes(), str(path))
     keys = section.keys
-    m = section.frame_entries()
+    m = section.entries
     assert len(keys) == len(reference_postings(idx)) > 1000 and len(m) > 3
+    assert section.offset_bytes == 4 and {len(f) for f in section.frames} == {
+        6 * int(n) for n in m}  # u32 offsets, u16 lengths
     for f in range(len(m)):
         mine = keys[keys["frame"] == f]
         assert len(mine) and int(mine["count"].sum()) == m[f]
@@ -251,19 +277,85 @@ def test_lists_and_frames_of_a_real_capture(tmp_path: Path) -> None:
     assert (keys["frame"][1:] >= keys["frame"][:-1]).all()
     (server,) = np.flatnonzero(keys["count"] >= FRAME_ENTRIES)  # 10.0.0.1
     assert (keys["frame"] == keys["frame"][server]).sum() == 1
+    assert not keys["reserved"].any()
     with Postings.read(str(path)) as p:
         assert stored_lists(p) == reference_postings(idx)
-        same = p.entries(p.find(address_bytes("10.0.0.9"), 0x0800))
-        assert same.roles == bytes([ROLE_SRC | ROLE_DST])
-        same = p.entries(p.find(address_bytes("2001:db8::5"), 0x86DD))
-        assert same.roles == bytes([ROLE_SRC | ROLE_DST])
+        for address, et in (("10.0.0.9", 0x0800), ("2001:db8::5", 0x86DD)):
+            same = p.entries(p.find(address_bytes(address), et))
+            assert same.sources == 1 and len(same.offset) == 2
+            assert same.offset[0] == same.offset[1] and same.length[0] == same.length[1]
         short = p.entries(p.find(b"", 0x0800, unknown=True))
-        assert short.roles == b"\0" and short.length == [16 + 30]
+        assert short.sources == 1 and short.length == [16 + 30]
         server = p.entries(p.find(address_bytes("10.0.0.1"), 0x0800))
-        assert len(server.offset) == 30_000  # not the tagged, the LLDP or the short frame
-        assert server.offset == sorted(server.offset)
-        assert set(server.roles) == {ROLE_SRC, ROLE_DST}
+        # not the tagged, the LLDP or the short frame
+        assert server.sources == 10_000 and len(server.offset) == 30_000
+        for part in (server.offset[: server.sources], server.offset[server.sources :]):
+            assert part == sorted(part) and len(set(part)) == len(part)
         assert p.find(address_bytes("10.0.0.1"), 0x88CC) is None
+
+
+def test_block_time_table(tmp_path: Path) -> None:
+    """One block per BLOCK packets in pcap order, the last one shorter; timestamps that step
+    back count by their minimum and maximum, not their first and last."""
+    rng = np.random.default_rng(3)
+    steps = rng.integers(-400_000, 1_000_000, 2 * BLOCK + 300)
+    pcap = tmp_path / "t.pcap"
+    pcap.write_bytes(pcap_bytes(
+        [(T0 + int(t), udp4("10.0.0.1", "10.0.0.2", i)[: 40 + i % 30])
+         for i, t in enumerate(np.cumsum(steps))]))
+    path = tmp_path / "t.pcap.idx"
+    write_index(path, build_index(pcap))
+    idx = read_index(path)
+    want = reference_blocks(idx)
+    assert len(want) == 3
+    assert any(b[1] < idx.ts_ns[i * BLOCK] for i, b in enumerate(want))  # steps back
+    with Postings.read(str(path)) as p:
+        assert p.block_count == 3 and p.blocks() == want
+    assert [tuple(b) for b in read_postings(path).blocks.tolist()] == want
+    exact = sample_index(2 * BLOCK)
+    with Postings.read(str(write(tmp_path, encode_index(exact)))) as p:
+        assert p.block_count == 2 and p.blocks() == reference_blocks(exact)
+
+
+@pytest.mark.parametrize("pcap_size, caplen, widths", [
+    (1 << 20, 1500, (4, 2)), (5 << 30, 1500, (8, 2)), (1 << 20, 65520, (4, 4)),
+    (5 << 30, 70_000, (8, 4))])
+def test_offset_and_length_widths(tmp_path: Path, pcap_size: int, caplen: int,
+                                  widths: tuple[int, int]) -> None:
+    """Offsets are 8 bytes only for a pcap of 4 GiB or more, lengths 4 only when a record
+    of the file is 64 KiB or longer: the frame's size tells the reader which."""
+    idx = sample_index(2000)
+    idx.caplen = idx.caplen.copy()
+    idx.caplen[7] = caplen
+    idx.wirelen = idx.caplen
+    gaps = np.zeros(idx.count, np.int64)
+    gaps[1500] = max(0, pcap_size - (1 << 20))  # a 4 GiB hole, if wanted
+    sizes = np.concatenate(([24], 16 + idx.caplen[:-1].astype(np.int64)))
+    idx.offset = (np.cumsum(sizes) + np.cumsum(gaps)).astype(np.uint64)
+    idx.pcap_size = int(idx.offset[-1]) + 16 + int(idx.caplen[-1])
+    assert (idx.pcap_size >= 1 << 32) == (widths[0] == 8)
+    path = write(tmp_path, encode_index(idx))
+    section = read_postings(path)
+    assert section.offset_bytes == widths[0]
+    m = section.entries
+    assert [len(f) for f in section.frames] == [int(n) * sum(widths) for n in m]
+    with Postings.read(str(path)) as p:
+        assert stored_lists(p) == reference_postings(idx)
+
+
+def test_more_keys_than_16_bits(tmp_path: Path) -> None:
+    """65536 keys or more take the two-pass (LSD) grouping: the lists are the same."""
+    n = 70_000
+    frames = [udp4(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", f"10.200.0.{i % 3}", i)
+              for i in range(n)]
+    pcap = tmp_path / "big.pcap"
+    pcap.write_bytes(pcap_bytes([(T0 + i, f) for i, f in enumerate(frames)]))
+    idx = build_index(pcap)
+    section = build_postings(idx)
+    assert len(section.keys) == n + 3
+    path = write(tmp_path, encode_index(idx))
+    with Postings.read(str(path)) as p:
+        assert stored_lists(p) == reference_postings(idx)
 
 
 def test_directory_longer_than_the_first_read(tmp_path: Path) -> None:
@@ -275,9 +367,11 @@ def test_directory_longer_than_the_first_read(tmp_path: Path) -> None:
         start, length = p.directory_span()
         assert start == 0 and length > READ_AHEAD and p.keys == 9000
         last = p.find(address_bytes("2001:db8::2327"), 0x86DD)
-        assert last is not None and p.size(last) == 1
+        assert last is not None and (p.size(last), p.sources(last)) == (1, 1)
         assert p.entries(last).offset == [int(read_index(path).offset[-1])]
-        assert p.size(p.find(address_bytes("2001:db8::ffff"), 0x86DD)) == 8999
+        server = p.find(address_bytes("2001:db8::ffff"), 0x86DD)
+        assert (p.size(server), p.sources(server)) == (8999, 0)
+        assert len(p.blocks()) == 9
 
 
 def test_reads_only_the_directory_and_one_frame(tmp_path: Path) -> None:
@@ -305,25 +399,45 @@ def test_reads_only_the_directory_and_one_frame(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_index_readers_never_read_the_frames(tmp_path: Path) -> None:
+    """read_index and decode_index need (and verify) only the bytes before the postings
+    frames: frames that are garbage, or not there at all, change nothing for them."""
+    frames = [udp4(f"10.0.{i % 50}.1", "10.9.9.9", i) for i in range(5_000)]
+    _, path = index_of(tmp_path, frames)
+    good = path.read_bytes()
+    h = parse_header(good, "x")
+    assert h.frames_len > 0
+    path.write_bytes(good[: h.frames_offset] + bytes(h.frames_len))  # the frames zeroed
+    for packets, verify in ((True, True), (False, True), (False, False)):
+        assert read_index(path, packets=packets, verify=verify).count == 5_000
+    assert decode_index(good[: h.frames_offset], "x", file_size=len(good)).count == 5_000
+    with pytest.raises(FormatError, match="truncated"):
+        decode_index(good[: h.frames_offset], "x")  # without the real size: it is short
+    assert "postings frame 0" in read_error(path)
+    with pytest.raises(FormatError, match="postings frame 0"):
+        read_postings(path)
+
+
 def test_non_ethernet_link_types_have_no_postings(tmp_path: Path) -> None:
     frame = ipv4(17, ports(1, 2))
     for linktype, frames in ((101, [frame] * 3), (113, [bytes(14) + b"\x08\x00" + frame] * 3)):
         _, path = index_of(tmp_path, frames, linktype=linktype)
         h = parse_header(path.read_bytes(), "x")
-        assert (h.version, h.directory_len, h.keys, h.frames_len) == (3, 0, 0, 0)
+        # the directory holds only the block time table
+        assert (h.version, h.directory_len, h.keys, h.frames_len) == (3, 24, 0, 0)
         assert read_index(path).count == 3
         with Postings.read(str(path)) as p:
-            assert (p.keys, p.frames, p.linktype) == (0, 0, linktype)
+            assert (p.keys, p.frames, p.linktype, len(p.blocks())) == (0, 0, linktype, 1)
             assert p.find(address_bytes("10.0.0.1"), 0x0800) is None
 
 
 def test_empty_and_unposted_captures(tmp_path: Path) -> None:
     _, path = index_of(tmp_path, [])
     with Postings.read(str(path)) as p:
-        assert p.keys == 0 and p.count == 0
+        assert p.keys == 0 and p.count == 0 and p.blocks() == []
     _, path = index_of(tmp_path, [eth(0x0800, ipv4(6, ports(1, 2)), tags=((0x8100, 1),))])
     with Postings.read(str(path)) as p:
-        assert p.keys == 0 and p.count == 1
+        assert p.keys == 0 and p.count == 1 and len(p.blocks()) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,15 +471,16 @@ def test_bad_magic_missing_and_truncated_files(tmp_path: Path) -> None:
     assert "cannot read index" in read_error(tmp_path / "missing.idx")
     data = encode_index(sample_index(300))
     h = parse_header(data, "x")
-    for cut in (70, 80, 100, h.summary_offset, len(data) - 1):
+    for cut in (70, 80, 100, h.summary_offset, h.frames_offset, len(data) - 1):
         assert "truncated" in read_error(write(tmp_path, data[:cut])), cut
     assert "trailing garbage" in read_error(write(tmp_path, data + b"\0"))
 
 
 def test_every_flipped_directory_byte_is_detected(tmp_path: Path) -> None:
-    data = encode_index(sample_index(300))
+    """Header fields of the postings and every directory byte, block time table included."""
+    data = encode_index(sample_index(3000))
     h = parse_header(data, "x")
-    assert h.directory_len > 32
+    assert h.directory_len > 40 * h.keys + 16 + 2 * 24
     for pos in range(64, h.summary_offset):
         bad = bytearray(data)
         bad[pos] ^= 0x10
@@ -376,46 +491,77 @@ def test_every_flipped_directory_byte_is_detected(tmp_path: Path) -> None:
             decode_index(bytes(bad), "x")
 
 
-def test_damaged_key_count_is_detected(tmp_path: Path) -> None:
-    """The header's key count is outside the directory's checksum: the frame table shows."""
-    data = encode_index(sample_index(300))
-    keys = parse_header(data, "x").keys
-    for wrong in (keys - 2, keys - 1, keys + 1, keys + 2):
+@pytest.mark.parametrize("field, at", [("keys", 68), ("packets", 16)])
+def test_damaged_counts_are_detected(tmp_path: Path, field: str, at: int) -> None:
+    """The header's key and packet counts are outside the directory's checksum: the frame
+    table shows a changed key count, and a packet count that changes the number of time
+    blocks (the header's own checksum covers them for every other reader)."""
+    data = encode_index(sample_index(3000))
+    h = parse_header(data, "x")
+    fmt, value, deltas = ("<I", h.keys, (-2, -1, 1, 2)) if field == "keys" else (
+        "<Q", h.count, (-BLOCK, BLOCK, 3 * BLOCK, 1 << 40))
+    for delta in deltas:
         bad = bytearray(data)
-        struct.pack_into("<I", bad, 68, wrong)
-        assert "damaged" in read_error(write(tmp_path, bytes(bad))), wrong
+        struct.pack_into(fmt, bad, at, value + delta)
+        assert "damaged" in read_error(write(tmp_path, bytes(bad))), delta
+        with pytest.raises(FormatError, match="checksum"):
+            decode_index(bytes(bad), "x")
 
 
-def test_every_flipped_frame_byte_is_detected(tmp_path: Path) -> None:
-    """Frames carry zstd content checksums: damage shows when the frame is read, even in a
-    file whose own checksum was made to match."""
+def test_directory_length_that_does_not_fit(tmp_path: Path) -> None:
+    """A directory whose length leaves no whole frame table beside the keys and the time
+    blocks, even with every checksum right."""
+    idx = sample_index(3000)
+    section = build_postings(idx)
+    directory, frames = encode_postings(section)
+    for extra in (b"\0" * 8, b"\0" * 48):  # not a whole frame entry; 3 entries too many
+        path = write(tmp_path, with_postings(encode_index(idx), directory + extra,
+                                             len(section.keys), frames))
+        msg = read_error(path)
+        assert "cannot hold" in msg or "frame table does not match" in msg, msg
+    short = directory[: 40 * len(section.keys) + 8]  # not even the block table fits
+    path = write(tmp_path, with_postings(encode_index(idx), short, len(section.keys), frames))
+    assert "cannot hold" in read_error(path)
+    with pytest.raises(FormatError, match="cannot hold"):
+        decode_index(path.read_bytes(), "x")
+
+
+def test_flipped_frame_byte_is_caught_by_the_frame_checksum_only(tmp_path: Path) -> None:
+    """Frames are outside the header's checksum and carry zstd content checksums: damage
+    shows when a frame is read (Postings.entries, read_postings), not to the readers of the
+    flow table and packet section, which never read the frames; a flipped summary byte is
+    still the header checksum's."""
     frames = [udp4(f"10.0.{i % 7}.1", "10.9.9.9", i) for i in range(30)]
     _, path = index_of(tmp_path, frames)
     data = path.read_bytes()
+    h = parse_header(data, "x")
     with Postings.read(str(path)) as p:
         key = p.find(address_bytes("10.0.3.1"), 0x0800)
         start, length = p.frame_span(key)
+    assert (start, start + length) == (h.frames_offset, len(data))
     for pos in range(start, start + length):
         bad = bytearray(data)
         bad[pos] ^= 0x04
-        damaged = write(tmp_path, with_crc(bytes(bad)), "d.idx")
-        decode_index(damaged.read_bytes(), "x")  # frames are not decompressed there...
+        damaged = write(tmp_path, bytes(bad), "d.idx")
+        assert read_index(damaged).count == 30  # frames are not read there...
+        decode_index(bytes(bad), "x")
         msg = read_error(damaged, key)  # ...but here
         assert "postings frame 0" in msg and "damaged" in msg, (pos, msg)
-
-
-def _respliced(tmp_path: Path, change) -> Path:
-    """A sample index whose postings section was altered by `change` and re-encoded, with
-    every checksum valid."""
-    idx = sample_index(300)
-    section = build_postings(idx)
-    change(section)
-    directory, frames = encode_postings(section)
-    return write(tmp_path, with_postings(encode_index(idx), directory, len(section.keys),
-                                         frames))
+        with pytest.raises(FormatError, match="postings frame 0"):
+            read_postings(damaged)
+    bad = bytearray(data)
+    bad[h.summary_offset + h.summary_len // 2] ^= 0x04
+    damaged = write(tmp_path, bytes(bad), "d.idx")
+    for read in (read_index, read_postings):
+        with pytest.raises(FormatError, match="checksum mismatch"):
+            read(damaged)
+    with Postings.read(str(damaged)) as p:  # reads no summary: cannot tell
+        assert p.entries(key).offset
 
 
 def test_lists_that_do_not_fit_their_frame(tmp_path: Path) -> None:
+    idx = sample_index(300)
+
     def overlong(section) -> None:
         section.keys["count"][-1] += 1
 
@@ -423,62 +569,90 @@ def test_lists_that_do_not_fit_their_frame(tmp_path: Path) -> None:
         section.keys["frame"][0] = 7
 
     for change, words in ((overlong, "beyond its frame"), (beyond, "names frame 7")):
-        path = _respliced(tmp_path, change)
+        path = write(tmp_path, respliced(idx, change))
         last = parse_header(path.read_bytes(), "x").keys - 1 if change is overlong else 0
         assert words in read_error(path, last)
         with pytest.raises(FormatError, match="does not fit the frame table"):
             decode_index(path.read_bytes(), str(path))
 
 
+def test_more_sources_than_entries(tmp_path: Path) -> None:
+    idx = sample_index(300)
+
+    def sources(section) -> None:
+        section.keys["sources"][0] = section.keys["count"][0] + 1
+
+    path = write(tmp_path, respliced(idx, sources))
+    assert "sources in a list of" in read_error(path, 0)
+    with pytest.raises(FormatError, match="postings key 0 has a wrong source count"):
+        decode_index(path.read_bytes(), str(path))
+
+
 def test_frame_of_the_wrong_size(tmp_path: Path) -> None:
-    """A frame decompressing to fewer entries than the frame table says."""
+    """A frame decompressing to other than m x (offset width + 2 or 4) bytes."""
     idx = sample_index(300)
     section = build_postings(idx)
     (frame,) = section.frames
-    _, blob = encode_postings(PostingsSection(section.keys, [frame[:-21]]))
-    directory = section.keys.tobytes() + struct.pack("<QII", 0, len(blob), len(frame) // 21)
-    path = write(tmp_path, with_postings(encode_index(idx), directory, len(section.keys), blob))
-    msg = read_error(path)
-    assert f"postings frame 0 is {len(frame) - 21} bytes, expected {len(frame)}" in msg
+    m = len(frame) // 6
+    for size in (len(frame) - 6, 7 * m):  # an entry short; 3-byte lengths
+        blob = zstd.compress(frame[:size] + bytes(max(0, size - len(frame))))
+        directory = postings_directory(section, [blob])
+        path = write(tmp_path, with_postings(encode_index(idx), directory, len(section.keys),
+                                             blob))
+        msg = read_error(path)
+        assert f"postings frame 0 is {size} bytes, expected {6 * m} or {8 * m}" in msg
+
+
+def test_record_beyond_the_pcap(tmp_path: Path) -> None:
+    """A list naming a record past the pcap size in the header (a faulty writer's frame,
+    checksums right) is refused when it is read."""
+    idx = sample_index(300)
+
+    def far(section) -> None:
+        frame = bytearray(section.frames[0])
+        m = len(frame) // 6
+        first = int(section.keys["first"][-1])
+        frame[3 * m + first] = 0xFF  # the top byte of the last list's first offset
+        section.frames[0] = bytes(frame)
+
+    path = write(tmp_path, respliced(idx, far))
+    last = parse_header(path.read_bytes(), "x").keys - 1
+    assert "beyond the pcap" in read_error(path, last)
 
 
 def test_unsorted_keys_are_refused_by_the_full_decoder(tmp_path: Path) -> None:
     def swap(section) -> None:
         section.keys[[0, 1]] = section.keys[[1, 0]]
 
-    path = _respliced(tmp_path, swap)
+    path = write(tmp_path, respliced(sample_index(300), swap))
     with pytest.raises(FormatError, match="postings key 1 out of order"):
+        decode_index(path.read_bytes(), str(path))
+
+
+def test_block_table_contradicting_the_header(tmp_path: Path) -> None:
+    idx = sample_index(3000)
+
+    def late(section) -> None:
+        section.blocks["max_ns"][1] = idx.last_ns + 1
+
+    path = write(tmp_path, respliced(idx, late))
+    with pytest.raises(FormatError, match="postings time block 1 contradicts the header"):
         decode_index(path.read_bytes(), str(path))
 
 
 def test_reader_needs_no_numpy(tmp_path: Path) -> None:
     """The host-query path reads postings before numpy is imported: it must stay that way."""
-    frames = [udp4("10.0.0.1", "10.0.0.2", i) for i in range(3)]
+    frames = [udp4("10.0.0.1", "10.0.0.2", i) for i in range(3)] + [udp4("10.0.0.2", "10.0.0.1")]
     _, path = index_of(tmp_path, frames)
     code = (
         "import sys\n"
         "from pcapvault.index.postings import Postings\n"
         f"with Postings.read({str(path)!r}) as p:\n"
         "    lst = p.entries(p.find(bytes(10) + b'\\xff\\xff' + bytes([10, 0, 0, 2]), 0x0800))\n"
+        "    blocks = p.blocks()\n"
         "assert 'numpy' not in sys.modules, 'numpy imported'\n"
-        "print(lst.offset, lst.roles.hex())\n"
+        "print(lst.offset, lst.length, lst.sources, len(blocks))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.split() == ["[24,", "94,", "164]", "020202"]
-
-
-def test_key_hash_collisions_take_the_exact_sort(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keys are grouped through a hash, checked afterwards: with every key hashing alike the
-    postings come out the same."""
-    frames = [udp4(f"10.{i % 3}.{i % 11}.1", f"10.9.{i % 5}.9", i) for i in range(500)]
-    frames += [eth(0x86DD, ipv6(17, ports(1, 2), src=f"2001:db8::{i}")) for i in range(1, 9)]
-    pcap = pcap_bytes([(T0 + i, f) for i, f in enumerate(frames)])
-    header = parse_global_header(pcap, "x")
-    idx = index_records(pcap, header, scan_records(pcap, header))
-    normal = build_postings(idx)
-    monkeypatch.setattr(indexfile, "_KEY_HASH", (np.uint64(0),) * 3)
-    colliding = build_postings(idx)
-    assert len(normal.keys) == 33 + 5 + 8  # 10.x.y.1, 10.9.z.9, 2001:db8::1..8
-    assert colliding.keys.tobytes() == normal.keys.tobytes()
-    assert colliding.frames == normal.frames
+    assert out.split() == ["[234,", "24,", "94,", "164]", "[70,", "70,", "70,", "70]", "1", "1"]

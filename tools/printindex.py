@@ -4,7 +4,8 @@ Prints the header, the distinct-flow summary, the address postings' keys and the
 entries, as text or JSON lines. `-c` checks an index against its pcap instead: checksum and
 version, internal consistency, that every entry describes the record really found at its
 offset (lengths, timestamp, and flow fields re-derived from the packet's headers), and that
-the postings are those the pcap gives.
+the postings (every list, each frame decompressed and its checksum verified, and the block
+time table) are those the pcap gives.
 """
 
 from __future__ import annotations
@@ -118,11 +119,14 @@ def key_record(postings: Postings, key: int) -> dict[str, Any]:
     list."""
     address, ethertype, unknown = postings.key(key)
     family = 6 if ethertype == ETHERTYPE_IPV6 else 4  # ARP/RARP keys are IPv4-mapped
+    entries, sources = postings.size(key), postings.sources(key)
     return {
         "key": key,
         "address": None if unknown else address_text(address, family),
         "ethertype": ethertype,
-        "entries": postings.size(key),
+        "entries": entries,
+        "sources": sources,
+        "destinations": entries - sources,
     }
 
 
@@ -130,7 +134,10 @@ def describe_key(postings: Postings, key: int) -> str:
     k = key_record(postings, key)
     et = k["ethertype"]
     name = _ETHERTYPES.get(et, f"ethertype 0x{et:04x}")
-    return f"{name} {k['address'] or '(addresses not captured)'}: {k['entries']} packets"
+    if k["address"] is None:
+        return f"{name} (addresses not captured): {k['entries']} packets"
+    return (f"{name} {k['address']}: {k['entries']} packets ({k['sources']} as source, "
+            f"{k['destinations']} as destination)")
 
 
 def header_record(idx: PacketIndex, path: str, postings: Postings | None = None
@@ -150,7 +157,8 @@ def header_record(idx: PacketIndex, path: str, postings: Postings | None = None
         "pcap_size": idx.pcap_size,
         "flows": len(idx.flows),
         "postings": None if postings is None else {
-            "keys": postings.keys, "frames": postings.frames, "bytes": postings.frames_len},
+            "keys": postings.keys, "frames": postings.frames, "bytes": postings.frames_len,
+            "time_blocks": postings.block_count},
     }
 
 
@@ -179,7 +187,7 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postin
         yield f"postings: none (index version {idx.version})"
     else:
         yield (f"postings: {postings.keys} keys, {postings.frames_len} bytes in "
-               f"{postings.frames} frames")
+               f"{postings.frames} frames, {postings.block_count} time blocks")
         shown = _shown(postings.keys, limit)
         for k in range(shown):
             yield f"  key {k}: {describe_key(postings, k)}"
