@@ -34,6 +34,7 @@ from pcapvault.index.indexfile import (
     FLAG_ADDRS,
     VLAN_ABSENT,
     PacketIndex,
+    _stable_order,
     address_bytes,
     address_text,
     build_postings,
@@ -343,19 +344,36 @@ def test_offset_and_length_widths(tmp_path: Path, pcap_size: int, caplen: int,
         assert stored_lists(p) == reference_postings(idx)
 
 
-def test_more_keys_than_16_bits(tmp_path: Path) -> None:
-    """65536 keys or more take the two-pass (LSD) grouping: the lists are the same."""
-    n = 70_000
-    frames = [udp4(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", f"10.200.0.{i % 3}", i)
-              for i in range(n)]
+@pytest.mark.parametrize("sources, destinations", [(70_000, 3), (40_000, 40_000)])
+def test_more_keys_than_16_bits(tmp_path: Path, sources: int, destinations: int) -> None:
+    """65536 keys or more: each part is grouped on its own (in two passes when it alone has
+    65536 keys or more) and the parts interleaved; the lists are the same."""
+    def host(net: int, i: int) -> str:
+        return f"10.{net + (i >> 16)}.{(i >> 8) & 255}.{i & 255}"
+
+    n = max(sources, destinations)
+    frames = [udp4(host(0, i % sources), host(100, i % destinations), i) for i in range(n)]
     pcap = tmp_path / "big.pcap"
     pcap.write_bytes(pcap_bytes([(T0 + i, f) for i, f in enumerate(frames)]))
     idx = build_index(pcap)
     section = build_postings(idx)
-    assert len(section.keys) == n + 3
+    assert len(section.keys) == sources + destinations >= 1 << 16
     path = write(tmp_path, encode_index(idx))
     with Postings.read(str(path)) as p:
         assert stored_lists(p) == reference_postings(idx)
+
+
+@pytest.mark.parametrize("nkeys", [3, 1000, 65535, 65536, 200_000, 3_000_000])
+def test_grouping_is_a_stable_sort_by_key(nkeys: int) -> None:
+    """The radix grouping of entry slots equals numpy's stable argsort of the key numbers,
+    whatever their range (one 16-bit pass, a partition by the few high values, or two
+    passes)."""
+    rng = np.random.default_rng(nkeys)
+    rows = [rng.integers(0, nkeys + 1, 5000) for _ in range(2)]
+    rows[0][-1] = nkeys  # the "no key" number is one of them
+    flow = rng.integers(0, 5000, 20_000)
+    want = np.argsort(np.concatenate([r[flow] for r in rows]), kind="stable")
+    assert np.array_equal(_stable_order(rows, flow, nkeys), want)
 
 
 def test_directory_longer_than_the_first_read(tmp_path: Path) -> None:
@@ -595,7 +613,7 @@ def test_frame_of_the_wrong_size(tmp_path: Path) -> None:
     (frame,) = section.frames
     m = len(frame) // 6
     for size in (len(frame) - 6, 7 * m):  # an entry short; 3-byte lengths
-        blob = zstd.compress(frame[:size] + bytes(max(0, size - len(frame))))
+        blob = zstd.compress(bytes(frame[:size]) + bytes(max(0, size - len(frame))))
         directory = postings_directory(section, [blob])
         path = write(tmp_path, with_postings(encode_index(idx), directory, len(section.keys),
                                              blob))
