@@ -306,7 +306,7 @@ def _ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     new[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
     rank = np.empty(n, np.int64)
-    rank[order] = np.cumsum(new) - 1
+    rank[order] = np.cumsum(new, dtype=np.int32) - 1  # int32: several times faster
     return rank, order[new]
 
 
@@ -333,12 +333,19 @@ def _flow_keys(flows: np.ndarray, present: np.ndarray
     hi[unknown] = 0
     lo[unknown] = 0
     tail = np.searchsorted(_POSTED, np.concatenate([ethertype, ethertype])[side]) * 2 + unknown
-    # Most high halves are zero (IPv4-mapped addresses): only the others need ranking.
-    rank_hi = np.zeros(len(hi), np.int64)
+    # Most high halves are zero (IPv4-mapped addresses): only the others need ranking. The
+    # low halves are taken as they are (less their minimum) when that leaves room, as for
+    # IPv4-mapped addresses, which differ in 32 bits; else by rank. Either way the combined
+    # numbers compare as the keys do.
+    rank_hi = np.zeros(len(hi), np.uint64)
     high = np.flatnonzero(hi)
     rank_hi[high] = _ranks(hi[high])[0] + 1
-    rank_lo, _ = _ranks(lo)
-    combined = (rank_hi * int(rank_lo.max(initial=0) + 1) + rank_lo) * 8 + tail
+    low = lo - (lo.min() if len(lo) else np.uint64(0))
+    span = int(low.max(initial=0)) + 1
+    if (int(rank_hi.max(initial=0)) + 1) * span * 8 >= 1 << 62:
+        low = _ranks(lo)[0].astype(np.uint64)
+        span = int(low.max(initial=0)) + 1
+    combined = (rank_hi * np.uint64(span) + low) * np.uint64(8) + tail.astype(np.uint64)
     number, first = _ranks(combined)
     nkeys = len(first)
     key = np.full(2 * len(flows), nkeys, np.int64)
@@ -466,28 +473,27 @@ def build_postings(idx: PacketIndex) -> PostingsSection:
     offsets = np.asarray(idx.offset).astype(f"<u{offset_bytes}")
     lengths = np.asarray(idx.caplen).astype(f"<u{length_bytes}")
     lengths += RECORD_HEADER_LEN
-    columns = (_part_deltas(np.take(offsets, slots, mode="wrap"), part_starts),
-               np.take(lengths, slots, mode="wrap"))
+    planes = np.empty((offset_bytes + length_bytes, len(slots)), np.uint8)
+    _put_planes(planes[:offset_bytes],
+                _part_deltas(np.take(offsets, slots, mode="wrap"), part_starts))
+    _put_planes(planes[offset_bytes:], np.take(lengths, slots, mode="wrap"))
 
+    bounds = np.array(_frame_bounds(counts), np.int64).reshape(-1, 2)
     keys["count"] = counts
     keys["sources"] = sources
-    # Every frame's content, one after the other in one buffer: each the byte planes of
-    # its entries' offsets, then those of their lengths.
-    content = np.empty(sum(c.nbytes for c in columns), np.uint8)
-    frames, entries = [], []
-    pos = 0
-    for number, (k0, k1) in enumerate(_frame_bounds(counts)):
-        e0, e1 = int(starts[k0]), int(starts[k1 - 1] + counts[k1 - 1])
-        keys["frame"][k0:k1] = number
-        keys["first"][k0:k1] = starts[k0:k1] - e0
-        frame = content[pos : pos + (offset_bytes + length_bytes) * (e1 - e0)]
-        planes = frame.reshape(-1, e1 - e0)
-        _put_planes(planes[:offset_bytes], columns[0][e0:e1])
-        _put_planes(planes[offset_bytes:], columns[1][e0:e1])
+    keys["frame"] = np.repeat(np.arange(len(bounds)), bounds[:, 1] - bounds[:, 0])
+    first_entry = starts[bounds[:, 0]]
+    keys["first"] = starts - first_entry[keys["frame"]]
+    entries = np.append(first_entry[1:], len(slots)) - first_entry
+    # Every frame's content, one after the other in one buffer: the byte planes of its
+    # entries' offsets, then those of their lengths.
+    content = np.empty(planes.size, np.uint8)
+    frames = []
+    for e0, m in zip(first_entry.tolist(), entries.tolist(), strict=True):
+        frame = content[e0 * len(planes) : (e0 + m) * len(planes)]
+        frame.reshape(len(planes), m)[:] = planes[:, e0 : e0 + m]
         frames.append(frame.data)
-        entries.append(e1 - e0)
-        pos += len(frame)
-    return PostingsSection(keys, frames, np.array(entries, np.int64), blocks, offset_bytes)
+    return PostingsSection(keys, frames, entries, blocks, offset_bytes)
 
 
 def postings_directory(postings: PostingsSection, compressed: list[bytes]) -> bytes:
