@@ -133,6 +133,7 @@ class IndexHeader:
 
     @property
     def frame_table_len(self) -> int:
+        """Bytes of the frame table: the directory less the keys and the time blocks."""
         return self.directory_len - KEY_LEN * self.keys - BLOCK_ENTRY_LEN * self.blocks
 
     @property
@@ -451,8 +452,7 @@ class Postings:
         deltas, lengths = list_columns(raw, m, first, count, self._header.offset_width)
         offsets = list(accumulate(deltas[:sources]))
         offsets += accumulate(deltas[sources:])
-        ends = list(map(add, offsets, lengths))
-        if ends and max(ends) > self.pcap_size:
+        if max(map(add, offsets, lengths), default=0) > self.pcap_size:
             raise FormatError(
                 f"{self.path}: damaged index (postings key {key} names a record beyond the "
                 f"pcap's {self.pcap_size} bytes)"
