@@ -57,29 +57,37 @@ class _LoadedIndex:
     the caller can handle it, as if it had loaded the file itself)."""
 
     def __init__(self, sf: StoredFile, packets: bool):
-        from pcapvault.index.indexfile import decode_index
+        from pcapvault.index.indexfile import decode_index, index_bytes
 
         self._data: bytes | None = None
+        self._size = 0
         self._idx: PacketIndex | None = None
         self._data_error: BaseException | None = None
         self._index_error: BaseException | None = None
         try:
-            with open(sf.index, "rb") as f:
-                self._data = f.read()
-        except OSError as e:
-            self._data_error = e
+            # Up to the postings frames only: the engine never uses them.
+            self._data, self._size = index_bytes(sf.index)
+        except PcapVaultError as e:
+            try:
+                os.stat(sf.index)
+            except OSError as missing:
+                self._data_error = missing
+            else:
+                self._data, self._index_error = b"", e
             return
         try:
             # The packet columns right away when the last file had candidates (see Source).
-            self._idx = decode_index(self._data, str(sf.index), packets=packets)
+            self._idx = decode_index(self._data, str(sf.index), packets=packets,
+                                     file_size=self._size)
         except (PcapVaultError, ValueError) as e:
             self._index_error = e
 
-    def data(self) -> bytes:
+    def data(self) -> tuple[bytes, int]:
+        """The index's bytes up to its postings frames, and the file's size."""
         if self._data_error is not None:
             raise self._data_error
         assert self._data is not None
-        return self._data
+        return self._data, self._size
 
     def index(self) -> PacketIndex:
         if self._index_error is not None:
@@ -169,7 +177,7 @@ class Source:
         if loaded is None:  # not announced by files(): load it now
             loaded = _LoadedIndex(sf, bool(self._last_matched))
         try:
-            data = loaded.data()  # once: the summary and then the packet columns come from it
+            data, index_size = loaded.data()  # once: the summary, then the packet columns
         except FileNotFoundError:
             warn(f"{sf.pcap}: no index; scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
@@ -192,7 +200,7 @@ class Source:
                     stats.skipped_summary += 1
                     return None
             if not idx.has_packets:
-                idx = decode_index(data, name, packets=True)
+                idx = decode_index(data, name, packets=True, file_size=index_size)
         except (PcapVaultError, ValueError) as e:
             warn(f"{sf.pcap}: index unusable ({e}); scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)

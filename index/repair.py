@@ -20,8 +20,9 @@ from . import compressed, timeline
 from .builder import build_index
 from .dumpset import DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
-from .indexfile import read_index, write_index
+from .indexfile import read_index, read_postings, write_index
 from .pcapfile import GLOBAL_HEADER_LEN, PcapReader, parse_global_header, scan_records
+from .postings import FIRST_POSTINGS_VERSION
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ def _index_problem(sf: StoredFile, size: int) -> str:
         return "missing"
     try:
         idx = read_index(sf.index, packets=False)
+        if idx.version >= FIRST_POSTINGS_VERSION:
+            read_postings(sf.index)  # frames: their own checksums, not the header's CRC
     except FormatError as e:
         return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}"
     if idx.pcap_size != size:
