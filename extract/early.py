@@ -51,7 +51,28 @@ def main() -> None:
         _wait_planned()
     from .cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as e:
+        _exit_now(e.code)
+    _exit_now(0)
+
+
+def _exit_now(code: object) -> None:
+    """Exit without the interpreter's teardown, once stdout and stderr are flushed: undoing
+    the imports of a run takes 10 to 20 ms, a tenth of a host query (docs/BENCHMARKS.md,
+    "Extraction"). Every file the command wrote is closed by then, and it registers no
+    atexit work."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    status = 0 if code is None else int(code)  # type: ignore[call-overload]
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a reader that left: the command has already reported how it ended
+    os._exit(status)
 
 
 def preconnect(argv: list[str]) -> None:

@@ -301,6 +301,28 @@ def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
         files, "src host 10.0.1.3", START, START + 3600 * NS)
 
 
+def test_entry_point_exit_statuses(synth, tmp_path):
+    """The entry point leaves without the interpreter's teardown: statuses, messages and
+    output files must still be those of the command."""
+    root, files = synth
+    base = [sys.executable, "-c", "from pcapvault.extract.early import main; main()",
+            "-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS)]
+    out = tmp_path / "o.pcap"
+    ok = subprocess.run([*base, "-f", "host 10.0.0.2", "-o", str(out), "-v"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "written" in ok.stderr  # the -v line, flushed before leaving
+    assert read_pcap_records(out.read_bytes()) == oracle(files, "host 10.0.0.2", START,
+                                                         START + 3600 * NS)
+    listed = subprocess.run([*base, "-f", "host 10.0.0.2", "-l"], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.count("\n") >= 1  # buffered stdout flushed
+    none = subprocess.run([*base, "-f", "host 203.0.113.99", "-o", str(tmp_path / "n.pcap")],
+                          capture_output=True, text=True)
+    assert none.returncode == 1 and not (tmp_path / "n.pcap").exists()
+    bad = subprocess.run([*base, "-f", "host 10.0.0.2 and", "-O"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad filter" in bad.stderr
+
+
 def _cli(args: list[str]) -> int:
     try:
         main(args)
