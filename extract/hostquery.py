@@ -38,7 +38,7 @@ from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import FormatError
 from pcapvault.index.libpcap import Filter, compile_filter
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
-from pcapvault.index.postings import Postings
+from pcapvault.index.postings import READ_AHEAD, Postings
 
 from .access import open_dumpset
 from .hostkeys import MAYBE, NO, YES, decide, posting_keys
@@ -47,7 +47,6 @@ from .report import Stats
 
 MAX_PACKETS = 250_000
 MAX_BYTES = 128 << 20
-DIRECTORY_GUESS = 256 << 10  # what Postings.read reads first
 _RECORD = struct.Struct("<IIII")
 _UNKNOWN = bytes(16)
 
@@ -120,7 +119,7 @@ def plan(req: Request) -> Plan | None:
     # Each step's reads are announced for every file before the first is waited for: cold,
     # the files' directories, then their frames, come in one round trip each.
     for sf in files:
-        _hint(str(sf.index), 0, DIRECTORY_GUESS)
+        _hint(str(sf.index), 0, READ_AHEAD)  # what Postings.read reads first
     opened: list[tuple[StoredFile, Postings, list]] = []
     try:
         for sf in files:
