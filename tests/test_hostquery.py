@@ -323,6 +323,23 @@ def test_entry_point_exit_statuses(synth, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad filter" in bad.stderr
 
 
+def test_closed_pipe_ends_quietly(tmp_path):
+    """A reader that leaves early (head) ends the fast path quietly, status 0: 2.8 MB of one
+    host's packets, far more than a pipe holds."""
+    frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                  ipv4("10.9.0.1", "10.9.1.1", 6, tcp(1000, 80, 0x10, bytes(1400))))
+    root = tmp_path / "ds"
+    build_dumpset(root, [(START + i * 1000, frame, len(frame)) for i in range(2000)],
+                  per_file=500)
+    cmd = (f"{sys.executable} -c 'from pcapvault.extract.early import main; main()' "
+           f"-t {root} -b {epoch(START)} -e {epoch(START + 3600 * NS)} -f 'host 10.9.0.1' -O")
+    whole = subprocess.run(["bash", "-c", cmd + " | wc -c"], capture_output=True, text=True)
+    assert int(whole.stdout) > 2_000_000
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd + " | head -c 100 >/dev/null"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == ""
+
+
 def _cli(args: list[str]) -> int:
     try:
         main(args)
