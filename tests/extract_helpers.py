@@ -214,3 +214,38 @@ def synthetic_traffic(n: int, start_ns: int, seed: int = 7, span_s: float = 3600
             pkt = pkt[: rnd.choice([10, 14, 20, 30, 40, 54])]  # sliced by a small snaplen
         out.append((ts, pkt, wire))
     return out
+
+
+def epoch(ns: int) -> str:
+    """A nanosecond timestamp as the epoch-seconds text npcapextract's -b/-e accept."""
+    return f"{ns // NS}.{ns % NS:09d}"
+
+
+def tcpdump_window(files: list[Path], expr: str, begin: int, end: int) -> list:
+    """The oracle: tcpdump's selection over `files`, restricted to [begin, end)."""
+    return [p for p in tcpdump_select(files, expr) if begin <= p[0] < end]
+
+
+def corpus_packets(start_ns: int, ethernet_only: bool = False) -> list[Packet]:
+    """tcpdump's test captures, one after the other, one packet every 0.25 s from
+    `start_ns` (so that they span several timeline slots); the broken ones are skipped."""
+    from pcapvault.index.pcapfile import PcapReader
+
+    packets: list[Packet] = []
+    ts = start_ns
+    for f in sorted(CORPUS.glob("*.pcap")):
+        try:
+            with PcapReader(f) as r:
+                if ethernet_only and r.header.linktype != 1:
+                    continue
+                t = r.scan()
+                arr = r.array()
+                for o, c, w in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
+                                   strict=True):
+                    ts += 250_000_000
+                    packets.append((ts, bytes(arr[o + 16 : o + 16 + c]), w))
+                del arr
+        except Exception:  # noqa: BLE001 - the corpus holds deliberately broken files
+            continue
+    return packets
+

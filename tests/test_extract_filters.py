@@ -14,9 +14,11 @@ from extract_helpers import (  # noqa: E402
     CORPUS,
     NS,
     build_dumpset,
+    corpus_packets,
+    epoch,
     read_pcap_records,
     synthetic_traffic,
-    tcpdump_select,
+    tcpdump_window,
 )
 
 from pcapvault.extract.cli import main  # noqa: E402
@@ -86,10 +88,6 @@ def run(args: list[str], capsys=None) -> int:
     return 0
 
 
-def epoch(ns: int) -> str:
-    return f"{ns // NS}.{ns % NS:09d}"
-
-
 def extract(ds: Path, tmp: Path, expr: str, begin: int, end: int) -> list:
     out = tmp / "out.pcap"
     if out.exists():
@@ -100,10 +98,6 @@ def extract(ds: Path, tmp: Path, expr: str, begin: int, end: int) -> list:
         return []
     assert rc == 0
     return read_pcap_records(out.read_bytes())
-
-
-def oracle(files: list[Path], expr: str, begin: int, end: int) -> list:
-    return [p for p in tcpdump_select(files, expr) if begin <= p[0] < end]
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +112,8 @@ def synth(tmp_path_factory):
 def corpus(tmp_path_factory):
     if not CORPUS.is_dir():
         pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
-    packets = []
-    ts = START
-    for f in sorted(CORPUS.glob("*.pcap")):
-        try:
-            with PcapReader(f) as r:
-                t = r.scan()
-                arr = r.array()
-                for o, c, w in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
-                                   strict=True):
-                    ts += 250_000_000  # one packet every 0.25 s: spans several slots
-                    packets.append((ts, bytes(arr[o + 16 : o + 16 + c]), w))
-                del arr
-        except Exception:  # noqa: BLE001 - the corpus holds deliberately broken files
-            continue
     root = tmp_path_factory.mktemp("corpus") / "ds"
-    ds = build_dumpset(root, packets, per_file=160)
+    ds = build_dumpset(root, corpus_packets(START), per_file=160)
     return root, [sf.pcap for sf in ds.files()]
 
 
@@ -141,14 +121,14 @@ def corpus(tmp_path_factory):
 def test_synthetic_whole_span(synth, tmp_path, expr):
     root, files = synth
     b, e = START - NS, START + 3600 * NS
-    assert extract(root, tmp_path, expr, b, e) == oracle(files, expr, b, e)
+    assert extract(root, tmp_path, expr, b, e) == tcpdump_window(files, expr, b, e)
 
 
 @pytest.mark.parametrize("expr", FILTERS)
 def test_corpus_whole_span(corpus, tmp_path, expr):
     root, files = corpus
     b, e = START, START + 7200 * NS
-    assert extract(root, tmp_path, expr, b, e) == oracle(files, expr, b, e)
+    assert extract(root, tmp_path, expr, b, e) == tcpdump_window(files, expr, b, e)
 
 
 WINDOWS = [
@@ -169,12 +149,12 @@ WINDOWS = [
 def test_windows_trim_inside_files(synth, tmp_path, window, expr):
     root, files = synth
     b, e = window
-    assert extract(root, tmp_path, expr, b, e) == oracle(files, expr, b, e)
+    assert extract(root, tmp_path, expr, b, e) == tcpdump_window(files, expr, b, e)
 
 
 def test_begin_inclusive_end_exclusive(synth, tmp_path):
     root, files = synth
-    allp = oracle(files, "", 0, 2**63 - 1)
+    allp = tcpdump_window(files, "", 0, 2**63 - 1)
     t5, t9 = allp[5][0], allp[9][0]
     got = extract(root, tmp_path, "", t5, t9)
     assert [p[0] for p in got] == [p[0] for p in allp[5:9]]

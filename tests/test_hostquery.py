@@ -16,12 +16,15 @@ from extract_helpers import (
     CORPUS,
     NS,
     build_dumpset,
+    corpus_packets,
+    epoch,
     ether,
     ipv4,
     read_pcap_records,
     synthetic_traffic,
     tcp,
     tcpdump_select,
+    tcpdump_window,
 )
 from test_indexfile import as_version
 
@@ -30,7 +33,6 @@ from pcapvault.extract.cli import main
 from pcapvault.extract.hostquery import Request
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
-from pcapvault.index.pcapfile import PcapReader
 from pcapvault.index.postings import Postings
 
 START = 1763737200 * NS + 123_456_789  # a slot start, as in test_extract_filters
@@ -58,10 +60,6 @@ ENGINE_FILTERS = ["", "tcp", "not host 10.0.1.3", "net 10.1.0.0/16", "vlan and h
                   "host 10.0.1.3 or tcp", "ether host 00:16:3e:00:01:02", "port 80"]
 
 
-def epoch(ns: int) -> str:
-    return f"{ns // NS}.{ns % NS:09d}"
-
-
 def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | None:
     """The fast path's records for the request, or None if it hands it to the engine."""
     plan = hostquery.plan(Request(str(root), begin, end, expr))
@@ -77,10 +75,6 @@ def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | Non
     return read_pcap_records(out.read_bytes())
 
 
-def oracle(files: list[Path], expr: str, begin: int, end: int) -> list:
-    return [p for p in tcpdump_select(files, expr) if begin <= p[0] < end]
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("hq-synth") / "ds"
@@ -93,24 +87,8 @@ def corpus(tmp_path_factory):
     """tcpdump's test captures (Ethernet) replayed into one dump set, 0.25 s apart."""
     if not CORPUS.is_dir():
         pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
-    packets = []
-    ts = START
-    for f in sorted(CORPUS.glob("*.pcap")):
-        try:
-            with PcapReader(f) as r:
-                if r.header.linktype != 1:
-                    continue
-                t = r.scan()
-                arr = r.array()
-                for o, c, w in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
-                                   strict=True):
-                    ts += 250_000_000
-                    packets.append((ts, bytes(arr[o + 16 : o + 16 + c]), w))
-                del arr
-        except Exception:  # noqa: BLE001 - the corpus holds deliberately broken files
-            continue
     root = tmp_path_factory.mktemp("hq-corpus") / "ds"
-    ds = build_dumpset(root, packets, per_file=160)
+    ds = build_dumpset(root, corpus_packets(START, ethernet_only=True), per_file=160)
     return root, [sf.pcap for sf in ds.files()]
 
 
@@ -137,7 +115,7 @@ def test_synthetic_host_filters_equal_tcpdump(synth, tmp_path, expr):
     for b, e in windows:
         got = answer(root, expr, b, e, tmp_path / "o.pcap")
         assert got is not None, f"{expr!r}: the fast path should answer it"
-        assert got == oracle(files, expr, b, e), (expr, b, e)
+        assert got == tcpdump_window(files, expr, b, e), (expr, b, e)
 
 
 def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
@@ -150,7 +128,7 @@ def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
             for b, e in ((START, START + 24 * 3600 * NS), (mid, mid + 20 * 60 * NS)):
                 got = answer(root, expr, b, e, tmp_path / "o.pcap")
                 assert got is not None, expr
-                assert got == oracle(files, expr, b, e), (expr, b, e)
+                assert got == tcpdump_window(files, expr, b, e), (expr, b, e)
 
 
 @pytest.mark.parametrize("expr", ENGINE_FILTERS)
@@ -206,7 +184,7 @@ def test_short_frames_are_confirmed_by_libpcap(tmp_path):
     for expr in ("host 10.9.0.2", "src host 10.9.0.3", "dst host 10.9.1.1"):
         got = answer(root, expr, START, START + 3600 * NS, tmp_path / "o.pcap")
         assert got is not None
-        assert got == oracle(files, expr, START, START + 3600 * NS), expr
+        assert got == tcpdump_window(files, expr, START, START + 3600 * NS), expr
     assert len(answer(root, "host 10.9.0.2", START, START + 3600 * NS, tmp_path / "o.pcap")) == 10
     assert answer(root, "dst host 10.9.1.1", START, START + 3600 * NS, tmp_path / "o.pcap") == []
 
@@ -225,7 +203,7 @@ def test_indexes_without_postings_go_to_the_engine(synth, tmp_path):
     rc = _cli(["-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
                "-f", "host 10.0.1.3", "-o", str(out)])
     assert rc == 0
-    assert read_pcap_records(out.read_bytes()) == oracle(files, "host 10.0.1.3", START,
+    assert read_pcap_records(out.read_bytes()) == tcpdump_window(files, "host 10.0.1.3", START,
                                                          START + 3600 * NS)
 
 
@@ -297,7 +275,7 @@ def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
     ours = subprocess.run(cmd, capture_output=True, check=True).stdout
     td = subprocess.run(["tcpdump", "-r", "-", "-w", "-", "--time-stamp-precision=nano"],
                         input=ours, capture_output=True, check=True).stdout
-    assert read_pcap_records(td) == read_pcap_records(ours) == oracle(
+    assert read_pcap_records(td) == read_pcap_records(ours) == tcpdump_window(
         files, "src host 10.0.1.3", START, START + 3600 * NS)
 
 
@@ -312,7 +290,7 @@ def test_entry_point_exit_statuses(synth, tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "written" in ok.stderr  # the -v line, flushed before leaving
-    assert read_pcap_records(out.read_bytes()) == oracle(files, "host 10.0.0.2", START,
+    assert read_pcap_records(out.read_bytes()) == tcpdump_window(files, "host 10.0.0.2", START,
                                                          START + 3600 * NS)
     listed = subprocess.run([*base, "-f", "host 10.0.0.2", "-l"], capture_output=True, text=True)
     assert listed.returncode == 0 and listed.stdout.count("\n") >= 1  # buffered stdout flushed
