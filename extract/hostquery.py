@@ -66,7 +66,6 @@ class FilePlan:
     """The candidate records of one pcap, in capture order."""
 
     pcap: str
-    first_ns: int
     fd: int
     offset: list[int]
     length: list[int]
@@ -223,7 +222,7 @@ def _candidates(sf: StoredFile, p: Postings, lists: list, req: Request, flt: Fil
     if not order:
         return None
     fd = os.open(sf.pcap, os.O_RDONLY)
-    return FilePlan(str(sf.pcap), sf.first_ns, fd, order, [length[o] for o in order],
+    return FilePlan(str(sf.pcap), fd, order, [length[o] for o in order],
                     [state[o] == YES for o in order], edge)
 
 
