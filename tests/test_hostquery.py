@@ -118,6 +118,20 @@ def test_synthetic_host_filters_equal_tcpdump(synth, tmp_path, expr):
         assert got == tcpdump_window(files, expr, b, e), (expr, b, e)
 
 
+def test_microsecond_dump_set_keeps_its_precision(tmp_path):
+    """A microsecond dump set: records copied as stored, a microsecond pcap header, windows
+    that cut blocks decided on microsecond record timestamps."""
+    root = tmp_path / "us"
+    ds = build_dumpset(root, synthetic_traffic(900, START, seed=5, span_s=1800), per_file=200,
+                       nanosecond=False)
+    files = [sf.pcap for sf in ds.files()]
+    for b, e in ((START, START + 3600 * NS), (START + 301 * NS + 500, START + 1201 * NS + 250)):
+        out = tmp_path / "o.pcap"
+        got = answer(root, "host 10.0.1.3", b, e, out)
+        assert got is not None and got == tcpdump_window(files, "host 10.0.1.3", b, e)
+        assert got and out.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")
+
+
 def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
     root, files = corpus
     hosts = _corpus_hosts(files, 25)
