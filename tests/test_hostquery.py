@@ -119,17 +119,24 @@ def test_synthetic_host_filters_equal_tcpdump(synth, tmp_path, expr):
 
 
 def test_microsecond_dump_set_keeps_its_precision(tmp_path):
-    """A microsecond dump set: records copied as stored, a microsecond pcap header, windows
-    that cut blocks decided on microsecond record timestamps."""
+    """A microsecond dump set: records copied as stored, a microsecond pcap header, and a
+    window's edges decided on microsecond record timestamps (packets 100 us on either side of
+    each edge, in files the window cuts)."""
+    t0 = START // 1000 * 1000 + 10 * NS
+    b, e = t0 + 60 * NS + 500_000, t0 + 120 * NS + 500_000
+    frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                  ipv4("10.9.0.1", "10.9.1.1", 6, tcp(1000, 80, 0x10)))
+    stamps = sorted({t0 + i * NS for i in range(180)}
+                    | {edge + d for edge in (b, e) for d in (-400_000, -100_000, 100_000)})
     root = tmp_path / "us"
-    ds = build_dumpset(root, synthetic_traffic(900, START, seed=5, span_s=1800), per_file=200,
+    ds = build_dumpset(root, [(t, frame, len(frame)) for t in stamps], per_file=50,
                        nanosecond=False)
     files = [sf.pcap for sf in ds.files()]
-    for b, e in ((START, START + 3600 * NS), (START + 301 * NS + 500, START + 1201 * NS + 250)):
-        out = tmp_path / "o.pcap"
-        got = answer(root, "host 10.0.1.3", b, e, out)
-        assert got is not None and got == tcpdump_window(files, "host 10.0.1.3", b, e)
-        assert got and out.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")
+    out = tmp_path / "o.pcap"
+    for window in ((START, START + 3600 * NS), (b, e)):
+        got = answer(root, "host 10.9.0.1", *window, out)
+        assert got and got == tcpdump_window(files, "host 10.9.0.1", *window)
+        assert out.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")
 
 
 def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
