@@ -226,6 +226,28 @@ def tcpdump_window(files: list[Path], expr: str, begin: int, end: int) -> list:
     return [p for p in tcpdump_select(files, expr) if begin <= p[0] < end]
 
 
+SYNTH_START = 1763737200 * NS + 123_456_789  # 2025-11-21 15:00:00.123456789 UTC, a slot start
+
+
+def synthetic_dumpset(root: Path) -> tuple[Path, list[Path]]:
+    """30 minutes of synthetic traffic from SYNTH_START (three 10-minute slots, files also
+    closed every 300 packets): the dump set and its pcaps."""
+    ds = build_dumpset(root, synthetic_traffic(2400, SYNTH_START, seed=11, span_s=1800),
+                       per_file=300)
+    return root, [sf.pcap for sf in ds.files()]
+
+
+def corpus_dumpset(root: Path, ethernet_only: bool = False) -> tuple[Path, list[Path]]:
+    """tcpdump's test corpus replayed from SYNTH_START (corpus_packets): the dump set and its
+    pcaps; the test is skipped where the corpus is missing."""
+    import pytest
+
+    if not CORPUS.is_dir():
+        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
+    ds = build_dumpset(root, corpus_packets(SYNTH_START, ethernet_only), per_file=160)
+    return root, [sf.pcap for sf in ds.files()]
+
+
 def corpus_packets(start_ns: int, ethernet_only: bool = False) -> list[Packet]:
     """tcpdump's test captures, one after the other, one packet every 0.25 s from
     `start_ns` (so that they span several timeline slots); the broken ones are skipped."""

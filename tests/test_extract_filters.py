@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import (  # noqa: E402
-    CORPUS,
+from extract_helpers import (
     NS,
-    build_dumpset,
-    corpus_packets,
+    SYNTH_START,
+    corpus_dumpset,
     epoch,
     read_pcap_records,
-    synthetic_traffic,
+    synthetic_dumpset,  # noqa: E402
     tcpdump_window,
 )
 
@@ -27,7 +26,7 @@ from pcapvault.index.indexfile import FLAG_ADDRS, read_index  # noqa: E402
 from pcapvault.index.libpcap import compile_filter  # noqa: E402
 from pcapvault.index.pcapfile import PcapReader  # noqa: E402
 
-START = 1763737200 * NS + 123_456_789  # 2025-11-21 15:00:00.123456789 UTC, a slot start
+START = SYNTH_START
 
 FILTERS = [
     "",
@@ -102,19 +101,12 @@ def extract(ds: Path, tmp: Path, expr: str, begin: int, end: int) -> list:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "ds"
-    # 30 minutes of traffic: three 10-minute slots, files closed every 300 packets too.
-    ds = build_dumpset(root, synthetic_traffic(2400, START, seed=11, span_s=1800), per_file=300)
-    return root, [sf.pcap for sf in ds.files()]
+    return synthetic_dumpset(tmp_path_factory.mktemp("synth") / "ds")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    if not CORPUS.is_dir():
-        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
-    root = tmp_path_factory.mktemp("corpus") / "ds"
-    ds = build_dumpset(root, corpus_packets(START), per_file=160)
-    return root, [sf.pcap for sf in ds.files()]
+    return corpus_dumpset(tmp_path_factory.mktemp("corpus") / "ds")
 
 
 @pytest.mark.parametrize("expr", FILTERS)

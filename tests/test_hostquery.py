@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 from extract_helpers import (
-    CORPUS,
     NS,
+    SYNTH_START,
     build_dumpset,
-    corpus_packets,
+    corpus_dumpset,
     epoch,
     ether,
     ipv4,
     read_pcap_records,
-    synthetic_traffic,
+    synthetic_dumpset,
     tcp,
     tcpdump_select,
     tcpdump_window,
@@ -35,7 +35,7 @@ from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
 from pcapvault.index.postings import Postings
 
-START = 1763737200 * NS + 123_456_789  # a slot start, as in test_extract_filters
+START = SYNTH_START
 
 # Every one of these names an address on each accepting path: the fast path answers them.
 HOST_FILTERS = [
@@ -77,19 +77,12 @@ def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | Non
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hq-synth") / "ds"
-    ds = build_dumpset(root, synthetic_traffic(2400, START, seed=11, span_s=1800), per_file=300)
-    return root, [sf.pcap for sf in ds.files()]
+    return synthetic_dumpset(tmp_path_factory.mktemp("hq-synth") / "ds")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """tcpdump's test captures (Ethernet) replayed into one dump set, 0.25 s apart."""
-    if not CORPUS.is_dir():
-        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
-    root = tmp_path_factory.mktemp("hq-corpus") / "ds"
-    ds = build_dumpset(root, corpus_packets(START, ethernet_only=True), per_file=160)
-    return root, [sf.pcap for sf in ds.files()]
+    return corpus_dumpset(tmp_path_factory.mktemp("hq-corpus") / "ds", ethernet_only=True)
 
 
 def _corpus_hosts(files: list[Path], n: int) -> list[str]:
