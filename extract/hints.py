@@ -12,6 +12,21 @@ import os
 from collections.abc import Iterable
 
 
+def will_need(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:
+    """Start reading a file's range (0, 0: all of it) into the page cache; only a hint, never
+    fails."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def will_need_index(path: str | os.PathLike[str]) -> None:
     """Start reading the part of an index file the engine reads (header, postings directory,
     summary and packet sections), not the postings frames at the end of a version 3 index,

@@ -41,6 +41,7 @@ from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 from pcapvault.index.postings import READ_AHEAD, Postings
 
 from .access import open_dumpset
+from .hints import will_need
 from .hostkeys import MAYBE, NO, YES, decide, posting_keys
 from .outfile import create, writev_all
 from .report import Stats
@@ -118,7 +119,7 @@ def plan(req: Request) -> Plan | None:
     # Each step's reads are announced for every file before the first is waited for: cold,
     # the files' directories, then their frames, come in one round trip each.
     for sf in files:
-        _hint(str(sf.index), 0, READ_AHEAD)  # what Postings.read reads first
+        will_need(str(sf.index), 0, READ_AHEAD)  # what Postings.read reads first
     opened: list[tuple[StoredFile, Postings, list]] = []
     try:
         for sf in files:
@@ -129,7 +130,7 @@ def plan(req: Request) -> Plan | None:
                 opened.append((sf, *found))
         for _, p, lists in opened:
             for _, _, k in lists:
-                _hint(p.path, *p.frame_span(k))
+                will_need(p.path, *p.frame_span(k))
         decisions: dict[tuple[bytes, int, int], int] = {}
         total = nbytes = 0
         for sf, p, lists in opened:
@@ -240,17 +241,6 @@ def _window_blocks(p: Postings, req: Request) -> Callable[[int], bool | None]:
         for _, lo, hi in blocks
     ]
     return lambda off: verdict[bisect_right(starts, off) - 1]
-
-
-def _hint(path: str, offset: int, length: int) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
 
 
 class _Hints:
