@@ -349,9 +349,12 @@ def run_remote(
     if verbose:
         from .report import Stats
 
-        line = Stats.from_counts(trailer["stats"]).line(
-            written, trailer["bytes"], time.monotonic() - t0
-        )
+        counts, elapsed = trailer["stats"], time.monotonic() - t0
+        if "packets_read" in counts:
+            line = Stats.from_counts(counts).line(written, trailer["bytes"], elapsed)
+        else:  # a restricted member is told only about what they were given
+            line = (f"matched {int(counts.get('packets_matched', 0))}, written {written}; "
+                    f"bytes out {trailer['bytes']}; elapsed {elapsed:.3f} s")
         _err(f"through the extraction service as {user}: {line}")
     if trailer.get("error"):
         raise ServiceError(trailer["error"])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pcapvault.index.compressed import is_compressed
-from pcapvault.index.dumpset import StoredFile
+from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
 
@@ -138,10 +138,10 @@ class _IndexAhead:
 class Source:
     """One dump set (one interface) prepared for a query."""
 
-    def __init__(self, path: str, number: int, expr: str):
+    def __init__(self, path: str, number: int, expr: str, ds: DumpSet | None = None):
         self.path = path
         self.number = number
-        self.ds = open_dumpset(path)
+        self.ds = open_dumpset(path) if ds is None else ds
         meta = self.ds.meta
         self.linktype = int(meta.get("linktype", 1))
         self.snaplen = int(meta.get("snaplen", 262144))

@@ -10,10 +10,12 @@ it knows who asks:
 2. PAM, service `npcapextract`, checks that account's password. pam_unix has to read
    /etc/shadow for another user's password, so this step runs as root;
 3. membership of the extractors' group (`npcap`) is the authorization, and the dump sets
-   named must be ones this sensor serves; members of a group given with --group-filter see
-   only the packets that group's filter selects;
+   named must be ones this sensor serves: each path is opened once, as root, and what was
+   opened is checked and then read through that descriptor (index/anchored.py); members of
+   a group given with --group-filter see only the packets that group's filter selects;
 4. then the process becomes the service account for good, before it compiles a filter or
    opens a packet, and streams the result through the same engine as a direct extraction.
+   The filter is compiled under a CPU-time limit, and a client that hangs up stops the work.
 
 Every attempt, allowed or not, ends as one JSON line in the audit file (opened as root
 before the drop, never writable by clients) and in syslog. docs/SECURITY.md has the threat
@@ -27,6 +29,7 @@ import json
 import os
 import pwd
 import resource
+import select
 import signal
 import socket
 import stat
@@ -35,12 +38,14 @@ import sys
 import syslog
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from pcapvault.index.anchored import AnchoredDumpSet, Held, RefusedPath, hold, identities
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.tools.cliutil import run
 
@@ -51,10 +56,13 @@ if TYPE_CHECKING:
     from .framed import ConnectionOutput
     from .select import Source, Stats
 
+T = TypeVar("T")
 PROG = "npcapextractd"
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SEND_BUFFER = 8 << 20  # fewer wake-ups while streaming: the client drains in large reads
 STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+DRAIN_SECONDS = 1.0  # after an error reply, what a client still sends is read this long
+HANGUP_POLL = 0.2  # how often a hang-up is looked for while the service works
 
 
 class ServiceError(PcapVaultError):
@@ -81,6 +89,7 @@ class Settings:
     max_attempts: int
     fail_delay: float
     timeout: float
+    filter_cpu: float
 
 
 @dataclass(frozen=True)
@@ -242,17 +251,13 @@ def default_allow() -> tuple[str, ...]:
     return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
 
 
-def served(path: str, allow: tuple[str, ...]) -> bool:
-    """Is `path` one of the allowed dump sets or inside an allowed directory?
+def service_uid(account: str) -> int:
+    """Whose dump sets are served: the service account's (ours, when started unprivileged)."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    from pcapvault.recorder.privileges import lookup
 
-    Resolved first, so that `..` and symbolic links cannot lead the service account to a
-    directory it may read but clients may not name."""
-    real = os.path.realpath(path)
-    for a in allow:
-        root = os.path.realpath(a)
-        if real == root or real.startswith(root.rstrip("/") + "/"):
-            return True
-    return False
+    return lookup(account).pw_uid
 
 
 def become(account: str) -> None:
@@ -303,6 +308,84 @@ def _log(msg: str) -> None:
     print(f"{PROG}: {' '.join(msg.split())}", file=sys.stderr, flush=True)
 
 
+class ClientGone(BaseException):
+    """The client hung up while the service was working for it (raised where the session is)."""
+
+
+class FilterTooCostly(PcapVaultError):
+    """Compiling the client's filter took more CPU time than --filter-cpu-limit allows."""
+
+
+def hung_up(conn: socket.socket) -> bool:
+    """Whether the client closed its end (not merely its sending half: a client that
+    shuts down writing after its request still reads the answer)."""
+    p = select.poll()
+    p.register(conn, 0)  # POLLHUP and POLLERR are always reported
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
+class HangupWatch(threading.Thread):
+    """Raises ClientGone in the main thread when the client hangs up, so that no work goes
+    on for nobody (a query over months of files that writes nothing for a while would
+    otherwise run to its end). SIGUSR1 carries it; its handler raises only while armed."""
+
+    def __init__(self, conn: socket.socket):
+        super().__init__(daemon=True, name="hangup-watch")
+        self.conn = conn
+        self.armed = True
+        self.stop = threading.Event()
+        signal.signal(signal.SIGUSR1, self._raise)
+        self.start()
+
+    def _raise(self, signum: int, frame: object) -> None:
+        if self.armed:
+            raise ClientGone()
+
+    def run(self) -> None:
+        while not self.stop.wait(HANGUP_POLL):
+            if hung_up(self.conn):
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                return
+
+    def close(self) -> None:
+        self.armed = False
+        self.stop.set()
+
+
+def bounded(work: Callable[[], T], cpu_limit: float, conn: socket.socket) -> T:
+    """`work()` (libpcap compiling a client's filter) under a CPU-time limit.
+
+    libpcap's optimiser grows about cubically with the number of terms and cannot be
+    interrupted from Python; the call runs on a thread (ctypes releases the GIL) while this
+    one watches the process's CPU time and the connection. Past the limit, or when the
+    client hangs up, the caller reports it and the instance exits, which ends the thread."""
+    result: list = []
+    error: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the session
+            error.append(e)
+        finally:
+            done.set()
+
+    start = time.process_time()
+    threading.Thread(target=run, daemon=True, name="compile").start()
+    while not done.wait(0.02):
+        if time.process_time() - start > cpu_limit:
+            raise FilterTooCostly(
+                f"the filter takes more than {cpu_limit:g} s of CPU time to compile here; "
+                "shorten it (fewer terms, or ranges such as portrange and net instead of "
+                "long or-lists)")
+        if hung_up(conn):
+            raise ClientGone()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 class Session:
     """One connection: up to max_attempts requests until one is allowed or refused."""
 
@@ -315,32 +398,43 @@ class Session:
         self.record: dict | None = None
         self.started = time.monotonic()
         self.audited = False
+        self.held: list[Held] = []
+        self.sets: list[AnchoredDumpSet] = []
+        self.watch: HangupWatch | None = None
 
     def run(self) -> None:
+        # Each request must arrive whole within --timeout of the connection (the first) or
+        # of the answer to the one before: a deadline for the request, not for each read.
+        turn = time.monotonic()
         for attempt in range(1, self.settings.max_attempts + 1):
             self.started = time.monotonic()
             self.record = self._record(attempt)
             self.audited = False
-            if not self._attempt(attempt):
+            if not self._attempt(attempt, turn + self.settings.timeout):
                 return
+            turn = time.monotonic()
 
-    def _attempt(self, attempt: int) -> bool:
+    def _attempt(self, attempt: int, deadline: float) -> bool:
         """One request; True when the client may try again on this connection."""
         s = self.settings
         record, started = self.record, self.started
         try:
-            req = self._read_request()
+            req = self._read_request(deadline)
         except wire.ProtocolError as e:
             self._audit(record, started, "rejected", str(e))
             self._reply("error", str(e))
+            self._drain(deadline)
             return False
         if req is None:
             self.audited = True  # closed without asking: a probe, or a client that gave up
             return False
+        # Failures are slowed down from here, not from the connection: a client that waits
+        # before it asks must not learn from the answer's speed whether a user exists.
+        requested = time.monotonic()
         record.update(_describe(req))
         user = self.peer.user
         if user is None:
-            self._deny(record, started, f"uid {self.peer.uid} has no account name")
+            self._deny(record, requested, f"uid {self.peer.uid} has no account name")
             return False
         record["pam_user"] = user
         if self.preload is None:
@@ -353,36 +447,55 @@ class Session:
             msg = f"authentication failed for {user}"
             if not left:
                 msg += f" ({s.max_attempts} attempts, no more on this connection)"
-            self._deny(record, started, msg, detail=why, retry=left > 0)
+            self._deny(record, requested, msg, detail=why, retry=left > 0)
             return left > 0
         gids = set(os.getgrouplist(user, pwd.getpwnam(user).pw_gid))
         if not member_of(s.group, gids):
-            self._deny(record, started,
+            self._deny(record, requested,
                        f"{user} is not a member of the group {s.group} whose members may extract")
             return False
-        for path in req.dumpsets:
-            if not served(path, s.allow):
-                self._deny(record, started, f"{path} is not a dump set this service serves")
-                return False
+        if not self._hold(req, record, requested):
+            return False
         restrictions = tuple(f for f in s.group_filters if f.gid in gids)
         allowed = allowed_filter(restrictions)
         record.update(restricted_by=[r.group for r in restrictions],
                       effective_filter=effective_filter(req.filter, allowed))
+        self.watch = HangupWatch(self.conn)
         self._extract(req, record, started, restrictions, allowed)
         return False
 
+    def _hold(self, req: wire.Request, record: dict, requested: float) -> bool:
+        """Open every dump set named, as root, once (see index/anchored.py)."""
+        s = self.settings
+        try:
+            owner = service_uid(s.account)
+            roots = identities(s.allow)
+            for path in req.dumpsets:
+                self.held.append(hold(path, owner, roots))
+        except (RefusedPath, PcapVaultError) as e:
+            record["resolved"] = [h.real for h in self.held]
+            self._deny(record, requested, str(e))
+            return False
+        record["resolved"] = [h.real for h in self.held]
+        return True
+
     def interrupted(self, e: BaseException) -> None:
-        """A bug, or systemd stopping us, must still leave an audit line and a one-line
-        answer for the client."""
+        """A bug, systemd stopping us or the client hanging up must still leave an audit line
+        (and, where someone may still read it, a one-line answer)."""
+        if self.watch is not None:
+            self.watch.close()
         if isinstance(e, Terminated):
             why, told = "stopped by SIGTERM", "the extraction service was stopped"
+        elif isinstance(e, ClientGone):
+            why, told = "the client hung up; work stopped", ""
         else:
             why = f"internal error: {type(e).__name__}"
             told = "internal error in the extraction service; see its journal"
             _log(f"internal error: {type(e).__name__}: {e}")
         if self.record is not None and not self.audited:
             self._audit(self.record, self.started, "error", why)
-        self._reply("error", told)
+        if told:
+            self._reply("error", told)
 
     def _record(self, attempt: int) -> dict:
         p = self.peer
@@ -396,10 +509,9 @@ class Session:
             "attempt": attempt,
         }
 
-    def _read_request(self) -> wire.Request | None:
-        self.conn.settimeout(self.settings.timeout)
+    def _read_request(self, deadline: float) -> wire.Request | None:
         try:
-            head = wire.recv_header(self.conn, "request")
+            head = wire.recv_header(self.conn, "request", deadline)
             if head is None:
                 return None
             kind, length = head
@@ -410,13 +522,27 @@ class Session:
                 raise wire.ProtocolError(
                     f"request too large: {length} bytes (limit {wire.MAX_REQUEST})"
                 )
-            return wire.Request.decode(wire.recv_exact(self.conn, length, "request"))
+            return wire.Request.decode(wire.recv_exact(self.conn, length, "request", deadline))
         except TimeoutError:
             raise wire.ProtocolError(
                 f"no complete request within {self.settings.timeout:g} s"
             ) from None
         except ConnectionError as e:
             raise wire.ProtocolError(f"connection lost while reading the request ({e})") from None
+
+    def _drain(self, deadline: float) -> None:
+        """After an error reply: read what the client still sends, for a while, so that
+        closing does not reset the connection before it has read the reply (a Unix socket
+        closed with unread data makes the peer's reads fail with ECONNRESET)."""
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+            until = min(deadline, time.monotonic() + DRAIN_SECONDS)
+            while (left := until - time.monotonic()) > 0:
+                self.conn.settimeout(left)
+                if not self.conn.recv(1 << 16):
+                    return
+        except OSError:
+            pass
 
     def _reply(self, status: str, message: str = "", **extra: object) -> None:
         try:
@@ -425,12 +551,13 @@ class Session:
         except OSError:
             pass  # the client left; the audit line still says what happened
 
-    def _deny(self, record: dict, started: float, reason: str, *, detail: str = "",
+    def _deny(self, record: dict, since: float, reason: str, *, detail: str = "",
               retry: bool = False) -> None:
-        # Failures take at least fail_delay (PAM's own delay counts), so guessing is slow
-        # and a wrong password cannot be told from an unknown or unauthorized user by time.
-        time.sleep(max(0.0, self.settings.fail_delay - (time.monotonic() - started)))
-        self._audit(record, started, "denied", reason + (f" ({detail})" if detail else ""))
+        # Failures take at least fail_delay from the request (PAM's own delay counts), so
+        # guessing is slow and a wrong password cannot be told from an unknown or
+        # unauthorized user by time.
+        time.sleep(max(0.0, self.settings.fail_delay - (time.monotonic() - since)))
+        self._audit(record, self.started, "denied", reason + (f" ({detail})" if detail else ""))
         self._reply("denied", reason, retry=retry)
 
     def _audit(self, record: dict, started: float, outcome: str, reason: str | None = None,
@@ -439,8 +566,19 @@ class Session:
         record.update(outcome=outcome, reason=reason, packets=packets, bytes=nbytes,
                       duration_s=round(time.monotonic() - started, 3),
                       cpu_s=round(ru.ru_utime + ru.ru_stime, 3))
-        self.audited = True
-        self.audit.write(record)
+        # Not cut short by SIGTERM or a hang-up: they arrive once the line is written.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        try:
+            self.audited = True
+            self.audit.write(record)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _shown(self, text: str) -> str:
+        """A message as the client and the audit show it: real paths, not /proc/self/fd."""
+        for ds in self.sets:
+            text = ds.shown(text)
+        return text
 
     def _extract(self, req: wire.Request, record: dict, started: float,
                  restrictions: tuple[GroupFilter, ...], allowed: str | None) -> None:
@@ -458,14 +596,22 @@ class Session:
 
         try:
             become(self.settings.account)
-            sources = _open_sources(req.dumpsets, req.filter, allowed)
+            self.sets = [h.open() for h in self.held]
+            sources = bounded(lambda: _open_sources(req.dumpsets, self.sets, req.filter, allowed),
+                              self.settings.filter_cpu, self.conn)
             if not req.pcapng and len({src.linktype for src in sources}) > 1:
                 raise PcapVaultError(
                     "the dump sets have different link types; use --pcapng to combine them"
                 )
+        except RefusedPath as e:
+            msg = self._shown(str(e))
+            self._audit(record, started, "denied", msg)
+            self._reply("denied", msg)
+            return
         except PcapVaultError as e:
-            self._audit(record, started, "error", str(e))
-            self._reply("error", str(e))
+            msg = self._shown(str(e))
+            self._audit(record, started, "error", msg)
+            self._reply("error", msg)
             return
         self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
         stall = struct.pack("ll", STALL_SECONDS, 0)
@@ -475,6 +621,7 @@ class Session:
         stats = Stats()
 
         def warn(msg: str) -> None:
+            msg = self._shown(msg)
             stats.warnings.append(msg)
             try:
                 wire.send(self.conn, wire.WARNING, msg.encode())
@@ -490,12 +637,13 @@ class Session:
                 groups = ", ".join(r.group for r in restrictions)
                 warn(f"as a member of {groups} you may extract only packets matching {allowed}")
             if req.list_only:
-                files = list_files(sources, q, stats, warn)
+                files = [(self._shown(f), n) for f, n in list_files(sources, q, stats, warn)]
                 packets = sum(n for _, n in files)
+                if hung_up(self.conn):
+                    raise ClosedPipe()
             else:
                 ifaces = [
-                    Interface(f"{s.interface} ({s.ds.root})", s.linktype, s.snaplen,
-                              s.nanosecond)
+                    Interface(f"{s.interface} ({s.path})", s.linktype, s.snaplen, s.nanosecond)
                     for s in sources
                 ]
                 shared = None
@@ -522,19 +670,28 @@ class Session:
             return
         except (PcapVaultError, OSError) as e:
             msg = str(e) if isinstance(e, PcapVaultError) else f"{e.strerror}: {e.filename}"
-            self._audit(record, started, "error", msg, *_returned(out))
-            self._trailer(stats, files, out, error=msg)
+            msg = self._shown(msg)
+            outcome = "denied" if isinstance(e, RefusedPath) else "error"
+            self._audit(record, started, outcome, msg, *_returned(out))
+            self._trailer(stats, files, out, allowed, error=msg)
             return
         # Every packet is with the client (or in its socket) by now. Audit first: whoever
         # sees the end of the result can rely on the audit line being there.
         self._audit(record, started, "allowed", None, packets, _returned(out)[1])
-        self._trailer(stats, files, out)
+        self._trailer(stats, files, out, allowed)
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
-                 error: str | None = None) -> None:
-        """The end of the result (a client that has left misses nothing else)."""
-        counts = asdict(stats)
-        counts.pop("warnings")
+                 allowed: str | None, error: str | None = None) -> None:
+        """The end of the result (a client that has left misses nothing else).
+
+        A restricted member gets only the count of what they were given: how many packets
+        and bytes were read, or files considered, would tell about traffic outside their
+        filter."""
+        if allowed is None:
+            counts = asdict(stats)
+            counts.pop("warnings")
+        else:
+            counts = {"packets_matched": stats.packets_matched}
         body = {
             "packets": out.packets if out else sum(n for _, n in files),
             "bytes": out.bytes if out else 0,
@@ -542,36 +699,41 @@ class Session:
             "files": files,
             "error": error,
         }
+        if self.watch is not None:
+            self.watch.close()
         try:
             wire.send_json(self.conn, wire.TRAILER, body)
         except OSError:
             pass
 
 
-def _open_sources(paths: list[str], user_filter: str, allowed: str | None) -> list[Source]:
+def _open_sources(paths: list[str], sets: list[AnchoredDumpSet], user_filter: str,
+                  allowed: str | None) -> list[Source]:
     """The dump sets, each with the filter this user may run.
 
-    The user's filter is compiled on its own first, even when it will run inside a
-    restriction: only an expression that is whole by itself can be put in parentheses (with
-    `tcp) or (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its
-    errors then read exactly as in a direct extraction."""
-    from pcapvault.index.libpcap import FilterError
+    A restricted user's filter is checked on its own first (parsed, not optimised: libpcap's
+    parser is cheap, its optimiser is not), then the restricted filter is compiled once:
+    only an expression that is whole by itself can be put in parentheses (with `tcp) or
+    (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its errors then
+    read exactly as in a direct extraction."""
+    from pcapvault.index.libpcap import FilterError, compile_filter
 
     from .select import Source
 
-    # The paths checked by served(), resolved: a link swapped since cannot redirect us.
-    sources = [Source(os.path.realpath(p), i, user_filter) for i, p in enumerate(paths)]
-    if allowed is None:
-        return sources
     expr = effective_filter(user_filter, allowed)
-    restricted = []
-    for src in sources:
+    sources = []
+    for i, (path, ds) in enumerate(zip(paths, sets, strict=True)):
+        linktype = int(ds.meta.get("linktype", 1))
+        if allowed is not None and user_filter.strip():
+            compile_filter(user_filter, linktype, optimize=False).close()
         try:
-            restricted.append(Source(src.path, src.number, expr))
+            sources.append(Source(path, i, expr, ds))
         except FilterError as e:
-            raise FilterError(f"{src.path} (link type {src.linktype}): your filter cannot run "
+            if allowed is None:
+                raise
+            raise FilterError(f"{path} (link type {linktype}): your filter cannot run "
                               f"inside the --group-filter restriction {allowed!r}: {e}") from None
-    return restricted
+    return sources
 
 
 def _returned(out: ConnectionOutput | None) -> tuple[int, int]:
@@ -634,10 +796,16 @@ Examples:
 @click.option("--fail-delay", type=click.FloatRange(0, 60), default=2.0, show_default=True,
               help="Seconds a failed attempt takes at least.")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
-              help="Seconds a client has to send its request.")
+              help="Seconds a client has to send its whole request, counted from the "
+                   "connection (or from the answer to its previous attempt).")
+@click.option("--filter-cpu-limit", "filter_cpu", type=click.FloatRange(0.1, 3600),
+              default=2.0, show_default=True,
+              help="CPU seconds that compiling a client's filter may take; a longer one is "
+                   "refused (libpcap's optimiser grows about cubically with the number of "
+                   "terms).")
 def command(account: str, group: str, group_filters: tuple[str, ...], pam_service: str,
             audit_log: Path, allow: tuple[str, ...], max_attempts: int, fail_delay: float,
-            timeout: float) -> int:
+            timeout: float, filter_cpu: float) -> int:
     """Serve one authenticated extraction on the connection systemd passes as fd 3.
 
     Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
@@ -655,7 +823,7 @@ def command(account: str, group: str, group_filters: tuple[str, ...], pam_servic
         raise
     conn = activation_socket()
     settings = Settings(account, group, filters, pam_service, audit_log,
-                        allow or default_allow(), max_attempts, fail_delay, timeout)
+                        allow or default_allow(), max_attempts, fail_delay, timeout, filter_cpu)
     try:
         audit = Audit(audit_log)
     except ServiceError:
@@ -667,7 +835,7 @@ def command(account: str, group: str, group_filters: tuple[str, ...], pam_servic
     signal.signal(signal.SIGTERM, _terminate)
     try:
         session.run()
-    except (Exception, Terminated) as e:  # noqa: BLE001 - no traceback, no silent attempt
+    except (Exception, Terminated, ClientGone) as e:  # noqa: BLE001 - no traceback, no silent attempt
         session.interrupted(e)
         return 1
     return 0
@@ -694,7 +862,20 @@ def main() -> None:
     from .heap import keep_freed_memory
 
     keep_freed_memory()
-    run(command, PROG, error_code=1)
+    try:
+        run(command, PROG, error_code=1)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    else:
+        code = 0
+    # Out without waiting for threads: a filter compilation past its CPU limit cannot be
+    # stopped any other way, and once the answer and the audit line are out nothing is left.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 
 from pcapvault.index.errors import PcapVaultError
@@ -73,6 +74,8 @@ class Request:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError("malformed request: not a UTF-8 JSON object") from None
+        except RecursionError:
+            raise ProtocolError("malformed request: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ProtocolError("malformed request: not a JSON object")
         if obj.get("version") != VERSION:
@@ -136,6 +139,8 @@ def _check(name: str, value: object, kind: str) -> object:
         limit = MAX_PASSWORD if kind == "password" else MAX_FILTER
         if not isinstance(value, str):
             raise bad("must be a string")
+        if not _is_text(value):
+            raise bad("is not valid Unicode text (a lone surrogate)")
         if len(value.encode()) > limit:
             raise bad(f"is longer than {limit} bytes")
         if "\0" in value:
@@ -149,10 +154,22 @@ def _check(name: str, value: object, kind: str) -> object:
         for p in value:
             if not isinstance(p, str) or not p.startswith("/") or "\0" in p:
                 raise bad("must hold absolute paths")
+            if not _is_text(p):
+                raise bad("holds a path that is not valid Unicode text (a lone surrogate)")
             if len(p.encode()) > MAX_PATH:
                 raise bad(f"holds a path longer than {MAX_PATH} bytes")
         return list(value)
     raise AssertionError(kind)
+
+
+def _is_text(value: str) -> bool:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no file name, filter or
+    password can hold (and which str.encode refuses)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
@@ -184,11 +201,22 @@ def send_json(sock: socket.socket, kind: bytes, obj: dict) -> None:
     send(sock, kind, json.dumps(obj).encode())
 
 
-def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+def _until(sock: socket.socket, deadline: float | None) -> None:
+    """Before a read: the socket's timeout is what is left until `deadline` (time.monotonic),
+    so that a client sending a byte at a time cannot stretch the whole past it."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError()
+        sock.settimeout(left)
+
+
+def recv_exact(sock: socket.socket, n: int, what: str, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        _until(sock, deadline)
         k = sock.recv_into(view[got:])
         if not k:
             raise ProtocolError(f"the connection ended in the middle of the {what}")
@@ -196,13 +224,15 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def recv_header(sock: socket.socket, what: str) -> tuple[bytes, int] | None:
+def recv_header(sock: socket.socket, what: str, deadline: float | None = None
+                ) -> tuple[bytes, int] | None:
     """The next frame's type and length, or None when the peer closed between frames."""
+    _until(sock, deadline)
     first = sock.recv(FRAME.size)
     if not first:
         return None
     if len(first) < FRAME.size:
-        first += recv_exact(sock, FRAME.size - len(first), what)
+        first += recv_exact(sock, FRAME.size - len(first), what, deadline)
     kind, length = FRAME.unpack(first)
     return kind, length
 

@@ -277,8 +277,13 @@ class Filter:
         return out
 
 
-def compile_filter(expr: str, linktype: int = 1, snaplen: int = 262144) -> Filter:
-    """Compile `expr` as tcpdump would for `linktype`; raise FilterError with libpcap's message."""
+def compile_filter(
+    expr: str, linktype: int = 1, snaplen: int = 262144, optimize: bool = True
+) -> Filter:
+    """Compile `expr` as tcpdump would for `linktype`; raise FilterError with libpcap's message.
+
+    `optimize=False` only checks the expression: libpcap's optimiser is what can take minutes
+    on a long filter, its parser is linear."""
     L = lib()
     with _compile_lock:
         p = L.pcap_open_dead(linktype, snaplen)
@@ -287,7 +292,7 @@ def compile_filter(expr: str, linktype: int = 1, snaplen: int = 262144) -> Filte
         try:
             prog = _BpfProgram()
             rc = L.pcap_compile(
-                p, ctypes.byref(prog), expr.encode(), 1, PCAP_NETMASK_UNKNOWN
+                p, ctypes.byref(prog), expr.encode(), int(optimize), PCAP_NETMASK_UNKNOWN
             )
             if rc != 0:
                 msg = (L.pcap_geterr(p) or b"").decode(errors="replace")
