@@ -423,7 +423,7 @@ class Session:
         except wire.ProtocolError as e:
             self._audit(record, started, "rejected", str(e))
             self._reply("error", str(e))
-            self._drain(deadline)
+            self._drain()
             return False
         if req is None:
             self.audited = True  # closed without asking: a probe, or a client that gave up
@@ -473,7 +473,8 @@ class Session:
             for path in req.dumpsets:
                 self.held.append(hold(path, owner, roots))
         except (RefusedPath, PcapVaultError) as e:
-            record["resolved"] = [h.real for h in self.held]
+            real = getattr(e, "real", None)
+            record["resolved"] = [h.real for h in self.held] + ([real] if real else [])
             self._deny(record, requested, str(e))
             return False
         record["resolved"] = [h.real for h in self.held]
@@ -530,13 +531,13 @@ class Session:
         except ConnectionError as e:
             raise wire.ProtocolError(f"connection lost while reading the request ({e})") from None
 
-    def _drain(self, deadline: float) -> None:
+    def _drain(self) -> None:
         """After an error reply: read what the client still sends, for a while, so that
         closing does not reset the connection before it has read the reply (a Unix socket
         closed with unread data makes the peer's reads fail with ECONNRESET)."""
         try:
             self.conn.shutdown(socket.SHUT_WR)
-            until = min(deadline, time.monotonic() + DRAIN_SECONDS)
+            until = time.monotonic() + DRAIN_SECONDS
             while (left := until - time.monotonic()) > 0:
                 self.conn.settimeout(left)
                 if not self.conn.recv(1 << 16):
@@ -576,8 +577,8 @@ class Session:
 
     def _shown(self, text: str) -> str:
         """A message as the client and the audit show it: real paths, not /proc/self/fd."""
-        for ds in self.sets:
-            text = ds.shown(text)
+        for named in (*self.sets, *self.held):
+            text = named.shown(text)
         return text
 
     def _extract(self, req: wire.Request, record: dict, started: float,
@@ -596,7 +597,8 @@ class Session:
 
         try:
             become(self.settings.account)
-            self.sets = [h.open() for h in self.held]
+            for h in self.held:
+                self.sets.append(h.open())
             sources = bounded(lambda: _open_sources(req.dumpsets, self.sets, req.filter, allowed),
                               self.settings.filter_cpu, self.conn)
             if not req.pcapng and len({src.linktype for src in sources}) > 1:

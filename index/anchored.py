@@ -30,7 +30,13 @@ _PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
 
 
 class RefusedPath(DumpSetError):
-    """A dump set, timeline link, index or pcap the service will not serve; says why."""
+    """A dump set, timeline link, index or pcap the service will not serve; says why.
+
+    `real`: where the refused path led, for the audit."""
+
+    def __init__(self, message: str, real: str | None = None):
+        super().__init__(message)
+        self.real = real
 
 
 def fd_path(fd: int) -> Path:
@@ -86,6 +92,10 @@ class Held:
     fd: int
     owner: int
 
+    def shown(self, text: str) -> str:
+        """`text` with /proc/self/fd/N paths of this directory named as the user knows it."""
+        return _name_fd(text, str(fd_path(self.fd)), self.real)
+
     def open(self) -> AnchoredDumpSet:
         """The dump set, every path of it under /proc/self/fd/N (call as the service account)."""
         ds = AnchoredDumpSet.open(fd_path(self.fd))
@@ -129,11 +139,11 @@ def hold(path: str, owner: int, roots: set[tuple[int, int]]) -> Held:
 def _check_dir(fd: int, asked: str, real: str, owner: int, roots: set[tuple[int, int]]) -> None:
     shown = asked if asked == real else f"{asked} (resolved to {real})"
     if not beneath(fd, roots):
-        raise RefusedPath(f"{shown} is not a dump set this service serves")
+        raise RefusedPath(f"{shown} is not a dump set this service serves", real)
     st = os.fstat(fd)
     if st.st_uid != owner:
         raise RefusedPath(f"{shown} belongs to uid {st.st_uid}, not to the service account; "
-                          "only the recorder's own dump sets are served")
+                          "only the recorder's own dump sets are served", real)
 
 
 def _has(fd: int, name: str) -> bool:
@@ -167,15 +177,18 @@ def _timeline_dumpset(fd: int, real: str, owner: int) -> str:
     return rel
 
 
+def _name_fd(text: str, anchor: str, real: str) -> str:
+    return re.sub(re.escape(anchor) + r"(?![0-9])", lambda _m: real, text)
+
+
 class AnchoredDumpSet(DumpSet):
     """A dump set whose files are checked as the timeline names them (see the module)."""
 
     held: Held
-    _names: list[tuple[str, str]]  # (/proc/self/fd/N, the real path of N)
+    _timeline_name: tuple[str, str] | None = None  # (/proc/self/fd/N, the real path of N)
 
     def anchor(self, held: Held) -> None:
         self.held = held
-        self._names = [(str(self.root), held.real)]
         if not self.timeline.is_relative_to(self.root):
             # A timeline kept elsewhere (-A): held too, and the service account's.
             tfd = os.open(self.timeline, _DIR_FLAGS)
@@ -183,14 +196,14 @@ class AnchoredDumpSet(DumpSet):
                 os.close(tfd)
                 raise RefusedPath(f"{self.timeline}: the timeline of {held.real} does not "
                                   "belong to the service account")
-            self._names.append((str(fd_path(tfd)), str(self.timeline)))
+            self._timeline_name = (str(fd_path(tfd)), str(self.timeline))
             self.timeline = fd_path(tfd)
 
     def shown(self, text: str) -> str:
         """`text` with this dump set's /proc/self/fd/N paths named as the user knows them."""
-        for anchor, real in self._names:
-            text = re.sub(re.escape(anchor) + r"(?![0-9])", lambda _m, r=real: r, text)
-        return text
+        if self._timeline_name is not None:
+            text = _name_fd(text, *self._timeline_name)
+        return self.held.shown(text)
 
     def files_in_window(self, begin_ns: int, end_ns: int) -> list[StoredFile]:
         root = real_path(self.held.fd)

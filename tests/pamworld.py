@@ -350,3 +350,21 @@ def request(**fields) -> bytes:
             "end_ns": 10, **fields}
     payload = json.dumps(body).encode()
     return wire.FRAME.pack(b"Q", len(payload)) + payload
+
+
+RAW_CLIENT = Path(__file__).with_name("rawclient.py")
+
+
+def raw_client(user: User, service: Service, *, password: str | None = None, timeout: float = 60,
+               **plan) -> list[dict]:
+    """tests/rawclient.py run as `user` against `service`: one dict per exchange.
+
+    The source goes through -c: the user may not be able to read the test tree."""
+    spec = {"socket": str(service.socket), "password": user.password if password is None
+            else password, **plan}
+    spec.setdefault("payload", {})
+    r = subprocess.run([sys.executable, "-c", RAW_CLIENT.read_text()],
+                       input=json.dumps(spec).encode(), capture_output=True, timeout=timeout,
+                       **user.popen_kw())
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
