@@ -385,10 +385,13 @@ def test_list_mode_counts_only_the_restricted_selection(world, user_filter, effe
     assert r.stdout == expected
     total = sum(int(line.split(b"\t")[1]) for line in expected.splitlines())
     assert f"matched {total}, written {total};".encode() in r.stderr
-    # The summary of an extraction counts the restricted selection too.
+    # The summary of an extraction counts the restricted selection too, and nothing of what
+    # was read outside it (packets and bytes read, files considered or skipped).
     r = world.through_service(world.restricted, *own, "-o", "r.pcap", "-v")
     assert r.returncode == 0, r.stderr
     assert f"matched {total}, written {total};".encode() in r.stderr
+    for hidden in (b"read", b"files", b"skipped", b"scanned"):
+        assert hidden not in r.stderr
 
 
 @pytest.mark.parametrize("value, message", [
@@ -451,8 +454,14 @@ def test_misconfigured_service_tells_the_client_and_serves_nothing(world):
     (request(version=99), "unsupported request version 99"),
     (request(password="x" * 2000), "malformed request: password is longer than 1024 bytes"),
     (wire.FRAME.pack(b"Q", 100) + b"{", "the connection ended in the middle of the request"),
+    (wire.FRAME.pack(b"Q", 30000) + b"[" * 30000, "malformed request: nested too deeply"),
+    (request(password="\ud800"), "malformed request: password is not valid Unicode text"),
+    (request(filter="tcp \udfff"), "malformed request: filter is not valid Unicode text"),
+    (request(dumpsets=["/ds\ud800"]),
+     "malformed request: dumpsets holds a path that is not valid Unicode text"),
 ], ids=["http", "json", "list", "type", "bool", "relative", "window", "unknown", "version",
-        "password", "truncated"])
+        "password", "truncated", "nested", "surrogate-password", "surrogate-filter",
+        "surrogate-path"])
 def test_malformed_request_gets_an_error_reply(world, payload, message):
     before = len(world.audit_lines()) if world.audit.exists() else 0
     frames, _ = raw_exchange(world, payload)
