@@ -461,7 +461,10 @@ class Session:
         record.update(restricted_by=[r.group for r in restrictions],
                       effective_filter=effective_filter(req.filter, allowed))
         self.watch = HangupWatch(self.conn)
-        self._extract(req, record, started, restrictions, allowed)
+        try:
+            self._extract(req, record, started, restrictions, allowed)
+        finally:
+            self.watch.close()  # answered: a client that now hangs up is done with us
         return False
 
     def _hold(self, req: wire.Request, record: dict, requested: float) -> bool:
