@@ -105,10 +105,12 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         format="recorder: %(message)s",
         stream=sys.stderr,
     )
+    from pcapvault.index.dumpset import TimelineMismatch
     from pcapvault.index.repair import lock
 
     from .capture import Recorder, RecorderConfig
     from .privileges import parse_mode
+    from .stats import StatsPathError
 
     cfg = RecorderConfig(
         interface=interface,
@@ -131,9 +133,13 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         file_mode=parse_mode(file_mode, "--file-mode"),
         dir_mode=parse_mode(dir_mode, "--dir-mode"),
     )
-    rec = Recorder(cfg)
-    rec.inherited_fds.append(lock(rec.ds))
-    sys.exit(rec.run())
+    try:
+        rec = Recorder(cfg)
+        rec.inherited_fds.append(lock(rec.ds))
+        rc = rec.run()
+    except (TimelineMismatch, StatsPathError) as e:
+        raise click.UsageError(str(e)) from None
+    sys.exit(rc)
 
 
 def main() -> None:
