@@ -80,12 +80,12 @@ class Stats:
 
 
 class StatsFile:
-    """The stats file at `path`, written best effort: a failure is logged once per cause."""
+    """The stats file at `path`, written best effort: each cause of failure is logged once."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp = path.with_name(f".{path.name}.part")
-        self.failing: str | None = None  # the cause last logged, until a write succeeds
+        self.reported: set[str] = set()  # causes of failure already logged
 
     def check(self, stats: Stats) -> None:
         """First write, at start: a path that cannot be created at all is refused.
@@ -103,20 +103,17 @@ class StatsFile:
             self._failed(e)
 
     def write(self, stats: Stats) -> bool:
-        """Replace the file; on failure log the cause (once) and go on. True if written."""
+        """Replace the file; on failure log the cause (the first time) and go on."""
         try:
             self._write(stats)
         except OSError as e:
             self._failed(e)
             return False
-        if self.failing:
-            log.info("stats file %s written again", self.path)
-            self.failing = None
         return True
 
     def disk_full_reported(self) -> None:
         """The recorder has already said the disk is full: no second message for the file."""
-        self.failing = self.failing or "disk full"
+        self.reported.add("disk full")
 
     def _write(self, stats: Stats) -> None:
         try:
@@ -131,10 +128,10 @@ class StatsFile:
 
     def _failed(self, e: OSError) -> None:
         cause = "disk full" if e.errno in DISK_FULL else e.strerror or str(e)
-        if cause != self.failing:
-            log.warning("cannot write the stats file %s: %s; capture goes on (said once, "
-                        "until a write succeeds)", self.path, cause)
-            self.failing = cause
+        if cause not in self.reported:
+            self.reported.add(cause)
+            log.warning("cannot write the stats file %s: %s; capture goes on (not said again "
+                        "for this cause)", self.path, cause)
 
 
 def _epoch(v: float | None) -> str:
