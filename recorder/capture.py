@@ -254,6 +254,7 @@ class Recorder:
         self.stats.files_deleted = self.budget.deleted_files
         if self.indexer:
             self.stats.bytes_pending_index = self.indexer.pending_bytes()
+            self._note_backlog(self.stats.bytes_pending_index)
             self.stats.files_pending_index = len(self.indexer.pending)
             self.stats.indexer_restarts = self.indexer.restarts
         self.stats.bytes_on_disk = self.budget.usage()
