@@ -162,7 +162,7 @@ class IndexerFailed(PcapVaultError):
 class BackgroundIndexer:
     """Handle on the indexing process, which is restarted when it dies.
 
-    The OOM killer picks the indexer first (it is the one allocating per file); without it
+    The OOM killer may well pick the indexer (it allocates a buffer per file); without it
     files would pile up unindexed and invisible to extraction. So its death is noticed at the
     next loop turn, logged, and a fresh process gets everything not reported done.
     """
@@ -217,14 +217,12 @@ class BackgroundIndexer:
         how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exit status {code}")
         self.collect()  # records of under PIPE_BUF bytes: whole, even from a killed writer
-        for q in (self.todo, self.done):
-            q.cancel_join_thread()
-            q.close()
         now = time.monotonic()
         self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
         waiting = len(self.pending)
         if len(self.deaths) > MAX_RESTARTS:
             self.failed = True
+            self.todo.cancel_join_thread()  # nobody reads it now: exit must not wait on it
             raise IndexerFailed(
                 f"the indexer process died {len(self.deaths)} times within "
                 f"{RESTART_WINDOW // 60} minutes (last {how}); stopping, with {waiting} "
@@ -235,6 +233,9 @@ class BackgroundIndexer:
         log.error("the indexer process died (%s) with %d closed files not yet indexed; "
                   "restarting it (restart %d, at most %d within %d minutes)", how, waiting,
                   self.restarts, MAX_RESTARTS, RESTART_WINDOW // 60)
+        for q in (self.todo, self.done):
+            q.cancel_join_thread()
+            q.close()
         self._start()
         for path, (first_ns, _size) in self.pending.items():
             self.todo.put((first_ns, path))

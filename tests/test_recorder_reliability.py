@@ -125,6 +125,7 @@ def test_an_indexer_that_keeps_dying_stops_the_recorder(veth, tmp_path):
     assert len(errors) == 1, rec.stderr
     assert "died 6 times" in errors[0] and "start the recorder again" in errors[0]
     assert rec.stderr.count("restarting it") == 5
+    assert "Traceback" not in rec.stderr, rec.stderr
 
 
 # --- item 2: stats are best effort --------------------------------------------------------------
