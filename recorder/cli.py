@@ -61,7 +61,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
 @click.option("-o", "--dump-dir", type=click.Path(path_type=Path),
               help="Dump set directory [default: /var/lib/pcapvault/IFACE].")
 @click.option("-A", "--timeline-dir", type=click.Path(path_type=Path),
-              help="Timeline directory [default: DUMP_DIR/timeline].")
+              help="Timeline directory [default: DUMP_DIR/timeline]; kept by the dump set.")
 @click.option("-b", "--buffer", "buffer_mb", type=click.IntRange(2, 1 << 16), default=128,
               show_default=True, help="Capture ring size in MB.")
 @click.option("-s", "--snaplen", type=click.IntRange(64, 262144), default=1536,

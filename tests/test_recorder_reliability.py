@@ -230,9 +230,9 @@ def test_timeline_problem_names_a_foreign_or_unmarked_timeline(tmp_path):
 
     a = make_dumpset(tmp_path / "a", nfiles=1)
     b = make_dumpset(tmp_path / "b", nfiles=1)
-    (a.timeline / timeline.MARKER).write_text((b.timeline / timeline.MARKER).read_text()
-                                              .replace('"..', f'"{b.root}/..'))
-    assert "belongs to the dump set" in DumpSet.open(a.root).timeline_problem()
+    meta = json.loads((a.timeline / timeline.MARKER).read_text())
+    (a.timeline / timeline.MARKER).write_text(json.dumps({**meta, "dumpset": str(b.root)}))
+    assert f"belongs to the dump set {b.root}" in DumpSet.open(a.root).timeline_problem()
     (a.timeline / timeline.MARKER).unlink()
     assert "not a pcapvault timeline" in DumpSet.open(a.root).timeline_problem()
 
