@@ -40,6 +40,64 @@ def parse_name(name: str) -> int | None:
     return int(sec) * 1_000_000_000 + int(usec) * 1000
 
 
+class TimelineMismatch(DumpSetError):
+    """-A names another timeline than the one the existing dump set records (a usage error)."""
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _timeline_entry(tl: Path, root: Path) -> str:
+    """The marker's `timeline`: relative when inside the dump set, so the two move together."""
+    return os.path.relpath(tl, root) if tl.is_relative_to(root) else str(tl)
+
+
+def _marked_ancestor(path: Path) -> tuple[Path, str] | None:
+    """The nearest directory from `path` up holding a dump set or timeline marker."""
+    for d in (path, *path.parents):
+        for marker, what in ((MARKER, "dump set"), (timeline.MARKER, "timeline")):
+            if (d / marker).exists():
+                return d, what
+    return None
+
+
+def refuse_nested(root: Path) -> None:
+    """A dump set inside another dump set or a timeline would be counted, deleted and found by
+    both (or by neither): refuse it.
+    """
+    root = Path(os.path.realpath(root))
+    if (root / timeline.MARKER).exists() and not (root / MARKER).exists():
+        raise DumpSetError(f"{root} is a timeline, not a dump set; choose another -o")
+    found = _marked_ancestor(root.parent)
+    if found:
+        d, what = found
+        raise DumpSetError(f"{root} is inside the {what} {d}; choose an -o outside it")
+
+
+def _ensure_timeline(tl: Path, root: Path) -> None:
+    """Create (or check) the timeline of the dump set at `root`, with its marker."""
+    tl = Path(os.path.realpath(tl))
+    found = _marked_ancestor(tl)
+    if found and not _same_path(found[0], root):
+        d, what = found
+        if what == "dump set" or d != tl:
+            raise DumpSetError(f"timeline {tl} is inside the {what} {d}; choose another -A")
+        owner = Path(timeline.read_marker(tl).get("dumpset", ""))
+        if not _same_path(owner if owner.is_absolute() else tl / owner, root):
+            raise DumpSetError(
+                f"timeline {tl} belongs to another dump set ({(tl / owner).resolve()}); "
+                "choose another -A"
+            )
+    try:
+        timeline.ensure_marker(tl, root)
+    except OSError as e:
+        raise DumpSetError(
+            f"cannot create the timeline {tl}: {e.strerror}; choose another -A or fix its "
+            "permissions"
+        ) from None
+
+
 @dataclass(frozen=True, order=True)
 class StoredFile:
     """One finished pcap of a dump set; ordering is by first-packet time."""
@@ -84,27 +142,73 @@ class DumpSet:
         timeline_dir: Path | None = None,
         files_per_dir: int = 1000,
     ) -> DumpSet:
-        """Create a dump set, or adopt the one already at `root` (a restart)."""
+        """Create a dump set, or adopt the one already at `root` (a restart).
+
+        The marker is written last, once the timeline it names exists: a start that fails on a
+        bad -A leaves nothing behind that a later start would have to adopt.
+        """
         root = Path(root).absolute()
-        root.mkdir(parents=True, exist_ok=True)
+        refuse_nested(root)
+        tl = Path(timeline_dir).absolute() if timeline_dir else None
         if (root / MARKER).exists():
             ds = cls.open(root)
-        else:
-            tl = Path(timeline_dir).absolute() if timeline_dir else root / "timeline"
-            meta = {
-                "format": "pcapvault-dumpset",
-                "version": FORMAT_VERSION,
-                "timeline": os.path.relpath(tl, root) if tl.is_relative_to(root) else str(tl),
-                "interface": interface,
-                "linktype": linktype,
-                "precision": "ns" if nanosecond else "us",
-                "snaplen": snaplen,
-                "files_per_dir": files_per_dir,
-            }
-            timeline.write_json_atomic(root / MARKER, meta)
-            ds = cls(root, meta)
-        timeline.ensure_marker(ds.timeline, ds.root)
-        return ds
+            if tl is not None and not _same_path(tl, ds.timeline):
+                ds._move_timeline(tl)
+            _ensure_timeline(ds.timeline, ds.root)
+            return ds
+        tl = tl or root / "timeline"
+        root.mkdir(parents=True, exist_ok=True)
+        _ensure_timeline(tl, root)
+        meta = {
+            "format": "pcapvault-dumpset",
+            "version": FORMAT_VERSION,
+            "timeline": _timeline_entry(tl, root),
+            "interface": interface,
+            "linktype": linktype,
+            "precision": "ns" if nanosecond else "us",
+            "snaplen": snaplen,
+            "files_per_dir": files_per_dir,
+        }
+        timeline.write_json_atomic(root / MARKER, meta)
+        return cls(root, meta)
+
+    def _move_timeline(self, tl: Path) -> None:
+        """Adopt -A `tl` in place of a recorded timeline that does not exist (any more).
+
+        A timeline holds only links, which the repair on start rebuilds, so pointing the marker
+        elsewhere loses nothing once the old one is gone; while it exists, -A is refused
+        rather than silently ignored or split over two timelines.
+        """
+        if (self.timeline / timeline.MARKER).exists():
+            raise TimelineMismatch(
+                f"-A {tl} differs from the timeline {self.timeline} of the existing dump set "
+                f"{self.root}; leave out -A to keep it, or to move it stop the recorder, delete "
+                f"{self.timeline} (it holds only links) and start again with -A {tl}: the "
+                "start links every file into the new timeline"
+            )
+        _ensure_timeline(tl, self.root)
+        self.meta = {**self.meta, "timeline": _timeline_entry(tl, self.root)}
+        timeline.write_json_atomic(self.root / MARKER, self.meta)
+        self.timeline = tl
+
+    def timeline_problem(self) -> str:
+        """Why this dump set's timeline is unusable, or '' when it is fine.
+
+        For `npcaprepair`: a timeline that is missing, unmarked or marked as another dump
+        set's is not something repair can fix by relinking files.
+        """
+        tl = self.timeline
+        if not tl.is_dir():
+            return f"its timeline {tl} does not exist"
+        try:
+            tmeta = timeline.read_marker(tl)
+        except DumpSetError as e:
+            return str(e)
+        owner = Path(tmeta.get("dumpset", ""))
+        owner = owner if owner.is_absolute() else tl / owner
+        if not _same_path(owner, self.root):
+            return f"its timeline {tl} belongs to the dump set {owner.resolve()}"
+        return ""
 
     @classmethod
     def open(cls, path: Path | str) -> DumpSet:

@@ -1,9 +1,11 @@
 """The disk budget: the whole dump set stays under a size or a share of its filesystem.
 
 Room is made *before* a file is opened, for the largest file the recorder may write plus its
-index, so the limit holds at every moment, not only after a clean-up pass. Deletion is oldest
-first; the file being written is never in the candidate list because it still has its
-temporary name.
+index, so the limit holds at every moment, not only after a clean-up pass. Closed files the
+indexer has not finished get room for their index (and compressed copy) too, but only as many
+as a keeping-up indexer has in hand: a backlog beyond that (a slow or dead indexer) is
+reported, never paid for by deleting recorded files. Deletion is oldest first; the file
+being written is never in the candidate list because it still has its temporary name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ log = logging.getLogger("pcapvault.recorder")
 
 # An index is at most this share of its pcap; measured well below it (docs/BENCHMARKS.md).
 INDEX_RESERVE = 0.5
+# Closed files a keeping-up indexer has in hand: the one it works on and the one just closed.
+INDEXER_IN_HAND = 2
 # Directories that exist whatever is deleted: a slot path and a storage directory.
 FIXED_OVERHEAD = 8 * 4096
 UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -82,6 +86,10 @@ class DiskBudget:
         self.limit = limit
         self.limit_bytes = limit.resolve(dumpset.root)
         self.reserve = int(max_file_bytes * (copies + INDEX_RESERVE))
+        # What a closed, not yet indexed byte will still add: its index, and its compressed
+        # copy while that exists beside it.
+        self.pending_share = INDEX_RESERVE + copies - 1
+        self.in_hand_bytes = INDEXER_IN_HAND * max_file_bytes
         if self.reserve + FIXED_OVERHEAD > self.limit_bytes:
             raise BudgetError(
                 f"--disk-limit {limit.text} ({self.limit_bytes} bytes) cannot hold even one "
@@ -92,11 +100,17 @@ class DiskBudget:
     def usage(self) -> int:
         return self.dumpset.usage()
 
-    def make_room(self, extra: int = 0) -> int:
+    def backlog(self, pending: int) -> int:
+        """Bytes of closed files waiting for the indexer beyond what it normally has in hand."""
+        return max(0, pending - self.in_hand_bytes)
+
+    def make_room(self, pending: int = 0) -> int:
         """Delete oldest files until a new file of the reserved size fits; return usage.
 
-        `extra` is space still to come for files already closed but not yet indexed.
+        `pending` is the size of the closed files not yet indexed; room is kept for what they
+        will add, up to what a keeping-up indexer has in hand (see the module docstring).
         """
+        extra = int(min(pending, self.in_hand_bytes) * self.pending_share)
         used = self.usage()
         files = None
         while used + self.reserve + extra + FIXED_OVERHEAD > self.limit_bytes:

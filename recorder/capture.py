@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from pcapvault.index import timeline
-from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.dumpset import DumpSet, refuse_nested
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
 from . import privileges
-from .budget import INDEX_RESERVE, DiskBudget, Limit
-from .indexer import BackgroundIndexer
+from .budget import DiskBudget, Limit
+from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records
-from .stats import Stats
+from .stats import Stats, StatsFile
 from .writer import DiskFullError, PcapFileWriter
 
 log = logging.getLogger("pcapvault.recorder")
@@ -95,6 +95,7 @@ class Recorder:
         # Directories (and markers) get dir_mode through the umask; pcaps and indexes are
         # set to file_mode explicitly.
         os.umask(0o777 & ~cfg.dir_mode)
+        refuse_nested(cfg.dumpset)  # before creating anything inside another dump set
         try:
             cfg.dumpset.mkdir(parents=True, exist_ok=True)
             if pw:
@@ -124,7 +125,8 @@ class Recorder:
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1)
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
         self.stats = Stats(cfg.interface, str(self.ds.timeline))
-        self.stats_path = cfg.stats_file or self.ds.root / "stats"
+        self.stats_file = StatsFile(cfg.stats_file or self.ds.root / "stats")
+        self.backlog_reported = False
         self.out: PcapFileWriter | None = None
         self.first_ns = 0
         self.end_sec = 0
@@ -153,10 +155,8 @@ class Recorder:
             timeline.slot_of(sec) + timeline.SLOT_SECONDS, sec + self.cfg.max_file_seconds
         )
         pending = self.indexer.pending_bytes() if self.indexer else 0
-        # Closed files still to come: their index, and with --compress their compressed copy,
-        # which exists beside the plain file until the plain one is deleted.
-        per_byte = INDEX_RESERVE + (1.0 if self.cfg.compress is not None else 0.0)
-        self.stats.bytes_on_disk = self.budget.make_room(int(pending * per_byte))
+        self._note_backlog(pending)
+        self.stats.bytes_on_disk = self.budget.make_room(pending)
         self.out = PcapFileWriter(
             self.ds.temp_path(os.getpid()),
             self.header,
@@ -165,6 +165,16 @@ class Recorder:
             file_mode=self.cfg.file_mode,
         )
         self.file_packets = 0
+
+    def _note_backlog(self, pending: int) -> None:
+        """Say when the indexer falls behind (and catches up): the budget does not pay for it."""
+        behind = self.budget.backlog(pending) > 0
+        if behind and not self.backlog_reported:
+            log.warning("the indexer is behind: %d closed files (%d bytes) wait for their "
+                        "index and are not yet extractable", len(self.indexer.pending), pending)
+        elif not behind and self.backlog_reported:
+            log.info("the indexer has caught up")
+        self.backlog_reported = behind
 
     def _close(self) -> None:
         out, self.out = self.out, None
@@ -243,9 +253,12 @@ class Recorder:
             self.stats.packets_filtered = max(0, rx - self._rx_base - seen)
         self.stats.files_deleted = self.budget.deleted_files
         if self.indexer:
-            self.indexer.collect()
+            self.stats.bytes_pending_index = self.indexer.pending_bytes()
+            self._note_backlog(self.stats.bytes_pending_index)
+            self.stats.files_pending_index = len(self.indexer.pending)
+            self.stats.indexer_restarts = self.indexer.restarts
         self.stats.bytes_on_disk = self.budget.usage()
-        self.stats.write(self.stats_path)
+        self.stats_file.write(self.stats)
         log.info("%s%s", "final: " if final else "", self.stats.line())
 
     # --- main loop --------------------------------------------------------------------------
@@ -254,6 +267,8 @@ class Recorder:
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        self.stats.bytes_on_disk = self.budget.usage()
+        self.stats_file.check(self.stats)
         self.indexer = BackgroundIndexer(
             self.ds, self.cfg.file_mode, self.cfg.compress,
             [self.ring.sock.fileno(), *self.inherited_fds],
@@ -269,12 +284,17 @@ class Recorder:
             self._loop()
         except DiskFullError as e:
             self._disk_full(e)
+        except IndexerFailed as e:
+            log.error("error: %s", e)
+            self.exit_code = 1
         finally:
             try:
                 self._close()
             except DiskFullError as e:
                 self._disk_full(e)
             self.indexer.close()
+            if self.indexer.failed:
+                self.exit_code = 1
             self._report(final=True)
             self.ring.close()
         return self.exit_code
@@ -282,6 +302,7 @@ class Recorder:
     def _disk_full(self, e: DiskFullError) -> None:
         if not self.exit_code:
             log.error("error: %s", e)
+            self.stats_file.disk_full_reported()
         self.exit_code = 1
 
     def _loop(self) -> None:
@@ -290,6 +311,7 @@ class Recorder:
         ring = self.ring
         while not self.stop_requested:
             busy = ring.wait(100)
+            self.indexer.check()
             if busy:
                 for _ in range(64):
                     if not ring.read_block(self._on_block):

@@ -61,7 +61,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
 @click.option("-o", "--dump-dir", type=click.Path(path_type=Path),
               help="Dump set directory [default: /var/lib/pcapvault/IFACE].")
 @click.option("-A", "--timeline-dir", type=click.Path(path_type=Path),
-              help="Timeline directory [default: DUMP_DIR/timeline].")
+              help="Timeline directory [default: DUMP_DIR/timeline]; kept by the dump set.")
 @click.option("-b", "--buffer", "buffer_mb", type=click.IntRange(2, 1 << 16), default=128,
               show_default=True, help="Capture ring size in MB.")
 @click.option("-s", "--snaplen", type=click.IntRange(64, 262144), default=1536,
@@ -105,10 +105,12 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         format="recorder: %(message)s",
         stream=sys.stderr,
     )
+    from pcapvault.index.dumpset import TimelineMismatch
     from pcapvault.index.repair import lock
 
     from .capture import Recorder, RecorderConfig
     from .privileges import parse_mode
+    from .stats import StatsPathError
 
     cfg = RecorderConfig(
         interface=interface,
@@ -131,9 +133,13 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         file_mode=parse_mode(file_mode, "--file-mode"),
         dir_mode=parse_mode(dir_mode, "--dir-mode"),
     )
-    rec = Recorder(cfg)
-    rec.inherited_fds.append(lock(rec.ds))
-    sys.exit(rec.run())
+    try:
+        rec = Recorder(cfg)
+        rec.inherited_fds.append(lock(rec.ds))
+        rc = rec.run()
+    except (TimelineMismatch, StatsPathError) as e:
+        raise click.UsageError(str(e)) from None
+    sys.exit(rc)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import multiprocessing.synchronize  # noqa: F401
 import os
 import queue
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN, parse_global_header
 log = logging.getLogger("pcapvault.recorder")
 PR_SET_PDEATHSIG = 1
 ALIGN = 4096
+MAX_RESTARTS = 5
+RESTART_WINDOW = 600
 
 
 class DirectReader:
@@ -152,27 +155,40 @@ def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int]
         done.put(path)
 
 
+class IndexerFailed(PcapVaultError):
+    """The indexer process keeps dying: recording on would leave ever more files unindexed."""
+
+
 class BackgroundIndexer:
-    """Handle on the indexing process."""
+    """Handle on the indexing process, which is restarted when it dies.
+
+    The OOM killer may well pick the indexer (it allocates a buffer per file); without it
+    files would pile up unindexed and invisible to extraction. So its death is noticed at the
+    next loop turn, logged, and a fresh process gets everything not reported done.
+    """
 
     def __init__(self, ds: DumpSet, file_mode: int = 0o640, compress: int | None = None,
                  close_fds: Sequence[int] = ()):
+        self.args = (str(ds.root), file_mode, compress, list(close_fds), os.getpid())
+        self.pending: dict[str, tuple[int, int]] = {}  # path: (first_ns, size)
+        self.deaths: list[float] = []  # monotonic times, within RESTART_WINDOW
+        self.restarts = 0
+        self.failed = False
+        self._start()
+
+    def _start(self) -> None:
         # Forked, not spawned: after -u the account may not be able to exec this Python, and
-        # a fork needs no re-import.
+        # a fork needs no re-import. Fresh queues each time: a process killed while holding a
+        # queue's lock would leave the old ones blocked for good.
         ctx = mp.get_context("fork")
         self.todo: mp.Queue = ctx.Queue()
         self.done: mp.Queue = ctx.Queue()
-        self.proc = ctx.Process(
-            target=_serve,
-            args=(str(ds.root), file_mode, compress, list(close_fds), os.getpid(), self.todo,
-                  self.done),
-            name="pcapvault-indexer",
-        )
+        self.proc = ctx.Process(target=_serve, args=(*self.args, self.todo, self.done),
+                                name="pcapvault-indexer")
         self.proc.start()
-        self.pending: dict[str, int] = {}
 
     def submit(self, sf: StoredFile, size: int) -> None:
-        self.pending[str(sf.pcap)] = size
+        self.pending[str(sf.pcap)] = (sf.first_ns, size)
         self.todo.put((sf.first_ns, str(sf.pcap)))
 
     def collect(self) -> None:
@@ -186,14 +202,55 @@ class BackgroundIndexer:
 
     def pending_bytes(self) -> int:
         self.collect()
-        return sum(self.pending.values())
+        return sum(size for _, size in self.pending.values())
+
+    def check(self) -> None:
+        """Restart the indexer if it died; IndexerFailed when it died too often.
+
+        At most MAX_RESTARTS deaths within RESTART_WINDOW seconds are survived: an indexer
+        that dies on every file (a full memory cgroup) should stop the recorder with a clear
+        error, not flap forever.
+        """
+        if self.failed or self.proc.is_alive():
+            return
+        code = self.proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit status {code}")
+        self.collect()  # records of under PIPE_BUF bytes: whole, even from a killed writer
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+        waiting = len(self.pending)
+        if len(self.deaths) > MAX_RESTARTS:
+            self.failed = True
+            self.todo.cancel_join_thread()  # nobody reads it now: exit must not wait on it
+            raise IndexerFailed(
+                f"the indexer process died {len(self.deaths)} times within "
+                f"{RESTART_WINDOW // 60} minutes (last {how}); stopping, with {waiting} "
+                "closed files not yet indexed: find out why (memory limits, dmesg), then "
+                "start the recorder again, which indexes them"
+            )
+        self.restarts += 1
+        log.error("the indexer process died (%s) with %d closed files not yet indexed; "
+                  "restarting it (restart %d, at most %d within %d minutes)", how, waiting,
+                  self.restarts, MAX_RESTARTS, RESTART_WINDOW // 60)
+        for q in (self.todo, self.done):
+            q.cancel_join_thread()
+            q.close()
+        self._start()
+        for path, (first_ns, _size) in self.pending.items():
+            self.todo.put((first_ns, path))
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every submitted file is indexed and linked (shutdown, tests)."""
-        import time
-
         end = time.monotonic() + timeout
-        while self.pending and time.monotonic() < end and self.proc.is_alive():
+        while self.pending and time.monotonic() < end:
+            if not self.proc.is_alive():
+                try:
+                    self.check()
+                except IndexerFailed as e:
+                    log.error("error: %s", e)
+                if self.failed:
+                    break
             try:
                 path = self.done.get(timeout=0.05)
             except queue.Empty:

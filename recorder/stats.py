@@ -1,15 +1,27 @@
 """Recorder counters, reported as a log line every few seconds and as a `key: value` file.
 
 The file is what monitoring scrapes (n2disk writes a similar stats file); it is replaced
-atomically so a reader never sees half of it.
+atomically so a reader never sees half of it. Writing it is best effort: a full disk or a
+vanished directory must never stop the capture it describes.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pcapvault.index.errors import PcapVaultError
+
+log = logging.getLogger("pcapvault.recorder")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StatsPathError(PcapVaultError):
+    """The stats file cannot be created at all (a usage error, refused at start)."""
 
 
 @dataclass
@@ -25,6 +37,9 @@ class Stats:
     files_written: int = 0
     files_deleted: int = 0
     bytes_on_disk: int = 0
+    files_pending_index: int = 0
+    bytes_pending_index: int = 0
+    indexer_restarts: int = 0
     first_dumped_epoch: float | None = None
     last_dumped_epoch: float | None = None
     started: float = field(default_factory=time.time)
@@ -44,6 +59,9 @@ class Stats:
             "files_written": self.files_written,
             "files_deleted": self.files_deleted,
             "bytes_on_disk": self.bytes_on_disk,
+            "files_pending_index": self.files_pending_index,
+            "bytes_pending_index": self.bytes_pending_index,
+            "indexer_restarts": self.indexer_restarts,
             "first_dumped_epoch": _epoch(self.first_dumped_epoch),
             "last_dumped_epoch": _epoch(self.last_dumped_epoch),
             "timeline_path": self.timeline,
@@ -51,17 +69,69 @@ class Stats:
 
     def line(self) -> str:
         d = self.as_dict()
+        backlog = (f" waiting-for-index {d['files_pending_index']} files/"
+                   f"{d['bytes_pending_index']} bytes" if self.files_pending_index else "")
         return (
             f"received {d['packets_received']} dropped {d['packets_dropped']} "
             f"({d['drop_percent']}%) filtered {d['packets_filtered']} "
             f"written {d['packets_written']} pkts/{d['bytes_written']} bytes "
-            f"files {d['files_written']} on-disk {d['bytes_on_disk']} bytes"
+            f"files {d['files_written']} on-disk {d['bytes_on_disk']} bytes{backlog}"
         )
 
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text("".join(f"{k}: {v}\n" for k, v in self.as_dict().items()))
-        os.replace(tmp, path)
+
+class StatsFile:
+    """The stats file at `path`, written best effort: each cause of failure is logged once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.part")
+        self.reported: set[str] = set()  # causes of failure already logged
+
+    def check(self, stats: Stats) -> None:
+        """First write, at start: a path that cannot be created at all is refused.
+
+        A full disk is no reason to refuse: it may clear, and the budget frees space anyway.
+        """
+        try:
+            self._write(stats)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise StatsPathError(
+                    f"cannot write the stats file {self.path}: {e.strerror}; choose another "
+                    "--stats-file or fix its directory"
+                ) from None
+            self._failed(e)
+
+    def write(self, stats: Stats) -> bool:
+        """Replace the file; on failure log the cause (the first time) and go on."""
+        try:
+            self._write(stats)
+        except OSError as e:
+            self._failed(e)
+            return False
+        return True
+
+    def disk_full_reported(self) -> None:
+        """The recorder has already said the disk is full: no second message for the file."""
+        self.reported.add("disk full")
+
+    def _write(self, stats: Stats) -> None:
+        try:
+            self.tmp.write_text("".join(f"{k}: {v}\n" for k, v in stats.as_dict().items()))
+            os.replace(self.tmp, self.path)
+        except OSError:
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
+
+    def _failed(self, e: OSError) -> None:
+        cause = "disk full" if e.errno in DISK_FULL else e.strerror or str(e)
+        if cause not in self.reported:
+            self.reported.add(cause)
+            log.warning("cannot write the stats file %s: %s; capture goes on (not said again "
+                        "for this cause)", self.path, cause)
 
 
 def _epoch(v: float | None) -> str:
