@@ -423,7 +423,7 @@ class Session:
         except wire.ProtocolError as e:
             self._audit(record, started, "rejected", str(e))
             self._reply("error", str(e))
-            self._drain()
+            drain(self.conn)
             return False
         if req is None:
             self.audited = True  # closed without asking: a probe, or a client that gave up
@@ -533,20 +533,6 @@ class Session:
             ) from None
         except ConnectionError as e:
             raise wire.ProtocolError(f"connection lost while reading the request ({e})") from None
-
-    def _drain(self) -> None:
-        """After an error reply: read what the client still sends, for a while, so that
-        closing does not reset the connection before it has read the reply (a Unix socket
-        closed with unread data makes the peer's reads fail with ECONNRESET)."""
-        try:
-            self.conn.shutdown(socket.SHUT_WR)
-            until = time.monotonic() + DRAIN_SECONDS
-            while (left := until - time.monotonic()) > 0:
-                self.conn.settimeout(left)
-                if not self.conn.recv(1 << 16):
-                    return
-        except OSError:
-            pass
 
     def _reply(self, status: str, message: str = "", **extra: object) -> None:
         try:
@@ -850,6 +836,22 @@ def _refuse(conn: socket.socket, message: str) -> None:
     """The answer to a client of an instance that cannot serve anyone."""
     try:
         wire.send_json(conn, wire.REPLY, {"status": "error", "message": message})
+    except OSError:
+        return
+    drain(conn)
+
+
+def drain(conn: socket.socket) -> None:
+    """After a last reply: read what the client still sends, for a while, so that closing
+    does not reset the connection before it has read the reply (a Unix socket closed with
+    unread data makes the peer's reads fail with ECONNRESET)."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        until = time.monotonic() + DRAIN_SECONDS
+        while (left := until - time.monotonic()) > 0:
+            conn.settimeout(left)
+            if not conn.recv(1 << 16):
+                return
     except OSError:
         pass
 
