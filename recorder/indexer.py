@@ -97,6 +97,12 @@ def index_and_link(
     are in place. The budget may delete a file while this runs (tiny limits); then whatever
     this step created for it is removed again instead of leaving orphans.
     """
+    if compress is not None and not sf.pcap.exists():
+        done = StoredFile(sf.first_ns, sf.pcap.with_name(sf.pcap.name + compressed.SUFFIX))
+        if done.index.exists():
+            # A restarted indexer: the dead one compressed and indexed the file and removed
+            # the plain one (in that order), but died before linking.
+            return done if ds.link_if_present(done) else None
     arr = _reader.read(sf.pcap)
     if arr is None:
         idx = build_index(sf.pcap)

@@ -135,3 +135,23 @@ def test_repair_keeps_complete_packets_of_damaged_zstd(tmp_path, damage):
     # The first file is whole; of the damaged one, a complete prefix of its packets survives.
     assert after == before[: len(after)]
     assert 4000 < len(after) < len(before)
+
+
+def test_a_restarted_indexer_links_what_the_dead_one_compressed(tmp_path):
+    """The indexer died after compressing, indexing and removing the plain file but before
+    linking: the restarted one gets the plain file's name again and must link the copy."""
+    from pcapvault.index import timeline
+    from pcapvault.recorder.indexer import index_and_link
+
+    ds = make_dumpset(tmp_path / "ds", nfiles=2)
+    sf = ds.files()[0]
+    sf.index.unlink()
+    stored = index_and_link(ds, sf, compress=3)
+    assert stored is not None and stored.name.endswith(".pcap.zst") and not sf.pcap.exists()
+    # Only the links go: what the dead indexer had not done yet.
+    timeline.unlink(ds.timeline, sf.slot, sf.name)
+    timeline.unlink(ds.timeline, stored.slot, stored.name)
+    assert stored.name not in timeline.slot_entries(ds.timeline, stored.slot)
+    again = index_and_link(ds, sf, compress=3)
+    assert again == stored
+    assert stored.name in timeline.slot_entries(ds.timeline, stored.slot)
