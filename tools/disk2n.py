@@ -39,7 +39,8 @@ Examples:
 \b
 Times (-b, -e) are npcapextract's: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time), ISO 8601
 with Z or an offset, epoch seconds, or now, -15m, -2h, -30s, -1d. BEGIN inclusive, END
-exclusive.
+exclusive. A local time skipped or repeated at a daylight saving change is refused: add the
+UTC offset (+01:00) to say which is meant.
 
 \b
 Loops: --loop 1 (play once) is the default. n2disk's disk2n loops forever unless told
