@@ -336,6 +336,46 @@ def test_sigint_stops_with_a_summary(pair, tmp_path):
     assert "Traceback" not in err
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_long_pause_at_once(pair, tmp_path, sig):
+    """A 30 s gap in the original timing: disk2n sleeps through it (no spinning) and a signal
+    ends the replay within 0.1 s, with the summary and exit status 0."""
+    src = tmp_path / "gap.pcap"
+    frames = [frame(i) for i in range(10)]
+    write_pcap(src, [(T0 + i * 1000, f, len(f)) for i, f in enumerate(frames[:5])]
+               + [(T0 + 30 * NS + i * 1000, f, len(f)) for i, f in enumerate(frames[5:])])
+    p = subprocess.Popen(["ip", "netns", "exec", pair.tx_ns, tool("disk2n"), "-i", pair.tx,
+                          "-r", str(src), "--stats-interval", "0.2"],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()  # progress lines come during the pause too
+        assert first.startswith("disk2n: pvtx: sent 5 packets"), first
+        time.sleep(0.3)
+        cpu, wall = cpu_seconds(p.pid), time.monotonic()
+        time.sleep(1.0)
+        used = (cpu_seconds(p.pid) - cpu) / (time.monotonic() - wall)
+        assert used < 0.2, f"{used:.0%} of a core while waiting"
+        t = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        took = time.monotonic() - t
+        err = p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, err
+    assert took < 0.1, f"exited {took:.3f} s after the signal"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("disk2n: interrupted: pvtx: sent 5 packets"), err
+    assert "Traceback" not in err
+
+
 def test_config_file_and_usage_errors(pair, tmp_path):
     src = tmp_path / "in.pcap"
     write_frames(src, [frame(i) for i in range(200)])

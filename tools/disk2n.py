@@ -59,9 +59,10 @@ default they are skipped and counted (--oversize skip), or the replay stops (--o
 Frames are sent as captured (a snaplen-cut frame is sent cut).
 
 \b
-Exit status: 0 replayed (also when stopped by SIGINT/SIGTERM, with the summary), 1 an
-unusable interface, no permission, unreadable input, nothing to replay, or an oversized
-frame with --oversize fail; 2 usage error.
+Exit status: 0 replayed, also when SIGINT or SIGTERM stopped it (within 0.1 s, even in the
+middle of a long pause; the summary then says "interrupted"); 1 an unusable interface, no
+permission, unreadable input, nothing to replay, or an oversized frame with --oversize fail;
+2 usage error.
 """
 
 # Readability is left to the readers: an unreadable input is a runtime failure (exit 1).
