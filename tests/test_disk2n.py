@@ -395,6 +395,11 @@ def test_config_file_and_usage_errors(pair, tmp_path):
         (["-r", str(src), "-t", str(tmp_path)], "not both"),
         (["-t", str(tmp_path)], "-b BEGIN -e END"),
         (["-r", str(src), "--dst-mac", "02:00"], "not a MAC address"),
+        (["-r", str(src), "--max-gap", "inf"], "--max-gap"),
+        (["-r", str(src), "--stats-interval", "1e300"], "--stats-interval"),
+        (["-r", str(src), "--speed", "nan"], "'nan' is not a number"),
+        (["-r", str(src), "--pps", "1e-300"], "--pps"),
+        (["-r", str(src), "--mbps", "0"], "--mbps"),
         ([], "nothing to replay"),
     ):
         r = subprocess.run([tool("disk2n"), "-i", "lo", *args], capture_output=True, text=True)
