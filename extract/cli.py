@@ -23,7 +23,9 @@ Examples:
 \b
 Times: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time, as n2disk), ISO 8601 with Z or an
 offset, epoch seconds (1763737200.25), or relative: now, -15m, -2h, -30s, -1d.
-BEGIN is inclusive, END exclusive.
+BEGIN is inclusive, END exclusive. A local time the clocks skip or repeat at a daylight
+saving change is refused with the times it can mean: add the UTC offset (+01:00) to say
+which.
 
 \b
 Exit status:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -13,7 +14,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.tools.cliutil import EXIT_USAGE, fail, run
 from pcapvault.tools.config import expand_config_args
 
-from .budget import parse_limit, parse_size
+from .budget import BudgetError, parse_limit, parse_size
 
 EPILOG = """\b
 Examples:
@@ -44,9 +45,29 @@ def _filter(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+# A limit no filesystem reaches (off_t's range) is a typo, not a budget.
+_MAX_LIMIT = (1 << 63) - 1
+
+
 def _limit(ctx: click.Context, param: click.Parameter, value: str):
+    # float() under parse_limit also reads "80 %", "8_0%" and "1e1%"; a share is written 80%.
+    text = value.strip()
+    if text.endswith("%") and not re.fullmatch(r"\d+(\.\d+)?%", text):
+        raise click.BadParameter(f"bad --disk-limit {value!r}: write a share as e.g. 80%")
     try:
-        return parse_limit(value)
+        limit = parse_limit(value)
+    except PcapVaultError as e:
+        raise click.BadParameter(str(e)) from None
+    if limit.bytes is not None and limit.bytes > _MAX_LIMIT:
+        raise click.BadParameter(f"bad --disk-limit {value!r}: more than any filesystem holds")
+    return limit
+
+
+def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from .privileges import parse_mode
+
+    try:
+        return parse_mode(value, param.opts[0])
     except PcapVaultError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -90,9 +111,9 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
               help="Store files as seekable zstd (.pcap.zst), compressed after close by the "
                    "indexer process; LEVEL 1-19, default 3.")
 @click.option("-u", "--user", help="Run as this account once the capture socket is open.")
-@click.option("--file-mode", default="0640", show_default=True,
+@click.option("--file-mode", default="0640", show_default=True, callback=_mode,
               help="Permissions of pcap and index files (octal).")
-@click.option("--dir-mode", default="0750", show_default=True,
+@click.option("--dir-mode", default="0750", show_default=True, callback=_mode,
               help="Permissions of the dump set's directories (octal).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every file closed.")
 @click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
@@ -109,7 +130,6 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
     from pcapvault.index.repair import lock
 
     from .capture import Recorder, RecorderConfig
-    from .privileges import parse_mode
     from .stats import StatsPathError
 
     cfg = RecorderConfig(
@@ -130,14 +150,15 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         files_per_dir=files_per_dir,
         user=user,
         compress=compress,
-        file_mode=parse_mode(file_mode, "--file-mode"),
-        dir_mode=parse_mode(dir_mode, "--dir-mode"),
+        file_mode=file_mode,
+        dir_mode=dir_mode,
     )
     try:
         rec = Recorder(cfg)
         rec.inherited_fds.append(lock(rec.ds))
         rc = rec.run()
-    except (TimelineMismatch, StatsPathError) as e:
+    except (TimelineMismatch, StatsPathError, BudgetError) as e:
+        # Options that contradict each other or the dump set (a limit too small for -p).
         raise click.UsageError(str(e)) from None
     sys.exit(rc)
 

@@ -76,6 +76,10 @@ def test_playlist(tmp_path):
         read_playlist(pl)
     with pytest.raises(InputError, match="cannot read playlist"):
         read_playlist(tmp_path / "missing.txt")
+    for binary in (b"a.pcap\nb\x00.pcap\n", b"\xd4\xc3\xb2\xa1"):
+        pl.write_bytes(binary)
+        with pytest.raises(InputError, match="not a text playlist"):
+            read_playlist(pl)
 
 
 def test_frame_limits_follow_the_kernel():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,6 +41,39 @@ def test_option_file_errors_name_the_line(tmp_path, text, message):
     conf.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_option_file(conf, command)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"-i=eth0\n-o=/srv/caf\xe9\n", ":2: byte 0xe9 is not UTF-8 text"),  # ISO-8859-1
+        ("-i=eth0\n".encode("utf-16"), ":1: byte 0xff is not UTF-8 text"),  # with its BOM
+        ("-i=eth0\n".encode("utf-16-le"), ":1: a NUL byte"),
+        (b"-i=eth0\n\n-o=/srv/a\x00b\n", ":3: a NUL byte"),
+    ],
+)
+def test_option_file_not_utf8_text(tmp_path, data, message):
+    conf = tmp_path / "r.conf"
+    conf.write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        read_option_file(conf, command)
+    # Through every tool that reads one: one line, usage error, no traceback.
+    for cmd in ([tool("recorder"), str(conf)], [tool("disk2n"), str(conf)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    (tmp_path / "pcapvault.conf").write_bytes(data.replace(b"-o=", b"dumpset="))
+    r = subprocess.run([tool("npcapextract"), "-b", "-1h", "-e", "now", "-O"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "PCAPVAULT_CONFIG_DIR": str(tmp_path)})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("npcapextract: error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_option_file_may_start_with_a_utf8_bom(tmp_path):
+    conf = tmp_path / "r.conf"
+    conf.write_bytes("\ufeff-i=eth0\n-o=/srv/café\n".encode())
+    assert read_option_file(conf, command) == ["-i", "eth0", "-o", "/srv/café"]
 
 
 def test_command_line_overrides_the_file(tmp_path):

@@ -44,13 +44,18 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int | No
         (["-i", "lo", "--disk-limit", "lots"], ["bad --disk-limit"]),
         (["-i", "lo", "--disk-limit", "0MB"], ["above zero"]),
         (["-i", "lo", "--disk-limit", "1MB", "-p", "4"], ["cannot hold even one", "raise"]),
+        (["-i", "lo", "--disk-limit", "80 %"], ["bad --disk-limit", "e.g. 80%"]),
+        (["-i", "lo", "--disk-limit", "1e1%"], ["bad --disk-limit", "e.g. 80%"]),
+        (["-i", "lo", "--disk-limit", "99999999999999999999999T"], ["more than any"]),
+        (["-i", "lo", "--file-mode", "999"], ["bad --file-mode '999'", "octal"]),
+        (["-i", "lo", "--dir-mode", "abc"], ["bad --dir-mode 'abc'", "octal"]),
     ],
 )
 def test_bad_arguments(tmp_path, args, needles):
     r = run_recorder(*args, "-o", str(tmp_path / "ds"))
-    # Bad option values are usage errors (2); a wrong interface or limit fails at run time (1).
-    usage = "nosuch0" not in args and "cannot hold even one" not in needles
-    one_line_error(r, *needles, code=2 if usage else 1)
+    # Bad option values (and a limit too small for -p) are usage errors (2); a wrong
+    # interface fails at run time (1).
+    one_line_error(r, *needles, code=1 if "nosuch0" in args else 2)
 
 
 def test_missing_capability(tmp_path):

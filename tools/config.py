@@ -34,10 +34,34 @@ def _options(command: click.Command) -> dict[str, click.Option]:
     return known
 
 
+def config_text(path: Path) -> str:
+    """The text of a configuration file: UTF-8 (a leading BOM is ignored) without NUL bytes.
+
+    An ISO-8859-1 or UTF-16 file, or a NUL, is a ConfigError naming the line: read otherwise,
+    it would fail later, far from its cause (a traceback, or a path cut at the NUL). OSError
+    is the caller's.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as "
+            "UTF-8"
+        ) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(
+            f"{path}:{line}: a NUL byte (is the file UTF-16?); save the file as UTF-8 text"
+        )
+    return text
+
+
 def read_option_file(path: Path, command: click.Command) -> list[str]:
     """The file's options as command-line arguments, checked against `command`'s options."""
     try:
-        text = path.read_text()
+        text = config_text(path)
     except OSError as e:
         raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
     known = _options(command)
@@ -80,7 +104,11 @@ def default_dumpsets() -> list[Path]:
     found: list[Path] = []
     main = d / "pcapvault.conf"
     if main.exists():
-        for line in main.read_text().splitlines():
+        try:
+            text = config_text(main)
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration {main}: {e.strerror}") from None
+        for line in text.splitlines():
             key, _, value = line.partition("=")
             if key.strip() == "dumpset" and value.strip():
                 found.append(Path(value.strip()))
@@ -89,7 +117,7 @@ def default_dumpsets() -> list[Path]:
     for conf in sorted(d.glob("recorder-*.conf")):
         out = iface = None
         try:
-            lines = conf.read_text().splitlines()
+            lines = config_text(conf).splitlines()
         except OSError:
             continue
         for line in lines:

@@ -169,13 +169,15 @@ def read_playlist(path: Path) -> list[Path]:
     """A playlist: one pcap per line; blank lines and `#` comments ignored; relative paths are
     relative to the playlist, so a directory of captures can carry its own list."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError as e:
         raise InputError(f"cannot read playlist {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not a text playlist (one pcap path per line)") from None
+        text = None
+    if text is None or "\0" in text:  # binary (no path holds a NUL)
+        raise InputError(f"{path}: not a text playlist (one pcap path per line)")
     out = []
-    for line in lines:
+    for line in text.splitlines():
         entry = line.strip()
         if entry and not entry.startswith("#"):
             p = Path(entry)
