@@ -23,6 +23,8 @@ FORMAT_VERSION = timeline.FORMAT_VERSION
 TEMP_PREFIX = ".rec-"
 LINKS_LOCK = ".links.lock"
 TEMP_SUFFIX = ".pcap.part"
+# How much later than its first packet a file's name may be (see DumpSet.place).
+NAME_SLACK_NS = 1_000_000
 
 
 def file_name(first_ns: int) -> str:
@@ -284,9 +286,19 @@ class DumpSet:
             self._count(target_dir) >= self.files_per_dir
         ):
             target_dir = self.root / name
+        # Names have microsecond resolution: two files whose first packets fall in the same
+        # microsecond (SIGUSR1 right after a packet) would collide, and a start's repair would
+        # then fail on it for good. The later one takes the next free microsecond instead;
+        # readers allow NAME_SLACK_NS for it.
+        for _ in range(NAME_SLACK_NS // 1000):
+            if not self._name_taken(name):
+                break
+            first_ns = parse_name(name) + 1000
+            name = file_name(first_ns)
+        else:
+            raise DumpSetError(f"{target_dir / name}.pcap and the names after it exist; "
+                               "refusing to overwrite recorded data")
         final = target_dir / f"{name}.pcap"
-        if final.exists():
-            raise DumpSetError(f"{final} already exists; refusing to overwrite recorded data")
         # Another process (the indexer cleaning up after the budget) may remove an empty
         # storage directory between our choice and the rename: recreate it and retry.
         for attempt in range(3):
@@ -298,6 +310,12 @@ class DumpSet:
                 if attempt == 2 or not temp_pcap.exists():
                     raise
         return StoredFile(first_ns, final)
+
+    def _name_taken(self, name: str) -> bool:
+        """Whether the newest storage directory or the timeline already holds this name."""
+        slot = timeline.slot_dir(self.timeline, timeline.slot_of(parse_name(name) // 10**9))
+        dirs = [*self.storage_dirs()[-1:], slot]
+        return any((d / f"{name}{suf}").exists() for d in dirs for suf in timeline.PCAP_SUFFIXES)
 
     def link(self, sf: StoredFile) -> None:
         """Make a finished, indexed file visible to extraction through the timeline."""
@@ -373,7 +391,7 @@ class DumpSet:
         out = []
         for i, sf in enumerate(found):
             nxt = found[i + 1].first_ns if i + 1 < len(found) else None
-            if sf.first_ns >= end_ns:
+            if sf.first_ns >= end_ns + NAME_SLACK_NS:
                 break
             if nxt is not None and nxt <= lo:
                 continue

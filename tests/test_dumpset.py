@@ -67,3 +67,25 @@ def test_files_in_window_uses_first_packet_names(tmp_path):
     # Found through links in the timeline, never through the storage directories.
     assert all(ds.timeline in sf.pcap.parents
                for sf in ds.files_in_window(0, 2**62))
+
+
+def test_two_files_starting_in_the_same_microsecond_get_two_names(tmp_path):
+    """A SIGUSR1 right after a packet: the next file's first packet may fall in the same
+    microsecond. Both are kept, and both are found by a window around them."""
+    ds = DumpSet.create(tmp_path / "ds", interface="t0", linktype=1, snaplen=1536,
+                        nanosecond=True)
+    first = 1_700_000_000_123_456_100
+    placed = []
+    for i in range(3):
+        tmp = ds.temp_path(i)
+        tmp.write_bytes(b"x")
+        sf = ds.place(tmp, first + 200 * i)  # three first packets within one microsecond
+        ds.link(sf)
+        placed.append(sf)
+    names = [sf.name for sf in placed]
+    assert len(set(names)) == 3 and names == sorted(names)
+    assert [sf.pcap.read_bytes() for sf in placed] == [b"x"] * 3
+    # A window ending just after the last first packet still finds the file whose name was
+    # moved past it.
+    found = ds.files_in_window(first, first + 500)
+    assert [sf.name for sf in found] == names
