@@ -24,6 +24,7 @@ O_DIRECT plans keep reading: their bytes are not in the page cache for sendfile 
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -34,7 +35,12 @@ import numpy as np
 
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
+from pcapvault.index.pcapfile import (
+    RECORD_HEADER_LEN,
+    PcapReader,
+    gather_record_headers,
+    headers_disagree,
+)
 
 from .direct import ALIGN, DirectReader, Span, cached, open_direct
 from .hints import will_need_index
@@ -120,6 +126,8 @@ class _Plan:
     ):
         self.src = src
         self.reader = reader
+        self.warn = warn
+        self.headers: np.ndarray | None = None  # the file mapped, for unread records' headers
         self.pf = pf
         self.dr = dr
         self.c = c = _drop_past_end(c, reader.size, warn)
@@ -200,6 +208,7 @@ class _Plan:
             if fd is not None:
                 os.close(fd)
         self.direct_fd = self.send_fd = None
+        self.headers = None  # its mapping goes with the last view of it
         self.reader.close()
 
     def start_direct(self, k: int) -> None:
@@ -290,7 +299,11 @@ class _Plan:
                     buf, local = self._read(a, z, i, j, bufs)
                     size = len(buf)
             self.unread -= size
-            m = None if buf is None else self._confirm(buf, local, cap, wire, c.sure[i:j])
+            good = self._agree(buf, local, at, cap, wire, ts, stats)
+            if good is not None:
+                local, at, cap, wire, ts = local[good], at[good], cap[good], wire[good], ts[good]
+            sure = c.sure[i:j] if good is None else c.sure[i:j][good]
+            m = None if buf is None else self._confirm(buf, local, cap, wire, sure)
             stats.packets_read += j - i
             stats.bytes_read += size
             sel = slice(None) if m is None else m
@@ -301,6 +314,36 @@ class _Plan:
                 if bufs.reuse:  # the consumer is done with the batch: recycle the buffer
                     self.dr.release(span)
             between()
+
+    def _agree(
+        self, buf: np.ndarray | None, local: np.ndarray, at: np.ndarray, cap: np.ndarray,
+        wire: np.ndarray, ts: np.ndarray, stats: Stats,
+    ) -> np.ndarray | None:
+        """Which candidates' stored headers agree with the index (None: all of them).
+
+        The output copies stored headers with the index's length of bytes: a record that
+        disagrees would make it unreadable, so it is skipped and reported (the result is then
+        incomplete). Records left unread for sendfile (`buf` None) are checked through a
+        mapping of the file, which touches only the pages of their headers."""
+        if buf is None:
+            if self.headers is None:
+                self.headers = np.frombuffer(
+                    mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
+            buf = self.headers
+        hdr = self.reader.header
+        bad = headers_disagree(buf, local, cap, wire, ts, hdr)
+        if not bad.any():
+            return None
+        k = np.flatnonzero(bad)
+        f = int(k[0])
+        got = gather_record_headers(buf, local[f : f + 1], hdr.big_endian)[0]
+        stats.damaged_records += len(k)
+        self.warn(
+            f"{self.c.file.pcap}: {len(k)} record(s) disagree with the index, skipped (first at "
+            f"byte {int(at[f])}: captured/wire length {int(got[2])}/{int(got[3])} in the pcap, "
+            f"{int(cap[f])}/{int(wire[f])} in the index; npcaprepair repairs the file)"
+        )
+        return ~bad
 
     def _read(
         self, a: int, b: int, i: int, j: int, bufs: _Buffers
@@ -406,18 +449,23 @@ class _Pipeline:
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)
-        sure = 0
-        if self.listing:
-            sure = int(c.sure.sum())
-            if sure:
-                c = _subset(c, ~c.sure)
-            if not len(c.rec):
-                return _Planned(sf, None, sure)
         try:
             reader = PcapReader(c.file.pcap)
         except PcapVaultError as e:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
+            self.stats.damaged_files += 1
             return _Planned(sf, None)
+        sure = 0
+        if self.listing:
+            # Counted unread, so first dropped if the file does not hold them (a pcap cut
+            # short, even to nothing, keeps its index's counts).
+            c = _drop_past_end(c, reader.size, self.warn)
+            sure = int(c.sure.sum())
+            if sure:
+                c = _subset(c, ~c.sure)
+            if not len(c.rec):
+                reader.close()
+                return _Planned(sf, None, sure)
         try:
             plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn)
         except BaseException:

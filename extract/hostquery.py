@@ -163,6 +163,8 @@ def _lists(sf: StoredFile, req: Request, keys: set[tuple[bytes, int]], nanosecon
     try:
         if p.linktype != 1 or p.nanosecond != nanosecond:
             raise _NotHere
+        if p.count and not p.first_ns // 1000 * 1000 <= sf.first_ns <= p.last_ns:
+            raise _NotHere  # another file's index (select.py's check): the engine scans
         if p.count == 0 or p.last_ns < req.begin_ns or p.first_ns >= req.end_ns:
             p.close()
             return None
@@ -334,7 +336,10 @@ def _take(p: Plan, fp: FilePlan, stats: Stats, kept: list[bytes], list_only: boo
         if list_only and sure and not edge:
             n += 1
             continue
-        data = os.pread(fp.fd, ln, off)
+        try:
+            data = os.pread(fp.fd, ln, off)
+        except OSError:
+            return None  # a damaged posting (offset or length out of range): the engine decides
         stats.packets_read += 1
         stats.bytes_read += len(data)
         if len(data) != ln:

@@ -362,6 +362,22 @@ def gather_record_headers(arr: np.ndarray, offsets: np.ndarray, big_endian: bool
     return raw if not big_endian else raw.astype(np.uint32)
 
 
+def headers_disagree(
+    arr: np.ndarray, at: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray,
+    ts_ns: np.ndarray, header: PcapHeader,
+) -> np.ndarray:
+    """Which records at offsets `at` of `arr` have a header other than the index says.
+
+    Why: output copies the stored header with the index's length of bytes, so a record whose
+    header disagrees (a flipped bit, an index of another file) would make the output
+    unreadable. One gather per batch of records; offsets must leave room for a header."""
+    h = gather_record_headers(arr, at, header.big_endian)
+    bad = h[:, 2] != caplen
+    bad |= h[:, 3] != wirelen
+    bad |= timestamps_ns(h[:, 0], h[:, 1], header.nanosecond) != ts_ns
+    return bad
+
+
 @dataclass
 class RecordLocations:
     """Where the complete records of a pcap are: what the record walk alone can tell."""
