@@ -17,7 +17,8 @@ slicing, splitting, caps, link types other than Ethernet, compressed pcaps, inde
 postings (versions 1 and 2), damaged or missing indexes, torn pcaps (the engine warns and
 goes on for these), filters without an address on every accepting path, and results beyond
 MAX_PACKETS or MAX_BYTES (held in memory until written). Packets whose record header does not
-agree with the index also hand the query over, since nothing has been written yet.
+agree with the index, another file's index and postings that cannot be read also hand the
+query over, since nothing has been written yet: the engine skips and reports the damage.
 
 The entry point (early.py) starts planning on a thread before click is imported, so that the
 disk reads the index directories and then the packets while the interpreter imports the rest;
