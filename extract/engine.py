@@ -28,6 +28,7 @@ import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,7 @@ class _Plan:
         self.direct_fd: int | None = None
         self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
+        self.checks: dict[int, Future] = {}  # their records checked against the index
         # Whether chunks inside the selection may be read into the client's shared buffers:
         # as far as the plan tells (adjacent records, no filter to run), then with the output.
         self.shareable = False
@@ -204,6 +206,7 @@ class _Plan:
             if sp.slot is not None:
                 self.dr.shared.release(sp.slot)
         self.spans.clear()
+        self.checks.clear()
         for fd in (self.direct_fd, self.send_fd):
             if fd is not None:
                 os.close(fd)
@@ -219,7 +222,22 @@ class _Plan:
         c = self.c
         stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
         share = self.share and self._inside(int(c.rec[i]), stop)
-        self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop, share)
+        span = self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop,
+                                            share)
+        self.checks[k] = checked = Future()
+        span.future.add_done_callback(lambda _: self._check_span(span, i, j, checked))
+
+    def _check_span(self, span: Span, i: int, j: int, out: Future) -> None:
+        """Right after chunk [i, j) is read, on the reading thread: which of its records
+        disagree with the index (see _agree). numpy lets go of the GIL for it, so the check
+        of a broad query overlaps the main thread's work instead of adding to it."""
+        try:
+            c = self.c
+            out.set_result(headers_disagree(span.result(), c.rec[i:j] - span.base,
+                                            c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j],
+                                            self.reader.header))
+        except BaseException:  # noqa: BLE001 - the main thread meets a read error itself
+            out.set_result(None)
 
     def _read_ahead(self, k: int) -> None:
         """Shared chunks from k on into the slots free right now: reads overlap the client's
@@ -290,8 +308,9 @@ class _Plan:
                 buf = span.result()
                 local = at - span.base
                 size = len(buf)
+                bad = self.checks.pop(k).result()
             else:
-                span = None
+                span = bad = None
                 a, z = self.chunk_ranges[k], self.chunk_ranges[k + 1]
                 if fd is not None and self._unfiltered(c.sure[i:j]) and long_runs(at, cap):
                     buf, local, size = None, at, self._consume(a, z)  # the output sends it
@@ -299,7 +318,7 @@ class _Plan:
                     buf, local = self._read(a, z, i, j, bufs)
                     size = len(buf)
             self.unread -= size
-            good = self._agree(buf, local, at, cap, wire, ts, stats)
+            good = self._agree(buf, local, at, cap, wire, ts, stats, bad)
             if good is not None:
                 local, at, cap, wire, ts = local[good], at[good], cap[good], wire[good], ts[good]
             sure = c.sure[i:j] if good is None else c.sure[i:j][good]
@@ -317,9 +336,10 @@ class _Plan:
 
     def _agree(
         self, buf: np.ndarray | None, local: np.ndarray, at: np.ndarray, cap: np.ndarray,
-        wire: np.ndarray, ts: np.ndarray, stats: Stats,
+        wire: np.ndarray, ts: np.ndarray, stats: Stats, bad: np.ndarray | None = None,
     ) -> np.ndarray | None:
-        """Which candidates' stored headers agree with the index (None: all of them).
+        """Which candidates' stored headers agree with the index (None: all of them); `bad`:
+        the disagreeing ones, when the reading thread found them already.
 
         The output copies stored headers with the index's length of bytes: a record that
         disagrees would make it unreadable, so it is skipped and reported (the result is then
@@ -331,7 +351,8 @@ class _Plan:
                     mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
             buf = self.headers
         hdr = self.reader.header
-        bad = headers_disagree(buf, local, cap, wire, ts, hdr)
+        if bad is None:
+            bad = headers_disagree(buf, local, cap, wire, ts, hdr)
         if not bad.any():
             return None
         k = np.flatnonzero(bad)
