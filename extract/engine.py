@@ -28,7 +28,7 @@ import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,6 +74,17 @@ class Query:
     begin_ns: int
     end_ns: int
     list_only: bool = False
+
+
+_CHECKER: ThreadPoolExecutor | None = None
+
+
+def _checker() -> ThreadPoolExecutor:
+    """The thread that checks O_DIRECT chunks' record headers (_Plan._check_span)."""
+    global _CHECKER
+    if _CHECKER is None:
+        _CHECKER = ThreadPoolExecutor(1, thread_name_prefix="record-check")
+    return _CHECKER
 
 
 def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
@@ -136,7 +147,8 @@ class _Plan:
         self.direct_fd: int | None = None
         self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
-        self.checks: dict[int, Future] = {}  # their records checked against the index
+        self.checks: dict[int, Future] = {}  # chunks' records checked against the index
+        self.unread_chunks: dict[int, bool] = {}  # _unread's answers
         # Whether chunks inside the selection may be read into the client's shared buffers:
         # as far as the plan tells (adjacent records, no filter to run), then with the output.
         self.shareable = False
@@ -224,20 +236,20 @@ class _Plan:
         share = self.share and self._inside(int(c.rec[i]), stop)
         span = self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop,
                                             share)
-        self.checks[k] = checked = Future()
-        span.future.add_done_callback(lambda _: self._check_span(span, i, j, checked))
+        self.checks[k] = _checker().submit(self._check_span, span, i, j)
 
-    def _check_span(self, span: Span, i: int, j: int, out: Future) -> None:
-        """Right after chunk [i, j) is read, on the reading thread: which of its records
-        disagree with the index (see _agree). numpy lets go of the GIL for it, so the check
-        of a broad query overlaps the main thread's work instead of adding to it."""
+    def _check_span(self, span: Span, i: int, j: int) -> np.ndarray | None:
+        """As soon as chunk [i, j) is read, on a thread of its own: which of its records
+        disagree with the index (see _agree). numpy lets go of the GIL for it, so the check of
+        a broad query overlaps the main thread's work and the next read instead of adding to
+        them. None when the read failed (the main thread meets the error itself)."""
         try:
-            c = self.c
-            out.set_result(headers_disagree(span.result(), c.rec[i:j] - span.base,
-                                            c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j],
-                                            self.reader.header))
-        except BaseException:  # noqa: BLE001 - the main thread meets a read error itself
-            out.set_result(None)
+            buf = span.result()
+        except BaseException:  # noqa: BLE001 - reported by the main thread
+            return None
+        c = self.c
+        return headers_disagree(buf, c.rec[i:j] - span.base, c.caplen[i:j], c.wirelen[i:j],
+                                c.ts_ns[i:j], self.reader.header)
 
     def _read_ahead(self, k: int) -> None:
         """Shared chunks from k on into the slots free right now: reads overlap the client's
@@ -312,8 +324,14 @@ class _Plan:
             else:
                 span = bad = None
                 a, z = self.chunk_ranges[k], self.chunk_ranges[k + 1]
-                if fd is not None and self._unfiltered(c.sure[i:j]) and long_runs(at, cap):
+                if fd is not None and self._unread(k):
                     buf, local, size = None, at, self._consume(a, z)  # the output sends it
+                    self._check_mapped(k)
+                    if k + 2 < len(self.cuts):
+                        self._check_mapped(k + 1)  # while the output sends this one
+                    elif (nxt := following()) is not None:
+                        nxt.check_ahead(takes)
+                    bad = self.checks.pop(k).result()
                 else:
                     buf, local = self._read(a, z, i, j, bufs)
                     size = len(buf)
@@ -334,6 +352,39 @@ class _Plan:
                     self.dr.release(span)
             between()
 
+    def _unread(self, k: int) -> bool:
+        """Whether chunk k of a page-cache plan goes to a sendfile output unread: its
+        candidates need no filter and lie in long runs."""
+        if k + 1 >= len(self.cuts):
+            return False
+        if k not in self.unread_chunks:
+            i, j = self.cuts[k], self.cuts[k + 1]
+            c = self.c
+            self.unread_chunks[k] = self._unfiltered(c.sure[i:j]) and long_runs(
+                c.rec[i:j], c.caplen[i:j])
+        return self.unread_chunks[k]
+
+    def check_ahead(self, takes: TakesFileRuns | None) -> None:
+        """Start checking this plan's first chunk while the plan before is written, when
+        it goes to a sendfile output unread."""
+        hdr = self.reader.header
+        if self.c.indexed and self._sendable(takes, hdr.nanosecond, not hdr.big_endian) is not None:
+            self._check_mapped(0)
+
+    def _check_mapped(self, k: int) -> None:
+        """Start checking the record headers of unread chunk k (see _agree) on the checking
+        thread, through a mapping of the file that touches only their pages."""
+        if k in self.checks or not self._unread(k):
+            return
+        if self.headers is None:
+            self.headers = np.frombuffer(
+                mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
+        i, j = self.cuts[k], self.cuts[k + 1]
+        c = self.c
+        self.checks[k] = _checker().submit(
+            headers_disagree, self.headers, c.rec[i:j], c.caplen[i:j], c.wirelen[i:j],
+            c.ts_ns[i:j], self.reader.header)
+
     def _agree(
         self, buf: np.ndarray | None, local: np.ndarray, at: np.ndarray, cap: np.ndarray,
         wire: np.ndarray, ts: np.ndarray, stats: Stats, bad: np.ndarray | None = None,
@@ -343,12 +394,9 @@ class _Plan:
 
         The output copies stored headers with the index's length of bytes: a record that
         disagrees would make it unreadable, so it is skipped and reported (the result is then
-        incomplete). Records left unread for sendfile (`buf` None) are checked through a
-        mapping of the file, which touches only the pages of their headers."""
+        incomplete). Records left unread for sendfile (`buf` None) were checked through a
+        mapping of the file (_check_mapped)."""
         if buf is None:
-            if self.headers is None:
-                self.headers = np.frombuffer(
-                    mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
             buf = self.headers
         hdr = self.reader.header
         if bad is None:
