@@ -18,8 +18,14 @@ the others are confirmed by the compiled program, one vectorised call per chunk.
 When the output is a pipe or a socket that takes records unmodified (Output.takes_file_runs),
 batches of a page-cache plan also carry the file offsets of their records, and a chunk whose
 candidates need no filter and lie in long runs is not read at all: the output sends it from
-the page cache with sendfile (output.FileRuns), so its bytes never enter this process.
-O_DIRECT plans keep reading: their bytes are not in the page cache for sendfile to take.
+the page cache with sendfile (output.FileRuns), so its bytes never enter this process (only
+its record headers are looked at, through a mapping of the file). O_DIRECT plans keep
+reading: their bytes are not in the page cache for sendfile to take.
+
+Every candidate's record header is compared with the index before it goes out
+(`_Plan._agree`): a record that disagrees would make the output unreadable, so it is skipped
+and reported. The comparison of O_DIRECT and unread chunks runs on a thread of its own
+(`_checker`), beside the reads and the writes.
 """
 
 from __future__ import annotations
