@@ -221,6 +221,13 @@ def test_listing_counts_only_what_the_pcaps_hold(synth, tmp_path):
     listed = {Path(p).name: int(n) for p, n in (ln.split("\t") for ln in r.stdout.splitlines())}
     assert files[1].name not in listed
     assert listed[files[3].name] == 150
-    # Every count is what an extraction writes from that file.
+    # Every count is what an extraction writes from that file, on the host-query fast path
+    # too (which leaves cut pcaps to the engine).
     x = npcapextract(root, "-O")
+    assert sum(listed.values()) == len(readable(x.stdout))
+    host = npcapextract(root, "-f", "host 10.0.1.3", "-l", "-v", text=True)
+    listed = {Path(p).name: int(n)
+              for p, n in (ln.split("\t") for ln in host.stdout.splitlines())}
+    assert listed and files[1].name not in listed, host.stderr
+    x = npcapextract(root, "-f", "host 10.0.1.3", "-O")
     assert sum(listed.values()) == len(readable(x.stdout))
