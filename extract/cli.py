@@ -32,6 +32,8 @@ Exit status:
   0  packets were written (with -l: matching files were listed)
   1  no packet matched
   2  usage error, bad filter or time, unusable dump set, no permission
+  3  incomplete: damaged records or files were skipped (warnings name them); what was
+     written is a readable capture
 """
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -248,7 +250,7 @@ def cli(
         bytes_out = out.bytes
     if verbose:
         _err(stats.line(written, bytes_out, time.monotonic() - t0))
-    return 0 if written else 1
+    return stats.exit_status(written)
 
 
 def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
@@ -268,7 +270,7 @@ def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | Non
         click.echo(f"{path}\t{n}" if verbose else path)
     if verbose:
         _err(res.stats.line(res.written, res.bytes_out, time.monotonic() - t0))
-    return 0 if res.written else 1
+    return res.stats.exit_status(res.written)
 
 
 def _configured_dumpsets() -> tuple[str, ...]:
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: tools.cliutil.run turns every failure into one line and an exit status.
 
     Exit codes as documented: 0 written, 1 nothing matched, 2 for every error (usage, filter,
-    time, dump set, permission). A reader that closes our stdout ends the run quietly.
+    time, dump set, permission), 3 incomplete (damage skipped). A reader that closes our
+    stdout ends the run quietly.
     """
     from pcapvault.tools.cliutil import run
 

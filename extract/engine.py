@@ -18,15 +18,23 @@ the others are confirmed by the compiled program, one vectorised call per chunk.
 When the output is a pipe or a socket that takes records unmodified (Output.takes_file_runs),
 batches of a page-cache plan also carry the file offsets of their records, and a chunk whose
 candidates need no filter and lie in long runs is not read at all: the output sends it from
-the page cache with sendfile (output.FileRuns), so its bytes never enter this process.
-O_DIRECT plans keep reading: their bytes are not in the page cache for sendfile to take.
+the page cache with sendfile (output.FileRuns), so its bytes never enter this process (only
+its record headers are looked at, through a mapping of the file). O_DIRECT plans keep
+reading: their bytes are not in the page cache for sendfile to take.
+
+Every candidate's record header is compared with the index before it goes out
+(`_Plan._agree`): a record that disagrees would make the output unreadable, so it is skipped
+and reported. The comparison of O_DIRECT and unread chunks runs on a thread of its own
+(`_checker`), beside the reads and the writes.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +42,12 @@ import numpy as np
 
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
+from pcapvault.index.pcapfile import (
+    RECORD_HEADER_LEN,
+    PcapReader,
+    gather_record_headers,
+    headers_disagree,
+)
 
 from .direct import ALIGN, DirectReader, Span, cached, open_direct
 from .hints import will_need_index
@@ -67,6 +80,17 @@ class Query:
     begin_ns: int
     end_ns: int
     list_only: bool = False
+
+
+_CHECKER: ThreadPoolExecutor | None = None
+
+
+def _checker() -> ThreadPoolExecutor:
+    """The thread that checks O_DIRECT chunks' record headers (_Plan._check_span)."""
+    global _CHECKER
+    if _CHECKER is None:
+        _CHECKER = ThreadPoolExecutor(1, thread_name_prefix="record-check")
+    return _CHECKER
 
 
 def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
@@ -120,6 +144,8 @@ class _Plan:
     ):
         self.src = src
         self.reader = reader
+        self.warn = warn
+        self.headers: np.ndarray | None = None  # the file mapped, for unread records' headers
         self.pf = pf
         self.dr = dr
         self.c = c = _drop_past_end(c, reader.size, warn)
@@ -127,6 +153,8 @@ class _Plan:
         self.direct_fd: int | None = None
         self.send_fd: int | None = None  # for sendfile by the output, opened when needed
         self.spans: dict[int, Span] = {}  # direct reads started, by chunk
+        self.checks: dict[int, Future] = {}  # chunks' records checked against the index
+        self.unread_chunks: dict[int, bool] = {}  # _unread's answers
         # Whether chunks inside the selection may be read into the client's shared buffers:
         # as far as the plan tells (adjacent records, no filter to run), then with the output.
         self.shareable = False
@@ -196,10 +224,12 @@ class _Plan:
             if sp.slot is not None:
                 self.dr.shared.release(sp.slot)
         self.spans.clear()
+        self.checks.clear()
         for fd in (self.direct_fd, self.send_fd):
             if fd is not None:
                 os.close(fd)
         self.direct_fd = self.send_fd = None
+        self.headers = None  # its mapping goes with the last view of it
         self.reader.close()
 
     def start_direct(self, k: int) -> None:
@@ -210,7 +240,22 @@ class _Plan:
         c = self.c
         stop = int(c.rec[j - 1] + RECORD_HEADER_LEN + c.caplen[j - 1])
         share = self.share and self._inside(int(c.rec[i]), stop)
-        self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop, share)
+        span = self.spans[k] = self.dr.read(self.direct_fd, c.file.pcap, int(c.rec[i]), stop,
+                                            share)
+        self.checks[k] = _checker().submit(self._check_span, span, i, j)
+
+    def _check_span(self, span: Span, i: int, j: int) -> np.ndarray | None:
+        """As soon as chunk [i, j) is read, on a thread of its own: which of its records
+        disagree with the index (see _agree). numpy lets go of the GIL for it, so the check of
+        a broad query overlaps the main thread's work and the next read instead of adding to
+        them. None when the read failed (the main thread meets the error itself)."""
+        try:
+            buf = span.result()
+        except BaseException:  # noqa: BLE001 - reported by the main thread
+            return None
+        c = self.c
+        return headers_disagree(buf, c.rec[i:j] - span.base, c.caplen[i:j], c.wirelen[i:j],
+                                c.ts_ns[i:j], self.reader.header)
 
     def _read_ahead(self, k: int) -> None:
         """Shared chunks from k on into the slots free right now: reads overlap the client's
@@ -281,16 +326,27 @@ class _Plan:
                 buf = span.result()
                 local = at - span.base
                 size = len(buf)
+                bad = self.checks.pop(k).result()
             else:
-                span = None
+                span = bad = None
                 a, z = self.chunk_ranges[k], self.chunk_ranges[k + 1]
-                if fd is not None and self._unfiltered(c.sure[i:j]) and long_runs(at, cap):
+                if fd is not None and self._unread(k):
                     buf, local, size = None, at, self._consume(a, z)  # the output sends it
+                    self._check_mapped(k)
+                    if k + 2 < len(self.cuts):
+                        self._check_mapped(k + 1)  # while the output sends this one
+                    elif (nxt := following()) is not None:
+                        nxt.check_ahead(takes)
+                    bad = self.checks.pop(k).result()
                 else:
                     buf, local = self._read(a, z, i, j, bufs)
                     size = len(buf)
             self.unread -= size
-            m = None if buf is None else self._confirm(buf, local, cap, wire, c.sure[i:j])
+            good = self._agree(buf, local, at, cap, wire, ts, stats, bad)
+            if good is not None:
+                local, at, cap, wire, ts = local[good], at[good], cap[good], wire[good], ts[good]
+            sure = c.sure[i:j] if good is None else c.sure[i:j][good]
+            m = None if buf is None else self._confirm(buf, local, cap, wire, sure)
             stats.packets_read += j - i
             stats.bytes_read += size
             sel = slice(None) if m is None else m
@@ -301,6 +357,68 @@ class _Plan:
                 if bufs.reuse:  # the consumer is done with the batch: recycle the buffer
                     self.dr.release(span)
             between()
+
+    def _unread(self, k: int) -> bool:
+        """Whether chunk k of a page-cache plan goes to a sendfile output unread: its
+        candidates need no filter and lie in long runs."""
+        if k + 1 >= len(self.cuts):
+            return False
+        if k not in self.unread_chunks:
+            i, j = self.cuts[k], self.cuts[k + 1]
+            c = self.c
+            self.unread_chunks[k] = self._unfiltered(c.sure[i:j]) and long_runs(
+                c.rec[i:j], c.caplen[i:j])
+        return self.unread_chunks[k]
+
+    def check_ahead(self, takes: TakesFileRuns | None) -> None:
+        """Start checking this plan's first chunk while the plan before is written, when
+        it goes to a sendfile output unread."""
+        hdr = self.reader.header
+        if self.c.indexed and self._sendable(takes, hdr.nanosecond, not hdr.big_endian) is not None:
+            self._check_mapped(0)
+
+    def _check_mapped(self, k: int) -> None:
+        """Start checking the record headers of unread chunk k (see _agree) on the checking
+        thread, through a mapping of the file that touches only their pages."""
+        if k in self.checks or not self._unread(k):
+            return
+        if self.headers is None:
+            self.headers = np.frombuffer(
+                mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
+        i, j = self.cuts[k], self.cuts[k + 1]
+        c = self.c
+        self.checks[k] = _checker().submit(
+            headers_disagree, self.headers, c.rec[i:j], c.caplen[i:j], c.wirelen[i:j],
+            c.ts_ns[i:j], self.reader.header)
+
+    def _agree(
+        self, buf: np.ndarray | None, local: np.ndarray, at: np.ndarray, cap: np.ndarray,
+        wire: np.ndarray, ts: np.ndarray, stats: Stats, bad: np.ndarray | None = None,
+    ) -> np.ndarray | None:
+        """Which candidates' stored headers agree with the index (None: all of them); `bad`:
+        the disagreeing ones, when the reading thread found them already.
+
+        The output copies stored headers with the index's length of bytes: a record that
+        disagrees would make it unreadable, so it is skipped and reported (the result is then
+        incomplete). Records left unread for sendfile (`buf` None) were checked through a
+        mapping of the file (_check_mapped)."""
+        if buf is None:
+            buf = self.headers
+        hdr = self.reader.header
+        if bad is None:
+            bad = headers_disagree(buf, local, cap, wire, ts, hdr)
+        if not bad.any():
+            return None
+        k = np.flatnonzero(bad)
+        f = int(k[0])
+        got = gather_record_headers(buf, local[f : f + 1], hdr.big_endian)[0]
+        stats.damaged_records += len(k)
+        self.warn(
+            f"{self.c.file.pcap}: {len(k)} record(s) disagree with the index, skipped (first at "
+            f"byte {int(at[f])}: captured/wire length {int(got[2])}/{int(got[3])} in the pcap, "
+            f"{int(cap[f])}/{int(wire[f])} in the index; npcaprepair repairs the file)"
+        )
+        return ~bad
 
     def _read(
         self, a: int, b: int, i: int, j: int, bufs: _Buffers
@@ -406,18 +524,23 @@ class _Pipeline:
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)
-        sure = 0
-        if self.listing:
-            sure = int(c.sure.sum())
-            if sure:
-                c = _subset(c, ~c.sure)
-            if not len(c.rec):
-                return _Planned(sf, None, sure)
         try:
             reader = PcapReader(c.file.pcap)
         except PcapVaultError as e:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
+            self.stats.damaged_files += 1
             return _Planned(sf, None)
+        sure = 0
+        if self.listing:
+            # Counted unread, so first dropped if the file does not hold them (a pcap cut
+            # short, even to nothing, keeps its index's counts).
+            c = _drop_past_end(c, reader.size, self.warn)
+            sure = int(c.sure.sum())
+            if sure:
+                c = _subset(c, ~c.sure)
+            if not len(c.rec):
+                reader.close()
+                return _Planned(sf, None, sure)
         try:
             plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn)
         except BaseException:

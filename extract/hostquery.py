@@ -17,7 +17,8 @@ slicing, splitting, caps, link types other than Ethernet, compressed pcaps, inde
 postings (versions 1 and 2), damaged or missing indexes, torn pcaps (the engine warns and
 goes on for these), filters without an address on every accepting path, and results beyond
 MAX_PACKETS or MAX_BYTES (held in memory until written). Packets whose record header does not
-agree with the index also hand the query over, since nothing has been written yet.
+agree with the index, another file's index and postings that cannot be read also hand the
+query over, since nothing has been written yet: the engine skips and reports the damage.
 
 The entry point (early.py) starts planning on a thread before click is imported, so that the
 disk reads the index directories and then the packets while the interpreter imports the rest;
@@ -163,6 +164,8 @@ def _lists(sf: StoredFile, req: Request, keys: set[tuple[bytes, int]], nanosecon
     try:
         if p.linktype != 1 or p.nanosecond != nanosecond:
             raise _NotHere
+        if p.count and not p.first_ns // 1000 * 1000 <= sf.first_ns <= p.last_ns:
+            raise _NotHere  # another file's index (select.py's check): the engine scans
         if p.count == 0 or p.last_ns < req.begin_ns or p.first_ns >= req.end_ns:
             p.close()
             return None
@@ -334,7 +337,10 @@ def _take(p: Plan, fp: FilePlan, stats: Stats, kept: list[bytes], list_only: boo
         if list_only and sure and not edge:
             n += 1
             continue
-        data = os.pread(fp.fd, ln, off)
+        try:
+            data = os.pread(fp.fd, ln, off)
+        except OSError:
+            return None  # a damaged posting (offset or length out of range): the engine decides
         stats.packets_read += 1
         stats.bytes_read += len(data)
         if len(data) != ln:

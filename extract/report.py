@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
 
+EXIT_INCOMPLETE = 3  # documented in docs/EXTRACTION.md and npcapextract --help
+
 
 @dataclass
 class Stats:
@@ -25,6 +27,10 @@ class Stats:
     packets_read: int = 0
     bytes_read: int = 0
     packets_matched: int = 0
+    # Records skipped because their stored header disagrees with the index, and files
+    # skipped as unreadable: the result is incomplete (exit status 3).
+    damaged_records: int = 0
+    damaged_files: int = 0
     warnings: list[str] = field(default_factory=list)
     # Counting the files outside the window walks the whole timeline (months of slot
     # directories on a long-lived sensor): only when the count is shown.
@@ -36,6 +42,13 @@ class Stats:
         the service may be newer than this client)."""
         names = {f.name for f in fields(cls)} - {"warnings"}
         return cls(**{k: v for k, v in counts.items() if k in names})
+
+    def exit_status(self, written: int) -> int:
+        """npcapextract's exit status: 3 when damage left packets out (whatever was written,
+        an operator must not take the result for complete), else 0 written, 1 nothing."""
+        if self.damaged_records or self.damaged_files:
+            return EXIT_INCOMPLETE
+        return 0 if written else 1
 
     def count_files(self, ds: DumpSet, considered: int) -> None:
         """Count `considered` files of the window and, when shown, the timeline's others."""
@@ -65,4 +78,6 @@ class Stats:
             f"without index {self.scanned_without_index}; packets read {self.packets_read}, "
             f"matched {self.packets_matched}, written {written}; bytes read {self.bytes_read}, "
             f"bytes out {bytes_out}; elapsed {elapsed:.3f} s"
+            + (f"; skipped as damaged: {self.damaged_records} records, {self.damaged_files} "
+               "files" if self.damaged_records or self.damaged_files else "")
         )

@@ -25,6 +25,7 @@ from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
+from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN
 
 from .access import AccessError, open_dumpset
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
@@ -187,6 +188,11 @@ class Source:
             return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
             idx = summary = loaded.index()
+            if summary.count and not _covers_name(summary, sf):
+                raise PcapVaultError(
+                    f"another file's: its packets span {summary.first_ns}..{summary.last_ns} "
+                    f"ns, this file starts at {sf.first_ns} ns"
+                )
             if summary.count == 0 or summary.last_ns < begin_ns or summary.first_ns >= end_ns:
                 stats.skipped_summary += 1
                 return None
@@ -209,6 +215,7 @@ class Source:
                 size = os.stat(sf.pcap).st_size
             except OSError as e:
                 warn(f"{sf.pcap}: unreadable, skipped ({e.strerror})")
+                stats.damaged_files += 1
                 return None
             if size < idx.pcap_size:
                 warn(
@@ -235,10 +242,18 @@ class Source:
         if not len(sel):
             stats.skipped_summary += 1
             return None
+        rec = idx.offset[sel].astype(np.int64)
+        caplen = idx.caplen[sel].astype(np.int64)
+        ends = rec[:-1] + RECORD_HEADER_LEN + caplen[:-1]
+        if rec[0] < GLOBAL_HEADER_LEN or (rec[1:] < ends).any():
+            # Only a damaged index (checksums recomputed) has them; reading would fail.
+            warn(f"{sf.pcap}: index unusable (entries overlap or lie before the first record); "
+                 "scanning the pcap sequentially")
+            return self._scan(sf, begin_ns, end_ns, stats, warn)
         return Candidates(
             sf,
-            idx.offset[sel].astype(np.int64),
-            idx.caplen[sel].astype(np.int64),
+            rec,
+            caplen,
             idx.wirelen[sel].astype(np.int64),
             ts[sel],
             pdec[sel] == YES,
@@ -256,6 +271,7 @@ class Source:
                 table = r.scan()
         except (PcapVaultError, OSError) as e:
             warn(f"{sf.pcap}: unreadable, skipped ({e})")
+            stats.damaged_files += 1
             return None
         if table.torn:
             warn(
@@ -275,6 +291,12 @@ class Source:
             np.zeros(len(sel), dtype=bool) | self.filter.matches_everything,
             False,
         )
+
+
+def _covers_name(idx: PacketIndex, sf: StoredFile) -> bool:
+    """Whether the index's time span holds the file's first packet, as the file's name gives
+    it (to the microsecond): an index of another file, copied or renamed, has another span."""
+    return idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns
 
 
 __all__ = ["MAYBE", "NO", "YES", "AccessError", "Candidates", "Source", "Stats", "open_dumpset"]

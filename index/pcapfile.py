@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +361,32 @@ def gather_record_headers(arr: np.ndarray, offsets: np.ndarray, big_endian: bool
     )
     raw = items[offsets].view(">u4" if big_endian else "<u4").reshape(-1, 4)
     return raw if not big_endian else raw.astype(np.uint32)
+
+
+def headers_disagree(
+    arr: np.ndarray, at: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray,
+    ts_ns: np.ndarray, header: PcapHeader,
+) -> np.ndarray:
+    """Which records at offsets `at` of `arr` have a header other than the index says.
+
+    Why: output copies the stored header with the index's length of bytes, so a record whose
+    header disagrees (a flipped bit, an index of another file) would make the output
+    unreadable. One gather per batch of records; offsets must leave room for a header."""
+    h = gather_record_headers(arr, at, header.big_endian)
+    if sys.byteorder == "little":
+        # As two uint64 per record: (sec, frac) and (caplen, wirelen) pairs, fewer passes.
+        h = h.view(np.uint64)
+        pair = np.asarray(wirelen, np.int64) << 32
+        pair |= caplen
+        bad = h[:, 1] != pair.view(np.uint64)
+        ts = (h[:, 0] & np.uint64(0xFFFFFFFF)).view(np.int64) * 1_000_000_000
+        frac = (h[:, 0] >> np.uint64(32)).view(np.int64)
+        ts += frac if header.nanosecond else frac * 1000
+    else:
+        bad = (h[:, 2] != caplen) | (h[:, 3] != wirelen)
+        ts = timestamps_ns(h[:, 0], h[:, 1], header.nanosecond)
+    bad |= ts != ts_ns
+    return bad
 
 
 @dataclass

@@ -20,8 +20,16 @@ from . import compressed, timeline
 from .builder import build_index
 from .dumpset import DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
-from .indexfile import read_index, read_postings, write_index
-from .pcapfile import GLOBAL_HEADER_LEN, PcapReader, parse_global_header, scan_records
+from .indexfile import PacketIndex, index_problem, read_index, read_postings, write_index
+from .pcapfile import (
+    GLOBAL_HEADER_LEN,
+    RECORD_HEADER_LEN,
+    PcapReader,
+    headers_disagree,
+    parse_global_header,
+    scan_records,
+)
+from .pcaplayout import record_header
 from .postings import FIRST_POSTINGS_VERSION
 
 
@@ -51,14 +59,33 @@ def lock(ds: DumpSet) -> int:
     return fd
 
 
+def live(ds: DumpSet) -> bool:
+    """Whether a recorder (or a repair) holds the dump set's lock, read from /proc/locks so
+    that asking never takes the lock (a recorder starting meanwhile would fail)."""
+    try:
+        st = os.stat(ds.root / ".lock")
+    except FileNotFoundError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            return any(line.split()[5:6] == [want] for line in f if " FLOCK " in line)
+    except OSError:
+        return False
+
+
 class Repair:
     """Finds and fixes inconsistencies; `dry_run` only reports them."""
 
     def __init__(self, ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
-                 report: Callable[[Action], None] = lambda a: None):
-        """`deep` also decompresses every compressed file to verify its frame checksums."""
+                 report: Callable[[Action], None] = lambda a: None, live: bool = False):
+        """`deep` also reads every pcap to check it against its index and decompresses every
+        compressed file to verify its frame checksums. `live` (a dry run while a recorder
+        holds the lock): the files it is writing, compressing or linking are its own, not
+        leftovers, and are left out."""
         self.ds = ds
         self.deep = deep
+        self.live = live and dry_run
         self.dry_run = dry_run
         self.report = report
         self.actions: list[Action] = []
@@ -71,8 +98,9 @@ class Repair:
             fn()
 
     def run(self) -> list[Action]:
-        self.finish_temp_files()
-        self.remove_partial_files()
+        if not self.live:
+            self.finish_temp_files()
+            self.remove_partial_files()
         for sf in self.ds.files():
             self.check_file(sf)
         self.remove_dangling_links()
@@ -115,21 +143,37 @@ class Repair:
         if compressed.is_compressed(sf.pcap):
             plain = sf.pcap.with_name(sf.pcap.name.removesuffix(compressed.SUFFIX))
             if plain.exists():
+                if self.live:
+                    return  # the recorder is compressing it
                 # Compression was interrupted before the plain file went: that one is whole.
                 self._do("remove", sf.pcap, f"duplicate of {plain.name}, whose compression was "
                          "interrupted", lambda: self.ds.delete(sf))
                 return
+        wrong = None
         try:
             with PcapReader(sf.pcap) as r:
                 size = r.size
             why = _index_problem(sf, size)
+            if why == "missing" and self.live:
+                why = "missing; the recorder may not have indexed it yet"
             if not why and self.deep and compressed.is_compressed(sf.pcap):
                 with compressed.CompressedReader(sf.pcap) as z:
                     z.copy_to(_Discard())
+            if not why and self.deep:
+                why, wrong = _records_disagree(sf)
         except FormatError as e:
             why = f"pcap unreadable: {str(e).removeprefix(str(sf.pcap) + ': ')}"
         if why:
             table = _scan(sf.pcap)
+            if wrong is not None and table is not None and table.torn and not (
+                    compressed.is_compressed(sf.pcap) or _big_endian(sf.pcap)):
+                # The record walk breaks on a damaged header that the index, which covers
+                # the file record for record, still describes: restore the header rather
+                # than cut the file there (every packet after it is whole).
+                self._do("restore record headers", sf.pcap, f"{why}; from the index, which "
+                         "covers every record", lambda: _restore_headers(sf.pcap, *wrong))
+                why = ""
+        if why:
             if compressed.is_compressed(sf.pcap) and (table is None or table.torn):
                 table = self.salvage_compressed(sf)
             if table is None or len(table.ts_ns) == 0:
@@ -223,9 +267,65 @@ def _index_problem(sf: StoredFile, size: int) -> str:
         return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}"
     if idx.pcap_size != size:
         return f"describes {idx.pcap_size} bytes of a {size}-byte pcap"
+    if idx.count and not idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns:
+        return (f"another file's: its packets span {idx.first_ns}..{idx.last_ns} ns, this file "
+                f"starts at {sf.first_ns} ns")
     return ""
 
 
+def _records_disagree(sf: StoredFile) -> tuple[str, tuple | None]:
+    """Whether the index describes this pcap record for record: every entry's header as
+    the index says, the entries following each other from the first record to the end.
+
+    The quick checks (checksum, size, span) miss a flipped bit in a record header or an
+    index that belongs to another file of the same size: extraction would copy such a header
+    with the index's length. Returns (why, None) when the index does not cover the file,
+    (why, (idx, disagreeing entries, nanosecond)) when it covers it but some headers differ,
+    ("", None) when all agree. Reads the whole pcap."""
+    try:
+        idx = read_index(sf.index)
+    except FormatError as e:
+        return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}", None
+    problem = index_problem(idx)
+    if problem:
+        return f"inconsistent: {problem}", None
+    if not idx.count:
+        return "", None
+    off = idx.offset.astype(np.int64)
+    ends = off + RECORD_HEADER_LEN + idx.caplen.astype(np.int64)
+    if off[0] != GLOBAL_HEADER_LEN or (off[1:] != ends[:-1]).any() or ends[-1] != idx.pcap_size:
+        return "its entries do not follow the pcap's records from first to last", None
+    with PcapReader(sf.pcap) as r:
+        bad = np.flatnonzero(headers_disagree(r.array(), off, idx.caplen, idx.wirelen,
+                                              idx.ts_ns, r.header))
+    if not len(bad):
+        return "", None
+    return (f"{len(bad)} record header(s) disagree with the index, first at byte "
+            f"{int(off[bad[0]])}"), (idx, bad, r.header.nanosecond)
+
+
+def _big_endian(path: Path) -> bool:
+    """Whether a pcap stores big-endian headers (restoring writes little-endian ones)."""
+    try:
+        with PcapReader(path) as r:
+            return r.header.big_endian
+    except FormatError:
+        return True
+
+
+def _restore_headers(path: Path, idx: PacketIndex, bad: np.ndarray, nanosecond: bool) -> None:
+    """Write the index's header into each disagreeing record of the pcap."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i in bad.tolist():
+            os.pwrite(fd, record_header(int(idx.ts_ns[i]), int(idx.caplen[i]),
+                                        int(idx.wirelen[i]), nanosecond), int(idx.offset[i]))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def repair(ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
-           report: Callable[[Action], None] = lambda a: None) -> list[Action]:
-    return Repair(ds, dry_run=dry_run, deep=deep, report=report).run()
+           report: Callable[[Action], None] = lambda a: None, live: bool = False
+           ) -> list[Action]:
+    return Repair(ds, dry_run=dry_run, deep=deep, report=report, live=live).run()

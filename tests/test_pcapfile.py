@@ -18,6 +18,7 @@ from pcapvault.index.pcapfile import (
     PcapReader,
     gather_bytes,
     global_header,
+    headers_disagree,
     locate_records,
     parse_global_header,
     pcap_bytes,
@@ -295,3 +296,30 @@ def test_reader_errors(tmp_path: Path, content: bytes | None) -> None:
 def test_reader_on_directory(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="cannot"):
         PcapReader(tmp_path)
+
+
+@pytest.mark.parametrize("order,nanosecond", [("<", True), ("<", False), (">", True)])
+def test_headers_disagree_finds_each_field(order, nanosecond):
+    """Every field of a record header is compared with the index's values, in both byte
+    orders and precisions; only the records that differ are flagged."""
+    magic = MAGIC_NS if nanosecond else MAGIC_US
+    unit = 1 if nanosecond else 1000
+    data = bytearray(struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 262144, 1))
+    at, ts, cap, wire = [], [], [], []
+    for i in range(40):
+        t = T0 // unit * unit + i * 1_000_003 * unit
+        frame = bytes([i]) * (60 + i)
+        at.append(len(data))
+        ts.append(t)
+        cap.append(len(frame))
+        wire.append(len(frame) + (i % 3))
+        sec, frac = divmod(t, 10**9)
+        data += struct.pack(order + "IIII", sec, frac // unit, len(frame), wire[-1]) + frame
+    hdr = parse_global_header(bytes(data[:24]), "x")
+    arr = np.frombuffer(bytes(data), np.uint8)
+    cols = [np.array(c, np.int64) for c in (at, cap, wire, ts)]
+    assert not headers_disagree(arr, *cols, hdr).any()
+    for field, k in ((1, 3), (2, 17), (3, 25)):  # caplen, wirelen, timestamp
+        changed = [c.copy() for c in cols]
+        changed[field][k] += unit if field == 3 else 1
+        assert np.flatnonzero(headers_disagree(arr, *changed, hdr)).tolist() == [k]

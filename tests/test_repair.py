@@ -15,6 +15,7 @@ from test_recorder_capture import synthetic_pcap
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.indexfile import read_index, write_index
 from pcapvault.index.pcapfile import global_header
 from pcapvault.recorder.indexer import index_and_link
 
@@ -102,9 +103,37 @@ def damage_leftover_temp(ds: DumpSet) -> None:
     os.unlink(sf.index)
 
 
+def damage_flipped_record_caplen(ds: DumpSet) -> None:
+    """One bit of one stored record's caplen (the file keeps its size, the index its CRC):
+    extraction would copy that header with the index's length."""
+    sf = ds.files()[1]
+    at = 24 + 20 * (16 + 54)  # record 20: every frame of make_dumpset is 54 bytes
+    with open(sf.pcap, "r+b") as f:
+        f.seek(at + 8)
+        assert struct.unpack("<I", f.read(4))[0] == 54
+        f.seek(at + 8)
+        f.write(struct.pack("<I", 54 ^ 0x400))
+
+
+def damage_foreign_index(ds: DumpSet) -> None:
+    """Another file's index, of a pcap of the same size: its checksum holds."""
+    files = ds.files()
+    files[1].index.write_bytes(files[0].index.read_bytes())
+
+
+def damage_index_disagrees(ds: DumpSet) -> None:
+    """An index entry that says another wire length than its record (checksum recomputed)."""
+    sf = ds.files()[2]
+    idx = read_index(sf.index)
+    idx.wirelen = idx.wirelen.copy()
+    idx.wirelen[5] += 1
+    write_index(sf.index, idx)
+
+
 @pytest.mark.parametrize("damage", [
     damage_truncated_index, damage_flipped_index_byte, damage_deleted_link,
     damage_dangling_link, damage_torn_pcap, damage_leftover_temp,
+    damage_flipped_record_caplen, damage_foreign_index, damage_index_disagrees,
 ])
 def test_damage_is_repaired(tmp_path, damage):
     ds = make_dumpset(tmp_path / "ds")
@@ -123,6 +152,11 @@ def test_damage_is_repaired(tmp_path, damage):
     r2 = repair(tmp_path / "ds")
     assert "nothing to repair" in r2.stdout
     after = all_packets(tmp_path / "ds")
+    if damage is damage_flipped_record_caplen:
+        assert "restore record headers" in r.stdout and "first at byte 1424" in r.stdout
+        assert "truncate" not in r.stdout  # the packets after the damaged header are whole
+    if damage in (damage_foreign_index, damage_index_disagrees):
+        assert "rebuild index" in r.stdout
     if damage is damage_torn_pcap:
         # Only the torn record goes: it was never complete on disk.
         assert len(after) == len(before) - 1 and set(after) <= set(before)
@@ -156,3 +190,25 @@ def test_kill_9_mid_file_then_repair(veth, tmp_path):
                         "-o", str(out)], capture_output=True, text=True)
     assert x.returncode == 0, x.stderr
     assert read_pcap(out) == on_disk
+
+
+def test_dry_run_on_a_live_dump_set(veth, tmp_path):
+    """`npcaprepair -n` while a recorder writes: it sees the lock and says so, and does not
+    call the file being written a leftover to remove or finalise."""
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 300, 200)
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1")
+    try:
+        veth.send([src])
+        time.sleep(0.5)
+        assert DumpSet.open(tmp_path / "ds").temp_files(), "the recorder has a file open"
+        r = repair(tmp_path / "ds", "--dry-run")
+        assert "is live" in r.stdout and ".rec-" not in r.stdout, r.stdout
+        real = subprocess.run([tool("npcaprepair"), str(tmp_path / "ds")], capture_output=True,
+                              text=True, timeout=60)
+        assert real.returncode == 1 and "is writing to" in real.stderr
+    finally:
+        assert rec.stop() == 0
+    # Stopped: the lock is gone, and the dump set is consistent.
+    r = repair(tmp_path / "ds", "--dry-run")
+    assert "is live" not in r.stdout and "nothing to repair" in r.stdout, r.stdout
