@@ -346,10 +346,14 @@ def run_remote(
         for path, n in trailer["files"]:
             click.echo(f"{path}\t{n}" if verbose else path)
     written = int(trailer["packets"])
-    if verbose:
-        from .report import Stats
+    from .report import EXIT_INCOMPLETE, Stats
 
-        counts, elapsed = trailer["stats"], time.monotonic() - t0
+    counts = trailer["stats"]
+    status = Stats.from_counts(counts).exit_status(written)
+    if counts.get("incomplete"):
+        status = EXIT_INCOMPLETE
+    if verbose:
+        elapsed = time.monotonic() - t0
         if "packets_read" in counts:
             line = Stats.from_counts(counts).line(written, trailer["bytes"], elapsed)
         else:  # a restricted member is told only about what they were given
@@ -358,7 +362,7 @@ def run_remote(
         _err(f"through the extraction service as {user}: {line}")
     if trailer.get("error"):
         raise ServiceError(trailer["error"])
-    sys.exit(0 if written else 1)
+    sys.exit(status)
 
 
 def _authenticate(sock: socket.socket, req: wire.Request, from_stdin: bool, user: str

@@ -681,8 +681,9 @@ class Session:
         if allowed is None:
             counts = asdict(stats)
             counts.pop("warnings")
-        else:
-            counts = {"packets_matched": stats.packets_matched}
+        else:  # and whether damage left records out: the exit status must say so
+            counts = {"packets_matched": stats.packets_matched,
+                      "incomplete": bool(stats.damaged_records or stats.damaged_files)}
         body = {
             "packets": out.packets if out else sum(n for _, n in files),
             "bytes": out.bytes if out else 0,

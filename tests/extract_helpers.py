@@ -271,3 +271,25 @@ def corpus_packets(start_ns: int, ethernet_only: bool = False) -> list[Packet]:
             continue
     return packets
 
+
+def records(pcap: Path) -> list[int]:
+    """Offsets of the pcap's records."""
+    data = pcap.read_bytes()
+    out, o = [], 24
+    while o + 16 <= len(data):
+        out.append(o)
+        o += 16 + struct.unpack_from("<I", data, o + 8)[0]
+    return out
+
+
+def flip_caplen(pcap: Path, k: int) -> tuple[int, tuple[int, int, bytes]]:
+    """Flip one bit of record k's captured length (the file keeps its size): its offset and
+    the packet as the oracle reads it."""
+    at = records(pcap)[k]
+    pkt = read_pcap_records(pcap.read_bytes())[k]
+    with open(pcap, "r+b") as f:
+        f.seek(at + 8)
+        cap = struct.unpack("<I", f.read(4))[0]
+        f.seek(at + 8)
+        f.write(struct.pack("<I", cap ^ 0x400))
+    return at, pkt

@@ -8,29 +8,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import (  # noqa: E402
+from extract_helpers import (
     NS,
     SYNTH_START,
     build_dumpset,
     epoch,
+    flip_caplen,
     read_pcap_records,
+    records,
     synthetic_dumpset,
     tcpdump_select,
     tcpdump_window,
 )
 
-from pcapvault.extract import hostquery  # noqa: E402
-from pcapvault.extract.hostquery import Request  # noqa: E402
-from pcapvault.index.indexfile import read_index, write_index  # noqa: E402
+from pcapvault.extract import hostquery
+from pcapvault.extract.hostquery import Request
+from pcapvault.index.indexfile import read_index, write_index
 
 EXE = [sys.executable, "-m", "pcapvault.extract.early"]  # what the npcapextract script runs
 B, E = SYNTH_START, SYNTH_START + 3600 * NS
@@ -45,29 +44,6 @@ def pcaps(root: Path) -> list[Path]:
     """The dump set's pcaps in time order (the stored files, not their timeline links)."""
     return sorted((p for p in root.rglob("*.pcap") if not p.is_symlink()),
                   key=lambda p: p.name)
-
-
-def records(pcap: Path) -> list[int]:
-    """Offsets of the pcap's records."""
-    data = pcap.read_bytes()
-    out, o = [], 24
-    while o + 16 <= len(data):
-        out.append(o)
-        o += 16 + struct.unpack_from("<I", data, o + 8)[0]
-    return out
-
-
-def flip_caplen(pcap: Path, k: int) -> tuple[int, tuple[int, int, bytes]]:
-    """Flip one bit of record k's captured length (the file keeps its size): its offset and
-    the packet as the oracle reads it."""
-    at = records(pcap)[k]
-    pkt = read_pcap_records(pcap.read_bytes())[k]
-    with open(pcap, "r+b") as f:
-        f.seek(at + 8)
-        cap = struct.unpack("<I", f.read(4))[0]
-        f.seek(at + 8)
-        f.write(struct.pack("<I", cap ^ 0x400))
-    return at, pkt
 
 
 def readable(out: bytes | Path) -> list[tuple[int, int, bytes]]:

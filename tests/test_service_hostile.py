@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from extract_helpers import build_dumpset, synthetic_traffic
+from extract_helpers import build_dumpset, flip_caplen, records, synthetic_traffic
 from pamworld import CLIENT, FAIL_DELAY, PAM_MARKS, Service, World, raw_client
 
 pytestmark = PAM_MARKS
@@ -306,3 +306,35 @@ def test_a_client_that_keeps_sending_after_a_bad_header_still_reads_the_error(wo
     assert [x["message"] for x in r["replies"]] == [
         "malformed request: frame type b'G', expected b'Q'"]
     assert last_audit(world, before)["outcome"] == "rejected"
+
+
+@pytest.mark.parametrize("member", ["member", "restricted"])
+def test_a_result_damage_left_incomplete_exits_3_through_the_service(world, hostile, member):
+    """A record whose stored header disagrees with its index is left out, as in a direct
+    extraction, and the client's exit status says the result is incomplete (a restricted
+    member learns that, not how much was read)."""
+    user = getattr(world, member)
+    ds = hostile.allowed / f"damaged-{member}"
+    subprocess.run(["cp", "-a", str(world.dumpset), str(ds)], check=True)
+    try:
+        pcap = sorted(p for p in ds.glob("*/*.pcap"))[0]
+        data = pcap.read_bytes()
+        # A record inside the restriction (IPv4 from or to 10.0.0.0/16), so that both members
+        # would have been given it.
+        k = next(i for i, at in enumerate(records(pcap))
+                 if data[at + 28 : at + 30] == b"\x08\x00"
+                 and b"\x0a\x00" in (data[at + 42 : at + 44], data[at + 46 : at + 48]))
+        flip_caplen(pcap, k)
+        b, e = world.window
+        direct = subprocess.run([*CLIENT, "-t", str(ds), "-b", b, "-e", e, "-O"],
+                                capture_output=True, timeout=60)
+        assert direct.returncode == 3
+        r = user.run([*CLIENT, "-t", str(ds), "-b", b, "-e", e, "-O", "--password-stdin",
+                      "--service-socket", str(hostile.service.socket)],
+                     input=f"{user.password}\n".encode())
+        assert r.returncode == 3, r.stderr
+        assert len(r.stdout) > 1000
+        if member == "member":
+            assert r.stdout == direct.stdout
+    finally:
+        shutil.rmtree(ds)
