@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -212,3 +215,38 @@ def test_dry_run_on_a_live_dump_set(veth, tmp_path):
     # Stopped: the lock is gone, and the dump set is consistent.
     r = repair(tmp_path / "ds", "--dry-run")
     assert "is live" not in r.stdout and "nothing to repair" in r.stdout, r.stdout
+
+
+def test_root_repairs_as_the_dump_sets_owner(request):
+    """What npcaprepair writes (a rebuilt index, links, directories) belongs to the dump set's
+    owner, not to root: the service refuses files of others and the budget could not delete
+    them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    base = Path(tempfile.mkdtemp(prefix="pv-repair-", dir="/tmp"))  # searchable by 65534
+    base.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    ds = make_dumpset(base / "ds")
+    subprocess.run(["chown", "-hR", "65534:65534", str(ds.root)], check=True)
+    sf = ds.files()[1]
+    sf.index.unlink()
+    timeline.unlink(ds.timeline, sf.slot, sf.name)
+    repair(ds.root)
+    assert sf.index.exists()
+    made = [sf.index, *(p for p in ds.timeline.rglob("*") if sf.name in p.name)]
+    assert len(made) == 3  # the index and the two links
+    assert {p.lstat().st_uid for p in made} == {65534}
+
+
+def test_a_dump_set_whose_timeline_is_gone_is_not_called_consistent(tmp_path):
+    ds = make_dumpset(tmp_path / "ds")
+    marker = json.loads((ds.root / ".pcapvault").read_text())
+    marker["timeline"] = str(tmp_path / "nowhere")
+    (ds.root / ".pcapvault").write_text(json.dumps(marker))
+    r = subprocess.run([tool("npcaprepair"), str(ds.root)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (
+        f"npcaprepair: error: {ds.root}: its timeline {tmp_path / 'nowhere'} does not exist; "
+        "start the recorder on it (with -A DIR for a timeline elsewhere) to give it one: the "
+        "start links every file into it\n")

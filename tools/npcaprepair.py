@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from pathlib import Path
 
 import click
 
 from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.errors import DumpSetError
 from pcapvault.index.repair import live, lock, repair
+from pcapvault.recorder.privileges import drop_to
 from pcapvault.tools.cliutil import run
 
 EPILOG = """\b
@@ -22,7 +26,9 @@ pcap record for record (another file's, or entries whose headers differ), restor
 header the index proves damaged (the records after it are whole), fixes timeline links and
 removes empty directories. A second run finds nothing to do. The recorder runs the same
 repair on start (quick: without reading the pcaps). A dry run on a dump set a recorder is
-writing says so and leaves the recorder's files in progress out.
+writing says so and leaves the recorder's files in progress out. Run as root on a dump set
+that belongs to another account (the recorder's -u), it becomes that account first, so that
+what it writes belongs to the dump set's owner like everything else there.
 """
 
 
@@ -39,6 +45,13 @@ writing says so and leaves the recorder's files in progress out.
 def command(dumpset: Path, dry_run: bool, quick: bool, quiet: bool) -> None:
     """Repair the dump set DUMPSET (or the one of a timeline directory)."""
     ds = DumpSet.open(dumpset)
+    become_owner(ds)
+    problem = ds.timeline_problem()
+    if problem:
+        raise DumpSetError(
+            f"{ds.root}: {problem}; start the recorder on it (with -A DIR for a timeline "
+            "elsewhere) to give it one: the start links every file into it"
+        )
     recording = False
     if not dry_run:
         lock(ds)
@@ -57,6 +70,20 @@ def command(dumpset: Path, dry_run: bool, quick: bool, quiet: bool) -> None:
         click.echo(f"{len(actions)} change(s) {'needed' if dry_run else 'made'} in {ds.root}")
     else:
         click.echo(f"{ds.root} is consistent; nothing to repair")
+
+
+def become_owner(ds: DumpSet) -> None:
+    """Root repairs as the dump set's owner: indexes, links and directories it made as root
+    would be refused by the extraction service and could not be deleted by the budget."""
+    owner = ds.root.stat().st_uid
+    if os.geteuid() != 0 or owner == 0:
+        return
+    try:
+        pw = pwd.getpwuid(owner)
+    except KeyError:
+        raise DumpSetError(f"{ds.root} belongs to uid {owner}, which has no account; chown it "
+                           "to the recorder's account first") from None
+    drop_to(pw)
 
 
 def main() -> None:
