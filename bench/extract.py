@@ -324,7 +324,7 @@ def main() -> None:
     files = [sf.pcap for sf in ds.files()]
     total = sum(f.stat().st_size for f in files)
     cold = drop_caches()
-    exe = [sys.executable, "-m", "pcapvault.extract.early"]  # what `npcapextract` runs
+    exe = [sys.executable, "-m", "pcapvault.extract"]  # what `npcapextract` runs
     b = HOUR_START + 1510  # 13:25:10 .. 13:35:10 UTC: starts and ends inside files
     e = b + 600
     h0, h1 = str(HOUR_START), str(HOUR_START + 3600)

@@ -6,12 +6,16 @@ import functools
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from pcapvault.index.errors import PcapVaultError
 
-from .early import SOCKET
+from . import prestart
+
+if TYPE_CHECKING:
+    from .hostquery import Plan, Request
 
 EPILOG = """\b
 Examples:
@@ -136,7 +140,7 @@ def _permission_remedy(command: Callable[..., int]) -> Callable[..., int]:
               "when a dump set is not readable).")
 @click.option("--password-stdin", is_flag=True,
               help="Read the service password from the first line of stdin (for scripts).")
-@click.option("--service-socket", default=SOCKET, metavar="PATH",
+@click.option("--service-socket", default=prestart.SOCKET, metavar="PATH",
               show_default=True, help="The extraction service's socket.")
 @_permission_remedy
 def cli(
@@ -183,8 +187,9 @@ def cli(
             list_only=list_only, empty=empty,
             max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
         )
+    from pcapvault.index.times import parse_window
+
     from .hints import warm_indexes
-    from .times import parse_window
 
     t0 = time.monotonic()
     if not dumpsets:
@@ -256,9 +261,9 @@ def cli(
 def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
                 empty: bool, list_only: bool, verbose: bool, t0: float) -> int | None:
     """The query answered by hostquery.py without numpy, or None for the engine."""
-    from .hostquery import Request, run, take
+    from .hostquery import Request, run
 
-    plan = take(Request(dumpset, b_ns, e_ns, expr))
+    plan = take_plan(Request(dumpset, b_ns, e_ns, expr))
     if plan is None:
         return None
     if verbose:
@@ -273,9 +278,23 @@ def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | Non
     return res.stats.exit_status(res.written)
 
 
+def take_plan(req: Request) -> Plan | None:
+    """The plan prestart.plan_ahead made, if it was made for `req`, else a plan made now."""
+    from .hostquery import plan
+
+    ahead = prestart.planned_ahead()
+    if ahead is not None:
+        areq, p = ahead
+        if areq == req:
+            return p
+        if p is not None:
+            p.close()
+    return plan(req)
+
+
 def _configured_dumpsets() -> tuple[str, ...]:
     """Without -t an analyst on the sensor means its own recorders' dump sets."""
-    from pcapvault.tools.config import config_dir, default_dumpsets
+    from pcapvault.index.config import config_dir, default_dumpsets
 
     found = tuple(str(p) for p in default_dumpsets())
     if not found:
@@ -293,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     time, dump set, permission), 3 incomplete (damage skipped). A reader that closes our
     stdout ends the run quietly.
     """
-    from pcapvault.tools.cliutil import run
+    from pcapvault.index.cliutil import run
 
     from .heap import keep_freed_memory
 

@@ -30,7 +30,7 @@ import click
 
 from pcapvault.index.errors import PcapVaultError
 
-from . import early, wire
+from . import prestart, wire
 
 COPY_BUFFER = 4 << 20
 PIPE_SIZE = 1 << 20  # the default pipe-max-size
@@ -64,7 +64,7 @@ def service_targets(dumpsets: tuple[str, ...], forced: bool) -> tuple[str, ...]:
 
     Without -t these are the sensor's configured dump sets, as for a direct extraction."""
     if not dumpsets:
-        from pcapvault.tools.config import default_dumpsets
+        from pcapvault.index.config import default_dumpsets
 
         dumpsets = tuple(str(p) for p in default_dumpsets())
         if not dumpsets:
@@ -75,9 +75,9 @@ def service_targets(dumpsets: tuple[str, ...], forced: bool) -> tuple[str, ...]:
 
 
 def connect(path: str, automatic: bool, dumpsets: tuple[str, ...]) -> socket.socket:
-    """Connect (or take the connection early.py made), and make sure the listener is root's
+    """Connect (or take the connection prestart.py made), and make sure the listener is root's
     (systemd's) before sending a password."""
-    sock = early.take(path)
+    sock = prestart.take(path)
     if sock is None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -314,7 +314,7 @@ def run_remote(
 
     `output` is already resolved by the command line (-O folded into `-o -`).
     """
-    from .times import parse_window
+    from pcapvault.index.times import parse_window
 
     t0 = time.monotonic()
     if (split_bytes or split_packets) and output == "-":

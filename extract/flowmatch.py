@@ -37,8 +37,7 @@ import itertools
 
 import numpy as np
 
-from pcapvault.index import builder, indexfile
-from pcapvault.index import libpcap as lp
+from pcapvault.index import bpf, builder, indexfile
 from pcapvault.index.libpcap import Filter
 
 NO, YES, MAYBE = 0, 1, 2
@@ -352,8 +351,8 @@ class _AbstractBpf:
         Am = np.zeros(n, U32)
         Xv = np.zeros(n, U32)
         Xm = np.zeros(n, U32)
-        Mv = np.zeros((lp.BPF_MEMWORDS, n), U32)
-        Mm = np.zeros((lp.BPF_MEMWORDS, n), U32)
+        Mv = np.zeros((bpf.BPF_MEMWORDS, n), U32)
+        Mm = np.zeros((bpf.BPF_MEMWORDS, n), U32)
         pending: list[list[np.ndarray]] = [[] for _ in range(nins + 1)]
         pending[0].append(np.arange(n))
         for pc in range(nins):
@@ -366,35 +365,35 @@ class _AbstractBpf:
             code, k = self.code[pc], self.k[pc]
             cls = code & 7
             nxt = pc + 1
-            if cls == lp.BPF_RET:
+            if cls == bpf.BPF_RET:
                 rv = code & 0x18
-                if rv == lp.BPF_K:
+                if rv == bpf.BPF_K:
                     res[idx] = YES if k else NO
                 else:
-                    v, m = (Av[idx], Am[idx]) if rv == lp.BPF_A else (Xv[idx], Xm[idx])
+                    v, m = (Av[idx], Am[idx]) if rv == bpf.BPF_A else (Xv[idx], Xm[idx])
                     res[idx] = np.where(v != 0, YES, np.where((v | m) == 0, NO, MAYBE))
                 continue
-            if cls == lp.BPF_JMP:
+            if cls == bpf.BPF_JMP:
                 op = code & 0xF0
-                if op == lp.BPF_JA:
+                if op == bpf.BPF_JA:
                     if nxt + k < nins:
                         pending[nxt + k].append(idx)
                     continue  # a loop (protochain) wraps k backwards: undetermined
                 av, am = Av[idx], Am[idx]
-                if code & lp.BPF_X:
+                if code & bpf.BPF_X:
                     bv, bm = Xv[idx], Xm[idx]
                 else:
                     bv, bm = np.full(len(idx), k, U32), np.zeros(len(idx), U32)
-                if op == lp.BPF_JEQ:
+                if op == bpf.BPF_JEQ:
                     t = (am == 0) & (bm == 0) & (av == bv)
                     f = ((av ^ bv) & ~(am | bm)) != 0
-                elif op == lp.BPF_JGT:
+                elif op == bpf.BPF_JGT:
                     t = av > (bv | bm)
                     f = (av | am) <= bv
-                elif op == lp.BPF_JGE:
+                elif op == bpf.BPF_JGE:
                     t = av >= (bv | bm)
                     f = (av | am) < bv
-                elif op == lp.BPF_JSET:
+                elif op == bpf.BPF_JSET:
                     v, m = _t_and(av, am, bv, bm)
                     t = v != 0
                     f = (v | m) == 0
@@ -403,22 +402,22 @@ class _AbstractBpf:
                 pending[nxt + self.jt[pc]].append(idx[t])
                 pending[nxt + self.jf[pc]].append(idx[f])
                 continue  # neither t nor f: MAYBE
-            if cls in (lp.BPF_LD, lp.BPF_LDX):
+            if cls in (bpf.BPF_LD, bpf.BPF_LDX):
                 mode = code & 0xE0
-                size = {lp.BPF_W: 4, lp.BPF_H: 2, lp.BPF_B: 1}.get(code & 0x18, 0)
-                tv, tm = (Av, Am) if cls == lp.BPF_LD else (Xv, Xm)
-                if mode == lp.BPF_IMM:
+                size = {bpf.BPF_W: 4, bpf.BPF_H: 2, bpf.BPF_B: 1}.get(code & 0x18, 0)
+                tv, tm = (Av, Am) if cls == bpf.BPF_LD else (Xv, Xm)
+                if mode == bpf.BPF_IMM:
                     tv[idx], tm[idx] = k, 0
-                elif mode == lp.BPF_LEN:
+                elif mode == bpf.BPF_LEN:
                     tv[idx], tm[idx] = 0, FULL
-                elif mode == lp.BPF_MEM:
+                elif mode == bpf.BPF_MEM:
                     tv[idx], tm[idx] = Mv[k][idx], Mm[k][idx]
-                elif mode in (lp.BPF_ABS, lp.BPF_IND, lp.BPF_MSH):
-                    if mode == lp.BPF_MSH:
+                elif mode in (bpf.BPF_ABS, bpf.BPF_IND, bpf.BPF_MSH):
+                    if mode == bpf.BPF_MSH:
                         size = 1
                     if not size:
                         continue
-                    if mode == lp.BPF_IND:
+                    if mode == bpf.BPF_IND:
                         okx = Xm[idx] == 0  # an unknown index: undetermined
                         idx = idx[okx]
                         off = Xv[idx].astype(np.int64) + k
@@ -434,23 +433,23 @@ class _AbstractBpf:
                     for b in range(size):
                         v = (v << 8) | V[idx, off + b]
                         m = (m << 8) | Um[idx, off + b]
-                    if mode == lp.BPF_MSH:
+                    if mode == bpf.BPF_MSH:
                         v, m = (v & 0xF) << 2, (m & 0xF) << 2
                     tv[idx], tm[idx] = v, m
                 else:
                     continue
                 pending[nxt].append(idx)
                 continue
-            if cls == lp.BPF_ST:
+            if cls == bpf.BPF_ST:
                 Mv[k][idx], Mm[k][idx] = Av[idx], Am[idx]
-            elif cls == lp.BPF_STX:
+            elif cls == bpf.BPF_STX:
                 Mv[k][idx], Mm[k][idx] = Xv[idx], Xm[idx]
-            elif cls == lp.BPF_MISC:
-                if code & 0xF8 == lp.BPF_TXA:
+            elif cls == bpf.BPF_MISC:
+                if code & 0xF8 == bpf.BPF_TXA:
                     Av[idx], Am[idx] = Xv[idx], Xm[idx]
                 else:
                     Xv[idx], Xm[idx] = Av[idx], Am[idx]
-            elif cls == lp.BPF_ALU:
+            elif cls == bpf.BPF_ALU:
                 idx = self._alu(code, k, idx, Av, Am, Xv, Xm, res)
             else:
                 continue
@@ -461,17 +460,17 @@ class _AbstractBpf:
     def _alu(code, k, idx, Av, Am, Xv, Xm, res):
         op = code & 0xF0
         av, am = Av[idx], Am[idx]
-        if op == lp.BPF_NEG:
+        if op == bpf.BPF_NEG:
             known = am == 0
             Av[idx] = np.where(known, U32(0) - av, 0)
             Am[idx] = np.where(known, 0, FULL)
             return idx
-        if code & lp.BPF_X:
+        if code & bpf.BPF_X:
             bv, bm = Xv[idx], Xm[idx]
         else:
             bv, bm = np.full(len(idx), k, U32), np.zeros(len(idx), U32)
         known = (am == 0) & (bm == 0)
-        if op in (lp.BPF_DIV, lp.BPF_MOD):
+        if op in (bpf.BPF_DIV, bpf.BPF_MOD):
             # A known zero divisor rejects the packet; a possibly zero one is undetermined.
             zero = (bm == 0) & (bv == 0)
             res[idx[zero]] = NO
@@ -480,24 +479,24 @@ class _AbstractBpf:
             idx, av, am = idx[keep], av[keep], am[keep]
             bv, bm, known = bv[keep], bm[keep], known[keep]
             safe = np.where(bv == 0, U32(1), bv)
-            r = av // safe if op == lp.BPF_DIV else av % safe
+            r = av // safe if op == bpf.BPF_DIV else av % safe
             v, m = np.where(known, r, 0), np.where(known, 0, FULL)
-        elif op == lp.BPF_MUL:
+        elif op == bpf.BPF_MUL:
             v, m = np.where(known, av * bv, 0), np.where(known, 0, FULL)
-        elif op == lp.BPF_ADD:
+        elif op == bpf.BPF_ADD:
             v, m = _t_add(av, am, bv, bm)
-        elif op == lp.BPF_SUB:
+        elif op == bpf.BPF_SUB:
             v, m = _t_sub(av, am, bv, bm)
-        elif op == lp.BPF_AND:
+        elif op == bpf.BPF_AND:
             v, m = _t_and(av, am, bv, bm)
-        elif op == lp.BPF_OR:
+        elif op == bpf.BPF_OR:
             v, m = _t_or(av, am, bv, bm)
-        elif op == lp.BPF_XOR:
+        elif op == bpf.BPF_XOR:
             v, m = _t_xor(av, am, bv, bm)
-        elif op in (lp.BPF_LSH, lp.BPF_RSH):
+        elif op in (bpf.BPF_LSH, bpf.BPF_RSH):
             big = bv >= 32
             sh = np.where(big, 0, bv).astype(U32)
-            if op == lp.BPF_LSH:
+            if op == bpf.BPF_LSH:
                 v, m = av << sh, am << sh
             else:
                 v, m = av >> sh, am >> sh

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pcapvault.index.libpcap import (
+from pcapvault.index.bpf import (
     BPF_ABS,
     BPF_ALU,
     BPF_B,

@@ -20,9 +20,9 @@ MAX_PACKETS or MAX_BYTES (held in memory until written). Packets whose record he
 agree with the index, another file's index and postings that cannot be read also hand the
 query over, since nothing has been written yet: the engine skips and reports the damage.
 
-The entry point (early.py) starts planning on a thread before click is imported, so that the
-disk reads the index directories and then the packets while the interpreter imports the rest;
-the command takes that plan (`take`) if the request it parsed is the same.
+The entry point (prestart.py) starts planning on a thread before click is imported, so that
+the disk reads the index directories and then the packets while the interpreter imports the
+rest; the command (cli.py) takes that plan if the request it parsed is the same.
 """
 
 from __future__ import annotations
@@ -356,17 +356,3 @@ def _take(p: Plan, fp: FilePlan, stats: Stats, kept: list[bytes], list_only: boo
         if not list_only:
             kept.append(data)
     return n
-
-
-def take(req: Request) -> Plan | None:
-    """The plan early.plan_ahead made, if it was made for `req`, else a plan made now."""
-    from .early import planned_ahead
-
-    ahead = planned_ahead()
-    if ahead is not None:
-        areq, p = ahead
-        if areq == req:
-            return p
-        if p is not None:
-            p.close()
-    return plan(req)

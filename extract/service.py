@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from pcapvault.index.anchored import AnchoredDumpSet, Held, RefusedPath, hold, identities
+from pcapvault.index.cliutil import exit_now, run
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.tools.cliutil import run
+from pcapvault.index.times import format_time
 
 from . import wire
-from .times import format_time
 
 if TYPE_CHECKING:
     from .framed import ConnectionOutput
@@ -246,7 +246,7 @@ def effective_filter(user_filter: str, allowed: str | None) -> str:
 
 def default_allow() -> tuple[str, ...]:
     """The dump sets of this sensor: /var/lib/pcapvault and the configured ones."""
-    from pcapvault.tools.config import default_dumpsets
+    from pcapvault.index.config import default_dumpsets
 
     return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
 
@@ -255,7 +255,7 @@ def service_uid(account: str) -> int:
     """Whose dump sets are served: the service account's (ours, when started unprivileged)."""
     if os.geteuid() != 0:
         return os.geteuid()
-    from pcapvault.recorder.privileges import lookup
+    from pcapvault.index.privileges import lookup
 
     return lookup(account).pw_uid
 
@@ -264,7 +264,7 @@ def become(account: str) -> None:
     """Become the service account for good: nothing after this runs as root."""
     if os.geteuid() != 0:
         return  # started unprivileged (see docs/SECURITY.md); nothing to give up
-    from pcapvault.recorder.privileges import drop_to, lookup
+    from pcapvault.index.privileges import drop_to, lookup
 
     drop_to(lookup(account))
     try:
@@ -873,18 +873,8 @@ def main() -> None:
     try:
         run(command, PROG, error_code=1)
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    else:
-        code = 0
-    # Out without waiting for threads: a filter compilation past its CPU limit cannot be
-    # stopped any other way, and once the answer and the audit line are out nothing is left.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:
-            pass
-    os._exit(code)
-
+        exit_now(e.code)
+    exit_now(0)
 
 if __name__ == "__main__":
     main()

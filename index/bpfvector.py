@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .libpcap import (
+from .bpf import (
     BPF_A,
     BPF_ABS,
     BPF_ADD,

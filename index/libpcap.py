@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from .bpf import BPF_K, BPF_RET
 from .errors import PcapVaultError
 
 if TYPE_CHECKING:
@@ -37,17 +38,6 @@ if TYPE_CHECKING:
 
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 PCAP_ERRBUF_SIZE = 256
-
-# Classic BPF opcode fields (bpf.h).
-BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
-BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
-BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
-BPF_LSH, BPF_RSH, BPF_NEG, BPF_MOD, BPF_XOR = 0x60, 0x70, 0x80, 0x90, 0xA0
-BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
-BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
-BPF_TAX, BPF_TXA = 0x00, 0x80
-BPF_MEMWORDS = 16
 
 _INSN = struct.Struct("=HBBI")  # struct bpf_insn, host byte order
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pcapvault.index import timeline
+from pcapvault.index import privileges, timeline
 from pcapvault.index.dumpset import DumpSet, refuse_nested
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
-from . import privileges
 from .budget import DiskBudget, Limit
 from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
+from pcapvault.index.cliutil import EXIT_USAGE, fail, run
+from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.tools.cliutil import EXIT_USAGE, fail, run
-from pcapvault.tools.config import expand_config_args
 
 from .budget import BudgetError, parse_limit, parse_size
 
@@ -64,7 +64,7 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
 
 
 def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from .privileges import parse_mode
+    from pcapvault.index.privileges import parse_mode
 
     try:
         return parse_mode(value, param.opts[0])

@@ -40,7 +40,7 @@ FAIL_DELAY = 0.5
 # by protocol, so that their union is wider than either.
 NET_FILTER = "net 10.0.0.0/16"
 UDP_FILTER = "udp"
-CLIENT = [sys.executable, "-m", "pcapvault.extract.early"]  # the console script's entry
+CLIENT = [sys.executable, "-m", "pcapvault.extract"]  # the console script's entry
 
 PAM_MARKS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates users and PAM files: needs root"),

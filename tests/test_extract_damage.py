@@ -31,7 +31,7 @@ from pcapvault.extract import hostquery
 from pcapvault.extract.hostquery import Request
 from pcapvault.index.indexfile import read_index, write_index
 
-EXE = [sys.executable, "-m", "pcapvault.extract.early"]  # what the npcapextract script runs
+EXE = [sys.executable, "-m", "pcapvault.extract"]  # what the npcapextract script runs
 B, E = SYNTH_START, SYNTH_START + 3600 * NS
 
 

@@ -28,8 +28,8 @@ from extract_helpers import (
 )
 from test_indexfile import as_version
 
-from pcapvault.extract import early, hostkeys, hostquery
-from pcapvault.extract.cli import main
+from pcapvault.extract import hostkeys, hostquery, prestart
+from pcapvault.extract.cli import main, take_plan
 from pcapvault.extract.hostquery import Request
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
@@ -268,22 +268,22 @@ def test_plan_made_ahead_is_the_one_used(synth, tmp_path):
     it parses the same request, and plans itself otherwise."""
     root, _ = synth
     b, e = epoch(START), epoch(START + 3600 * NS)
-    early.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", "-O"])
+    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", "-O"])
     req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
-    ahead = early._ahead[1]
-    got = hostquery.take(req)
+    ahead = prestart._ahead[1]
+    got = take_plan(req)
     assert got is not None and ahead and got is ahead[0][1]
     got.close()
-    early.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.4"])
-    other = hostquery.take(req)  # not the request planned ahead: planned now
+    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.4"])
+    other = take_plan(req)  # not the request planned ahead: planned now
     assert other is not None and other.files
     other.close()
 
 
 def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
-    """The installed command's entry point (early.main) with -O, read by tcpdump -r -."""
+    """The installed command's entry point (extract/__main__.py) with -O, read by tcpdump -r -."""
     root, files = synth
-    cmd = [sys.executable, "-c", "from pcapvault.extract.early import main; main()",
+    cmd = [sys.executable, "-c", "from pcapvault.extract.__main__ import main; main()",
            "-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
            "-f", "src host 10.0.1.3", "-O"]
     ours = subprocess.run(cmd, capture_output=True, check=True).stdout
@@ -297,7 +297,7 @@ def test_entry_point_exit_statuses(synth, tmp_path):
     """The entry point leaves without the interpreter's teardown: statuses, messages and
     output files must still be those of the command."""
     root, files = synth
-    base = [sys.executable, "-c", "from pcapvault.extract.early import main; main()",
+    base = [sys.executable, "-c", "from pcapvault.extract.__main__ import main; main()",
             "-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS)]
     out = tmp_path / "o.pcap"
     ok = subprocess.run([*base, "-f", "host 10.0.0.2", "-o", str(out), "-v"],
@@ -323,7 +323,7 @@ def test_closed_pipe_ends_quietly(tmp_path):
     root = tmp_path / "ds"
     build_dumpset(root, [(START + i * 1000, frame, len(frame)) for i in range(2000)],
                   per_file=500)
-    cmd = (f"{sys.executable} -c 'from pcapvault.extract.early import main; main()' "
+    cmd = (f"{sys.executable} -c 'from pcapvault.extract.__main__ import main; main()' "
            f"-t {root} -b {epoch(START)} -e {epoch(START + 3600 * NS)} -f 'host 10.9.0.1' -O")
     whole = subprocess.run(["bash", "-c", cmd + " | wc -c"], capture_output=True, text=True)
     assert int(whole.stdout) > 2_000_000

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from recorderproc import tool
 
+from pcapvault.index.config import ConfigError, default_dumpsets, read_option_file
 from pcapvault.recorder.cli import command
-from pcapvault.tools.config import ConfigError, default_dumpsets, read_option_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"

@@ -40,7 +40,7 @@ from pamworld import (
     service_entry,
 )
 
-from pcapvault.extract import early, wire
+from pcapvault.extract import prestart, wire
 
 pytestmark = PAM_MARKS
 
@@ -556,7 +556,7 @@ def test_entry_point_outside_socket_activation_fails_in_one_line():
 def test_units_and_setup_ship_the_service():
     socket_unit = (ROOT / "systemd" / "npcapextract.socket").read_text()
     service_unit = (ROOT / "systemd" / "npcapextract@.service").read_text()
-    assert "Accept=yes" in socket_unit and f"ListenStream={early.SOCKET}" in socket_unit
+    assert "Accept=yes" in socket_unit and f"ListenStream={prestart.SOCKET}" in socket_unit
     assert "ExecStart=/usr/local/bin/npcapextractd" in service_unit
     setup = (ROOT / "setup.sh").read_text()
     # Every unit of systemd/ is installed; the socket is enabled, the PAM file installed and

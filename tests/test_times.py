@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic  # noqa: E402
 
-from pcapvault.extract.times import TimeError, parse_time  # noqa: E402
+from pcapvault.index.times import TimeError, parse_time  # noqa: E402
 
 EXE = [sys.executable, "-m", "pcapvault.extract.cli"]
 BERLIN = {**os.environ, "TZ": "Europe/Berlin"}
@@ -92,7 +92,7 @@ def test_a_time_in_the_spring_gap_is_refused_naming_both_meanings(berlin, begin,
 
 
 def parse_in_berlin(text: str) -> int:
-    r = subprocess.run([sys.executable, "-c", "import sys; from pcapvault.extract.times import "
+    r = subprocess.run([sys.executable, "-c", "import sys; from pcapvault.index.times import "
                         "parse_time; print(parse_time(sys.argv[1]))", text],
                        capture_output=True, text=True, env=BERLIN, check=True)
     return int(r.stdout)

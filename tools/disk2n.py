@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from pcapvault.index.cliutil import run
+from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.tools.cliutil import run
-from pcapvault.tools.config import expand_config_args
 
 if TYPE_CHECKING:
     from .replay_engine import Counters, Replayer
@@ -219,7 +219,7 @@ def _source(dumpsets: tuple[str, ...], begin: str | None, end: str | None, expr:
     if dumpsets:
         if begin is None or end is None:
             raise click.UsageError("a dump set needs a window: -b BEGIN -e END")
-        from pcapvault.extract.times import parse_window
+        from pcapvault.index.times import parse_window
 
         b_ns, e_ns = parse_window(begin, end)
         return DumpSetInput(list(dumpsets), b_ns, e_ns, expr, _warn)
@@ -324,17 +324,17 @@ def main() -> None:
     try:
         args = expand_config_args(sys.argv[1:], command)
     except PcapVaultError as e:
-        from pcapvault.tools.cliutil import EXIT_USAGE, fail
+        from pcapvault.index.cliutil import EXIT_USAGE, fail
 
         fail(PROG, str(e), EXIT_USAGE)
-    from pcapvault.extract.early import _exit_now
+    from pcapvault.index.cliutil import exit_now
 
     try:
         run(command, PROG, args=args)
     except SystemExit as e:
         # Skipping the interpreter's teardown (10-20 ms) keeps the exit after SIGTERM well
         # inside 0.1 s; closing the TX ring already takes the kernel about 25 ms.
-        _exit_now(e.code)
+        exit_now(e.code)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
+from pcapvault.index.cliutil import run
 from pcapvault.index.compressed import CompressedReader
 from pcapvault.index.errors import FormatError
 from pcapvault.index.pcapfile import parse_global_header
-from pcapvault.tools.cliutil import run
 
 EPILOG = """\b
 Examples:

@@ -12,9 +12,9 @@ import time
 import click
 
 from pcapvault.index.builder import index_pcap
+from pcapvault.index.cliutil import run
 from pcapvault.index.indexfile import write_index
 from pcapvault.index.pcapfile import PcapReader
-from pcapvault.tools.cliutil import run
 
 PROG = "npcapindex"
 EXIT_BAD_INPUT = 2

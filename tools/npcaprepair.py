@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from pcapvault.index.cliutil import run
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import DumpSetError
+from pcapvault.index.privileges import drop_to
 from pcapvault.index.repair import live, lock, repair
-from pcapvault.recorder.privileges import drop_to
-from pcapvault.tools.cliutil import run
 
 EPILOG = """\b
 Examples:

@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from pcapvault.index.builder import index_records
+from pcapvault.index.cliutil import run
 from pcapvault.index.errors import FormatError
 from pcapvault.index.indexfile import (
     ETHERTYPE_ARP,
@@ -45,7 +46,6 @@ from pcapvault.index.indexfile import (
 )
 from pcapvault.index.pcapfile import PcapReader, scan_records
 from pcapvault.index.postings import NoPostings, Postings
-from pcapvault.tools.cliutil import run
 
 PROG = "npcapprintindex"
 EXIT_PROBLEM = 1

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcapvault.extract.times import format_time
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.times import format_time
 
 from .replay_pace import Pace, Schedule, TimingErrors, wait_until
 from .replay_source import Frames

@@ -1,4 +1,4 @@
-"""npcapextract connects to the extraction service before it imports click (extract/early.py).
+"""npcapextract connects to the extraction service before it imports click (extract/prestart.py).
 
 Real Unix sockets; the clients are fresh interpreters, so what they have imported when they
 connect is what the console script has."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pcapvault.extract import client, early
+from pcapvault.extract import client, prestart
 
 
 class Listener:
@@ -63,9 +63,9 @@ def preconnect_in_fresh_process(args: list[str]) -> list[str]:
     """Run preconnect in a new interpreter, as the console script does: whether it holds a
     connection, and whether click was loaded by then."""
     code = (
-        "import sys; from pcapvault.extract import early; "
-        f"early.preconnect({args!r}); "
-        "print(len(early._held), 'click' in sys.modules)"
+        "import sys; from pcapvault.extract import prestart; "
+        f"prestart.preconnect({args!r}); "
+        "print(len(prestart._held), 'click' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
@@ -106,29 +106,29 @@ def test_no_service_no_connection_no_error(tmp_path):
     ],
 )
 def test_arguments_read_as_click_reads_them(argv, want):
-    assert early._scan(argv) == want
+    assert prestart._scan(argv) == want
 
 
 def test_client_takes_the_early_connection(listener):
     """The client's connect() uses the held connection (no second one), still checks that
     root listens: as root here, it does."""
-    early.preconnect(["--service", "--service-socket", listener.path])
+    prestart.preconnect(["--service", "--service-socket", listener.path])
     sock = client.connect(listener.path, False, ("/x",))
     listener.wait_for(2)  # a second connection would show up here
     try:
         assert len(listener.accepted) == 1
-        assert early.take(listener.path) is None  # taken once
+        assert prestart.take(listener.path) is None  # taken once
         assert sock.getpeername() == listener.path
     finally:
         sock.close()
 
 
 def test_python_m_entry_hands_the_connection_to_the_client(tmp_path):
-    """`python -m pcapvault.extract.early` (as the PAM tests run the client): one connection
+    """`python -m pcapvault.extract` (as the PAM tests run the client): one connection
     for the whole run, not an early one and then the client's own."""
     listener = Listener(tmp_path / "hangup.sock", hang_up=True)
     r = subprocess.run(
-        [sys.executable, "-m", "pcapvault.extract.early", "--service", "--service-socket",
+        [sys.executable, "-m", "pcapvault.extract", "--service", "--service-socket",
          listener.path, "-t", str(tmp_path), "-b", "-1h", "-e", "now", "-o",
          str(tmp_path / "o.pcap"), "--password-stdin"],
         input=b"secret\n", capture_output=True, timeout=30,

@@ -63,3 +63,22 @@ def _quiet_broken_pipe() -> None:
     except OSError:
         pass
     sys.exit(0)
+
+
+def exit_now(code: object) -> None:
+    """Exit without the interpreter's teardown, once stdout and stderr are flushed.
+
+    Undoing the imports of a run takes 10 to 20 ms, a tenth of a host query
+    (docs/BENCHMARKS.md); and threads still blocked in C (a filter compilation past its
+    CPU limit in the extraction service) cannot delay the exit. Callers have closed every
+    file they wrote and registered no atexit work."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    status = 0 if code is None else int(code)  # type: ignore[call-overload]
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a reader that left: the command has already reported how it ended
+    os._exit(status)

@@ -1,27 +1,27 @@
-"""npcapextract's entry point: start what the command will wait for before anything else loads.
+"""What npcapextract starts before it parses its command line, from a quick scan of argv.
 
 Two things can start this early: the connection to the extraction service, when the command
 line shows that the service will be needed, and otherwise the plan of a host query
 (`plan_ahead`, see extract/hostquery.py), whose disk reads then overlap with the imports.
 
 Why connect early: systemd starts a service instance when a client connects, and that instance's own
-interpreter start and imports (about 0.1 s) then overlap with this process importing click,
-parsing its options and checking the dump sets, instead of following them: the fixed cost of
-an extraction through the service (docs/BENCHMARKS.md, "PAM service"). Nothing is sent on the
-early connection: the client (client.py) takes it over once it has parsed and checked
-everything, and checks who is listening before it sends a password. A connection left unused
-(a usage error, a dump set readable after all) closes with the process; the service counts
-that as a client that gave up.
+interpreter start and imports then overlap with this process importing click, parsing its
+options and checking the dump sets, instead of following them (docs/BENCHMARKS.md, "PAM
+service"). Nothing is sent on the early connection: the client (client.py) takes it over once
+it has parsed and checked everything, and checks who is listening before it sends a password.
+A connection left unused (a usage error, a dump set readable after all) closes with the
+process; the service counts that as a client that gave up.
 
 Only `os`, `socket`, `sys` and `threading` are imported here, and the scan of the arguments
 is a best effort: whatever it does not recognise simply means no early connection or plan.
+The command (cli.py) takes what was started (`take`, `planned_ahead`) only for the very
+request it parses itself.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 
 SOCKET = "/run/pcapvault/npcapextract.sock"  # the default of --service-socket
@@ -40,41 +40,6 @@ _held: dict[str, socket.socket] = {}
 _ahead: tuple[threading.Thread, list] | None = None
 
 
-def main() -> None:
-    """The npcapextract command."""
-    preconnect(sys.argv[1:])
-    if not _held:
-        plan_ahead(sys.argv[1:])
-        # Planning is mostly Python and holds the GIL; importing click beside it would only
-        # delay the moment the packets' reads start. Once planned, those reads run in the
-        # kernel (the hints thread waits there) while click imports.
-        _wait_planned()
-    from .cli import main as cli_main
-
-    try:
-        cli_main()
-    except SystemExit as e:
-        _exit_now(e.code)
-    _exit_now(0)
-
-
-def _exit_now(code: object) -> None:
-    """Exit without the interpreter's teardown, once stdout and stderr are flushed: undoing
-    the imports of a run takes 10 to 20 ms, a tenth of a host query (docs/BENCHMARKS.md,
-    "Extraction"). Every file the command wrote is closed by then, and it registers no
-    atexit work."""
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-        code = 1
-    status = 0 if code is None else int(code)  # type: ignore[call-overload]
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # a reader that left: the command has already reported how it ended
-    os._exit(status)
-
-
 def preconnect(argv: list[str]) -> None:
     """Connect to the service now if these arguments will need it (--service, or a dump set
     this user may not read); never fails."""
@@ -90,6 +55,11 @@ def preconnect(argv: list[str]) -> None:
         sock.close()
         return
     _held[path] = sock
+
+
+def connected() -> bool:
+    """Whether preconnect made a connection (then there is no host query to plan)."""
+    return bool(_held)
 
 
 def take(path: str) -> socket.socket | None:
@@ -113,8 +83,9 @@ def plan_ahead(argv: list[str]) -> None:
 
     def work() -> None:
         try:
+            from pcapvault.index.times import parse_window
+
             from .hostquery import Request, plan
-            from .times import parse_window
 
             b, e = parse_window(begin[-1], end[-1])
             req = Request(dumpsets[0], b, e, expr)
@@ -127,7 +98,7 @@ def plan_ahead(argv: list[str]) -> None:
     t.start()
 
 
-def _wait_planned() -> None:
+def wait_planned() -> None:
     if _ahead is not None:
         _ahead[0].join()
 
@@ -170,11 +141,3 @@ def _scan(argv: list[str]) -> dict[str, list[str]]:
         if key:
             out.setdefault(key, []).append(value)
     return out
-
-
-if __name__ == "__main__":
-    # Run as `python -m`, this file is __main__: hand over to the module the client imports,
-    # or the connection would be held where the client does not look.
-    from pcapvault.extract.early import main as canonical_main
-
-    canonical_main()
