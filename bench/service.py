@@ -166,7 +166,7 @@ def main() -> None:
         sock.unlink(missing_ok=True)
         service = subprocess.Popen(
             ["systemd-socket-activate", "--accept", "-l", str(sock),
-             *tool("npcapextractd", "pcapvault.extract.service"),
+             *tool("npcapextractd", "pcapvault.extract.service.server"),
              "-u", svc, "--group", group, "--pam-service", pam_service,
              "--audit-log", str(base / "audit.jsonl"), "--allow", str(ds)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -30,7 +30,8 @@ import os, sys
 def _install():
     import atexit, json, time
     boot = time.perf_counter()
-    from pcapvault.extract import client, direct, engine, shared
+    from pcapvault.extract import direct, engine
+    from pcapvault.extract.service import client, shared
     events = []
 
     def wrap(owner, name, tag):

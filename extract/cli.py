@@ -169,7 +169,7 @@ def cli(
     match, and libpcap confirms every packet, so the result equals tcpdump's selection over
     the same files.
     """
-    from .client import run_remote, service_targets
+    from .service.client import run_remote, service_targets
 
     if stdout:
         if output not in (None, "-"):

@@ -9,10 +9,10 @@ cached. A thread reads the next piece while the current one is matched and writt
 
 A span already in the page cache is still read from it (`cached`).
 
-Reads meant for the buffers shared with the extraction client (shared.py) still go to private
-memory first and are then copied into their slot, on the reading thread. The shared region is
-a memfd in 4 KiB pages, and the block layer cuts a read into it at max_segments pages (1 MiB
-on the benchmark VM's virtio disk); private buffers are large numpy arrays, which numpy backs
+Reads meant for the buffers shared with the extraction client (service/shared.py) still go to
+private memory first and are then copied into their slot, on the reading thread. The shared
+region is a memfd in 4 KiB pages, and the block layer cuts a read into it at max_segments pages
+(1 MiB on the benchmark VM's virtio disk); private buffers are large numpy arrays, which numpy backs
 with transparent huge pages, so the same read goes out in 4 MiB requests. Measured with the
 client writing to a tmpfs meanwhile: the service's reads of 1 GB took 1.1 to 2.1 s of reading
 time straight into the slots and kept the client waiting; through the private buffer the path
@@ -37,7 +37,7 @@ import numpy as np
 from pcapvault.index.errors import PcapVaultError
 
 if TYPE_CHECKING:
-    from .shared import SharedSlots
+    from .output import SharedBuffers
 
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the block size
 
@@ -137,9 +137,9 @@ class Span:
 
 class DirectReader:
     """Aligned O_DIRECT reads on one thread, in submission order, into recycled buffers, or
-    into the buffers shared with the extraction client (shared.py) when asked and free."""
+    into the buffers shared with the extraction client (service/shared.py) when asked and free."""
 
-    def __init__(self, shared: SharedSlots | None = None) -> None:
+    def __init__(self, shared: SharedBuffers | None = None) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._free: list[np.ndarray] = []
         self.shared = shared
@@ -147,7 +147,7 @@ class DirectReader:
 
     def read(self, fd: int, path: Path, start: int, end: int, share: bool = False) -> Span:
         """Start reading file bytes [start, end) (widened to the alignment). `share`: the
-        widened span holds only bytes the client may have (see shared.py)."""
+        widened span holds only bytes the client may have (see service/shared.py)."""
         base = start - start % ALIGN
         stop = -(-end // ALIGN) * ALIGN
         size = stop - base

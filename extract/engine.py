@@ -56,7 +56,7 @@ from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
 from .select import Candidates, Source, Stats, Warn
 
 if TYPE_CHECKING:
-    from .shared import SharedSlots
+    from .output import SharedBuffers
 
 CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
@@ -493,7 +493,7 @@ class _Pipeline:
     """
 
     def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False,
-                 shared: SharedSlots | None = None):
+                 shared: SharedBuffers | None = None):
         self.src, self.q, self.stats, self.warn = src, q, stats, warn
         self.listing = listing
         self.files = src.files(q.begin_ns, q.end_ns, stats)
@@ -579,7 +579,7 @@ class _Pipeline:
 
 def source_batches(
     src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool,
-    takes: TakesFileRuns | None = None, shared: SharedSlots | None = None,
+    takes: TakesFileRuns | None = None, shared: SharedBuffers | None = None,
 ) -> Iterator[Batch]:
     """Every confirmed match of one dump set in the window, in stored order.
 

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -35,8 +35,21 @@ from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 
 from .outfile import IOV_MAX, OutputError, create, is_stream, write_error, writev_all
 
-if TYPE_CHECKING:
-    from .shared import SharedSlots
+
+class SharedBuffers(Protocol):
+    """Buffers a dense chunk may be read into so that the output passes it on by reference
+    (the extraction service's memory shared with its client, service/shared.py): the only
+    hook the engine has for the service."""
+
+    chunk_bytes: int  # the engine cuts shareable plans at this size
+    engine_holds: list[bool]  # per buffer: read into, not yet released
+
+    def acquire(self, size: int) -> tuple[int, np.ndarray] | None: ...
+
+    def free_now(self) -> bool: ...
+
+    def release(self, slot: int) -> None: ...
+
 
 # Mean run length from which a batch goes by sendfile: one call per run must cost less than
 # the copy it saves (about 6 us for 64 KiB here), and writev sends a thousand short runs at once.
@@ -119,7 +132,7 @@ class Pieces:
     """Memory pieces written in order: `iov` is an (n, 2) uint64 array laid out as
     `struct iovec` (address, length); `keep` holds the arrays the addresses point into.
 
-    len() is the byte count, so code that frames each write (extract/framed.py) handles it
+    len() is the byte count, so code that frames each write (extract/service/framed.py) handles it
     like any other buffer."""
 
     def __init__(self, iov: np.ndarray, keep: tuple):
@@ -381,7 +394,7 @@ class Output:
     capture when nothing matches (-0).
     """
 
-    shared: SharedSlots | None = None  # read buffers passed on by reference (framed.py)
+    shared: SharedBuffers | None = None  # read buffers passed on by reference
 
     def __init__(
         self,

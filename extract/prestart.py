@@ -7,12 +7,13 @@ line shows that the service will be needed, and otherwise the plan of a host que
 Why connect early: systemd starts a service instance when a client connects, and that instance's own
 interpreter start and imports then overlap with this process importing click, parsing its
 options and checking the dump sets, instead of following them (docs/BENCHMARKS.md, "PAM
-service"). Nothing is sent on the early connection: the client (client.py) takes it over once
-it has parsed and checked everything, and checks who is listening before it sends a password.
-A connection left unused (a usage error, a dump set readable after all) closes with the
+service"). Nothing is sent on the early connection: the client (service/client.py) takes it
+over once it has parsed and checked everything, and checks who is listening before it sends a
+password. A connection left unused (a usage error, a dump set readable after all) closes with the
 process; the service counts that as a client that gave up.
 
-Only `os`, `socket`, `sys` and `threading` are imported here, and the scan of the arguments
+Only `os`, `socket`, `sys`, `threading` and the service package's socket path are imported
+here, and the scan of the arguments
 is a best effort: whatever it does not recognise simply means no early connection or plan.
 The command (cli.py) takes what was started (`take`, `planned_ahead`) only for the very
 request it parses itself.
@@ -24,7 +25,10 @@ import os
 import socket
 import threading
 
-SOCKET = "/run/pcapvault/npcapextract.sock"  # the default of --service-socket
+from .service import SOCKET  # the default of --service-socket
+
+__all__ = ["SOCKET", "connected", "plan_ahead", "planned_ahead", "preconnect", "take",
+           "wait_planned"]
 
 # Options whose value click takes from the next argument (or the same one: -tDIR, --x=V), as
 # far as this scan needs to tell them apart; a value is never read as an option.

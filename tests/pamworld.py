@@ -31,7 +31,7 @@ from extract_helpers import synthetic_traffic, write_pcap
 from netns import veth_pair
 from recorderproc import BIN, RecorderProc
 
-from pcapvault.extract import wire
+from pcapvault.extract.service import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 PAM_FILE = ROOT / "systemd" / "pam.d" / "npcapextract"
@@ -54,7 +54,7 @@ PAM_MARKS = [
 def service_entry() -> list[str]:
     """The console script npcapextract@.service runs (or its module, in a source tree)."""
     p = BIN / "npcapextractd"
-    return [str(p)] if p.exists() else [sys.executable, "-m", "pcapvault.extract.service"]
+    return [str(p)] if p.exists() else [sys.executable, "-m", "pcapvault.extract.service.server"]
 
 
 def sh(*args: str, input: str | None = None) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pcapvault.extract import client, prestart
+from pcapvault.extract import prestart
+from pcapvault.extract.service import client
 
 
 class Listener:

@@ -26,9 +26,10 @@ from extract_helpers import (
     tcpdump_select,
 )
 
-from pcapvault.extract import engine, output, wire
-from pcapvault.extract.framed import ConnectionOutput
+from pcapvault.extract import engine, output
 from pcapvault.extract.output import Batch, FileRuns, Interface, Output
+from pcapvault.extract.service import wire
+from pcapvault.extract.service.framed import ConnectionOutput
 from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN
 
 START = 1763737200 * NS + 123_456_789

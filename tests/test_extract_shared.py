@@ -1,4 +1,4 @@
-"""Dense spans handed to the extraction client through shared buffers (extract/shared.py).
+"""Dense spans handed to the extraction client through shared buffers (extract/service/shared.py).
 
 The service's engine reads the middle chunks of a dense, unfiltered, contiguous selection with
 O_DIRECT into a sealed memfd that the client maps read-only, and sends references instead of
@@ -26,10 +26,11 @@ from extract_helpers import (
     tcpdump_select,
 )
 
-from pcapvault.extract import client, direct, engine, wire
-from pcapvault.extract.framed import ConnectionOutput
+from pcapvault.extract import direct, engine
 from pcapvault.extract.output import Output
-from pcapvault.extract.shared import SharedSlots
+from pcapvault.extract.service import client, wire
+from pcapvault.extract.service.framed import ConnectionOutput
+from pcapvault.extract.service.shared import SharedSlots
 from pcapvault.index.pcapfile import RECORD_HEADER_LEN, PcapReader
 
 START = 1763737200 * NS + 123_456_789

@@ -40,7 +40,8 @@ from pamworld import (
     service_entry,
 )
 
-from pcapvault.extract import prestart, wire
+from pcapvault.extract import prestart
+from pcapvault.extract.service import wire
 
 pytestmark = PAM_MARKS
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import socket
 
+from ..output import Interface, Output, Pieces, Sink
 from . import wire
-from .output import Interface, Output, Pieces, Sink
 from .shared import SharedSlots
 
 

@@ -32,8 +32,8 @@ from collections import deque
 
 import numpy as np
 
+from ..outfile import ClosedPipe
 from . import wire
-from .outfile import ClosedPipe
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL

@@ -53,8 +53,8 @@ from pcapvault.index.times import format_time
 from . import wire
 
 if TYPE_CHECKING:
+    from ..select import Source, Stats
     from .framed import ConnectionOutput
-    from .select import Source, Stats
 
 T = TypeVar("T")
 PROG = "npcapextractd"
@@ -291,7 +291,8 @@ class Preload(threading.Thread):
             from pcapvault.index import indexfile, pcapfile  # noqa: F401
             from pcapvault.index.libpcap import lib
 
-            from . import engine, flowmatch, framed, output, select  # noqa: F401
+            from .. import engine, flowmatch, output, select  # noqa: F401
+            from . import framed  # noqa: F401
 
             lib()
         except BaseException as e:  # noqa: BLE001 - raised in wait(), where it is reported
@@ -577,11 +578,11 @@ class Session:
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
-        from .engine import Query, extract, list_files
+        from ..engine import Query, extract, list_files
+        from ..outfile import ClosedPipe, OutputError
+        from ..output import Interface
+        from ..select import Stats
         from .framed import ConnectionOutput
-        from .outfile import ClosedPipe, OutputError
-        from .output import Interface
-        from .select import Stats
         from .shared import SharedSlots
 
         try:
@@ -710,7 +711,7 @@ def _open_sources(paths: list[str], sets: list[AnchoredDumpSet], user_filter: st
     read exactly as in a direct extraction."""
     from pcapvault.index.libpcap import FilterError, compile_filter
 
-    from .select import Source
+    from ..select import Source
 
     expr = effective_filter(user_filter, allowed)
     sources = []
@@ -867,7 +868,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Entry point of npcapextract@.service."""
-    from .heap import keep_freed_memory
+    from ..heap import keep_freed_memory
 
     keep_freed_memory()
     try:

@@ -30,7 +30,8 @@ import click
 
 from pcapvault.index.errors import PcapVaultError
 
-from . import prestart, wire
+from .. import prestart
+from . import wire
 
 COPY_BUFFER = 4 << 20
 PIPE_SIZE = 1 << 20  # the default pipe-max-size
@@ -346,7 +347,7 @@ def run_remote(
         for path, n in trailer["files"]:
             click.echo(f"{path}\t{n}" if verbose else path)
     written = int(trailer["packets"])
-    from .report import EXIT_INCOMPLETE, Stats
+    from ..report import EXIT_INCOMPLETE, Stats
 
     counts = trailer["stats"]
     status = Stats.from_counts(counts).exit_status(written)
