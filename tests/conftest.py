@@ -1,5 +1,13 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
+from frames import CORPUS, corpus_files
 from netns import veth_pair
+
+from pcapvault.index.builder import build_index
+from pcapvault.index.indexfile import flows_of_packets
+from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
 
 
 @pytest.fixture
@@ -15,3 +23,20 @@ def world():
 
     with make_world() as w:
         yield w
+
+
+@pytest.fixture(scope="module")
+def combined(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """All corpus packets in one usec pcap, record i stamped i seconds, and their rows."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
+    packets = []
+    for path in corpus_files():
+        data = path.read_bytes()
+        t = scan_records(data, parse_global_header(data, str(path)))
+        for off, cap, wire in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
+                                  strict=True):
+            packets.append((len(packets) * 1_000_000_000, data[off + 16 : off + 16 + cap], wire))
+    p = tmp_path_factory.mktemp("oracle") / "corpus.pcap"
+    p.write_bytes(pcap_bytes(packets, nanosecond=False))
+    return p, flows_of_packets(build_index(p))

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from pcapvault.index.dumpset import DumpSet
+
 BIN = Path(sys.executable).parent
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tcpdump-tests"
 
@@ -64,7 +66,6 @@ class RecorderProc:
 
 def recorded_frames(dumpset: Path) -> list[tuple[int, bytes, int]]:
     """(timestamp ns, frame, wire length) of every packet in the dump set, in file order."""
-    from pcapvault.index.dumpset import DumpSet
 
     out = []
     for sf in DumpSet.open(dumpset).files():
@@ -96,3 +97,43 @@ def read_pcap(path: Path, torn_ok: bool = False) -> list[tuple[int, bytes, int]]
 def read_stats(dumpset: Path) -> dict[str, str]:
     """The recorder's `key: value` stats file."""
     return dict(line.split(": ", 1) for line in (dumpset / "stats").read_text().splitlines())
+
+
+def synthetic_pcap(path: Path, n: int, size: int = 64, vlan: int | None = None) -> None:
+    """UDP frames numbered in their payload, optionally 802.1Q-tagged."""
+    recs = []
+    for i in range(n):
+        eth = bytes.fromhex("020000000002020000000001")
+        if vlan is not None:
+            eth += struct.pack("!HH", 0x8100, vlan)
+        payload = struct.pack("!I", i).ljust(max(0, size - 42), b"\xab")
+        udp = struct.pack("!HHHH", 4000 + i % 7, 5000, 8 + len(payload), 0) + payload
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0,
+                         bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+        frame = eth + b"\x08\x00" + ip + udp
+        recs.append(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame)
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + b"".join(recs))
+
+
+def record(veth, tmp_path: Path, count: int, size: int, *args: str) -> list[bytes]:
+    """Record `count` synthetic frames into tmp_path/ds with `recorder ARGS`; return them."""
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, count, size)
+    rec = RecorderProc(veth, tmp_path / "ds", *args, "--disk-limit", "1GB")
+    sent = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0, rec.stderr
+    return sent
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> str:
+    assert r.returncode != 0
+    if code is not None:
+        assert r.returncode == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("recorder: error: ")
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from recorderproc import RecorderProc, read_pcap, tool
-from test_recorder_capture import synthetic_pcap
-from test_repair import all_packets, assert_clean, make_dumpset, repair
+from dumpsets import all_packets, assert_clean, make_dumpset, repair
+from recorderproc import RecorderProc, read_pcap, synthetic_pcap, tool
 
 from pcapvault.index import compressed
 from pcapvault.index.dumpset import DumpSet

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_repair import BASE_NS, make_dumpset
+from dumpsets import BASE_NS, make_dumpset
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet, file_name, parse_name

@@ -26,7 +26,7 @@ from extract_helpers import (
     tcpdump_select,
     tcpdump_window,
 )
-from test_indexfile import as_version
+from indexes import as_version
 
 from pcapvault.extract import hostkeys, hostquery, prestart
 from pcapvault.extract.cli import main, take_plan

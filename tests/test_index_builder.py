@@ -11,14 +11,23 @@ The vectorised builder is checked three ways:
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import dpkt
 import numpy as np
 import pytest
+from frames import (
+    MAC,
+    corpus_files,
+    eth,
+    ipv4,
+    ipv6,
+    needs_corpus,
+    needs_tcpdump,
+    ports,
+    tcpdump_select,
+)
 
 from pcapvault.index import builder
 from pcapvault.index.builder import (
@@ -47,11 +56,6 @@ from pcapvault.index.indexfile import (
 )
 from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
-needs_corpus = pytest.mark.skipif(
-    not CORPUS.is_dir(), reason=f"tcpdump test corpus not found at {CORPUS}"
-)
-needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not found")
 T0 = 1_700_000_000_000_000_000
 
 
@@ -168,31 +172,6 @@ def _pack(r: dict) -> bytes:
 # Frame construction
 
 
-MAC = bytes.fromhex("020000000001020000000002")
-
-
-def eth(ethertype: int, payload: bytes, tags: tuple[tuple[int, int], ...] = ()) -> bytes:
-    head = MAC
-    for tpid, vid in tags:
-        head += struct.pack(">HH", tpid, vid)
-    return head + struct.pack(">H", ethertype) + payload
-
-
-def ipv4(proto: int, payload: bytes, src: str = "10.0.0.1", dst: str = "192.168.1.2",
-         frag: int = 0, options: bytes = b"") -> bytes:
-    ihl = 5 + len(options) // 4
-    return (
-        struct.pack(">BBHHHBBH", 0x40 | ihl, 0, 20 + len(options) + len(payload), 1, frag, 64,
-                    proto, 0)
-        + address_bytes(src)[12:] + address_bytes(dst)[12:] + options + payload
-    )
-
-
-def ipv6(nh: int, payload: bytes, src: str = "2001:db8::1", dst: str = "2001:db8::2") -> bytes:
-    return (struct.pack(">IHBB", 0x60000000, len(payload), nh, 64) + address_bytes(src)
-            + address_bytes(dst) + payload)
-
-
 def ext(nh: int, body_len8: int = 0) -> bytes:
     """An IPv6 extension header (HBH, routing, dest-opts...) of (body_len8 + 1) * 8 bytes."""
     return struct.pack(">BB", nh, body_len8) + bytes(6 + 8 * body_len8)
@@ -200,10 +179,6 @@ def ext(nh: int, body_len8: int = 0) -> bytes:
 
 def frag6(nh: int, offset: int, more: bool = False) -> bytes:
     return struct.pack(">BBHI", nh, 0, (offset << 3) | int(more), 0x1234)
-
-
-def ports(sport: int, dport: int, rest: int = 16) -> bytes:
-    return struct.pack(">HH", sport, dport) + bytes(rest)
 
 
 def rows_of(frames: list[bytes], linktype: int = 1) -> np.ndarray:
@@ -554,10 +529,6 @@ def test_torn_pcap_indexes_complete_records(tmp_path: Path) -> None:
 # Real-world corpus
 
 
-def corpus_files() -> list[Path]:
-    return sorted(CORPUS.glob("*.pcap"))
-
-
 @needs_corpus
 def test_corpus_never_crashes_and_matches_reference() -> None:
     files = corpus_files()
@@ -670,33 +641,6 @@ ORACLE = {
     "ip[6:2] & 0x1fff != 0": (lambda r: (r["ethertype"] == 0x0800)
                               & (r["flags"] & FLAG_FRAGMENT != 0), None),
 }
-
-
-@pytest.fixture(scope="module")
-def combined(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """All corpus packets in one usec pcap, record i stamped i seconds, and their rows."""
-    if not CORPUS.is_dir():
-        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
-    packets = []
-    for path in corpus_files():
-        data = path.read_bytes()
-        t = scan_records(data, parse_global_header(data, str(path)))
-        for off, cap, wire in zip(t.offset.tolist(), t.caplen.tolist(), t.wirelen.tolist(),
-                                  strict=True):
-            packets.append((len(packets) * 1_000_000_000, data[off + 16 : off + 16 + cap], wire))
-    p = tmp_path_factory.mktemp("oracle") / "corpus.pcap"
-    p.write_bytes(pcap_bytes(packets, nanosecond=False))
-    return p, flows_of_packets(build_index(p))
-
-
-def tcpdump_select(pcap: Path, expr: str) -> np.ndarray:
-    """Record numbers tcpdump selects with `expr` (records are stamped with their number)."""
-    out = subprocess.run(
-        ["tcpdump", "-n", "-r", str(pcap), "-w", "-", expr],
-        capture_output=True, check=True, timeout=60,
-    ).stdout
-    t = scan_records(out, parse_global_header(out, "tcpdump output"))
-    return (t.ts_ns // 1_000_000_000).astype(np.int64)
 
 
 @needs_tcpdump

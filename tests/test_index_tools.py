@@ -25,8 +25,10 @@ from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
 from pcapvault.tools import npcapindex, printindex
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_indexfile import as_version  # noqa: E402
-from test_postings import with_postings  # noqa: E402
+from indexes import (
+    as_version,  # noqa: E402
+    with_postings,  # noqa: E402
+)
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
 T0 = 1_763_737_200_123_456_789

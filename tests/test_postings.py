@@ -9,14 +9,12 @@ import os
 import struct
 import subprocess
 import sys
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_index_builder import (
-    combined,  # noqa: F401 (fixture: the whole corpus in one capture)
+from frames import (
     corpus_files,
     eth,
     ipv4,
@@ -26,7 +24,11 @@ from test_index_builder import (
     ports,
     tcpdump_select,
 )
-from test_indexfile import as_version, sample_index, with_crc
+from indexes import (
+    as_version,
+    sample_index,
+    with_postings,
+)
 
 from pcapvault.index.builder import build_index
 from pcapvault.index.errors import FormatError
@@ -119,15 +121,6 @@ def index_of(tmp_path: Path, frames: list[bytes], linktype: int = 1) -> tuple[Pa
     path = tmp_path / "t.pcap.idx"
     write_index(path, build_index(pcap))
     return pcap, path
-
-
-def with_postings(data: bytes, directory: bytes, keys: int, frames: bytes) -> bytes:
-    """`data` (a version 3 file) with other postings, header fields and checksums made to
-    match them: to reach the checks behind the checksums."""
-    h = parse_header(data, "x")
-    head = bytearray(data[:80])
-    struct.pack_into("<IIII", head, 64, len(directory), keys, len(frames), zlib.crc32(directory))
-    return with_crc(bytes(head) + directory + data[h.summary_offset : h.frames_offset] + frames)
 
 
 def respliced(idx: PacketIndex, change) -> bytes:

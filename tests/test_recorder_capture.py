@@ -6,39 +6,20 @@ import signal
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from recorderproc import CORPUS, RecorderProc, read_pcap, read_stats, recorded_frames, tool
+from recorderproc import (
+    CORPUS,
+    RecorderProc,
+    read_pcap,
+    read_stats,
+    record,
+    recorded_frames,
+    synthetic_pcap,
+    tool,
+)
 
 from pcapvault.index.dumpset import DumpSet
-
-
-def synthetic_pcap(path: Path, n: int, size: int = 64, vlan: int | None = None) -> None:
-    """UDP frames numbered in their payload, optionally 802.1Q-tagged."""
-    recs = []
-    for i in range(n):
-        eth = bytes.fromhex("020000000002020000000001")
-        if vlan is not None:
-            eth += struct.pack("!HH", 0x8100, vlan)
-        payload = struct.pack("!I", i).ljust(max(0, size - 42), b"\xab")
-        udp = struct.pack("!HHHH", 4000 + i % 7, 5000, 8 + len(payload), 0) + payload
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0,
-                         bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
-        frame = eth + b"\x08\x00" + ip + udp
-        recs.append(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame)
-    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + b"".join(recs))
-
-
-def record(veth, tmp_path: Path, count: int, size: int, *args: str) -> list[bytes]:
-    """Record `count` synthetic frames into tmp_path/ds with `recorder ARGS`; return them."""
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, count, size)
-    rec = RecorderProc(veth, tmp_path / "ds", *args, "--disk-limit", "1GB")
-    sent = veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0, rec.stderr
-    return sent
 
 
 def test_frames_come_back_byte_for_byte(veth, tmp_path):

@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from recorderproc import RecorderProc, read_pcap, recorded_frames, tool
-from test_recorder_capture import synthetic_pcap
+from recorderproc import (
+    RecorderProc,
+    one_line_error,
+    read_pcap,
+    recorded_frames,
+    synthetic_pcap,
+    tool,
+)
 
 from pcapvault.index.dumpset import DumpSet
 
@@ -19,19 +25,6 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-
 def run_recorder(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*(prefix or []), tool("recorder"), *args],
                           capture_output=True, text=True, timeout=60)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> str:
-    assert r.returncode != 0
-    if code is not None:
-        assert r.returncode == code, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("recorder: error: ")
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(

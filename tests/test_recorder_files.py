@@ -8,8 +8,14 @@ import threading
 import time
 from pathlib import Path
 
-from recorderproc import RecorderProc, read_pcap, read_stats, recorded_frames
-from test_recorder_capture import record, synthetic_pcap
+from recorderproc import (
+    RecorderProc,
+    read_pcap,
+    read_stats,
+    record,
+    recorded_frames,
+    synthetic_pcap,
+)
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet

@@ -13,9 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from recorderproc import RecorderProc, read_stats, recorded_frames, tool
-from test_recorder_capture import synthetic_pcap
-from test_recorder_errors import one_line_error
+from recorderproc import (
+    RecorderProc,
+    one_line_error,
+    read_stats,
+    recorded_frames,
+    synthetic_pcap,
+    tool,
+)
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
