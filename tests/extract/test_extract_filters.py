@@ -3,28 +3,25 @@ windows, on realistic synthetic traffic and on tcpdump's own test corpus."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from extract_helpers import (
     NS,
     SYNTH_START,
     corpus_dumpset,
     epoch,
     read_pcap_records,
-    synthetic_dumpset,  # noqa: E402
+    synthetic_dumpset,
     tcpdump_window,
 )
 
-from pcapvault.extract.cli import main  # noqa: E402
-from pcapvault.extract.flowmatch import MAYBE, NO, YES, FlowMatcher  # noqa: E402
-from pcapvault.index.indexfile import FLAG_ADDRS, read_index  # noqa: E402
-from pcapvault.index.libpcap import compile_filter  # noqa: E402
-from pcapvault.index.pcapfile import PcapReader  # noqa: E402
+from pcapvault.extract.cli import main
+from pcapvault.extract.flowmatch import MAYBE, NO, YES, FlowMatcher
+from pcapvault.index.indexfile import FLAG_ADDRS, read_index
+from pcapvault.index.libpcap import compile_filter
+from pcapvault.index.pcapfile import PcapReader
 
 START = SYNTH_START
 

@@ -6,10 +6,14 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from frames import CORPUS
+from indexes import (
+    as_version,
+    with_postings,
+)
 
 from pcapvault.index import builder
 from pcapvault.index.builder import build_index
@@ -24,13 +28,6 @@ from pcapvault.index.indexfile import (
 from pcapvault.index.pcapfile import MAGIC_US, pcap_bytes
 from pcapvault.tools import npcapindex, printindex
 
-sys.path.insert(0, str(Path(__file__).parent))
-from indexes import (
-    as_version,  # noqa: E402
-    with_postings,  # noqa: E402
-)
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
 T0 = 1_763_737_200_123_456_789
 
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from extract_helpers import CORPUS, NS, read_pcap_records, synthetic_traffic, write_pcap
 
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import CORPUS, NS, read_pcap_records, synthetic_traffic, write_pcap  # noqa: E402
-
-from pcapvault.index.errors import PcapVaultError  # noqa: E402
-from pcapvault.index.libpcap import FilterError, compile_filter  # noqa: E402
-from pcapvault.index.pcapfile import PcapReader  # noqa: E402
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.libpcap import FilterError, compile_filter
+from pcapvault.index.pcapfile import PcapReader
 
 FILTERS = [
     "", "tcp", "udp", "icmp", "arp", "ip6", "port 80", "host 10.0.1.3", "net 10.1.0.0/16",

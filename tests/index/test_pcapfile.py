@@ -8,6 +8,7 @@ from pathlib import Path
 import dpkt
 import numpy as np
 import pytest
+from frames import CORPUS
 
 from pcapvault.index.errors import FormatError
 from pcapvault.index.pcapfile import (
@@ -27,7 +28,6 @@ from pcapvault.index.pcapfile import (
     walk_offsets,
 )
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/tcpdump-tests"
 T0 = 1_763_737_200_123_456_789
 
 

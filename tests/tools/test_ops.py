@@ -13,7 +13,7 @@ from recorderproc import tool
 from pcapvault.index.config import ConfigError, default_dumpsets, read_option_file
 from pcapvault.recorder.cli import command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 
 

@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic
 
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic  # noqa: E402
-
-from pcapvault.index.times import TimeError, parse_time  # noqa: E402
+from pcapvault.index.times import TimeError, parse_time
 
 START = 1763737200 * NS + 5_000_000
 B, E = str(START // NS - 10), str(START // NS + 7200)

@@ -16,11 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic
 
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic  # noqa: E402
-
-from pcapvault.index.times import TimeError, parse_time  # noqa: E402
+from pcapvault.index.times import TimeError, parse_time
 
 EXE = [sys.executable, "-m", "pcapvault.extract.cli"]
 BERLIN = {**os.environ, "TZ": "Europe/Berlin"}

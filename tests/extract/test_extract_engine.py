@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_helpers import (  # noqa: E402
+from extract_helpers import (
     NS,
     build_dumpset,
     read_pcap_records,
@@ -22,11 +19,11 @@ from extract_helpers import (  # noqa: E402
     tcpdump_select,
 )
 
-from pcapvault.extract import engine, flowmatch, prefetch  # noqa: E402
-from pcapvault.extract.cli import main  # noqa: E402
-from pcapvault.extract.output import Pieces, _writev_pieces  # noqa: E402
-from pcapvault.index.indexfile import read_index  # noqa: E402
-from pcapvault.index.libpcap import Filter, compile_filter  # noqa: E402
+from pcapvault.extract import engine, flowmatch, prefetch
+from pcapvault.extract.cli import main
+from pcapvault.extract.output import Pieces, _writev_pieces
+from pcapvault.index.indexfile import read_index
+from pcapvault.index.libpcap import Filter, compile_filter
 
 START = 1763737200 * NS + 987_654_321
 
