@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -169,6 +170,9 @@ def cli(
     match, and libpcap confirms every packet, so the result equals tcpdump's selection over
     the same files.
     """
+    from pcapvault.index.times import parse_window
+
+    from .request import Request
     from .service.client import run_remote, service_targets
 
     if stdout:
@@ -177,21 +181,17 @@ def cli(
         output = "-"
     if output is None and not list_only:
         raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
+    t0 = time.monotonic()
     remote = service_targets(dumpsets, use_service)
     if remote:  # before the engine's imports: the service has its own
-        run_remote(
-            socket_path=service_socket, password_stdin=password_stdin,
-            automatic=not use_service, dumpsets=remote, begin=begin, end=end, expr=expr,
-            output=output, pcapng=pcapng, snaplen=snaplen,
-            split_bytes=split_mb << 20 if split_mb else None, split_packets=split_packets,
-            list_only=list_only, empty=empty,
-            max_bytes=max_bytes, max_packets=max_packets, verbose=verbose,
-        )
-    from pcapvault.index.times import parse_window
-
+        b_ns, e_ns = parse_window(begin, end)
+        req = Request([os.path.abspath(p) for p in remote], b_ns, e_ns, expr, pcapng, snaplen,
+                      max_bytes, max_packets, split_mb << 20 if split_mb else None,
+                      split_packets, empty, list_only)
+        run_remote(req, socket_path=service_socket, password_stdin=password_stdin,
+                   automatic=not use_service, output=output, verbose=verbose, t0=t0)
     from .hints import warm_indexes
 
-    t0 = time.monotonic()
     if not dumpsets:
         dumpsets = _configured_dumpsets()
     b_ns, e_ns = parse_window(begin, end)

@@ -31,6 +31,7 @@ import click
 from pcapvault.index.errors import PcapVaultError
 
 from .. import prestart
+from ..request import Request
 from . import wire
 
 COPY_BUFFER = 4 << 20
@@ -292,58 +293,22 @@ def _incomplete() -> ServiceError:
 
 
 def run_remote(
-    *,
-    socket_path: str,
-    password_stdin: bool,
-    automatic: bool,
-    dumpsets: tuple[str, ...],
-    begin: str,
-    end: str,
-    expr: str,
-    output: str | None,
-    pcapng: bool,
-    snaplen: int | None,
-    split_bytes: int | None,
-    split_packets: int | None,
-    list_only: bool,
-    empty: bool,
-    max_bytes: int | None,
-    max_packets: int | None,
-    verbose: bool,
+    req: Request, *, socket_path: str, password_stdin: bool, automatic: bool,
+    output: str | None, verbose: bool, t0: float,
 ) -> NoReturn:
     """npcapextract's whole run through the service; exits as npcapextract does.
 
-    `output` is already resolved by the command line (-O folded into `-o -`).
-    """
-    from pcapvault.index.times import parse_window
-
-    t0 = time.monotonic()
-    if (split_bytes or split_packets) and output == "-":
+    `output` is already resolved by the command line (-O folded into `-o -`); `t0` is when
+    the command started, for -v."""
+    if (req.split_bytes or req.split_packets) and output == "-":
         raise ServiceError("-P/-N split the output into files: give -o a directory, not -")
-    b_ns, e_ns = parse_window(begin, end)
     user = pwd.getpwuid(os.getuid()).pw_name
-    sock = connect(socket_path, automatic, dumpsets)
-    req = wire.Request(
-        password="",
-        dumpsets=[os.path.abspath(p) for p in dumpsets],
-        begin_ns=b_ns,
-        end_ns=e_ns,
-        filter=expr,
-        pcapng=pcapng,
-        snaplen=snaplen,
-        max_bytes=max_bytes,
-        max_packets=max_packets,
-        split_bytes=split_bytes,
-        split_packets=split_packets,
-        empty=empty,
-        list_only=list_only,
-        shared_memory=True,
-    )
+    sock = connect(socket_path, automatic, tuple(req.dumpsets))
     with sock:
-        _authenticate(sock, req, password_stdin, user)
+        _authenticate(sock, wire.Asked(req, "", shared_memory=True), password_stdin, user)
         trailer, receiver = _receive(sock, output or "-")
     receiver.close()
-    if list_only:
+    if req.list_only:
         for path, n in trailer["files"]:
             click.echo(f"{path}\t{n}" if verbose else path)
     written = int(trailer["packets"])
@@ -366,21 +331,21 @@ def run_remote(
     sys.exit(status)
 
 
-def _authenticate(sock: socket.socket, req: wire.Request, from_stdin: bool, user: str
+def _authenticate(sock: socket.socket, asked: wire.Asked, from_stdin: bool, user: str
                   ) -> None:
     """Send the request with a password until the service says ok; retry at a terminal."""
     while True:
-        req.password = read_password(from_stdin, user)
-        if len(req.password.encode()) > wire.MAX_PASSWORD:
+        asked.password = read_password(from_stdin, user)
+        if len(asked.password.encode()) > wire.MAX_PASSWORD:
             raise ServiceError(f"the password is longer than {wire.MAX_PASSWORD} bytes")
         try:
-            wire.send(sock, wire.REQUEST, req.encode())
+            wire.send(sock, wire.REQUEST, asked.encode())
             reply = _next_reply(sock)
         except (BrokenPipeError, ConnectionResetError):
             # Not our stdout's reader leaving: the service went away before answering.
             raise ServiceError(NO_ANSWER) from None
         finally:
-            req.password = ""
+            asked.password = ""
         status, message = reply.get("status"), str(reply.get("message", ""))
         if status == "ok":
             return

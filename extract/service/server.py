@@ -50,6 +50,7 @@ from pcapvault.index.cliutil import exit_now, run
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time
 
+from ..request import Request
 from . import wire
 
 if TYPE_CHECKING:
@@ -420,18 +421,19 @@ class Session:
         s = self.settings
         record, started = self.record, self.started
         try:
-            req = self._read_request(deadline)
+            asked = self._read_request(deadline)
         except wire.ProtocolError as e:
             self._audit(record, started, "rejected", str(e))
             self._reply("error", str(e))
             drain(self.conn)
             return False
-        if req is None:
+        if asked is None:
             self.audited = True  # closed without asking: a probe, or a client that gave up
             return False
         # Failures are slowed down from here, not from the connection: a client that waits
         # before it asks must not learn from the answer's speed whether a user exists.
         requested = time.monotonic()
+        req = asked.request
         record.update(_describe(req))
         user = self.peer.user
         if user is None:
@@ -442,7 +444,7 @@ class Session:
             # Now, not earlier: the imports hold the GIL, and PAM releases it. Started any
             # sooner they would only slow down the way to this call.
             self.preload = Preload()
-        ok, why = authenticate(user, req.password, s.pam_service)
+        ok, why = authenticate(user, asked.password, s.pam_service)
         if not ok:
             left = s.max_attempts - attempt
             msg = f"authentication failed for {user}"
@@ -463,12 +465,12 @@ class Session:
                       effective_filter=effective_filter(req.filter, allowed))
         self.watch = HangupWatch(self.conn)
         try:
-            self._extract(req, record, started, restrictions, allowed)
+            self._extract(req, asked.shared_memory, record, started, restrictions, allowed)
         finally:
             self.watch.close()  # answered: a client that now hangs up is done with us
         return False
 
-    def _hold(self, req: wire.Request, record: dict, requested: float) -> bool:
+    def _hold(self, req: Request, record: dict, requested: float) -> bool:
         """Open every dump set named, as root, once (see index/anchored.py)."""
         s = self.settings
         try:
@@ -514,7 +516,7 @@ class Session:
             "attempt": attempt,
         }
 
-    def _read_request(self, deadline: float) -> wire.Request | None:
+    def _read_request(self, deadline: float) -> wire.Asked | None:
         try:
             head = wire.recv_header(self.conn, "request", deadline)
             if head is None:
@@ -527,7 +529,7 @@ class Session:
                 raise wire.ProtocolError(
                     f"request too large: {length} bytes (limit {wire.MAX_REQUEST})"
                 )
-            return wire.Request.decode(wire.recv_exact(self.conn, length, "request", deadline))
+            return wire.Asked.decode(wire.recv_exact(self.conn, length, "request", deadline))
         except TimeoutError:
             raise wire.ProtocolError(
                 f"no complete request within {self.settings.timeout:g} s"
@@ -571,7 +573,7 @@ class Session:
             text = named.shown(text)
         return text
 
-    def _extract(self, req: wire.Request, record: dict, started: float,
+    def _extract(self, req: Request, shared_memory: bool, record: dict, started: float,
                  restrictions: tuple[GroupFilter, ...], allowed: str | None) -> None:
         """Stream the result through the engine, as the service account."""
         (self.preload or Preload()).wait()
@@ -639,7 +641,7 @@ class Session:
                     for s in sources
                 ]
                 shared = None
-                if req.shared_memory and len(sources) == 1:
+                if shared_memory and len(sources) == 1:
                     try:
                         shared = SharedSlots(self.conn)
                     except OSError as e:
@@ -734,22 +736,14 @@ def _returned(out: ConnectionOutput | None) -> tuple[int, int]:
     return (out.packets, out.sent) if out else (0, 0)
 
 
-def _describe(req: wire.Request) -> dict:
-    """The request as the audit shows it: everything but the password."""
+def _describe(req: Request) -> dict:
+    """The request as the audit shows it (the password is not part of it)."""
     return {
         "dumpsets": req.dumpsets,
         "begin": format_time(req.begin_ns),
         "end": format_time(req.end_ns),
         "filter": req.filter,
-        "options": {
-            k: v
-            for k, v in (("pcapng", req.pcapng), ("snaplen", req.snaplen),
-                         ("max_bytes", req.max_bytes), ("max_packets", req.max_packets),
-                         ("split_bytes", req.split_bytes),
-                         ("split_packets", req.split_packets), ("list", req.list_only),
-                         ("empty", req.empty))
-            if v
-        },
+        "options": req.chosen_options(),
     }
 
 

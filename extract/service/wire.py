@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 from pcapvault.index.errors import PcapVaultError
 
+from ..request import Request
+
 VERSION = 1
 
 FRAME = struct.Struct("!c3xQ")  # type, 3 reserved bytes, payload length
@@ -46,29 +48,21 @@ class ProtocolError(PcapVaultError):
 
 
 @dataclass
-class Request:
-    """What a client asks for: the same choices as npcapextract's command line."""
+class Asked:
+    """A request as it travels: the analyst's Request, the password, and whether the client
+    takes dense spans through shared buffers."""
 
+    request: Request
     password: str = field(repr=False)
-    dumpsets: list[str]
-    begin_ns: int
-    end_ns: int
-    filter: str = ""
-    pcapng: bool = False
-    snaplen: int | None = None
-    max_bytes: int | None = None
-    max_packets: int | None = None
-    split_bytes: int | None = None
-    split_packets: int | None = None
-    empty: bool = False
-    list_only: bool = False
-    shared_memory: bool = False  # the client takes dense spans through shared buffers
+    shared_memory: bool = False
 
     def encode(self) -> bytes:
-        return json.dumps({"version": VERSION, **asdict(self)}).encode()
+        return json.dumps({"version": VERSION, "password": self.password,
+                           "shared_memory": self.shared_memory,
+                           **asdict(self.request)}).encode()
 
     @classmethod
-    def decode(cls, body: bytes) -> Request:
+    def decode(cls, body: bytes) -> Asked:
         """Parse and check a request; every problem is a ProtocolError naming the field."""
         try:
             obj = json.loads(body.decode("utf-8"))
@@ -93,10 +87,12 @@ class Request:
                     raise ProtocolError(f"malformed request: missing field {name!r}")
                 continue
             values[name] = _check(name, obj[name], kind)
-        req = cls(**values)
+        password = values.pop("password")
+        shared = values.pop("shared_memory", False)
+        req = Request(**values)
         if req.begin_ns > req.end_ns:
             raise ProtocolError("malformed request: begin_ns after end_ns")
-        return req
+        return cls(req, password, shared)
 
 
 # name -> (kind, required); kinds are checked by _check
