@@ -25,7 +25,7 @@ class StatsPathError(PcapVaultError):
 
 
 @dataclass
-class Stats:
+class CaptureStats:
     interface: str
     timeline: str
     packets_received: int = 0
@@ -87,7 +87,7 @@ class StatsFile:
         self.tmp = path.with_name(f".{path.name}.part")
         self.reported: set[str] = set()  # causes of failure already logged
 
-    def check(self, stats: Stats) -> None:
+    def check(self, stats: CaptureStats) -> None:
         """First write, at start: a path that cannot be created at all is refused.
 
         A full disk is no reason to refuse: it may clear, and the budget frees space anyway.
@@ -102,7 +102,7 @@ class StatsFile:
                 ) from None
             self._failed(e)
 
-    def write(self, stats: Stats) -> bool:
+    def write(self, stats: CaptureStats) -> bool:
         """Replace the file; on failure log the cause (the first time) and go on."""
         try:
             self._write(stats)
@@ -115,7 +115,7 @@ class StatsFile:
         """The recorder has already said the disk is full: no second message for the file."""
         self.reported.add("disk full")
 
-    def _write(self, stats: Stats) -> None:
+    def _write(self, stats: CaptureStats) -> None:
         try:
             self.tmp.write_text("".join(f"{k}: {v}\n" for k, v in stats.as_dict().items()))
             os.replace(self.tmp, self.path)
