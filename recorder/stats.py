@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcapvault.index.atomicfile import write_atomic
 from pcapvault.index.errors import PcapVaultError
 
 log = logging.getLogger("pcapvault.recorder")
@@ -84,7 +84,6 @@ class StatsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.part")
         self.reported: set[str] = set()  # causes of failure already logged
 
     def check(self, stats: CaptureStats) -> None:
@@ -116,15 +115,9 @@ class StatsFile:
         self.reported.add("disk full")
 
     def _write(self, stats: CaptureStats) -> None:
-        try:
-            self.tmp.write_text("".join(f"{k}: {v}\n" for k, v in stats.as_dict().items()))
-            os.replace(self.tmp, self.path)
-        except OSError:
-            try:
-                self.tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
+        # No sync: the capture loop writes it, and must not wait for a busy disk.
+        text = "".join(f"{k}: {v}\n" for k, v in stats.as_dict().items())
+        write_atomic(self.path, text.encode(), sync=False)
 
     def _failed(self, e: OSError) -> None:
         cause = "disk full" if e.errno in DISK_FULL else e.strerror or str(e)

@@ -11,6 +11,7 @@ import pytest
 import pyzstd
 
 from pcapvault.index import indexfile
+from pcapvault.index.atomicfile import temp_path
 from pcapvault.index.builder import build_index, index_records
 from pcapvault.index.errors import FormatError
 from pcapvault.index.indexfile import (
@@ -30,7 +31,6 @@ from pcapvault.index.indexfile import (
     matches_address,
     read_index,
     records_problem,
-    temp_path,
     write_index,
 )
 from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records
