@@ -56,7 +56,7 @@ def record_with_stalled_indexer(veth, tmp_path: Path, end_stall: signal.Signals)
     """
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 60000, 1000)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1", "--disk-limit", "40MB",
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1M", "--disk-limit", "40MB",
                        "--stats-interval", "0.2")
     pid = indexer_pid(rec)
     os.kill(pid, signal.SIGSTOP)
@@ -163,7 +163,7 @@ def fill(fs: Path) -> None:
 def test_disk_filled_by_another_process_never_stops_capture(veth, tmp_path, ext4):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 4000, 1000)  # 4 MB, four closed files of 1 MB
-    rec = RecorderProc(veth, ext4 / "ds", "-p", "1", "--disk-limit", "1GB",
+    rec = RecorderProc(veth, ext4 / "ds", "-p", "1M", "--disk-limit", "1GB",
                        "--stats-interval", "0.1")
     first = veth.send([src])
     time.sleep(0.5)
@@ -261,7 +261,7 @@ def test_a_dump_set_inside_a_live_one_or_its_timeline_is_refused(veth, tmp_path)
 def test_disk_full_with_nothing_to_delete_is_one_error_and_no_stats_part(veth, tmp_path, ext4):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 2000, 1000)
-    rec = RecorderProc(veth, ext4 / "ds", "-p", "64", "--disk-limit", "1GB",
+    rec = RecorderProc(veth, ext4 / "ds", "-p", "64M", "--disk-limit", "1GB",
                        "--stats-interval", "0.1")
     veth.send([src])  # all in the file being written: there is no closed file to delete
     time.sleep(0.3)
