@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fsutil import fill, loop_fs
 from recorderproc import RecorderProc, read_stats, recorded_frames, tool
 from test_recorder_capture import synthetic_pcap
 from test_recorder_errors import one_line_error
@@ -141,23 +142,8 @@ def test_uncreatable_stats_file_is_refused_at_start(veth, tmp_path, where):
 @pytest.fixture
 def ext4(tmp_path):
     """A small ext4 filesystem on a loop device, created and removed by the test."""
-    img, mnt = tmp_path / "fs.img", tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "24M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
-    try:
+    with loop_fs(tmp_path, "24M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def fill(fs: Path) -> None:
-    """Another process takes every free block of `fs` (large writes leave a tail free)."""
-    for bs in ("64k", "1k"):
-        subprocess.run(["dd", "if=/dev/zero", f"of={fs / ('filler-' + bs)}", f"bs={bs}"],
-                       capture_output=True)
-    subprocess.run(["sync"], check=True)
 
 
 def test_disk_filled_by_another_process_never_stops_capture(veth, tmp_path, ext4):
