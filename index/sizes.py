@@ -28,6 +28,15 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def human_size(n: int) -> str:
+    """`n` bytes rounded for people, in the same binary units (`12.3 MiB`, which parse_size
+    reads back): a progress line must not say MB for 10**6 where an option says 2**20."""
+    for unit in "TGMK":
+        if n >= UNITS[unit]:
+            return f"{n / UNITS[unit]:.1f} {unit}iB"
+    return f"{n} B"
+
+
 def parse_size(text: str, what: str = "size", minimum: int = 1) -> int:
     """`text` in bytes; below `minimum` is refused, naming the unit a bare number lacks."""
     m = _SIZE.match(text)
