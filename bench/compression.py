@@ -52,7 +52,7 @@ def record_corpus(root: Path, replays: int) -> list[Path]:
     if not files:
         raise SystemExit(f"corpus not found at {CORPUS}")
     with veth_pair() as pair:
-        rec = RecorderProc(pair, root, "-s", "65535", "-p", "64", "--disk-limit", "20GB")
+        rec = RecorderProc(pair, root, "-s", "65535", "-p", "64M", "--disk-limit", "20GB")
         for _ in range(replays):
             pair.send(files)
         time.sleep(0.5)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import BinaryIO
 
+from .atomicfile import atomic_write
 from .errors import FormatError
 
 SUFFIX = ".zst"
@@ -49,29 +50,19 @@ def compress_file(src: Path, dst: Path, level: int = DEFAULT_LEVEL,
     `data`, when given, is `src`'s content already in memory (the recorder's indexer has just
     read it), so the file is not read a second time.
     """
-    tmp = dst.with_name(f".{dst.name}.part")
     pyzstd = _pyzstd()
-    try:
-        with open(tmp, "wb") as raw:
-            if file_mode is not None:
-                os.fchmod(raw.fileno(), file_mode)
-            # Per-frame checksums: a damaged frame is an error, never silently wrong packets.
-            options = {pyzstd.CParameter.compressionLevel: level,
-                       pyzstd.CParameter.checksumFlag: 1}
-            with pyzstd.SeekableZstdFile(raw, "w", level_or_option=options,
-                                         max_frame_content_size=FRAME_SIZE) as z:
-                if data is not None:
-                    z.write(data)
-                else:
-                    with open(src, "rb") as fin:
-                        while chunk := fin.read(_COPY):
-                            z.write(chunk)
-            raw.flush()
-            os.fdatasync(raw.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(dst, mode=file_mode) as raw:
+        # Per-frame checksums: a damaged frame is an error, never silently wrong packets.
+        options = {pyzstd.CParameter.compressionLevel: level,
+                   pyzstd.CParameter.checksumFlag: 1}
+        with pyzstd.SeekableZstdFile(raw, "w", level_or_option=options,
+                                     max_frame_content_size=FRAME_SIZE) as z:
+            if data is not None:
+                z.write(data)
+            else:
+                with open(src, "rb") as fin:
+                    while chunk := fin.read(_COPY):
+                        z.write(chunk)
     return dst.stat().st_size
 
 

@@ -16,10 +16,10 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .atomicfile import write_atomic
 from .errors import FormatError
 from .pcapfile import RECORD_HEADER_LEN, RecordTable
 
@@ -538,26 +538,9 @@ def encode_index(idx: PacketIndex) -> bytes:
     return b"".join((head, directory, summary, packets, frames))
 
 
-def temp_path(path: str | os.PathLike[str]) -> Path:
-    """Where a file is written before being renamed into place (FORMAT.md convention)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.part")
-
-
 def write_index(path: str | os.PathLike[str], idx: PacketIndex) -> None:
     """Write atomically: a reader never sees a half-written index under the final name."""
-    path = Path(path)
-    data = encode_index(idx)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, encode_index(idx))
 
 
 # ---------------------------------------------------------------------------------------------

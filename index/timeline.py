@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .atomicfile import temp_path, write_atomic
 from .errors import DumpSetError
 
 SLOT_SECONDS = 600
@@ -80,9 +81,7 @@ def existing_slots(root: Path, begin_sec: int, end_sec: int) -> Iterator[int]:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Markers are read by other processes at any moment, so they appear whole or not at all."""
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def read_json_marker(path: Path, kind: str, missing: str) -> dict:
@@ -131,11 +130,13 @@ def link(root: Path, slot_sec: int, target: Path) -> Path:
     """Link `target` into its slot under the target's own name, replacing a stale link.
 
     The link is made under a temporary name and renamed, so a reader never sees a half state.
+    A symlink has no content to write or sync, so atomic_write does not apply; the name is
+    its convention's.
     """
     d = slot_dir(root, slot_sec)
     d.mkdir(parents=True, exist_ok=True)
     dest = d / target.name
-    tmp = d / f".{target.name}.part"
+    tmp = temp_path(dest)
     try:
         tmp.unlink()
     except FileNotFoundError:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.sizes import parse_size
 
 log = logging.getLogger("pcapvault.recorder")
 
@@ -26,8 +26,8 @@ INDEX_RESERVE = 0.5
 INDEXER_IN_HAND = 2
 # Directories that exist whatever is deleted: a slot path and a storage directory.
 FIXED_OVERHEAD = 8 * 4096
-UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+# The smallest --disk-limit: under it no dump set works, and a bare number meant as MB is caught.
+MIN_LIMIT = 1 << 20
 
 
 class BudgetError(PcapVaultError):
@@ -48,21 +48,8 @@ class Limit:
         return int(st.f_blocks * st.f_frsize * self.percent / 100)
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """`500MB`, `2GB`, `1.5G`, `4096K`; a bare number is in MB (binary units, like n2disk)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise BudgetError(
-            f"bad {what} {text!r}: give a number with an optional unit, e.g. 500MB, 2GB"
-        )
-    n = int(float(m.group(1)) * UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise BudgetError(f"bad {what} {text!r}: it must be above zero")
-    return n
-
-
 def parse_limit(text: str) -> Limit:
-    """A size (see parse_size) or a percentage of the filesystem, e.g. `80%`."""
+    """A size (index/sizes.py) or a percentage of the filesystem, e.g. `80%`."""
     t = text.strip()
     if t.endswith("%"):
         try:
@@ -74,7 +61,7 @@ def parse_limit(text: str) -> Limit:
                 f"bad --disk-limit {text!r}: a percentage must be above 0% and at most 100%"
             )
         return Limit(text, percent=pct)
-    return Limit(text, bytes=parse_size(t, "--disk-limit"))
+    return Limit(text, bytes=parse_size(t, "--disk-limit", MIN_LIMIT))
 
 
 class DiskBudget:

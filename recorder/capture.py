@@ -26,7 +26,7 @@ from pcapvault.index.repair import repair
 from .budget import DiskBudget, Limit
 from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records
-from .stats import Stats, StatsFile
+from .stats import CaptureStats, StatsFile
 from .writer import DiskFullError, PcapFileWriter
 
 log = logging.getLogger("pcapvault.recorder")
@@ -123,7 +123,7 @@ class Recorder:
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1)
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
-        self.stats = Stats(cfg.interface, str(self.ds.timeline))
+        self.stats = CaptureStats(cfg.interface, str(self.ds.timeline))
         self.stats_file = StatsFile(cfg.stats_file or self.ds.root / "stats")
         self.backlog_reported = False
         self.out: PcapFileWriter | None = None

@@ -13,24 +13,30 @@ import click
 from pcapvault.index.cliutil import EXIT_USAGE, fail, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.sizes import parse_size
 
-from .budget import BudgetError, parse_limit, parse_size
+from .budget import BudgetError, parse_limit
 
 EPILOG = """\b
 Examples:
   recorder -i eth0 --disk-limit 80%
   recorder /etc/pcapvault/recorder-eth0.conf -v   # options from a file, then overrides
-  recorder -i eth0 -o /srv/pcap/eth0 -p 512 -t 300 --disk-limit 2TB -f "not port 22"
+  recorder -i eth0 -o /srv/pcap/eth0 -p 512M -t 300 --disk-limit 2TB -f "not port 22"
   kill -USR1 $(pidof recorder)   # close the current file now, so it can be extracted
 
 The dump set is DIR (default /var/lib/pcapvault/IFACE); its timeline is DIR/timeline.
-Sizes accept K/M/G/T suffixes (binary units); a bare number is MB.
+A SIZE is bytes with an optional unit K/M/G/T (binary: 1K = 1024): 1500, 64K, 256M, 2GB.
+A number without a unit is bytes, as in npcapextract (n2disk's -p 256 is -p 256M here).
 """
 
 
-def _mb(ctx: click.Context, param: click.Parameter, value: str) -> int:
+# The smallest -p: a few packets per file; a smaller one is a size meant in MB (n2disk's -p).
+MIN_FILE = 16 << 10
+
+
+def _file_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
-        return parse_size(value, param.opts[0])
+        return parse_size(value, param.opts[0], MIN_FILE)
     except PcapVaultError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -91,12 +97,13 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
               help="Put the interface in promiscuous mode.")
 @click.option("-f", "--filter", "bpf", default="", callback=_filter,
               help="tcpdump filter, run in the kernel.")
-@click.option("-p", "--max-file-size", default="256", show_default=True, callback=_mb,
-              help="Close a file at this size (MB).")
+@click.option("-p", "--max-file-size", default="256M", show_default=True, callback=_file_size,
+              metavar="SIZE", help="Close a file at this size (e.g. 256M; at least 16K).")
 @click.option("-t", "--max-file-duration", type=click.IntRange(1, 600), default=600,
               show_default=True, help="Close a file after this many seconds.")
 @click.option("--disk-limit", default="80%", show_default=True, callback=_limit,
-              help="Budget for the whole dump set: a size (500MB, 2GB) or % of the filesystem.")
+              metavar="SIZE|N%",
+              help="Budget for the whole dump set: a SIZE (500MB, 2GB) or % of the filesystem.")
 @click.option("--usec", is_flag=True, help="Microsecond timestamps (default: nanosecond).")
 @click.option("-r", "--buffered", is_flag=True,
               help="Buffered writes instead of O_DIRECT (chosen by itself where refused).")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcapvault.index.atomicfile import write_atomic
 from pcapvault.index.errors import PcapVaultError
 
 log = logging.getLogger("pcapvault.recorder")
@@ -25,7 +25,7 @@ class StatsPathError(PcapVaultError):
 
 
 @dataclass
-class Stats:
+class CaptureStats:
     interface: str
     timeline: str
     packets_received: int = 0
@@ -84,10 +84,9 @@ class StatsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.part")
         self.reported: set[str] = set()  # causes of failure already logged
 
-    def check(self, stats: Stats) -> None:
+    def check(self, stats: CaptureStats) -> None:
         """First write, at start: a path that cannot be created at all is refused.
 
         A full disk is no reason to refuse: it may clear, and the budget frees space anyway.
@@ -102,7 +101,7 @@ class StatsFile:
                 ) from None
             self._failed(e)
 
-    def write(self, stats: Stats) -> bool:
+    def write(self, stats: CaptureStats) -> bool:
         """Replace the file; on failure log the cause (the first time) and go on."""
         try:
             self._write(stats)
@@ -115,16 +114,10 @@ class StatsFile:
         """The recorder has already said the disk is full: no second message for the file."""
         self.reported.add("disk full")
 
-    def _write(self, stats: Stats) -> None:
-        try:
-            self.tmp.write_text("".join(f"{k}: {v}\n" for k, v in stats.as_dict().items()))
-            os.replace(self.tmp, self.path)
-        except OSError:
-            try:
-                self.tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
+    def _write(self, stats: CaptureStats) -> None:
+        # No sync: the capture loop writes it, and must not wait for a busy disk.
+        text = "".join(f"{k}: {v}\n" for k, v in stats.as_dict().items())
+        write_atomic(self.path, text.encode(), sync=False)
 
     def _failed(self, e: OSError) -> None:
         cause = "disk full" if e.errno in DISK_FULL else e.strerror or str(e)

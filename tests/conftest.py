@@ -15,7 +15,6 @@ def veth():
     with veth_pair() as pair:
         yield pair
 
-
 @pytest.fixture(scope="module")
 def world():
     """The PAM service's users, groups, dump set and running service (pamworld.py)."""
@@ -40,3 +39,12 @@ def combined(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
     p = tmp_path_factory.mktemp("oracle") / "corpus.pcap"
     p.write_bytes(pcap_bytes(packets, nanosecond=False))
     return p, flows_of_packets(build_index(p))
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    """A 16 MB ext4 filesystem on a loop device (O_DIRECT, a real ENOSPC), removed after."""
+    from fsutil import loop_fs
+
+    with loop_fs(tmp_path, "16M") as mnt:
+        yield mnt

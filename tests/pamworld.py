@@ -280,7 +280,7 @@ def make_world() -> Iterator[World]:
         src = base / "in.pcap"
         write_pcap(src, synthetic_traffic(1500, time.time_ns(), seed=5, span_s=2.0))
         with veth_pair() as pair:
-            rec = RecorderProc(pair, base / "ds", "-u", svc, "-p", "0.1", "--disk-limit", "1GB")
+            rec = RecorderProc(pair, base / "ds", "-u", svc, "-p", "0.1M", "--disk-limit", "1GB")
             pair.send([src])
             time.sleep(0.3)
             assert rec.stop() == 0, rec.stderr

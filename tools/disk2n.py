@@ -20,6 +20,7 @@ import click
 from pcapvault.index.cliutil import run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.sizes import human_size
 
 if TYPE_CHECKING:
     from .replay_engine import Counters, Replayer
@@ -288,7 +289,7 @@ class Report:
         dt = max(now - t, 1) / 1e9
         self._last = (now, c.packets, c.bytes)
         click.echo(
-            f"{PROG}: {self.ifname}: sent {c.packets} packets {_size(c.bytes)}; "
+            f"{PROG}: {self.ifname}: sent {c.packets} packets {human_size(c.bytes)}; "
             f"{(c.packets - p) / dt:.0f} pps {(c.bytes - b) * 8 / dt / 1e6:.1f} Mbps; "
             f"{self.rep.errors.summary()}",
             err=True,
@@ -310,13 +311,6 @@ class Report:
             f"{self.rep.errors.summary()}{skipped}",
             err=True,
         )
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def main() -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from pcapvault.index.atomicfile import atomic_write
 from pcapvault.index.cliutil import run
 from pcapvault.index.compressed import CompressedReader
-from pcapvault.index.errors import FormatError
 from pcapvault.index.pcapfile import parse_global_header
 
 EPILOG = """\b
@@ -36,15 +35,8 @@ def command(src: Path, dst: str) -> None:
             r.copy_to(sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        out = Path(dst)
-        tmp = out.with_name(f".{out.name}.part")
-        try:
-            with open(tmp, "wb") as f:
-                r.copy_to(f)
-            os.replace(tmp, out)
-        except (FormatError, OSError):
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(dst, sync=False) as f:
+            r.copy_to(f)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import pyzstd
 from indexes import T0, as_version, sample_index, with_crc
 
 from pcapvault.index import indexfile
+from pcapvault.index.atomicfile import temp_path
 from pcapvault.index.builder import build_index, index_records
 from pcapvault.index.errors import FormatError
 from pcapvault.index.indexfile import (
@@ -29,7 +30,6 @@ from pcapvault.index.indexfile import (
     matches_address,
     read_index,
     records_problem,
-    temp_path,
     write_index,
 )
 from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_records

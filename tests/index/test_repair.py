@@ -125,7 +125,7 @@ def test_damage_is_repaired(tmp_path, damage):
 def test_kill_9_mid_file_then_repair(veth, tmp_path):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 6000, 700)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1", "--disk-limit", "1GB")
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1M", "--disk-limit", "1GB")
     sent = veth.send([src])
     time.sleep(1.5)  # at least one aligned flush of the current file
     rec.signal(signal.SIGKILL)
@@ -154,7 +154,7 @@ def test_dry_run_on_a_live_dump_set(veth, tmp_path):
     call the file being written a leftover to remove or finalise."""
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 300, 200)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1")
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1M")
     try:
         veth.send([src])
         time.sleep(0.5)

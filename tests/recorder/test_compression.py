@@ -27,8 +27,8 @@ def extract(ds: Path, flt: str, out: Path) -> list[bytes]:
 def test_compressed_recording_matches_plain_recording(veth, tmp_path):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 4000, 700)
-    plain = RecorderProc(veth, tmp_path / "plain", "-p", "0.5", "--disk-limit", "1GB")
-    packed = RecorderProc(veth, tmp_path / "packed", "-p", "0.5", "--compress",
+    plain = RecorderProc(veth, tmp_path / "plain", "-p", "0.5M", "--disk-limit", "1GB")
+    packed = RecorderProc(veth, tmp_path / "packed", "-p", "0.5M", "--compress",
                           "--disk-limit", "1GB")
     sent = veth.send([src])
     time.sleep(0.5)

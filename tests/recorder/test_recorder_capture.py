@@ -82,7 +82,7 @@ def test_kernel_filter(veth, tmp_path):
 
 
 def test_files_readable_by_tcpdump_and_tshark(veth, tmp_path):
-    record(veth, tmp_path, 500, 300, "-p", "0.05")
+    record(veth, tmp_path, 500, 300, "-p", "0.05M")
     files = DumpSet.open(tmp_path / "ds").files()
     assert len(files) > 2
     total = 0

@@ -33,10 +33,13 @@ def run_recorder(*args: str, prefix: list[str] | None = None) -> subprocess.Comp
         (["-i", "nosuch0"], ["unknown interface", "ip link"]),
         (["-i", "lo", "-f", "tcp port"], ["bad filter", "syntax error"]),
         (["-i", "lo", "-p", "12XB"], ["bad -p", "e.g. 500MB"]),
+        # A size without a unit is bytes (n2disk's -p counted MB): too small to be meant.
+        (["-i", "lo", "-p", "256"], ["bad -p '256'", "at least 16K", "write e.g. 256M"]),
+        (["-i", "lo", "--disk-limit", "500000"], ["at least 1M", "write e.g. 500000M"]),
         (["-i", "lo", "--disk-limit", "150%"], ["percentage", "at most 100%"]),
         (["-i", "lo", "--disk-limit", "lots"], ["bad --disk-limit"]),
         (["-i", "lo", "--disk-limit", "0MB"], ["above zero"]),
-        (["-i", "lo", "--disk-limit", "1MB", "-p", "4"], ["cannot hold even one", "raise"]),
+        (["-i", "lo", "--disk-limit", "1MB", "-p", "4M"], ["cannot hold even one", "raise"]),
         (["-i", "lo", "--disk-limit", "80 %"], ["bad --disk-limit", "e.g. 80%"]),
         (["-i", "lo", "--disk-limit", "1e1%"], ["bad --disk-limit", "e.g. 80%"]),
         (["-i", "lo", "--disk-limit", "99999999999999999999999T"], ["more than any"]),
@@ -85,7 +88,7 @@ def test_disk_full_frees_oldest_and_goes_on(veth, tmp_path):
         src = tmp_path / "in.pcap"
         synthetic_pcap(src, 20000, 500)  # 10 MB into a 3 MB filesystem
         # The budget believes there is room: only the filesystem itself says no.
-        rec = RecorderProc(veth, fs / "ds", "-p", "0.5", "--disk-limit", "100MB")
+        rec = RecorderProc(veth, fs / "ds", "-p", "0.5M", "--disk-limit", "100MB")
         sent = veth.send([src])
         time.sleep(0.5)
         assert rec.stop() == 0, rec.stderr
@@ -102,7 +105,7 @@ def test_disk_full_with_nothing_to_delete_closes_cleanly(veth, tmp_path):
     try:
         src = tmp_path / "in.pcap"
         synthetic_pcap(src, 4000, 500)  # 2 MB, one file of up to 8 MB
-        rec = RecorderProc(veth, fs / "ds", "-p", "8", "--disk-limit", "100MB")
+        rec = RecorderProc(veth, fs / "ds", "-p", "8M", "--disk-limit", "100MB")
         sent = veth.send([src])
         rc = rec.wait(30)
         assert rc == 1
@@ -125,7 +128,7 @@ def test_filesystem_refusing_o_direct_falls_back_with_one_warning(veth, tmp_path
     try:
         src = tmp_path / "in.pcap"
         synthetic_pcap(src, 2000, 300)
-        rec = RecorderProc(veth, d / "ds", "-p", "0.1", "--disk-limit", "1GB")
+        rec = RecorderProc(veth, d / "ds", "-p", "0.1M", "--disk-limit", "1GB")
         sent = veth.send([src])
         time.sleep(0.3)
         assert rec.stop() == 0, rec.stderr

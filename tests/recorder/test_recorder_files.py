@@ -38,7 +38,7 @@ def dumpset_bytes(root) -> int:
 
 
 def test_rotation_by_size(veth, tmp_path):
-    sent = record(veth, tmp_path, 2000, 500, "-p", "0.1")
+    sent = record(veth, tmp_path, 2000, 500, "-p", "0.1M")
     files = DumpSet.open(tmp_path / "ds").files()
     sizes = [sf.pcap.stat().st_size for sf in files]
     assert len(files) >= 10
@@ -81,7 +81,7 @@ def test_budget_holds_over_wraparounds(veth, tmp_path):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 30000, 400)  # about 12.5 MB through a 2 MB budget
     limit = 2 << 20
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "2MB")
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25M", "--disk-limit", "2MB")
     peak = 0
     stop = threading.Event()
 
@@ -142,14 +142,14 @@ def test_sigusr1_makes_file_extractable_within_a_second(veth, tmp_path):
 def test_restart_adopts_old_files(veth, tmp_path):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 3000, 400)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "4MB")
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25M", "--disk-limit", "4MB")
     first = veth.send([src])
     time.sleep(0.3)
     assert rec.stop() == 0
     before = DumpSet.open(tmp_path / "ds").files()
     assert len(before) >= 4
     # A tighter budget and new traffic: the old files count against it and go first.
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25", "--disk-limit", "2MB")
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "0.25M", "--disk-limit", "2MB")
     second = veth.send([src])
     time.sleep(0.3)
     assert rec.stop() == 0
@@ -198,7 +198,7 @@ def test_private_dump_set_and_privilege_drop(veth, tmp_path):
         base.chmod(0o755)
         src = tmp_path / "in.pcap"
         synthetic_pcap(src, 300, 200)
-        rec = RecorderProc(veth, base / "ds", "-u", "nobody", "-p", "0.02",
+        rec = RecorderProc(veth, base / "ds", "-u", "nobody", "-p", "0.02M",
                            "--disk-limit", "1GB")
         sent = veth.send([src])
         time.sleep(0.3)

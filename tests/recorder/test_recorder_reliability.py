@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fsutil import fill, loop_fs
 from recorderproc import (
     RecorderProc,
     one_line_error,
@@ -61,7 +62,7 @@ def record_with_stalled_indexer(veth, tmp_path: Path, end_stall: signal.Signals)
     """
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 60000, 1000)
-    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1", "--disk-limit", "40MB",
+    rec = RecorderProc(veth, tmp_path / "ds", "-p", "1M", "--disk-limit", "40MB",
                        "--stats-interval", "0.2")
     pid = indexer_pid(rec)
     os.kill(pid, signal.SIGSTOP)
@@ -146,29 +147,14 @@ def test_uncreatable_stats_file_is_refused_at_start(veth, tmp_path, where):
 @pytest.fixture
 def ext4(tmp_path):
     """A small ext4 filesystem on a loop device, created and removed by the test."""
-    img, mnt = tmp_path / "fs.img", tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "24M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
-    try:
+    with loop_fs(tmp_path, "24M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def fill(fs: Path) -> None:
-    """Another process takes every free block of `fs` (large writes leave a tail free)."""
-    for bs in ("64k", "1k"):
-        subprocess.run(["dd", "if=/dev/zero", f"of={fs / ('filler-' + bs)}", f"bs={bs}"],
-                       capture_output=True)
-    subprocess.run(["sync"], check=True)
 
 
 def test_disk_filled_by_another_process_never_stops_capture(veth, tmp_path, ext4):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 4000, 1000)  # 4 MB, four closed files of 1 MB
-    rec = RecorderProc(veth, ext4 / "ds", "-p", "1", "--disk-limit", "1GB",
+    rec = RecorderProc(veth, ext4 / "ds", "-p", "1M", "--disk-limit", "1GB",
                        "--stats-interval", "0.1")
     first = veth.send([src])
     time.sleep(0.5)
@@ -266,7 +252,7 @@ def test_a_dump_set_inside_a_live_one_or_its_timeline_is_refused(veth, tmp_path)
 def test_disk_full_with_nothing_to_delete_is_one_error_and_no_stats_part(veth, tmp_path, ext4):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 2000, 1000)
-    rec = RecorderProc(veth, ext4 / "ds", "-p", "64", "--disk-limit", "1GB",
+    rec = RecorderProc(veth, ext4 / "ds", "-p", "64M", "--disk-limit", "1GB",
                        "--stats-interval", "0.1")
     veth.send([src])  # all in the file being written: there is no closed file to delete
     time.sleep(0.3)

@@ -84,7 +84,7 @@ def recorded(pair, tmp_path_factory):
     frames = [frame(i, 60 + (i * 37) % 1400, tpid=0x8100 if i % 10 == 3 else None)
               for i in range(1500)]
     write_frames(src, frames)
-    rec = RecorderProc(pair, d / "ds", "--disk-limit", "1GB", "-s", "65535", "-p", "0.2")
+    rec = RecorderProc(pair, d / "ds", "--disk-limit", "1GB", "-s", "65535", "-p", "0.2M")
     sent = pair.send([src], pps=20000)
     time.sleep(0.3)
     assert rec.stop() == 0, rec.stderr

@@ -21,10 +21,10 @@ def test_option_file_n2disk_style(tmp_path):
     conf = tmp_path / "recorder-eth0.conf"
     conf.write_text(
         "# sensor 1\n-i=eth0\n--disk-limit=80%\n\n-f = \"not port 22\"\n--no-promisc\n"
-        "-p 512\n"
+        "-p 512M\n"
     )
     assert read_option_file(conf, command) == [
-        "-i", "eth0", "--disk-limit", "80%", "-f", "not port 22", "--no-promisc", "-p", "512",
+        "-i", "eth0", "--disk-limit", "80%", "-f", "not port 22", "--no-promisc", "-p", "512M",
     ]
 
 
