@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.sizes import SizeError, parse_size
 
 from . import prestart
 
@@ -41,27 +42,18 @@ Exit status:
      written is a readable capture
 """
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 class Size(click.ParamType):
-    """A byte count with an optional K/M/G/T suffix (powers of 1024)."""
+    """A byte count with an optional K/M/G/T suffix (powers of 1024; index/sizes.py)."""
 
     name = "size"
 
     def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
         if isinstance(value, int):
             return value
-        s = str(value).strip().lower().removesuffix("b").removesuffix("i")
-        unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
-        num = s[: len(s) - len(unit)]
         try:
-            n = int(float(num) * _SIZE_UNITS[unit])
-        except ValueError:
-            self.fail(f"{value!r} is not a size (e.g. 500M, 2G)", param, ctx)
-        if n <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
-        return n
+            return parse_size(str(value), param.opts[0] if param else "size")
+        except SizeError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _err(msg: str) -> None:
