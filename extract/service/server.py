@@ -828,13 +828,16 @@ def command(account: str, group: str, group_filters: tuple[str, ...], pam_servic
     return 0
 
 
+_refused: list[socket.socket] = []  # drained at exit, once the journal has the reason
+
+
 def _refuse(conn: socket.socket, message: str) -> None:
     """The answer to a client of an instance that cannot serve anyone."""
     try:
         wire.send_json(conn, wire.REPLY, {"status": "error", "message": message})
     except OSError:
         return
-    drain(conn)
+    _refused.append(conn)
 
 
 def drain(conn: socket.socket) -> None:
@@ -865,11 +868,14 @@ def main() -> None:
     from ..heap import keep_freed_memory
 
     keep_freed_memory()
+    code: object = 0
     try:
         run(command, PROG, error_code=1)
     except SystemExit as e:
-        exit_now(e.code)
-    exit_now(0)
+        code = e.code
+    for conn in _refused:
+        drain(conn)
+    exit_now(code)
 
 if __name__ == "__main__":
     main()
