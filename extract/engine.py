@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pcapvault.index.directio import ALIGN, align_down, align_up, open_direct
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import (
@@ -49,7 +50,7 @@ from pcapvault.index.pcapfile import (
     headers_disagree,
 )
 
-from .direct import ALIGN, DirectReader, Span, cached, open_direct
+from .direct import DirectReader, Span, cached
 from .hints import will_need_index
 from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
@@ -192,8 +193,8 @@ class _Plan:
                 # Small first and last chunks: a chunk may go to the client's shared buffers
                 # only if its read, widened to the alignment, stays inside the selection.
                 lo, hi = int(rec[0]), int(end[-1])
-                cnew[min(n - 1, int(np.searchsorted(rec, lo - lo % ALIGN + ALIGN)))] = True
-                cnew[min(n - 1, int(np.searchsorted(end, hi - hi % ALIGN, "right")))] = True
+                cnew[min(n - 1, int(np.searchsorted(rec, align_down(lo) + ALIGN)))] = True
+                cnew[min(n - 1, int(np.searchsorted(end, align_down(hi), "right")))] = True
             self.cuts = [*np.flatnonzero(cnew).tolist(), n]
             self.unread = span
             return
@@ -275,8 +276,7 @@ class _Plan:
         c = self.c
         lo = int(c.rec[0])
         hi = int(c.rec[-1] + RECORD_HEADER_LEN + c.caplen[-1])
-        return start - start % ALIGN >= lo and (-(-stop // ALIGN) * ALIGN <= hi
-                                                or hi >= self.reader.size)
+        return align_down(start) >= lo and (align_up(stop) <= hi or hi >= self.reader.size)
 
     def _sendable(self, takes: TakesFileRuns | None, nanosecond: bool, raw_ok: bool
                   ) -> int | None:
