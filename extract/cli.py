@@ -204,8 +204,8 @@ def cli(
     warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
 
     from .engine import Query, extract, list_files
+    from .flowplan import Source, Stats
     from .output import Interface, Output
-    from .select import Source, Stats
 
     sources = [Source(p, i, expr) for i, p in enumerate(dumpsets)]
     if not pcapng and len({s.linktype for s in sources}) > 1:

@@ -51,10 +51,10 @@ from pcapvault.index.pcapfile import (
 )
 
 from .direct import DirectReader, Span, cached
+from .flowplan import Candidates, Source, Stats, Warn
 from .hints import will_need_index
 from .output import Batch, Output, long_runs
 from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
-from .select import Candidates, Source, Stats, Warn
 
 if TYPE_CHECKING:
     from .shared import SharedSlots
@@ -110,7 +110,7 @@ def _range_bytes(rec: np.ndarray, end: np.ndarray, new: np.ndarray) -> int:
 def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
     """A pcap shorter than its index says (a torn tail): keep the complete records.
 
-    The index path has warned already (select compares the file size with the index)."""
+    The index path has warned already (flowplan compares the file size with the index)."""
     ok = c.rec + RECORD_HEADER_LEN + c.caplen <= size
     if ok.all():
         return c

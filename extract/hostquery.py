@@ -109,7 +109,7 @@ def plan(req: Request) -> Plan | None:
     meta = ds.meta
     linktype = int(meta.get("linktype", 1))
     snaplen = int(meta.get("snaplen", 262144))
-    flt = compile_filter(req.expr, linktype, max(snaplen, 65535))  # as select.Source does
+    flt = compile_filter(req.expr, linktype, max(snaplen, 65535))  # as flowplan.Source does
     keys = posting_keys(flt.program) if linktype == 1 else None
     if not keys:
         return None
@@ -165,7 +165,7 @@ def _lists(sf: StoredFile, req: Request, keys: set[tuple[bytes, int]], nanosecon
         if p.linktype != 1 or p.nanosecond != nanosecond:
             raise _NotHere
         if p.count and not p.first_ns // 1000 * 1000 <= sf.first_ns <= p.last_ns:
-            raise _NotHere  # another file's index (select.py's check): the engine scans
+            raise _NotHere  # another file's index (flowplan.py's check): the engine scans
         if p.count == 0 or p.last_ns < req.begin_ns or p.first_ns >= req.end_ns:
             p.close()
             return None

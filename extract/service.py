@@ -53,8 +53,8 @@ from pcapvault.index.times import format_time
 from . import wire
 
 if TYPE_CHECKING:
+    from .flowplan import Source, Stats
     from .framed import ConnectionOutput
-    from .select import Source, Stats
 
 T = TypeVar("T")
 PROG = "npcapextractd"
@@ -291,7 +291,7 @@ class Preload(threading.Thread):
             from pcapvault.index import indexfile, pcapfile  # noqa: F401
             from pcapvault.index.libpcap import lib
 
-            from . import engine, flowmatch, framed, output, select  # noqa: F401
+            from . import engine, flowmatch, flowplan, framed, output  # noqa: F401
 
             lib()
         except BaseException as e:  # noqa: BLE001 - raised in wait(), where it is reported
@@ -578,10 +578,10 @@ class Session:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
         from .engine import Query, extract, list_files
+        from .flowplan import Stats
         from .framed import ConnectionOutput
         from .outfile import ClosedPipe, OutputError
         from .output import Interface
-        from .select import Stats
         from .shared import SharedSlots
 
         try:
@@ -710,7 +710,7 @@ def _open_sources(paths: list[str], sets: list[AnchoredDumpSet], user_filter: st
     read exactly as in a direct extraction."""
     from pcapvault.index.libpcap import FilterError, compile_filter
 
-    from .select import Source
+    from .flowplan import Source
 
     expr = effective_filter(user_filter, allowed)
     sources = []
