@@ -189,7 +189,7 @@ def cli(
         )
     from pcapvault.index.times import parse_window
 
-    from .hints import warm_indexes
+    from .readahead import warm_indexes
 
     t0 = time.monotonic()
     if not dumpsets:

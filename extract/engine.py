@@ -6,7 +6,7 @@ thread matches and writes the current one. A plan reads its file one of two ways
 
 * sparse candidates through the page cache: records closer than GAP bytes share one read
   range, and the ranges are announced to the kernel at once by the read-ahead thread
-  (prefetch.py), so thousands of scattered reads are served in parallel;
+  (readahead.py), so thousands of scattered reads are served in parallel;
 * dense candidates with O_DIRECT, one aligned span per chunk, read by a thread one chunk
   ahead (direct.py): no page-cache work, which dominated the CPU of a broad query.
 
@@ -52,9 +52,8 @@ from pcapvault.index.pcapfile import (
 
 from .direct import DirectReader, Span, cached
 from .flowplan import Candidates, Source, Stats, Warn
-from .hints import will_need_index
 from .output import Batch, Output, long_runs
-from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
+from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher, will_need_index
 
 if TYPE_CHECKING:
     from .shared import SharedSlots
@@ -215,7 +214,7 @@ class _Plan:
         self.cuts = [int(first[r]) for r in self.chunk_ranges[:-1]] + [n]
         self.unread = int(self.lens.sum())
         if not reader.compressed:
-            self.job = pf.submit(reader.path, self.starts, self.lens)
+            self.job = pf.submit(reader.path, self.starts.tolist(), self.lens.tolist())
 
     def close(self) -> None:
         if self.job is not None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,9 +41,9 @@ from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 from pcapvault.index.postings import READ_AHEAD, Postings
 
 from .access import open_dumpset
-from .hints import will_need
 from .hostkeys import MAYBE, NO, YES, decide, posting_keys
 from .outfile import create, writev_all
+from .readahead import Job, Prefetcher, will_need
 from .report import Stats
 
 MAX_PACKETS = 250_000
@@ -86,11 +85,12 @@ class Plan:
     files: list[FilePlan]
     stats: Stats = field(default_factory=Stats)
 
-    hints: _Hints | None = None
+    hints: Prefetcher | None = None
+    jobs: list[Job] = field(default_factory=list)  # the announcements of each file
 
     def close(self) -> None:
         if self.hints is not None:
-            self.hints.stop()  # before the files it announces are closed
+            self.hints.close()
             self.hints = None
         for fp in self.files:
             os.close(fp.fd)
@@ -150,7 +150,11 @@ def plan(req: Request) -> Plan | None:
     finally:
         for _, p, _ in opened:
             p.close()
-    out.hints = _Hints(out.files)
+    # Every candidate's bytes announced at once, file after file: the disk serves thousands of
+    # scattered records in parallel (a cold 6,000-record query: 0.1 s instead of 0.45 s one
+    # read after the other); the reader starts on a file once its records are announced.
+    out.hints = Prefetcher()
+    out.jobs = [out.hints.submit(fp.pcap, fp.offset, fp.length) for fp in out.files]
     return out
 
 
@@ -246,44 +250,6 @@ def _window_blocks(p: Postings, req: Request) -> Callable[[int], bool | None]:
     return lambda off: verdict[bisect_right(starts, off) - 1]
 
 
-class _Hints:
-    """Every candidate's bytes announced to the kernel, file after file, on a thread.
-
-    Announced at once, the disk serves thousands of scattered records in parallel (a cold
-    6,000-record query: 0.1 s instead of 0.45 s one read after the other). Each announcement
-    may wait for the device queue, so they run beside the planning and the reading: the reader
-    starts on a file as soon as its records are announced (`wait`)."""
-
-    def __init__(self, files: list[FilePlan]):
-        self._done = [threading.Event() for _ in files]
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(files,), name="hints",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, files: list[FilePlan]) -> None:
-        advise, need = os.posix_fadvise, os.POSIX_FADV_WILLNEED
-        try:
-            for fp, done in zip(files, self._done, strict=True):
-                for off, ln in zip(fp.offset, fp.length, strict=True):
-                    if self._stop:
-                        return
-                    advise(fp.fd, off, ln, need)
-                done.set()
-        except OSError:
-            pass  # only a hint
-        finally:
-            for done in self._done:
-                done.set()
-
-    def wait(self, i: int) -> None:
-        self._done[i].wait()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._thread.join()
-
-
 @dataclass
 class Result:
     stats: Stats
@@ -301,8 +267,10 @@ def run(p: Plan, output: str | None, empty: bool, list_only: bool) -> Result | N
     try:
         for i, fp in enumerate(p.files):
             if p.hints is not None:
-                p.hints.wait(i)
+                p.hints.announced(p.jobs[i])
             n = _take(p, fp, stats, kept, list_only)
+            if p.hints is not None:
+                p.hints.done(p.jobs[i])
             if n is None:
                 return None
             if list_only and n:
