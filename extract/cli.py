@@ -195,9 +195,10 @@ def cli(
     if not dumpsets:
         dumpsets = _configured_dumpsets()
     b_ns, e_ns = parse_window(begin, end)
-    if len(dumpsets) == 1 and not (
-        pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
-    ):
+    from .hostquery import applies
+
+    if applies(dumpsets, pcapng=pcapng, snaplen=snaplen, split_mb=split_mb,
+               split_packets=split_packets, max_bytes=max_bytes, max_packets=max_packets):
         code = _host_query(dumpsets[0], b_ns, e_ns, expr, output, empty, list_only, verbose, t0)
         if code is not None:
             return code

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import struct
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pcapvault.index.compressed import is_compressed
@@ -95,6 +95,18 @@ class Plan:
         for fp in self.files:
             os.close(fp.fd)
         self.files = []
+
+
+def applies(dumpsets: Sequence[str], *, pcapng: bool = False, snaplen: object = None,
+            split_mb: object = None, split_packets: object = None, max_bytes: object = None,
+            max_packets: object = None) -> bool:
+    """Whether a request may go to this path at all, before any file is looked at: one dump
+    set and plain pcap output, without slicing, splitting or caps (the engine's Output does
+    those). The one place that decides it, for the command (cli.py) and for the plan started
+    before the command line is parsed (prestart.py); `plan` then decides by the data."""
+    return len(dumpsets) == 1 and not (
+        pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
+    )
 
 
 class _NotHere(Exception):
