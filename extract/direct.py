@@ -19,7 +19,7 @@ time straight into the slots and kept the client waiting; through the private bu
 was as fast as a direct extraction, for a memcpy into slots that stay mapped (about 0.05 s of
 CPU per GB). See docs/BENCHMARKS.md, "PAM service".
 
-Sparse selections stay on the page cache with WILLNEED read-ahead (prefetch.py): one 4 KiB
+Sparse selections stay on the page cache with WILLNEED read-ahead (readahead.py): one 4 KiB
 O_DIRECT read at a time would wait for the device each time, and queueing thousands of them
 would take asynchronous I/O of our own.
 """
