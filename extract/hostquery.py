@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import FormatError
-from pcapvault.index.libpcap import Filter, compile_filter
+from pcapvault.index.libpcap import Filter
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 from pcapvault.index.postings import READ_AHEAD, Postings
 
-from .access import open_dumpset
+from .access import open_query
 from .hostkeys import MAYBE, NO, YES, decide, posting_keys
 from .outfile import create, writev_all
 from .readahead import Job, Prefetcher, will_need
@@ -117,18 +117,15 @@ def plan(req: Request) -> Plan | None:
     """The candidates of `req`, their page-cache reads started on a thread; None when the
     engine must answer. Errors the engine would report the same way (a dump set that does
     not exist or may not be read, a bad filter) are raised."""
-    ds = open_dumpset(req.dumpset)
-    meta = ds.meta
-    linktype = int(meta.get("linktype", 1))
-    snaplen = int(meta.get("snaplen", 262144))
-    flt = compile_filter(req.expr, linktype, max(snaplen, 65535))  # as flowplan.Source does
+    t = open_query(req.dumpset, req.expr)
+    ds, linktype, flt = t.ds, t.linktype, t.filter
     keys = posting_keys(flt.program) if linktype == 1 else None
     if not keys:
         return None
     stats = Stats(count_timeline=False)  # the timeline walk is for -v only: add_timeline
     files = ds.files_in_window(req.begin_ns, req.end_ns)
     stats.count_files(ds, len(files))
-    out = Plan(req, ds, linktype, snaplen, ds.nanosecond, flt, [], stats)
+    out = Plan(req, ds, linktype, t.snaplen, t.nanosecond, flt, [], stats)
     # Each step's reads are announced for every file before the first is waited for: cold,
     # the files' directories, then their frames, come in one round trip each.
     for sf in files:
