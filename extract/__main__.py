@@ -17,7 +17,7 @@ def main() -> None:
         prestart.plan_ahead(sys.argv[1:])
         # Planning is mostly Python and holds the GIL; importing click beside it would only
         # delay the moment the packets' reads start. Once planned, those reads run in the
-        # kernel (the hints thread waits there) while click imports.
+        # kernel (the read-ahead thread waits there) while click imports.
         prestart.wait_planned()
     from .cli import main as cli_main
 

@@ -182,22 +182,23 @@ def cli(
                       split_packets, empty, list_only)
         run_remote(req, socket_path=service_socket, password_stdin=password_stdin,
                    automatic=not use_service, output=output, verbose=verbose, t0=t0)
-    from .hints import warm_indexes
+    from .readahead import warm_indexes
 
     if not dumpsets:
         dumpsets = _configured_dumpsets()
     b_ns, e_ns = parse_window(begin, end)
-    if len(dumpsets) == 1 and not (
-        pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
-    ):
+    from .hostquery import applies
+
+    if applies(dumpsets, pcapng=pcapng, snaplen=snaplen, split_mb=split_mb,
+               split_packets=split_packets, max_bytes=max_bytes, max_packets=max_packets):
         code = _host_query(dumpsets[0], b_ns, e_ns, expr, output, empty, list_only, verbose, t0)
         if code is not None:
             return code
     warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
 
     from .engine import Query, extract, list_files
+    from .flowplan import Source, Stats
     from .output import Interface, Output
-    from .select import Source, Stats
 
     sources = [Source(p, i, expr) for i, p in enumerate(dumpsets)]
     if not pcapng and len({s.linktype for s in sources}) > 1:

@@ -19,7 +19,7 @@ time straight into the slots and kept the client waiting; through the private bu
 was as fast as a direct extraction, for a memcpy into slots that stay mapped (about 0.05 s of
 CPU per GB). See docs/BENCHMARKS.md, "PAM service".
 
-Sparse selections stay on the page cache with WILLNEED read-ahead (prefetch.py): one 4 KiB
+Sparse selections stay on the page cache with WILLNEED read-ahead (readahead.py): one 4 KiB
 O_DIRECT read at a time would wait for the device each time, and queueing thousands of them
 would take asynchronous I/O of our own.
 """
@@ -34,13 +34,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pcapvault.index.directio import ALIGN, align_down, align_up, read_full
 from pcapvault.index.errors import PcapVaultError
 
 if TYPE_CHECKING:
     from .output import SharedBuffers
-
-ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the block size
-
 
 PROBES = 8  # pages sampled across a span to tell whether it is in the page cache already
 
@@ -65,14 +63,6 @@ def cached(path: Path, start: int, end: int) -> bool:
         os.close(fd)
 
 
-def open_direct(path: Path) -> int | None:
-    """A descriptor for O_DIRECT reads, or None where the filesystem refuses them (tmpfs)."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return None
-
-
 def _aligned(size: int) -> np.ndarray:
     raw = np.empty(size + ALIGN, np.uint8)
     skip = (-raw.ctypes.data) % ALIGN
@@ -81,17 +71,10 @@ def _aligned(size: int) -> np.ndarray:
 
 def _read_all(fd: int, buf: np.ndarray, offset: int, path: Path) -> int:
     """Fill `buf` from `offset`; fewer bytes only at the end of the file."""
-    mv = memoryview(buf)
-    done = 0
     try:
-        while done < len(buf):
-            got = os.preadv(fd, [mv[done:]], offset + done)
-            done += got
-            if got == 0 or got % ALIGN:
-                break  # end of file
+        return read_full(fd, buf, offset)
     except OSError as e:
         raise PcapVaultError(f"{path}: cannot read: {e.strerror}") from None
-    return done
 
 
 def _read_through(fd: int, dst: np.ndarray, offset: int, path: Path, own: threading.local
@@ -148,9 +131,8 @@ class DirectReader:
     def read(self, fd: int, path: Path, start: int, end: int, share: bool = False) -> Span:
         """Start reading file bytes [start, end) (widened to the alignment). `share`: the
         widened span holds only bytes the client may have (see service/shared.py)."""
-        base = start - start % ALIGN
-        stop = -(-end // ALIGN) * ALIGN
-        size = stop - base
+        base = align_down(start)
+        size = align_up(end) - base
         got = self.shared.acquire(size) if share and self.shared else None
         if got is not None:
             slot, whole = got

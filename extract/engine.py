@@ -6,7 +6,7 @@ thread matches and writes the current one. A plan reads its file one of two ways
 
 * sparse candidates through the page cache: records closer than GAP bytes share one read
   range, and the ranges are announced to the kernel at once by the read-ahead thread
-  (prefetch.py), so thousands of scattered reads are served in parallel;
+  (readahead.py), so thousands of scattered reads are served in parallel;
 * dense candidates with O_DIRECT, one aligned span per chunk, read by a thread one chunk
   ahead (direct.py): no page-cache work, which dominated the CPU of a broad query.
 
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pcapvault.index.directio import ALIGN, align_down, align_up, open_direct
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import (
@@ -49,11 +50,10 @@ from pcapvault.index.pcapfile import (
     headers_disagree,
 )
 
-from .direct import ALIGN, DirectReader, Span, cached, open_direct
-from .hints import will_need_index
+from .direct import DirectReader, Span, cached
+from .flowplan import Candidates, Source, Stats, Warn
 from .output import Batch, Output, long_runs
-from .prefetch import LOOKAHEAD_BYTES, Job, Prefetcher
-from .select import Candidates, Source, Stats, Warn
+from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher, will_need_index
 
 if TYPE_CHECKING:
     from .output import SharedBuffers
@@ -109,7 +109,7 @@ def _range_bytes(rec: np.ndarray, end: np.ndarray, new: np.ndarray) -> int:
 def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
     """A pcap shorter than its index says (a torn tail): keep the complete records.
 
-    The index path has warned already (select compares the file size with the index)."""
+    The index path has warned already (flowplan compares the file size with the index)."""
     ok = c.rec + RECORD_HEADER_LEN + c.caplen <= size
     if ok.all():
         return c
@@ -192,8 +192,8 @@ class _Plan:
                 # Small first and last chunks: a chunk may go to the client's shared buffers
                 # only if its read, widened to the alignment, stays inside the selection.
                 lo, hi = int(rec[0]), int(end[-1])
-                cnew[min(n - 1, int(np.searchsorted(rec, lo - lo % ALIGN + ALIGN)))] = True
-                cnew[min(n - 1, int(np.searchsorted(end, hi - hi % ALIGN, "right")))] = True
+                cnew[min(n - 1, int(np.searchsorted(rec, align_down(lo) + ALIGN)))] = True
+                cnew[min(n - 1, int(np.searchsorted(end, align_down(hi), "right")))] = True
             self.cuts = [*np.flatnonzero(cnew).tolist(), n]
             self.unread = span
             return
@@ -214,7 +214,7 @@ class _Plan:
         self.cuts = [int(first[r]) for r in self.chunk_ranges[:-1]] + [n]
         self.unread = int(self.lens.sum())
         if not reader.compressed:
-            self.job = pf.submit(reader.path, self.starts, self.lens)
+            self.job = pf.submit(reader.path, self.starts.tolist(), self.lens.tolist())
 
     def close(self) -> None:
         if self.job is not None:
@@ -275,8 +275,7 @@ class _Plan:
         c = self.c
         lo = int(c.rec[0])
         hi = int(c.rec[-1] + RECORD_HEADER_LEN + c.caplen[-1])
-        return start - start % ALIGN >= lo and (-(-stop // ALIGN) * ALIGN <= hi
-                                                or hi >= self.reader.size)
+        return align_down(start) >= lo and (align_up(stop) <= hi or hi >= self.reader.size)
 
     def _sendable(self, takes: TakesFileRuns | None, nanosecond: bool, raw_ok: bool
                   ) -> int | None:

@@ -7,9 +7,11 @@ importing numpy.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable, MutableSequence
 
 from pcapvault.index.errors import PcapVaultError
 
@@ -48,20 +50,77 @@ def write_error(err: int) -> Exception:
     return OutputError(f"cannot write the output: {os.strerror(err)}")
 
 
+def _writev_loop(lens: MutableSequence[int], submit: Callable[[int, int], int],
+                 advance: Callable[[int, int], None]) -> None:
+    """The one writev loop: IOV_MAX pieces at a time, continuing after partial writes.
+
+    `lens` are the pieces' lengths; submit(i, k) writes pieces i..k-1 and returns the bytes
+    written; advance(j, n) drops the first n bytes of piece j (and of lens[j]), written
+    already. The sum over a chunk checks a complete write as fast as numpy would."""
+    i, n = 0, len(lens)
+    while i < n:
+        k = min(n, i + IOV_MAX)
+        got = submit(i, k)
+        if got == sum(lens[i:k]):
+            i = k
+            continue
+        if got == 0:
+            raise OutputError("cannot write the output: nothing was written")
+        # Skip the pieces written completely; resume inside a partly written one.
+        while got >= lens[i]:
+            got -= lens[i]
+            i += 1
+        if got:
+            advance(i, got)
+
+
 def writev_all(fd: int, bufs: list) -> None:
-    """writev everything, continuing after partial writes."""
-    i = 0
-    while i < len(bufs):
-        chunk = bufs[i : i + IOV_MAX]
+    """writev buffers (anything with the buffer protocol), in order."""
+    lens = [memoryview(b).nbytes for b in bufs]
+
+    def submit(i: int, k: int) -> int:
         try:
-            n = os.writev(fd, chunk)
+            return os.writev(fd, bufs[i:k])
         except OSError as e:
             raise write_error(e.errno) from None
-        # Skip the buffers written completely; resume inside a partly written one.
-        j = i
-        while j < i + len(chunk) and n >= len(bufs[j]):
-            n -= len(bufs[j])
-            j += 1
-        if j < i + len(chunk) and n:
-            bufs[j] = memoryview(bufs[j])[n:]
-        i = j
+
+    def advance(j: int, n: int) -> None:
+        bufs[j] = memoryview(bufs[j]).cast("B")[n:]
+        lens[j] -= n
+
+    _writev_loop(lens, submit, advance)
+
+
+_libc_writev = None
+
+
+def writev_table(fd: int, table) -> None:
+    """writev the memory pieces a table of `struct iovec` names: a writable, C-contiguous
+    buffer of (address, length) uint64 pairs, left adjusted by partial writes. The caller
+    keeps the memory it points into alive. Lets numpy callers write thousands of slices of
+    their arrays without a Python object per slice."""
+    global _libc_writev
+    if _libc_writev is None:
+        f = ctypes.CDLL(None, use_errno=True).writev
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        f.restype = ctypes.c_ssize_t
+        _libc_writev = f
+    flat = memoryview(table).cast("B").cast("Q")
+    if not len(flat):
+        return
+    addr = ctypes.addressof(ctypes.c_uint64.from_buffer(flat))
+
+    def submit(i: int, k: int) -> int:
+        while True:
+            got = _libc_writev(fd, addr + 16 * i, k - i)
+            if got >= 0:
+                return got
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise write_error(err)
+
+    def advance(j: int, n: int) -> None:
+        flat[2 * j] += n
+        flat[2 * j + 1] -= n
+
+    _writev_loop(flat[1::2], submit, advance)

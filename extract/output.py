@@ -20,7 +20,6 @@ go through writev, where one call carries a thousand of them.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
@@ -33,7 +32,7 @@ import numpy as np
 
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 
-from .outfile import IOV_MAX, OutputError, create, is_stream, write_error, writev_all
+from .outfile import OutputError, create, is_stream, write_error, writev_all, writev_table
 
 
 class SharedBuffers(Protocol):
@@ -153,7 +152,7 @@ class Pieces:
         return cls(iov, (buf,))
 
     def write_to(self, fd: int) -> None:
-        _writev_pieces(fd, self.iov)
+        writev_table(fd, self.iov)
 
 
 class FileRuns:
@@ -202,40 +201,6 @@ class FileRuns:
                 writev_all(fd, [data])
                 off += len(data)
                 n -= len(data)
-
-
-_libc_writev = None
-
-
-def _writev_pieces(fd: int, iov: np.ndarray) -> None:
-    """writev every piece, IOV_MAX at a time, continuing after partial writes."""
-    global _libc_writev
-    if _libc_writev is None:
-        f = ctypes.CDLL(None, use_errno=True).writev
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        f.restype = ctypes.c_ssize_t
-        _libc_writev = f
-    iov = np.ascontiguousarray(iov, dtype=np.uint64)
-    lens = iov[:, 1]
-    i, n = 0, len(iov)
-    while i < n:
-        k = min(n, i + IOV_MAX)
-        got = _libc_writev(fd, iov[i:k].ctypes.data, k - i)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            raise write_error(err)
-        # Skip the pieces written completely; resume inside a partly written one.
-        done = np.cumsum(lens[i:k])
-        j = int(np.searchsorted(done, got, side="right"))
-        if i + j < k:
-            part = got - (int(done[j - 1]) if j else 0)
-            if got == 0 and lens[i + j]:
-                raise OutputError("cannot write the output: nothing was written")
-            iov[i + j, 0] += part
-            iov[i + j, 1] -= part
-        i += j
 
 
 class Sink:

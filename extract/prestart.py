@@ -35,10 +35,12 @@ __all__ = ["SOCKET", "connected", "plan_ahead", "planned_ahead", "preconnect", "
 _VALUED = {
     "-t": "dumpset", "--dumpset": "dumpset", "-b": "begin", "--begin": "begin",
     "-e": "end", "--end": "end", "-f": "filter", "--filter": "filter",
-    "--service-socket": "socket", "-o": "", "--output": "", "-s": "", "--snaplen": "",
-    "-P": "", "--split-mb": "", "-N": "", "--split-packets": "", "--max-bytes": "",
-    "--max-packets": "",
+    "--service-socket": "socket", "-o": "", "--output": "", "-s": "snaplen",
+    "--snaplen": "snaplen", "-P": "split_mb", "--split-mb": "split_mb", "-N": "split_packets",
+    "--split-packets": "split_packets", "--max-bytes": "max_bytes",
+    "--max-packets": "max_packets",
 }
+_SHAPING = ("snaplen", "split_mb", "split_packets", "max_bytes", "max_packets")
 
 _held: dict[str, socket.socket] = {}
 _ahead: tuple[threading.Thread, list] | None = None
@@ -80,7 +82,7 @@ def plan_ahead(argv: list[str]) -> None:
     global _ahead
     args = _scan(argv)
     dumpsets, begin, end = args["dumpset"], args.get("begin"), args.get("end")
-    if len(dumpsets) != 1 or not begin or not end:
+    if not begin or not end:
         return
     expr = (args.get("filter") or [""])[-1]
     box: list = []
@@ -89,8 +91,11 @@ def plan_ahead(argv: list[str]) -> None:
         try:
             from pcapvault.index.times import parse_window
 
-            from .hostquery import Request, plan
+            from .hostquery import Request, applies, plan
 
+            if not applies(dumpsets, pcapng="pcapng" in args,
+                           **{k: args[k] for k in _SHAPING if k in args}):
+                return
             b, e = parse_window(begin[-1], end[-1])
             req = Request(dumpsets[0], b, e, expr)
             box.append((req, plan(req)))
@@ -120,15 +125,16 @@ def planned_ahead() -> tuple | None:
 
 
 def _scan(argv: list[str]) -> dict[str, list[str]]:
-    """The values of -t, -b, -e, -f and --service-socket (as lists, in order) and whether
-    --service was given, as click will read them; a best effort."""
+    """The values of -t, -b, -e, -f, --service-socket and the output-shaping options (as
+    lists, in order) and whether --service or --pcapng was given, as click will read them; a
+    best effort."""
     out: dict[str, list[str]] = {"dumpset": []}
     it = iter(argv)
     for arg in it:
         if arg == "--":
             break
-        if arg == "--service":
-            out["service"] = ["1"]
+        if arg in ("--service", "--pcapng"):
+            out[arg[2:]] = ["1"]
             continue
         name, eq, value = arg.partition("=")
         if arg.startswith("--") and eq and name in _VALUED:

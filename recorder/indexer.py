@@ -8,9 +8,7 @@ timeline. Linking last means a file becomes visible to extraction only once it i
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
-import mmap
 import multiprocessing as mp
 
 # Loaded now, while the code is surely readable: after -u the account may not be able to.
@@ -28,6 +26,7 @@ import numpy as np
 
 from pcapvault.index import compressed
 from pcapvault.index.builder import build_index, index_pcap
+from pcapvault.index.directio import WholeFileReader
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import write_index
@@ -35,55 +34,15 @@ from pcapvault.index.pcapfile import GLOBAL_HEADER_LEN, parse_global_header
 
 log = logging.getLogger("pcapvault.recorder")
 PR_SET_PDEATHSIG = 1
-ALIGN = 4096
 MAX_RESTARTS = 5
 RESTART_WINDOW = 600
 
 
-class DirectReader:
-    """Reads a whole closed file with O_DIRECT into one buffer reused for every file.
-
-    The file was just written with O_DIRECT, so it is not in the page cache; reading it back
-    through the cache (mmap or read) would allocate a fresh page per 4 KiB, the very cost the
-    writer avoids. Measured on a 128 MB file of 64-byte packets: 0.39 us/packet to index it
-    through a cold mmap, 0.22 through this buffer. Filesystems refusing O_DIRECT get None.
-    """
-
-    def __init__(self) -> None:
-        self.buf: mmap.mmap | None = None
-
-    def read(self, path: Path) -> np.ndarray | None:
-        size = path.stat().st_size
-        cap = -(-size // ALIGN) * ALIGN
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-        try:
-            if self.buf is None or len(self.buf) < cap:
-                if self.buf is not None:
-                    self.buf.close()
-                self.buf = mmap.mmap(-1, max(cap, ALIGN))
-            view = memoryview(self.buf)
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:cap]], done)
-                if n <= 0:
-                    break
-                done += n
-            view.release()
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-        finally:
-            os.close(fd)
-        return np.frombuffer(self.buf, np.uint8, count=min(done, size))
-
-
-_reader = DirectReader()
+# The file was just written with O_DIRECT, so it is not in the page cache; reading it back
+# through the cache (mmap or read) would allocate a fresh page per 4 KiB, the very cost the
+# writer avoids (docs/BENCHMARKS.md, "Recorder": the indexer's O_DIRECT buffer against a cold
+# mmap).
+_reader = WholeFileReader()
 
 
 def index_and_link(
@@ -103,7 +62,9 @@ def index_and_link(
             # A restarted indexer: the dead one compressed and indexed the file and removed
             # the plain one (in that order), but died before linking.
             return done if ds.link_if_present(done) else None
-    arr = _reader.read(sf.pcap)
+    view = _reader.read(sf.pcap)
+    arr = None if view is None else np.frombuffer(view, np.uint8)
+    del view
     if arr is None:
         idx = build_index(sf.pcap)
     else:

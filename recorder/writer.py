@@ -23,9 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from pcapvault.index.directio import ALIGN
 from pcapvault.index.errors import PcapVaultError
 
-ALIGN = 4096
 CHUNK = 4 << 20
 BUFFERS = 6  # staging buffers in flight: 24 MiB, a few tens of ms of disk latency at 4 Gbps
 log = logging.getLogger("pcapvault.recorder")

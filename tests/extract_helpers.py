@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pcapvault.extract import engine
+from pcapvault.extract.flowplan import Source, Stats
 from pcapvault.extract.output import Interface, Output
-from pcapvault.extract.select import Source, Stats
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.pcapfile import global_header, record_header

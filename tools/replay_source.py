@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pcapvault.extract.engine import Query, merge, source_batches
-from pcapvault.extract.select import Source, Stats
+from pcapvault.extract.flowplan import Source, Stats
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.libpcap import Filter, compile_filter
 from pcapvault.index.pcapfile import MAX_CAPLEN, RECORD_HEADER_LEN, PcapReader, scan_records

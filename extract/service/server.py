@@ -54,7 +54,7 @@ from ..request import Request
 from . import wire
 
 if TYPE_CHECKING:
-    from ..select import Source, Stats
+    from ..flowplan import Source, Stats
     from .framed import ConnectionOutput
 
 T = TypeVar("T")
@@ -292,7 +292,7 @@ class Preload(threading.Thread):
             from pcapvault.index import indexfile, pcapfile  # noqa: F401
             from pcapvault.index.libpcap import lib
 
-            from .. import engine, flowmatch, output, select  # noqa: F401
+            from .. import engine, flowmatch, flowplan, output  # noqa: F401
             from . import framed  # noqa: F401
 
             lib()
@@ -581,9 +581,9 @@ class Session:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
         from ..engine import Query, extract, list_files
+        from ..flowplan import Stats
         from ..outfile import ClosedPipe, OutputError
         from ..output import Interface
-        from ..select import Stats
         from .framed import ConnectionOutput
         from .shared import SharedSlots
 
@@ -713,7 +713,7 @@ def _open_sources(paths: list[str], sets: list[AnchoredDumpSet], user_filter: st
     read exactly as in a direct extraction."""
     from pcapvault.index.libpcap import FilterError, compile_filter
 
-    from ..select import Source
+    from ..flowplan import Source
 
     expr = effective_filter(user_filter, allowed)
     sources = []

@@ -19,9 +19,10 @@ from extract_helpers import (
     tcpdump_select,
 )
 
-from pcapvault.extract import engine, flowmatch, prefetch
+from pcapvault.extract import engine, flowmatch, readahead
 from pcapvault.extract.cli import main
-from pcapvault.extract.output import Pieces, _writev_pieces
+from pcapvault.extract.outfile import writev_table
+from pcapvault.extract.output import Pieces
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import Filter, compile_filter
 
@@ -49,9 +50,9 @@ def extract(root: Path, out: Path, expr: str) -> list:
 def test_job_pieces_cover_the_ranges():
     starts = np.array([0, 10 << 20, 50 << 20], np.int64)
     lens = np.array([100, 9 << 20, 1], np.int64)
-    job = prefetch.Job(Path("/x"), starts, lens)
+    job = readahead.Job(Path("/x"), starts.tolist(), lens.tolist())
     pieces = list(zip(job.starts, job.lens, strict=True))
-    assert all(ln <= prefetch.PIECE_BYTES for _, ln in pieces)
+    assert all(ln <= readahead.PIECE_BYTES for _, ln in pieces)
     covered = [(s, s + ln) for s, ln in pieces]
     assert covered[0] == (0, 100) and covered[-1] == (50 << 20, (50 << 20) + 1)
     assert sum(lens) == job.total == int(job.ends[-1])
@@ -74,11 +75,11 @@ def test_prefetch_stays_within_its_lookahead(monkeypatch, tmp_path):
         calls.append((off, ln))
         worst[0] = max(worst[0], sum(c[1] for c in calls) - consumed[0])
 
-    monkeypatch.setattr(prefetch.os, "posix_fadvise", fake_fadvise)
-    pf = prefetch.Prefetcher(lookahead=8 << 20)
+    monkeypatch.setattr(readahead.os, "posix_fadvise", fake_fadvise)
+    pf = readahead.Prefetcher(lookahead=8 << 20)
     starts = np.arange(0, 64 << 20, 1 << 20, dtype=np.int64)
     lens = np.full(len(starts), 1 << 20, np.int64)
-    job = pf.submit(f, starts, lens)
+    job = pf.submit(f, starts.tolist(), lens.tolist())
     for _ in range(64):
         time.sleep(0.002)
         consumed[0] += 1 << 20
@@ -87,7 +88,7 @@ def test_prefetch_stays_within_its_lookahead(monkeypatch, tmp_path):
     pf.close()
     pf._thread.join(2)
     assert not pf._thread.is_alive()
-    assert worst[0] <= (8 << 20) + prefetch.PIECE_BYTES
+    assert worst[0] <= (8 << 20) + readahead.PIECE_BYTES
     offs = [c[0] for c in calls]
     assert offs == sorted(offs) and len(set(offs)) == len(offs)
 
@@ -95,7 +96,7 @@ def test_prefetch_stays_within_its_lookahead(monkeypatch, tmp_path):
 def test_pieces_survive_partial_writes(tmp_path, monkeypatch):
     """writev may take part of what it is given (a socket's send timeout, a signal): the rest
     follows, from inside the piece where it stopped, intact."""
-    from pcapvault.extract import output
+    from pcapvault.extract import outfile
 
     rng = np.random.default_rng(5)
     buf = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
@@ -117,13 +118,13 @@ def test_pieces_survive_partial_writes(tmp_path, monkeypatch):
             done += os.write(fd, ctypes.string_at(pairs[2 * i], n))
         return done
 
-    monkeypatch.setattr(output, "_libc_writev", stingy_writev)
+    monkeypatch.setattr(outfile, "_libc_writev", stingy_writev)
     out = tmp_path / "out"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT)
     pieces = Pieces.of(buf, offs, lens)
     assert len(pieces) == len(want)
     try:
-        _writev_pieces(fd, pieces.iov)
+        writev_table(fd, pieces.iov)
     finally:
         os.close(fd)
     assert out.read_bytes() == want

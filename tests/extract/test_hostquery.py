@@ -280,6 +280,21 @@ def test_plan_made_ahead_is_the_one_used(synth, tmp_path):
     other.close()
 
 
+@pytest.mark.parametrize("extra", [["-s", "100"], ["--pcapng"], ["-P1"], ["--max-packets=5"],
+                                   ["-N", "3"], ["--max-bytes", "9"], ["-t", "/other"]])
+def test_nothing_planned_ahead_for_what_the_fast_path_does_not_take(synth, extra):
+    """The entry point and the command decide alike (hostquery.applies): a request the
+    command would send to the engine starts no early plan and no disk reads for it."""
+    root, _ = synth
+    b, e = epoch(START), epoch(START + 3600 * NS)
+    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", *extra])
+    assert prestart.planned_ahead() is None
+    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3"])
+    ahead = prestart.planned_ahead()
+    assert ahead is not None and ahead[1] is not None
+    ahead[1].close()
+
+
 def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
     """The installed command's entry point (extract/__main__.py) with -O, read by tcpdump -r -."""
     root, files = synth

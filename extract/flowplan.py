@@ -24,10 +24,10 @@ import numpy as np
 from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.index.libpcap import Filter, compile_filter
+from pcapvault.index.libpcap import Filter
 from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN
 
-from .access import AccessError, open_dumpset
+from .access import AccessError, open_dumpset, open_query
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
 from .report import Stats
 
@@ -142,13 +142,13 @@ class Source:
     def __init__(self, path: str, number: int, expr: str, ds: DumpSet | None = None):
         self.path = path
         self.number = number
-        self.ds = open_dumpset(path) if ds is None else ds
-        meta = self.ds.meta
-        self.linktype = int(meta.get("linktype", 1))
-        self.snaplen = int(meta.get("snaplen", 262144))
-        self.nanosecond = self.ds.nanosecond
-        self.interface = str(meta.get("interface") or Path(path).name)
-        self.filter: Filter = compile_filter(expr, self.linktype, max(self.snaplen, 65535))
+        t = open_query(path, expr, ds)
+        self.ds = t.ds
+        self.linktype = t.linktype
+        self.snaplen = t.snaplen
+        self.nanosecond = t.nanosecond
+        self.interface = t.interface
+        self.filter: Filter = t.filter
         self.matcher = FlowMatcher(self.filter)
         # Whether the last file had candidates: then the next one probably has too, and its
         # summary is not decoded on its own first (a file skipped by its summary saves the
