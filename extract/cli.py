@@ -17,7 +17,8 @@ from pcapvault.index.sizes import SizeError, parse_size
 from . import prestart
 
 if TYPE_CHECKING:
-    from .hostquery import Plan, Request
+    from .hostquery import Plan
+    from .request import Request
 
 EPILOG = """\b
 Examples:
@@ -254,9 +255,10 @@ def cli(
 def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
                 empty: bool, list_only: bool, verbose: bool, t0: float) -> int | None:
     """The query answered by hostquery.py without numpy, or None for the engine."""
-    from .hostquery import Request, run
+    from .hostquery import run
+    from .request import Request
 
-    plan = take_plan(Request(dumpset, b_ns, e_ns, expr))
+    plan = take_plan(Request([dumpset], b_ns, e_ns, expr))
     if plan is None:
         return None
     if verbose:

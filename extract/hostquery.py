@@ -45,21 +45,12 @@ from .hostkeys import MAYBE, NO, YES, decide, posting_keys
 from .outfile import create, writev_all
 from .readahead import Job, Prefetcher, will_need
 from .report import Stats
+from .request import Request
 
 MAX_PACKETS = 250_000
 MAX_BYTES = 128 << 20
 _RECORD = struct.Struct("<IIII")
 _UNKNOWN = bytes(16)
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a plan answers; the early plan is used only for an identical request."""
-
-    dumpset: str
-    begin_ns: int
-    end_ns: int
-    expr: str
 
 
 @dataclass
@@ -117,7 +108,7 @@ def plan(req: Request) -> Plan | None:
     """The candidates of `req`, their page-cache reads started on a thread; None when the
     engine must answer. Errors the engine would report the same way (a dump set that does
     not exist or may not be read, a bad filter) are raised."""
-    t = open_query(req.dumpset, req.expr)
+    t = open_query(req.dumpsets[0], req.filter)
     ds, linktype, flt = t.ds, t.linktype, t.filter
     keys = posting_keys(flt.program) if linktype == 1 else None
     if not keys:

@@ -91,13 +91,14 @@ def plan_ahead(argv: list[str]) -> None:
         try:
             from pcapvault.index.times import parse_window
 
-            from .hostquery import Request, applies, plan
+            from .hostquery import applies, plan
+            from .request import Request
 
             if not applies(dumpsets, pcapng="pcapng" in args,
                            **{k: args[k] for k in _SHAPING if k in args}):
                 return
             b, e = parse_window(begin[-1], end[-1])
-            req = Request(dumpsets[0], b, e, expr)
+            req = Request([dumpsets[0]], b, e, expr)
             box.append((req, plan(req)))
         except Exception:
             pass

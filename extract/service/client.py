@@ -41,7 +41,7 @@ NO_ANSWER = "the extraction service closed the connection without an answer"
 SPLIT_NAME = re.compile(r"extract-\d{6}\.pcap(ng)?")
 
 
-class ServiceError(PcapVaultError):
+class RemoteError(PcapVaultError):
     """The service refused, failed, or is not there; the text says which."""
 
 
@@ -91,22 +91,22 @@ def connect(path: str, automatic: bool, dumpsets: tuple[str, ...]) -> socket.soc
     _pid, uid, _gid = struct.unpack("3i", creds)
     if uid != 0:
         sock.close()
-        raise ServiceError(
+        raise RemoteError(
             f"refusing to send a password to {path}: it is served by uid {uid}, not by root"
         )
     return sock
 
 
 def _unavailable(path: str, e: OSError, automatic: bool, dumpsets: tuple[str, ...]
-                 ) -> ServiceError:
+                 ) -> RemoteError:
     why = f"the extraction service is not available at {path} ({e.strerror})"
     if automatic:
         blocked = next((p for p in dumpsets if not readable(p)), dumpsets[0])
-        return ServiceError(
+        return RemoteError(
             f"no permission to read dump set {blocked}, and {why}; run as its owner or "
             "a member of its group, or ask the administrator to enable npcapextract.socket"
         )
-    return ServiceError(f"{why}; ask the administrator to enable npcapextract.socket")
+    return RemoteError(f"{why}; ask the administrator to enable npcapextract.socket")
 
 
 def read_password(from_stdin: bool, user: str) -> str:
@@ -114,11 +114,11 @@ def read_password(from_stdin: bool, user: str) -> str:
         line = sys.stdin.buffer.readline(wire.MAX_PASSWORD + 2)
         password = line.rstrip(b"\n").rstrip(b"\r")
         if not password:
-            raise ServiceError("--password-stdin: no password on standard input")
+            raise RemoteError("--password-stdin: no password on standard input")
         try:
             return password.decode()
         except UnicodeDecodeError:
-            raise ServiceError("--password-stdin: the password is not UTF-8") from None
+            raise RemoteError("--password-stdin: the password is not UTF-8") from None
     import getpass
     import warnings
 
@@ -128,7 +128,7 @@ def read_password(from_stdin: bool, user: str) -> str:
         try:
             return getpass.getpass(f"Password for {user} (npcapextract service): ")
         except getpass.GetPassWarning:
-            raise ServiceError(
+            raise RemoteError(
                 "no terminal to ask for the password; give it on standard input with "
                 "--password-stdin"
             ) from None
@@ -143,7 +143,7 @@ def _write_all(fd: int, view: memoryview) -> None:
         except BrokenPipeError:
             raise  # the reader of stdout left: npcapextract ends quietly
         except OSError as e:
-            raise ServiceError(f"cannot write the output: {e.strerror}") from None
+            raise RemoteError(f"cannot write the output: {e.strerror}") from None
         view = view[n:]
 
 
@@ -205,7 +205,7 @@ class _Receiver:
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             except OSError as e:
-                raise ServiceError(f"cannot create {name}: {e.strerror}") from None
+                raise RemoteError(f"cannot create {name}: {e.strerror}") from None
         st = os.fstat(fd)
         appending = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
         if stat.S_ISFIFO(st.st_mode):
@@ -227,7 +227,7 @@ class _Receiver:
             try:
                 os.makedirs(self.target, exist_ok=True)
             except OSError as e:
-                raise ServiceError(f"cannot create output directory {self.target}: "
+                raise RemoteError(f"cannot create output directory {self.target}: "
                                    f"{e.strerror}") from None
         self.close()
         self.fd = self.open(os.path.join(self.target, name))
@@ -263,7 +263,7 @@ class _Receiver:
                     raise _NoSplice() from None
                 if e.errno == errno.EPIPE:
                     raise BrokenPipeError() from None
-                raise ServiceError(f"cannot write the output: {e.strerror}") from None
+                raise RemoteError(f"cannot write the output: {e.strerror}") from None
             if not k:
                 raise _incomplete()
             moved = True
@@ -272,7 +272,7 @@ class _Receiver:
                 try:
                     k -= os.splice(self.pipe[0], self.fd, k)
                 except OSError as e:
-                    raise ServiceError(f"cannot write the output: {e.strerror}") from None
+                    raise RemoteError(f"cannot write the output: {e.strerror}") from None
 
     def close(self) -> None:
         if self.fd is not None and self.fd > 2:
@@ -287,8 +287,8 @@ class _NoSplice(Exception):
     """splice(2) refused this socket or output before moving anything."""
 
 
-def _incomplete() -> ServiceError:
-    return ServiceError("the extraction service ended the connection in the middle of the "
+def _incomplete() -> RemoteError:
+    return RemoteError("the extraction service ended the connection in the middle of the "
                         "result; the output is incomplete")
 
 
@@ -301,7 +301,7 @@ def run_remote(
     `output` is already resolved by the command line (-O folded into `-o -`); `t0` is when
     the command started, for -v."""
     if (req.split_bytes or req.split_packets) and output == "-":
-        raise ServiceError("-P/-N split the output into files: give -o a directory, not -")
+        raise RemoteError("-P/-N split the output into files: give -o a directory, not -")
     user = pwd.getpwuid(os.getuid()).pw_name
     sock = connect(socket_path, automatic, tuple(req.dumpsets))
     with sock:
@@ -327,7 +327,7 @@ def run_remote(
                     f"bytes out {trailer['bytes']}; elapsed {elapsed:.3f} s")
         _err(f"through the extraction service as {user}: {line}")
     if trailer.get("error"):
-        raise ServiceError(trailer["error"])
+        raise RemoteError(trailer["error"])
     sys.exit(status)
 
 
@@ -337,13 +337,13 @@ def _authenticate(sock: socket.socket, asked: wire.Asked, from_stdin: bool, user
     while True:
         asked.password = read_password(from_stdin, user)
         if len(asked.password.encode()) > wire.MAX_PASSWORD:
-            raise ServiceError(f"the password is longer than {wire.MAX_PASSWORD} bytes")
+            raise RemoteError(f"the password is longer than {wire.MAX_PASSWORD} bytes")
         try:
             wire.send(sock, wire.REQUEST, asked.encode())
             reply = _next_reply(sock)
         except (BrokenPipeError, ConnectionResetError):
             # Not our stdout's reader leaving: the service went away before answering.
-            raise ServiceError(NO_ANSWER) from None
+            raise RemoteError(NO_ANSWER) from None
         finally:
             asked.password = ""
         status, message = reply.get("status"), str(reply.get("message", ""))
@@ -352,20 +352,20 @@ def _authenticate(sock: socket.socket, asked: wire.Asked, from_stdin: bool, user
         if status == "denied" and reply.get("retry") and not from_stdin:
             _err(f"{message}; try again")
             continue
-        raise ServiceError(message or f"the extraction service answered {status!r}")
+        raise RemoteError(message or f"the extraction service answered {status!r}")
 
 
 def _next_reply(sock: socket.socket) -> dict:
     try:
         head = wire.recv_header(sock, "reply")
         if head is None:
-            raise ServiceError(NO_ANSWER)
+            raise RemoteError(NO_ANSWER)
         kind, length = head
         if kind != wire.REPLY:
             raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
         return wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
     except ConnectionResetError:
-        raise ServiceError(NO_ANSWER) from None
+        raise RemoteError(NO_ANSWER) from None
 
 
 def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
@@ -375,7 +375,7 @@ def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
         while True:
             head = wire.recv_header(sock, "result")
             if head is None:
-                raise ServiceError("the extraction service ended the connection before the end "
+                raise RemoteError("the extraction service ended the connection before the end "
                                    "of the result; the output is incomplete")
             kind, length = head
             if kind == wire.DATA:
@@ -397,7 +397,7 @@ def _receive(sock: socket.socket, target: str) -> tuple[dict, _Receiver]:
                 return wire.recv_json(sock, length, wire.MAX_REPLY, "trailer"), receiver
             elif kind == wire.REPLY:
                 reply = wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
-                raise ServiceError(str(reply.get("message", "the extraction service failed")))
+                raise RemoteError(str(reply.get("message", "the extraction service failed")))
             else:
                 raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
     except BaseException:

@@ -28,7 +28,7 @@ from extract_helpers import (
 )
 
 from pcapvault.extract import hostquery
-from pcapvault.extract.hostquery import Request
+from pcapvault.extract.request import Request
 from pcapvault.index.indexfile import read_index, write_index
 
 EXE = [sys.executable, "-m", "pcapvault.extract"]  # what the npcapextract script runs
@@ -97,7 +97,7 @@ def test_flipped_caplen_through_the_host_query_fast_path(synth, tmp_path):
     host = ".".join(map(str, data[offsets[k] + 16 + 26 : offsets[k] + 16 + 30]))
     at, damaged = flip_caplen(pcap, k)
     expr = f"host {host}"
-    plan = hostquery.plan(Request(str(root), B, E, expr))
+    plan = hostquery.plan(Request([str(root)], B, E, expr))
     assert plan is not None
     assert hostquery.run(plan, str(tmp_path / "fast.pcap"), False, False) is None
     assert not (tmp_path / "fast.pcap").exists()

@@ -30,7 +30,7 @@ from indexes import as_version
 
 from pcapvault.extract import hostkeys, hostquery, prestart
 from pcapvault.extract.cli import main, take_plan
-from pcapvault.extract.hostquery import Request
+from pcapvault.extract.request import Request
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
 from pcapvault.index.postings import Postings
@@ -62,7 +62,7 @@ ENGINE_FILTERS = ["", "tcp", "not host 10.0.1.3", "net 10.1.0.0/16", "vlan and h
 
 def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | None:
     """The fast path's records for the request, or None if it hands it to the engine."""
-    plan = hostquery.plan(Request(str(root), begin, end, expr))
+    plan = hostquery.plan(Request([str(root)], begin, end, expr))
     if plan is None:
         return None
     if out.exists():
@@ -148,7 +148,7 @@ def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
 @pytest.mark.parametrize("expr", ENGINE_FILTERS)
 def test_other_filters_go_to_the_engine(synth, expr):
     root, _ = synth
-    assert hostquery.plan(Request(str(root), START, START + 3600 * NS, expr)) is None
+    assert hostquery.plan(Request([str(root)], START, START + 3600 * NS, expr)) is None
 
 
 def test_decisions_agree_with_libpcap_on_every_posting(synth, corpus):
@@ -211,7 +211,7 @@ def test_indexes_without_postings_go_to_the_engine(synth, tmp_path):
     files = [sf for sf in sorted(root.rglob("*.pcap")) if not sf.is_symlink()]
     idx_path = Path(str(files[1]) + ".idx")
     idx_path.write_bytes(as_version(idx_path.read_bytes(), 2))
-    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
     assert hostquery.plan(req) is None
     out = tmp_path / "o.pcap"
     rc = _cli(["-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
@@ -229,7 +229,7 @@ def test_a_stale_index_hands_over_before_writing(synth, tmp_path):
     pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[0]
     data = pcap.read_bytes()
     pcap.write_bytes(data[:24] + bytes(8) + data[24:])
-    plan = hostquery.plan(Request(str(root), START, START + 3600 * NS, "host 10.0.1.3"))
+    plan = hostquery.plan(Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3"))
     assert plan is not None
     out = tmp_path / "o.pcap"
     assert hostquery.run(plan, str(out), False, False) is None
@@ -242,7 +242,7 @@ def test_torn_pcaps_go_to_the_engine(synth, tmp_path):
     pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[2]
     with open(pcap, "r+b") as f:
         f.truncate(os.path.getsize(pcap) - 5)
-    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
     assert hostquery.plan(req) is None
 
 
@@ -269,7 +269,7 @@ def test_plan_made_ahead_is_the_one_used(synth, tmp_path):
     root, _ = synth
     b, e = epoch(START), epoch(START + 3600 * NS)
     prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", "-O"])
-    req = Request(str(root), START, START + 3600 * NS, "host 10.0.1.3")
+    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
     ahead = prestart._ahead[1]
     got = take_plan(req)
     assert got is not None and ahead and got is ahead[0][1]

@@ -26,12 +26,13 @@ def test_both_strategies_see_the_same_dump_set(tmp_path: Path) -> None:
     from extract_helpers import SYNTH_START, synthetic_dumpset
 
     from pcapvault.extract.flowplan import Source
-    from pcapvault.extract.hostquery import Request, plan
+    from pcapvault.extract.hostquery import plan
+    from pcapvault.extract.request import Request
 
     root, _ = synthetic_dumpset(tmp_path / "ds")
     t = access.open_query(str(root), "host 10.0.1.3")
     src = Source(str(root), 0, "host 10.0.1.3")
-    p = plan(Request(str(root), SYNTH_START, SYNTH_START + 1800 * 10**9, "host 10.0.1.3"))
+    p = plan(Request([str(root)], SYNTH_START, SYNTH_START + 1800 * 10**9, "host 10.0.1.3"))
     try:
         assert p is not None
         want = (t.linktype, t.snaplen, t.nanosecond, t.filter.program)
