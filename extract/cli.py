@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -197,56 +198,38 @@ def cli(
             return code
     warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
 
-    from .engine import Query, extract, list_files
+    from .engine import RequestRun
     from .flowplan import Source, Stats
-    from .output import Interface, Output
+    from .output import Output
 
-    sources = [Source(p, i, expr) for i, p in enumerate(dumpsets)]
-    if not pcapng and len({s.linktype for s in sources}) > 1:
-        raise PcapVaultError(
-            "the dump sets have different link types; use --pcapng to combine them"
-        )
+    req = Request([str(Path(p).absolute()) for p in dumpsets], b_ns, e_ns, expr, pcapng,
+                  snaplen, max_bytes, max_packets, split_mb << 20 if split_mb else None,
+                  split_packets, empty, list_only)
     stats = Stats(count_timeline=verbose)
-    q = Query(b_ns, e_ns, list_only)
 
     def warn(msg: str) -> None:
         stats.warnings.append(msg)
         _err(f"warning: {msg}")
 
+    run = RequestRun(req, [Source(p, i, expr) for i, p in enumerate(req.dumpsets)], stats,
+                     warn)
     written = 0
     bytes_out = 0
     if list_only:
-        for path, n in list_files(sources, q, stats, warn):
+        for path, n in run.listing():
             click.echo(f"{path}\t{n}" if verbose else path)
             written += n
     else:
-        ifaces = [
-            Interface(f"{s.interface} ({s.ds.root})", s.linktype, s.snaplen, s.nanosecond)
-            for s in sources
-        ]
-        out = Output(
-            output,
-            ifaces,
-            pcapng=pcapng,
-            snap=snaplen,
-            split_bytes=split_mb << 20 if split_mb else None,
-            split_packets=split_packets,
-            max_bytes=max_bytes,
-            max_packets=max_packets,
-        )
-        bar = None
-        if output != "-" and sys.stderr.isatty():
-            bar = _Bar()
+        bar = _Bar() if output != "-" and sys.stderr.isatty() else None
         try:
-            extract(sources, q, out, stats, warn, bar)
-            if empty and out.sink is None:
-                out.ensure_open()
+            run.write(lambda ifaces, **opts: Output(output, ifaces, **opts), bar)
         finally:
-            out.close()
+            if run.out is not None:
+                run.out.close()
             if bar:
                 bar.finish()
-        written = out.packets
-        bytes_out = out.bytes
+        written = run.out.packets
+        bytes_out = run.out.bytes
     if verbose:
         _err(stats.line(written, bytes_out, time.monotonic() - t0))
     return stats.exit_status(written)

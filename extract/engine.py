@@ -52,11 +52,12 @@ from pcapvault.index.pcapfile import (
 
 from .direct import DirectReader, Span, cached
 from .flowplan import Candidates, Source, Stats, Warn
-from .output import Batch, Output, long_runs
+from .output import Batch, Interface, Output, long_runs
 from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher, will_need_index
 
 if TYPE_CHECKING:
     from .output import SharedBuffers
+    from .request import Request
 
 CHUNK_BYTES = 32 << 20
 CHUNK_PACKETS = 1 << 18
@@ -697,3 +698,38 @@ def list_files(
                 stats.packets_matched += n
                 found.append((p.file.first_ns, str(p.file.pcap.resolve()), n))
     return [(path, n) for _, path, n in sorted(found)]
+
+
+MakeOutput = Callable[..., Output]  # (interfaces, pcapng=, snap=, caps...) -> Output
+
+
+class RequestRun:
+    """One request through the engine: what npcapextract and npcapextractd both run, so that
+    a result through the service is the direct one by construction. The caller chooses
+    where the output goes (`make_output`) and keeps `out` to close it or count what left."""
+
+    def __init__(self, req: Request, sources: list[Source], stats: Stats, warn: Warn):
+        if not req.pcapng and len({s.linktype for s in sources}) > 1:
+            raise PcapVaultError(
+                "the dump sets have different link types; use --pcapng to combine them"
+            )
+        self.req, self.sources, self.stats, self.warn = req, sources, stats, warn
+        self.query = Query(req.begin_ns, req.end_ns, req.list_only)
+        self.out: Output | None = None
+
+    def listing(self) -> list[tuple[str, int]]:
+        """-l: the files holding matches and how many."""
+        return list_files(self.sources, self.query, self.stats, self.warn)
+
+    def write(self, make_output: MakeOutput, progress: Progress | None = None) -> Output:
+        """Every match into the output `make_output` builds for these dump sets."""
+        r = self.req
+        ifaces = [Interface(f"{s.interface} ({s.path})", s.linktype, s.snaplen, s.nanosecond)
+                  for s in self.sources]
+        self.out = out = make_output(ifaces, pcapng=r.pcapng, snap=r.snaplen,
+                                     split_bytes=r.split_bytes, split_packets=r.split_packets,
+                                     max_bytes=r.max_bytes, max_packets=r.max_packets)
+        extract(self.sources, self.query, out, self.stats, self.warn, progress)
+        if r.empty and out.sink is None:
+            out.ensure_open()
+        return out

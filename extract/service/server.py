@@ -580,12 +580,21 @@ class Session:
         if os.geteuid() == 0:
             self.conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
 
-        from ..engine import Query, extract, list_files
+        from ..engine import RequestRun
         from ..flowplan import Stats
         from ..outfile import ClosedPipe, OutputError
-        from ..output import Interface
         from .framed import ConnectionOutput
         from .shared import SharedSlots
+
+        stats = Stats()
+
+        def warn(msg: str) -> None:
+            msg = self._shown(msg)
+            stats.warnings.append(msg)
+            try:
+                wire.send(self.conn, wire.WARNING, msg.encode())
+            except OSError:
+                raise ClosedPipe() from None
 
         try:
             become(self.settings.account)
@@ -593,10 +602,7 @@ class Session:
                 self.sets.append(h.open())
             sources = bounded(lambda: _open_sources(req.dumpsets, self.sets, req.filter, allowed),
                               self.settings.filter_cpu, self.conn)
-            if not req.pcapng and len({src.linktype for src in sources}) > 1:
-                raise PcapVaultError(
-                    "the dump sets have different link types; use --pcapng to combine them"
-                )
+            run = RequestRun(req, sources, stats, warn)
         except RefusedPath as e:
             msg = self._shown(str(e))
             self._audit(record, started, "denied", msg)
@@ -612,34 +618,18 @@ class Session:
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)  # acknowledgements
         self._reply("ok")
-        stats = Stats()
-
-        def warn(msg: str) -> None:
-            msg = self._shown(msg)
-            stats.warnings.append(msg)
-            try:
-                wire.send(self.conn, wire.WARNING, msg.encode())
-            except OSError:
-                raise ClosedPipe() from None
-
-        q = Query(req.begin_ns, req.end_ns, req.list_only)
         files: list[tuple[str, int]] = []
-        out = None
         try:
             if allowed is not None:
                 # Said, so that an analyst who finds fewer packets than expected knows why.
                 groups = ", ".join(r.group for r in restrictions)
                 warn(f"as a member of {groups} you may extract only packets matching {allowed}")
             if req.list_only:
-                files = [(self._shown(f), n) for f, n in list_files(sources, q, stats, warn)]
+                files = [(self._shown(f), n) for f, n in run.listing()]
                 packets = sum(n for _, n in files)
                 if hung_up(self.conn):
                     raise ClosedPipe()
             else:
-                ifaces = [
-                    Interface(f"{s.interface} ({s.path})", s.linktype, s.snaplen, s.nanosecond)
-                    for s in sources
-                ]
                 shared = None
                 if shared_memory and len(sources) == 1:
                     try:
@@ -648,31 +638,25 @@ class Session:
                         _log(f"no shared buffers ({e.strerror}); sending every byte")
                     else:
                         shared.offer()
-                out = ConnectionOutput(self.conn, ifaces, shared, pcapng=req.pcapng,
-                                       snap=req.snaplen, max_bytes=req.max_bytes,
-                                       max_packets=req.max_packets,
-                                       split_bytes=req.split_bytes,
-                                       split_packets=req.split_packets)
-                extract(sources, q, out, stats, warn)
-                if req.empty and out.sink is None:
-                    out.ensure_open()
+                out = run.write(
+                    lambda ifaces, **opts: ConnectionOutput(self.conn, ifaces, shared, **opts))
                 packets = out.packets
         except (ClosedPipe, OutputError) as e:
             why = "the client stopped reading" if isinstance(e, ClosedPipe) else str(e)
             self._audit(record, started, "error", f"{why}; result incomplete",
-                        *_returned(out))
+                        *_returned(run.out))
             return
         except (PcapVaultError, OSError) as e:
             msg = str(e) if isinstance(e, PcapVaultError) else f"{e.strerror}: {e.filename}"
             msg = self._shown(msg)
             outcome = "denied" if isinstance(e, RefusedPath) else "error"
-            self._audit(record, started, outcome, msg, *_returned(out))
-            self._trailer(stats, files, out, allowed, error=msg)
+            self._audit(record, started, outcome, msg, *_returned(run.out))
+            self._trailer(stats, files, run.out, allowed, error=msg)
             return
         # Every packet is with the client (or in its socket) by now. Audit first: whoever
         # sees the end of the result can rely on the audit line being there.
-        self._audit(record, started, "allowed", None, packets, _returned(out)[1])
-        self._trailer(stats, files, out, allowed)
+        self._audit(record, started, "allowed", None, packets, _returned(run.out)[1])
+        self._trailer(stats, files, run.out, allowed)
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
                  allowed: str | None, error: str | None = None) -> None:
