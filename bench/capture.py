@@ -94,8 +94,9 @@ def _pcapy_drops(out: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _recorder(extra: list[str]) -> Callable[[str, Path, int], list[str]]:
-    exe = shutil.which("recorder") or "recorder"
+def _recorder(extra: list[str], exe: str | None = None
+              ) -> Callable[[str, Path, int], list[str]]:
+    exe = exe or shutil.which("recorder") or "recorder"
     return lambda i, d, mb: [exe, "-i", i, "-o", str(d), "-b", str(mb), "-s", str(SNAPLEN),
                              "--disk-limit", "40GB", *extra]
 
@@ -492,6 +493,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 run, bursts and counts / 4")
     ap.add_argument("--ring-mb", type=int, default=128, help="ring size for the rate runs [128]")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply packet counts")
+    ap.add_argument("--base-recorder", metavar="PATH",
+                    help="another build's recorder (e.g. a venv of the previous commit), "
+                         "measured as the tool 'recorder-base' in the same run")
     ap.add_argument("--pcapy-consumer", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.pcapy_consumer:
@@ -502,6 +506,9 @@ def main() -> None:
     scale = a.scale * (0.25 if a.quick else 1.0)
     repeat = 1 if a.quick else a.repeat
     sizes = [int(s) for s in a.sizes.split(",")]
+    if a.base_recorder:
+        TOOLS["recorder-base"] = Tool("recorder-base", _recorder([], a.base_recorder),
+                                      "recording ", _recorder_drops, signal.SIGTERM)
     tools = [TOOLS[t.strip()] for t in a.tools.split(",")]
     WORK.mkdir(parents=True, exist_ok=True)
     rate: dict[tuple[int, str], list[Result]] = {}
