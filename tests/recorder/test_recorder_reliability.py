@@ -18,6 +18,7 @@ from recorderproc import (
     RecorderProc,
     one_line_error,
     read_stats,
+    record,
     recorded_frames,
     synthetic_pcap,
     tool,
@@ -180,12 +181,7 @@ def test_a_bad_timeline_leaves_no_marker_and_a_good_one_works(veth, tmp_path):
     r = start_fails(veth, "-o", str(ds_dir), "-A", "/proc/foo")
     one_line_error(r, "cannot create the timeline /proc/foo", "-A", code=1)
     assert not (ds_dir / ".pcapvault").exists()
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 500, 200)
-    rec = RecorderProc(veth, ds_dir, "-A", str(tl), "--disk-limit", "1GB")
-    veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0, rec.stderr
+    record(veth, tmp_path, 500, 200, "-A", str(tl))
     ds = DumpSet.open(ds_dir)
     assert ds.timeline == tl and ds.timeline_problem() == ""
     assert ds.files_in_window(0, 2**63 - 1) == [
@@ -195,12 +191,7 @@ def test_a_bad_timeline_leaves_no_marker_and_a_good_one_works(veth, tmp_path):
 
 def test_a_different_timeline_is_refused_while_the_old_one_exists_then_moved(veth, tmp_path):
     ds_dir, tl, tl2 = tmp_path / "ds", tmp_path / "tl", tmp_path / "tl2"
-    src = tmp_path / "in.pcap"
-    synthetic_pcap(src, 500, 200)
-    rec = RecorderProc(veth, ds_dir, "-A", str(tl), "--disk-limit", "1GB")
-    veth.send([src])
-    time.sleep(0.3)
-    assert rec.stop() == 0, rec.stderr
+    record(veth, tmp_path, 500, 200, "-A", str(tl))
     marker = (ds_dir / ".pcapvault").read_text()
     r = start_fails(veth, "-o", str(ds_dir), "-A", str(tl2))
     one_line_error(r, f"differs from the timeline {tl}", f"delete {tl}", code=2)
