@@ -208,7 +208,7 @@ def test_a_different_timeline_is_refused_while_the_old_one_exists_then_moved(vet
 
 
 def test_timeline_problem_names_a_foreign_or_unmarked_timeline(tmp_path):
-    from test_repair import make_dumpset
+    from dumpsets import make_dumpset
 
     a = make_dumpset(tmp_path / "a", nfiles=1)
     b = make_dumpset(tmp_path / "b", nfiles=1)
