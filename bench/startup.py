@@ -1,16 +1,16 @@
-"""What npcapextract's start-up measures are worth now, each measured against its absence.
+"""What npcapextract's start-up measure is worth now, measured against its absence.
 
-Case (a) of bench/extract.py (one host, 10 minutes, cold data, warm programs), run three ways
+Case (a) of bench/extract.py (one host, 10 minutes, cold data, warm programs), run two ways
 that take turns:
 
-  entry      `python -m pcapvault.extract`: the plan of the host query made on a thread
-             before click is imported (prestart.plan_ahead), and the exit without the
-             interpreter's teardown (cliutil.exit_now);
-  no-exit    the same plan ahead, then the command and a normal interpreter exit;
-  exit-only  the command alone (it plans when it gets there), then exit_now;
-  neither    the command alone, and a normal interpreter exit.
+  entry      `python -m pcapvault.extract`, which exits without the interpreter's teardown
+             (cliutil.exit_now);
+  no-exit    the command with a normal interpreter exit.
 
-    python bench/startup.py --dir /tmp/bench-final [--repeat 9]
+(At de1566e it also measured planning the host query on a thread before click is imported,
+which no longer paid and was removed: docs/BENCHMARKS.md, S1.)
+
+    python bench/startup.py --dir /tmp/bench-final [--repeat 15]
 
 Uses the dump set bench/extract.py builds (and its small warm-up set); run that first with
 --keep.
@@ -25,15 +25,9 @@ from pathlib import Path
 
 from extract import HOUR_START, drop_caches, interleaved
 
-PLAN_AHEAD = ("import sys; from pcapvault.extract import prestart; "
-              "prestart.plan_ahead(sys.argv[1:]); prestart.wait_planned(); ")
 VARIANTS = {
     "entry": ["-m", "pcapvault.extract"],
-    "no-exit": ["-c", PLAN_AHEAD + "from pcapvault.extract.cli import main; main()"],
-    "exit-only": ["-c", "from pcapvault.extract.cli import main\n"
-                  "from pcapvault.index.cliutil import exit_now\n"
-                  "try:\n    main()\nexcept SystemExit as e:\n    exit_now(e.code)"],
-    "neither": ["-c", "from pcapvault.extract.cli import main; main()"],
+    "no-exit": ["-c", "from pcapvault.extract.cli import main; main()"],
 }
 
 

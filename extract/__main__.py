@@ -1,5 +1,6 @@
-"""npcapextract's entry point (also `python -m pcapvault.extract`): start what the command
-will wait for (prestart.py) before click and the rest load, then run the command."""
+"""npcapextract's entry point (also `python -m pcapvault.extract`): connect to the extraction
+service early when it will be needed (prestart.py), run the command, and exit without the
+interpreter's teardown (docs/BENCHMARKS.md, S1)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,6 @@ from . import prestart
 def main() -> None:
     """The npcapextract command."""
     prestart.preconnect(sys.argv[1:])
-    if not prestart.connected():
-        prestart.plan_ahead(sys.argv[1:])
-        # Planning is mostly Python and holds the GIL; importing click beside it would only
-        # delay the moment the packets' reads start. Once planned, those reads run in the
-        # kernel (the read-ahead thread waits there) while click imports.
-        prestart.wait_planned()
     from .cli import main as cli_main
 
     try:

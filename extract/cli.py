@@ -18,8 +18,7 @@ from pcapvault.index.sizes import SizeError, parse_size
 from . import prestart
 
 if TYPE_CHECKING:
-    from .hostquery import Plan
-    from .request import Request
+    pass
 
 EPILOG = """\b
 Examples:
@@ -238,10 +237,11 @@ def cli(
 def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
                 empty: bool, list_only: bool, verbose: bool, t0: float) -> int | None:
     """The query answered by hostquery.py without numpy, or None for the engine."""
+    from .hostquery import plan as plan_query
     from .hostquery import run
     from .request import Request
 
-    plan = take_plan(Request([dumpset], b_ns, e_ns, expr))
+    plan = plan_query(Request([dumpset], b_ns, e_ns, expr))
     if plan is None:
         return None
     if verbose:
@@ -254,20 +254,6 @@ def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | Non
     if verbose:
         _err(res.stats.line(res.written, res.bytes_out, time.monotonic() - t0))
     return res.stats.exit_status(res.written)
-
-
-def take_plan(req: Request) -> Plan | None:
-    """The plan prestart.plan_ahead made, if it was made for `req`, else a plan made now."""
-    from .hostquery import plan
-
-    ahead = prestart.planned_ahead()
-    if ahead is not None:
-        areq, p = ahead
-        if areq == req:
-            return p
-        if p is not None:
-            p.close()
-    return plan(req)
 
 
 def _configured_dumpsets() -> tuple[str, ...]:

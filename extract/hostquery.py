@@ -19,10 +19,6 @@ goes on for these), filters without an address on every accepting path, and resu
 MAX_PACKETS or MAX_BYTES (held in memory until written). Packets whose record header does not
 agree with the index, another file's index and postings that cannot be read also hand the
 query over, since nothing has been written yet: the engine skips and reports the damage.
-
-The entry point (prestart.py) starts planning on a thread before click is imported, so that
-the disk reads the index directories and then the packets while the interpreter imports the
-rest; the command (cli.py) takes that plan if the request it parsed is the same.
 """
 
 from __future__ import annotations
@@ -93,8 +89,7 @@ def applies(dumpsets: Sequence[str], *, pcapng: bool = False, snaplen: object = 
             max_packets: object = None) -> bool:
     """Whether a request may go to this path at all, before any file is looked at: one dump
     set and plain pcap output, without slicing, splitting or caps (the engine's Output does
-    those). The one place that decides it, for the command (cli.py) and for the plan started
-    before the command line is parsed (prestart.py); `plan` then decides by the data."""
+    those). The one place that decides it (cli.py asks); `plan` then decides by the data."""
     return len(dumpsets) == 1 and not (
         pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
     )

