@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import os
 import sys
-
-import click
+from typing import TYPE_CHECKING
 
 from pcapvault.index.errors import PcapVaultError
+
+if TYPE_CHECKING:
+    import click
+
+# click is imported where it is used: `exit_now` serves npcapextract's entry point, which must
+# reach its early connection to the service before click loads (docs/BENCHMARKS.md, PAM
+# service).
 
 EXIT_USAGE = 2
 
 
 def fail(prog: str, message: str, code: int) -> None:
     """Print `prog: error: message` on one line and exit."""
+    import click
+
     one_line = " ".join(str(message).split())
     click.echo(f"{prog}: error: {one_line}", err=True)
     sys.exit(code)
@@ -31,6 +39,8 @@ def run(
     Usage errors exit 2; PcapVaultError and OSError exit `error_code`; a closed output pipe
     (`| head`) exits quietly, as tcpdump does.
     """
+    import click
+
     try:
         rc = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:

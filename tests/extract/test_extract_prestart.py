@@ -139,3 +139,13 @@ def test_python_m_entry_hands_the_connection_to_the_client(tmp_path):
     assert r.returncode == 2, r.stderr  # the stand-in hangs up without an answer
     assert b"without an answer" in r.stderr
     assert len(listener.accepted) == 1
+
+
+def test_the_entry_point_connects_before_click_loads():
+    """Everything npcapextract's entry point imports before it connects stays light: click
+    (about 30 ms) would delay the service instance's start by as much."""
+    code = ("import sys; import pcapvault.extract.__main__; "
+            "print(sorted(m for m in ('click', 'numpy', 'json') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
