@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -18,7 +17,7 @@ from pcapvault.index.sizes import SizeError, parse_size
 from . import prestart
 
 if TYPE_CHECKING:
-    pass
+    from .request import Request
 
 EPILOG = """\b
 Examples:
@@ -175,35 +174,31 @@ def cli(
     if output is None and not list_only:
         raise click.UsageError("give -o FILE, -o - or -O for stdout, or -l to list files")
     t0 = time.monotonic()
+
+    def request(paths: tuple[str, ...]) -> Request:
+        b_ns, e_ns = parse_window(begin, end)
+        return Request([os.path.abspath(p) for p in paths], b_ns, e_ns, expr, pcapng, snaplen,
+                       max_bytes, max_packets, split_mb << 20 if split_mb else None,
+                       split_packets, empty, list_only)
+
     remote = service_targets(dumpsets, use_service)
     if remote:  # before the engine's imports: the service has its own
-        b_ns, e_ns = parse_window(begin, end)
-        req = Request([os.path.abspath(p) for p in remote], b_ns, e_ns, expr, pcapng, snaplen,
-                      max_bytes, max_packets, split_mb << 20 if split_mb else None,
-                      split_packets, empty, list_only)
-        run_remote(req, socket_path=service_socket, password_stdin=password_stdin,
+        run_remote(request(remote), socket_path=service_socket, password_stdin=password_stdin,
                    automatic=not use_service, output=output, verbose=verbose, t0=t0)
+    from .hostquery import applies
     from .readahead import warm_indexes
 
-    if not dumpsets:
-        dumpsets = _configured_dumpsets()
-    b_ns, e_ns = parse_window(begin, end)
-    from .hostquery import applies
-
-    if applies(dumpsets, pcapng=pcapng, snaplen=snaplen, split_mb=split_mb,
-               split_packets=split_packets, max_bytes=max_bytes, max_packets=max_packets):
-        code = _host_query(dumpsets[0], b_ns, e_ns, expr, output, empty, list_only, verbose, t0)
+    req = request(dumpsets or _configured_dumpsets())
+    if applies(req):
+        code = _host_query(req, output, verbose, t0)
         if code is not None:
             return code
-    warm_indexes(dumpsets, b_ns, e_ns)  # the disk works while numpy and the rest import
+    warm_indexes(req.dumpsets, req.begin_ns, req.end_ns)  # the disk works while numpy imports
 
     from .engine import RequestRun
     from .flowplan import Source, Stats
     from .output import Output
 
-    req = Request([str(Path(p).absolute()) for p in dumpsets], b_ns, e_ns, expr, pcapng,
-                  snaplen, max_bytes, max_packets, split_mb << 20 if split_mb else None,
-                  split_packets, empty, list_only)
     stats = Stats(count_timeline=verbose)
 
     def warn(msg: str) -> None:
@@ -234,19 +229,17 @@ def cli(
     return stats.exit_status(written)
 
 
-def _host_query(dumpset: str, b_ns: int, e_ns: int, expr: str, output: str | None,
-                empty: bool, list_only: bool, verbose: bool, t0: float) -> int | None:
+def _host_query(req: Request, output: str | None, verbose: bool, t0: float) -> int | None:
     """The query answered by hostquery.py without numpy, or None for the engine."""
     from .hostquery import plan as plan_query
     from .hostquery import run
-    from .request import Request
 
-    plan = plan_query(Request([dumpset], b_ns, e_ns, expr))
+    plan = plan_query(req)
     if plan is None:
         return None
     if verbose:
         plan.stats.add_timeline(plan.ds, plan.stats.files_considered)
-    res = run(plan, output, empty, list_only)
+    res = run(plan, output, req.empty, req.list_only)
     if res is None:
         return None
     for path, n in res.files:

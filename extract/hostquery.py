@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pcapvault.index.compressed import is_compressed
@@ -84,14 +84,13 @@ class Plan:
         self.files = []
 
 
-def applies(dumpsets: Sequence[str], *, pcapng: bool = False, snaplen: object = None,
-            split_mb: object = None, split_packets: object = None, max_bytes: object = None,
-            max_packets: object = None) -> bool:
+def applies(req: Request) -> bool:
     """Whether a request may go to this path at all, before any file is looked at: one dump
     set and plain pcap output, without slicing, splitting or caps (the engine's Output does
     those). The one place that decides it (cli.py asks); `plan` then decides by the data."""
-    return len(dumpsets) == 1 and not (
-        pcapng or snaplen or split_mb or split_packets or max_bytes or max_packets
+    return len(req.dumpsets) == 1 and not (
+        req.pcapng or req.snaplen or req.split_bytes or req.split_packets or req.max_bytes
+        or req.max_packets
     )
 
 

@@ -478,7 +478,7 @@ class Session:
             roots = identities(s.allow)
             for path in req.dumpsets:
                 self.held.append(hold(path, owner, roots))
-        except (RefusedPath, PcapVaultError) as e:
+        except PcapVaultError as e:  # RefusedPath carries where the path led
             real = getattr(e, "real", None)
             record["resolved"] = [h.real for h in self.held] + ([real] if real else [])
             self._deny(record, requested, str(e))
