@@ -24,18 +24,14 @@ model and the wire format.
 
 from __future__ import annotations
 
-import grp
-import json
 import os
 import pwd
 import resource
 import select
 import signal
 import socket
-import stat
 import struct
 import sys
-import syslog
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +48,17 @@ from pcapvault.index.times import format_time
 
 from ..request import Request
 from . import wire
+from .policy import (
+    Audit,
+    AuditLogError,
+    GroupFilter,
+    allowed_filter,
+    authenticate,
+    default_allow,
+    effective_filter,
+    member_of,
+    parse_group_filters,
+)
 
 if TYPE_CHECKING:
     from ..flowplan import Source, Stats
@@ -68,15 +75,6 @@ HANGUP_POLL = 0.2  # how often a hang-up is looked for while the service works
 
 class ServiceError(PcapVaultError):
     """The service itself cannot run (not socket-activated, no audit log, ...)."""
-
-
-@dataclass(frozen=True)
-class GroupFilter:
-    """--group-filter GROUP=FILTER: the members of `group` may extract only what `expr` selects."""
-
-    group: str
-    gid: int
-    expr: str
 
 
 @dataclass(frozen=True)
@@ -131,125 +129,6 @@ def peer_of(sock: socket.socket) -> Peer:
     except KeyError:
         user = None
     return Peer(pid, uid, gid, user)
-
-
-class Audit:
-    """One JSON line per attempt, appended to the audit file and sent to syslog."""
-
-    def __init__(self, path: Path):
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            self.fd = os.open(path, flags, 0o640)
-        except OSError as e:
-            raise ServiceError(f"cannot open the audit log {path}: {e.strerror}") from None
-        st = os.fstat(self.fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_mode & 0o022
-            or st.st_uid not in (0, os.geteuid())
-        ):
-            os.close(self.fd)
-            raise ServiceError(
-                f"refusing the audit log {path}: it must be a regular file owned by root "
-                "and writable by its owner only (mode 0640)"
-            )
-        self.path = path
-        syslog.openlog(PROG, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_AUTHPRIV)
-
-    def write(self, record: dict) -> None:
-        # The file first: it is the record of reference, and a stalled syslog daemon (sending
-        # to /dev/log blocks when its queue is full) must not delay or lose it.
-        line = json.dumps(record, separators=(",", ":"))
-        try:
-            os.write(self.fd, (line + "\n").encode())
-        except OSError as e:
-            _log(f"cannot append to the audit log {self.path}: {e.strerror}; the record: {line}")
-        level = syslog.LOG_INFO if record["outcome"] == "allowed" else syslog.LOG_WARNING
-        syslog.syslog(level, line)
-
-
-def authenticate(user: str, password: str, service: str) -> tuple[bool, str]:
-    """PAM authentication and account checks; (ok, PAM's reason)."""
-    import pam
-
-    p = pam.pam()
-    ok = p.authenticate(user, password, service=service, resetcreds=False)
-    return ok, str(p.reason)
-
-
-def member_of(group: str, gids: set[int]) -> bool:
-    try:
-        gid = grp.getgrnam(group).gr_gid
-    except KeyError:
-        _log(f"the extractors' group {group!r} does not exist; nobody may extract")
-        return False
-    return gid in gids
-
-
-def parse_group_filters(values: tuple[str, ...]) -> tuple[GroupFilter, ...]:
-    """The --group-filter options, checked before anything else runs.
-
-    A mistake must stop the service rather than fail open: a misspelt group would leave its
-    members unrestricted, and a filter that does not compile would only show up as every
-    restricted extraction failing. The filters come from the unit file (the administrator,
-    not a client), so compiling them as root is no exposure."""
-    found: dict[str, GroupFilter] = {}
-    for value in values:
-        group, sep, expr = (part.strip() for part in value.partition("="))
-        if not sep or not group or not expr:
-            raise _bad_group_filter(f"{value!r} is not GROUP=FILTER (both parts non-empty)")
-        if group in found:
-            raise _bad_group_filter(f"group {group!r} is given twice")
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise _bad_group_filter(f"no group named {group!r}") from None
-        from pcapvault.index.libpcap import compile_filter
-
-        try:
-            compile_filter(expr)
-        except PcapVaultError as e:
-            raise _bad_group_filter(f"group {group}: {e}") from None
-        found[group] = GroupFilter(group, gid, expr)
-    return tuple(found.values())
-
-
-def _bad_group_filter(message: str) -> click.BadParameter:
-    return click.BadParameter(message, param_hint="'--group-filter'")
-
-
-def allowed_filter(restrictions: tuple[GroupFilter, ...]) -> str | None:
-    """What a member of these restricted groups may see; None when unrestricted.
-
-    The union: each group alone would grant its filter, so being in a second group must
-    not take away what the first one grants."""
-    if not restrictions:
-        return None
-    if len(restrictions) == 1:
-        return restrictions[0].expr
-    return " or ".join(f"({r.expr})" for r in restrictions)
-
-
-def effective_filter(user_filter: str, allowed: str | None) -> str:
-    """The filter the engine runs: the user's, inside what the user may see.
-
-    A conjunction, never a check that the user's filter starts with the allowed one:
-    `ALLOWED or anything` has that prefix and selects everything. The allowed filter comes
-    first and both are parenthesised, so neither borrows the other's qualifiers (tcpdump's
-    `host a or b` shorthand stops at a parenthesis); the user's filter must compile on its
-    own too (see _open_sources), so its parentheses cannot close ours."""
-    if allowed is None:
-        return user_filter
-    if not user_filter.strip():
-        return allowed
-    return f"({allowed}) and ({user_filter})"
-
-
-def default_allow() -> tuple[str, ...]:
-    """The dump sets of this sensor: /var/lib/pcapvault and the configured ones."""
-    from pcapvault.index.config import default_dumpsets
-
-    return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
 
 
 def service_uid(account: str) -> int:
@@ -796,8 +675,8 @@ def command(account: str, group: str, group_filters: tuple[str, ...], pam_servic
     settings = Settings(account, group, filters, pam_service, audit_log,
                         allow or default_allow(), max_attempts, fail_delay, timeout, filter_cpu)
     try:
-        audit = Audit(audit_log)
-    except ServiceError:
+        audit = Audit(audit_log, PROG)
+    except (ServiceError, AuditLogError):
         # Fail closed: without an audit trail nobody gets packets.
         _refuse(conn, "the extraction service cannot write its audit log; ask the "
                       "administrator")
