@@ -351,3 +351,45 @@ def _cli(args: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def test_engine_reads_a_dense_postings_plan_with_o_direct(tmp_path, monkeypatch):
+    """A host that fills its files, out of the page cache: the engine reads the postings plan
+    with O_DIRECT and learns timestamps and wire lengths on its checking thread; a window
+    that cuts the files keeps exactly tcpdump's records, and a damaged record is skipped and
+    reported."""
+    from extract_helpers import flip_caplen
+
+    from pcapvault.extract import engine
+
+    frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                  ipv4("10.9.0.1", "10.9.1.1", 6, tcp(1000, 80, 0x10, bytes(1400))))
+    root = tmp_path / "ds"
+    ds = build_dumpset(root, [(START + i * 10_000_000, frame, len(frame) + i % 7)
+                              for i in range(6000)], per_file=2000)
+    files = [sf.pcap for sf in ds.files()]
+    b, e = START + 5 * NS + 3, START + 55 * NS + 5  # cuts the first and the last file
+    whole = tcpdump_window(files, "host 10.9.0.1", b, e)
+    at, damaged = flip_caplen(files[1], 700)
+    want = [p for p in whole if p != damaged]
+    opened = []
+    real = engine.open_direct
+    monkeypatch.setattr(engine, "open_direct", lambda p: opened.append(p) or real(p))
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    warnings: list[str] = []
+    stats = Stats()
+    run = RequestRun(Request([str(root)], b, e, "host 10.9.0.1"),
+                     [Source(str(root), 0, "host 10.9.0.1")], stats, warnings.append)
+    assert isinstance(run.sources[0], postingsplan.PostingsSource)
+    out = tmp_path / "o.pcap"
+    try:
+        run.write(lambda ifaces, **opts: Output(str(out), ifaces, **opts))
+    finally:
+        run.out.close()
+    assert len(opened) == 3
+    assert stats.damaged_records == 1 and any(f"first at byte {at}" in w for w in warnings)
+    assert read_pcap_records(out.read_bytes()) == want and len(want) == len(whole) - 1 > 4000
