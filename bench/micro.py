@@ -1,5 +1,5 @@
 """Micro-benchmarks behind design choices the code's comments name (docs/BENCHMARKS.md, "Design
-choices", D1 to D17): each measures one mechanism against the alternative it was chosen over,
+choices", D1 to D18): each measures one mechanism against the alternative it was chosen over,
 the variants taking turns run by run, and prints the median of each and their ratio.
 
     python bench/micro.py NAME [NAME ...] [--repeat 7] [--dir /work/bench-micro] [--keep]
@@ -291,6 +291,36 @@ def segment_size(repeat: int, work: Path) -> None:
            res, "ms", 1e3)
 
 
+def map_populate(repeat: int, work: Path) -> None:
+    """D18: mapping a cached 256 MiB file and touching every page (index/pcapfile.py's
+    whole-file readers): MAP_POPULATE against a page fault per page."""
+    path = work / "populate.bin"
+    size = 256 * MiB
+    with open(path, "wb") as f:
+        f.write(bytes(size))
+    fd = os.open(path, os.O_RDONLY)
+
+    def run(flags: int) -> Callable[[], float]:
+        def go() -> float:
+            t = time.perf_counter()
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
+            int(np.frombuffer(mm, np.uint8)[::4096].sum())
+            dt = time.perf_counter() - t
+            mm.close()
+            return dt
+        return go
+
+    try:
+        run(0)()  # the file in the page cache
+        res = alternate({"MAP_POPULATE": run(mmap.MAP_POPULATE),
+                         "a fault per page": run(0)}, repeat)
+        report("D18 map-populate: map a cached 256 MiB file, touch every page", res, "ms",
+               1e3)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 # --- extract/ ---------------------------------------------------------------------------------
 
 def _big_file(work: Path) -> Path:
@@ -550,6 +580,7 @@ BENCHMARKS: dict[str, Callable[[int, Path], None]] = {
     "find-library": find_library,
     "numpy-import": numpy_import,
     "segment-size": segment_size,
+    "map-populate": map_populate,
     "direct-read": direct_read,
     "scattered-reads": scattered_reads,
     "fresh-memory": fresh_memory,
