@@ -418,37 +418,42 @@ def scattered_reads(repeat: int, work: Path) -> None:
 
 
 def fresh_memory(repeat: int, work: Path) -> None:
-    """D14: filling 100 MB of numpy memory in a fresh process: the first time, again after
-    freeing it (glibc hands a block that large back to the kernel: fresh pages again), and
-    again with freed memory kept in the heap (extract/heap.py)."""
+    """D14: filling 100 MB of numpy memory in a fresh process, allocated anew four times:
+    the first allocation; the later ones with glibc's defaults (a block that large is handed
+    back to the kernel when freed: fresh pages again) and with freed memory kept in the heap
+    (extract/heap.py); and refilling memory already touched (no page faults)."""
     code = """if 1:
-        import sys, time
+        import statistics, sys, time
         import numpy as np
         if sys.argv[1] == "keep":
             from pcapvault.extract.heap import keep_freed_memory
             keep_freed_memory()
-        out = []
-        for _ in range(2):
+        new, again = [], []
+        for _ in range(4):
             t = time.perf_counter()
             a = np.empty(100_000_000, np.uint8)
             a.fill(1)
-            out.append(time.perf_counter() - t)
+            new.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            a.fill(2)
+            again.append(time.perf_counter() - t)
             del a
-        print(*out)
+        print(new[0], statistics.median(new[1:]), statistics.median(again))
     """
-    figs: dict[str, list[float]] = {"first fill (fresh pages)": [],
-                                    "second fill, heap.keep_freed_memory()": [],
-                                    "second fill, glibc defaults": []}
+    first, keep, default, refill = ("first allocation (fresh process)",
+                                     "later allocations, heap.keep_freed_memory()",
+                                     "later allocations, glibc defaults",
+                                     "refilling touched memory")
+    figs: dict[str, list[float]] = {first: [], keep: [], default: [], refill: []}
     for _ in range(repeat):
-        for mode in ("keep", "default"):
+        for mode, key in (("keep", keep), ("default", default)):
             p = subprocess.run([sys.executable, "-P", "-c", code, mode], capture_output=True,
                                text=True, check=True)
-            first, second = map(float, p.stdout.split())
-            figs["first fill (fresh pages)"].append(first)
-            key = "second fill, heap.keep_freed_memory()" if mode == "keep" else \
-                "second fill, glibc defaults"
-            figs[key].append(second)
-    report("D14 fresh-memory: filling 100 MB", figs, "ms", 1e3)
+            a, b, c = map(float, p.stdout.split())
+            figs[first].append(a)
+            figs[key].append(b)
+            figs[refill].append(c)
+    report("D14 fresh-memory: allocating and filling 100 MB", figs, "ms", 1e3)
 
 
 def sendfile_run(repeat: int, work: Path) -> None:
@@ -580,13 +585,13 @@ BENCHMARKS: dict[str, Callable[[int, Path], None]] = {
     "find-library": find_library,
     "numpy-import": numpy_import,
     "segment-size": segment_size,
-    "map-populate": map_populate,
     "direct-read": direct_read,
     "scattered-reads": scattered_reads,
     "fresh-memory": fresh_memory,
     "sendfile-run": sendfile_run,
     "socket-relay": socket_relay,
     "column-rows": column_rows,
+    "map-populate": map_populate,
 }
 
 
