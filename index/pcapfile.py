@@ -167,7 +167,7 @@ def walk_offsets(arr: np.ndarray, start: int, end: int, big_endian: bool) -> np.
 _SAMPLE_RECORDS = 256
 # Records per parallel walker: fewer means more walkers per numpy call, but more segment
 # starts to search for, and past a few thousand walkers every step touches more pages than
-# the TLB holds (measured with bench/index_build.py: 384..768 is best on large records).
+# the TLB holds (docs/BENCHMARKS.md, D11).
 _RECORDS_PER_SEGMENT = 512
 _MIN_SEGMENTS = 16
 # A wrong segment start costs a restart of the parallel walk; past this many, walk serially.
