@@ -4,7 +4,8 @@ Why: a cold 4 KiB read waits for the device; read one after the other, scattered
 wait for it one by one. Announced first with posix_fadvise(WILLNEED), they are queued at once
 and the device serves them in parallel, several times sooner (docs/BENCHMARKS.md, D13). A
 broad query alternated between waiting for a chunk and processing it; announced ahead, the
-next chunks arrive while the current one is matched and written. The reads themselves stay ordinary preads and find the pages cached.
+next chunks arrive while the current one is matched and written. The reads themselves stay
+ordinary preads and find the pages cached.
 
 Two forms, both numpy-free (the host-query fast path uses them without importing numpy):
 
