@@ -20,6 +20,7 @@ import binascii
 import ctypes
 import os
 import pwd
+import select
 import signal
 import socket
 import struct
@@ -52,6 +53,7 @@ MAX_REQUEST = USER_LENGTH.size + MAX_USER + MAX_PASSWORD
 MAX_GROUPS = 65536  # NGROUPS_MAX
 MAX_ANSWER = 1 + 4 * MAX_GROUPS
 CHECK_TIMEOUT = 60.0  # PAM's own failure delay is 2 s; a helper this slow is stuck
+HELPER_READ_TIMEOUT = 10.0  # for the rest of a request once its first byte is in
 PR_SET_PDEATHSIG = 1
 MAX_HEADER = 8192  # longer Authorization headers are not credentials
 
@@ -155,44 +157,62 @@ def _helper_main() -> None:
     """The root helper: answer password checks on the socket given as argv[1], nothing else.
 
     Any message that does not follow the protocol ends it: only a compromised or buggy
-    parent sends one, and it gets no second chance at root."""
+    parent sends one, and it gets no second chance at root. It ends with its parent too,
+    even if a descendant of the parent still holds the socket open (no EOF then)."""
     fd, parent, service = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    # PR_SET_PDEATHSIG alone is not enough: the kernel delivers the signal with the dying
+    # parent's credentials, so once the parent has dropped root it is refused (EPERM) and
+    # silently lost. The parent's pidfd turns readable when it exits, whoever it is by then.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        return
     if os.getppid() != parent:
-        return  # the parent died before the line above took effect
+        return  # the parent died before we watched it (pidfd may name another process)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the server; we follow it
     sock = socket.socket(fileno=fd)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
     while True:
-        head = sock.recv(LENGTH.size, socket.MSG_WAITALL)
-        if not head:
-            return  # the parent closed its end or died
-        if len(head) < LENGTH.size:
+        if any(ready == pidfd for ready, _ in poller.poll()):
             return
-        (n,) = LENGTH.unpack(head)
-        if not USER_LENGTH.size < n <= MAX_REQUEST:
-            log(f"{PROG}[password helper]",
-                f"refused a message of {n} bytes (at most {MAX_REQUEST}); exiting")
+        try:
+            answer = _answer(sock, service)
+        except (OSError, ProtocolError):  # EOF (the parent closed its end), or stuck mid-way
             return
-        body = sock.recv(n, socket.MSG_WAITALL)
-        if len(body) < n:
+        if answer is None:
             return
-        (ulen,) = USER_LENGTH.unpack_from(body)
-        if not 0 < ulen <= min(MAX_USER, n - USER_LENGTH.size):
-            log(f"{PROG}[password helper]", "refused a malformed request; exiting")
-            return
-        user = body[USER_LENGTH.size : USER_LENGTH.size + ulen].decode(errors="surrogateescape")
-        password = body[USER_LENGTH.size + ulen :].decode(errors="surrogateescape")
-        answer = LENGTH.pack(1) + b"\x00"
-        if "\0" not in user and "\0" not in password:
-            try:
-                if authenticate(user, password, service)[0]:
-                    gids = os.getgrouplist(user, pwd.getpwnam(user).pw_gid)[:MAX_GROUPS]
-                    answer = LENGTH.pack(1 + 4 * len(gids)) + b"\x01" + struct.pack(
-                        f">{len(gids)}I", *gids)
-            except (KeyError, OSError) as e:  # the account went away meanwhile
-                log(f"{PROG}[password helper]", f"{user!r}: {e}")
-        del password, body
         sock.sendall(answer)
+
+
+def _answer(sock: socket.socket, service: str) -> bytes | None:
+    """Read one request and check it; None when it breaks the protocol."""
+    deadline = time.monotonic() + HELPER_READ_TIMEOUT
+    (n,) = LENGTH.unpack(recv_exact(sock, LENGTH.size, "request", deadline))
+    if not USER_LENGTH.size < n <= MAX_REQUEST:
+        log(f"{PROG}[password helper]",
+            f"refused a message of {n} bytes (at most {MAX_REQUEST}); exiting")
+        return None
+    body = recv_exact(sock, n, "request", deadline)
+    (ulen,) = USER_LENGTH.unpack_from(body)
+    if not 0 < ulen <= min(MAX_USER, n - USER_LENGTH.size):
+        log(f"{PROG}[password helper]", "refused a malformed request; exiting")
+        return None
+    user = body[USER_LENGTH.size : USER_LENGTH.size + ulen].decode(errors="surrogateescape")
+    password = body[USER_LENGTH.size + ulen :].decode(errors="surrogateescape")
+    del body
+    if "\0" in user or "\0" in password:
+        return LENGTH.pack(1) + b"\x00"
+    try:
+        if not authenticate(user, password, service)[0]:
+            return LENGTH.pack(1) + b"\x00"
+        gids = os.getgrouplist(user, pwd.getpwnam(user).pw_gid)[:MAX_GROUPS]
+    except (KeyError, OSError) as e:  # the account went away meanwhile
+        log(f"{PROG}[password helper]", f"{user!r}: {e}")
+        return LENGTH.pack(1) + b"\x00"
+    return LENGTH.pack(1 + 4 * len(gids)) + b"\x01" + struct.pack(f">{len(gids)}I", *gids)
 
 
 class Gate:
