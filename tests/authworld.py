@@ -23,6 +23,9 @@ from pathlib import Path
 
 from pamworld import NET_FILTER, PAM_FILE, UDP_FILTER, User, make_user, remove_user, sh
 
+# `npcapserve token ...` as the app's command will run it.
+TOKEN_CLI = [sys.executable, "-c", "from pcapvault.server.tokens import main; main()"]
+
 __all__ = ["NET_FILTER", "UDP_FILTER", "AuthWorld", "make_auth_world", "drive_checker",
            "make_user", "remove_user", "sh", "process_ended", "uid_of"]
 

@@ -9,12 +9,12 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from authworld import (
     NET_FILTER,
+    TOKEN_CLI,
     UDP_FILTER,
     drive_checker,
     make_auth_world,
@@ -34,9 +34,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates users and PAM files: needs root"),
     pytest.mark.skipif(not shutil.which("useradd"), reason="useradd (package passwd) missing"),
 ]
-
-TOKEN_CLI = [sys.executable, "-c", "from pcapvault.server.tokens import main; main()"]
-
 
 @pytest.fixture(scope="module")
 def world():
