@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pcapvault.extract.service.policy import (
     GroupFilter,
@@ -38,6 +39,7 @@ from pcapvault.extract.service.policy import (
     member_of,
 )
 from pcapvault.extract.service.wire import ProtocolError, recv_exact
+from pcapvault.index.errors import PcapVaultError
 from pcapvault.server.limits import LoginLimiter
 from pcapvault.server.tokens import TokenFileError, TokenStore
 
@@ -55,6 +57,7 @@ MAX_ANSWER = 1 + 4 * MAX_GROUPS
 CHECK_TIMEOUT = 60.0  # PAM's own failure delay is 2 s; a helper this slow is stuck
 HELPER_READ_TIMEOUT = 10.0  # for the rest of a request once its first byte is in
 PR_SET_PDEATHSIG = 1
+READY = b"R"  # the helper's first word: it runs and has PAM
 MAX_HEADER = 8192  # longer Authorization headers are not credentials
 
 
@@ -79,8 +82,8 @@ class Denied(Exception):
         self.retry_after = retry_after
 
 
-class CheckerGone(Exception):
-    """The password helper exited or stopped answering; passwords cannot be checked."""
+class CheckerGone(PcapVaultError):
+    """The password helper did not start, exited or stopped answering."""
 
 
 class PasswordChecker:
@@ -97,7 +100,9 @@ class PasswordChecker:
         """Start the helper (as root, before dropping privileges).
 
         Call it from the main thread: the kernel signals the helper when the thread that
-        started it ends (PR_SET_PDEATHSIG), not the process."""
+        started it ends (PR_SET_PDEATHSIG), not the process. Returns once the helper is ready,
+        so that a helper that cannot run stops the server at start, not at the first login."""
+        _check_pam_service(pam_service)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             code = "from pcapvault.server.auth import _helper_main; _helper_main()"
@@ -114,6 +119,16 @@ class PasswordChecker:
         finally:
             theirs.close()
         ours.settimeout(CHECK_TIMEOUT)
+        try:
+            ready = ours.recv(len(READY))
+        except OSError:
+            ready = b""
+        if ready != READY:
+            ours.close()
+            proc.kill()
+            proc.wait()
+            raise CheckerGone("the password helper did not start (see the lines above); "
+                              f"is python-pam installed for {sys.executable}?")
         return cls(ours, proc)
 
     def check(self, user: str, password: str) -> tuple[bool, tuple[int, ...]]:
@@ -153,6 +168,17 @@ class PasswordChecker:
             self.proc.wait()
 
 
+def _check_pam_service(name: str) -> None:
+    """PAM falls back to its `other` service for a name it does not know (on Debian: deny
+    everyone), so a misspelt --pam-service would only show as every password refused."""
+    folders = [Path("/etc/pam.d"), Path("/usr/lib/pam.d")]
+    if "/" in name or not name or (
+        folders[0].is_dir() and not any((f / name).is_file() for f in folders)
+    ):
+        raise PcapVaultError(f"no PAM service {name!r} (no /etc/pam.d/{name}): install it "
+                             "(setup.sh --system does) or name another")
+
+
 def _helper_main() -> None:
     """The root helper: answer password checks on the socket given as argv[1], nothing else.
 
@@ -171,7 +197,10 @@ def _helper_main() -> None:
     if os.getppid() != parent:
         return  # the parent died before we watched it (pidfd may name another process)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the server; we follow it
+    import pam  # noqa: F401  (now: missing, it is to fail the start, not a login)
+
     sock = socket.socket(fileno=fd)
+    sock.sendall(READY)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(pidfd, select.POLLIN)

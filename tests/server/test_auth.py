@@ -9,6 +9,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -26,7 +27,8 @@ from authworld import (
 )
 
 from pcapvault.extract.service.policy import parse_group_filters
-from pcapvault.server.auth import Denied, Gate, PasswordChecker, Principal
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.server.auth import CheckerGone, Denied, Gate, PasswordChecker, Principal
 from pcapvault.server.limits import LoginLimiter
 from pcapvault.server.tokens import TokenStore
 
@@ -107,6 +109,19 @@ def test_helper_ends_with_its_parent_even_with_the_socket_held_open(world):
             assert process_ended(d.hello["helper"])
         finally:
             os.kill(sleeper, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", ["pvauth-no-such-service", "../pam.d/other", ""])
+def test_an_unknown_pam_service_stops_the_start(name):
+    with pytest.raises(PcapVaultError, match="no PAM service"):
+        PasswordChecker.start(name)
+
+
+def test_a_helper_that_cannot_run_stops_the_start(world, monkeypatch):
+    """The server must not come up to refuse every password later."""
+    monkeypatch.setattr(sys, "executable", shutil.which("true"))  # exits at once
+    with pytest.raises(CheckerGone, match="did not start"):
+        PasswordChecker.start(world.pam_service)
 
 
 def test_helper_exits_when_its_socket_closes(world):
