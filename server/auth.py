@@ -9,7 +9,7 @@ pam_unix needs root to check another user's password, and the HTTP worker must n
 privileges, a helper process that answers one question only, "is this user/password valid,
 and which groups does the user have", over a socketpair. It is a fresh interpreter (fork and
 exec, `python -I`), so it inherits nothing of the server: no memory, no descriptor but its end
-of the socketpair and stderr (the journal), no environment but a fixed PATH.
+of the socketpair and stderr (the journal), no environment but a fixed PATH and LANG.
 """
 
 from __future__ import annotations
@@ -164,8 +164,11 @@ class PasswordChecker:
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            try:
+                self.proc.kill()  # a root process: refused once the caller has dropped root
+                self.proc.wait(5)
+            except (PermissionError, subprocess.TimeoutExpired):
+                log(PROG, f"the password helper (pid {self.proc.pid}) did not exit")
 
 
 def _check_pam_service(name: str) -> None:

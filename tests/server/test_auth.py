@@ -91,12 +91,16 @@ def test_helper_is_root_and_the_caller_is_not(world):
         assert d.ask(["pvauth-nosuchuser", "x"]) == [False, []]
 
 
-def test_helper_refuses_an_oversize_message_and_exits(world):
+@pytest.mark.parametrize("length, says", [
+    (1 << 20, "refused a message of 1048576 bytes"),
+    (64, "refused a malformed request"),  # 64 x's: a user name of 0x7878 bytes
+])
+def test_helper_refuses_a_crafted_message_and_exits(world, length, says):
     with drive_checker(world.pam_service, world.service_account) as d:
-        assert d.ask({"raw": 1 << 20}) == "sent"
+        assert d.ask({"raw": length}) == "sent"
         assert process_ended(d.hello["helper"])
         assert "gone" in d.ask([world.member.name, world.member.password])
-        assert "refused a message of 1048576 bytes" in d.stop()
+        assert says in d.stop()
 
 
 def test_helper_ends_with_its_parent_even_with_the_socket_held_open(world):
