@@ -54,11 +54,20 @@ from .request import Request
 
 Warn = Callable[[str], None]
 
-BY = ("conversation", "endpoint", "port")
+BY = ("conversation", "endpoint", "port")  # the tables: FIELDS below
 SORT = ("bytes", "packets")
 MAX_STEPS = 100_000  # volume bins of one request: a day at one-second steps fits
 PROTOCOLS = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 51: "ah",
              58: "icmpv6", 132: "sctp", 136: "udplite"}
+# The fields of each table's rows, in order (CSV columns, docs/EXTRACTION.md).
+FIELDS = {
+    "conversation": ["address_a", "port_a", "address_b", "port_b", "protocol",
+                     "packets_a_to_b", "bytes_a_to_b", "packets_b_to_a", "bytes_b_to_a",
+                     "packets", "bytes", "start_ns", "duration_s"],
+    "endpoint": ["address", "packets", "bytes", "tx_packets", "tx_bytes", "rx_packets",
+                 "rx_bytes"],
+    "port": ["protocol", "port", "packets", "bytes", "conversations"],
+}
 _BIG = np.iinfo(np.int64).max
 _SMALL = np.iinfo(np.int64).min
 
@@ -270,12 +279,12 @@ def _load(sf: StoredFile) -> PacketIndex | PcapVaultError:
         return PcapVaultError(str(e))
 
 
-def _indexes(files: list[StoredFile], ahead: int = 2
+def _indexes(files: list[StoredFile], ahead: int = 3
              ) -> Iterator[tuple[StoredFile, PacketIndex | PcapVaultError]]:
     """Each file with its decoded index (or why it is unusable), decoded on a thread a couple
     of files ahead: zstd and numpy release the GIL, so the next index decodes while this one's
     packets are summed (bounded, so months of files hold a few indexes, not all)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="flows-index") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="flows-index") as pool:
         pending: deque[tuple[StoredFile, Future]] = deque()
         rest = iter(files)
         for sf in rest:
