@@ -371,10 +371,10 @@ class _RowTotals:
         last = np.full(n, _SMALL, np.int64)
         np.minimum.at(first, p.flow, p.ts_ns)
         np.maximum.at(last, p.flow, p.ts_ns)
-        rows = p.flows
-        used = np.flatnonzero((count > 0) & ((rows["flags"] & FLAG_ADDRS) != 0)
-                              & np.isin(rows["ipver"], (4, 6)))
-        self.parts.append((_direction_keys(rows[used]), count[used],
+        words = np.ascontiguousarray(p.flows).view("<u8").reshape(-1, 6)
+        ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
+        used = np.flatnonzero((count > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
+        self.parts.append((_direction_keys(words[used]), count[used],
                            wire[used].astype(np.int64), first[used], last[used]))
 
     def finish(self) -> _Flows:
@@ -385,19 +385,21 @@ class _RowTotals:
         return _Flows.of(key, count, wire, first, last)
 
 
-def _direction_keys(rows: np.ndarray) -> np.ndarray:
-    """Per flow row of an IP packet, six uint64 words naming its direction of a
-    conversation, VLAN tags left out: IP version, protocol and whether the ports are known;
-    source and destination address as big-endian halves (they compare as the bytes do);
-    the ports."""
-    words = np.ascontiguousarray(rows).view("<u8").reshape(-1, 6)
-    ports = (rows["flags"] & FLAG_PORTS) != 0
-    key = np.empty((len(rows), 6), np.uint64)
-    key[:, 0] = (rows["ipver"].astype(np.uint64) << np.uint64(8)) | rows["proto"]
+def _direction_keys(words: np.ndarray) -> np.ndarray:
+    """Per flow row of an IP packet (FLOW_DTYPE as six little-endian words), six uint64
+    words naming its direction of a conversation, VLAN tags left out: IP version, protocol
+    and whether the ports are known; source and destination address as big-endian halves
+    (they compare as the bytes do); the ports."""
+    w0, w1 = words[:, 0], words[:, 1]
+    ports = (w1 & np.uint64(FLAG_PORTS)) != 0
+    key = np.empty((len(words), 6), np.uint64)
+    # ipver (byte 6 of the row) and proto (byte 7) to bits 8-15 and 0-7
+    key[:, 0] = (w0 >> np.uint64(40) & np.uint64(0xFF00)) | (w0 >> np.uint64(56))
     key[:, 0] |= ports.astype(np.uint64) << np.uint64(16)
     key[:, 1:5] = words[:, 2:6].byteswap()
-    key[:, 5] = np.where(ports, rows["sport"].astype(np.uint64) << np.uint64(16)
-                         | rows["dport"], 0)
+    sport = w1 >> np.uint64(16) & np.uint64(0xFFFF)  # row bytes 10-11 and 12-13
+    dport = w1 >> np.uint64(32) & np.uint64(0xFFFF)
+    key[:, 5] = np.where(ports, sport << np.uint64(16) | dport, np.uint64(0))
     return key
 
 
@@ -474,9 +476,9 @@ def _protocol(proto: int) -> str:
     return PROTOCOLS.get(proto, str(proto))
 
 
-def _top(values: np.ndarray, limit: int | None) -> list[int]:
+def _top(values: np.ndarray, limit: int | None) -> np.ndarray:
     """The first `limit` rows by `values` descending, ties in the groups' order."""
-    return np.argsort(-values, kind="stable")[:limit].tolist()
+    return np.argsort(-values, kind="stable")[:limit]
 
 
 @dataclass
@@ -540,22 +542,33 @@ def _conversation_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[di
     c = _pairs(f)
     packets = c.ab[0] + c.ba[0]
     wire = c.ab[1] + c.ba[1]
-    rows = []
-    for i in _top(wire if sort == "bytes" else packets, limit):
-        v = int(c.ipver[i])
-        ported = bool(c.ports[i])
-        rows.append({
-            "address_a": _address(int(c.a[i, 0]), int(c.a[i, 1]), v),
-            "port_a": int(c.pa[i]) if ported else None,
-            "address_b": _address(int(c.b[i, 0]), int(c.b[i, 1]), v),
-            "port_b": int(c.pb[i]) if ported else None,
-            "protocol": _protocol(int(c.proto[i])),
-            "packets_a_to_b": int(c.ab[0][i]), "bytes_a_to_b": int(c.ab[1][i]),
-            "packets_b_to_a": int(c.ba[0][i]), "bytes_b_to_a": int(c.ba[1][i]),
-            "packets": int(packets[i]), "bytes": int(wire[i]),
-            "start_ns": int(c.first[i]), "duration_s": (int(c.last[i]) - int(c.first[i])) / 1e9,
-        })
+    top = _top(wire if sort == "bytes" else packets, limit)
+    ported = c.ports[top]
+    columns = [
+        _addresses(c.a[top], c.ipver[top]),
+        np.where(ported, c.pa[top], -1).tolist(),
+        _addresses(c.b[top], c.ipver[top]),
+        np.where(ported, c.pb[top], -1).tolist(),
+        [_protocol(p) for p in c.proto[top].tolist()],
+        *(x[top].tolist() for x in (*c.ab, *c.ba, packets, wire, c.first)),
+        ((c.last[top] - c.first[top]) / 1e9).tolist(),
+    ]
+    rows = _records("conversation", columns)
+    for r in rows:
+        if r["port_a"] < 0:
+            r["port_a"] = r["port_b"] = None
     return rows, len(packets)
+
+
+def _records(by: str, columns: list[list]) -> list[dict]:
+    """Rows as dicts of FIELDS[by] from their columns (lists: a dict per row, not a numpy
+    scalar per field)."""
+    return [dict(zip(FIELDS[by], values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def _addresses(halves: np.ndarray, ipver: np.ndarray) -> list[str]:
+    return [_address(hi, lo, v) for (hi, lo), v in zip(halves.tolist(), ipver.tolist(),
+                                                         strict=True)]
 
 
 def _endpoint_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
@@ -574,11 +587,10 @@ def _endpoint_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict],
 
     tx, rx = sums(inv[:m]), sums(inv[m:])
     packets, wire = tx[0] + rx[0], tx[1] + rx[1]
-    return [{"address": _address(int(k[i, 1]), int(k[i, 2]), int(k[i, 0])),
-             "packets": int(packets[i]), "bytes": int(wire[i]),
-             "tx_packets": int(tx[0][i]), "tx_bytes": int(tx[1][i]),
-             "rx_packets": int(rx[0][i]), "rx_bytes": int(rx[1][i])}
-            for i in _top(wire if sort == "bytes" else packets, limit)], n
+    top = _top(wire if sort == "bytes" else packets, limit)
+    columns = [_addresses(k[top, 1:3], k[top, 0]),
+               *(x[top].tolist() for x in (packets, wire, *tx, *rx))]
+    return _records("endpoint", columns), n
 
 
 def _port_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
@@ -595,7 +607,7 @@ def _port_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int
         np.int64)
     wire = np.bincount(inv, weights=(c.ab[1] + c.ba[1])[ported], minlength=n).astype(np.int64)
     convs = np.bincount(inv, minlength=n)
-    return [{"protocol": _protocol(int(k[i, 0])), "port": int(k[i, 1]),
-             "packets": int(packets[i]), "bytes": int(wire[i]),
-             "conversations": int(convs[i])}
-            for i in _top(wire if sort == "bytes" else packets, limit)], n
+    top = _top(wire if sort == "bytes" else packets, limit)
+    columns = [[_protocol(p) for p in k[top, 0].tolist()],
+               *(x[top].tolist() for x in (k[:, 1], packets, wire, convs))]
+    return _records("port", columns), n

@@ -120,7 +120,7 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
             f"no permission to read {e.filename or 'the dump set'}; run as a user who may read "
             "the dump set, or ask npcapserve's API (GET /api/v1/conversations)") from None
     if as_json:
-        click.echo(json.dumps(asdict(table), indent=1))
+        click.echo(json.dumps(asdict(table)))
     elif as_csv:
         _csv(table.rows, by)
     else:
