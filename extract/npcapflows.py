@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import click
@@ -120,7 +120,8 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
             f"no permission to read {e.filename or 'the dump set'}; run as a user who may read "
             "the dump set, or ask npcapserve's API (GET /api/v1/conversations)") from None
     if as_json:
-        click.echo(json.dumps(asdict(table)))
+        # the rows are JSON-ready already: asdict would deep-copy every one of them
+        click.echo(json.dumps({f.name: getattr(table, f.name) for f in fields(table)}))
     elif as_csv:
         _csv(table.rows, by)
     else:
