@@ -357,10 +357,14 @@ def _read(src: _Unsure, begin_ns: int, end_ns: int, sink: Callable[[_Packets], N
 
 class _RowTotals:
     """Packets, bytes, first and last time per directed IP flow, summed file by file (the
-    rows of one file at a time, never a Python step per packet)."""
+    rows of one file at a time, never a Python step per packet).
+
+    Each file's flows are grouped with the earlier files' as they come (the builder works a
+    block of rows at a time), while the next indexes decode on their threads."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, ...]] = []
+        self.groups = FlowTableBuilder()
 
     def add(self, p: _Packets) -> None:
         n = len(p.flows)
@@ -374,15 +378,14 @@ class _RowTotals:
         words = np.ascontiguousarray(p.flows).view("<u8").reshape(-1, 6)
         ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
         used = np.flatnonzero((count > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
-        self.parts.append((_direction_keys(words[used]), count[used],
-                           wire[used].astype(np.int64), first[used], last[used]))
+        self.groups.add(np.ascontiguousarray(_direction_keys(words[used]).T))
+        self.parts.append((count[used], wire[used].astype(np.int64), first[used], last[used]))
 
     def finish(self) -> _Flows:
+        inv, k = _grouped(self.groups)
         if not self.parts:
-            return _Flows.of(np.zeros((0, 6), np.uint64), *(np.zeros(0, np.int64),) * 4)
-        key, count, wire, first, last = (np.concatenate(x) for x in zip(*self.parts,
-                                                                          strict=True))
-        return _Flows.of(key, count, wire, first, last)
+            return _Flows.of(inv, k, *(np.zeros(0, np.int64),) * 4)
+        return _Flows.of(inv, k, *(np.concatenate(x) for x in zip(*self.parts, strict=True)))
 
 
 def _direction_keys(words: np.ndarray) -> np.ndarray:
@@ -421,10 +424,9 @@ class _Flows:
     last: np.ndarray
 
     @classmethod
-    def of(cls, key: np.ndarray, count: np.ndarray, wire: np.ndarray, first: np.ndarray,
-           last: np.ndarray) -> _Flows:
-        """The flows of the rows with these `_direction_keys`, rows of the same key summed."""
-        inv, k = _groups(key)
+    def of(cls, inv: np.ndarray, k: np.ndarray, count: np.ndarray, wire: np.ndarray,
+           first: np.ndarray, last: np.ndarray) -> _Flows:
+        """The flows with `_direction_keys` k, summing the rows of each (inv: their flow)."""
         n = len(k)
         return cls(
             (k[:, 0] >> np.uint64(8) & np.uint64(0xFF)).astype(np.int64),
@@ -445,10 +447,13 @@ def _groups(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Six words are a flow row's size: the index builder's FlowTableBuilder groups them
     exactly (hashes checked against the rows) and much faster than a sort of the rows."""
-    if not len(key):
-        return np.zeros(0, np.intp), np.zeros((0, 6), np.uint64)
     b = FlowTableBuilder()
     b.add(np.ascontiguousarray(key.T))
+    return _grouped(b)
+
+
+def _grouped(b: FlowTableBuilder) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row added, the groups' keys) of a builder fed key rows."""
     groups, _, inv = b.finish()
     return inv.astype(np.intp), groups.view("<u8").reshape(-1, 6)
 
