@@ -83,6 +83,8 @@ def _no_warning(message: str) -> None:
 
 @dataclass
 class Table:
+    """One table of `conversations`: JSON-ready as it is (npcapflows --json, the server)."""
+
     by: str  # "conversation" | "endpoint" | "port"
     rows: list[dict]  # JSON-ready, sorted by `sort` descending, at most `limit`
     total_rows: int  # before the limit
@@ -97,6 +99,8 @@ class Table:
 
 @dataclass
 class Volume:
+    """Traffic per step of a window: step i covers [begin_ns + i step_ns, + step_ns)."""
+
     begin_ns: int
     step_ns: int
     packets: list[int]
@@ -161,6 +165,8 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
 
 
 def _keeping(warnings: list[str], warn: Warn) -> Warn:
+    """`warn`, also keeping each message for the result (the server returns them)."""
+
     def both(message: str) -> None:
         warnings.append(message)
         warn(message)
