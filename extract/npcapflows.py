@@ -95,6 +95,7 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
     from pcapvault.index.times import TimeError, parse_window
 
     from .access import AccessError, open_dumpset
+    from .cli import _configured_dumpsets  # npcapextract's defaults, the same message
     from .conversations import TableError, conversations
     from .request import Request
 
@@ -127,19 +128,6 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
     else:
         _human(table, time.monotonic() - t0)
     return 0
-
-
-def _configured_dumpsets() -> tuple[str, ...]:
-    """Without -t an analyst on the sensor means its own recorders' dump sets."""
-    from pcapvault.index.config import config_dir, default_dumpsets
-
-    found = tuple(str(p) for p in default_dumpsets())
-    if not found:
-        raise click.UsageError(
-            f"no dump set given and none configured: pass -t DIR or configure {config_dir()} "
-            "(dumpset= in pcapvault.conf or recorder-*.conf files)"
-        )
-    return found
 
 
 # Columns of each table: (heading, row field or a function of the row, right-aligned).
