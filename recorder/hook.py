@@ -35,6 +35,9 @@ log = logging.getLogger("pcapvault.recorder")
 # Files waiting for a free slot; beyond it (a hook far slower than the recording) files are
 # skipped rather than kept in memory without end.
 QUEUE_MAX = 1000
+# At exit, what runs and waits gets at most this long (or one --exec-timeout if shorter): the
+# unit's TimeoutStopSec must cover it after the indexer's own wait.
+EXIT_WAIT = 20.0
 
 
 @dataclass
@@ -120,13 +123,13 @@ class FileHook:
             pass
 
     def close(self) -> None:
-        """At exit: finish what runs and waits, for at most one timeout; then kill what still
-        runs and name the files left without a run (a hanging command must not keep the
-        recorder from stopping)."""
+        """At exit: finish what runs and waits, for at most EXIT_WAIT (or one timeout); then
+        kill what still runs and name the files left without a run (a hanging command must
+        not keep the recorder from stopping)."""
         if self.queue or self.running:
             log.info("waiting for --exec-cmd: %d running, %d waiting", len(self.running),
                      len(self.queue))
-        end = time.monotonic() + self.timeout
+        end = time.monotonic() + min(self.timeout, EXIT_WAIT)
         while (self.queue or self.running) and time.monotonic() < end:
             self.poll()
             time.sleep(0.05)
