@@ -84,8 +84,9 @@ def test_a_hanging_hook_does_not_stop_capture_and_is_killed(veth, tmp_path, shar
 
 def test_failures_and_a_full_queue_are_logged_and_counted(tmp_path, caplog):
     ds = make_dumpset(tmp_path / "ds", nfiles=3)
-    hook = FileHook(f"exit 3; touch {tmp_path}/never", ds.root, max_running=1, timeout=30,
-                    queue_max=1)
+    # Slow enough that the first still runs when the third file comes.
+    hook = FileHook(f"sleep 0.5; exit 3; touch {tmp_path}/never", ds.root, max_running=1,
+                    timeout=30, queue_max=1)
     for sf in ds.files():
         hook.submit(sf)  # one runs, one waits, the third finds the queue full
     hook.close()
