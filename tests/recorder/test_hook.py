@@ -96,6 +96,34 @@ def test_failures_and_a_full_queue_are_logged_and_counted(tmp_path, caplog):
     assert not (tmp_path / "never").exists()
 
 
+def test_the_hook_gets_none_of_the_units_ambient_capabilities(veth, tmp_path, shared):
+    """As under recorder@.service: the pcapvault account with ambient capabilities."""
+    caps = "+net_raw,+net_admin,+ipc_lock"
+    as_unit = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    (shared / "ds").mkdir()
+    os.chown(shared / "ds", NOBODY, NOBODY)
+    log = shared / "log" / "caps"
+    p = veth.run_rx(*as_unit, tool("recorder"), "-i", veth.rx, "-o", str(shared / "ds"),
+                    "--disk-limit", "1GB", "--exec-cmd",
+                    f"grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status >> {log}",
+                    stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "recording " not in err:
+        line = p.stderr.readline()
+        assert line, err
+        err += line
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 20, 100)
+    veth.send([src])
+    time.sleep(0.3)
+    p.terminate()
+    err += p.stderr.read()
+    assert p.wait(60) == 0, err
+    caps = dict(line.split(":\t") for line in log.read_text().splitlines())
+    assert set(caps.values()) == {"0000000000000000"}, caps
+
+
 def test_the_hook_never_runs_as_root(veth, tmp_path):
     p = veth.run_rx(tool("recorder"), "-i", veth.rx, "-o", str(tmp_path / "ds"), "--exec-cmd",
                     "true", stderr=subprocess.PIPE, text=True)
