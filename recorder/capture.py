@@ -320,7 +320,7 @@ class Recorder:
         self.stats_file.check(self.stats)
         self.indexer = BackgroundIndexer(
             self.ds, self.cfg.file_mode, self.cfg.compress,
-            [self.ring.sock.fileno(), *self.inherited_fds],
+            [self.ring.sock.fileno(), *self.inherited_fds], keep_finished=self.hook is not None,
         )
         try:
             for action in repair(self.ds):
