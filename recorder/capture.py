@@ -123,7 +123,8 @@ class Recorder:
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1)
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
-        self.stats = CaptureStats(cfg.interface, str(self.ds.timeline))
+        self.stats = CaptureStats(cfg.interface, str(self.ds.timeline),
+                                  budget_bytes=self.budget.limit_bytes)
         self.stats_file = StatsFile(cfg.stats_file or self.ds.root / "stats")
         self.backlog_reported = False
         self.out: PcapFileWriter | None = None

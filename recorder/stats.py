@@ -37,6 +37,7 @@ class CaptureStats:
     files_written: int = 0
     files_deleted: int = 0
     bytes_on_disk: int = 0
+    budget_bytes: int = 0  # the --disk-limit in bytes, for monitoring (npcapserve)
     files_pending_index: int = 0
     bytes_pending_index: int = 0
     indexer_restarts: int = 0
@@ -59,6 +60,7 @@ class CaptureStats:
             "files_written": self.files_written,
             "files_deleted": self.files_deleted,
             "bytes_on_disk": self.bytes_on_disk,
+            "budget_bytes": self.budget_bytes,
             "files_pending_index": self.files_pending_index,
             "bytes_pending_index": self.bytes_pending_index,
             "indexer_restarts": self.indexer_restarts,
