@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -34,13 +33,12 @@ from pcapvault.extract.service.policy import Audit, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time, parse_window
 
-from . import pcap
+from . import openapi, pcap
 from .status import StatusCollector, dumpset_status
 
 PROG = "npcapserve"
 MAX_QUERY = 8192  # bytes of a query string; a filter longer than this is no query anyone types
 REALM = 'Basic realm="pcapvault"'
-OPENAPI = Path(__file__).with_name("openapi.json")
 ENDPOINTS = {"/api/v1/pcap": "pcap", "/api/v1/conversations": "conversations",
              "/api/v1/volume": "volume", "/api/v1/status": "status", "/metrics": "metrics",
              "/api/v1/openapi.json": "openapi"}
@@ -171,7 +169,9 @@ def _single(request: HttpRequest) -> dict[str, str]:
     return q
 
 
-Handler = Callable[[HttpRequest, Any, dict, dict[str, str]], Awaitable[Response]]
+# (request, principal, audit record, query parameters, close(outcome, reason, packets, bytes))
+Handler = Callable[[HttpRequest, Any, dict, dict[str, str], Callable[..., None]],
+                   Awaitable[Response]]
 
 
 def create_app(settings: Settings, gate: Any, audit: Audit,
@@ -355,8 +355,10 @@ def create_app(settings: Settings, gate: Any, audit: Audit,
         text = await asyncio.to_thread(generate_latest, registry)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
+    described = JSONResponse(openapi.document()).body
+
     async def get_openapi(request: HttpRequest) -> Response:
-        return Response(OPENAPI.read_bytes(), media_type="application/json")
+        return Response(described, media_type="application/json")
 
     async def http_error(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

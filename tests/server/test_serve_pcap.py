@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from extract_helpers import SYNTH_START, NS, build_dumpset, epoch, synthetic_traffic
+from extract_helpers import NS, SYNTH_START, build_dumpset, epoch, synthetic_traffic
 from recorderproc import tool
 
 from pcapvault.extract.request import Request
