@@ -288,13 +288,10 @@ def create_app(settings: Settings, gate: Any, audit: Audit,
         limit = _int_param(q, "limit", 100, 1, settings.max_rows)
         req = request_of(q, principal, record)
         record["options"] = {"by": by, "sort": sort, "limit": limit}
-        warnings: list[str] = []
-        table = await _indexed(conversations, req, principal, warnings, by=by, sort=sort,
-                               limit=limit)
-        body = {"by": by, "sort": sort, "begin": record["begin"], "end": record["end"],
-                **_jsonable(table), "warnings": warnings}
-        close("allowed", None, int(getattr(table, "packets", 0)), 0)
-        return JSONResponse(body)
+        table = await _indexed(conversations, req, principal, by=by, sort=sort, limit=limit)
+        close("allowed", None, table.packets, 0)
+        return JSONResponse({"begin": record["begin"], "end": record["end"],
+                             **_jsonable(table)})
 
     async def get_volume(request: HttpRequest, principal: Any, record: dict,
                          q: dict[str, str], close: Callable[..., None]) -> Response:
@@ -307,14 +304,13 @@ def create_app(settings: Settings, gate: Any, audit: Audit,
             raise ApiError(400, f"{steps} steps of {q.get('step') or '60'} in the window: at "
                                 f"most {settings.max_steps}; give a longer step")
         record["options"] = {"step_ns": step_ns}
-        warnings: list[str] = []
-        vol = await _indexed(volume, req, principal, warnings, step_ns=step_ns)
-        body = {**_jsonable(vol), "warnings": warnings}
-        close("allowed", None, int(sum(getattr(vol, "packets", ()) or ())), 0)
-        return JSONResponse(body)
+        vol = await _indexed(volume, req, principal, step_ns=step_ns)
+        close("allowed", None, sum(vol.packets), 0)
+        return JSONResponse({"begin": record["begin"], "end": record["end"],
+                             **_jsonable(vol)})
 
-    async def _indexed(fn: Callable[..., Any], req: Request, principal: Any,
-                       warnings: list[str], **kw: Any) -> Any:
+    async def _indexed(fn: Callable[..., Any], req: Request, principal: Any, **kw: Any
+                       ) -> Any:
         """conversations() or volume() over the effective filter, on a worker thread."""
         from pcapvault.extract.access import open_dumpset
 
@@ -326,7 +322,7 @@ def create_app(settings: Settings, gate: Any, audit: Audit,
             sets = [open_dumpset(p) for p in req.dumpsets]
             filtercheck.check(req.filter, [int(ds.meta.get("linktype", 1)) for ds in sets],
                               settings.filter_cpu)
-            return fn(req, warn=warnings.append, **kw)
+            return fn(req, **kw)
 
         try:
             return await asyncio.to_thread(work)

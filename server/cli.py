@@ -15,12 +15,16 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pcapvault.index.cliutil import EXIT_USAGE, fail, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
+
+if TYPE_CHECKING:
+    from .auth import Gate
 
 PROG = "npcapserve"
 DEFAULT_PORT = 8443
@@ -93,8 +97,11 @@ def bind(host: str, port: int) -> socket.socket:
 @click.option("--audit-log", type=click.Path(path_type=Path),
               default=Path("/var/log/pcapvault/audit.jsonl"), show_default=True,
               help="Append-only JSON-lines audit file (npcapextractd's).")
-@click.option("--tokens", "token_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="API token store (see npcapserve token --help).")
+@click.option("--tokens", "token_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/var/lib/pcapvault/npcapserve/tokens"), show_default=True,
+              help="The API token store (npcapserve token --help).")
+@click.option("--fail-delay", type=click.FloatRange(0, 60), default=2.0, show_default=True,
+              help="Seconds a failed login takes at least.")
 @click.option("--metrics-auth", is_flag=True,
               help="Ask for a login on /metrics and /api/v1/status too.")
 @click.option("--filter-cpu-limit", "filter_cpu", type=click.FloatRange(0.1, 60),
@@ -111,7 +118,8 @@ def bind(host: str, port: int) -> socket.socket:
               help="The most steps /api/v1/volume answers.")
 def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | None,
             tls_key: Path | None, account: str, group: str, group_filters: tuple[str, ...],
-            pam_service: str, audit_log: Path, token_file: Path | None, metrics_auth: bool,
+            pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
+            metrics_auth: bool,
             filter_cpu: float, max_connections: int, keep_alive: int, max_rows: int,
             max_steps: int) -> int:
     """Serve the sensor's packets, conversations, traffic volume, status and metrics over
@@ -135,7 +143,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     filters = parse_group_filters(group_filters)
     served = tuple(os.path.abspath(p) for p in dumpsets) or _configured_dumpsets()
     audit = Audit(audit_log, PROG)
-    gate = _gate(pam_service, token_file, group, filters)
+    gate = _gate(pam_service, token_file, fail_delay, group, filters)
     sock = bind(listen, port)
     config = uvicorn.Config(
         create_app(Settings(served, pam_service, filter_cpu, metrics_auth, max_rows,
@@ -163,15 +171,16 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _gate(pam_service: str, token_file: Path | None, group: str, filters: tuple) -> object:
+def _gate(pam_service: str, token_file: Path, fail_delay: float, group: str,
+          filters: tuple) -> Gate:
     """The authentication gate (server/auth.py): the root PAM helper is forked here."""
     from .auth import Gate, PasswordChecker
     from .limits import LoginLimiter
     from .tokens import TokenStore
 
     checker = PasswordChecker.start(pam_service)
-    tokens = TokenStore(token_file) if token_file else TokenStore()
-    return Gate(checker, tokens, group, filters, LoginLimiter())
+    return Gate(checker, TokenStore(token_file), group, filters,
+                LoginLimiter(fail_delay=fail_delay))
 
 
 def _flows() -> tuple:
