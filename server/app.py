@@ -38,6 +38,9 @@ from .status import StatusCollector, dumpset_status
 
 PROG = "npcapserve"
 MAX_QUERY = 8192  # bytes of a query string; a filter longer than this is no query anyone types
+# Bytes of all request headers. h11 bounds only a head that arrives in pieces (uvicorn's
+# h11_max_incomplete_event_size); one that arrives whole is checked here.
+MAX_HEADERS = 16 << 10
 REALM = 'Basic realm="pcapvault"'
 ENDPOINTS = {"/api/v1/pcap": "pcap", "/api/v1/conversations": "conversations",
              "/api/v1/volume": "volume", "/api/v1/status": "status", "/metrics": "metrics",
@@ -71,8 +74,8 @@ class Settings:
 
 
 class Guard:
-    """ASGI middleware: refuses an overlong query string, and counts every request and the
-    bytes of its answer per endpoint (the Prometheus counters)."""
+    """ASGI middleware: refuses an overlong query string or header block, and counts every
+    request and the bytes of its answer per endpoint (the Prometheus counters)."""
 
     def __init__(self, app: ASGIApp, requests: Counter, served: Counter):
         self.app = app
@@ -96,6 +99,10 @@ class Guard:
 
         if len(scope.get("query_string", b"")) > MAX_QUERY:
             resp = error_response(414, f"query string longer than {MAX_QUERY} bytes")
+            await resp(scope, receive, counted)
+            return
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADERS:
+            resp = error_response(431, f"request headers longer than {MAX_HEADERS} bytes")
             await resp(scope, receive, counted)
             return
         await self.app(scope, receive, counted)

@@ -10,6 +10,7 @@ event loop (Starlette streams a multi-GB pcap from a pipe without holding it, an
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
@@ -42,6 +43,57 @@ Examples:
 Plain HTTP is served only on a loopback address; anywhere else give --tls-cert and --tls-key.
 Without -t it serves the dump sets configured in /etc/pcapvault (as npcapextract).
 """
+
+
+def protocol(request_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's head.
+
+    uvicorn closes an idle connection only once it has answered on it: a client that
+    connects, or finishes a request, and then sends the next request slowly or never would
+    hold one of --max-connections for ever (slowloris). This starts a timer when the
+    connection opens and after each response, and closes the connection if no complete
+    request head has arrived when it fires."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _waiting(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(request_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expired(self) -> None:
+            self._head_timer = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._waiting():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 def is_loopback(host: str) -> bool:
@@ -112,6 +164,10 @@ def bind(host: str, port: int) -> socket.socket:
               help="Connections served at once; more are answered 503.")
 @click.option("--keep-alive", type=click.IntRange(1, 300), default=5, show_default=True,
               help="Seconds an idle connection stays open.")
+@click.option("--request-timeout", type=click.FloatRange(0.1, 300), default=10.0,
+              show_default=True,
+              help="Seconds a client has to send a whole request head, from the connection "
+                   "or from the previous response.")
 @click.option("--max-rows", type=click.IntRange(1, 10**6), default=10000, show_default=True,
               help="The largest limit= of /api/v1/conversations.")
 @click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
@@ -120,8 +176,8 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
             tls_key: Path | None, account: str, group: str, group_filters: tuple[str, ...],
             pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
             metrics_auth: bool,
-            filter_cpu: float, max_connections: int, keep_alive: int, max_rows: int,
-            max_steps: int) -> int:
+            filter_cpu: float, max_connections: int, keep_alive: int,
+            request_timeout: float, max_rows: int, max_steps: int) -> int:
     """Serve the sensor's packets, conversations, traffic volume, status and metrics over
     HTTPS, to members of the extractors' group (PAM password or API token)."""
     import uvicorn
@@ -150,8 +206,9 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
                             max_steps), gate, audit, *_flows()),
         ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
         timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=16 << 10,
-        http="h11", loop="asyncio", lifespan="off", access_log=False, server_header=False,
-        log_level="warning", proxy_headers=False, timeout_graceful_shutdown=10)
+        http=protocol(request_timeout), loop="asyncio", lifespan="off", access_log=False,
+        server_header=False, log_level="warning", proxy_headers=False,
+        timeout_graceful_shutdown=10)
     try:
         config.load()  # reads the TLS key, as root
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
