@@ -55,9 +55,8 @@ def document() -> dict:
         "components": {
             "securitySchemes": {
                 "basic": {"type": "http", "scheme": "basic",
-                          "description": "PAM password (service npcapextract), or an API "
-                                         "token from `npcapserve token create` as the "
-                                         "password."},
+                          "description": "The user's password, checked by PAM (service "
+                                         "npcapextract)."},
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "An API token from `npcapserve token create`."},
             },
