@@ -2,7 +2,7 @@
 query, with the filter compiled for its link type (`open_query`).
 
 Needs neither numpy nor the index decoder: both query strategies (the flow-table plan,
-flowplan.py, and the address postings, hostquery.py) and the decision to go through the
+flowplan.py, and the address postings, postingsplan.py) and the decision to go through the
 PAM-gated service start here.
 """
 

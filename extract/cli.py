@@ -185,11 +185,12 @@ def cli(
     if remote:  # before the engine's imports: the service has its own
         run_remote(request(remote), socket_path=service_socket, password_stdin=password_stdin,
                    automatic=not use_service, output=output, verbose=verbose, t0=t0)
-    from .hostquery import applies
+    from .postingsplan import applies
     from .readahead import warm_indexes
 
     req = request(dumpsets or _configured_dumpsets())
-    if applies(req):
+    tried = applies(req)
+    if tried:
         code = _host_query(req, output, verbose, t0)
         if code is not None:
             return code
@@ -206,7 +207,7 @@ def cli(
         _err(f"warning: {msg}")
 
     run = RequestRun(req, [Source(p, i, expr) for i, p in enumerate(req.dumpsets)], stats,
-                     warn)
+                     warn, postings=not tried)
     written = 0
     bytes_out = 0
     if list_only:
@@ -230,16 +231,18 @@ def cli(
 
 
 def _host_query(req: Request, output: str | None, verbose: bool, t0: float) -> int | None:
-    """The query answered by hostquery.py without numpy, or None for the engine."""
-    from .hostquery import plan as plan_query
-    from .hostquery import run
+    """The query planned from the postings and answered without numpy (records.py), or None
+    for the engine."""
+    from .access import open_query
+    from .postingsplan import plan
+    from .records import run
+    from .report import Stats
 
-    plan = plan_query(req)
-    if plan is None:
+    pp = plan(open_query(req.dumpsets[0], req.filter), req.begin_ns, req.end_ns)
+    if pp is None:
         return None
-    if verbose:
-        plan.stats.add_timeline(plan.ds, plan.stats.files_considered)
-    res = run(plan, output, req.empty, req.list_only)
+    res = run(pp, req.begin_ns, req.end_ns, output, req.empty, req.list_only,
+              Stats(count_timeline=verbose))
     if res is None:
         return None
     for path, n in res.files:

@@ -1,4 +1,10 @@
-"""Read the selected candidates, confirm them with libpcap, merge dump sets in time order.
+"""The reader and driver of every query: read the plans' candidates, confirm them with libpcap,
+merge dump sets in time order, write them to the output.
+
+A plan (plan.py) comes from either strategy, the flow-table plan (flowplan.py) or the
+address-postings plan (postingsplan.py); RequestRun chooses per dump set. A postings plan
+does not know its records' timestamps and wire lengths: they are taken from the stored
+record headers as the records are read (`_Plan._verify`).
 
 Each file's candidates are planned before they are read, and files are planned ahead of
 reading (up to AHEAD_BYTES of planned reads) so the disk works on the next files while the main
@@ -48,11 +54,14 @@ from pcapvault.index.pcapfile import (
     PcapReader,
     gather_record_headers,
     headers_disagree,
+    timestamps_ns,
 )
 
+from . import postingsplan
 from .direct import DirectReader, Span, cached
-from .flowplan import Candidates, Source, Stats, Warn
+from .flowplan import Source, Stats
 from .output import Batch, Interface, Output, long_runs
+from .plan import FilePlan, Planner, Warn
 from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher, will_need_index
 
 if TYPE_CHECKING:
@@ -73,6 +82,8 @@ AHEAD_BYTES = LOOKAHEAD_BYTES  # planned but unread bytes before planning stops
 AHEAD_FILES = 64
 
 Progress = Callable[[int, int], None]
+# _Plan._verify: disagreeing, wire lengths, timestamps, outside the window (None: none)
+Checked = tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]
 TakesFileRuns = Callable[[bool, bool], bool]  # Output.takes_file_runs
 
 
@@ -94,10 +105,26 @@ def _checker() -> ThreadPoolExecutor:
     return _CHECKER
 
 
-def _subset(c: Candidates, sel: np.ndarray) -> Candidates:
-    return Candidates(
-        c.file, c.rec[sel], c.caplen[sel], c.wirelen[sel], c.ts_ns[sel], c.sure[sel], c.indexed
-    )
+def _arrays(c: FilePlan) -> FilePlan:
+    """The plan with numpy arrays (a postings plan comes with lists)."""
+    def arr(v, dtype):  # noqa: ANN001, ANN202
+        return None if v is None else np.asarray(v, dtype)
+
+    return FilePlan(c.file, arr(c.rec, np.int64), arr(c.caplen, np.int64), arr(c.sure, bool),
+                    arr(c.wirelen, np.int64), arr(c.ts_ns, np.int64), arr(c.edge, bool),
+                    c.indexed)
+
+
+def _subset(c: FilePlan, sel: np.ndarray) -> FilePlan:
+    def part(v):  # noqa: ANN001, ANN202
+        return None if v is None else v[sel]
+
+    return FilePlan(c.file, c.rec[sel], c.caplen[sel], c.sure[sel], part(c.wirelen),
+                    part(c.ts_ns), part(c.edge), c.indexed)
+
+
+def _pick(sel: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(col[sel] for col in columns)
 
 
 def _range_bytes(rec: np.ndarray, end: np.ndarray, new: np.ndarray) -> int:
@@ -107,7 +134,7 @@ def _range_bytes(rec: np.ndarray, end: np.ndarray, new: np.ndarray) -> int:
     return int((end[last] - rec[first]).sum())
 
 
-def _drop_past_end(c: Candidates, size: int, warn: Warn) -> Candidates:
+def _drop_past_end(c: FilePlan, size: int, warn: Warn) -> FilePlan:
     """A pcap shorter than its index says (a torn tail): keep the complete records.
 
     The index path has warned already (flowplan compares the file size with the index)."""
@@ -140,10 +167,13 @@ class _Plan:
     (sparse candidates) or with O_DIRECT (dense ones, see direct.py)."""
 
     def __init__(
-        self, src: Source, c: Candidates, reader: PcapReader, pf: Prefetcher, dr: DirectReader,
-        warn: Warn,
+        self, src: Planner, c: FilePlan, reader: PcapReader, pf: Prefetcher, dr: DirectReader,
+        warn: Warn, window: tuple[int, int],
     ):
         self.src = src
+        # A postings plan: timestamps and wire lengths come from the records (_verify).
+        self.learn = c.ts_ns is None
+        self.begin, self.end = window
         self.reader = reader
         self.warn = warn
         self.headers: np.ndarray | None = None  # the file mapped, for unread records' headers
@@ -179,6 +209,7 @@ class _Plan:
         if self.direct_fd is not None:
             self.shareable = (
                 dr.shared is not None
+                and not self.learn
                 and bool((rec[1:] == end[:-1]).all())
                 and self._unfiltered(c.sure)
             )
@@ -245,18 +276,33 @@ class _Plan:
                                             share)
         self.checks[k] = _checker().submit(self._check_span, span, i, j)
 
-    def _check_span(self, span: Span, i: int, j: int) -> np.ndarray | None:
-        """As soon as chunk [i, j) is read, on a thread of its own: which of its records
-        disagree with the index (see _agree). numpy lets go of the GIL for it, so the check of
-        a broad query overlaps the main thread's work and the next read instead of adding to
-        them. None when the read failed (the main thread meets the error itself)."""
+    def _check_span(self, span: Span, i: int, j: int) -> Checked | None:
+        """As soon as chunk [i, j) is read, on a thread of its own: _verify. numpy lets go
+        of the GIL for it, so the check of a broad query overlaps the main thread's work and
+        the next read instead of adding to them. None when the read failed (the main thread
+        meets the error itself)."""
         try:
             buf = span.result()
         except BaseException:  # noqa: BLE001 - reported by the main thread
             return None
-        c = self.c
-        return headers_disagree(buf, c.rec[i:j] - span.base, c.caplen[i:j], c.wirelen[i:j],
-                                c.ts_ns[i:j], self.reader.header)
+        return self._verify(buf, self.c.rec[i:j] - span.base, i, j)
+
+    def _verify(self, buf: np.ndarray, local: np.ndarray, i: int, j: int) -> Checked:
+        """Candidates [i, j), stored at `local` in `buf`, against their plan: which disagree
+        with the index (see _agree), their wire lengths and timestamps, and which lie outside
+        the window (None: none do). A flow-table plan knows the lengths and times; a postings
+        plan learns them here and knows only the captured length, and its `edge` records are
+        kept or dropped by their own timestamp."""
+        c, hdr = self.c, self.reader.header
+        if not self.learn:
+            wire, ts = c.wirelen[i:j], c.ts_ns[i:j]
+            return headers_disagree(buf, local, c.caplen[i:j], wire, ts, hdr), wire, ts, None
+        h = gather_record_headers(buf, local, hdr.big_endian)
+        ts = timestamps_ns(h[:, 0], h[:, 1], hdr.nanosecond)
+        bad = h[:, 2] != c.caplen[i:j]
+        edge = c.edge[i:j] & ~bad
+        outside = edge & ((ts < self.begin) | (ts >= self.end)) if edge.any() else None
+        return bad, h[:, 3].astype(np.int64), ts, outside
 
     def _read_ahead(self, k: int) -> None:
         """Shared chunks from k on into the slots free right now: reads overlap the client's
@@ -314,7 +360,7 @@ class _Plan:
         self.share = self.shareable and takes is not None and takes(hdr.nanosecond, raw_ok)
         for k in range(len(self.cuts) - 1):
             i, j = self.cuts[k], self.cuts[k + 1]
-            at, cap, wire, ts = c.rec[i:j], c.caplen[i:j], c.wirelen[i:j], c.ts_ns[i:j]
+            at, cap, sure = c.rec[i:j], c.caplen[i:j], c.sure[i:j]
             if self.direct_fd is not None:
                 self.start_direct(k)
                 if k + 2 < len(self.cuts):
@@ -326,9 +372,9 @@ class _Plan:
                 buf = span.result()
                 local = at - span.base
                 size = len(buf)
-                bad = self.checks.pop(k).result()
+                checked = self.checks.pop(k).result()
             else:
-                span = bad = None
+                span = None
                 a, z = self.chunk_ranges[k], self.chunk_ranges[k + 1]
                 if fd is not None and self._unread(k):
                     buf, local, size = None, at, self._consume(a, z)  # the output sends it
@@ -337,15 +383,19 @@ class _Plan:
                         self._check_mapped(k + 1)  # while the output sends this one
                     elif (nxt := following()) is not None:
                         nxt.check_ahead(takes)
-                    bad = self.checks.pop(k).result()
+                    checked = self.checks.pop(k).result()
                 else:
                     buf, local = self._read(a, z, i, j, bufs)
                     size = len(buf)
+                    checked = self._verify(buf, local, i, j)
             self.unread -= size
+            bad, wire, ts, outside = checked
+            if outside is not None:
+                local, at, cap, wire, ts, bad, sure = _pick(~outside, local, at, cap, wire, ts,
+                                                            bad, sure)
             good = self._agree(buf, local, at, cap, wire, ts, stats, bad)
             if good is not None:
-                local, at, cap, wire, ts = local[good], at[good], cap[good], wire[good], ts[good]
-            sure = c.sure[i:j] if good is None else c.sure[i:j][good]
+                local, at, cap, wire, ts, sure = _pick(good, local, at, cap, wire, ts, sure)
             m = None if buf is None else self._confirm(buf, local, cap, wire, sure)
             stats.packets_read += j - i
             stats.bytes_read += size
@@ -366,7 +416,7 @@ class _Plan:
         if k not in self.unread_chunks:
             i, j = self.cuts[k], self.cuts[k + 1]
             c = self.c
-            self.unread_chunks[k] = self._unfiltered(c.sure[i:j]) and long_runs(
+            self.unread_chunks[k] = not self.learn and self._unfiltered(c.sure[i:j]) and long_runs(
                 c.rec[i:j], c.caplen[i:j])
         return self.unread_chunks[k]
 
@@ -386,17 +436,14 @@ class _Plan:
             self.headers = np.frombuffer(
                 mmap.mmap(self.send_fd, self.reader.size, prot=mmap.PROT_READ), np.uint8)
         i, j = self.cuts[k], self.cuts[k + 1]
-        c = self.c
-        self.checks[k] = _checker().submit(
-            headers_disagree, self.headers, c.rec[i:j], c.caplen[i:j], c.wirelen[i:j],
-            c.ts_ns[i:j], self.reader.header)
+        self.checks[k] = _checker().submit(self._verify, self.headers, self.c.rec[i:j], i, j)
 
     def _agree(
         self, buf: np.ndarray | None, local: np.ndarray, at: np.ndarray, cap: np.ndarray,
-        wire: np.ndarray, ts: np.ndarray, stats: Stats, bad: np.ndarray | None = None,
+        wire: np.ndarray, ts: np.ndarray, stats: Stats, bad: np.ndarray,
     ) -> np.ndarray | None:
-        """Which candidates' stored headers agree with the index (None: all of them); `bad`:
-        the disagreeing ones, when the reading thread found them already.
+        """Which candidates' stored headers agree with the index (None: all of them), given
+        the disagreeing ones (`bad`, from _verify).
 
         The output copies stored headers with the index's length of bytes: a record that
         disagrees would make it unreadable, so it is skipped and reported (the result is then
@@ -405,8 +452,6 @@ class _Plan:
         if buf is None:
             buf = self.headers
         hdr = self.reader.header
-        if bad is None:
-            bad = headers_disagree(buf, local, cap, wire, ts, hdr)
         if not bad.any():
             return None
         k = np.flatnonzero(bad)
@@ -492,7 +537,7 @@ class _Pipeline:
     `listing` plans only the candidates the index cannot decide (the others are counted).
     """
 
-    def __init__(self, src: Source, q: Query, stats: Stats, warn: Warn, listing: bool = False,
+    def __init__(self, src: Planner, q: Query, stats: Stats, warn: Warn, listing: bool = False,
                  shared: SharedBuffers | None = None):
         self.src, self.q, self.stats, self.warn = src, q, stats, warn
         self.listing = listing
@@ -524,6 +569,7 @@ class _Pipeline:
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)
+        c = _arrays(c)
         try:
             reader = PcapReader(c.file.pcap)
         except PcapVaultError as e:
@@ -535,14 +581,16 @@ class _Pipeline:
             # Counted unread, so first dropped if the file does not hold them (a pcap cut
             # short, even to nothing, keeps its index's counts).
             c = _drop_past_end(c, reader.size, self.warn)
-            sure = int(c.sure.sum())
+            decided = c.sure if c.edge is None else c.sure & ~c.edge
+            sure = int(decided.sum())
             if sure:
-                c = _subset(c, ~c.sure)
+                c = _subset(c, ~decided)
             if not len(c.rec):
                 reader.close()
                 return _Planned(sf, None, sure)
         try:
-            plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn)
+            plan = _Plan(self.src, c, reader, self.pf, self.dr, self.warn,
+                         (self.q.begin_ns, self.q.end_ns))
         except BaseException:
             reader.close()
             raise
@@ -578,7 +626,7 @@ class _Pipeline:
 
 
 def source_batches(
-    src: Source, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool,
+    src: Planner, q: Query, stats: Stats, warn: Warn, tick: Callable[[], None], single: bool,
     takes: TakesFileRuns | None = None, shared: SharedBuffers | None = None,
 ) -> Iterator[Batch]:
     """Every confirmed match of one dump set in the window, in stored order.
@@ -653,7 +701,7 @@ def merge(streams: list[Iterator[Batch]]) -> Iterator[Batch]:
 
 
 def extract(
-    sources: list[Source],
+    sources: list[Planner],
     q: Query,
     out: Output,
     stats: Stats,
@@ -682,7 +730,7 @@ def extract(
 
 
 def list_files(
-    sources: list[Source], q: Query, stats: Stats, warn: Warn
+    sources: list[Planner], q: Query, stats: Stats, warn: Warn
 ) -> list[tuple[str, int]]:
     """Files holding matches and how many; only rows the index cannot decide are read."""
     found: list[tuple[int, str, int]] = []
@@ -704,18 +752,30 @@ MakeOutput = Callable[..., Output]  # (interfaces, pcapng=, snap=, caps...) -> O
 
 
 class RequestRun:
-    """One request through the engine: what npcapextract and npcapextractd both run, so that
-    a result through the service is the direct one by construction. The caller chooses
-    where the output goes (`make_output`) and keeps `out` to close it or count what left."""
+    """One request through the engine: what npcapextract, npcapextractd and npcapserve all
+    run, so that a result is the same by construction whichever way it was asked. The caller
+    chooses where the output goes (`make_output`) and keeps `out` to close it or count what
+    left.
 
-    def __init__(self, req: Request, sources: list[Source], stats: Stats, warn: Warn):
+    Each dump set is planned from its address postings where they can plan it exactly, else
+    from its flow tables (`postings=False`: the caller tried the postings already)."""
+
+    def __init__(self, req: Request, sources: list[Source], stats: Stats, warn: Warn,
+                 postings: bool = True):
         if not req.pcapng and len({s.linktype for s in sources}) > 1:
             raise PcapVaultError(
                 "the dump sets have different link types; use --pcapng to combine them"
             )
-        self.req, self.sources, self.stats, self.warn = req, sources, stats, warn
+        self.req, self.stats, self.warn = req, stats, warn
+        self.sources: list[Planner] = [
+            self._strategy(s) if postings else s for s in sources
+        ]
         self.query = Query(req.begin_ns, req.end_ns, req.list_only)
         self.out: Output | None = None
+
+    def _strategy(self, src: Source) -> Planner:
+        pp = postingsplan.plan(src.target, self.req.begin_ns, self.req.end_ns)
+        return src if pp is None else postingsplan.PostingsSource(src.path, src.number, pp)
 
     def listing(self) -> list[tuple[str, int]]:
         """-l: the files holding matches and how many."""

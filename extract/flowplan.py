@@ -1,4 +1,5 @@
-"""Which packets of a dump set are worth reading: timeline, then index summary, then index rows.
+"""The flow-table plan (a strategy of plan.py): which packets of a dump set are worth reading,
+from the timeline, then the index summary, then the index rows.
 
 Three levels, cheapest first, each never opening more than the one before needed:
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN
 
 from .access import AccessError, open_dumpset, open_query
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
+from .plan import FilePlan, Warn
 from .report import Stats
 
 if TYPE_CHECKING:
@@ -37,20 +38,6 @@ if TYPE_CHECKING:
     from pcapvault.index.indexfile import PacketIndex
 
 
-@dataclass
-class Candidates:
-    """Packets of one file to read and confirm, in capture order."""
-
-    file: StoredFile
-    rec: np.ndarray  # int64 record-header offsets in the pcap
-    caplen: np.ndarray  # int64
-    wirelen: np.ndarray  # int64
-    ts_ns: np.ndarray  # int64
-    sure: np.ndarray  # bool: the flow row alone proves the packet matches
-    indexed: bool  # False: no usable index, `rec` came from a sequential scan
-
-
-Warn = Callable[[str], None]
 
 
 class _LoadedIndex:
@@ -137,12 +124,12 @@ class _IndexAhead:
 
 
 class Source:
-    """One dump set (one interface) prepared for a query."""
+    """One dump set (one interface) prepared for a query, planned from its flow tables."""
 
     def __init__(self, path: str, number: int, expr: str, ds: DumpSet | None = None):
         self.path = path
         self.number = number
-        t = open_query(path, expr, ds)
+        self.target = t = open_query(path, expr, ds)
         self.ds = t.ds
         self.linktype = t.linktype
         self.snaplen = t.snaplen
@@ -169,7 +156,7 @@ class Source:
 
     def candidates(
         self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
-    ) -> Candidates | None:
+    ) -> FilePlan | None:
         """The packets of `sf` to read, or None when the index proves none can match."""
         from pcapvault.index.indexfile import decode_index
 
@@ -250,19 +237,12 @@ class Source:
             warn(f"{sf.pcap}: index unusable (entries overlap or lie before the first record); "
                  "scanning the pcap sequentially")
             return self._scan(sf, begin_ns, end_ns, stats, warn)
-        return Candidates(
-            sf,
-            rec,
-            caplen,
-            idx.wirelen[sel].astype(np.int64),
-            ts[sel],
-            pdec[sel] == YES,
-            True,
-        )
+        return FilePlan(sf, rec, caplen, pdec[sel] == YES,
+                        wirelen=idx.wirelen[sel].astype(np.int64), ts_ns=ts[sel])
 
     def _scan(
         self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn
-    ) -> Candidates | None:
+    ) -> FilePlan | None:
         from pcapvault.index.pcapfile import PcapReader
 
         stats.scanned_without_index += 1
@@ -282,14 +262,14 @@ class Source:
         sel = np.flatnonzero((ts >= begin_ns) & (ts < end_ns))
         if not len(sel):
             return None
-        return Candidates(
+        return FilePlan(
             sf,
             table.offset.astype(np.int64)[sel],
             table.caplen.astype(np.int64)[sel],
-            table.wirelen.astype(np.int64)[sel],
-            ts[sel],
             np.zeros(len(sel), dtype=bool) | self.filter.matches_everything,
-            False,
+            wirelen=table.wirelen.astype(np.int64)[sel],
+            ts_ns=ts[sel],
+            indexed=False,
         )
 
 
@@ -299,4 +279,6 @@ def _covers_name(idx: PacketIndex, sf: StoredFile) -> bool:
     return idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns
 
 
-__all__ = ["MAYBE", "NO", "YES", "AccessError", "Candidates", "Source", "Stats", "open_dumpset"]
+__all__ = [
+    "MAYBE", "NO", "YES", "AccessError", "FilePlan", "Source", "Stats", "Warn", "open_dumpset",
+]

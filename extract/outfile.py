@@ -1,6 +1,6 @@
 """Creating and writing the output: the part of output.py that needs no numpy.
 
-The host-query fast path (hostquery.py) writes its result through these same functions, with
+The numpy-free reader of small results (records.py) writes through these same functions, with
 the same error messages and the same quiet end when the reader of stdout goes away, without
 importing numpy.
 """

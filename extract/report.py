@@ -1,7 +1,7 @@
 """What -v reports: the counters both extraction paths keep, and the summary line.
 
-One place for the line's wording, so that the engine and the host-query fast path
-(hostquery.py) report alike; no numpy here.
+One place for the line's wording, so that the engine and the numpy-free reader of small
+results (records.py) report alike; no numpy here.
 """
 
 from __future__ import annotations

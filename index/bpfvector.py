@@ -1,7 +1,8 @@
 """libpcap's ``bpf_filter()`` run over many packets at once with numpy (see index/libpcap.py).
 
 A module of its own so that compiling a filter and matching single packets (index/libpcap.py)
-never imports numpy: the host-query fast path (extract/hostquery.py) starts without it.
+never imports numpy: the host-query fast path (extract/postingsplan.py, records.py) starts
+without it.
 """
 
 from __future__ import annotations

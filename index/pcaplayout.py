@@ -1,7 +1,7 @@
 """The byte layout of the classic pcaps pcapvault writes: constants and header builders.
 
 Apart from index/pcapfile.py (numpy, for reading and indexing whole files) so that the
-host-query fast path (extract/hostquery.py) writes its output header without importing numpy.
+host-query fast path (extract/records.py) writes its output header without importing numpy.
 """
 
 from __future__ import annotations

@@ -14,3 +14,18 @@ def test_no_module_shadows_the_standard_library() -> None:
     root = Path(pcapvault.__path__[0])
     names = {p.stem for p in root.rglob("*.py")} - {"__init__", "__main__"}
     assert sorted(names & set(sys.stdlib_module_names)) == []
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """One name, one thing: a class name used in two modules (two `Stats`, two `Request`)
+    makes a reader, and an import, take one for the other."""
+    import ast
+    from collections import defaultdict
+
+    root = Path(pcapvault.__path__[0])
+    where: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(str(path.relative_to(root)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}

@@ -27,8 +27,10 @@ from extract_helpers import (
     tcpdump_window,
 )
 
-from pcapvault.extract import hostquery
-from pcapvault.extract.request import Request
+from pcapvault.extract import postingsplan
+from pcapvault.extract import records as small_result
+from pcapvault.extract.access import open_query
+from pcapvault.extract.report import Stats
 from pcapvault.index.indexfile import read_index, write_index
 
 EXE = [sys.executable, "-m", "pcapvault.extract"]  # what the npcapextract script runs
@@ -85,9 +87,9 @@ def test_flipped_caplen_is_skipped_and_reported(synth, tmp_path, expr):
     assert readable(out) == want
 
 
-def test_flipped_caplen_through_the_host_query_fast_path(synth, tmp_path):
-    """The fast path notices the record before writing anything and hands the query to the
-    engine, which skips the record: the same readable, incomplete result."""
+def test_flipped_caplen_in_a_postings_plan(synth, tmp_path):
+    """Read without numpy (records.py), the record is noticed before anything is written and
+    the engine answers, skipping it: the same readable, incomplete result as any plan's."""
     root = copy(synth, tmp_path)
     pcap = pcaps(root)[1]
     offsets = records(pcap)
@@ -97,9 +99,9 @@ def test_flipped_caplen_through_the_host_query_fast_path(synth, tmp_path):
     host = ".".join(map(str, data[offsets[k] + 16 + 26 : offsets[k] + 16 + 30]))
     at, damaged = flip_caplen(pcap, k)
     expr = f"host {host}"
-    plan = hostquery.plan(Request([str(root)], B, E, expr))
+    plan = postingsplan.plan(open_query(str(root), expr), B, E)
     assert plan is not None
-    assert hostquery.run(plan, str(tmp_path / "fast.pcap"), False, False) is None
+    assert small_result.run(plan, B, E, str(tmp_path / "fast.pcap"), False, False, Stats()) is None
     assert not (tmp_path / "fast.pcap").exists()
     want = [p for p in tcpdump_window(synth[1], expr, B, E) if p != damaged]
     assert len(want) > 10
@@ -207,3 +209,37 @@ def test_listing_counts_only_what_the_pcaps_hold(synth, tmp_path):
     assert listed and files[1].name not in listed, host.stderr
     x = npcapextract(root, "-f", "host 10.0.1.3", "-O")
     assert sum(listed.values()) == len(readable(x.stdout))
+
+
+def test_flipped_caplen_read_by_the_engine_from_a_postings_plan(synth, tmp_path):
+    """The engine reading a postings plan (which knows only each record's captured length)
+    skips and reports the damaged record like a flow-table plan: the same result."""
+    from pcapvault.extract.engine import RequestRun
+    from pcapvault.extract.flowplan import Source
+    from pcapvault.extract.output import Output
+    from pcapvault.extract.request import Request
+
+    root = copy(synth, tmp_path)
+    pcap = pcaps(root)[1]
+    offsets = records(pcap)
+    data = pcap.read_bytes()
+    k = next(i for i in range(100, len(offsets))
+             if data[offsets[i] + 16 + 12 : offsets[i] + 16 + 14] == b"\x08\x00")
+    host = ".".join(map(str, data[offsets[k] + 16 + 26 : offsets[k] + 16 + 30]))
+    at, damaged = flip_caplen(pcap, k)
+    expr = f"host {host}"
+    want = [p for p in tcpdump_window(synth[1], expr, B, E) if p != damaged]
+    for postings in (True, False):
+        warnings: list[str] = []
+        stats = Stats()
+        run = RequestRun(Request([str(root)], B, E, expr), [Source(str(root), 0, expr)], stats,
+                         warnings.append, postings=postings)
+        assert isinstance(run.sources[0], postingsplan.PostingsSource) == postings
+        out = tmp_path / f"o{postings}.pcap"
+        try:
+            run.write(lambda ifaces, **opts: Output(str(out), ifaces, **opts))  # noqa: B023
+        finally:
+            run.out.close()
+        assert stats.damaged_records == 1 and stats.exit_status(1) == 3
+        assert any(f"first at byte {at}" in w for w in warnings), warnings
+        assert readable(out) == want

@@ -169,7 +169,7 @@ def test_yes_rows_are_written_unconfirmed_and_equal_tcpdump(ds, tmp_path, monkey
     monkeypatch.setattr(Filter, "match_many", counting)
     monkeypatch.setattr(engine._Plan, "_confirm", confirm)
     # "or icmp": an accepting path without an address keeps the host rows in the engine
-    # (plain host filters take the fast path, tests/test_hostquery.py)
+    # (plain host filters are planned from the postings, tests/extract/test_postingsplan.py)
     for expr in ("tcp", "host 10.0.1.3 or icmp", "tcp[13] & 2 != 0"):
         calls.clear()
         got = extract(root, tmp_path / "o.pcap", expr)

@@ -14,8 +14,8 @@ from pcapvault.extract import readahead
 
 
 def test_readahead_needs_no_numpy() -> None:
-    """The host-query fast path announces its reads with it, and must not import numpy."""
-    code = ("import sys, pcapvault.extract.readahead as r, pcapvault.extract.hostquery; "
+    """records.py announces its reads with it, and must not import numpy."""
+    code = ("import sys, pcapvault.extract.readahead as r, pcapvault.extract.records; "
             "r.Prefetcher().submit('/nonexistent', [0], [10]); "
             "print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,5 +1,6 @@
-"""The host-query fast path (extract/hostquery.py, hostkeys.py): it takes the queries it is for,
-hands every other one to the engine, and its answers equal tcpdump's selection."""
+"""The address-postings plan (extract/postingsplan.py, hostkeys.py): it plans the queries it is
+for, leaves every other one to the flow-table plan, and its answers equal tcpdump's selection,
+whether read record by record without numpy (records.py) or by the engine (engine.py)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ from extract_helpers import (
 )
 from indexes import as_version
 
-from pcapvault.extract import hostkeys, hostquery
+from pcapvault.extract import hostkeys, postingsplan, records
+from pcapvault.extract.access import open_query
 from pcapvault.extract.cli import main
+from pcapvault.extract.engine import RequestRun
+from pcapvault.extract.flowplan import Source
+from pcapvault.extract.output import Output
+from pcapvault.extract.report import Stats
 from pcapvault.extract.request import Request
 from pcapvault.index.indexfile import read_index
 from pcapvault.index.libpcap import compile_filter
@@ -60,19 +66,45 @@ ENGINE_FILTERS = ["", "tcp", "not host 10.0.1.3", "net 10.1.0.0/16", "vlan and h
                   "host 10.0.1.3 or tcp", "ether host 00:16:3e:00:01:02", "port 80"]
 
 
+def postings(root: Path, expr: str, begin: int, end: int) -> postingsplan.PostingsPlan | None:
+    return postingsplan.plan(open_query(str(root), expr), begin, end)
+
+
+def through_engine(root: Path, expr: str, begin: int, end: int, out: Path,
+                   strategy: type) -> list:
+    """The engine's records for the request, its dump set planned by `strategy`."""
+    run = RequestRun(Request([str(root)], begin, end, expr), [Source(str(root), 0, expr)],
+                     Stats(), lambda m: None, postings=strategy is not Source)
+    assert type(run.sources[0]) is strategy
+    try:
+        run.write(lambda ifaces, **opts: Output(str(out), ifaces, **opts))
+    finally:
+        if run.out is not None:
+            run.out.close()
+    return read_pcap_records(out.read_bytes()) if out.exists() else []
+
+
 def answer(root: Path, expr: str, begin: int, end: int, out: Path) -> list | None:
-    """The fast path's records for the request, or None if it hands it to the engine."""
-    plan = hostquery.plan(Request([str(root)], begin, end, expr))
+    """The postings plan's records for the request, read without numpy, or None if the
+    flow-table plan must answer it. The engine reading the same plan, and the engine reading
+    the flow-table plan, must give the same records."""
+    plan = postings(root, expr, begin, end)
     if plan is None:
         return None
     if out.exists():
         out.unlink()
-    res = hostquery.run(plan, str(out), False, False)
+    res = records.run(plan, begin, end, str(out), False, False, Stats())
     assert res is not None
     if not res.written:
         assert not out.exists()
-        return []
-    return read_pcap_records(out.read_bytes())
+        got = []
+    else:
+        got = read_pcap_records(out.read_bytes())
+    for strategy in (postingsplan.PostingsSource, Source):
+        other = out.with_suffix(f".{strategy.__name__}.pcap")
+        other.unlink(missing_ok=True)
+        assert through_engine(root, expr, begin, end, other, strategy) == got, strategy
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +180,7 @@ def test_corpus_hosts_equal_tcpdump(corpus, tmp_path):
 @pytest.mark.parametrize("expr", ENGINE_FILTERS)
 def test_other_filters_go_to_the_engine(synth, expr):
     root, _ = synth
-    assert hostquery.plan(Request([str(root)], START, START + 3600 * NS, expr)) is None
+    assert postings(root, expr, START, START + 3600 * NS) is None
 
 
 def test_decisions_agree_with_libpcap_on_every_posting(synth, corpus):
@@ -211,8 +243,7 @@ def test_indexes_without_postings_go_to_the_engine(synth, tmp_path):
     files = [sf for sf in sorted(root.rglob("*.pcap")) if not sf.is_symlink()]
     idx_path = Path(str(files[1]) + ".idx")
     idx_path.write_bytes(as_version(idx_path.read_bytes(), 2))
-    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
-    assert hostquery.plan(req) is None
+    assert postings(root, "host 10.0.1.3", START, START + 3600 * NS) is None
     out = tmp_path / "o.pcap"
     rc = _cli(["-t", str(root), "-b", epoch(START), "-e", epoch(START + 3600 * NS),
                "-f", "host 10.0.1.3", "-o", str(out)])
@@ -229,10 +260,10 @@ def test_a_stale_index_hands_over_before_writing(synth, tmp_path):
     pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[0]
     data = pcap.read_bytes()
     pcap.write_bytes(data[:24] + bytes(8) + data[24:])
-    plan = hostquery.plan(Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3"))
+    plan = postings(root, "host 10.0.1.3", START, START + 3600 * NS)
     assert plan is not None
     out = tmp_path / "o.pcap"
-    assert hostquery.run(plan, str(out), False, False) is None
+    assert records.run(plan, START, START + 3600 * NS, str(out), False, False, Stats()) is None
     assert not out.exists()
 
 
@@ -242,8 +273,7 @@ def test_torn_pcaps_go_to_the_engine(synth, tmp_path):
     pcap = sorted(p for p in root.rglob("*.pcap") if not p.is_symlink())[2]
     with open(pcap, "r+b") as f:
         f.truncate(os.path.getsize(pcap) - 5)
-    req = Request([str(root)], START, START + 3600 * NS, "host 10.0.1.3")
-    assert hostquery.plan(req) is None
+    assert postings(root, "host 10.0.1.3", START, START + 3600 * NS) is None
 
 
 def test_listing_and_verbose_summary(synth, tmp_path, capsys):
@@ -321,3 +351,45 @@ def _cli(args: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def test_engine_reads_a_dense_postings_plan_with_o_direct(tmp_path, monkeypatch):
+    """A host that fills its files, out of the page cache: the engine reads the postings plan
+    with O_DIRECT and learns timestamps and wire lengths on its checking thread; a window
+    that cuts the files keeps exactly tcpdump's records, and a damaged record is skipped and
+    reported."""
+    from extract_helpers import flip_caplen
+
+    from pcapvault.extract import engine
+
+    frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                  ipv4("10.9.0.1", "10.9.1.1", 6, tcp(1000, 80, 0x10, bytes(1400))))
+    root = tmp_path / "ds"
+    ds = build_dumpset(root, [(START + i * 10_000_000, frame, len(frame) + i % 7)
+                              for i in range(6000)], per_file=2000)
+    files = [sf.pcap for sf in ds.files()]
+    b, e = START + 5 * NS + 3, START + 55 * NS + 5  # cuts the first and the last file
+    whole = tcpdump_window(files, "host 10.9.0.1", b, e)
+    at, damaged = flip_caplen(files[1], 700)
+    want = [p for p in whole if p != damaged]
+    opened = []
+    real = engine.open_direct
+    monkeypatch.setattr(engine, "open_direct", lambda p: opened.append(p) or real(p))
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    warnings: list[str] = []
+    stats = Stats()
+    run = RequestRun(Request([str(root)], b, e, "host 10.9.0.1"),
+                     [Source(str(root), 0, "host 10.9.0.1")], stats, warnings.append)
+    assert isinstance(run.sources[0], postingsplan.PostingsSource)
+    out = tmp_path / "o.pcap"
+    try:
+        run.write(lambda ifaces, **opts: Output(str(out), ifaces, **opts))
+    finally:
+        run.out.close()
+    assert len(opened) == 3
+    assert stats.damaged_records == 1 and any(f"first at byte {at}" in w for w in warnings)
+    assert read_pcap_records(out.read_bytes()) == want and len(want) == len(whole) - 1 > 4000
