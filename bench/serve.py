@@ -80,8 +80,11 @@ def accounts():
         Path(f"/etc/pam.d/{pam}").write_text((ROOT / "systemd/pam.d/npcapextract").read_text())
         yield svc, group, user, password, pam
     finally:
-        for u in (user, svc):
-            subprocess.run(["userdel", u], capture_output=True)
+        for u in (user, svc):  # the server's helpers may take a moment to exit
+            for _ in range(50):
+                if subprocess.run(["userdel", u], capture_output=True).returncode in (0, 6):
+                    break
+                time.sleep(0.1)
         for g in (group, svc):
             subprocess.run(["groupdel", g], capture_output=True)
         Path(f"/etc/pam.d/{pam}").unlink(missing_ok=True)

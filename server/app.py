@@ -62,7 +62,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServeSettings:
     """What the routes need to know besides their collaborators."""
 
     dumpsets: tuple[str, ...]
@@ -181,7 +181,7 @@ Handler = Callable[[HttpRequest, Any, dict, dict[str, str], Callable[..., None]]
                    Awaitable[Response]]
 
 
-def create_app(settings: Settings, gate: Any, audit: Audit,
+def create_app(settings: ServeSettings, gate: Any, audit: Audit,
                conversations: Callable[..., Any] | None = None,
                volume: Callable[..., Any] | None = None) -> Starlette:
     """The application. `gate.admit(authorization, client)` returns the principal or raises

@@ -185,7 +185,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     from pcapvault.extract.service.policy import Audit, parse_group_filters
 
     from . import filtercheck
-    from .app import Settings, create_app
+    from .app import ServeSettings, create_app
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -202,7 +202,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     gate = _gate(pam_service, token_file, fail_delay, group, filters)
     sock = bind(listen, port)
     config = uvicorn.Config(
-        create_app(Settings(served, pam_service, filter_cpu, metrics_auth, max_rows,
+        create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
                             max_steps), gate, audit, *_flows()),
         ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
         timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=16 << 10,

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 
+from pcapvault.extract.service.server import FilterTooCostly
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.libpcap import FilterError
 
@@ -34,10 +35,6 @@ MAX_MESSAGE = 1 << 16  # a request: the filter (the query string is at most 8 Ki
 _helper: socket.socket | None = None
 _proc: subprocess.Popen | None = None
 _lock = threading.Lock()
-
-
-class FilterTooCostly(PcapVaultError):
-    """Compiling the filter took more CPU time than --filter-cpu-limit allows."""
 
 
 def start() -> None:
