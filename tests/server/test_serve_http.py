@@ -16,6 +16,7 @@ import pytest
 from extract_helpers import build_dumpset, read_pcap_records, synthetic_traffic
 from pamworld import CLIENT, NET_FILTER, PAM_MARKS, UDP_FILTER
 from prometheus_client.parser import text_string_to_metric_families
+from recorderproc import RecorderProc, synthetic_pcap
 from serveworld import serving
 
 from pcapvault.index.privileges import give_tree
@@ -309,3 +310,34 @@ def test_tls_key_is_not_readable_by_the_serving_account(world, served):
     uid = int(re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M).group(1))
     assert uid == pwd.getpwnam(world.service_account).pw_uid
     assert (world.base / "key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_metrics_follow_a_live_recorder_over_https(world, veth):
+    """The unit's view: a recorder running as the service account, scraped through TLS."""
+    live = world.base / "live"
+    src = world.base / "live.pcap"
+    synthetic_pcap(src, 200, 300)
+    rec = RecorderProc(veth, live, "-u", world.service_account, "--stats-interval", "0.2",
+                       "--disk-limit", "1GB")
+    try:
+        with serving(world, [live]) as s, s.client() as c:
+            def written() -> dict[str, float]:
+                fams = text_string_to_metric_families(c.get("/metrics").text)
+                return {x.name: x.value for f in fams for x in f.samples
+                        if x.labels.get("interface") == veth.rx}
+
+            until = time.monotonic() + 15
+            while written().get("pcapvault_recorder_up") != 1:
+                assert time.monotonic() < until
+                time.sleep(0.2)
+            assert written()["pcapvault_packets_written_total"] == 0
+            for n in (200, 400):
+                veth.send([src])
+                until = time.monotonic() + 15
+                while (m := written())["pcapvault_packets_written_total"] < n:
+                    assert time.monotonic() < until, m
+                    time.sleep(0.2)
+                assert m["pcapvault_packets_written_total"] == n
+                assert m["pcapvault_bytes_written_total"] == n * (300 + 16)
+    finally:
+        assert rec.stop() == 0, rec.stderr
