@@ -245,6 +245,9 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
                 outcome = "denied" if e.status in (401, 403, 429) else "error"
                 close(outcome, str(e))
                 return error_response(e.status, str(e), e.headers)
+            except asyncio.CancelledError:
+                close("error", "the client went away")
+                raise
             except BaseException as e:
                 close("error", f"internal error: {type(e).__name__}")
                 raise
@@ -283,8 +286,19 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         if principal.allowed is not None:
             headers["X-Pcapvault-Restricted-To"] = _header_text(principal.allowed)
         media = "application/vnd.tcpdump.pcap" if fmt == "pcap" else "application/x-pcapng"
-        return StreamingResponse(pcap.body(prepared, finished), media_type=media,
-                                 headers=headers)
+        response = StreamingResponse(pcap.body(prepared, finished), media_type=media,
+                                     headers=headers)
+
+        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+            """The response, and its audit line even when the client leaves before the
+            body starts (then no worker is there to write it)."""
+            try:
+                await response(scope, receive, send)
+            finally:
+                if not prepared.started:
+                    close("error", "the client went away before the stream started")
+
+        return respond  # type: ignore[return-value] - an ASGI app, as Starlette runs it
 
     async def get_conversations(request: HttpRequest, principal: Any, record: dict,
                                 q: dict[str, str], close: Callable[..., None]) -> Response:

@@ -68,6 +68,7 @@ class Prepared:
     run: RequestRun
     stats: Stats
     warnings: list[str] = field(default_factory=list)
+    started: bool = False  # the body began: its worker will report how it ended
 
 
 def prepare(req: Request, allowed: str | None, filter_cpu: float) -> Prepared:
@@ -94,6 +95,7 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
 
     `finished` is called once, on the worker thread, with what went into the pipe and why
     it stopped short (None when complete)."""
+    prepared.started = True
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_BYTES)
