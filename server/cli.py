@@ -197,6 +197,8 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
         if path is not None and not path.is_file():
             raise click.UsageError(f"{what} {path}: no such file")
     filters = parse_group_filters(group_filters)
+    from pcapvault.extract.cli import _configured_dumpsets  # npcapextract's default, shared
+
     served = tuple(os.path.abspath(p) for p in dumpsets) or _configured_dumpsets()
     audit = Audit(audit_log, PROG)
     gate = _gate(pam_service, token_file, fail_delay, group, filters)
@@ -268,17 +270,6 @@ def _preload() -> None:
     from pcapvault.index.libpcap import lib
 
     lib()
-
-
-def _configured_dumpsets() -> tuple[str, ...]:
-    from pcapvault.index.config import config_dir, default_dumpsets
-
-    found = tuple(str(p) for p in default_dumpsets())
-    if not found:
-        raise click.UsageError(
-            f"no dump set given and none configured: pass -t DIR or configure {config_dir()} "
-            "(dumpset= in pcapvault.conf or recorder-*.conf files)")
-    return found
 
 
 def main(argv: list[str] | None = None) -> None:

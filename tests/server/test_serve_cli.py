@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -46,3 +47,9 @@ def test_config_file_options_and_errors(tmp_path):
 def test_bad_group_filter(tmp_path):
     one_line(serve("-t", str(tmp_path), "--listen", "127.0.0.1",
                    "--group-filter", "nosuchgroup-xyz=tcp"), 2, "no group named")
+
+
+def test_no_dump_set_configured(tmp_path):
+    r = subprocess.run([tool("npcapserve"), "--listen", "127.0.0.1"], capture_output=True,
+                       text=True, env={**os.environ, "PCAPVAULT_CONFIG_DIR": str(tmp_path)})
+    one_line(r, 2, "no dump set given and none configured")

@@ -341,3 +341,20 @@ def test_metrics_follow_a_live_recorder_over_https(world, veth):
                 assert m["pcapvault_bytes_written_total"] == n * (300 + 16)
     finally:
         assert rec.stop() == 0, rec.stderr
+
+
+def test_guessing_is_limited_per_address(world):
+    """Ten failures from one address within a minute: 429 with Retry-After, audited; even
+    the right password waits (its own server: the limit would hold up the other tests)."""
+    with serving(world) as s:
+        with s.client(world.member, password="guess") as c:
+            codes = [c.get("/api/v1/volume", params=window(world)).status_code
+                     for _ in range(10)]
+        assert codes == [401] * 10
+        with s.client(world.member) as c:
+            r = c.get("/api/v1/volume", params=window(world))
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+        assert "too many failed logins" in r.json()["error"]
+        line = last_audit(world)[0]
+        assert line["outcome"] == "denied" and "too many" in line["reason"]
+
