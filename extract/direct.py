@@ -1,11 +1,12 @@
 """Dense reads with O_DIRECT: the device fills our buffer, the page cache is bypassed.
 
 Why: a broad query reads most of every file. Through the page cache every 4 KiB page is
-allocated, inserted, filled, copied to the reader and later reclaimed; on the benchmark VM that
-costs 2.7 s of kernel CPU for 5 GB even for `cat`, and it made the broad case CPU-bound. Read
-with O_DIRECT in 32 MiB pieces, the same 5 GB arrive sooner (3.2 s against cat's 4.2 s) for
-0.2 s of kernel CPU, and a large extraction no longer evicts everything else the sensor has
-cached. A thread reads the next piece while the current one is matched and written.
+allocated, inserted, filled, copied to the reader and later reclaimed, which costs kernel CPU
+even for `cat` and made the broad case CPU-bound. Read with O_DIRECT in 32 MiB pieces, the same
+bytes arrive at least as soon for a fraction of that kernel CPU (docs/BENCHMARKS.md, D12, and
+"Extraction": dense spans read with O_DIRECT), and a large extraction no longer evicts
+everything else the sensor has cached. A thread reads the next piece while the current one is
+matched and written.
 
 A span already in the page cache is still read from it (`cached`).
 
@@ -13,11 +14,10 @@ Reads meant for the buffers shared with the extraction client (service/shared.py
 private memory first and are then copied into their slot, on the reading thread. The shared
 region is a memfd in 4 KiB pages, and the block layer cuts a read into it at max_segments pages
 (1 MiB on the benchmark VM's virtio disk); private buffers are large numpy arrays, which numpy backs
-with transparent huge pages, so the same read goes out in 4 MiB requests. Measured with the
-client writing to a tmpfs meanwhile: the service's reads of 1 GB took 1.1 to 2.1 s of reading
-time straight into the slots and kept the client waiting; through the private buffer the path
-was as fast as a direct extraction, for a memcpy into slots that stay mapped (about 0.05 s of
-CPU per GB). See docs/BENCHMARKS.md, "PAM service".
+with transparent huge pages, so the same read goes out in 4 MiB requests. Read straight into
+the slots, the service's reads took longer and kept the client waiting; through the private
+buffer the path was as fast as a direct extraction, for a cheap memcpy into slots that stay
+mapped (docs/BENCHMARKS.md, "PAM service": reads for the shared buffers).
 
 Sparse selections stay on the page cache with WILLNEED read-ahead (readahead.py): one 4 KiB
 O_DIRECT read at a time would wait for the device each time, and queueing thousands of them

@@ -532,7 +532,7 @@ def _hash_columns(cols: np.ndarray) -> np.ndarray:
 
 def _distinct(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted distinct values of `h`, a position of each in `h`, and each element's index in
-    the distinct values (np.unique's, without its slower stable sort)."""
+    the distinct values (np.unique's, without its slower stable sort: docs/BENCHMARKS.md, D3)."""
     order = np.argsort(h)
     sh = h[order]
     start = np.ones(len(h), bool)
@@ -553,7 +553,7 @@ def _equal_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Cache:
     """Decisions of rows seen before (in earlier files), found by a hash of the row and verified
     against the full row, so a hash collision only costs a recomputation. Rows are kept as
-    columns of 64-bit words (column-wise numpy is several times faster here)."""
+    columns of 64-bit words (column-wise numpy is faster here: docs/BENCHMARKS.md, D17)."""
 
     def __init__(self, width: int) -> None:
         self.keys = np.zeros(0, np.uint64)

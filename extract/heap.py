@@ -3,10 +3,10 @@
 An extraction allocates hundreds of MB of short-lived numpy temporaries (flow decisions,
 index columns, read buffers), most above glibc's mmap threshold, so by default each one is
 a fresh mmap that is unmapped again when freed. On the VMs we run on, the first touch of a
-fresh page is what costs (a page fault the host may have to back: 100 MB took 84 ms to fill
-the first time and 7 ms afterwards). With large allocations served from the heap and the
-heap never trimmed, a process touches fresh memory only up to its peak use: the selective
-extraction of docs/BENCHMARKS.md went from a median 0.83 s to 0.69 s (6 interleaved runs).
+fresh page is what costs (a page fault the host may have to back: docs/BENCHMARKS.md, D14).
+With large allocations served from the heap and the heap never trimmed, a process touches
+fresh memory only up to its peak use, which made the selective extraction faster
+(docs/BENCHMARKS.md, "Extraction": freed memory kept in the heap).
 The process is short-lived, so nothing is held for long.
 """
 

@@ -51,7 +51,7 @@ class SharedBuffers(Protocol):
 
 
 # Mean run length from which a batch goes by sendfile: one call per run must cost less than
-# the copy it saves (about 6 us for 64 KiB here), and writev sends a thousand short runs at once.
+# the copy it saves (docs/BENCHMARKS.md, D15), and writev sends a thousand short runs at once.
 SEND_MIN_RUN = 64 << 10
 
 

@@ -1,17 +1,17 @@
 """Page-cache read-ahead: the one way extraction asks the kernel for bytes before reading them.
 
-Why: a cold 4 KiB read waits for the device (about 0.1 ms on the benchmark VM); read one after
-the other, 12,000 scattered records took a second. Announced first with
-posix_fadvise(WILLNEED), they are queued at once and the device serves them in parallel (the
-same 12,000 in a quarter of that). A broad query alternated between waiting for a chunk and
-processing it; announced ahead, the next chunks arrive while the current one is matched and
-written. The reads themselves stay ordinary preads and find the pages cached.
+Why: a cold 4 KiB read waits for the device; read one after the other, scattered records
+wait for it one by one. Announced first with posix_fadvise(WILLNEED), they are queued at once
+and the device serves them in parallel, several times sooner (docs/BENCHMARKS.md, D13). A
+broad query alternated between waiting for a chunk and processing it; announced ahead, the
+next chunks arrive while the current one is matched and written. The reads themselves stay
+ordinary preads and find the pages cached.
 
 Two forms, both numpy-free (the host-query fast path uses them without importing numpy):
 
 * `will_need` and `warm_indexes`: one announcement now, for index files, even before the heavy
-  imports (importing numpy and the index code takes a tenth of a second or more; the disk
-  fetches the window's index files meanwhile);
+  imports (importing numpy and the index code takes a while: docs/BENCHMARKS.md, D10; the
+  disk fetches the window's index files meanwhile);
 * `Prefetcher`: the candidates' byte ranges, file after file, announced by one thread because
   fadvise blocks while the device queue is full; that thread does nothing else, so planning,
   decoding and matching overlap the I/O. How far ahead it may run is bounded (LOOKAHEAD_BYTES)

@@ -383,7 +383,7 @@ def _group_by_hash(h: np.ndarray, full: bool) -> tuple[np.ndarray, np.ndarray]:
     """(perm, starts): perm orders `h`, starts[i] is True where a new hash value begins.
 
     Unless `full`, the low bits of each hash are replaced by the element's index so that a
-    plain value sort (several times faster than argsort) yields the permutation too; the
+    plain value sort (faster than argsort: docs/BENCHMARKS.md, D3) yields the permutation too; the
     shortened hash can collide more often, which the caller's check catches.
     """
     n = len(h)

@@ -78,8 +78,8 @@ def _quiet_broken_pipe() -> None:
 def exit_now(code: object) -> None:
     """Exit without the interpreter's teardown, once stdout and stderr are flushed.
 
-    Undoing the imports of a run takes 10 to 20 ms, a tenth of a host query
-    (docs/BENCHMARKS.md); and threads still blocked in C (a filter compilation past its
+    Undoing the imports of a run is a noticeable share of a host query's time
+    (docs/BENCHMARKS.md, S1 and D5); and threads still blocked in C (a filter compilation past its
     CPU limit in the extraction service) cannot delay the exit. Callers have closed every
     file they wrote and registered no atexit work."""
     if isinstance(code, str):

@@ -18,16 +18,17 @@ from .atomicfile import atomic_write
 from .errors import FormatError
 
 SUFFIX = ".zst"
-# 64 KiB frames: about 5% larger files than 1 MiB frames, a third of the cost of reading one
-# packet (measured in docs/BENCHMARKS.md, "Compression").
+# 64 KiB frames: files slightly larger than with 1 MiB frames, reading one packet far cheaper
+# (docs/BENCHMARKS.md, "Compression", K1).
 FRAME_SIZE = 64 << 10
 DEFAULT_LEVEL = 3
 _COPY = 4 << 20
 
 
 def _pyzstd() -> ModuleType:
-    """pyzstd, imported on first use: its import takes 25 to 45 ms (typing_extensions pulls in
-    inspect and asyncio), which a selective extraction over plain files would pay for nothing.
+    """pyzstd, imported on first use: its import costs several times the zstd backport's
+    (typing_extensions pulls in inspect and asyncio; docs/BENCHMARKS.md, D6), which a
+    selective extraction over plain files would pay for nothing.
     """
     import pyzstd
 

@@ -52,8 +52,8 @@ from .postings import (
 )
 from .zstdlib import zstd
 
-# zstd level: on byte-transposed columns level 1 compresses as well as higher levels (measured
-# with bench/index_build.py), at twice the speed of level 3.
+# zstd level: on byte-transposed columns level 1 compresses about as well as level 3, and
+# faster (docs/BENCHMARKS.md, D7).
 ZSTD_LEVEL = 1
 
 # Flow-row flag bits (row offset 8).
@@ -211,7 +211,7 @@ def _byte_planes(columns: list[np.ndarray]) -> np.ndarray:
     """Columns one after the other, each byte-transposed: all least significant bytes first.
 
     The high bytes of small numbers are zeros; grouped together they compress to almost
-    nothing and zstd runs several times faster than on interleaved bytes.
+    nothing, and zstd runs faster than on interleaved bytes (docs/BENCHMARKS.md, D7).
     """
     out = np.empty(sum(c.nbytes for c in columns), dtype=np.uint8)
     pos = 0
@@ -223,8 +223,8 @@ def _byte_planes(columns: list[np.ndarray]) -> np.ndarray:
 
 def _put_planes(planes: np.ndarray, column: np.ndarray) -> None:
     """Write the byte planes of `column` (little-endian numbers) into the rows of `planes`:
-    row k gets byte k of every number, cut out with a shift (two to three times faster than
-    a byte transposition)."""
+    row k gets byte k of every number, cut out with a shift. (With today's numpy a byte
+    transposition measures faster: docs/BENCHMARKS.md, D8.)"""
     values = column.view(f"<u{column.itemsize}")
     for k in range(column.itemsize):
         planes[k] = values >> 8 * k
@@ -291,7 +291,7 @@ def _ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     occurrence of each distinct value (np.unique's inverse and index, cheaper).
 
     When every value leaves room for its position in a 64-bit word, the pairs are sorted as
-    plain numbers (several times faster than an argsort)."""
+    plain numbers (faster than an argsort: docs/BENCHMARKS.md, D3)."""
     n = len(values)
     bits = max(n - 1, 1).bit_length()
     if n and int(values.max()) < 1 << (64 - bits):
@@ -306,7 +306,7 @@ def _ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     new[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
     rank = np.empty(n, np.int64)
-    rank[order] = np.cumsum(new, dtype=np.int32) - 1  # int32: several times faster
+    rank[order] = np.cumsum(new, dtype=np.int32) - 1  # int32: faster (docs/BENCHMARKS.md, D4)
     return rank, order[new]
 
 

@@ -69,7 +69,7 @@ class _PktHdr(ctypes.Structure):
 
 def _sonames() -> Iterator[str]:
     """The sonames distributions ship first: ctypes.util.find_library runs ldconfig in a
-    subprocess (10 ms, on the host-query fast path's critical path)."""
+    subprocess, on the host-query fast path's critical path (docs/BENCHMARKS.md, D9)."""
     yield from ("libpcap.so.0.8", "libpcap.so.1", "libpcap.so")
     import ctypes.util
 

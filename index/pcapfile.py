@@ -43,8 +43,8 @@ _MAGIC_PCAPNG = 0x0A0D0D0A
 # Linktype field: the low 26 bits are the link type, the rest FCS information (pcap spec).
 _LINKTYPE_MASK = 0x03FFFFFF
 
-# Whole-file readers touch every page: mapping them all at once is an order of magnitude
-# cheaper than taking a page fault per page.
+# Whole-file readers touch every page, so they map them all at once. (On a cached file a fault
+# per page measures no slower today: docs/BENCHMARKS.md, D18.)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 # Record header, as one 16-byte item so that a batch of them is gathered with one numpy call.
@@ -167,7 +167,7 @@ def walk_offsets(arr: np.ndarray, start: int, end: int, big_endian: bool) -> np.
 _SAMPLE_RECORDS = 256
 # Records per parallel walker: fewer means more walkers per numpy call, but more segment
 # starts to search for, and past a few thousand walkers every step touches more pages than
-# the TLB holds (measured with bench/index_build.py: 384..768 is best on large records).
+# the TLB holds (docs/BENCHMARKS.md, D11).
 _RECORDS_PER_SEGMENT = 512
 _MIN_SEGMENTS = 16
 # A wrong segment start costs a restart of the parallel walk; past this many, walk serially.

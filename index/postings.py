@@ -4,9 +4,9 @@ A host query (`host 10.0.0.51`) can go straight from the index to the pcap recor
 address: the postings directory names, for every address, the small compressed frame that
 holds the offsets and lengths of its packets (those it sent, then those it received), and
 its block time table tells which of them a time window keeps. That path must answer before
-numpy could even be imported (about 0.1 s), so the header, the directory and the frames are
-read here with the standard library only; `indexfile` (numpy) re-exports the header pieces
-and writes what this reads.
+numpy could even be imported (docs/BENCHMARKS.md, D10), so the header, the directory and the
+frames are read here with the standard library only; `indexfile` (numpy) re-exports the
+header pieces and writes what this reads.
 
 docs/FORMAT.md ("Index files") is the contract.
 """

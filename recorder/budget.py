@@ -20,7 +20,7 @@ from pcapvault.index.sizes import parse_size
 
 log = logging.getLogger("pcapvault.recorder")
 
-# An index is at most this share of its pcap; measured well below it (docs/BENCHMARKS.md).
+# An index is at most this share of its pcap; measured well below it (docs/BENCHMARKS.md, I1).
 INDEX_RESERVE = 0.5
 # Closed files a keeping-up indexer has in hand: the one it works on and the one just closed.
 INDEXER_IN_HAND = 2

@@ -40,7 +40,7 @@ RESTART_WINDOW = 600
 
 # The file was just written with O_DIRECT, so it is not in the page cache; reading it back
 # through the cache (mmap or read) would allocate a fresh page per 4 KiB, the very cost the
-# writer avoids (docs/BENCHMARKS.md, "Recorder": the indexer's O_DIRECT buffer against a cold
+# writer avoids (docs/BENCHMARKS.md, "Capture": the indexer's O_DIRECT buffer against a cold
 # mmap).
 _reader = WholeFileReader()
 

@@ -295,8 +295,8 @@ def _vector_records(
     if not (step > 0 and first + step * (num - 1) + 48 <= blen
             and (w32[p4[:-1]] == step).all()):
         count = (blen - 48 - first) // 8 + 1
-        # Low halves of the 8-byte words at p+24 are (tp_mac, tp_net); a contiguous cast to
-        # uint32 is three times faster than a strided view of them.
+        # Low halves of the 8-byte words at p+24 are (tp_mac, tp_net), taken by a contiguous
+        # cast to uint32 (at most slightly faster than a strided view: docs/BENCHMARKS.md, D1).
         cand = blk[first + 24 : first + 24 + 8 * count].view(np.uint64).astype(np.uint32)
         idx = np.flatnonzero(cand == w32[key_at])
         if len(idx) != num or idx[0] != 0:

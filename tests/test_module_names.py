@@ -29,3 +29,12 @@ def test_no_two_classes_share_a_name() -> None:
             if isinstance(node, ast.ClassDef):
                 where[node.name].append(str(path.relative_to(root)))
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_no_bench_script_shadows_the_standard_library() -> None:
+    """A script run from bench/ puts bench/ first on sys.path: a bench/compression.py would
+    shadow the standard library's `compression` that index/zstdlib.py imports (Python 3.14)."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    names = {p.stem for p in bench.glob("*.py")}
+    stdlib = set(sys.stdlib_module_names) | {"compression"}  # new in 3.14
+    assert sorted(names & stdlib) == []

@@ -326,8 +326,9 @@ def main() -> None:
     try:
         run(command, PROG, args=args)
     except SystemExit as e:
-        # Skipping the interpreter's teardown (10-20 ms) keeps the exit after SIGTERM well
-        # inside 0.1 s; closing the TX ring already takes the kernel about 25 ms.
+        # Skipping the interpreter's teardown keeps the exit after SIGTERM well inside 0.1 s;
+        # closing the TX ring already takes the kernel a good part of that (docs/BENCHMARKS.md,
+        # D5 and R2).
         exit_now(e.code)
 
 

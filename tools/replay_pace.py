@@ -19,8 +19,8 @@ import numpy as np
 
 NS = 1_000_000_000
 # Closer to the deadline than this, spin instead of sleeping: about a sleep's overshoot with
-# 1 ns timer slack. Spinning whole gaps instead (at 10 kpps) doubled the CPU used and, on a
-# busy machine, did not shorten the stalls that make the tail (see docs/BENCHMARKS.md).
+# 1 ns timer slack. Spinning whole gaps instead cost far more CPU and, on a busy machine, did
+# not shorten the stalls that make the tail (docs/BENCHMARKS.md, "Replay").
 SPIN_NS = 50_000
 # Sleep in slices at most this long, so periodic reports are served during long gaps of the
 # original traffic, and SIGINT/SIGTERM end a pause within the 0.1 s disk2n promises: Python

@@ -144,7 +144,8 @@ class TxRing:
         # Power-of-two frames and blocks: frame k is at k * frame_size, one stride for numpy.
         # A virtio-net header whose hdr_len covers the whole frame makes the kernel copy the
         # frame into the skb; otherwise it attaches ring pages, which a veth crossing
-        # namespaces must then copy into freshly allocated pages: a third slower on veth.
+        # namespaces must then copy into freshly allocated pages: slower on veth
+        # (docs/BENCHMARKS.md, "Replay").
         # hdr_len is 16 bits, so giant loopback frames go the page way.
         self.linear = max_frame_len(self.mtu, True) <= 0xFFFF
         self.data_offset = DATA_OFFSET + (VNET_HDR_LEN if self.linear else 0)

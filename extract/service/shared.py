@@ -3,8 +3,8 @@ disk reaches the client's output without a copy through the socket.
 
 Why: with a cold page cache the service reads dense spans with O_DIRECT (direct.py). Sent
 through the socket, every byte was then copied once more into freshly allocated socket
-buffers, and on these VMs fresh memory, not the copy itself, is what costs (0.5 to 1.2 s of
-CPU per GB, docs/BENCHMARKS.md "PAM service"). Instead the device writes such spans straight
+buffers, and on these VMs fresh memory, not the copy itself, is what costs (docs/BENCHMARKS.md,
+D16, and "PAM service": shared read buffers). Instead the device writes such spans straight
 into a memfd mapped by both sides; the service sends only (offset, length) references and the
 client writes those bytes to its output from its own read-only mapping, the one copy a direct
 extraction makes too. The client acknowledges each reference frame, and only then may a slot

@@ -9,7 +9,7 @@
 Capture drops with and without --compress: `bench/capture.py --tools recorder,"recorder
 --compress"` (the same rate runs as the capture benchmark).
 
-Usage: python3 bench/compression.py [--replays 1] [--gb 2] [--repeat 5] [--dir DIR]
+Usage: python3 bench/compress.py [--replays 1] [--gb 2] [--repeat 5] [--dir DIR]
 """
 
 from __future__ import annotations
