@@ -141,7 +141,7 @@ def test_costly_filter_is_400_and_the_server_goes_on(world, served):
         r = c.get("/api/v1/pcap", params=window(world, filter=costly))
         assert r.status_code == 400 and "CPU time" in r.json()["error"]
         assert time.monotonic() - t0 < 15
-        assert c.get("/api/v1/volume", params=window(world, step="60")).status_code == 200
+        assert c.get("/api/v1/pcap", params=window(world, filter="icmp")).status_code == 200
 
 
 def tshark_conv(pcap: Path, proto: str) -> dict:
@@ -255,20 +255,21 @@ def test_doubly_restricted_user_gets_the_union(world, second, served):
                                f"({union}) and (port 53)")
 
 
-def test_tokens_act_as_their_user_until_revoked(world, served):
+def test_tokens_act_as_their_user_until_revoked(world, second, served):
     made = served.token("create", world.member.name, "--note", "soar playbook")
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     with served.client(token=token) as c:
-        r = c.get("/api/v1/volume", params=window(world, step="1h"))
+        r = c.get("/api/v1/pcap", params=window(world, filter="icmp"))
         assert r.status_code == 200, r.text
+        assert r.content == direct(world, [world.dumpset, second], "-f", "icmp")
     line = last_audit(world)[0]
     assert line["method"] == "token" and line["pam_user"] == world.member.name
     listed = served.token("list")
     tid = listed.stdout.split()[0]
     assert served.token("revoke", tid).returncode == 0
     with served.client(token=token) as c:
-        r = c.get("/api/v1/volume", params=window(world, step="1h"))
+        r = c.get("/api/v1/pcap", params=window(world, filter="icmp"))
         assert r.status_code == 401
     assert last_audit(world)[0]["outcome"] == "denied"
 
