@@ -152,7 +152,7 @@ def bind(host: str, port: int) -> socket.socket:
 @click.option("--tokens", "token_file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("/var/lib/pcapvault/npcapserve/tokens"), show_default=True,
               help="The API token store (npcapserve token --help).")
-@click.option("--fail-delay", type=click.FloatRange(0, 60), default=2.0, show_default=True,
+@click.option("--fail-delay", type=click.FloatRange(0, 60), default=1.0, show_default=True,
               help="Seconds a failed login takes at least.")
 @click.option("--metrics-auth", is_flag=True,
               help="Ask for a login on /metrics and /api/v1/status too.")
