@@ -53,3 +53,12 @@ def test_no_dump_set_configured(tmp_path):
     r = subprocess.run([tool("npcapserve"), "--listen", "127.0.0.1"], capture_output=True,
                        text=True, env={**os.environ, "PCAPVAULT_CONFIG_DIR": str(tmp_path)})
     one_line(r, 2, "no dump set given and none configured")
+
+
+def test_unusable_pam_service_or_audit_log_stop_the_start(tmp_path):
+    base = ["-t", str(tmp_path), "--listen", "127.0.0.1", "--port", "0"]
+    r = serve(*base, "--audit-log", str(tmp_path / "no" / "audit.jsonl"))
+    one_line(r, 1, "cannot open the audit log")
+    r = serve(*base, "--audit-log", str(tmp_path / "audit.jsonl"),
+              "--pam-service", "no-such-service-pv")
+    one_line(r, 1, "no-such-service-pv")
