@@ -1,0 +1,624 @@
+"""Who talked to whom, on which ports, how much, when: tables and traffic volume of a window,
+computed from the indexes (docs/EXTRACTION.md, "Conversations and volume").
+
+Every file's index holds each packet's time, wire length and flow row, so a table needs no
+pcap byte when the filter is decided by the flow rows alone (flowmatch: YES or NO). The
+packets of YES rows in the window are summed per flow row, per file, with numpy; the rows of
+all files are then grouped into conversations, endpoints or service ports.
+
+Rows the index cannot decide (MAYBE: a filter on TCP flags or payload bytes) are read through
+the one extraction pipeline (engine.extract, libpcap confirming every packet), and the matched
+packets are keyed by the index builder's own parser, so they land on the same flow rows.
+Only those rows' candidates are read; the table then says so (`read_packets`). A file whose
+index is unusable is read whole, as npcapextract reads it, with a warning.
+
+The result is exactly what tshark's Conversations and Endpoints tables give over the packets
+npcapextract writes for the same window and filter (tests/extract/test_conversations.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pcapvault.index.builder import FlowTableBuilder, index_records
+from pcapvault.index.compressed import is_compressed
+from pcapvault.index.dumpset import StoredFile
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.indexfile import (
+    FLAG_ADDRS,
+    FLAG_PORTS,
+    PacketIndex,
+    address_text,
+    read_index,
+)
+from pcapvault.index.pcapfile import PcapHeader, RecordTable
+from pcapvault.index.pcaplayout import RECORD_HEADER_LEN
+from pcapvault.index.times import TimeError
+
+from . import engine
+from .access import QueryTarget, open_query
+from .flowmatch import MAYBE, NO, YES, FlowMatcher
+from .flowplan import Candidates, Source, Stats, _covers_name
+from .output import Batch
+from .readahead import warm_indexes
+from .request import Request
+
+Warn = Callable[[str], None]
+
+BY = ("conversation", "endpoint", "port")  # the tables: FIELDS below
+SORT = ("bytes", "packets")
+MAX_STEPS = 100_000  # volume bins of one request: a day at one-second steps fits
+PROTOCOLS = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 51: "ah",
+             58: "icmpv6", 132: "sctp", 136: "udplite"}
+# The fields of each table's rows, in order (CSV columns, docs/EXTRACTION.md).
+FIELDS = {
+    "conversation": ["address_a", "port_a", "address_b", "port_b", "protocol",
+                     "packets_a_to_b", "bytes_a_to_b", "packets_b_to_a", "bytes_b_to_a",
+                     "packets", "bytes", "start_ns", "duration_s"],
+    "endpoint": ["address", "packets", "bytes", "tx_packets", "tx_bytes", "rx_packets",
+                 "rx_bytes"],
+    "port": ["protocol", "port", "packets", "bytes", "conversations"],
+}
+_BIG = np.iinfo(np.int64).max
+_SMALL = np.iinfo(np.int64).min
+
+
+class TableError(PcapVaultError):
+    """A table or volume request the caller got wrong (unknown `by` or `sort`, bad limit or
+    step): the server answers it with 400."""
+
+
+def _no_warning(message: str) -> None:
+    """The default `warn`: a caller that wants the warnings passes its own."""
+
+
+@dataclass
+class Table:
+    """One table of `conversations`: JSON-ready as it is (npcapflows --json, the server)."""
+
+    by: str  # "conversation" | "endpoint" | "port"
+    rows: list[dict]  # JSON-ready, sorted by `sort` descending, at most `limit`
+    total_rows: int  # before the limit
+    packets: int  # totals of the matching traffic in the window
+    bytes: int
+    read_packets: bool  # the filter needed packet bytes: candidates were read (say so)
+    sort: str = "bytes"
+    begin_ns: int = 0
+    end_ns: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Volume:
+    """Traffic per step of a window: step i covers [begin_ns + i step_ns, + step_ns)."""
+
+    begin_ns: int
+    step_ns: int
+    packets: list[int]
+    bytes: list[int]  # wire lengths (frame lengths on the wire)
+    read_packets: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Packets:
+    """Matching packets of one file (or one read batch) and the flow rows they belong to."""
+
+    flows: np.ndarray  # FLOW_DTYPE table
+    flow: np.ndarray  # per packet: its row in `flows`
+    ts_ns: np.ndarray
+    wirelen: np.ndarray
+
+
+def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
+                  limit: int | None = None, warn: Warn = _no_warning) -> Table:
+    """The conversations (Wireshark's Conversations table), endpoints or service ports of
+    the traffic of `req`'s window that matches its filter, summed over its dump sets."""
+    if by not in BY:
+        raise TableError(f"unknown table {by!r}: choose one of {', '.join(BY)}")
+    if sort not in SORT:
+        raise TableError(f"unknown sort {sort!r}: choose bytes or packets")
+    if limit is not None and limit < 0:
+        raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
+    warnings: list[str] = []
+    scan = _Matches(req, _keeping(warnings, warn))
+    rows = _RowTotals()
+    scan.run(rows.add)
+    table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
+                    "port": _port_rows}[by](rows.finish(), sort, limit)
+    return Table(by, table, total, scan.packets, scan.bytes, scan.read_packets, sort,
+                 req.begin_ns, req.end_ns, warnings)
+
+
+def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
+    """Packets and wire bytes of the matching traffic per step of `req`'s window, the first
+    step starting at its begin (the last one may reach past its end)."""
+    if step_ns <= 0:
+        raise TableError(f"bad step {step_ns} ns: give a step above zero")
+    span = max(req.end_ns - req.begin_ns, 0)
+    steps = -(-span // step_ns)
+    if steps > MAX_STEPS:
+        raise TableError(f"a step of {step_ns / 1e9:g} s cuts the window into {steps} steps; "
+                         f"give a longer step (at most {MAX_STEPS} steps)")
+    packets = np.zeros(steps, np.int64)
+    wire = np.zeros(steps, np.int64)
+
+    def add(p: _Packets) -> None:
+        k = (p.ts_ns - req.begin_ns) // step_ns
+        packets[:] += np.bincount(k, minlength=steps)
+        wire[:] += np.bincount(k, weights=p.wirelen, minlength=steps).astype(np.int64)
+
+    warnings: list[str] = []
+    scan = _Matches(req, _keeping(warnings, warn))
+    scan.run(add)
+    return Volume(req.begin_ns, step_ns, packets.tolist(), wire.tolist(), scan.read_packets,
+                  warnings)
+
+
+def _keeping(warnings: list[str], warn: Warn) -> Warn:
+    """`warn`, also keeping each message for the result (the server returns them)."""
+
+    def both(message: str) -> None:
+        warnings.append(message)
+        warn(message)
+
+    return both
+
+
+# ---------------------------------------------------------------------------------------------
+# The matching packets, from the index where it decides them, else read
+
+
+class _Matches:
+    """The packets of a request's window that match its filter, handed to a sink per file
+    (decided by the index) or per read batch (MAYBE rows, files without a usable index).
+
+    Every dump set is opened and the filter compiled for it before any file is looked at, so
+    a bad filter or an unreadable dump set fails at once."""
+
+    def __init__(self, req: Request, warn: Warn):
+        if req.begin_ns > req.end_ns:
+            raise TimeError("the window's begin is after its end")
+        self.req = req
+        self.warn = warn
+        self.targets: list[QueryTarget] = [open_query(p, req.filter) for p in req.dumpsets]
+        self.read_packets = False
+        self.packets = 0
+        self.bytes = 0
+
+    def run(self, sink: Callable[[_Packets], None]) -> None:
+        def counted(p: _Packets) -> None:
+            self.packets += len(p.flow)
+            self.bytes += int(p.wirelen.sum())
+            sink(p)
+
+        b, e = self.req.begin_ns, self.req.end_ns
+        warm_indexes(self.req.dumpsets, b, e)  # the disk reads every index while we decode
+        for number, (path, t) in enumerate(zip(self.req.dumpsets, self.targets, strict=True)):
+            matcher = FlowMatcher(t.filter)
+            unsure: dict[Path, bool] = {}  # pcap -> read it whole (True) or its MAYBE rows
+            for sf, idx in _indexes(t.ds.files_in_window(b, e)):
+                if isinstance(idx, PcapVaultError):
+                    self.warn(f"{sf.pcap}: index unusable ({idx}); reading the pcap")
+                    unsure[sf.pcap] = True
+                    continue
+                p, maybe = self._decided(sf, idx, matcher)
+                if maybe:
+                    unsure[sf.pcap] = False
+                if p is not None and len(p.flow):
+                    counted(p)
+            if unsure:
+                self.read_packets = True
+                _read(_Unsure(path, number, self.req.filter, t, unsure), b, e, counted,
+                      self.warn)
+
+    def _decided(self, sf: StoredFile, idx: PacketIndex, matcher: FlowMatcher
+                 ) -> tuple[_Packets | None, bool]:
+        """The packets of `sf` in the window whose rows the index decides YES, and whether
+        some of the window's packets are MAYBE (to be read)."""
+        b, e = self.req.begin_ns, self.req.end_ns
+        if idx.count == 0 or idx.last_ns < b or idx.first_ns >= e:
+            return None, False
+        if not _covers_name(idx, sf):
+            # npcapextract scans such a file (flowplan.Source.candidates): so do we.
+            self.warn(f"{sf.pcap}: index unusable (another file's); reading the pcap")
+            return None, True
+        ts, flow = idx.ts_ns, idx.flow
+        inside = b <= idx.first_ns and idx.last_ns < e
+        keep = None if inside else (ts >= b) & (ts < e)
+        if inside:
+            dec = matcher.decide(idx.flows)
+        else:
+            present = np.zeros(len(idx.flows), bool)
+            present[flow[keep]] = True
+            rows = np.flatnonzero(present)
+            dec = np.full(len(idx.flows), NO, np.int8)
+            dec[rows] = matcher.decide(idx.flows[rows])
+        if not (dec != NO).any():
+            return None, False
+        pdec = dec[flow]
+        yes = pdec == YES
+        maybe = pdec == MAYBE
+        if keep is not None:
+            yes &= keep
+            maybe &= keep
+        end = self._pcap_end(sf, idx)
+        if end is not None:
+            whole = idx.offset.astype(np.int64) + RECORD_HEADER_LEN + idx.caplen <= end
+            yes &= whole
+            maybe &= whole
+        if yes.all():  # every packet, as for an empty filter over a file inside the window
+            return _Packets(idx.flows, flow, ts, idx.wirelen), bool(maybe.any())
+        sel = np.flatnonzero(yes)
+        return _Packets(idx.flows, flow[sel], ts[sel], idx.wirelen[sel]), bool(maybe.any())
+
+    def _pcap_end(self, sf: StoredFile, idx: PacketIndex) -> int | None:
+        """Where a pcap cut short ends (its complete records are counted, as npcapextract
+        writes them), None for a whole one; a missing pcap counts nothing, as there."""
+        if is_compressed(sf.pcap):
+            return None
+        try:
+            size = os.stat(sf.pcap).st_size
+        except OSError as e:
+            self.warn(f"{sf.pcap}: unreadable, skipped ({e.strerror})")
+            return 0
+        if size >= idx.pcap_size:
+            return None
+        self.warn(f"{sf.pcap}: truncated at byte {size} (its index describes {idx.pcap_size}); "
+                  "counting the complete records before it")
+        return size
+
+
+def _load(sf: StoredFile) -> PacketIndex | PcapVaultError:
+    try:
+        return read_index(sf.index)
+    except (PcapVaultError, ValueError) as e:
+        return PcapVaultError(str(e))
+
+
+def _indexes(files: list[StoredFile], ahead: int = 3
+             ) -> Iterator[tuple[StoredFile, PacketIndex | PcapVaultError]]:
+    """Each file with its decoded index (or why it is unusable), decoded on a thread a couple
+    of files ahead: zstd and numpy release the GIL, so the next index decodes while this one's
+    packets are summed (bounded, so months of files hold a few indexes, not all)."""
+    with ThreadPoolExecutor(2, thread_name_prefix="flows-index") as pool:
+        pending: deque[tuple[StoredFile, Future]] = deque()
+        rest = iter(files)
+        for sf in rest:
+            pending.append((sf, pool.submit(_load, sf)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            sf, fut = pending.popleft()
+            nxt = next(rest, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_load, nxt)))
+            yield sf, fut.result()
+
+
+class _Unsure(Source):
+    """A dump set as the extraction engine sees it, narrowed to what the index left open:
+    the files named in `unsure`, each whole (True: its index is unusable) or only its
+    candidates the index could not prove (the YES ones were counted from the index)."""
+
+    def __init__(self, path: str, number: int, expr: str, t: QueryTarget,
+                 unsure: dict[Path, bool]):
+        super().__init__(path, number, expr, t.ds)
+        self._unsure = unsure
+
+    def files(self, begin_ns: int, end_ns: int, stats: Stats) -> list[StoredFile]:
+        return [sf for sf in self.ds.files_in_window(begin_ns, end_ns)
+                if sf.pcap in self._unsure]
+
+    def candidates(self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats,
+                   warn: Warn) -> Candidates | None:
+        c = super().candidates(sf, begin_ns, end_ns, stats, warn)
+        if c is None or self._unsure[sf.pcap] or not c.indexed:
+            return c
+        keep = ~c.sure
+        if not keep.any():
+            return None
+        return Candidates(c.file, c.rec[keep], c.caplen[keep], c.wirelen[keep],
+                          c.ts_ns[keep], c.sure[keep], c.indexed)
+
+
+class _Keyed:
+    """The extraction engine's consumer: every confirmed packet keyed by the index builder's
+    parser (the flow rows an index of these packets would hold)."""
+
+    full = False
+    takes_file_runs = None
+    shared = None
+
+    def __init__(self, linktype: int, snaplen: int, sink: Callable[[_Packets], None]):
+        self.header = PcapHeader(True, linktype, snaplen)
+        self.sink = sink
+
+    def write(self, b: Batch) -> None:
+        assert b.buf is not None  # takes_file_runs is None: the engine reads every record
+        records = RecordTable(b.rec.astype(np.uint64), b.ts_ns, b.caplen.astype(np.uint32),
+                              b.wirelen.astype(np.uint32), len(b.buf), False)
+        idx = index_records(b.buf, self.header, records)
+        self.sink(_Packets(idx.flows, idx.flow, b.ts_ns.copy(), b.wirelen.copy()))
+
+
+def _read(src: _Unsure, begin_ns: int, end_ns: int, sink: Callable[[_Packets], None],
+          warn: Warn) -> None:
+    out = _Keyed(src.linktype, src.snaplen, sink)
+    engine.extract([src], engine.Query(begin_ns, end_ns), out, Stats(), warn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping
+
+
+class _RowTotals:
+    """Packets, bytes, first and last time per directed IP flow, summed file by file (the
+    rows of one file at a time, never a Python step per packet).
+
+    Each file's flows are grouped with the earlier files' as they come (the builder works a
+    block of rows at a time), while the next indexes decode on their threads."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.groups = FlowTableBuilder()
+
+    def add(self, p: _Packets) -> None:
+        n = len(p.flows)
+        count = np.bincount(p.flow, minlength=n)
+        # float64 sums are exact below 2**53 bytes
+        wire = np.bincount(p.flow, weights=p.wirelen, minlength=n)
+        first = np.full(n, _BIG, np.int64)
+        last = np.full(n, _SMALL, np.int64)
+        np.minimum.at(first, p.flow, p.ts_ns)
+        np.maximum.at(last, p.flow, p.ts_ns)
+        words = np.ascontiguousarray(p.flows).view("<u8").reshape(-1, 6)
+        ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
+        used = np.flatnonzero((count > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
+        self.groups.add(np.ascontiguousarray(_direction_keys(words[used]).T))
+        self.parts.append((count[used], wire[used].astype(np.int64), first[used], last[used]))
+
+    def finish(self) -> _Flows:
+        inv, k = _grouped(self.groups)
+        if not self.parts:
+            return _Flows.of(inv, k, *(np.zeros(0, np.int64),) * 4)
+        return _Flows.of(inv, k, *(np.concatenate(x) for x in zip(*self.parts, strict=True)))
+
+
+def _direction_keys(words: np.ndarray) -> np.ndarray:
+    """Per flow row of an IP packet (FLOW_DTYPE as six little-endian words), six uint64
+    words naming its direction of a conversation, VLAN tags left out: IP version, protocol
+    and whether the ports are known; source and destination address as big-endian halves
+    (they compare as the bytes do); the ports."""
+    w0, w1 = words[:, 0], words[:, 1]
+    ports = (w1 & np.uint64(FLAG_PORTS)) != 0
+    key = np.empty((len(words), 6), np.uint64)
+    # ipver (byte 6 of the row) and proto (byte 7) to bits 8-15 and 0-7
+    key[:, 0] = (w0 >> np.uint64(40) & np.uint64(0xFF00)) | (w0 >> np.uint64(56))
+    key[:, 0] |= ports.astype(np.uint64) << np.uint64(16)
+    key[:, 1:5] = words[:, 2:6].byteswap()
+    sport = w1 >> np.uint64(16) & np.uint64(0xFFFF)  # row bytes 10-11 and 12-13
+    dport = w1 >> np.uint64(32) & np.uint64(0xFFFF)
+    key[:, 5] = np.where(ports, sport << np.uint64(16) | dport, np.uint64(0))
+    return key
+
+
+@dataclass
+class _Flows:
+    """Directed IP flows summed over every file: addresses as big-endian 64-bit halves,
+    ports, totals."""
+
+    ipver: np.ndarray
+    proto: np.ndarray
+    ports: np.ndarray  # bool: sport and dport are known
+    src: np.ndarray  # (n, 2) uint64
+    dst: np.ndarray
+    sport: np.ndarray
+    dport: np.ndarray
+    packets: np.ndarray
+    bytes: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    @classmethod
+    def of(cls, inv: np.ndarray, k: np.ndarray, count: np.ndarray, wire: np.ndarray,
+           first: np.ndarray, last: np.ndarray) -> _Flows:
+        """The flows with `_direction_keys` k, summing the rows of each (inv: their flow)."""
+        n = len(k)
+        return cls(
+            (k[:, 0] >> np.uint64(8) & np.uint64(0xFF)).astype(np.int64),
+            (k[:, 0] & np.uint64(0xFF)).astype(np.int64),
+            (k[:, 0] >> np.uint64(16)).astype(bool),
+            k[:, 1:3], k[:, 3:5],
+            (k[:, 5] >> np.uint64(16)).astype(np.int64),
+            (k[:, 5] & np.uint64(0xFFFF)).astype(np.int64),
+            np.bincount(inv, weights=count, minlength=n).astype(np.int64),
+            np.bincount(inv, weights=wire, minlength=n).astype(np.int64),
+            _reduce(np.minimum, inv, first, n, _BIG),
+            _reduce(np.maximum, inv, last, n, _SMALL),
+        )
+
+
+def _groups(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row, the groups' keys) of the rows of an (n, 6) uint64 key matrix.
+
+    Six words are a flow row's size: the index builder's FlowTableBuilder groups them
+    exactly (hashes checked against the rows) and much faster than a sort of the rows."""
+    b = FlowTableBuilder()
+    b.add(np.ascontiguousarray(key.T))
+    return _grouped(b)
+
+
+def _grouped(b: FlowTableBuilder) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each row added, the groups' keys) of a builder fed key rows."""
+    groups, _, inv = b.finish()
+    return inv.astype(np.intp), groups.view("<u8").reshape(-1, 6)
+
+
+def _reduce(ufunc: np.ufunc, inv: np.ndarray, values: np.ndarray, n: int, start: int
+            ) -> np.ndarray:
+    out = np.full(n, start, np.int64)
+    ufunc.at(out, inv, values)
+    return out
+
+
+def _before(a: np.ndarray, ap: np.ndarray, b: np.ndarray, bp: np.ndarray) -> np.ndarray:
+    """Whether endpoint (a, port ap) sorts before (b, bp): address halves, then port."""
+    return (a[:, 0] < b[:, 0]) | (a[:, 0] == b[:, 0]) & (
+        (a[:, 1] < b[:, 1]) | (a[:, 1] == b[:, 1]) & (ap < bp))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _address(hi: int, lo: int, ipver: int) -> str:
+    """An address's text (cached: a table names a few thousand hosts many times)."""
+    return address_text(struct.pack(">QQ", hi, lo), ipver)
+
+
+def _protocol(proto: int) -> str:
+    return PROTOCOLS.get(proto, str(proto))
+
+
+def _top(values: np.ndarray, limit: int | None) -> np.ndarray:
+    """The first `limit` rows by `values` descending, ties in the groups' order."""
+    return np.argsort(-values, kind="stable")[:limit]
+
+
+@dataclass
+class _Conversations:
+    """Both directions of each conversation: A is the source of its first packet."""
+
+    ipver: np.ndarray
+    proto: np.ndarray
+    ports: np.ndarray
+    a: np.ndarray  # (n, 2) address halves
+    pa: np.ndarray
+    b: np.ndarray
+    pb: np.ndarray
+    ab: tuple[np.ndarray, np.ndarray]  # packets, bytes A -> B
+    ba: tuple[np.ndarray, np.ndarray]
+    first: np.ndarray
+    last: np.ndarray
+
+
+def _pairs(f: _Flows) -> _Conversations:
+    """The flows of both directions of a conversation summed: its key is the lower end
+    (address, then port) and the higher end; A is the end whose first packet came first
+    (the lower end when both came at once)."""
+    lo_src = ~_before(f.dst, f.dport, f.src, f.sport)  # the source is the lower end
+    lo = np.where(lo_src[:, None], f.src, f.dst)
+    hi = np.where(lo_src[:, None], f.dst, f.src)
+    plo = np.where(lo_src, f.sport, f.dport).astype(np.uint64)
+    phi = np.where(lo_src, f.dport, f.sport).astype(np.uint64)
+    key = np.zeros((len(lo), 6), np.uint64)
+    key[:, 0] = (f.ipver << 9 | f.proto << 1 | f.ports).astype(np.uint64)
+    key[:, 0] |= plo << np.uint64(17) | phi << np.uint64(33)
+    key[:, 1:3] = lo
+    key[:, 3:5] = hi
+    inv, k = _groups(key)
+    n = len(k)
+
+    def side(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pk = np.bincount(inv[mask], weights=f.packets[mask], minlength=n).astype(np.int64)
+        by = np.bincount(inv[mask], weights=f.bytes[mask], minlength=n).astype(np.int64)
+        return pk, by, _reduce(np.minimum, inv[mask], f.first[mask], n, _BIG)
+
+    up, down = side(lo_src), side(~lo_src)
+    a_lo = up[2] <= down[2]
+    port_lo = (k[:, 0] >> np.uint64(17) & np.uint64(0xFFFF)).astype(np.int64)
+    port_hi = (k[:, 0] >> np.uint64(33) & np.uint64(0xFFFF)).astype(np.int64)
+    lo_k, hi_k = k[:, 1:3], k[:, 3:5]
+    return _Conversations(
+        (k[:, 0] >> np.uint64(9) & np.uint64(0xFF)).astype(np.int64),
+        (k[:, 0] >> np.uint64(1) & np.uint64(0xFF)).astype(np.int64),
+        (k[:, 0] & np.uint64(1)).astype(bool),
+        np.where(a_lo[:, None], lo_k, hi_k), np.where(a_lo, port_lo, port_hi),
+        np.where(a_lo[:, None], hi_k, lo_k), np.where(a_lo, port_hi, port_lo),
+        (np.where(a_lo, up[0], down[0]), np.where(a_lo, up[1], down[1])),
+        (np.where(a_lo, down[0], up[0]), np.where(a_lo, down[1], up[1])),
+        np.minimum(up[2], down[2]),
+        _reduce(np.maximum, inv, f.last, n, _SMALL),
+    )
+
+
+def _conversation_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
+    c = _pairs(f)
+    packets = c.ab[0] + c.ba[0]
+    wire = c.ab[1] + c.ba[1]
+    top = _top(wire if sort == "bytes" else packets, limit)
+    ported = c.ports[top]
+    columns = [
+        _addresses(c.a[top], c.ipver[top]),
+        np.where(ported, c.pa[top], -1).tolist(),
+        _addresses(c.b[top], c.ipver[top]),
+        np.where(ported, c.pb[top], -1).tolist(),
+        [_protocol(p) for p in c.proto[top].tolist()],
+        *(x[top].tolist() for x in (*c.ab, *c.ba, packets, wire, c.first)),
+        ((c.last[top] - c.first[top]) / 1e9).tolist(),
+    ]
+    rows = _records("conversation", columns)
+    for r in rows:
+        if r["port_a"] < 0:
+            r["port_a"] = r["port_b"] = None
+    return rows, len(packets)
+
+
+def _records(by: str, columns: list[list]) -> list[dict]:
+    """Rows as dicts of FIELDS[by] from their columns (lists: a dict per row, not a numpy
+    scalar per field)."""
+    return [dict(zip(FIELDS[by], values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def _addresses(halves: np.ndarray, ipver: np.ndarray) -> list[str]:
+    return [_address(hi, lo, v) for (hi, lo), v in zip(halves.tolist(), ipver.tolist(),
+                                                         strict=True)]
+
+
+def _endpoint_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
+    """Per address: what it sent (tx) and received (rx); a packet to itself counts as both,
+    as in Wireshark's Endpoints."""
+    m = len(f.ipver)
+    key = np.zeros((2 * m, 6), np.uint64)
+    key[:, 0] = np.concatenate([f.ipver, f.ipver])
+    key[:, 1:3] = np.concatenate([f.src, f.dst])
+    inv, k = _groups(key)
+    n = len(k)
+
+    def sums(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.bincount(part, weights=f.packets, minlength=n).astype(np.int64),
+                np.bincount(part, weights=f.bytes, minlength=n).astype(np.int64))
+
+    tx, rx = sums(inv[:m]), sums(inv[m:])
+    packets, wire = tx[0] + rx[0], tx[1] + rx[1]
+    top = _top(wire if sort == "bytes" else packets, limit)
+    columns = [_addresses(k[top, 1:3], k[top, 0]),
+               *(x[top].tolist() for x in (packets, wire, *tx, *rx))]
+    return _records("endpoint", columns), n
+
+
+def _port_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
+    """Per service port: each conversation with ports counts once, under the lower of its
+    two ports (the well-known side of a client's ephemeral port)."""
+    c = _pairs(f)
+    ported = np.flatnonzero(c.ports)
+    key = np.zeros((len(ported), 6), np.uint64)
+    key[:, 0] = c.proto[ported]
+    key[:, 1] = np.minimum(c.pa, c.pb)[ported]
+    inv, k = _groups(key)
+    n = len(k)
+    packets = np.bincount(inv, weights=(c.ab[0] + c.ba[0])[ported], minlength=n).astype(
+        np.int64)
+    wire = np.bincount(inv, weights=(c.ab[1] + c.ba[1])[ported], minlength=n).astype(np.int64)
+    convs = np.bincount(inv, minlength=n)
+    top = _top(wire if sort == "bytes" else packets, limit)
+    columns = [[_protocol(p) for p in k[top, 0].tolist()],
+               *(x[top].tolist() for x in (k[:, 1], packets, wire, convs))]
+    return _records("port", columns), n
