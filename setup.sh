@@ -2,12 +2,14 @@
 # Install pcapvault and everything it needs on a Debian machine (run as root).
 #   ./setup.sh                 runtime: libpcap, tcpdump, a venv in /opt/pcapvault, tools on PATH
 #   ./setup.sh --test          also the test tools (tshark, trafgen, tcpreplay, pytest, ruff)
-#   ./setup.sh --system IFACE  also install the systemd units and enable recorder@IFACE
+#   ./setup.sh --system IFACE  also install the systemd units and enable recorder@IFACE and
+#                              npcapserve (HTTPS; a self-signed pair in /etc/pcapvault/tls
+#                              when there is none)
 #   ./setup.sh --uninstall     remove the venv, the links and the units (recorded data stays)
 set -eu
 cd "$(dirname "$0")"
 PREFIX=${PCAPVAULT_PREFIX:-/opt/pcapvault}
-TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n"
+TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n npcapserve npcapflows"
 export DEBIAN_FRONTEND=noninteractive
 
 test_deps=no
@@ -16,7 +18,7 @@ case "${1:-}" in
   --test) test_deps=yes ;;
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
-    systemctl disable --now 'recorder@*' npcapextract.socket 2>/dev/null || true
+    systemctl disable --now 'recorder@*' npcapextract.socket npcapserve 2>/dev/null || true
     for unit in systemd/*.service systemd/*.socket; do
       rm -f "/etc/systemd/system/$(basename "$unit")"
     done
@@ -29,7 +31,7 @@ case "${1:-}" in
   *) echo "usage: ./setup.sh [--test | --system IFACE | --uninstall]" >&2; exit 2 ;;
 esac
 
-pkgs="python3 python3-venv python3-pip libpcap0.8 tcpdump iproute2 libpam0g"
+pkgs="python3 python3-venv python3-pip libpcap0.8 tcpdump iproute2 libpam0g openssl"
 if [ "$test_deps" = yes ]; then
   pkgs="$pkgs tshark netsniff-ng tcpreplay zstd systemd procps util-linux passwd"
 fi
@@ -70,13 +72,31 @@ if [ -n "$system_iface" ]; then
     printf -- '-i=%s\n-o=/var/lib/pcapvault/%s\n--disk-limit=80%%\n' \
       "$system_iface" "$system_iface" > "$conf"
   fi
+  # npcapserve's TLS pair: a self-signed one unless the administrator has put one there.
+  tls=/etc/pcapvault/tls
+  if [ ! -e "$tls/cert.pem" ] && [ ! -e "$tls/key.pem" ]; then
+    install -d -m 0755 "$tls"
+    fqdn=$(hostname -f 2>/dev/null || hostname)
+    (umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -days 825 -subj "/CN=$fqdn" \
+      -addext "subjectAltName=DNS:$fqdn,DNS:$(hostname),DNS:localhost,IP:127.0.0.1" \
+      -keyout "$tls/key.pem" -out "$tls/cert.pem" 2>/dev/null)
+    chmod 0644 "$tls/cert.pem"
+    echo "npcapserve: self-signed certificate $tls/cert.pem (give it to clients as their CA)"
+  fi
+  conf=/etc/pcapvault/npcapserve.conf
+  if [ ! -e "$conf" ]; then
+    printf -- '--tls-cert=%s/cert.pem\n--tls-key=%s/key.pem\n' "$tls" "$tls" > "$conf"
+  fi
   if systemctl daemon-reload 2>/dev/null; then
     systemctl enable --now "recorder@$system_iface"
     systemctl enable --now npcapextract.socket
+    systemctl enable --now npcapserve
     echo "recorder@$system_iface enabled; logs: journalctl -u recorder@$system_iface"
   else
     echo "systemd is not running here; units installed, start later with:"
     echo "  systemctl enable --now recorder@$system_iface"
     echo "  systemctl enable --now npcapextract.socket"
+    echo "  systemctl enable --now npcapserve"
   fi
 fi

@@ -145,7 +145,8 @@ class Recorder:
             self.hook = FileHook(cfg.exec_cmd, self.ds.root, cfg.exec_max, cfg.exec_timeout)
         self.held_full = False  # stopped writing: held files leave no room
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
-        self.stats = CaptureStats(cfg.interface, str(self.ds.timeline))
+        self.stats = CaptureStats(cfg.interface, str(self.ds.timeline),
+                                  budget_bytes=self.budget.limit_bytes)
         self.stats_file = StatsFile(cfg.stats_file or self.ds.root / "stats")
         self.backlog_reported = False
         self.out: PcapFileWriter | None = None

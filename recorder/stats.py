@@ -46,6 +46,7 @@ class CaptureStats:
     exec_killed: int = 0
     exec_skipped: int = 0
     bytes_on_disk: int = 0
+    budget_bytes: int = 0  # the --disk-limit in bytes, for monitoring (npcapserve)
     files_pending_index: int = 0
     bytes_pending_index: int = 0
     indexer_restarts: int = 0
@@ -77,6 +78,7 @@ class CaptureStats:
             "exec_killed": self.exec_killed,
             "exec_skipped": self.exec_skipped,
             "bytes_on_disk": self.bytes_on_disk,
+            "budget_bytes": self.budget_bytes,
             "files_pending_index": self.files_pending_index,
             "bytes_pending_index": self.bytes_pending_index,
             "indexer_restarts": self.indexer_restarts,

@@ -1,0 +1,292 @@
+"""npcapserve: the command line, and the start-up from root to the service account.
+
+systemd starts it as root (npcapserve.service). What needs root happens first, in this order:
+the group filters are checked, the audit log is opened (the same file as npcapextractd's),
+the PAM checker is forked (the small root process that only answers whether a password is
+valid, server/auth.py), the listening socket is bound and the TLS key is read. Then the
+process becomes the service account for good and only then serves requests, on uvicorn's
+event loop (Starlette streams a multi-GB pcap from a pipe without holding it, and is small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from pcapvault.index.cliutil import EXIT_USAGE, fail, run
+from pcapvault.index.config import expand_config_args
+from pcapvault.index.errors import PcapVaultError
+
+if TYPE_CHECKING:
+    from .auth import Gate
+
+PROG = "npcapserve"
+DEFAULT_PORT = 8443
+
+EPILOG = """\b
+Examples:
+  npcapserve /etc/pcapvault/npcapserve.conf          # options from a file, as the unit does
+  npcapserve --tls-cert /etc/pcapvault/tls/cert.pem --tls-key /etc/pcapvault/tls/key.pem
+  npcapserve --listen 127.0.0.1 --port 8080 -t /var/lib/pcapvault/eth0   # plain HTTP, local
+  npcapserve token create alice                       # an API token for alice's scripts
+  curl --cacert cert.pem -u alice -OJ \\
+      "https://sensor:8443/api/v1/pcap?begin=-15m&end=now&filter=host%2010.0.0.5"
+
+\b
+Plain HTTP is served only on a loopback address; anywhere else give --tls-cert and --tls-key.
+Without -t it serves the dump sets configured in /etc/pcapvault (as npcapextract).
+"""
+
+
+def protocol(request_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's head.
+
+    uvicorn closes an idle connection only once it has answered on it: a client that
+    connects, or finishes a request, and then sends the next request slowly or never would
+    hold one of --max-connections for ever (slowloris). This starts a timer when the
+    connection opens and after each response, and closes the connection if no complete
+    request head has arrived when it fires."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _waiting(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(request_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expired(self) -> None:
+            self._head_timer = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._waiting():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound as root (a port below 1024 needs it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PcapVaultError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
+)
+@click.version_option(package_name="pcapvault", prog_name=PROG)
+@click.option("-t", "--dumpset", "dumpsets", multiple=True, metavar="DIR",
+              help="Dump set to serve; repeat for several interfaces. Default: the sensor's "
+                   "dump sets configured in /etc/pcapvault.")
+@click.option("--listen", default="0.0.0.0", show_default=True, metavar="ADDRESS",
+              help="Address to listen on (plain HTTP only on a loopback address).")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port (0: any free port, said on stderr).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), metavar="FILE",
+              help="TLS certificate chain (PEM).")
+@click.option("--tls-key", type=click.Path(path_type=Path), metavar="FILE",
+              help="TLS private key (PEM), read as root before the privilege drop.")
+@click.option("-u", "--user", "account", default="pcapvault", show_default=True,
+              help="Account that serves requests once the start-up is done (the dump sets' "
+                   "owner).")
+@click.option("--group", default="npcap", show_default=True,
+              help="Members of this group may use the API.")
+@click.option("--group-filter", "group_filters", multiple=True, metavar="GROUP=FILTER",
+              help="Members of GROUP get only what FILTER selects (packets, conversations, "
+                   "volume), as with npcapextractd. Repeatable.")
+@click.option("--pam-service", default="npcapextract", show_default=True,
+              help="PAM service name (/etc/pam.d/NAME).")
+@click.option("--audit-log", type=click.Path(path_type=Path),
+              default=Path("/var/log/pcapvault/audit.jsonl"), show_default=True,
+              help="Append-only JSON-lines audit file (npcapextractd's).")
+@click.option("--tokens", "token_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/var/lib/pcapvault/npcapserve/tokens"), show_default=True,
+              help="The API token store (npcapserve token --help).")
+@click.option("--fail-delay", type=click.FloatRange(0, 60), default=1.0, show_default=True,
+              help="Seconds a failed login takes at least.")
+@click.option("--metrics-auth", is_flag=True,
+              help="Ask for a login on /metrics and /api/v1/status too.")
+@click.option("--filter-cpu-limit", "filter_cpu", type=click.FloatRange(0.1, 60),
+              default=2.0, show_default=True,
+              help="CPU seconds compiling a client's filter may take; a longer one gets 400.")
+@click.option("--max-connections", type=click.IntRange(1, 10000), default=100,
+              show_default=True,
+              help="Connections served at once; more are answered 503.")
+@click.option("--keep-alive", type=click.IntRange(1, 300), default=5, show_default=True,
+              help="Seconds an idle connection stays open.")
+@click.option("--request-timeout", type=click.FloatRange(0.1, 300), default=10.0,
+              show_default=True,
+              help="Seconds a client has to send a whole request head, from the connection "
+                   "or from the previous response.")
+@click.option("--max-rows", type=click.IntRange(1, 10**6), default=10000, show_default=True,
+              help="The largest limit= of /api/v1/conversations.")
+@click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
+              help="The most steps /api/v1/volume answers.")
+def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | None,
+            tls_key: Path | None, account: str, group: str, group_filters: tuple[str, ...],
+            pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
+            metrics_auth: bool,
+            filter_cpu: float, max_connections: int, keep_alive: int,
+            request_timeout: float, max_rows: int, max_steps: int) -> int:
+    """Serve the sensor's packets, conversations, traffic volume, status and metrics over
+    HTTPS, to members of the extractors' group (PAM password or API token)."""
+    import uvicorn
+
+    from pcapvault.extract.service.policy import Audit, parse_group_filters
+
+    from . import filtercheck
+    from .app import ServeSettings, create_app
+
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is None and not is_loopback(listen):
+        raise click.UsageError(
+            f"plain HTTP only on a loopback address: give --tls-cert and --tls-key to listen "
+            f"on {listen}")
+    for what, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path is not None and not path.is_file():
+            raise click.UsageError(f"{what} {path}: no such file")
+    filters = parse_group_filters(group_filters)
+    from pcapvault.extract.cli import _configured_dumpsets  # npcapextract's default, shared
+
+    served = tuple(os.path.abspath(p) for p in dumpsets) or _configured_dumpsets()
+    audit = Audit(audit_log, PROG)
+    gate = _gate(pam_service, token_file, fail_delay, group, filters)
+    sock = bind(listen, port)
+    config = uvicorn.Config(
+        create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
+                            max_steps), gate, audit, *_flows()),
+        ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
+        timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=16 << 10,
+        http=protocol(request_timeout), loop="asyncio", lifespan="off", access_log=False,
+        server_header=False, log_level="warning", proxy_headers=False,
+        timeout_graceful_shutdown=10)
+    try:
+        config.load()  # reads the TLS key, as root
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise PcapVaultError(f"cannot load the TLS certificate or key: {e}") from None
+    _become(account)
+    filtercheck.start()
+    _preload()
+    host, bound = sock.getsockname()[:2]
+    scheme = "https" if tls_cert else "http"
+    print(f"{PROG}: serving {', '.join(served)} on {scheme}://{_hostport(host, bound)}",
+          file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _gate(pam_service: str, token_file: Path, fail_delay: float, group: str,
+          filters: tuple) -> Gate:
+    """The authentication gate (server/auth.py): the root PAM helper is forked here."""
+    from .auth import Gate, PasswordChecker
+    from .limits import LoginLimiter
+    from .tokens import TokenStore
+
+    checker = PasswordChecker.start(pam_service)
+    return Gate(checker, TokenStore(token_file), group, filters,
+                LoginLimiter(fail_delay=fail_delay))
+
+
+def _flows() -> tuple:
+    """extract/conversations.py's conversations() and volume()."""
+    from pcapvault.extract.conversations import conversations, volume
+
+    return conversations, volume
+
+
+def _become(account: str) -> None:
+    """Become the service account for good (nothing is served as root)."""
+    if os.geteuid() != 0:
+        return
+    from pcapvault.index.privileges import drop_to, lookup
+
+    drop_to(lookup(account))
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PcapVaultError("could not give up root")
+
+
+def _preload() -> None:
+    """The engine's modules and libpcap before the first request (and before any request
+    could find the interpreter's tree unreadable to the service account)."""
+    from pcapvault.extract import engine, flowmatch, flowplan, output  # noqa: F401
+    from pcapvault.index.libpcap import lib
+
+    lib()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of npcapserve.service: `npcapserve [CONF] [options]` or
+    `npcapserve token ...`. Errors are one line: 2 for usage, 1 at run time."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "token":
+        from .tokens import token_cli
+
+        run(token_cli, f"{PROG} token", error_code=1, args=args[1:])
+        return
+    try:
+        args = expand_config_args(args, command)
+    except PcapVaultError as e:
+        fail(PROG, str(e), EXIT_USAGE)
+    run(command, PROG, error_code=1, args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""A pcap streamed over HTTP from the one extraction pipeline (extract/engine.py RequestRun).
+
+The engine runs on a worker thread and writes, through its own Output and Sink, into a pipe;
+the response's async iterator reads the other end in large chunks when the event loop says
+it is readable. So the result is exactly what npcapextract writes (same engine, same
+writer, sendfile from the page cache into the pipe included), it is never held in memory
+(the pipe's buffer is the only queue, and uvicorn stops reading it while the client does not
+keep up), and one thread per request does the work. A client that goes away closes the
+read end: the engine's next write fails with EPIPE (outfile.ClosedPipe) and the run stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from pcapvault.extract.access import open_dumpset
+from pcapvault.extract.engine import RequestRun
+from pcapvault.extract.flowplan import Stats
+from pcapvault.extract.outfile import ClosedPipe
+from pcapvault.extract.output import Interface, Output, Sink
+from pcapvault.extract.request import Request
+from pcapvault.extract.service.policy import effective_filter
+from pcapvault.extract.service.server import _open_sources
+from pcapvault.index.errors import PcapVaultError
+
+from . import filtercheck
+
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20  # the pipe's buffer: fewer wake-ups of both ends
+CHUNK = 1 << 20  # one read of the pipe, one body message
+
+
+class PipeOutput(Output):
+    """The engine's Output writing one pcap (or pcapng) stream into the pipe `fd`."""
+
+    def __init__(self, fd: int, ifaces: list[Interface], **caps: int | bool | None):
+        super().__init__("-", ifaces, **caps)
+        self.fd = fd
+        self.stream = True  # a pipe: records may go from the page cache with sendfile
+
+    def _open(self) -> Sink:
+        self.files.append("-")
+        return Sink(self.fd, self.pcapng, self.ifaces, self.snap)
+
+    @property
+    def sent(self) -> int:
+        """Bytes written into the pipe, file header included."""
+        return self.sink.bytes if self.sink else 0
+
+    def close(self) -> None:
+        """Close the pipe's write end: the reader sees the end of the stream."""
+        if self.sink is not None:
+            self.sink.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+@dataclass
+class Prepared:
+    """A request ready to run: its sources opened and its filter compiled."""
+
+    run: RequestRun
+    stats: Stats
+    warnings: list[str] = field(default_factory=list)
+    started: bool = False  # the body began: its worker will report how it ended
+
+
+def prepare(req: Request, allowed: str | None, filter_cpu: float) -> Prepared:
+    """Open the dump sets and compile the effective filter (blocking: call it on a thread).
+
+    `req.filter` is the user's filter; members of a restricted group run it inside
+    `allowed`, exactly as npcapextractd does (its `_open_sources`). The filter is first
+    compiled in a child under a CPU limit (filtercheck.py). Raises PcapVaultError (a bad
+    filter or time, an unusable dump set) for the client to read."""
+    sets = [open_dumpset(p) for p in req.dumpsets]
+    linktypes = [int(ds.meta.get("linktype", 1)) for ds in sets]
+    filtercheck.check(effective_filter(req.filter, allowed), linktypes, filter_cpu)
+    sources = _open_sources(req.dumpsets, sets, req.filter, allowed)
+    prepared = Prepared(None, Stats())  # type: ignore[arg-type]
+    prepared.run = RequestRun(req, sources, prepared.stats, prepared.warnings.append)
+    return prepared
+
+
+Finished = Callable[[int, int, str | None], None]  # (packets, bytes, error or None)
+
+
+async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
+    """The response body: the engine writes into a pipe on a thread, this reads it.
+
+    `finished` is called once, on the worker thread, with what went into the pipe and why
+    it stopped short (None when complete)."""
+    prepared.started = True
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default buffer works too
+    os.set_blocking(rfd, False)
+    worker = threading.Thread(target=_work, args=(prepared.run, wfd, finished),
+                              name="pcap-stream", daemon=True)
+    try:
+        worker.start()
+    except BaseException:
+        os.close(wfd)
+        os.close(rfd)
+        raise
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                data = os.read(rfd, CHUNK)
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_reader(rfd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(rfd)
+                continue
+            if not data:
+                return
+            yield data
+    finally:
+        os.close(rfd)  # a client gone: the engine's next write gets EPIPE and stops
+
+
+def _wake(ready: asyncio.Future) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+def _work(run: RequestRun, wfd: int, finished: Finished) -> None:
+    error: str | None = None
+    try:
+        run.write(lambda ifaces, **opts: PipeOutput(wfd, ifaces, **opts))
+    except ClosedPipe:
+        error = "the client stopped reading; result incomplete"
+    except PcapVaultError as e:
+        error = f"{e}; result incomplete"
+    except OSError as e:
+        error = f"{e.strerror}: {e.filename}; result incomplete"
+    except BaseException as e:  # noqa: BLE001 - a thread's end: said in the journal and audit
+        error = f"internal error: {type(e).__name__}: {e}"
+    finally:
+        out = run.out
+        if out is None:
+            os.close(wfd)
+        else:
+            out.close()
+    finished(out.packets if out else 0, out.sent if out else 0, error)

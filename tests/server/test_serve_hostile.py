@@ -1,0 +1,120 @@
+"""npcapserve against hostile or careless clients: slow request heads, too many connections,
+oversized headers, a client that leaves in the middle of a large pcap."""
+
+from __future__ import annotations
+
+import base64
+import pwd
+import socket
+import ssl
+import struct
+import time
+
+import pytest
+from extract_helpers import build_dumpset
+from pamworld import PAM_MARKS
+from serveworld import serving
+
+from pcapvault.index.privileges import give_tree
+
+pytestmark = PAM_MARKS
+
+
+def tls_socket(served, rcvbuf: int | None = None) -> ssl.SSLSocket:
+    host, port = served.url.removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(served.cert))
+    raw = socket.socket()
+    if rcvbuf:  # before connecting: the window the server may fill
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(10)
+    raw.connect((host, int(port)))
+    return ctx.wrap_socket(raw, server_hostname=host)
+
+
+def closed_within(sock: ssl.SSLSocket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_slow_or_missing_request_heads_are_cut_off(world):
+    with serving(world, None, "--request-timeout", "1") as s:
+        silent = tls_socket(s)
+        slow = tls_socket(s)
+        slow.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        for _ in range(3):  # a byte now and then does not extend the deadline
+            time.sleep(0.3)
+            slow.sendall(b"X")
+        assert closed_within(slow, 3) and closed_within(silent, 3)
+        assert time.monotonic() - t0 < 4
+        with s.client() as c:  # a prompt client is served, and its connection kept a while
+            assert c.get("/api/v1/status").status_code == 200
+            time.sleep(0.5)
+            assert c.get("/metrics").status_code == 200
+
+
+def test_connections_beyond_the_limit_get_503(world):
+    with serving(world, None, "--max-connections", "2") as s:
+        held = [tls_socket(s) for _ in range(2)]
+        for h in held:
+            h.sendall(b"GET /api/v1/status HTTP/1.1\r\n")  # an unfinished head holds a slot
+        time.sleep(0.2)
+        with s.client() as c:
+            r = c.get("/api/v1/status")
+        assert r.status_code == 503
+        for h in held:
+            h.close()
+        time.sleep(0.2)
+        with s.client() as c:
+            assert c.get("/api/v1/status").status_code == 200
+
+
+def test_oversized_headers_are_refused(world):
+    with serving(world) as s, s.client() as c:
+        r = c.get("/api/v1/status", headers={"X-Junk": "a" * (32 << 10)})
+        assert r.status_code == 431 and "headers" in r.json()["error"]
+        assert c.get("/api/v1/status").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def big(world):
+    """About 40 MB of full-sized frames, the service account's."""
+    root = world.base / "big"
+    t0 = (int(world.window[0]) + 3600 - 60) * 10**9
+    frame = bytes(12) + b"\x08\x00" + bytes(1486)
+    build_dumpset(root, [(t0 + i * 1000, frame[:-4] + struct.pack("!I", i), 1500)
+                         for i in range(28000)], per_file=7000, interface="big0")
+    give_tree(root, pwd.getpwnam(world.service_account))
+    return root
+
+
+def test_a_client_that_leaves_stops_the_extraction(world, big):
+    total = 24 + 28000 * 1516
+    with serving(world, [big]) as s:
+        before = world.audit_count()
+        conn = tls_socket(s, rcvbuf=64 << 10)
+        b, e = world.window
+        auth = base64.b64encode(f"{world.member.name}:{world.member.password}".encode())
+        conn.sendall(f"GET /api/v1/pcap?begin={b}&end={e} HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Authorization: Basic {auth.decode()}\r\n\r\n".encode())
+        head = conn.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        time.sleep(1)  # the server fills what the connection and the pipe hold, then waits
+        conn.close()
+        # The engine notices at its next write; the audit line says so.
+        for _ in range(100):
+            if world.audit_count() > before:
+                break
+            time.sleep(0.1)
+        line = world.audit_lines()[-1]
+        assert line["endpoint"] == "pcap" and line["outcome"] == "error"
+        assert "stopped reading" in line["reason"]
+        assert 0 < line["bytes"] < total // 2
+        with s.client(world.member) as c:  # and the server goes on
+            r = c.get("/api/v1/pcap", params={"begin": b, "end": e, "snaplen": "20"})
+            assert r.status_code == 200 and len(r.content) == 24 + 28000 * 36

@@ -1,0 +1,112 @@
+"""The pcap stream of npcapserve (server/pcap.py) against npcapextract, byte for byte.
+
+The real engine writes into a real pipe read by the event loop, as in the server; the HTTP
+layer around it is tested through the running server in test_serve_http.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+from extract_helpers import NS, SYNTH_START, build_dumpset, epoch, synthetic_traffic
+from recorderproc import tool
+
+from pcapvault.extract.request import Request
+from pcapvault.index.libpcap import FilterError
+from pcapvault.server import filtercheck, pcap
+
+BEGIN = SYNTH_START + 60 * NS
+END = SYNTH_START + 1500 * NS
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("serve-pcap")
+    a = build_dumpset(base / "a", synthetic_traffic(3000, SYNTH_START, seed=3, span_s=1800),
+                      per_file=400, interface="eth0")
+    b = build_dumpset(base / "b", synthetic_traffic(2000, SYNTH_START, seed=5, span_s=1800),
+                      per_file=300, interface="eth1")
+    return [a.root, b.root]
+
+
+def extracted(roots: list[Path], expr: str, *opts: str) -> bytes:
+    cmd = [tool("npcapextract"), *[a for r in roots for a in ("-t", str(r))],
+           "-b", epoch(BEGIN), "-e", epoch(END), "-f", expr, "-0", "-o", "-", *opts]
+    r = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert r.returncode in (0, 1), r.stderr
+    return r.stdout
+
+
+def streamed(roots: list[Path], expr: str, pcapng: bool = False, snaplen: int | None = None,
+             allowed: str | None = None, stop_after: int | None = None
+             ) -> tuple[bytes, tuple[int, int, str | None]]:
+    req = Request([str(r) for r in roots], BEGIN, END, expr, pcapng, snaplen, empty=True)
+    prepared = pcap.prepare(req, allowed, 2.0)
+    done: list = []
+
+    async def read() -> bytes:
+        got = []
+        gen = pcap.body(prepared, lambda *a: done.append(a))
+        async for chunk in gen:
+            got.append(chunk)
+            if stop_after is not None and sum(map(len, got)) >= stop_after:
+                await gen.aclose()
+                break
+        return b"".join(got)
+
+    data = asyncio.run(read())
+    for _ in range(200):
+        if done:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert len(done) == 1
+    return data, done[0]
+
+
+@pytest.mark.parametrize("expr", ["", "tcp port 80", "host 10.0.1.3", "udp and port 53",
+                                  "vlan", "ip6", "ether proto 0x88cc and not ip"])
+@pytest.mark.parametrize("several", [False, True])
+def test_pcap_bytes_equal_npcapextract(sets, expr, several):
+    roots = sets if several else sets[:1]
+    data, (packets, nbytes, error) = streamed(roots, expr)
+    assert error is None
+    assert data == extracted(roots, expr)
+    assert nbytes == len(data)
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_pcapng_and_snaplen_equal_npcapextract(sets, several):
+    roots = sets if several else sets[:1]
+    data, _ = streamed(roots, "tcp", pcapng=True, snaplen=60)
+    assert data == extracted(roots, "tcp", "--pcapng", "-s", "60")
+
+
+def test_no_match_is_a_header_only_capture(sets):
+    data, (packets, nbytes, error) = streamed(sets[:1], "host 203.0.113.99")
+    assert packets == 0 and error is None
+    assert len(data) == 24 and data == extracted(sets[:1], "host 203.0.113.99")
+
+
+def test_restricted_filter_is_the_conjunction(sets):
+    data, _ = streamed(sets[:1], "tcp", allowed="net 10.0.0.0/16")
+    assert data == extracted(sets[:1], "(net 10.0.0.0/16) and (tcp)")
+
+
+def test_reader_gone_stops_the_extraction(tmp_path):
+    ds = build_dumpset(tmp_path / "big", synthetic_traffic(40000, SYNTH_START, seed=9,
+                                                           span_s=1800), per_file=5000)
+    full = extracted([ds.root], "")
+    assert len(full) > 4 * pcap.PIPE_BYTES
+    data, (packets, nbytes, error) = streamed([ds.root], "", stop_after=1)
+    assert error and "stopped reading" in error
+    assert nbytes < len(full) // 2
+
+
+def test_bad_and_costly_filters(sets):
+    with pytest.raises(FilterError, match="bad filter"):
+        pcap.prepare(Request([str(sets[0])], BEGIN, END, "tcp port"), None, 2.0)
+    costly = " or ".join(f"host 10.{i // 250}.{i % 250}.1 and port {i}" for i in range(600))
+    with pytest.raises(filtercheck.FilterTooCostly, match="CPU time"):
+        filtercheck.check(costly, [1], 0.2)
