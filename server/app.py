@@ -18,14 +18,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcapvault.extract.request import Request
@@ -33,7 +35,7 @@ from pcapvault.extract.service.policy import Audit, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time, parse_window
 
-from . import openapi, pcap
+from . import openapi, pcap, session
 from .status import StatusCollector, dumpset_status
 
 PROG = "npcapserve"
@@ -41,10 +43,11 @@ MAX_QUERY = 8192  # bytes of a query string; a filter longer than this is no que
 # Bytes of all request headers. h11 bounds only a head that arrives in pieces (uvicorn's
 # h11_max_incomplete_event_size); one that arrives whole is checked here.
 MAX_HEADERS = 16 << 10
-REALM = 'Basic realm="pcapvault"'
+WEB = Path(__file__).with_name("web")  # the page's files, installed with the package
 ENDPOINTS = {"/api/v1/pcap": "pcap", "/api/v1/conversations": "conversations",
              "/api/v1/volume": "volume", "/api/v1/status": "status", "/metrics": "metrics",
-             "/api/v1/openapi.json": "openapi"}
+             "/api/v1/openapi.json": "openapi", "/api/v1/filter": "filter", "/login": "login",
+             "/logout": "logout", "/session": "session", "/": "page"}
 
 
 class ApiError(Exception):
@@ -195,31 +198,41 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
     served = Counter("npcapserve_bytes_served", "Bytes of answers sent, by endpoint.",
                      ["endpoint"], registry=registry)
 
-    async def admit(request: HttpRequest) -> Any:
+    async def admit(request: HttpRequest, authorization: str | None = None) -> Any:
+        """The gate's principal for the request's Authorization header (or `authorization`),
+        else its session cookie (session.py)."""
         client = request.client.host if request.client else "-"
+        header = authorization or request.headers.get("authorization")
+        sid = None if authorization else request.cookies.get(session.COOKIE)
         try:
-            return await gate.admit(request.headers.get("authorization"), client)
+            if sid:
+                return await gate.admit(header, client, sid)
+            return await gate.admit(header, client)
         except Exception as e:
             status = getattr(e, "status", None)
             if status is None:
                 raise
             headers = {}
             if status == 401:
-                headers["WWW-Authenticate"] = REALM
+                headers["WWW-Authenticate"] = session.challenge(request)
             retry = getattr(e, "retry_after", None)
             if status == 429 and retry:
                 headers["Retry-After"] = str(max(1, round(retry)))
             raise ApiError(status, getattr(e, "reason", str(e)), headers) from None
 
-    def audited(endpoint: str, handler: Handler) -> Callable[[HttpRequest], Awaitable[Response]]:
-        """A data endpoint: admitted by the gate, and one audit line whatever happens.
+    def audited(endpoint: str, handler: Handler,
+                credentials: Callable[[HttpRequest], Awaitable[str]] | None = None
+                ) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """A data endpoint (or the login): admitted by the gate, and one audit line whatever
+        happens. `credentials` gives an Authorization header made from the request's body
+        (the login form) in place of the request's own.
 
         The handler fills the record and returns the response; a pcap's line is written when
         its stream ends (pcap.body's `finished`)."""
 
         async def route(request: HttpRequest) -> Response:
             started = time.monotonic()
-            authorization = request.headers.get("authorization")
+            authorization = None if credentials else request.headers.get("authorization")
             record: dict = {
                 "time": format_time(time.time_ns()),
                 "service": settings.pam_service,
@@ -237,7 +250,10 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
                 audit.write(record)
 
             try:
-                principal = await admit(request)
+                if credentials:
+                    authorization = await credentials(request)
+                    record["pam_user"] = claimed_user(authorization)
+                principal = await admit(request, authorization)
                 record.update(pam_user=principal.user, method=principal.method)
                 q = _single(request)
                 return await handler(request, principal, record, q, close)
@@ -385,7 +401,56 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         log(PROG, f"internal error on {request.url.path}: {type(exc).__name__}: {exc}")
         return error_response(500, "internal error; see the server's journal")
 
+    # The web page (server/web/, session.py): its files, the login and logout, and the
+    # filter check it calls as the analyst types.
+    async def check_filter(request: HttpRequest) -> Response:
+        try:
+            principal = await admit(request)
+            expr = _single(request).get("expr", "")
+            await _indexed(lambda req: None, Request(list(settings.dumpsets), 0, 1, expr),
+                           principal)
+        except ApiError as e:
+            return error_response(e.status, str(e), e.headers)
+        return JSONResponse({"filter": expr, "valid": True})
+
+    async def login(request: HttpRequest, principal: Any, record: dict, q: dict[str, str],
+                    close: Callable[..., None]) -> Response:
+        close("allowed", None)
+        return session.logged_in(request, gate.sessions.create(principal.user), principal)
+
+    async def who(request: HttpRequest) -> Response:
+        try:
+            principal = await admit(request)
+        except ApiError as e:
+            return error_response(e.status, str(e), e.headers)
+        return session.who(principal)
+
+    async def logout(request: HttpRequest) -> Response:
+        try:
+            session.same_origin(request)
+        except session.CrossOrigin as e:
+            return error_response(403, str(e))
+        gate.sessions.end(request.cookies.get(session.COOKIE))
+        return session.logged_out(request)
+
+    async def page(request: HttpRequest) -> Response:
+        return FileResponse(WEB / "index.html", headers=session.PAGE_HEADERS)
+
+    async def login_form(request: HttpRequest) -> str:
+        try:
+            return await session.form_credentials(request)
+        except session.CrossOrigin as e:
+            raise ApiError(403, str(e)) from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
     routes = [
+        Route("/", page),
+        Mount("/static", StaticFiles(directory=WEB, follow_symlink=False), name="static"),
+        Route("/login", audited("login", login, login_form), methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/session", who),
+        Route("/api/v1/filter", check_filter),
         Route("/api/v1/pcap", audited("pcap", get_pcap)),
         Route("/api/v1/conversations", audited("conversations", get_conversations)),
         Route("/api/v1/volume", audited("volume", get_volume)),

@@ -41,6 +41,7 @@ from pcapvault.extract.service.policy import (
 from pcapvault.extract.service.wire import ProtocolError, recv_exact
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.server.limits import LoginLimiter
+from pcapvault.server.session import SessionStore
 from pcapvault.server.tokens import TokenFileError, TokenStore
 
 PROG = "npcapserve"
@@ -66,7 +67,7 @@ class Principal:
     """An admitted request's user and what they may see."""
 
     user: str
-    method: str  # "password" or "token"
+    method: str  # "password", "token" or "session"
     allowed: str | None  # policy.allowed_filter(...) of the user's restricted groups; None = all
     groups: tuple[str, ...]  # the restricted groups that apply (for the audit line)
 
@@ -251,8 +252,10 @@ class Gate:
     """Admits a request by its Authorization header, or raises Denied."""
 
     def __init__(self, checker: PasswordChecker, tokens: TokenStore, group: str,
-                 group_filters: tuple[GroupFilter, ...], limiter: LoginLimiter):
+                 group_filters: tuple[GroupFilter, ...], limiter: LoginLimiter,
+                 sessions: SessionStore | None = None):
         self.checker = checker
+        self.sessions = sessions or SessionStore()  # the web page's logins (server/session.py)
         self.tokens = tokens
         self.group = group
         self.group_filters = group_filters
@@ -261,14 +264,24 @@ class Gate:
         # the limiter see each failure before the same address's next attempt is checked.
         self._turn = asyncio.Lock()
 
-    async def admit(self, authorization: str | None, client: str) -> Principal:
-        """The Principal of a request from `client` (its address) with this header.
+    async def admit(self, authorization: str | None, client: str,
+                    session: str | None = None) -> Principal:
+        """The Principal of a request from `client` (its address) with this header, or
+        without one, this session id (the web page's cookie).
 
         A failure to authenticate takes at least the limiter's fail_delay from the call
         (asyncio.sleep: the loop goes on serving others), so guessing is slow and a wrong
-        password cannot be told from an unknown user by time."""
+        password cannot be told from an unknown user by time. An unknown or expired session
+        is no guess (its id has 256 random bits): it is refused at once and not counted, so
+        a page left open past its idle expiry does not lock its address out."""
         started = time.monotonic()
         self._not_blocked(client)
+        if (not authorization or not authorization.strip()) and session:
+            user = self.sessions.user(session)
+            if user is None:
+                raise Denied(401, "the session has ended (idle too long, or logged out); "
+                                  "log in again")
+            return self._principal(*await asyncio.to_thread(self._user_gids, user, "session"))
         if not authorization or not authorization.strip():
             raise Denied(401, "authentication required (HTTP Basic or a Bearer token)")
         try:
@@ -280,6 +293,10 @@ class Gate:
                                         - (time.monotonic() - started)))
             raise
         self.limiter.succeeded(client)
+        return self._principal(user, method, gids)
+
+    def _principal(self, user: str, method: str, gids: tuple[int, ...]) -> Principal:
+        """The group check and restrictions, at every request whatever the method."""
         if not member_of(self.group, set(gids)):
             raise Denied(403, f"{user} is not a member of the group {self.group} whose "
                               "members may extract")
@@ -332,8 +349,13 @@ class Gate:
                          ) from None
         if user is None:
             raise Denied(401, "unknown or revoked token")
+        return self._user_gids(user, "token")
+
+    @staticmethod
+    def _user_gids(user: str, method: str) -> tuple[str, str, tuple[int, ...]]:
+        """(user, method, gids) of a token's or session's user, as NSS has them now."""
         try:
             pw = pwd.getpwnam(user)
         except KeyError:
-            raise Denied(401, f"the token's user {user} no longer exists") from None
-        return user, "token", tuple(os.getgrouplist(user, pw.pw_gid))
+            raise Denied(401, f"the {method}'s user {user} no longer exists") from None
+        return user, method, tuple(os.getgrouplist(user, pw.pw_gid))

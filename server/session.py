@@ -1,0 +1,148 @@
+"""Login sessions of the web page: a random id in a cookie, the user it stands for on the server.
+
+The page cannot keep a password, and Basic authentication would have the browser resend it
+with every request and never forget it. So POST /login checks the password once (the same
+Gate: PAM, rate limit, audit) and hands out a session id; the cookie carries only that id.
+The session knows its user, nothing more: group membership and restrictions are looked up
+again at every request, as for API tokens. A session ends when idle for `idle` seconds or at
+POST /logout, on the server: a copied cookie is worthless after either.
+
+Memory is bounded: at most `max_sessions` sessions; when full, the least recently used goes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+COOKIE = "pcapvault_session"
+IDLE = 1800.0  # seconds: an analyst's lunch break ends the session, a long look does not
+
+
+class SessionStore:
+    """Session id -> user, with idle expiry; safe from any thread."""
+
+    def __init__(self, idle: float = IDLE, max_sessions: int = 10_000):
+        if idle <= 0 or max_sessions < 1:
+            raise ValueError("idle > 0, max_sessions >= 1")
+        self.idle = idle
+        self.max_sessions = max_sessions
+        self._users: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (user, last)
+        self._lock = threading.Lock()
+
+    def create(self, user: str) -> str:
+        """A new session of `user`; its id (256 random bits, URL-safe)."""
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            while len(self._users) >= self.max_sessions:
+                self._users.popitem(last=False)
+            self._users[sid] = (user, time.monotonic())
+        return sid
+
+    def user(self, sid: str | None) -> str | None:
+        """The user of a live session (and it is used now), or None."""
+        if not sid:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            found = self._users.pop(sid, None)
+            if found is None or now - found[1] > self.idle:
+                return None
+            self._users[sid] = (found[0], now)  # the most recently used goes last
+            return found[0]
+
+    def end(self, sid: str | None) -> bool:
+        """End a session (logout); whether it was live."""
+        with self._lock:
+            return self._users.pop(sid or "", None) is not None
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+# The page's answers. HttpOnly: the page's script never sees the id (an injected script could
+# not send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it
+# (no cross-site request forgery of a download or a logout); Secure under TLS. No Max-Age: the
+# cookie goes when the browser closes, the session itself at idle expiry or logout.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+MAX_FORM = 4096  # bytes of a login body: a user name and a password
+
+
+class CrossOrigin(Exception):
+    """A state-changing request that another site's page may have sent."""
+
+
+def same_origin(request: Request) -> None:
+    """Raise CrossOrigin unless the request's Origin is this server (scheme, host, port).
+
+    SameSite=Strict already keeps the cookie off other sites' requests; this covers POST
+    /login, which carries no cookie (login CSRF: being logged in as someone else)."""
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin != own:
+        raise CrossOrigin(f"a {request.method} to {request.url.path} must come from this "
+                          f"server's own page (Origin {own}, not {(origin or 'none')[:100]})")
+
+
+async def form_credentials(request: Request) -> str:
+    """The login form's JSON body {"user", "password"} as a Basic Authorization header, so
+    that it goes through the Gate as any password does (PAM, rate limit, audit).
+
+    Raises CrossOrigin, or ValueError for a body that is not such a form."""
+    same_origin(request)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise ValueError(f"a login body longer than {MAX_FORM} bytes")
+    try:
+        form = json.loads(body)
+        user, password = form["user"], form["password"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError('give a JSON body {"user": ..., "password": ...}') from None
+    if not isinstance(user, str) or not isinstance(password, str):
+        raise ValueError("user and password must be strings")
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def challenge(request: Request) -> str:
+    """The WWW-Authenticate of a 401: Basic for scripts, but not for the page's own calls
+    (a cookie, or X-Requested-With), or the browser would pop up its own password dialog."""
+    if request.headers.get("x-requested-with") or COOKIE in request.cookies:
+        return 'Session realm="pcapvault"'
+    return 'Basic realm="pcapvault"'
+
+
+def who(principal: Any) -> JSONResponse:
+    """Who is logged in, and the filter that restricts what they see (None: everything)."""
+    return JSONResponse({"user": principal.user, "method": principal.method,
+                         "restricted_to": principal.allowed, "groups": list(principal.groups)},
+                        headers={"Cache-Control": "no-store"})
+
+
+def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
+    response = who(principal)
+    response.set_cookie(COOKIE, sid, path="/", secure=request.url.scheme == "https",
+                        httponly=True, samesite="strict")
+    return response
+
+
+def logged_out(request: Request) -> JSONResponse:
+    response = JSONResponse({"logged_out": True}, headers={"Cache-Control": "no-store"})
+    response.delete_cookie(COOKIE, path="/", secure=request.url.scheme == "https",
+                           httponly=True, samesite="strict")
+    return response
