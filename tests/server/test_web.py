@@ -1,0 +1,224 @@
+"""The analyst's web page in a real headless Chromium, against a real npcapserve (TLS, PAM
+users, group filters) serving the world's recorded dump set (pamworld.py).
+
+The oracles are the API's own answers checked elsewhere against npcapextract and tshark
+(test_serve_http.py), and npcapextract itself for the download."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from pamworld import CLIENT, NET_FILTER, PAM_MARKS
+from selenium.webdriver.common.action_chains import ActionChains
+from serveworld import serving
+from webworld import WEB_MARKS, browser, filled, login, rows, text, wait_for
+
+pytestmark = [*PAM_MARKS, *WEB_MARKS]
+
+
+@pytest.fixture(scope="module")
+def served(world):
+    with serving(world) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page(world, served):
+    """One browser logged in as the unrestricted member, for the tests that only look."""
+    with browser() as driver:
+        login(driver, served.url, world.member.name, world.member.password)
+        yield driver
+
+
+def reset(driver, url: str) -> dict:
+    """The first view again (the whole dump set, no filter)."""
+    driver.get(url + "/")
+    return filled(driver)
+
+
+def count_pcap(data: bytes) -> int:
+    from extract_helpers import read_pcap_records
+
+    return len(read_pcap_records(data))
+
+
+def test_no_data_before_login(world, served):
+    with browser() as driver:
+        driver.get(served.url + "/")
+        wait_for(lambda: driver.find_element("id", "user").is_displayed(), message="form")
+        assert not driver.find_element("id", "main").is_displayed()
+        assert driver.find_element("id", "table").find_elements("css selector", "tbody tr") == []
+        assert driver.get_cookie("pcapvault_session") is None
+    with served.client() as c:  # the page's calls are refused, without a Basic challenge
+        r = c.get("/api/v1/volume", params={"begin": "-1h", "end": "now"},
+                  headers={"X-Requested-With": "pcapvault"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Session")
+
+
+def test_login_shows_the_recorded_traffic(world, served, page):
+    got = reset(page, served.url)
+    b, e = world.window
+    r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-0", "-O"],
+                       capture_output=True, timeout=120)
+    assert got["total"] == count_pcap(r.stdout) > 0  # every recorded packet is on the chart
+    assert got["points"] > 100  # drawn in fine steps, not one bar
+    assert text(page, "who") == world.member.name
+    assert f"{got['total']:,}" in text(page, "dl-info").replace("\u202f", ",")
+    cookie = page.get_cookie("pcapvault_session")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    health = page.find_element("id", "health-table").text
+    assert "eth" in health or str(world.dumpset) in health or "veth" in health
+
+
+def test_drag_selects_a_window_and_the_table_follows(world, served, page):
+    before = reset(page, served.url)
+    table_before = rows(page)
+    canvas = page.find_element("css selector", "#chart .u-over")
+    width = canvas.size["width"]
+    # From a quarter to the middle of the chart: a narrower window than the whole set.
+    ActionChains(page).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold() \
+        .move_by_offset(width // 4, 0).release().perform()
+    after = wait_for(lambda: (lambda f: f if f["total"] != before["total"] else None)(
+        filled(page)), message="a narrower window")
+    assert 0 < after["total"] < before["total"]
+    assert rows(page) != table_before
+    info = text(page, "table-info")
+    href = page.find_element("id", "dl-pcap").get_attribute("href")
+    q = parse_qs(urlsplit(href).query)
+    # The window the chart now shows is the one dragged over, and the links ask for it.
+    span = float(q["end"][0]) - float(q["begin"][0])
+    b, e = world.window
+    assert span < (int(e) - int(b)) and info
+
+
+def test_bad_filter_shows_libpcaps_error(world, served, page):
+    reset(page, served.url)
+    box = page.find_element("id", "filter")
+    box.clear()
+    box.send_keys("tcp port")
+    message = wait_for(lambda: text(page, "filter-error"), message="the filter's error")
+    with served.client(world.member) as c:  # libpcap's message, as the API gives it
+        want = c.get("/api/v1/pcap", params={"begin": "-1m", "end": "now",
+                                             "filter": "tcp port"}).json()["error"]
+    assert message and message in want
+    box.clear()
+    box.send_keys("tcp port 80")
+    wait_for(lambda: text(page, "filter-error") == "", message="the error goes")
+
+
+def test_row_click_narrows_the_filter_and_download_is_npcapextracts(world, served, page):
+    reset(page, served.url)
+    first = page.find_element("css selector", "#table tbody tr")
+    expr = first.get_attribute("data-filter")
+    assert expr.startswith("host ") and " and host " in expr
+    first.click()
+    wait_for(lambda: page.find_element("id", "filter").get_attribute("value") == expr,
+             message="the filter narrowed")
+    filled(page)
+    shown = rows(page)
+    a, b = shown[0][0], shown[0][2]
+    assert all({r[0], r[2]} == {a, b} for r in shown)  # only that pair's conversations
+    for fmt in ("pcap", "pcapng"):
+        href = page.find_element("id", f"dl-{fmt}").get_attribute("href")
+        q = {k: v[0] for k, v in parse_qs(urlsplit(href).query).items()}
+        assert q["filter"] == expr
+        cookie = page.get_cookie("pcapvault_session")["value"]
+        with served.client() as c:
+            got = c.get(href, cookies={"pcapvault_session": cookie})
+        assert got.status_code == 200, got.text
+        r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", q["begin"], "-e", q["end"],
+                            "-f", expr, "-0", "-O", *(["--pcapng"] if fmt == "pcapng" else [])],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert got.content == r.stdout and len(got.content) > 100
+
+
+def test_restricted_users_page_holds_only_their_traffic(world, served):
+    net = ipaddress.ip_network(NET_FILTER.split()[1])
+    with browser() as driver:
+        login(driver, served.url, world.restricted.name, world.restricted.password)
+        assert NET_FILTER in text(driver, "restricted")
+        got = filled(driver)
+        b, e = world.window
+        r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-0", "-O",
+                            "-f", NET_FILTER], capture_output=True, timeout=120)
+        assert got["total"] == count_pcap(r.stdout) > 0
+        shown = rows(driver)
+        assert shown
+        # Every conversation has an end in the allowed net (the member's page has others).
+        assert all(ipaddress.ip_address(r[0]) in net or ipaddress.ip_address(r[2]) in net
+                   for r in shown), shown
+        driver.find_element("css selector", "[data-by=endpoint]").click()
+        wait_for(lambda: driver.find_element("css selector", "#table th").text == "Address",
+                 message="the endpoints tab")
+        filled(driver)
+        assert any(ipaddress.ip_address(r[0]) in net for r in rows(driver))
+
+
+def test_logout_ends_the_session(world, served):
+    with browser() as driver:
+        login(driver, served.url, world.member.name, world.member.password)
+        sid = driver.get_cookie("pcapvault_session")["value"]
+        driver.find_element("id", "logout").click()
+        wait_for(lambda: driver.find_element("id", "user").is_displayed(), message="form")
+        assert not driver.find_element("id", "main").is_displayed()
+    with served.client() as c:  # the old id is worth nothing now, on the server
+        r = c.get("/api/v1/volume", params={"begin": "-1h", "end": "now"},
+                  cookies={"pcapvault_session": sid})
+        assert r.status_code == 401 and "log in again" in r.json()["error"]
+
+
+def test_login_is_audited_rate_limited_and_same_origin(world, served):
+    before = world.audit_count()
+    origin = served.url
+    with served.client() as c:
+        r = c.post("/login", json={"user": world.member.name, "password": "wrong"},
+                   headers={"Origin": origin})
+        assert r.status_code == 401 and "set-cookie" not in r.headers
+        r = c.post("/login", json={"user": world.member.name,
+                                   "password": world.member.password},
+                   headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+        r = c.post("/login", json={"user": world.member.name,
+                                   "password": world.member.password},
+                   headers={"Origin": origin})
+        assert r.status_code == 200 and r.json()["user"] == world.member.name
+        sid = r.cookies["pcapvault_session"]
+        r = c.post("/logout", cookies={"pcapvault_session": sid},
+                   headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403
+        r = c.get("/session", cookies={"pcapvault_session": sid})
+        assert r.status_code == 200  # a forged logout did not end it
+        r = c.get("/session", cookies={"pcapvault_session": sid},
+                  headers={"Authorization": "Basic eDp5"})  # a header wins over the cookie
+        assert r.status_code == 401
+    lines = world.audit_lines()[before:]
+    logins = [(x["endpoint"], x["outcome"], x["pam_user"]) for x in lines
+              if x["endpoint"] == "login"]
+    assert logins == [("login", "denied", world.member.name),
+                      ("login", "denied", None),
+                      ("login", "allowed", world.member.name)]
+    assert all(world.member.password not in str(x) for x in lines)
+
+
+def test_outsider_cannot_log_in_and_groups_are_checked_per_request(world, served):
+    with served.client() as c:
+        r = c.post("/login", json={"user": world.outsider.name,
+                                   "password": world.outsider.password},
+                   headers={"Origin": served.url})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+
+
+def test_page_assets_are_served_offline(served):
+    with served.client() as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "default-src 'self'" in \
+            page.headers["content-security-policy"]
+        for asset in ("/static/app.js", "/static/style.css", "/static/vendor/uPlot.iife.min.js",
+                      "/static/vendor/uPlot.min.css", "/static/vendor/LICENSE"):
+            assert c.get(asset).status_code == 200, asset
+        assert "http" not in page.text.replace("http-equiv", "")  # no CDN
+        assert c.get("/static/../app.py").status_code == 404
