@@ -146,7 +146,7 @@ function setRange(what) {
     const x = state.extent || { b: now - 3600, e: now };
     // end exclusive: one step past the newest packet so that it is counted
     const pad = Math.max((x.e - x.b) / POINTS, 0.001);
-    state.range = { b: Math.floor(x.b), e: x.e + pad };
+    state.range = { b: x.b, e: x.e + pad };
   } else {
     state.range = { b: now - Number(what), e: now };
   }
