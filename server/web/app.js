@@ -277,6 +277,7 @@ function drawChart() {
   if (chart) chart.destroy();
   chart = new uPlot(opts, [xs, ys], el);
   el.dataset.points = String(xs.length);
+  performance.mark("pv-chart");  // bench/web.py: when the first view is filled
   el.dataset.total = String(v.packets.reduce((s, n) => s + n, 0));
 }
 
@@ -365,6 +366,7 @@ function drawTable() {
   $("table-info").textContent =
     `${t.rows.length} of ${t.total_rows} rows` + (t.read_packets ? " (packets read)" : "");
   $("more").hidden = t.rows.length >= t.total_rows;
+  performance.mark("pv-table");
 }
 
 $("table").addEventListener("click", (ev) => {
