@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install pcapvault and everything it needs on a Debian machine (run as root).
 #   ./setup.sh                 runtime: libpcap, tcpdump, a venv in /opt/pcapvault, tools on PATH
-#   ./setup.sh --test          also the test tools (tshark, trafgen, tcpreplay, pytest, ruff)
+#   ./setup.sh --test          also the test tools (tshark, trafgen, tcpreplay, pytest, ruff,
+#                              headless chromium and chromium-driver for the web page's tests)
 #   ./setup.sh --system IFACE  also install the systemd units and enable recorder@IFACE and
 #                              npcapserve (HTTPS; a self-signed pair in /etc/pcapvault/tls
 #                              when there is none)
@@ -34,6 +35,7 @@ esac
 pkgs="python3 python3-venv python3-pip libpcap0.8 tcpdump iproute2 libpam0g openssl"
 if [ "$test_deps" = yes ]; then
   pkgs="$pkgs tshark netsniff-ng tcpreplay zstd systemd procps util-linux passwd"
+  pkgs="$pkgs chromium chromium-driver"  # tests/server/test_web*.py drive the page in it
 fi
 if ! dpkg -s $pkgs >/dev/null 2>&1; then
   apt-get update -q
