@@ -61,9 +61,9 @@ return {dcl: nav.domContentLoadedEventEnd, load: nav.loadEventEnd, chart: mark('
 
 
 def first_views(url: str, user: str, password: str, repeat: int, cold: bool,
-                screenshot: Path | None) -> list[dict]:
+                screenshot: Path | None, size: tuple[int, int]) -> list[dict]:
     runs = []
-    with browser() as driver:
+    with browser(*size) as driver:
         login(driver, url, user, password)
         for _ in range(repeat):
             if cold:
@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("-t", "--dumpset", type=Path, help="serve this dump set instead")
     ap.add_argument("--record", action="store_true",
                     help="record the dump set first on a veth pair (see above)")
-    ap.add_argument("--screenshot", type=Path, help="save the last view (1280x800) as PNG")
+    ap.add_argument("--screenshot", type=Path, help="save the last view as PNG")
+    ap.add_argument("--size", default="1280x800", help="the browser window (WIDTHxHEIGHT)")
     args = ap.parse_args()
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,8 @@ def main() -> None:
     with bs.accounts() as (svc, group, user, password, pam):
         give_tree(root, pwd.getpwnam(svc))
         with bs.server(base, root, svc, group, pam) as (url, _cert, _tokens, _pid):
-            runs = first_views(url, user, password, args.repeat, args.cold, args.screenshot)
+            runs = first_views(url, user, password, args.repeat, args.cold, args.screenshot,
+                               tuple(int(x) for x in args.size.split("x")))
 
     def m(key: str) -> float:
         return statistics.median(r[key] for r in runs)
