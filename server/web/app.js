@@ -22,6 +22,8 @@ async function api(path, params, init) {
     r = await fetch(url, { credentials: "same-origin",
       ...init, headers: { "X-Requested-With": "pcapvault", ...(init && init.headers) } });
     try { body = await r.json(); } catch (e) { body = null; }
+  } catch (e) {
+    throw new Error("the server cannot be reached; try again");
   } finally {
     document.body.dataset.busy = String(--inFlight);
   }
@@ -35,6 +37,17 @@ function local(sec) {
   return new Date(sec * 1000).toLocaleString(undefined, { hour12: false });
 }
 function utc(sec) { return new Date(sec * 1000).toISOString(); }
+// A time as the From/To boxes show it: the browser's local clock with its UTC offset, one of
+// npcapextract's forms (2025-11-21 14:05:00.250+01:00), so a shown time can be edited and sent.
+function typed(sec) {
+  // rounded: seconds from ns in a double can fall a hair short of the millisecond they name
+  const d = new Date(Math.round(sec * 1000)), p = (n, w = 2) => String(n).padStart(w, "0");
+  const off = -d.getTimezoneOffset(), a = Math.abs(off);
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ` +
+    `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}` +
+    (d.getMilliseconds() ? `.${p(d.getMilliseconds(), 3)}` : "") +
+    `${off < 0 ? "-" : "+"}${p(Math.floor(a / 60))}:${p(a % 60)}`;
+}
 function timeSpan(sec) {
   const s = document.createElement("span");
   s.textContent = local(sec);
@@ -229,9 +242,9 @@ async function refresh() {
   const win = $("window");
   win.replaceChildren("Window: ", timeSpan(w.b), " – ", timeSpan(w.e),
     " (drag across the chart to narrow it)");
-  $("begin").value = local(w.b);
+  $("begin").value = typed(w.b);
   $("begin").title = utc(w.b);
-  $("end").value = local(w.e);
+  $("end").value = typed(w.e);
   $("end").title = utc(w.e);
   updateLinks(null);
   await Promise.all([loadVolume(gen), loadTable(gen)]);

@@ -228,3 +228,22 @@ def test_page_assets_are_served_offline(served):
             assert c.get(asset).status_code == 200, asset
         assert "http" not in page.text.replace("http-equiv", "")  # no CDN
         assert c.get("/static/../app.py").status_code == 404
+
+
+def test_typed_times_in_npcapextracts_forms(world, served, page):
+    whole = reset(page, served.url)
+    for box, value in (("begin", "-2h"), ("end", "now")):
+        el = page.find_element("id", box)
+        el.clear()
+        el.send_keys(value)
+    page.find_element("css selector", "#times button[type=submit]").click()
+    wait_for(lambda: page.find_element("id", "begin").get_attribute("value") != "-2h",
+             message="the window typed")
+    got = filled(page)
+    assert got["total"] == whole["total"]  # the last two hours hold all of the recording
+    shown = page.find_element("id", "begin").get_attribute("value")
+    assert page.find_element("id", "begin").get_attribute("title").endswith("Z")  # UTC on hover
+    page.find_element("css selector", "#times button[type=submit]").click()  # sent back as shown
+    filled(page)
+    assert page.find_element("id", "begin").get_attribute("value") == shown
+    assert text(page, "chart-error") == ""
