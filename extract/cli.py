@@ -188,7 +188,7 @@ def cli(
     from .postingsplan import applies
     from .readahead import warm_indexes
 
-    req = request(dumpsets or _configured_dumpsets())
+    req = request(dumpsets or configured_dumpsets())
     tried = applies(req)
     if tried:
         code = _host_query(req, output, verbose, t0)
@@ -252,7 +252,7 @@ def _host_query(req: Request, output: str | None, verbose: bool, t0: float) -> i
     return res.stats.exit_status(res.written)
 
 
-def _configured_dumpsets() -> tuple[str, ...]:
+def configured_dumpsets() -> tuple[str, ...]:
     """Without -t an analyst on the sensor means its own recorders' dump sets."""
     from pcapvault.index.config import config_dir, default_dumpsets
 

@@ -47,8 +47,9 @@ from pcapvault.index.times import TimeError
 from . import engine
 from .access import QueryTarget, open_query
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
-from .flowplan import Candidates, Source, Stats, _covers_name
+from .flowplan import Source, Stats, covers_name
 from .output import Batch
+from .plan import FilePlan
 from .readahead import warm_indexes
 from .request import Request
 
@@ -228,7 +229,7 @@ class _Matches:
         b, e = self.req.begin_ns, self.req.end_ns
         if idx.count == 0 or idx.last_ns < b or idx.first_ns >= e:
             return None, False
-        if not _covers_name(idx, sf):
+        if not covers_name(idx, sf):
             # npcapextract scans such a file (flowplan.Source.candidates): so do we.
             self.warn(f"{sf.pcap}: index unusable (another file's); reading the pcap")
             return None, True
@@ -320,15 +321,15 @@ class _Unsure(Source):
                 if sf.pcap in self._unsure]
 
     def candidates(self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats,
-                   warn: Warn) -> Candidates | None:
+                   warn: Warn) -> FilePlan | None:
         c = super().candidates(sf, begin_ns, end_ns, stats, warn)
         if c is None or self._unsure[sf.pcap] or not c.indexed:
             return c
         keep = ~c.sure
         if not keep.any():
             return None
-        return Candidates(c.file, c.rec[keep], c.caplen[keep], c.wirelen[keep],
-                          c.ts_ns[keep], c.sure[keep], c.indexed)
+        return FilePlan(c.file, c.rec[keep], c.caplen[keep], c.sure[keep],
+                        wirelen=c.wirelen[keep], ts_ns=c.ts_ns[keep], indexed=c.indexed)
 
 
 class _Keyed:

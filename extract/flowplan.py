@@ -175,7 +175,7 @@ class Source:
             return self._scan(sf, begin_ns, end_ns, stats, warn)
         try:
             idx = summary = loaded.index()
-            if summary.count and not _covers_name(summary, sf):
+            if summary.count and not covers_name(summary, sf):
                 raise PcapVaultError(
                     f"another file's: its packets span {summary.first_ns}..{summary.last_ns} "
                     f"ns, this file starts at {sf.first_ns} ns"
@@ -273,7 +273,7 @@ class Source:
         )
 
 
-def _covers_name(idx: PacketIndex, sf: StoredFile) -> bool:
+def covers_name(idx: PacketIndex, sf: StoredFile) -> bool:
     """Whether the index's time span holds the file's first packet, as the file's name gives
     it (to the microsecond): an index of another file, copied or renamed, has another span."""
     return idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns

@@ -95,7 +95,7 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
     from pcapvault.index.times import TimeError, parse_window
 
     from .access import AccessError, open_dumpset
-    from .cli import _configured_dumpsets  # npcapextract's defaults, the same message
+    from .cli import configured_dumpsets  # npcapextract's defaults, the same message
     from .conversations import TableError, conversations
     from .request import Request
 
@@ -104,7 +104,7 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
     t0 = time.monotonic()
     try:
         b_ns, e_ns = parse_window(begin, end)
-        paths = [os.path.abspath(p) for p in dumpsets or _configured_dumpsets()]
+        paths = [os.path.abspath(p) for p in dumpsets or configured_dumpsets()]
         for p in paths:
             try:
                 open_dumpset(p)

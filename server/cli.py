@@ -197,9 +197,9 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
         if path is not None and not path.is_file():
             raise click.UsageError(f"{what} {path}: no such file")
     filters = parse_group_filters(group_filters)
-    from pcapvault.extract.cli import _configured_dumpsets  # npcapextract's default, shared
+    from pcapvault.extract.cli import configured_dumpsets  # npcapextract's default, shared
 
-    served = tuple(os.path.abspath(p) for p in dumpsets) or _configured_dumpsets()
+    served = tuple(os.path.abspath(p) for p in dumpsets) or configured_dumpsets()
     audit = Audit(audit_log, PROG)
     gate = _gate(pam_service, token_file, fail_delay, group, filters)
     sock = bind(listen, port)
