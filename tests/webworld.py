@@ -89,8 +89,8 @@ def filled(driver: Any) -> dict:
         message="chart and table")
 
 
-def rows(driver: Any) -> list[list[str]]:
-    """The table's rows as the cells' text."""
+def rows(driver: Any, table_id: str = "table") -> list[list[str]]:
+    """A table's rows (by default the conversations, endpoints or ports) as the cells' text."""
     return driver.execute_script(
-        "return [...document.querySelectorAll('#table tbody tr')]"
-        ".map(r => [...r.cells].map(c => c.textContent))")
+        "return [...document.getElementById(arguments[0]).tBodies[0].rows]"
+        ".map(r => [...r.cells].map(c => c.textContent))", table_id)

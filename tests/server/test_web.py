@@ -7,14 +7,20 @@ The oracles are the API's own answers checked elsewhere against npcapextract and
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import subprocess
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from extract_helpers import build_dumpset, synthetic_traffic
 from pamworld import CLIENT, NET_FILTER, PAM_MARKS
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.keys import Keys
 from serveworld import serving
 from webworld import WEB_MARKS, browser, filled, login, rows, text, wait_for
+
+from pcapvault.index.privileges import give_tree
 
 pytestmark = [*PAM_MARKS, *WEB_MARKS]
 
@@ -247,3 +253,60 @@ def test_typed_times_in_npcapextracts_forms(world, served, page):
     filled(page)
     assert page.find_element("id", "begin").get_attribute("value") == shown
     assert text(page, "chart-error") == ""
+
+
+def test_keyboard_alone_narrows_the_filter(world, served, page):
+    reset(page, served.url)
+    first = page.find_element("css selector", "#table tbody tr")
+    expr = first.get_attribute("data-filter")
+    page.execute_script("arguments[0].focus()", first)  # as Tab would reach it
+    first.send_keys(Keys.ENTER)
+    wait_for(lambda: page.find_element("id", "filter").get_attribute("value") == expr,
+             message="Enter on a row narrows the filter")
+    filled(page)
+    box = page.find_element("id", "filter")
+    box.send_keys(Keys.END, " and tcp", Keys.ENTER)  # typed and applied with Enter
+    want = f"{expr} and tcp"
+
+    def applied() -> bool:
+        href = page.find_element("id", "dl-pcap").get_attribute("href")
+        return parse_qs(urlsplit(href).query)["filter"] == [want]
+
+    wait_for(applied, message="the typed filter applied")
+
+
+@pytest.fixture(scope="module")
+def second(world) -> Path:
+    """A second dump set (another interface) of the service account, in the same hour."""
+    root = world.base / "ds2"
+    start = int(world.window[0]) + 3600 - 30
+    build_dumpset(root, synthetic_traffic(800, start * 10**9, seed=8, span_s=20),
+                  per_file=200, interface="eth9")
+    give_tree(root, pwd.getpwnam(world.service_account))
+    return root
+
+
+def test_several_dump_sets_health_and_merged_pcapng(world, second):
+    with serving(world, [world.dumpset, second]) as s, browser() as driver:
+        login(driver, s.url, world.member.name, world.member.password)
+        health = rows(driver, "health-table")
+        assert len(health) == 2 and "eth9" in [r[0] for r in health]
+        href = driver.find_element("id", "dl-pcapng").get_attribute("href")
+        q = {k: v[0] for k, v in parse_qs(urlsplit(href).query).items()}
+        with s.client() as c:
+            c.cookies.set("pcapvault_session", driver.get_cookie("pcapvault_session")["value"])
+            got = c.get(href)
+        r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-t", str(second), "-b",
+                            q["begin"], "-e", q["end"], "-0", "-O", "--pcapng"],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert got.status_code == 200 and got.content == r.stdout
+        assert filled(driver)["total"] == count_pcap(direct_pcap(world, second, q))
+
+
+def direct_pcap(world, second, q: dict[str, str]) -> bytes:
+    r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-t", str(second), "-b", q["begin"],
+                        "-e", q["end"], "-0", "-O"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
