@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { range: null, filter: "", by: "conversation", sort: "bytes", limit: 25,
-                extent: null, metric: "bytes", gen: 0 };
+                local: null, extent: null, metric: "bytes", gen: 0 };
 const POINTS = 600;  // chart steps across the range: finer as the range narrows
 let chart = null;
 
@@ -182,6 +182,13 @@ $("times").addEventListener("submit", async (ev) => {
   } catch (e) { failed(e, "chart-error"); }
 });
 
+// Zoom out: twice the range about its middle (the way back after drags).
+$("zoom-out").addEventListener("click", () => {
+  const w = state.range, half = w.e - w.b;
+  state.range = { b: w.b - half / 2, e: w.e + half / 2 };
+  refresh();
+});
+
 $("metric").addEventListener("change", () => { state.metric = $("metric").value; drawChart(); });
 
 // --- the filter: checked as typed, applied on Enter ---------------------------------------
@@ -350,20 +357,26 @@ function drawTable() {
   const head = $("table").tHead;
   head.replaceChildren();
   const hr = head.insertRow();
+  // bytes and packets: the server's top N by that; any other column sorts the rows shown
+  const sorted = state.local ? state.local.key : state.sort;
+  const dir = state.local ? state.local.dir : "descending";
   for (const [key, label, num] of cols) {
     const th = document.createElement("th");
-    th.textContent = label + (key === state.sort ? " ▼" : "");
+    th.textContent = label + (key === sorted ? (dir === "descending" ? " ▼" : " ▲") : "");
     if (num) th.className = "n";
-    if (key === "bytes" || key === "packets") {
-      th.dataset.key = key;
-      th.tabIndex = 0;
-      th.setAttribute("aria-sort", key === state.sort ? "descending" : "none");
-    }
+    th.dataset.key = key;
+    th.tabIndex = 0;
+    th.setAttribute("aria-sort", key === sorted ? dir : "none");
     hr.append(th);
+  }
+  const shown = [...t.rows];
+  if (state.local) {
+    const { key } = state.local, k = state.local.dir === "ascending" ? 1 : -1;
+    shown.sort((a, b) => (a[key] > b[key] ? 1 : a[key] < b[key] ? -1 : 0) * k);
   }
   const body = $("table").tBodies[0];
   body.replaceChildren();
-  for (const r of t.rows) {
+  for (const r of shown) {
     const tr = body.insertRow();
     tr.tabIndex = 0;
     tr.dataset.filter = rowFilter(t.by, r);
@@ -396,13 +409,24 @@ $("table").addEventListener("keydown", (ev) => {
   if (th) sortBy(th.dataset.key);
   else if (tr) narrow(tr.dataset.filter);
 });
-function sortBy(key) { state.sort = key; loadTable(state.gen); }
+function sortBy(key) {
+  if (key === "bytes" || key === "packets") {
+    state.sort = key;
+    state.local = null;
+    loadTable(state.gen);
+  } else {
+    const again = state.local && state.local.key === key && state.local.dir === "ascending";
+    state.local = { key, dir: again ? "descending" : "ascending" };
+    drawTable();
+  }
+}
 
 document.querySelectorAll("[role=tab]").forEach((tab) => tab.addEventListener("click", () => {
   document.querySelectorAll("[role=tab]").forEach((t) =>
     t.setAttribute("aria-selected", String(t === tab)));
   state.by = tab.dataset.by;
   state.limit = 25;
+  state.local = null;
   loadTable(state.gen);
 }));
 $("more").addEventListener("click", () => { state.limit *= 4; loadTable(state.gen); });

@@ -310,3 +310,41 @@ def direct_pcap(world, second, q: dict[str, str]) -> bytes:
     assert r.returncode == 0, r.stderr
     return r.stdout
 
+
+
+def test_sorting_zoom_out_and_the_table_is_the_apis(world, served, page):
+    reset(page, served.url)
+    header = lambda label: page.find_element(  # noqa: E731
+        "xpath", f"//table[@id='table']//th[starts-with(normalize-space(.), '{label}')]")
+    header("Packets").click()  # the server's top N by packets
+    wait_for(lambda: "▼" in header("Packets").text, message="sorted by packets")
+    filled(page)
+    shown = rows(page)
+    packets = [int(r[5].replace(",", "")) for r in shown]
+    assert packets == sorted(packets, reverse=True)
+    href = page.find_element("id", "dl-pcap").get_attribute("href")
+    q = {k: v[0] for k, v in parse_qs(urlsplit(href).query).items()}
+    with served.client(world.member) as c:  # the same window and filter, asked directly
+        want = c.get("/api/v1/conversations", params={**q, "sort": "packets", "limit": "25"}
+                     ).json()["rows"]
+    assert [(r[0], r[2], int(r[5].replace(",", ""))) for r in shown] == \
+        [(w["address_a"], w["address_b"], w["packets"]) for w in want]
+    header("Protocol").click()  # a column the server does not sort: the shown rows
+    wait_for(lambda: "▲" in header("Protocol").text, message="sorted by protocol")
+    protocols = [r[4] for r in rows(page)]
+    assert protocols == sorted(protocols) and len(protocols) == len(shown)
+    before = float(q["end"]) - float(q["begin"])
+    page.find_element("id", "zoom-out").click()
+    filled(page)
+    href = page.find_element("id", "dl-pcap").get_attribute("href")
+    q = {k: v[0] for k, v in parse_qs(urlsplit(href).query).items()}
+    assert float(q["end"]) - float(q["begin"]) == pytest.approx(2 * before, rel=1e-3)
+
+
+def test_filter_check_endpoint(world, served):
+    with served.client(world.member) as c:
+        assert c.get("/api/v1/filter", params={"expr": "tcp port 80"}).json()["valid"]
+        r = c.get("/api/v1/filter", params={"expr": "tcp port"})
+        assert r.status_code == 400 and "syntax error" in r.json()["error"]
+    with served.client() as c:
+        assert c.get("/api/v1/filter", params={"expr": "tcp"}).status_code == 401
