@@ -115,6 +115,8 @@ $("login-form").addEventListener("submit", async (ev) => {
 $("logout").addEventListener("click", async () => {
   try { await api("/logout", null, { method: "POST" }); } catch (e) { /* ended anyway */ }
   state.range = null;
+  state.filter = "";
+  $("filter").value = "";
   if (chart) { chart.destroy(); chart = null; }
   $("table").tBodies[0].replaceChildren();
   showLogin("Logged out.");

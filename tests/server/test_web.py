@@ -75,6 +75,10 @@ def test_login_shows_the_recorded_traffic(world, served, page):
     assert f"{got['total']:,}" in text(page, "dl-info").replace("\u202f", ",")
     cookie = page.get_cookie("pcapvault_session")
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    # Nothing refused by the Content-Security-Policy, no script error (the 401 of the
+    # session check before the login is the one expected failure).
+    logged = [e["message"] for e in page.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("/session" in m and "401" in m for m in logged), logged
     health = page.find_element("id", "health-table").text
     with served.client() as c:
         st = c.get("/api/v1/status").json()["dumpsets"][0]
