@@ -79,9 +79,9 @@ function showLogin(message) {
 }
 
 async function start() {
-  let me;
-  try {
-    me = await api("/session");
+  let me, status;
+  try {  // side by side: the first view waits for both
+    [me, status] = await Promise.all([api("/session"), api("/api/v1/status")]);
   } catch (e) {
     showLogin(e instanceof AuthError ? "" : e.message);
     return;
@@ -93,7 +93,7 @@ async function start() {
   $("restricted").hidden = !me.restricted_to;
   $("restricted").textContent = me.restricted_to
     ? `You see only traffic matching: ${me.restricted_to}` : "";
-  await loadStatus();
+  showStatus(status);
   if (!state.range) setRange("all");
   else refresh();
 }
@@ -123,8 +123,7 @@ $("logout").addEventListener("click", async () => {
 });
 
 // --- health and the data's extent --------------------------------------------------------
-async function loadStatus() {
-  const st = await api("/api/v1/status");
+function showStatus(st) {
   const body = $("health-table").tBodies[0];
   body.replaceChildren();
   let first = null, last = null;
@@ -153,6 +152,11 @@ async function loadStatus() {
   if (state.extent) ext.append("Data from ", timeSpan(first), " to ", timeSpan(last));
   else ext.textContent = "No recorded data yet.";
 }
+
+// The health panel stays current while the page is open (status is cheap: no index read).
+setInterval(() => {
+  if (!$("main").hidden) api("/api/v1/status").then(showStatus).catch(() => {});
+}, 30000);
 
 // --- the range ---------------------------------------------------------------------------
 function setRange(what) {
