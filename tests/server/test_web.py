@@ -352,3 +352,19 @@ def test_filter_check_endpoint(world, served):
         assert r.status_code == 400 and "syntax error" in r.json()["error"]
     with served.client() as c:
         assert c.get("/api/v1/filter", params={"expr": "tcp"}).status_code == 401
+
+
+def test_login_failures_count_as_basics_do_and_bad_bodies_are_400(world):
+    with serving(world) as s, s.client() as c:  # a server of its own: its count starts at 0
+        form = {"user": world.member.name, "password": world.member.password}
+        origin = {"Origin": s.url}
+        r = c.post("/login", content=b"{", headers=origin)
+        assert r.status_code == 400 and "JSON" in r.json()["error"]
+        r = c.post("/login", content=b"x" * 5000, headers=origin)
+        assert r.status_code == 400 and "longer" in r.json()["error"]
+        for _ in range(10):
+            assert c.post("/login", json={**form, "password": "wrong"},
+                          headers=origin).status_code == 401
+        r = c.post("/login", json=form, headers=origin)  # even the right password, now
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+        assert "set-cookie" not in r.headers
