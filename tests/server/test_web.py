@@ -368,3 +368,18 @@ def test_login_failures_count_as_basics_do_and_bad_bodies_are_400(world):
         r = c.post("/login", json=form, headers=origin)  # even the right password, now
         assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
         assert "set-cookie" not in r.headers
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (500, 900)])
+def test_readable_wide_and_narrow(world, served, size):
+    with browser(*size) as driver:
+        login(driver, served.url, world.member.name, world.member.password)
+        # Nothing wider than the window (the tables scroll inside their own box) and the
+        # chart as wide as its column.
+        wide, chart, column = driver.execute_script(
+            "return [document.documentElement.scrollWidth - document.documentElement.clientWidth,"
+            " document.querySelector('#chart canvas').getBoundingClientRect().width,"
+            " document.getElementById('chart').clientWidth]")
+        assert wide <= 0 and 0.9 * column <= chart <= column
+        for element_id in ("filter", "dl-pcap", "logout"):
+            assert driver.find_element("id", element_id).is_displayed()
