@@ -116,6 +116,8 @@ async def form_credentials(request: Request) -> str:
         raise ValueError('give a JSON body {"user": ..., "password": ...}') from None
     if not isinstance(user, str) or not isinstance(password, str):
         raise ValueError("user and password must be strings")
+    if ":" in user:  # Basic would split the pair there: no account has such a name
+        raise ValueError("a user name has no ':'")
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
@@ -135,6 +137,7 @@ def who(principal: Any) -> JSONResponse:
 
 
 def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
+    """The login's answer: who, and the session's cookie (see PAGE_HEADERS' comment)."""
     response = who(principal)
     response.set_cookie(COOKIE, sid, path="/", secure=request.url.scheme == "https",
                         httponly=True, samesite="strict")
@@ -142,6 +145,7 @@ def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
 
 
 def logged_out(request: Request) -> JSONResponse:
+    """The logout's answer: the browser forgets the cookie (the server has ended it)."""
     response = JSONResponse({"logged_out": True}, headers={"Cache-Control": "no-store"})
     response.delete_cookie(COOKIE, path="/", secure=request.url.scheme == "https",
                            httponly=True, samesite="strict")

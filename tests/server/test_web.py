@@ -362,6 +362,9 @@ def test_login_failures_count_as_basics_do_and_bad_bodies_are_400(world):
         assert r.status_code == 400 and "JSON" in r.json()["error"]
         r = c.post("/login", content=b"x" * 5000, headers=origin)
         assert r.status_code == 400 and "longer" in r.json()["error"]
+        r = c.post("/login", json={"user": f"{world.member.name}:x", "password": "y"},
+                   headers=origin)
+        assert r.status_code == 400 and "':'" in r.json()["error"]
         for _ in range(10):
             assert c.post("/login", json={**form, "password": "wrong"},
                           headers=origin).status_code == 401
