@@ -318,8 +318,11 @@ def direct_pcap(world, second, q: dict[str, str]) -> bytes:
 
 def test_sorting_zoom_out_and_the_table_is_the_apis(world, served, page):
     reset(page, served.url)
-    header = lambda label: page.find_element(  # noqa: E731
-        "xpath", f"//table[@id='table']//th[starts-with(normalize-space(.), '{label}')]")
+
+    def header(label: str):
+        return page.find_element(
+            "xpath", f"//table[@id='table']//th[starts-with(normalize-space(.), '{label}')]")
+
     header("Packets").click()  # the server's top N by packets
     wait_for(lambda: "▼" in header("Packets").text, message="sorted by packets")
     filled(page)
