@@ -1,0 +1,57 @@
+"""Writing a chosen subset of packets as the records of a pcap pcapvault writes.
+
+Two tools rewrite packets: `npcapmanage delete` keeps the records of a stored file that were
+not selected, and `npcapimport` turns other tools' captures (any byte order or precision,
+pcapng) into the dump set's own pcaps. Both know where each packet's bytes are and what its
+header says; this module moves the bytes with one vectorised copy per batch (index/bytecopy.py)
+and writes the little-endian record headers in the precision asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bytecopy import copy_pieces, window
+from .pcaplayout import RECORD_HEADER_LEN
+
+# Records per batch: bounds the temporary arrays (a few dozen bytes a record) on huge files.
+_BATCH = 1 << 18
+
+
+def record_sizes(caplen: np.ndarray) -> np.ndarray:
+    """Bytes each record takes in a pcap (header and data), as int64."""
+    return np.asarray(caplen, dtype=np.int64) + RECORD_HEADER_LEN
+
+
+def copy_records(
+    src: np.ndarray, data_offset: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray,
+    ts_ns: np.ndarray, nanosecond: bool,
+) -> np.ndarray:
+    """The pcap records (no global header) of the packets whose bytes are at `data_offset`.
+
+    `src` is the uint8 buffer holding them; timestamps are written in nanoseconds or, when
+    not `nanosecond`, truncated to microseconds.
+    """
+    data_offset = np.asarray(data_offset, dtype=np.int64)
+    caplen = np.asarray(caplen, dtype=np.int64)
+    sizes = record_sizes(caplen)
+    out = np.empty(int(sizes.sum()), dtype=np.uint8)
+    starts = np.cumsum(sizes) - sizes
+    for lo in range(0, len(sizes), _BATCH):
+        hi = min(lo + _BATCH, len(sizes))
+        at = starts[lo:hi]
+        sec, frac = np.divmod(np.asarray(ts_ns[lo:hi], dtype=np.int64), 1_000_000_000)
+        if not nanosecond:
+            frac //= 1000
+        hdr = np.empty((hi - lo, 4), dtype="<u4")
+        hdr[:, 0] = sec
+        hdr[:, 1] = frac
+        hdr[:, 2] = caplen[lo:hi]
+        hdr[:, 3] = wirelen[lo:hi]
+        window(out, RECORD_HEADER_LEN)[at] = hdr.view(np.dtype((np.void, RECORD_HEADER_LEN)))[:, 0]
+        n = caplen[lo:hi]
+        some = n > 0
+        if some.any():
+            copy_pieces(src, data_offset[lo:hi][some], out, (at + RECORD_HEADER_LEN)[some],
+                        n[some])
+    return out
