@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,12 +346,16 @@ class DumpSet:
             self._delete(sf)
             return False
 
-    def delete(self, sf: StoredFile) -> int:
+    def delete(self, sf: StoredFile,
+               keep: Callable[[StoredFile], bool] | None = None) -> int | None:
         """Delete a pcap with its index and links (links first: readers stop seeing it first).
 
-        Returns the bytes freed.
+        Returns the bytes freed, or None when `keep(sf)`, asked under the links lock, says to
+        keep it (a legal hold placed meanwhile: index/holds.py changes holds under that lock).
         """
         with self.links_locked():
+            if keep is not None and keep(sf):
+                return None
             return self._delete(sf)
 
     def _delete(self, sf: StoredFile) -> int:

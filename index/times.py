@@ -30,7 +30,7 @@ MAX_NS = (1 << 63) - 1
 RANGE = "1970-01-01 to 2262-04-11 (UTC)"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_REL = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhdw])$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _EPOCH = re.compile(r"^(\d+)(?:\.(\d{1,9}))?$")
 _DATE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
@@ -47,18 +47,36 @@ def _frac_ns(frac: str | None) -> int:
     return int((frac or "").ljust(9, "0")[:9] or 0)
 
 
+def _duration_ns(m: re.Match[str]) -> int:
+    whole, _, frac = m.group(1).partition(".")
+    return (int(whole) * NS + _frac_ns(frac)) * _UNITS[m.group(2)]
+
+
+def parse_duration(text: str, what: str = "duration") -> int:
+    """A duration such as `30d`, `12h`, `90m`, `45s`, `2w` (a number, then one unit) in ns.
+
+    The one parser for durations: relative times (`-15m`) are a minus sign and a duration.
+    """
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise TimeError(f"bad {what} {text!r}: give a number and a unit s, m, h, d or w "
+                        "(30d, 12h, 90m)")
+    ns = _duration_ns(m)
+    if not 0 < ns <= MAX_NS:
+        raise TimeError(f"bad {what} {text!r}: give one above 0 and below 290 years")
+    return ns
+
+
 def parse_time(text: str, now_ns: int | None = None) -> int:
     """Parse one BEGIN/END value; `now_ns` anchors relative forms (default: the clock)."""
     s = text.strip()
     now = time.time_ns() if now_ns is None else now_ns
     low = s.lower()
-    m = _REL.match(low)
+    m = _DURATION.match(low[1:]) if low.startswith("-") else None
     if low == "now":
         ns = now
     elif m:
-        whole, _, frac = m.group(1).partition(".")
-        secs_ns = int(whole) * NS + _frac_ns(frac)
-        ns = now - secs_ns * _UNITS[m.group(2)]
+        ns = now - _duration_ns(m)
     elif (m := _EPOCH.match(s)) and len(m.group(1)) > 4:
         ns = int(m.group(1)) * NS + _frac_ns(m.group(2))
     elif m := _DATE.match(s):
