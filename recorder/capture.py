@@ -24,6 +24,7 @@ from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
 from .budget import DiskBudget, Limit
+from .hook import FileHook
 from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records
 from .stats import CaptureStats, StatsFile
@@ -32,6 +33,14 @@ from .writer import DiskFullError, PcapFileWriter
 log = logging.getLogger("pcapvault.recorder")
 _TS = struct.Struct("<II")
 SYNC_SECONDS = 1.0
+# --max-age is checked this often (and at start); a full dump set of held files looks for room
+# again every HELD_RETRY_SECONDS.
+AGE_CHECK_SECONDS = 60.0
+HELD_RETRY_SECONDS = 1.0
+
+
+class HookAsRoot(PcapVaultError):
+    """--exec-cmd would run as root (a usage error: give -u)."""
 
 
 @dataclass
@@ -55,6 +64,10 @@ class RecorderConfig:
     file_mode: int = 0o640
     dir_mode: int = 0o750
     compress: int | None = None  # zstd level, or None for plain pcaps
+    max_age_ns: int | None = None  # --max-age
+    exec_cmd: str | None = None  # --exec-cmd, run for every closed file
+    exec_max: int = 2
+    exec_timeout: float = 600.0
 
 
 def split_at(
@@ -91,6 +104,9 @@ class Recorder:
             kernel_filter=prog.kernel_program(),
         )
         pw = privileges.lookup(cfg.user) if cfg.user else None
+        if cfg.exec_cmd and (pw.pw_uid if pw else os.geteuid()) == 0:
+            raise HookAsRoot("--exec-cmd would run as root: give -u USER, the account the "
+                             "recorder and its command run as")
         # Directories (and markers) get dir_mode through the umask; pcaps and indexes are
         # set to file_mode explicitly.
         os.umask(0o777 & ~cfg.dir_mode)
@@ -121,7 +137,11 @@ class Recorder:
             files_per_dir=cfg.files_per_dir,
         )
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
-                                 cfg.max_file_bytes, copies=2 if cfg.compress else 1)
+                                 cfg.max_file_bytes, copies=2 if cfg.compress else 1,
+                                 max_age_ns=cfg.max_age_ns)
+        self.hook = (FileHook(cfg.exec_cmd, self.ds.root, cfg.exec_max, cfg.exec_timeout)
+                     if cfg.exec_cmd else None)
+        self.held_full = False  # stopped writing: held files leave no room
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
         self.stats = CaptureStats(cfg.interface, str(self.ds.timeline))
         self.stats_file = StatsFile(cfg.stats_file or self.ds.root / "stats")
@@ -147,7 +167,10 @@ class Recorder:
 
     # --- files ------------------------------------------------------------------------------
 
-    def _open(self, first_hdr: bytes) -> None:
+    def _open(self, first_hdr: bytes) -> bool:
+        """Start a file with this first packet; False while held files leave no room."""
+        if self.held_full:
+            return False
         sec, frac = _TS.unpack_from(first_hdr)
         self.first_ns = sec * 1_000_000_000 + frac * (1000 if self.usec else 1)
         self.end_sec = min(
@@ -156,6 +179,12 @@ class Recorder:
         pending = self.indexer.pending_bytes() if self.indexer else 0
         self._note_backlog(pending)
         self.stats.bytes_on_disk = self.budget.make_room(pending)
+        if self.budget.held_full:
+            self.held_full = True
+            log.error("error: the disk budget is full of files under legal hold: NOT RECORDING "
+                      "(packets are dropped and counted) until room appears; release a hold "
+                      "(npcapmanage holds, npcapmanage release ID) or raise --disk-limit")
+            return False
         self.out = PcapFileWriter(
             self.ds.temp_path(os.getpid()),
             self.header,
@@ -164,6 +193,16 @@ class Recorder:
             file_mode=self.cfg.file_mode,
         )
         self.file_packets = 0
+        return True
+
+    def _retry_held_full(self) -> None:
+        """Look for room again (a release, more disk): recording resumes by itself."""
+        pending = self.indexer.pending_bytes() if self.indexer else 0
+        self.stats.bytes_on_disk = self.budget.make_room(pending)
+        if not self.budget.held_full:
+            self.held_full = False
+            log.warning("room again within the disk budget: recording resumes (%d packets "
+                        "were dropped while held files filled it)", self.stats.packets_held_full)
 
     def _note_backlog(self, pending: int) -> None:
         """Say when the indexer falls behind (and catches up): the budget does not pay for it."""
@@ -205,8 +244,9 @@ class Recorder:
         mx = int(secs.max())
         while i < n:
             at = int(ends[i - 1]) if i else 0
-            if self.out is None:
-                self._open(data[at : at + 16])
+            if self.out is None and not self._open(data[at : at + 16]):
+                self.stats.packets_held_full += n - i
+                return
             size = int(ends[-1]) - at
             if mx < self.end_sec and self.out.size + size <= self.cfg.max_file_bytes:
                 self._write(data[at:], n - i, int(secs[i]), int(secs[n - 1]))
@@ -250,7 +290,15 @@ class Recorder:
         if self.cfg.bpf and rx is not None and self._rx_base is not None:
             seen = rs.received + rs.dropped
             self.stats.packets_filtered = max(0, rx - self._rx_base - seen)
-        self.stats.files_deleted = self.budget.deleted_files
+        self.stats.files_deleted = self.budget.deleted_files + self.budget.expired_files
+        self.stats.files_deleted_budget = self.budget.deleted_files
+        self.stats.files_deleted_age = self.budget.expired_files
+        self.stats.held_full = self.held_full
+        self.stats.holds = self.budget.held_count()
+        if self.hook:
+            h = self.hook
+            self.stats.exec_started, self.stats.exec_failed = h.started, h.failed
+            self.stats.exec_killed, self.stats.exec_skipped = h.killed, h.skipped
         if self.indexer:
             self.stats.bytes_pending_index = self.indexer.pending_bytes()
             self._note_backlog(self.stats.bytes_pending_index)
@@ -275,6 +323,7 @@ class Recorder:
         try:
             for action in repair(self.ds):
                 log.warning("repair: %s", action)
+            self.budget.expire()
             self.ring.start()
             log.info(
                 "recording %s into %s (timeline %s, limit %d bytes)",
@@ -294,6 +343,9 @@ class Recorder:
             self.indexer.close()
             if self.indexer.failed:
                 self.exit_code = 1
+            if self.hook:
+                self._feed_hook()
+                self.hook.close()
             self._report(final=True)
             self.ring.close()
         return self.exit_code
@@ -304,13 +356,22 @@ class Recorder:
             self.stats_file.disk_full_reported()
         self.exit_code = 1
 
+    def _feed_hook(self) -> None:
+        for sf in self.indexer.take_finished():
+            self.hook.submit(sf)
+        self.hook.poll()
+
     def _loop(self) -> None:
         next_stats = time.monotonic() + self.cfg.stats_interval
         next_sync = time.monotonic() + SYNC_SECONDS
+        next_age = time.monotonic() + AGE_CHECK_SECONDS
+        next_held = 0.0
         ring = self.ring
         while not self.stop_requested:
             busy = ring.wait(100)
             self.indexer.check()
+            if self.hook:
+                self._feed_hook()
             if busy:
                 for _ in range(64):
                     if not ring.read_block(self._on_block):
@@ -325,6 +386,13 @@ class Recorder:
                 while ring.read_block(self._on_block):
                     pass
                 self._close()
+            if self.held_full and now >= next_held:
+                next_held = now + HELD_RETRY_SECONDS
+                self._retry_held_full()
+            if now >= next_age:
+                # Between blocks, once a minute: a minute's worth of files at most to delete.
+                next_age = now + AGE_CHECK_SECONDS
+                self.budget.expire()
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval
                 self._report()

@@ -23,10 +23,17 @@ Examples:
   recorder /etc/pcapvault/recorder-eth0.conf -v   # options from a file, then overrides
   recorder -i eth0 -o /srv/pcap/eth0 -p 512M -t 300 --disk-limit 2TB -f "not port 22"
   kill -USR1 $(pidof recorder)   # close the current file now, so it can be extracted
+  recorder -i eth0 --disk-limit 2TB --max-age 30d   # keep at most 30 days, within 2 TB
+  recorder -i eth0 -u pcapvault --exec-cmd 'zeek -r "$PCAPVAULT_PCAP"' --exec-max 4
 
 The dump set is DIR (default /var/lib/pcapvault/IFACE); its timeline is DIR/timeline.
 A SIZE is bytes with an optional unit K/M/G/T (binary: 1K = 1024): 1500, 64K, 256M, 2GB.
 A number without a unit is bytes, as in npcapextract (n2disk's -p 256 is -p 256M here).
+A DURATION is a number and a unit s, m, h, d or w: 90m, 12h, 30d.
+Files under a legal hold (npcapmanage hold) are never deleted; when they fill the budget the
+recorder stops writing (held_full: 1 in the stats) until room appears, and keeps running.
+The --exec-cmd command gets PCAPVAULT_PCAP, PCAPVAULT_INDEX, PCAPVAULT_DUMPSET,
+PCAPVAULT_FIRST_NS and PCAPVAULT_LAST_NS in its environment.
 """
 
 
@@ -69,6 +76,15 @@ def _limit(ctx: click.Context, param: click.Parameter, value: str):
     return limit
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from pcapvault.index.times import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value, param.opts[0])
+    except PcapVaultError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
     from pcapvault.index.privileges import parse_mode
 
@@ -104,6 +120,15 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--disk-limit", default="80%", show_default=True, callback=_limit,
               metavar="SIZE|N%",
               help="Budget for the whole dump set: a SIZE (500MB, 2GB) or % of the filesystem.")
+@click.option("--max-age", callback=_duration, metavar="DURATION",
+              help="Also delete files whose last packet is older than this (30d, 12h, 90m).")
+@click.option("--exec-cmd", metavar="CMD",
+              help="Run CMD (via /bin/sh -c, as the -u account) for every file once it is "
+                   "indexed and linked; the file's paths are in the environment.")
+@click.option("--exec-max", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="--exec-cmd commands running at once; more files wait in a queue.")
+@click.option("--exec-timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Seconds an --exec-cmd command may run before it is killed.")
 @click.option("--usec", is_flag=True, help="Microsecond timestamps (default: nanosecond).")
 @click.option("-r", "--buffered", is_flag=True,
               help="Buffered writes instead of O_DIRECT (chosen by itself where refused).")
@@ -125,8 +150,9 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Log every file closed.")
 @click.version_option(version("pcapvault"), "-V", "--version", prog_name="recorder")
 def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf, max_file_size,
-         max_file_duration, disk_limit, usec, buffered, stats_interval, stats_file,
-         files_per_dir, compress, user, file_mode, dir_mode, verbose) -> None:
+         max_file_duration, disk_limit, max_age, exec_cmd, exec_max, exec_timeout, usec,
+         buffered, stats_interval, stats_file, files_per_dir, compress, user, file_mode,
+         dir_mode, verbose) -> None:
     """Record packets from INTERFACE into rotating, indexed pcap files under a disk budget."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -136,7 +162,7 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
     from pcapvault.index.dumpset import TimelineMismatch
     from pcapvault.index.repair import lock
 
-    from .capture import Recorder, RecorderConfig
+    from .capture import HookAsRoot, Recorder, RecorderConfig
     from .stats import StatsPathError
 
     cfg = RecorderConfig(
@@ -159,12 +185,16 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
         compress=compress,
         file_mode=file_mode,
         dir_mode=dir_mode,
+        max_age_ns=max_age,
+        exec_cmd=exec_cmd,
+        exec_max=exec_max,
+        exec_timeout=exec_timeout,
     )
     try:
         rec = Recorder(cfg)
         rec.inherited_fds.append(lock(rec.ds))
         rc = rec.run()
-    except (TimelineMismatch, StatsPathError, BudgetError) as e:
+    except (TimelineMismatch, StatsPathError, BudgetError, HookAsRoot) as e:
         # Options that contradict each other or the dump set (a limit too small for -p).
         raise click.UsageError(str(e)) from None
     sys.exit(rc)

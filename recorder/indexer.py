@@ -114,12 +114,14 @@ def _serve(root: str, file_mode: int, compress: int | None, close_fds: list[int]
             return
         first_ns, path = item
         sf = StoredFile(first_ns, Path(path))
+        final = None
         try:
-            index_and_link(ds, sf, file_mode, compress)
+            final = index_and_link(ds, sf, file_mode, compress)
         except (PcapVaultError, OSError) as e:
             if sf.pcap.exists():  # else the budget deleted it before we got to it
                 log.error("cannot index %s: %s (npcaprepair will retry)", sf.name, e)
-        done.put(path)
+        # The file as linked ("" when it was deleted or not indexed): the --exec-cmd hook's.
+        done.put((path, "" if final is None else str(final.pcap)))
 
 
 class IndexerFailed(PcapVaultError):
@@ -138,6 +140,7 @@ class BackgroundIndexer:
                  close_fds: Sequence[int] = ()):
         self.args = (str(ds.root), file_mode, compress, list(close_fds), os.getpid())
         self.pending: dict[str, tuple[int, int]] = {}  # path: (first_ns, size)
+        self.finished: list[StoredFile] = []  # indexed and linked, for take_finished
         self.deaths: list[float] = []  # monotonic times, within RESTART_WINDOW
         self.restarts = 0
         self.failed = False
@@ -162,10 +165,21 @@ class BackgroundIndexer:
         """Take in what the indexer finished, without waiting."""
         while True:
             try:
-                path = self.done.get_nowait()
+                self._done(self.done.get_nowait())
             except queue.Empty:
                 return
-            self.pending.pop(path, None)
+
+    def _done(self, item: tuple[str, str]) -> None:
+        path, final = item
+        first = self.pending.pop(path, None)
+        if first is not None and final:
+            self.finished.append(StoredFile(first[0], Path(final)))
+
+    def take_finished(self) -> list[StoredFile]:
+        """The files indexed and linked since the last call, each once, in order."""
+        self.collect()
+        out, self.finished = self.finished, []
+        return out
 
     def pending_bytes(self) -> int:
         self.collect()
@@ -219,10 +233,9 @@ class BackgroundIndexer:
                 if self.failed:
                     break
             try:
-                path = self.done.get(timeout=0.05)
+                self._done(self.done.get(timeout=0.05))
             except queue.Empty:
                 continue
-            self.pending.pop(path, None)
         return not self.pending
 
     def close(self, timeout: float = 60.0) -> None:

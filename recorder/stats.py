@@ -35,7 +35,16 @@ class CaptureStats:
     bytes_captured: int = 0
     bytes_written: int = 0
     files_written: int = 0
-    files_deleted: int = 0
+    files_deleted: int = 0  # for either reason:
+    files_deleted_budget: int = 0  # to make room within --disk-limit
+    files_deleted_age: int = 0  # older than --max-age
+    holds: int = 0  # legal holds in force
+    held_full: bool = False  # held files fill the budget: not recording
+    packets_held_full: int = 0  # dropped (not written) while held_full
+    exec_started: int = 0  # --exec-cmd runs started, failed, killed as too slow, and skipped
+    exec_failed: int = 0
+    exec_killed: int = 0
+    exec_skipped: int = 0
     bytes_on_disk: int = 0
     files_pending_index: int = 0
     bytes_pending_index: int = 0
@@ -58,6 +67,15 @@ class CaptureStats:
             "bytes_written": self.bytes_written,
             "files_written": self.files_written,
             "files_deleted": self.files_deleted,
+            "files_deleted_budget": self.files_deleted_budget,
+            "files_deleted_age": self.files_deleted_age,
+            "holds": self.holds,
+            "held_full": int(self.held_full),
+            "packets_held_full": self.packets_held_full,
+            "exec_started": self.exec_started,
+            "exec_failed": self.exec_failed,
+            "exec_killed": self.exec_killed,
+            "exec_skipped": self.exec_skipped,
             "bytes_on_disk": self.bytes_on_disk,
             "files_pending_index": self.files_pending_index,
             "bytes_pending_index": self.bytes_pending_index,
@@ -71,11 +89,16 @@ class CaptureStats:
         d = self.as_dict()
         backlog = (f" waiting-for-index {d['files_pending_index']} files/"
                    f"{d['bytes_pending_index']} bytes" if self.files_pending_index else "")
+        held = (f" NOT RECORDING: held files fill the budget, {self.packets_held_full} packets "
+                "dropped" if self.held_full else "")
+        deleted = (f" deleted {self.files_deleted_budget} for room/{self.files_deleted_age} "
+                   "for age" if self.files_deleted else "")
         return (
             f"received {d['packets_received']} dropped {d['packets_dropped']} "
             f"({d['drop_percent']}%) filtered {d['packets_filtered']} "
             f"written {d['packets_written']} pkts/{d['bytes_written']} bytes "
-            f"files {d['files_written']} on-disk {d['bytes_on_disk']} bytes{backlog}"
+            f"files {d['files_written']} on-disk {d['bytes_on_disk']} bytes{deleted}{backlog}"
+            f"{held}"
         )
 
 

@@ -1,0 +1,129 @@
+"""`--exec-cmd`: a command run for every closed file once it is indexed and linked.
+
+Teams feed closed files to Zeek, Suricata or an archive (n2disk's --exec-cmd). The capture
+loop only starts commands and looks at them between ring blocks, never waits for one: at most
+`max_running` run at once, the rest wait in a bounded queue (a file that finds it full is
+skipped, logged and counted), and a command running longer than `timeout` is killed with its
+process group. Commands run as the recorder's account (the capture process has dropped its
+privileges before any is started), with stdin from /dev/null and their output on the
+recorder's stderr (the journal), and learn about their file from the environment:
+
+  PCAPVAULT_PCAP      the pcap (or .pcap.zst) file
+  PCAPVAULT_INDEX     its index
+  PCAPVAULT_DUMPSET   the dump set directory
+  PCAPVAULT_FIRST_NS  the first packet's time, integer nanoseconds since the epoch
+  PCAPVAULT_LAST_NS   the last packet's time, likewise
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from pcapvault.index.dumpset import StoredFile
+from pcapvault.index.errors import FormatError
+from pcapvault.index.postings import HEADER_LEN, parse_header
+
+log = logging.getLogger("pcapvault.recorder")
+
+# Files waiting for a free slot; beyond it (a hook far slower than the recording) files are
+# skipped rather than kept in memory without end.
+QUEUE_MAX = 1000
+
+
+@dataclass
+class _Run:
+    proc: subprocess.Popen
+    sf: StoredFile
+    started: float
+    killed: bool = False
+
+
+class FileHook:
+    """Runs `cmd` (via /bin/sh -c) for each submitted file; `poll` does all the waiting."""
+
+    def __init__(self, cmd: str, dumpset: Path, max_running: int = 2, timeout: float = 600.0,
+                 queue_max: int = QUEUE_MAX):
+        self.cmd = cmd
+        self.dumpset = dumpset
+        self.max_running = max_running
+        self.timeout = timeout
+        self.queue: deque[StoredFile] = deque()
+        self.queue_max = queue_max
+        self.running: list[_Run] = []
+        self.started = self.failed = self.killed = self.skipped = 0
+
+    def submit(self, sf: StoredFile) -> None:
+        if len(self.queue) >= self.queue_max:
+            self.skipped += 1
+            log.warning("--exec-cmd: %d files already wait for the command; not run for %s "
+                        "(%d skipped so far)", len(self.queue), sf.name, self.skipped)
+            return
+        self.queue.append(sf)
+        self.poll()
+
+    def poll(self) -> None:
+        """Reap finished commands, kill overdue ones, start waiting ones; never blocks."""
+        now = time.monotonic()
+        still = []
+        for r in self.running:
+            rc = r.proc.poll()
+            if rc is None:
+                if not r.killed and now - r.started > self.timeout:
+                    log.error("--exec-cmd for %s still runs after %g s: killing it",
+                              r.sf.name, self.timeout)
+                    self._kill(r.proc)
+                    r.killed = True
+                    self.killed += 1
+                still.append(r)
+            elif rc != 0 and not r.killed:
+                self.failed += 1
+                how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+                log.error("--exec-cmd for %s failed (%s)", r.sf.name, how)
+        self.running = still
+        while self.queue and len(self.running) < self.max_running:
+            self._start(self.queue.popleft(), now)
+
+    def _start(self, sf: StoredFile, now: float) -> None:
+        env = dict(os.environ, PCAPVAULT_PCAP=str(sf.pcap), PCAPVAULT_INDEX=str(sf.index),
+                   PCAPVAULT_DUMPSET=str(self.dumpset))
+        try:
+            with open(sf.index, "rb") as f:
+                h = parse_header(f.read(HEADER_LEN), str(sf.index))
+            env.update(PCAPVAULT_FIRST_NS=str(h.first_ns), PCAPVAULT_LAST_NS=str(h.last_ns))
+        except (OSError, FormatError) as e:
+            log.error("--exec-cmd: not run for %s: its index cannot be read (%s)", sf.name, e)
+            self.failed += 1
+            return
+        try:
+            # Its own process group, so a timeout kills whatever the shell started too.
+            proc = subprocess.Popen(["/bin/sh", "-c", self.cmd], stdin=subprocess.DEVNULL,
+                                    stdout=2, env=env, start_new_session=True)
+        except OSError as e:
+            log.error("--exec-cmd: cannot run /bin/sh for %s: %s", sf.name, e.strerror)
+            self.failed += 1
+            return
+        self.started += 1
+        self.running.append(_Run(proc, sf, now))
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """At exit: run what waits, each command still bounded by the timeout."""
+        if self.queue or self.running:
+            log.info("waiting for --exec-cmd: %d running, %d waiting", len(self.running),
+                     len(self.queue))
+        while self.queue or self.running:
+            self.poll()
+            time.sleep(0.05)

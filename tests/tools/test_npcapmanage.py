@@ -1,0 +1,88 @@
+"""npcapmanage hold / release / holds: the command line over index/holds.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from dumpsets import BASE_NS, make_dumpset
+from recorderproc import tool
+
+from pcapvault.index.holds import holds_path, load_holds
+
+
+def manage(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+    r = subprocess.run([tool("npcapmanage"), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    if code:
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("npcapmanage: error: "), r.stderr
+    return r
+
+
+def test_hold_list_and_release(tmp_path):
+    ds = make_dumpset(tmp_path / "ds", nfiles=4)
+    files = ds.files()
+    # npcapextract's time formats: epoch seconds, ISO 8601 with Z.
+    r = manage("hold", "-t", str(ds.root), "-b", "1763737000.6", "-e",
+               "2025-11-21T14:56:41.2Z", "--reason", "case 4711")
+    assert "hold h1 placed" in r.stdout and "2 file(s) held" in r.stdout
+    hs = load_holds(ds)
+    assert [hs.holds(sf) for sf in files] == [False, True, True, False]
+    h = hs.list()[0]
+    assert (h.begin_ns, h.end_ns) == (BASE_NS + 600_000_000, BASE_NS + 1_200_000_000)
+    assert h.user  # the caller's login name
+    out = manage("holds", "-t", str(ds.root)).stdout.splitlines()
+    assert out[0].split()[:4] == ["ID", "BEGIN", "(UTC)", "END"]
+    assert out[1].startswith("h1 ") and out[1].endswith("case 4711")
+    doc = json.loads(manage("holds", "-t", str(ds.root), "--json").stdout)
+    assert doc[0]["id"] == "h1" and doc[0]["files"] == list(h.files)
+    assert doc[0]["dumpset"] == str(ds.root) and doc[0]["reason"] == "case 4711"
+    manage("hold", "-t", str(ds.root), "-b", "-1h", "-e", "now", "--reason", "recent")
+    assert "released" in manage("release", "h1", "-t", str(ds.root)).stdout
+    assert [h.id for h in load_holds(ds).list()] == ["h2"]
+    assert not any(load_holds(ds).holds(sf) for sf in files)
+    manage("release", "h2", "-t", str(ds.root))
+    assert manage("holds", "-t", str(ds.root)).stdout.strip() == "no holds"
+    assert json.loads(manage("holds", "-t", str(ds.root), "--json").stdout) == []
+
+
+def test_bad_input_is_one_line_and_the_right_exit_status(tmp_path):
+    ds = make_dumpset(tmp_path / "ds", nfiles=1)
+    t = ("-t", str(ds.root))
+    manage("hold", *t, "-b", "yesterday", "-e", "now", "--reason", "x", code=2)
+    manage("hold", *t, "-b", "now", "-e", "-1h", "--reason", "x", code=2)
+    manage("hold", *t, "-b", "-1h", "-e", "-1h", "--reason", "x", code=2)
+    manage("hold", *t, "-b", "-1h", "-e", "now", code=2)  # no reason
+    manage("hold", *t, "-b", "-1h", "-e", "now", "--reason", " ", code=1)
+    manage("hold", "-t", str(tmp_path / "nope"), "-b", "-1h", "-e", "now", "--reason", "x",
+           code=1)
+    r = manage("release", "h9", *t, code=1)
+    assert "no hold 'h9'" in r.stderr
+    holds_path(ds).write_text("{ not json")
+    r = manage("holds", *t, code=1)
+    assert "damaged" in r.stderr
+    assert holds_path(ds).read_text() == "{ not json"
+
+
+def test_root_writes_the_holds_as_the_dump_sets_owner():
+    # A world-traversable parent: the account npcapmanage becomes must reach the dump set.
+    base = Path(tempfile.mkdtemp(prefix="pv-hold-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        ds = make_dumpset(base / "ds", nfiles=1)
+        (ds.root / ".links.lock").unlink()  # made by npcapmanage, as the owner
+        for dirpath, dirs, files in os.walk(ds.root):
+            for n in [*dirs, *files]:
+                os.lchown(os.path.join(dirpath, n), 65534, 65534)
+        os.chown(ds.root, 65534, 65534)
+        manage("hold", "-t", str(ds.root), "-b", "-1h", "-e", "now", "--reason", "x")
+        for p in (holds_path(ds), ds.root / ".links.lock"):
+            assert p.stat().st_uid == 65534, p
+    finally:
+        shutil.rmtree(base)

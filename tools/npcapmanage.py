@@ -1,0 +1,141 @@
+"""`npcapmanage`: manage what a dump set keeps: legal holds (hold, release, holds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+from pathlib import Path
+
+import click
+
+from pcapvault.index.cliutil import run
+from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.errors import PcapVaultError
+from pcapvault.index.holds import Hold, load_holds, place_hold, release_hold
+from pcapvault.index.times import HELP, format_time, parse_window
+
+from .npcaprepair import become_owner
+
+EPILOG = """\b
+Examples:
+  npcapmanage hold -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:00:00" -e "2025-11-21 18:00:00" \\
+      --reason "incident 4711, legal asked"
+  npcapmanage hold -t /var/lib/pcapvault/eth0 -b -2h -e now --reason "ongoing attack"
+  npcapmanage holds                  # every hold of the configured dump sets
+  npcapmanage holds -t /var/lib/pcapvault/eth0 --json
+  npcapmanage release h3
+
+A held file is deleted by nothing: not the recorder's disk budget, not --max-age. When held
+files fill the budget the recorder stops recording until a release (or more disk) makes room.
+"""
+
+
+def _dumpsets(given: tuple[Path, ...]) -> list[DumpSet]:
+    """The -t dump sets, else those configured in /etc/pcapvault (as npcapextract)."""
+    from pcapvault.index.config import config_dir, default_dumpsets
+
+    paths = list(given) or default_dumpsets()
+    if not paths:
+        raise click.UsageError(f"no dump set given and none configured: pass -t DIR or "
+                               f"configure {config_dir()}")
+    return [DumpSet.open(p) for p in paths]
+
+
+def _caller() -> str:
+    """The login name of whoever runs this (the one who sudo'ed, not root)."""
+    try:
+        return os.getlogin()
+    except OSError:
+        return pwd.getpwuid(os.getuid()).pw_name
+
+
+@click.group("npcapmanage", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pcapvault", prog_name="npcapmanage")
+def cli() -> None:
+    """Manage what the dump sets keep: legal holds."""
+
+
+@cli.command(epilog="""\b
+Example:
+  npcapmanage hold -t /var/lib/pcapvault/eth0 -b -2h -e now --reason "incident 4711"
+""")
+@click.option("-t", "--dumpset", required=True, type=click.Path(path_type=Path),
+              help="Dump set directory (or its timeline).")
+@click.option("-b", "--begin", required=True, help="Start of the window (as npcapextract -b).")
+@click.option("-e", "--end", required=True, help="End of the window, exclusive (as -e).")
+@click.option("--reason", required=True, help="Why (a case number): shown by `holds`.")
+def hold(dumpset: Path, begin: str, end: str, reason: str) -> None:
+    """Hold every file with packets in [BEGIN, END): nothing deletes them until released.
+
+    Files recorded into the window afterwards are held too.
+    """
+    b, e = _window(begin, end)
+    user = _caller()
+    ds = DumpSet.open(dumpset)
+    become_owner(ds)  # the lock and holds files stay the recorder's account's
+    h = place_hold(ds, b, e, reason, user)
+    click.echo(f"hold {h.id} placed on {ds.root}: {format_time(b)} to {format_time(e)}, "
+               f"{len(h.files)} file(s) held now; release it with: npcapmanage release {h.id} "
+               f"-t {ds.root}")
+
+
+def _window(begin: str, end: str) -> tuple[int, int]:
+    try:
+        b, e = parse_window(begin, end)
+    except PcapVaultError as err:
+        raise click.UsageError(str(err)) from None
+    if b == e:
+        raise click.UsageError(f"the window {begin!r} to {end!r} is empty; {HELP}")
+    return b, e
+
+
+@cli.command()
+@click.argument("hold_id", metavar="ID")
+@click.option("-t", "--dumpset", "dumpsets", multiple=True, type=click.Path(path_type=Path),
+              help="Dump set holding it [default: the configured ones].")
+def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
+    """Release the hold ID: its files may be deleted again (unless another hold covers them)."""
+    found = [ds for ds in _dumpsets(dumpsets) if any(h.id == hold_id
+                                                     for h in load_holds(ds).list())]
+    if len(found) > 1:
+        raise click.UsageError(f"hold {hold_id} exists in several dump sets "
+                               f"({', '.join(str(ds.root) for ds in found)}); name one with -t")
+    ds = found[0] if found else _dumpsets(dumpsets)[0]
+    become_owner(ds)
+    h = release_hold(ds, hold_id)
+    click.echo(f"hold {h.id} released on {ds.root} ({h.reason}; placed by {h.user} at "
+               f"{format_time(h.created_ns)})")
+
+
+@cli.command("holds")
+@click.option("-t", "--dumpset", "dumpsets", multiple=True, type=click.Path(path_type=Path),
+              help="Dump set [default: the configured ones]; may be repeated.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def list_holds(dumpsets: tuple[Path, ...], as_json: bool) -> None:
+    """List the holds in force."""
+    rows = [(ds, h) for ds in _dumpsets(dumpsets) for h in load_holds(ds).list()]
+    if as_json:
+        click.echo(json.dumps([_json(ds, h) for ds, h in rows], indent=1))
+        return
+    if not rows:
+        click.echo("no holds")
+        return
+    table = [("ID", "BEGIN (UTC)", "END (UTC)", "FILES", "USER", "PLACED (UTC)", "DUMP SET",
+              "REASON")]
+    table += [(h.id, format_time(h.begin_ns), format_time(h.end_ns), str(len(h.files)),
+               h.user, format_time(h.created_ns), str(ds.root), h.reason) for ds, h in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+def _json(ds: DumpSet, h: Hold) -> dict[str, object]:
+    return {"dumpset": str(ds.root), "id": h.id, "begin_ns": h.begin_ns, "end_ns": h.end_ns,
+            "begin": format_time(h.begin_ns), "end": format_time(h.end_ns),
+            "reason": h.reason, "user": h.user, "created_ns": h.created_ns,
+            "files": list(h.files)}
+
+
+def main() -> None:
+    run(cli, "npcapmanage")
