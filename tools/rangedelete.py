@@ -43,6 +43,8 @@ from pcapvault.index.recordcopy import copy_records, record_sizes
 from pcapvault.index.repair import live, lock
 from pcapvault.index.times import TimeError, format_time, parse_window
 
+from .npcaprepair import become_owner
+
 AUDIT_FILE = "audit.log"
 SYSLOG_IDENT = "npcapmanage"
 
@@ -305,8 +307,12 @@ def execute(plan: DeletePlan, done: Done, report=lambda line: None) -> None:
 
 
 def caller() -> dict:
-    """Who runs the command: the real account, and the one sudo was called by."""
-    who = {"user": pwd.getpwuid(os.getuid()).pw_name, "uid": os.getuid()}
+    """Who runs the command: the login name (the one who sudo'ed, not root), the real uid."""
+    try:
+        login = os.getlogin()
+    except OSError:
+        login = pwd.getpwuid(os.getuid()).pw_name
+    who = {"user": login, "uid": os.getuid()}
     if os.environ.get("SUDO_USER"):
         who["sudo_user"] = os.environ["SUDO_USER"]
     return who
@@ -347,8 +353,6 @@ Run it as the dump set's owner, or as root (it becomes the owner).
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
     """Delete the packets of a time window (matching -f) from a dump set, for good."""
-    from pcapvault.tools.npcaprepair import become_owner
-
     try:
         begin_ns, end_ns = parse_window(begin, end)
     except TimeError as e:
@@ -392,12 +396,3 @@ def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
                f"file(s); recorded in {ds.root / AUDIT_FILE}")
     return 0
 
-
-def main() -> None:
-    from pcapvault.index.cliutil import run
-
-    run(delete, "npcapmanage delete")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,6 @@ import os
 import pty
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,22 +30,14 @@ from pcapvault.index.holds import place_hold
 
 def manage(*args: str) -> subprocess.CompletedProcess:
     """`npcapmanage delete ARGS` with stdin not a terminal."""
-    cmd = [tool("npcapmanage"), "delete"]
-    if not Path(cmd[0]).exists() or not _has_manage():
-        cmd = [sys.executable, "-m", "pcapvault.tools.rangedelete"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-
-
-def _has_manage() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pcapvault.tools.npcapmanage") is not None
+    return subprocess.run([tool("npcapmanage"), "delete", *args], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
 def extract_all(root: Path, out: Path) -> list:
-    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b", epoch(SYNTH_START - 3600 * NS), "-e",
-                        epoch(SYNTH_START + 7200 * NS), "-o", str(out)],
+    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b",
+                        epoch(SYNTH_START - 3600 * NS), "-e", epoch(SYNTH_START + 7200 * NS),
+                        "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, 3), r.stderr  # 3: nothing matched
     return read_pcap_records(out.read_bytes()) if out.exists() else []
@@ -126,7 +117,7 @@ def test_held_files_are_refused_and_nothing_deleted(synth):
     r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
                epoch(SYNTH_START + 1020 * NS), "--yes")
     line = one_line(r, 1, "legal hold", hold.files[0], "nothing was deleted")
-    assert line.startswith("npcapmanage delete: error:")
+    assert line.startswith("npcapmanage: error:")
     assert digests(root) == before
     assert not (root / "audit.log").exists()
 
@@ -141,7 +132,7 @@ def test_no_terminal_needs_yes(synth):
 
 def _on_terminal(args: list[str], answer: bytes) -> tuple[int, bytes]:
     """Run the command on a pseudo-terminal, answering its question with `answer`."""
-    cmd = [sys.executable, "-m", "pcapvault.tools.rangedelete", *args]
+    cmd = [tool("npcapmanage"), "delete", *args]
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(cmd[0], cmd)
