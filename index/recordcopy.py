@@ -32,14 +32,24 @@ def copy_records(
     `src` is the uint8 buffer holding them; timestamps are written in nanoseconds or, when
     not `nanosecond`, truncated to microseconds.
     """
-    data_offset = np.asarray(data_offset, dtype=np.int64)
-    caplen = np.asarray(caplen, dtype=np.int64)
     sizes = record_sizes(caplen)
     out = np.empty(int(sizes.sum()), dtype=np.uint8)
-    starts = np.cumsum(sizes) - sizes
-    for lo in range(0, len(sizes), _BATCH):
-        hi = min(lo + _BATCH, len(sizes))
-        at = starts[lo:hi]
+    put_records(out, np.cumsum(sizes) - sizes, src, data_offset, caplen, wirelen, ts_ns,
+                nanosecond)
+    return out
+
+
+def put_records(
+    out: np.ndarray, at: np.ndarray, src: np.ndarray, data_offset: np.ndarray,
+    caplen: np.ndarray, wirelen: np.ndarray, ts_ns: np.ndarray, nanosecond: bool,
+) -> None:
+    """Write the records of the packets at `data_offset` of `src` at offsets `at` of `out`
+    (packets of several buffers interleaved in one output take one call per buffer)."""
+    at = np.asarray(at, dtype=np.int64)
+    data_offset = np.asarray(data_offset, dtype=np.int64)
+    caplen = np.asarray(caplen, dtype=np.int64)
+    for lo in range(0, len(at), _BATCH):
+        hi = min(lo + _BATCH, len(at))
         sec, frac = np.divmod(np.asarray(ts_ns[lo:hi], dtype=np.int64), 1_000_000_000)
         if not nanosecond:
             frac //= 1000
@@ -48,10 +58,10 @@ def copy_records(
         hdr[:, 1] = frac
         hdr[:, 2] = caplen[lo:hi]
         hdr[:, 3] = wirelen[lo:hi]
-        window(out, RECORD_HEADER_LEN)[at] = hdr.view(np.dtype((np.void, RECORD_HEADER_LEN)))[:, 0]
+        window(out, RECORD_HEADER_LEN)[at[lo:hi]] = hdr.view(
+            np.dtype((np.void, RECORD_HEADER_LEN)))[:, 0]
         n = caplen[lo:hi]
         some = n > 0
         if some.any():
-            copy_pieces(src, data_offset[lo:hi][some], out, (at + RECORD_HEADER_LEN)[some],
+            copy_pieces(src, data_offset[lo:hi][some], out, (at[lo:hi] + RECORD_HEADER_LEN)[some],
                         n[some])
-    return out

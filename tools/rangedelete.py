@@ -111,7 +111,7 @@ def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "") -> Dele
     filt = compile_filter(expr, int(ds.meta.get("linktype", 1)),
                           int(ds.meta.get("snaplen", 262144))) if expr else None
     plan = DeletePlan(ds, begin_ns, end_ns, expr)
-    writing = _recording_from(ds)
+    writing = recording_from(ds)
     if writing is not None and writing < end_ns:
         raise DeleteRefused(
             f"the file a recorder is writing holds packets from {format_time(writing)}, "
@@ -136,7 +136,7 @@ def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "") -> Dele
     return plan
 
 
-def _recording_from(ds: DumpSet) -> int | None:
+def recording_from(ds: DumpSet) -> int | None:
     """First packet time of the file a live recorder is writing (its start time if that file
     has no complete packet yet), or None when no recorder is writing."""
     if not live(ds):
