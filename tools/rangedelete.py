@@ -137,8 +137,9 @@ def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "") -> Dele
 
 
 def recording_from(ds: DumpSet) -> int | None:
-    """First packet time of the file a live recorder is writing (its start time if that file
-    has no complete packet yet), or None when no recorder is writing."""
+    """From when a live recorder writes: the first packet time of the file it is writing (the
+    file's time when it has no complete packet yet; now between files), or None when no
+    recorder is writing."""
     if not live(ds):
         return None
     first = None
@@ -152,7 +153,7 @@ def recording_from(ds: DumpSet) -> int | None:
         except (OSError, FormatError):
             continue
         first = ns if first is None else min(first, ns)
-    return first
+    return time.time_ns() if first is None else first
 
 
 def _plan_file(sf: StoredFile, begin_ns: int, end_ns: int, filt) -> Cut | None:

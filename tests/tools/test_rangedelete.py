@@ -210,3 +210,18 @@ def test_stopped_between_pcap_and_index_is_repaired(synth, tmp_path, monkeypatch
     assert_clean(root)
     want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "", b, e))
     assert sorted(extract_all(root, tmp_path / "all.pcap")) == want
+
+
+def test_audit_line_goes_to_syslog_too(synth, tmp_path):
+    from pamworld import catch_syslog
+
+    root, _ = synth
+    with catch_syslog(tmp_path) as (catcher, prefix):
+        r = subprocess.run([*prefix, tool("npcapmanage"), "delete", "-t", str(root), "-b",
+                            epoch(SYNTH_START), "-e", epoch(SYNTH_START + 30 * NS), "--yes"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        line = (root / "audit.log").read_text().splitlines()[-1]
+        (prio,) = catcher.wait_for("npcapmanage", [line])
+    assert prio >= 0, catcher.received
+    assert json.loads(line)["packets"] > 0
