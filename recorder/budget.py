@@ -144,7 +144,9 @@ class DiskBudget:
             if not files:
                 break
             victim = files.pop(0)
-            freed = self.dumpset.delete(victim, keep)
+            # Asked first without the lock (cheap, while held files fill the budget), then
+            # again under it by delete, for a hold placed meanwhile.
+            freed = None if keep(victim) else self.dumpset.delete(victim, keep)
             if freed is None:
                 held += 1
                 continue

@@ -323,6 +323,7 @@ class Recorder:
         try:
             for action in repair(self.ds):
                 log.warning("repair: %s", action)
+            self.budget.keep()  # a damaged holds file is said at once, not at the first delete
             self.budget.expire()
             self.ring.start()
             log.info(

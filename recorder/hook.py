@@ -35,6 +35,9 @@ log = logging.getLogger("pcapvault.recorder")
 # Files waiting for a free slot; beyond it (a hook far slower than the recording) files are
 # skipped rather than kept in memory without end.
 QUEUE_MAX = 1000
+# At exit, what runs and waits gets at most this long (or one --exec-timeout if shorter): the
+# unit's TimeoutStopSec must cover it after the indexer's own wait.
+EXIT_WAIT = 20.0
 
 
 @dataclass
@@ -120,10 +123,23 @@ class FileHook:
             pass
 
     def close(self) -> None:
-        """At exit: run what waits, each command still bounded by the timeout."""
+        """At exit: finish what runs and waits, for at most EXIT_WAIT (or one timeout); then
+        kill what still runs and name the files left without a run (a hanging command must
+        not keep the recorder from stopping)."""
         if self.queue or self.running:
             log.info("waiting for --exec-cmd: %d running, %d waiting", len(self.running),
                      len(self.queue))
-        while self.queue or self.running:
+        end = time.monotonic() + min(self.timeout, EXIT_WAIT)
+        while (self.queue or self.running) and time.monotonic() < end:
             self.poll()
             time.sleep(0.05)
+        for r in self.running:
+            self._kill(r.proc)
+            r.proc.wait()
+        left = [r.sf.name for r in self.running] + [sf.name for sf in self.queue]
+        if left:
+            self.skipped += len(self.queue)
+            self.killed += len(self.running)
+            log.error("--exec-cmd: stopping; not run to the end for %d files: %s", len(left),
+                      " ".join(left))
+        self.running, self.queue = [], deque()
