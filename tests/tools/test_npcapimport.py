@@ -8,6 +8,7 @@ import gzip
 import random
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from extract_helpers import (
     tcpdump_select,
     write_pcap,
 )
-from recorderproc import tool
+from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
 
 from pcapvault.index.dumpset import DumpSet
 
@@ -311,3 +312,28 @@ def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatc
     assert r.returncode == 0 and "stopped halfway" in r.stdout, r.stdout + r.stderr
     assert_clean(root)
     assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+
+
+def test_import_beside_a_running_recorder(veth, tmp_path):
+    """Old captures go in while the recorder records; one reaching into the file it writes
+    is refused."""
+    root = tmp_path / "ds"
+    rec = RecorderProc(veth, root, "--disk-limit", "1GB")
+    src = tmp_path / "live.pcap"
+    synthetic_pcap(src, 100, 200)
+    veth.send([src])
+    time.sleep(0.3)
+    pk = traffic(300)
+    old = tmp_path / "old.pcap"
+    write_pcap(old, pk)
+    r = npcapimport("-t", root, old)
+    assert r.returncode == 0, r.stderr
+    recent = tmp_path / "recent.pcap"
+    write_pcap(recent, [(time.time_ns() + 10 * NS, bytes(60), 60)])
+    one_line(npcapimport("-t", root, recent), 1, "running recorder")
+    assert rec.proc.poll() is None
+    assert rec.stop() == 0, rec.stderr
+    assert_clean(root)
+    assert sorted(extract(root, tmp_path / "old-out.pcap", epoch(pk[0][0]),
+                          epoch(pk[-1][0] + 1))) == records(pk)
+    assert len(recorded_frames(root)) == 100 + len(pk)

@@ -8,7 +8,9 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from extract_helpers import (
     tcpdump_select,
     tcpdump_window,
 )
-from recorderproc import tool
+from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
 
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.holds import place_hold
@@ -225,3 +227,35 @@ def test_audit_line_goes_to_syslog_too(synth, tmp_path):
         (prio,) = catcher.wait_for("npcapmanage", [line])
     assert prio >= 0, catcher.received
     assert json.loads(line)["packets"] > 0
+
+
+def test_delete_beside_a_running_recorder(veth, tmp_path):
+    """A running recorder goes on recording; the file it writes is never touched, and a window
+    reaching into it is refused."""
+    root = tmp_path / "ds"
+    rec = RecorderProc(veth, root, "--disk-limit", "1GB")
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 200, 200)
+    veth.send([src])
+    time.sleep(0.3)
+    rec.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while not any(list(DumpSet.open(root).timeline.rglob(sf.name + ".idx"))
+                  for sf in DumpSet.open(root).files()):
+        assert time.monotonic() < deadline, rec.stderr
+        time.sleep(0.1)
+    first = recorded_frames(root)
+    assert len(first) == 200
+    veth.send([src])  # into the next file, which the recorder keeps open
+    time.sleep(0.3)
+    one_line(manage("-t", str(root), "-b", "-1h", "-e", "now", "--yes"), 1,
+             "a recorder is writing")
+    b, e = first[50][0], first[150][0]
+    r = manage("-t", str(root), "-b", epoch(b), "-e", epoch(e), "--yes")
+    assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+    assert rec.proc.poll() is None
+    assert rec.stop() == 0, rec.stderr
+    after = recorded_frames(root)
+    assert after[:100] == first[:50] + first[150:]
+    assert [f for _, f, _ in after[100:]] == [f for _, f, _ in first]  # the second batch
+    assert_clean(root)
