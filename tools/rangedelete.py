@@ -18,9 +18,12 @@ file (`audit.log`) and in syslog.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import stat
 import sys
+import syslog
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pcapvault.extract.service.policy import Audit
 from pcapvault.index import compressed, timeline
 from pcapvault.index.atomicfile import temp_path
 from pcapvault.index.builder import index_pcap
@@ -320,12 +322,36 @@ def caller() -> dict:
 
 
 def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) -> None:
-    """One JSON line in DS/audit.log and in syslog (authpriv) for a run that deleted."""
+    """One JSON line in DS/audit.log and in syslog (authpriv) for a run that deleted.
+
+    The file first, as the record of reference; it is refused unless it is a regular file
+    only its owner may write (an attacker's symlink or a shared file is no audit trail).
+    """
     record = {"time": format_time(time.time_ns()), "event": "delete", "outcome": outcome,
               **who, "dumpset": str(ds.root), "begin": format_time(plan.begin_ns),
               "end": format_time(plan.end_ns), "filter": plan.expr, "packets": done.packets,
               "bytes": done.bytes, "files": done.files}
-    Audit(ds.root / AUDIT_FILE, SYSLOG_IDENT).write(record)
+    line = json.dumps(record, separators=(",", ":"))
+    path = ds.root / AUDIT_FILE
+    problem = ""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o640)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022:
+                os.write(fd, (line + "\n").encode())
+            else:
+                problem = "it must be a regular file writable by its owner only"
+        finally:
+            os.close(fd)
+    except OSError as e:
+        problem = e.strerror or str(e)
+    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    syslog.syslog(syslog.LOG_NOTICE, line)
+    if problem:
+        raise PcapVaultError(f"cannot append to the audit log {path} ({problem}); the "
+                             f"deletion is recorded in syslog only: {line}")
 
 
 EPILOG = """\b
