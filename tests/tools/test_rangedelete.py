@@ -259,3 +259,36 @@ def test_delete_beside_a_running_recorder(veth, tmp_path):
     assert after[:100] == first[:50] + first[150:]
     assert [f for _, f, _ in after[100:]] == [f for _, f, _ in first]  # the second batch
     assert_clean(root)
+
+
+def test_compressed_files_are_rewritten_compressed(tmp_path):
+    """A dump set of `recorder --compress`: the cut file stays a seekable .pcap.zst."""
+    from extract_helpers import synthetic_traffic, write_pcap
+
+    from pcapvault.index import timeline
+    from pcapvault.recorder.indexer import index_and_link
+
+    pk = synthetic_traffic(600, SYNTH_START, seed=4, span_s=1500)
+    ds = DumpSet.create(tmp_path / "ds", interface="eth0", linktype=1, snaplen=262144,
+                        nanosecond=True)
+    groups: list[list] = []
+    for p in pk:
+        if not groups or len(groups[-1]) >= 100 or (
+                timeline.slot_of(p[0] // NS) != timeline.slot_of(groups[-1][0][0] // NS)):
+            groups.append([])
+        groups[-1].append(p)
+    for i, g in enumerate(groups):
+        tmp = ds.temp_path(i)
+        write_pcap(tmp, g)
+        index_and_link(ds, ds.place(tmp, g[0][0]), compress=3)
+    originals = []
+    for i, g in enumerate(groups):
+        originals.append(tmp_path / f"orig{i}.pcap")
+        write_pcap(originals[-1], g)
+    b, e = pk[150][0] + 1, pk[420][0]
+    r = manage("-t", str(ds.root), "-b", epoch(b), "-e", epoch(e), "-f", "tcp", "--yes")
+    assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+    assert all(sf.name.endswith(".pcap.zst") for sf in DumpSet.open(ds.root).files())
+    want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "tcp", b, e))
+    assert sorted(extract_all(ds.root, tmp_path / "all.pcap")) == want
+    assert_clean(ds.root)
