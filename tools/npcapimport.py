@@ -40,14 +40,13 @@ from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
 from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
 from pcapvault.index.recordcopy import put_records, record_sizes
-from pcapvault.index.repair import live, lock
 from pcapvault.index.sizes import parse_size
 from pcapvault.index.times import format_time
 from pcapvault.recorder.cli import _mode
 from pcapvault.recorder.indexer import index_and_link
 
 from .npcaprepair import become_owner
-from .rangedelete import recording_from
+from .rangedelete import recording_from, writer_lock
 
 IMPORTS_FILE = "imports.json"
 FORMAT = "pcapvault-imports"
@@ -129,9 +128,10 @@ def _check_findable(names: str, ts: np.ndarray, parts: list[tuple[int, int]]) ->
 # --- overlaps ---------------------------------------------------------------------------------
 
 
-def _overlap(ds: DumpSet, names: str, lo: int, hi: int) -> None:
-    """Refuse captures spanning [lo, hi] that overlap a file of the dump set in time."""
-    writing = recording_from(ds)
+def _overlap(ds: DumpSet, names: str, lo: int, hi: int, recording: bool) -> None:
+    """Refuse captures spanning [lo, hi] that overlap a file of the dump set in time (or the
+    file a recorder writes, when `recording`)."""
+    writing = recording_from(ds, recording)
     if writing is not None and hi >= writing:
         raise ImportRefused(
             f"{names} reach {format_time(hi)}, past the start of the file a running "
@@ -177,7 +177,10 @@ class Cluster:
 
     @property
     def names(self) -> str:
-        return ", ".join(str(s.path) for s in self.sources)
+        """The captures, for messages: a cluster of the whole corpus would fill the screen."""
+        paths = [str(s.path) for s in self.sources]
+        more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
+        return ", ".join(paths[:3]) + more
 
 
 def undo_partial(ds: DumpSet) -> list[str]:
@@ -195,7 +198,8 @@ def undo_partial(ds: DumpSet) -> list[str]:
     return sorted({e["source"] for e in stale.values()})
 
 
-def survey(ds: DumpSet, paths: list[Path], report=lambda line: None) -> list[Cluster]:
+def survey(ds: DumpSet, paths: list[Path], report=lambda line: None,
+           recording: bool = False) -> list[Cluster]:
     """First pass: read every capture, skip those imported before, refuse what cannot be
     imported (nothing is written), and group the rest into clusters overlapping in time."""
     reg = load_registry(ds)
@@ -234,7 +238,7 @@ def survey(ds: DumpSet, paths: list[Path], report=lambda line: None) -> list[Clu
             clusters.append(Cluster([src]))
     for c in clusters:
         c.sources.sort(key=lambda s: paths.index(s.path))
-        _overlap(ds, c.names, c.lo, c.hi)
+        _overlap(ds, c.names, c.lo, c.hi, recording)
     return clusters
 
 
@@ -382,12 +386,11 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
     max_bytes = given or int(ds.meta.get("max_file_bytes", DEFAULT_FILE_BYTES))
     become_owner(ds)
     os.umask(0o777 & ~dir_mode)
-    if not live(ds):
-        lock(ds)  # held until exit: no recorder start or repair meanwhile
+    recording = writer_lock(ds)
     for name in undo_partial(ds):
         click.echo(f"{name}: its import was stopped halfway; its files were removed and it "
                    "is imported again if given")
-    clusters = survey(ds, files, report=click.echo)
+    clusters = survey(ds, files, report=click.echo, recording=recording)
     nfiles = npackets = 0
     for c in clusters:
         nfiles += import_cluster(ds, c, max_bytes, file_mode, report=click.echo)

@@ -103,17 +103,18 @@ def _records(sf: StoredFile):
     return r, arr, table
 
 
-def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "") -> DeletePlan:
+def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "",
+                recording: bool = False) -> DeletePlan:
     """What deleting [begin_ns, end_ns) (packets matching `expr`, if given) would do.
 
     Refuses (DeleteRefused, nothing deleted) when an affected file is held, not yet indexed
     and linked (the recorder's indexer has it), or when the file a running recorder is writing
-    may hold packets of the window.
+    may hold packets of the window (`recording`: a recorder holds the dump set's lock).
     """
     filt = compile_filter(expr, int(ds.meta.get("linktype", 1)),
                           int(ds.meta.get("snaplen", 262144))) if expr else None
     plan = DeletePlan(ds, begin_ns, end_ns, expr)
-    writing = recording_from(ds)
+    writing = recording_from(ds, recording)
     if writing is not None and writing < end_ns:
         raise DeleteRefused(
             f"the file a recorder is writing holds packets from {format_time(writing)}, "
@@ -138,11 +139,21 @@ def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "") -> Dele
     return plan
 
 
-def recording_from(ds: DumpSet) -> int | None:
+def writer_lock(ds: DumpSet) -> bool:
+    """Take the dump set's lock for the life of the process, as npcaprepair does (no recorder
+    start or repair meanwhile), unless a recorder holds it: then work beside it, on closed,
+    linked files only. Returns whether a recorder is writing."""
+    if live(ds):
+        return True
+    lock(ds)
+    return False
+
+
+def recording_from(ds: DumpSet, recording: bool) -> int | None:
     """From when a live recorder writes: the first packet time of the file it is writing (the
     file's time when it has no complete packet yet; now between files), or None when no
-    recorder is writing."""
-    if not live(ds):
+    recorder is `recording`."""
+    if not recording:
         return None
     first = None
     for p in ds.temp_files():
@@ -393,10 +404,9 @@ def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
     if os.geteuid() not in (0, owner):
         raise PcapVaultError(f"{ds.root} belongs to uid {owner}; run as its owner or as root")
     become_owner(ds)
-    if not live(ds):
-        lock(ds)  # held until exit: no recorder start or repair meanwhile
+    recording = writer_lock(ds)
     try:
-        plan = plan_delete(ds, begin_ns, end_ns, expr)
+        plan = plan_delete(ds, begin_ns, end_ns, expr, recording)
     except FilterError as e:
         raise click.UsageError(str(e)) from None
     window = f"{format_time(begin_ns)} .. {format_time(end_ns)}" + (
