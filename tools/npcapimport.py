@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from pcapvault.recorder.cli import _mode
 from pcapvault.recorder.indexer import index_and_link
 
 from .npcaprepair import become_owner
-from .rangedelete import recording_from, writer_lock
+from .rangedelete import recording_from, write_synced, writer_lock
 
 IMPORTS_FILE = "imports.json"
 FORMAT = "pcapvault-imports"
@@ -198,7 +199,7 @@ def undo_partial(ds: DumpSet) -> list[str]:
     return sorted({e["source"] for e in stale.values()})
 
 
-def survey(ds: DumpSet, paths: list[Path], report=lambda line: None,
+def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambda line: None,
            recording: bool = False) -> list[Cluster]:
     """First pass: read every capture, skip those imported before, refuse what cannot be
     imported (nothing is written), and group the rest into clusters overlapping in time."""
@@ -247,7 +248,7 @@ def _in_precision(ds: DumpSet, cap: Capture) -> np.ndarray:
 
 
 def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int,
-                   report=lambda line: None) -> int:
+                   report: Callable[[str], None] = lambda line: None) -> int:
     """Second pass for one cluster: cut, write, place, index and link its files; returns
     how many. Its captures are recorded as pending (with each file's name before the file is
     placed), then as complete."""
@@ -290,7 +291,7 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
                 put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p],
                             c.wirelen[p], ts[s:e][mine], nanosecond)
         temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
-        _write(temp, body, file_mode)
+        write_synced(temp, body, file_mode)
         del body
         # Named before it is placed: a stop from here on is undone by the next run.
         files.append(f"{file_name(first)}.pcap")
@@ -306,22 +307,6 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
     if len(cluster.sources) > 1:
         report(f"merged in time order, as they overlap: {cluster.names}")
     return len(parts)
-
-
-def _write(path: Path, data: np.ndarray, mode: int) -> None:
-    """Write a whole new file, synced (it is renamed into the dump set next)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
 
 
 def sources(paths: tuple[Path, ...]) -> list[Path]:

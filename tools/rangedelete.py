@@ -25,6 +25,7 @@ import stat
 import sys
 import syslog
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from pcapvault.index.builder import index_pcap
 from pcapvault.index.dumpset import DumpSet, StoredFile, file_name
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, load_holds
-from pcapvault.index.indexfile import encode_index, read_index
+from pcapvault.index.indexfile import PacketIndex, encode_index, read_index
 from pcapvault.index.libpcap import FilterError, compile_filter
-from pcapvault.index.pcapfile import PcapReader, parse_global_header, scan_records
+from pcapvault.index.pcapfile import PcapReader, RecordTable, parse_global_header, scan_records
 from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN, global_header
 from pcapvault.index.recordcopy import copy_records, record_sizes
 from pcapvault.index.repair import live, lock
@@ -87,12 +88,8 @@ def _rel(ds: DumpSet, sf: StoredFile) -> str:
     return sf.pcap.relative_to(ds.root).as_posix()
 
 
-def _records(sf: StoredFile):
-    """(reader array, header, record table) of a stored file that must agree with its index."""
-    try:
-        idx = read_index(sf.index, packets=False)
-    except FormatError as e:
-        raise DeleteRefused(f"{e}; run npcaprepair on the dump set first") from None
+def _records(sf: StoredFile, idx: PacketIndex) -> tuple[PcapReader, np.ndarray, RecordTable]:
+    """(reader, its array, record table) of a stored file, which must agree with its index."""
     r = PcapReader(sf.pcap)
     arr = r.array()
     table = scan_records(arr, r.header)
@@ -170,12 +167,15 @@ def recording_from(ds: DumpSet, recording: bool) -> int | None:
 
 
 def _plan_file(sf: StoredFile, begin_ns: int, end_ns: int, filt) -> Cut | None:
-    idx = read_index(sf.index, packets=False)
+    try:
+        idx = read_index(sf.index, packets=False)
+    except FormatError as e:
+        raise DeleteRefused(f"{e}; run npcaprepair on the dump set first") from None
     if not idx.count or idx.last_ns < begin_ns or idx.first_ns >= end_ns:
         return None
     if filt is None and begin_ns <= idx.first_ns and idx.last_ns < end_ns:
         return Cut(sf, None, idx.count, idx.pcap_size - GLOBAL_HEADER_LEN, idx.pcap_size)
-    r, arr, t = _records(sf)
+    r, arr, t = _records(sf, idx)
     try:
         sel = (t.ts_ns >= begin_ns) & (t.ts_ns < end_ns)
         if filt is not None and sel.any():
@@ -197,19 +197,21 @@ def _held_now(ds: DumpSet, sf: StoredFile) -> bool:
     return load_holds(ds).holds(sf)
 
 
-def _stage(path: Path, data: np.ndarray, mode: int) -> Path:
-    """Write `data` under `path`'s temporary name (synced), for a rename later."""
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+def write_synced(path: Path, data: np.ndarray, mode: int) -> None:
+    """Write a whole new file with exact permissions, on disk before it is renamed into
+    place (the caller renames it when and under which lock it needs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data).cast("B")
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    return tmp
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _renamed(sf: StoredFile, first_ns: int) -> StoredFile:
@@ -256,9 +258,11 @@ def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
         tmp = temp_path(sf.pcap)
         compressed.compress_file(tmp, tmp, file_mode=mode, data=memoryview(new))
     else:
-        tmp = _stage(sf.pcap, new, mode)
-    itmp = _stage(sf.index, np.frombuffer(encode_index(idx), np.uint8),
-                  sf.index.stat().st_mode & 0o777)
+        tmp = temp_path(sf.pcap)
+        write_synced(tmp, new, mode)
+    itmp = temp_path(sf.index)
+    write_synced(itmp, np.frombuffer(encode_index(idx), np.uint8),
+                 sf.index.stat().st_mode & 0o777)
     with ds.links_locked():
         try:
             now = sf.pcap.stat()
@@ -297,7 +301,8 @@ class Done:
     files: list[str] = field(default_factory=list)
 
 
-def execute(plan: DeletePlan, done: Done, report=lambda line: None) -> None:
+def execute(plan: DeletePlan, done: Done,
+            report: Callable[[str], None] = lambda line: None) -> None:
     """Carry out `plan`, counting into `done` what was removed."""
     ds = plan.ds
     for cut in plan.cuts:
