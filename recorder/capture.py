@@ -24,7 +24,7 @@ from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
 from .budget import DiskBudget, Limit
-from .hook import FileHook
+from .hook import FileHook, clear_inheritable_capabilities
 from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records
 from .stats import CaptureStats, StatsFile
@@ -139,8 +139,10 @@ class Recorder:
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1,
                                  max_age_ns=cfg.max_age_ns)
-        self.hook = (FileHook(cfg.exec_cmd, self.ds.root, cfg.exec_max, cfg.exec_timeout)
-                     if cfg.exec_cmd else None)
+        self.hook = None
+        if cfg.exec_cmd:
+            clear_inheritable_capabilities()
+            self.hook = FileHook(cfg.exec_cmd, self.ds.root, cfg.exec_max, cfg.exec_timeout)
         self.held_full = False  # stopped writing: held files leave no room
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)
         self.stats = CaptureStats(cfg.interface, str(self.ds.timeline))
@@ -318,7 +320,7 @@ class Recorder:
         self.stats_file.check(self.stats)
         self.indexer = BackgroundIndexer(
             self.ds, self.cfg.file_mode, self.cfg.compress,
-            [self.ring.sock.fileno(), *self.inherited_fds],
+            [self.ring.sock.fileno(), *self.inherited_fds], keep_finished=self.hook is not None,
         )
         try:
             for action in repair(self.ds):

@@ -137,9 +137,11 @@ class BackgroundIndexer:
     """
 
     def __init__(self, ds: DumpSet, file_mode: int = 0o640, compress: int | None = None,
-                 close_fds: Sequence[int] = ()):
+                 close_fds: Sequence[int] = (), keep_finished: bool = False):
+        """`keep_finished`: remember the files linked, for take_finished (the hook)."""
         self.args = (str(ds.root), file_mode, compress, list(close_fds), os.getpid())
         self.pending: dict[str, tuple[int, int]] = {}  # path: (first_ns, size)
+        self.keep_finished = keep_finished
         self.finished: list[StoredFile] = []  # indexed and linked, for take_finished
         self.deaths: list[float] = []  # monotonic times, within RESTART_WINDOW
         self.restarts = 0
@@ -172,7 +174,7 @@ class BackgroundIndexer:
     def _done(self, item: tuple[str, str]) -> None:
         path, final = item
         first = self.pending.pop(path, None)
-        if first is not None and final:
+        if first is not None and final and self.keep_finished:
             self.finished.append(StoredFile(first[0], Path(final)))
 
     def take_finished(self) -> list[StoredFile]:

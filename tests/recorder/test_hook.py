@@ -84,8 +84,9 @@ def test_a_hanging_hook_does_not_stop_capture_and_is_killed(veth, tmp_path, shar
 
 def test_failures_and_a_full_queue_are_logged_and_counted(tmp_path, caplog):
     ds = make_dumpset(tmp_path / "ds", nfiles=3)
-    hook = FileHook(f"exit 3; touch {tmp_path}/never", ds.root, max_running=1, timeout=30,
-                    queue_max=1)
+    # Slow enough that the first still runs when the third file comes.
+    hook = FileHook(f"sleep 0.5; exit 3; touch {tmp_path}/never", ds.root, max_running=1,
+                    timeout=30, queue_max=1)
     for sf in ds.files():
         hook.submit(sf)  # one runs, one waits, the third finds the queue full
     hook.close()
@@ -93,6 +94,34 @@ def test_failures_and_a_full_queue_are_logged_and_counted(tmp_path, caplog):
     assert "failed (exit status 3)" in caplog.text
     assert f"not run for {ds.files()[2].name}" in caplog.text
     assert not (tmp_path / "never").exists()
+
+
+def test_the_hook_gets_none_of_the_units_ambient_capabilities(veth, tmp_path, shared):
+    """As under recorder@.service: the pcapvault account with ambient capabilities."""
+    caps = "+net_raw,+net_admin,+ipc_lock"
+    as_unit = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    (shared / "ds").mkdir()
+    os.chown(shared / "ds", NOBODY, NOBODY)
+    log = shared / "log" / "caps"
+    p = veth.run_rx(*as_unit, tool("recorder"), "-i", veth.rx, "-o", str(shared / "ds"),
+                    "--disk-limit", "1GB", "--exec-cmd",
+                    f"grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status >> {log}",
+                    stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "recording " not in err:
+        line = p.stderr.readline()
+        assert line, err
+        err += line
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 20, 100)
+    veth.send([src])
+    time.sleep(0.3)
+    p.terminate()
+    err += p.stderr.read()
+    assert p.wait(60) == 0, err
+    caps = dict(line.split(":\t") for line in log.read_text().splitlines())
+    assert set(caps.values()) == {"0000000000000000"}, caps
 
 
 def test_the_hook_never_runs_as_root(veth, tmp_path):

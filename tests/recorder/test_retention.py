@@ -13,6 +13,7 @@ from recorderproc import RecorderProc, read_stats, recorded_frames, synthetic_pc
 from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.holds import holds_path, place_hold, release_hold
 from pcapvault.index.pcapfile import global_header
+from pcapvault.index.times import parse_duration, parse_time
 from pcapvault.recorder.budget import DiskBudget, Limit
 from pcapvault.recorder.indexer import index_and_link
 
@@ -103,6 +104,19 @@ def test_make_room_never_deletes_held_files_and_says_when_they_fill_the_budget(t
     assert budget.holds_damaged
 
 
+def test_max_age_takes_durations_as_relative_times_do_and_refuses_others(veth, tmp_path):
+    assert parse_duration("30d") == 30 * 86400 * S
+    assert parse_duration("90m") == 5400 * S and parse_duration("1.5h") == 5400 * S
+    assert parse_time("-90m", now_ns=10**18) == 10**18 - 5400 * S  # the same parser
+    for bad in ("30", "0d", "-1d", "1y", "d", ""):
+        p = veth.run_rx(tool("recorder"), "-i", veth.rx, "-o", str(tmp_path / "ds"),
+                        "--max-age", bad, stderr=subprocess.PIPE, text=True)
+        err = p.stderr.read()
+        assert p.wait(30) == 2, err
+        assert len(err.strip().splitlines()) == 1 and "--max-age" in err, err
+    assert not (tmp_path / "ds").exists()
+
+
 # --- a real recorder ------------------------------------------------------------------------------
 
 
@@ -182,7 +196,7 @@ def test_a_hold_survives_budget_pressure_stops_recording_when_full_and_release_r
     assert frames and frames == sent[-len(frames):]  # the newest, with no gap
 
 
-def test_holds_file_is_read_again_when_it_changes_not_on_every_file(veth, tmp_path):
+def test_a_hold_placed_while_recording_protects_from_the_next_deletion_on(veth, tmp_path):
     """A hold placed while the recorder runs protects files from the next deletion on."""
     ds = new_dumpset(tmp_path / "ds", veth.rx)
     old = add_files(ds, time.time_ns() - 86400 * S, 3, per_file=100, size=1000)
