@@ -337,3 +337,28 @@ def test_import_beside_a_running_recorder(veth, tmp_path):
     assert sorted(extract(root, tmp_path / "old-out.pcap", epoch(pk[0][0]),
                           epoch(pk[-1][0] + 1))) == records(pk)
     assert len(recorded_frames(root)) == 100 + len(pk)
+
+
+def test_root_imports_as_the_dump_sets_owner(tmp_path):
+    import os
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pv-owner-"))  # traversable by the owner
+    try:
+        base.chmod(0o755)
+        root = new_dumpset(base / "ds")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        src = base / "in.pcap"
+        write_pcap(src, traffic(100))
+        src.chmod(0o644)
+        r = npcapimport("-t", root, src)
+        assert r.returncode == 0, r.stderr
+        owners = {p: p.lstat().st_uid for p in [root, *root.rglob("*")]}
+        assert set(owners.values()) == {nobody.pw_uid}, owners
+        assert (root / "imports.json").exists()
+    finally:
+        shutil.rmtree(base)

@@ -292,3 +292,26 @@ def test_compressed_files_are_rewritten_compressed(tmp_path):
     want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "tcp", b, e))
     assert sorted(extract_all(ds.root, tmp_path / "all.pcap")) == want
     assert_clean(ds.root)
+
+
+def test_root_deletes_as_the_dump_sets_owner(tmp_path):
+    """What a deletion writes (rewritten files, the audit log) belongs to the dump set's owner,
+    as the recorder's account must go on deleting and rewriting them."""
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pv-owner-"))  # traversable by the owner
+    try:
+        base.chmod(0o755)
+        root, _ = synthetic_dumpset(base / "ds")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+                   epoch(SYNTH_START + 1020 * NS), "-f", "udp", "--yes")
+        assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+        assert json.loads((root / "audit.log").read_text())["user"] == "root"
+        owners = {p: p.lstat().st_uid for p in [root, *root.rglob("*")]}
+        assert set(owners.values()) == {nobody.pw_uid}, owners
+    finally:
+        shutil.rmtree(base)
