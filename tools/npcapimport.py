@@ -253,10 +253,18 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
     how many. Its captures are recorded as pending (with each file's name before the file is
     placed), then as complete."""
     caps = []
+    snaplen = min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
     for src in cluster.sources:
         cap = open_capture(src.path, ds.root)
         if cap.digest != src.digest:
             raise ImportRefused(f"{src.path} changed while being imported; run again")
+        # The dump set keeps `snaplen` bytes of a packet, as the recorder would have, and
+        # extraction's output says so in its header: longer packets are cut, and said to be.
+        longer = int((cap.caplen > snaplen).sum())
+        if longer:
+            np.minimum(cap.caplen, snaplen, out=cap.caplen)
+            report(f"{src.path}: {longer} packets longer than the dump set's snapshot length "
+                   f"({snaplen} bytes) are cut to it, as the recorder cuts them")
         if cap.torn_bytes:
             report(f"{src.path}: {cap.torn_bytes} bytes after the last complete packet (a "
                    "capture cut short) are left out")
@@ -276,8 +284,6 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
         reg[src.digest] = {"source": str(src.path), "imported": format_time(time.time_ns()),
                            "packets": src.packets, "files": files, "complete": False}
     nanosecond = ds.nanosecond
-    snaplen = min(max([int(ds.meta.get("snaplen", MAX_CAPLEN))]
-                      + [int(c.caplen.max()) for c in caps]), MAX_CAPLEN)
     head = global_header(int(ds.meta.get("linktype", 1)), snaplen, nanosecond)
     for k, (s, e) in enumerate(parts):
         first = int(ts[s:e].min())

@@ -362,3 +362,18 @@ def test_root_imports_as_the_dump_sets_owner(tmp_path):
         assert (root / "imports.json").exists()
     finally:
         shutil.rmtree(base)
+
+
+def test_packets_longer_than_the_dump_sets_snaplen_are_cut_and_said_to_be(tmp_path):
+    pk = traffic(50)
+    big = (pk[10][0] + 1, pk[10][1] + bytes(4000), len(pk[10][1]) + 4000)
+    src = tmp_path / "jumbo.pcap"
+    write_pcap(src, [*pk[:11], big, *pk[11:]])
+    root = tmp_path / "ds"
+    DumpSet.create(root, interface="eth0", linktype=1, snaplen=1536, nanosecond=True)
+    r = npcapimport("-t", root, src)
+    assert r.returncode == 0 and "1 packets longer" in r.stdout, r.stdout + r.stderr
+    got = extract(root, tmp_path / "out.pcap")
+    assert sorted(got) == records([*pk, (big[0], big[1][:1536], big[2])])
+    # tcpdump reads the extraction as stored: the header's snapshot length covers it.
+    assert sorted(tcpdump_select([tmp_path / "out.pcap"], "")) == sorted(got)
