@@ -53,11 +53,13 @@ IMPORTS_FILE = "imports.json"
 FORMAT = "pcapvault-imports"
 VERSION = 1
 DEFAULT_FILE_BYTES = 256 << 20
-# Readers allow this much of a file's packets past the next file's first one (docs/FORMAT.md).
-SLACK_NS = 1_000_000_000
-SLOT_NS = timeline.SLOT_SECONDS * 1_000_000_000
-CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
 NS = 1_000_000_000
+# Readers allow this much of a file's packets past the next file's first one (docs/FORMAT.md).
+SLACK_NS = NS
+SLOT_NS = timeline.SLOT_SECONDS * NS
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
+# A pcap record's seconds are an unsigned 32-bit number.
+PCAP_TIME_END = (1 << 32) * NS
 
 
 class ImportRefused(PcapVaultError):
@@ -228,7 +230,11 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
             report(f"{path}: no packets; nothing to import")
             continue
         ts = _in_precision(ds, cap)
-        found.append(Source(path, cap.digest, len(cap), int(ts.min()), int(ts.max())))
+        lo, hi = int(ts.min()), int(ts.max())
+        if lo < 0 or hi >= PCAP_TIME_END:
+            raise ImportRefused(f"{path}: timestamps outside what a pcap holds (1970 to 2106); "
+                                "nothing was imported: leave it out")
+        found.append(Source(path, cap.digest, len(cap), lo, hi))
         del cap, ts
     found.sort(key=lambda s: s.lo)
     clusters: list[Cluster] = []

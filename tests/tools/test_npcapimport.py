@@ -255,6 +255,9 @@ def test_several_interfaces_and_broken_files_are_refused(tmp_path):
     junk = tmp_path / "junk.pcap"
     junk.write_bytes(b"hello, not a capture at all")
     one_line(npcapimport("-t", root, junk), 1, "not a pcap")
+    future = tmp_path / "2200.pcapng"
+    write_pcapng(future, [(7_258_118_400 * NS, bytes(60), 60)])
+    one_line(npcapimport("-t", root, future), 1, "1970 to 2106")
     bad_gz = tmp_path / "cut.pcap.gz"
     bad_gz.write_bytes(gzip.compress(random.Random(1).randbytes(100000))[:500])
     one_line(npcapimport("-t", root, bad_gz), 1, "damaged compressed data")
