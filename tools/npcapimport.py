@@ -2,7 +2,7 @@
 
 Teams arrive with years of tcpdump or n2disk captures. Each capture (index/captures.py: pcap
 in any variant, pcapng with one interface, gzip or zstd) is cut into files as the recorder cuts
-them (at the dump set's file size and at every 10-minute slot boundary), in the dump set's
+them (at a file size, the recorder's -p, and at every 10-minute slot boundary), in the dump set's
 precision, then placed, indexed and linked by the recorder's own steps
 (recorder.indexer.index_and_link), so extraction, the budget, holds and `--max-age` treat them
 like recorded files.
@@ -347,7 +347,7 @@ Examples:
 Takes pcap (either byte order, micro- or nanosecond), pcapng with one interface, and either
 compressed with gzip or zstd (recognised by content); from a directory, every *.pcap,
 *.pcapng, *.cap and *.dmp (also .gz/.zst) below it. Each capture is cut into files at the
-dump set's file size and 10-minute slots, in its precision, indexed and linked like recorded
+recorder's file size (-p) and 10-minute slots, in its precision, indexed and linked like recorded
 files, and counted by the recorder's disk budget (which deletes the oldest files first:
 imported old captures go first when the dump set is over its limit). A capture imported
 before is skipped (DS/imports.json records each by its SHA-256). Captures overlapping
@@ -363,7 +363,8 @@ the captures).
 @click.option("-t", "--dumpset", "dumpset", required=True, type=click.Path(path_type=Path),
               help="The dump set (the recorder's -o) or its timeline.")
 @click.option("-p", "--max-file-size", "max_size", default=None, metavar="SIZE",
-              help="Cut files at this size [default: the dump set's, else 256M].")
+              help="Cut files at this size, as the recorder's -p (e.g. 256M; at least 16K).  "
+                   "[default: 256M]")
 @click.option("--file-mode", default="0640", show_default=True, callback=_mode,
               help="Permissions of the pcap and index files (octal).")
 @click.option("--dir-mode", default="0750", show_default=True, callback=_mode,
@@ -380,7 +381,7 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
         raise click.UsageError(str(e)) from None
     files = sources(paths)
     ds = DumpSet.open(dumpset)
-    max_bytes = given or int(ds.meta.get("max_file_bytes", DEFAULT_FILE_BYTES))
+    max_bytes = given or DEFAULT_FILE_BYTES
     become_owner(ds)
     os.umask(0o777 & ~dir_mode)
     recording = writer_lock(ds)
