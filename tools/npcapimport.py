@@ -25,6 +25,7 @@ then imports it again.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -76,9 +77,19 @@ def _registry_path(ds: DumpSet) -> Path:
 def load_registry(ds: DumpSet) -> dict:
     """digest -> entry of every capture imported (or being imported) into the dump set."""
     path = _registry_path(ds)
-    if not path.exists():
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return {}
-    return timeline.read_json_marker(path, "imports", "")["imports"]
+    except (OSError, ValueError) as e:
+        doc = {"error": str(e)}
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get(
+            "version") != VERSION or not isinstance(doc.get("imports"), dict):
+        raise ImportRefused(
+            f"{path} is damaged or of another version ({str(doc)[:60]}); restore it from a "
+            "backup, or remove it (captures imported before would then be imported again, "
+            "and refused where they overlap what they became)")
+    return doc["imports"]
 
 
 def _store_registry(ds: DumpSet, reg: dict) -> None:

@@ -380,3 +380,12 @@ def test_packets_longer_than_the_dump_sets_snaplen_are_cut_and_said_to_be(tmp_pa
     assert sorted(got) == records([*pk, (big[0], big[1][:1536], big[2])])
     # tcpdump reads the extraction as stored: the header's snapshot length covers it.
     assert sorted(tcpdump_select([tmp_path / "out.pcap"], "")) == sorted(got)
+
+
+def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path):
+    src = tmp_path / "in.pcap"
+    write_pcap(src, traffic(50))
+    root = new_dumpset(tmp_path / "ds")
+    (root / "imports.json").write_text("{ half")
+    one_line(npcapimport("-t", root, src), 1, "imports.json is damaged")
+    assert not DumpSet.open(root).files()
