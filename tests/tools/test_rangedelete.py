@@ -315,3 +315,24 @@ def test_root_deletes_as_the_dump_sets_owner(tmp_path):
         assert set(owners.values()) == {nobody.pw_uid}, owners
     finally:
         shutil.rmtree(base)
+
+
+def test_a_hold_placed_after_the_plan_wins(synth):
+    """Asked again under the links lock, file by file: the held file and those after it stay."""
+    from pcapvault.tools import rangedelete
+
+    root, _ = synth
+    ds = DumpSet.open(root)
+    plan = rangedelete.plan_delete(ds, SYNTH_START + 420 * NS, SYNTH_START + 1020 * NS)
+    assert len(plan.cuts) >= 3
+    held = plan.cuts[1].sf
+    place_hold(ds, held.first_ns, held.first_ns + 1, "late", "root")
+    later = digests(root)
+    done = rangedelete.Done()
+    with pytest.raises(rangedelete.DeleteRefused, match="legal hold meanwhile"):
+        rangedelete.execute(plan, done)
+    assert done.files == [plan.cuts[0].sf.pcap.relative_to(root).as_posix()]
+    now = digests(root)
+    for c in plan.cuts[1:]:
+        rel = str(c.sf.pcap.relative_to(root))
+        assert now[rel] == later[rel]
