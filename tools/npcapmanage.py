@@ -12,7 +12,7 @@ import click
 from pcapvault.index.cliutil import run
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import PcapVaultError
-from pcapvault.index.holds import Hold, load_holds, place_hold, release_hold
+from pcapvault.index.holds import Hold, HoldError, load_holds, place_hold, release_hold
 from pcapvault.index.times import HELP, format_time, parse_window
 
 from .npcaprepair import become_owner
@@ -29,6 +29,8 @@ Examples:
 
 A held file is deleted by nothing: not the recorder's disk budget, not --max-age. When held
 files fill the budget the recorder stops recording until a release (or more disk) makes room.
+Times are those npcapextract takes: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time), ISO 8601
+with Z or an offset, epoch seconds, or relative (now, -15m, -2h, -1d).
 """
 
 
@@ -97,12 +99,15 @@ def _window(begin: str, end: str) -> tuple[int, int]:
               help="Dump set holding it [default: the configured ones].")
 def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
     """Release the hold ID: its files may be deleted again (unless another hold covers them)."""
-    found = [ds for ds in _dumpsets(dumpsets) if any(h.id == hold_id
-                                                     for h in load_holds(ds).list())]
+    candidates = _dumpsets(dumpsets)
+    found = [ds for ds in candidates if any(h.id == hold_id for h in load_holds(ds).list())]
     if len(found) > 1:
         raise click.UsageError(f"hold {hold_id} exists in several dump sets "
                                f"({', '.join(str(ds.root) for ds in found)}); name one with -t")
-    ds = found[0] if found else _dumpsets(dumpsets)[0]
+    if not found:
+        raise HoldError(f"no hold {hold_id!r} in {', '.join(str(ds.root) for ds in candidates)}"
+                        "; list them with npcapmanage holds")
+    ds = found[0]
     become_owner(ds)
     h = release_hold(ds, hold_id)
     click.echo(f"hold {h.id} released on {ds.root} ({h.reason}; placed by {h.user} at "

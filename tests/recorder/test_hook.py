@@ -132,3 +132,19 @@ def test_the_hook_never_runs_as_root(veth, tmp_path):
     assert r.stderr.strip().startswith("recorder: error: --exec-cmd would run as root: give -u")
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ds").exists()
+
+
+def test_at_most_exec_max_commands_run_at_once(tmp_path):
+    ds = make_dumpset(tmp_path / "ds", nfiles=5)
+    log = tmp_path / "log"
+    hook = FileHook(f"echo start >> {log}; sleep 0.3; echo end >> {log}", ds.root,
+                    max_running=2)
+    for sf in ds.files():
+        hook.submit(sf)
+    assert len(hook.running) == 2 and len(hook.queue) == 3
+    hook.close()
+    running = most = 0
+    for line in log.read_text().split():
+        running += 1 if line == "start" else -1
+        most = max(most, running)
+    assert most == 2 and running == 0 and hook.started == 5
