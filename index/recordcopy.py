@@ -23,19 +23,21 @@ def record_sizes(caplen: np.ndarray) -> np.ndarray:
     return np.asarray(caplen, dtype=np.int64) + RECORD_HEADER_LEN
 
 
-def copy_records(
-    src: np.ndarray, data_offset: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray,
-    ts_ns: np.ndarray, nanosecond: bool,
+def build_pcap(
+    head: bytes, src: np.ndarray, data_offset: np.ndarray, caplen: np.ndarray,
+    wirelen: np.ndarray, ts_ns: np.ndarray, nanosecond: bool,
 ) -> np.ndarray:
-    """The pcap records (no global header) of the packets whose bytes are at `data_offset`.
+    """A whole pcap: the global header `head`, then the records of the packets whose bytes are
+    at `data_offset` of `src`, in one allocation (files are rewritten whole, in memory).
 
-    `src` is the uint8 buffer holding them; timestamps are written in nanoseconds or, when
-    not `nanosecond`, truncated to microseconds.
+    Timestamps are written in nanoseconds or, when not `nanosecond`, truncated to
+    microseconds.
     """
     sizes = record_sizes(caplen)
-    out = np.empty(int(sizes.sum()), dtype=np.uint8)
-    put_records(out, np.cumsum(sizes) - sizes, src, data_offset, caplen, wirelen, ts_ns,
-                nanosecond)
+    out = np.empty(len(head) + int(sizes.sum()), dtype=np.uint8)
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    put_records(out, len(head) + np.cumsum(sizes) - sizes, src, data_offset, caplen, wirelen,
+                ts_ns, nanosecond)
     return out
 
 

@@ -42,7 +42,7 @@ from pcapvault.index.indexfile import PacketIndex, encode_index, read_index
 from pcapvault.index.libpcap import FilterError, compile_filter
 from pcapvault.index.pcapfile import PcapReader, RecordTable, parse_global_header, scan_records
 from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN, global_header
-from pcapvault.index.recordcopy import copy_records, record_sizes
+from pcapvault.index.recordcopy import build_pcap, record_sizes
 from pcapvault.index.repair import live, lock
 from pcapvault.index.times import TimeError, format_time, parse_window
 
@@ -228,6 +228,28 @@ def _renamed(sf: StoredFile, first_ns: int) -> StoredFile:
         ns += 1000
 
 
+def fix_names(ds: DumpSet, begin_ns: int, end_ns: int,
+              report: Callable[[str], None] = lambda line: None) -> None:
+    """Give a file of the window named earlier than its first packet (a deletion stopped
+    between replacing its pcap and renaming it) its first packet's name, with its index and
+    links, so that npcaprepair's checks hold again."""
+    for sf in files_overlapping(ds, begin_ns, end_ns):
+        try:
+            first = read_index(sf.index, packets=False).first_ns
+        except FormatError:
+            continue  # the plan refuses it with the repair hint
+        final = _renamed(sf, first)
+        if final == sf:
+            continue
+        with ds.links_locked():
+            timeline.unlink(ds.timeline, sf.slot, sf.name)
+            os.rename(sf.pcap, final.pcap)
+            os.rename(sf.index, final.index)
+            ds.link(final)
+        report(f"renamed {_rel(ds, sf)} to {final.name}, its first packet's name (a deletion "
+               "had stopped halfway)")
+
+
 def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
     """Rewrite one file without the packets `cut.keep` leaves out: the file as now stored, or
     None when it changed or went since the plan (the budget deleted it) and was left alone."""
@@ -244,15 +266,13 @@ def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
         t = scan_records(arr, r.header)
         keep = cut.keep
         h = r.header
-        head = np.frombuffer(global_header(h.linktype, h.snaplen, h.nanosecond), np.uint8)
-        body = copy_records(arr, t.offset[keep].astype(np.int64) + RECORD_HEADER_LEN,
-                            t.caplen[keep], t.wirelen[keep], t.ts_ns[keep], h.nanosecond)
+        head = global_header(h.linktype, h.snaplen, h.nanosecond)
+        new = build_pcap(head, arr, t.offset[keep].astype(np.int64) + RECORD_HEADER_LEN,
+                         t.caplen[keep], t.wirelen[keep], t.ts_ns[keep], h.nanosecond)
         del arr
     finally:
         r.close()
-    new = np.concatenate((head, body))
-    del body
-    idx, _ = index_pcap(new, parse_global_header(bytes(head), str(sf.pcap)))
+    idx, _ = index_pcap(new, parse_global_header(head, str(sf.pcap)))
     mode = st.st_mode & 0o777
     if compressed.is_compressed(sf.pcap):
         tmp = temp_path(sf.pcap)
@@ -410,6 +430,7 @@ def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
         raise PcapVaultError(f"{ds.root} belongs to uid {owner}; run as its owner or as root")
     become_owner(ds)
     recording = writer_lock(ds)
+    fix_names(ds, begin_ns, end_ns, report=click.echo)
     try:
         plan = plan_delete(ds, begin_ns, end_ns, expr, recording)
     except FilterError as e:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dumpsets import assert_clean
+from dumpsets import assert_clean, repair
 from extract_helpers import (
     NS,
     SYNTH_START,
@@ -336,3 +336,32 @@ def test_a_hold_placed_after_the_plan_wins(synth):
     for c in plan.cuts[1:]:
         rel = str(c.sf.pcap.relative_to(root))
         assert now[rel] == later[rel]
+
+
+def test_stopped_before_the_new_name_is_fixed_by_running_again(synth, tmp_path, monkeypatch):
+    """A stop after the new pcap replaced the old but before the file took its new first
+    packet's name: npcaprepair makes it consistent, and the deletion run again renames it, so
+    the repair finds nothing more to do."""
+    from pcapvault.tools import rangedelete
+
+    root, originals = synth
+    ds = DumpSet.open(root)
+    first = ds.files()[1]
+    b, e = first.first_ns, first.first_ns + 20 * NS  # its first packets
+    plan = rangedelete.plan_delete(ds, b, e)
+    assert [c.sf for c in plan.cuts] == [first] and plan.cuts[0].keep is not None
+
+    def stop(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rangedelete.os, "rename", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rangedelete.execute(plan, rangedelete.Done())
+    monkeypatch.undo()
+    repair(root)
+    assert "another file's" in repair(root, "--dry-run").stdout  # the name is too early
+    r = manage("-t", str(root), "-b", epoch(b), "-e", epoch(e), "--yes")
+    assert r.returncode == 0 and "renamed" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "", b, e))
+    assert sorted(extract_all(root, tmp_path / "all.pcap")) == want
