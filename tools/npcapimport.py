@@ -165,7 +165,7 @@ def _overlap(ds: DumpSet, names: str, lo: int, hi: int, recording: bool) -> None
 
 
 @dataclass
-class Source:
+class ImportedCapture:
     """A capture to import, as the first pass saw it."""
 
     path: Path
@@ -179,7 +179,7 @@ class Source:
 class Cluster:
     """Captures overlapping each other in time (often just one): they become files together."""
 
-    sources: list[Source]
+    sources: list[ImportedCapture]
 
     @property
     def lo(self) -> int:
@@ -219,7 +219,7 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
     reg = load_registry(ds)
     want = int(ds.meta.get("linktype", 1))
     seen: dict[str, Path] = {}
-    found: list[Source] = []
+    found: list[ImportedCapture] = []
     for path in paths:
         try:
             cap = open_capture(path, ds.root)
@@ -245,7 +245,7 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
         if lo < 0 or hi >= PCAP_TIME_END:
             raise ImportRefused(f"{path}: timestamps outside what a pcap holds (1970 to 2106); "
                                 "nothing was imported: leave it out")
-        found.append(Source(path, cap.digest, len(cap), lo, hi))
+        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi))
         del cap, ts
     found.sort(key=lambda s: s.lo)
     clusters: list[Cluster] = []
