@@ -82,8 +82,10 @@ def accounts():
         Path(f"/etc/pam.d/{pam}").write_text((ROOT / "systemd/pam.d/npcapextract").read_text())
         yield svc, group, user, password, pam
     finally:
-        for u in (user, svc):  # the server's helpers may take a moment to exit
-            for _ in range(50):
+        # The server's helpers may take a moment to exit, and other sessions' tests may
+        # hold the password file's lock.
+        for u in (user, svc):
+            for _ in range(300):
                 if subprocess.run(["userdel", u], capture_output=True).returncode in (0, 6):
                     break
                 time.sleep(0.1)
