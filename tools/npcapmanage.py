@@ -16,6 +16,7 @@ from pcapvault.index.holds import Hold, HoldError, load_holds, place_hold, relea
 from pcapvault.index.times import HELP, format_time, parse_window
 
 from .npcaprepair import become_owner
+from .rangedelete import delete
 
 EPILOG = """\b
 Examples:
@@ -133,6 +134,9 @@ def list_holds(dumpsets: tuple[Path, ...], as_json: bool) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+cli.add_command(delete)
 
 
 def _json(ds: DumpSet, h: Hold) -> dict[str, object]:

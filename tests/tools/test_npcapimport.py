@@ -1,0 +1,391 @@
+"""`npcapimport`: existing captures adopted into a dump set are extracted as tcpdump reads them
+(every pcap variant, pcapng, gzip, zstd), once, in file order, and what cannot be adopted is
+refused with one line."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import pyzstd
+from dumpsets import assert_clean, repair
+from extract_helpers import (
+    CORPUS,
+    NS,
+    SYNTH_START,
+    epoch,
+    read_pcap_records,
+    synthetic_traffic,
+    tcpdump_select,
+    write_pcap,
+)
+from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
+
+from pcapvault.index.dumpset import DumpSet
+
+ALL = ("1970-01-01T00:00:00Z", "2106-02-08T00:00:00Z")
+
+
+def new_dumpset(root: Path, nanosecond: bool = True, linktype: int = 1) -> Path:
+    DumpSet.create(root, interface="eth0", linktype=linktype, snaplen=262144,
+                   nanosecond=nanosecond)
+    return root
+
+
+def npcapimport(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("npcapimport"), *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def extract(root: Path, out: Path, begin: str = ALL[0], end: str = ALL[1],
+            expr: str = "") -> list:
+    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b", begin, "-e", end, "-o",
+                        str(out), *(["-f", expr] if expr else [])],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr  # 1: nothing matched
+    return read_pcap_records(out.read_bytes()) if out.exists() else []
+
+
+def one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("npcapimport: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def write_variant(path: Path, packets: list, big_endian: bool, nanosecond: bool,
+                  linktype: int = 1) -> None:
+    """A classic pcap in either byte order and precision."""
+    o = ">" if big_endian else "<"
+    parts = [struct.pack(o + "IHHiIII", 0xA1B23C4D if nanosecond else 0xA1B2C3D4, 2, 4, 0, 0,
+                         262144, linktype)]
+    for ts, data, wire in packets:
+        sec, frac = divmod(ts, NS)
+        parts.append(struct.pack(o + "IIII", sec, frac if nanosecond else frac // 1000,
+                                 len(data), wire) + data)
+    path.write_bytes(b"".join(parts))
+
+
+def write_pcapng(path: Path, packets: list, big_endian: bool = False, interfaces: int = 1,
+                 tsresol: int | None = 9) -> None:
+    """A pcapng: one section, `interfaces` Ethernet interfaces, enhanced packet blocks."""
+    o = ">" if big_endian else "<"
+
+    def block(btype: int, body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 4)
+        n = len(body) + 12
+        return struct.pack(o + "II", btype, n) + body + struct.pack(o + "I", n)
+
+    out = [block(0x0A0D0D0A, struct.pack(o + "IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    for _ in range(interfaces):
+        opts = b""
+        if tsresol is not None:
+            opts = struct.pack(o + "HH", 9, 1) + bytes([tsresol]) + b"\0" * 3
+        out.append(block(1, struct.pack(o + "HHI", 1, 0, 262144) + opts
+                         + struct.pack(o + "HH", 0, 0)))
+    div = 10 ** (9 - (tsresol if tsresol is not None else 6))
+    for ts, data, wire in packets:
+        units = ts // div
+        out.append(block(6, struct.pack(o + "IIIII", 0, units >> 32, units & 0xFFFFFFFF,
+                                        len(data), wire) + data))
+    path.write_bytes(b"".join(out))
+
+
+def traffic(n: int = 600, start: int = SYNTH_START, span: float = 1500.0) -> list:
+    return synthetic_traffic(n, start, seed=5, span_s=span)
+
+
+def as_us(packets: list) -> list:
+    return [(ts // 1000 * 1000, d, w) for ts, d, w in packets]
+
+
+def records(packets: list) -> list:
+    return sorted((ts, w, d) for ts, d, w in packets)
+
+
+def test_shared_corpus_extraction_equals_tcpdump(tmp_path):
+    if not CORPUS.is_dir():
+        pytest.skip(f"tcpdump test corpus not found at {CORPUS}")
+    files = sorted(CORPUS.glob("*.pcap"))
+    root = new_dumpset(tmp_path / "ds")
+    r = npcapimport("-t", root, CORPUS)
+    assert r.returncode == 0, r.stderr
+    assert "merged in time order" in r.stdout  # the corpus has overlapping captures
+    assert "nothing to repair" in repair(root, "--dry-run").stdout
+    want = sorted(tcpdump_select(files, ""))
+    assert sorted(extract(root, tmp_path / "all.pcap")) == want
+    udp = sorted(tcpdump_select(files, "udp"))
+    assert udp and sorted(extract(root, tmp_path / "udp.pcap", expr="udp")) == udp
+    # Windows around packets of different captures.
+    rnd = random.Random(3)
+    for ts, _, _ in rnd.sample(want, 6):
+        b, e = ts - rnd.randrange(2 * NS), ts + rnd.randrange(1, 2 * NS)
+        got = extract(root, tmp_path / f"w{ts}.pcap", epoch(b), epoch(e))
+        assert sorted(got) == [p for p in want if b <= p[0] < e]
+
+
+VARIANTS = {
+    "le-us": lambda p, pk: write_variant(p, pk, False, False),
+    "be-us": lambda p, pk: write_variant(p, pk, True, False),
+    "le-ns": lambda p, pk: write_variant(p, pk, False, True),
+    "be-ns": lambda p, pk: write_variant(p, pk, True, True),
+    "pcapng": lambda p, pk: write_pcapng(p, pk),
+    "pcapng-be-usec": lambda p, pk: write_pcapng(p, pk, big_endian=True, tsresol=None),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("packing", ["plain", "gz", "zst"])
+def test_every_variant_and_compression(tmp_path, variant, packing):
+    pk = traffic(300)
+    src = tmp_path / f"in.{variant}"
+    VARIANTS[variant](src, pk)
+    oracle = sorted(tcpdump_select([src], ""))  # tcpdump reads every variant itself
+    micro = variant.endswith("us") or variant.endswith("usec")
+    assert oracle == records(as_us(pk) if micro else pk)
+    if packing == "gz":
+        src = src.with_name(src.name + ".gz")
+        src.write_bytes(gzip.compress((tmp_path / f"in.{variant}").read_bytes()))
+    elif packing == "zst":
+        src = src.with_name(src.name + ".zst")
+        src.write_bytes(pyzstd.compress((tmp_path / f"in.{variant}").read_bytes()))
+    root = new_dumpset(tmp_path / "ds")
+    r = npcapimport("-t", root, "-p", "16K", src)
+    assert r.returncode == 0, r.stderr
+    ds = DumpSet.open(root)
+    assert len(ds.files()) > 3  # cut at 16K and at slot boundaries
+    assert all(sf.first_ns // (600 * NS) == sf.slot // 600 for sf in ds.files())
+    assert sorted(extract(root, tmp_path / "out.pcap")) == oracle
+    assert_clean(root)
+
+
+def test_microsecond_dump_set_keeps_its_precision(tmp_path):
+    pk = traffic(200)
+    src = tmp_path / "in.pcap"
+    write_pcap(src, pk)  # nanosecond
+    root = new_dumpset(tmp_path / "ds", nanosecond=False)
+    assert npcapimport("-t", root, src).returncode == 0
+    for sf in DumpSet.open(root).files():
+        assert struct.unpack_from("<I", sf.pcap.read_bytes())[0] == 0xA1B2C3D4
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(as_us(pk))
+
+
+def test_twice_is_not_duplicated(tmp_path):
+    pk = traffic(300)
+    src = tmp_path / "in.pcap"
+    write_pcap(src, pk)
+    same = tmp_path / "copy.pcap.gz"
+    same.write_bytes(gzip.compress(src.read_bytes()))
+    root = new_dumpset(tmp_path / "ds")
+    assert npcapimport("-t", root, src).returncode == 0
+    names = [sf.name for sf in DumpSet.open(root).files()]
+    for again in (src, same):
+        r = npcapimport("-t", root, again)
+        assert r.returncode == 0 and "already imported" in r.stdout, r.stdout + r.stderr
+    assert [sf.name for sf in DumpSet.open(root).files()] == names
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+
+
+def test_out_of_order_packets_keep_file_order_and_windows_are_exact(tmp_path):
+    rnd = random.Random(9)
+    pk = traffic(1500, span=1700)
+    # Jitter: packets step back by up to half a second, some by five seconds, a few arrive
+    # 3 minutes late (so some cuts must wait), all kept in this order.
+    shuffled = []
+    for i, (ts, d, w) in enumerate(pk):
+        back = rnd.choice([0, 0, 0, rnd.randrange(NS // 2), 5 * NS])
+        if i % 400 == 200:
+            back = 180 * NS
+        shuffled.append((ts - back, d, w))
+    src = tmp_path / "jitter.pcap"
+    write_pcap(src, shuffled)
+    root = new_dumpset(tmp_path / "ds")
+    r = npcapimport("-t", root, "-p", "32K", src)
+    assert r.returncode == 0, r.stderr
+    assert_clean(root)
+    stored = []
+    for sf in DumpSet.open(root).files():
+        stored += read_pcap_records(sf.pcap.read_bytes())
+    assert stored == [(ts, w, d) for ts, d, w in shuffled]  # file order kept
+    want = sorted(tcpdump_select([src], ""))
+    for k in range(40):
+        b = SYNTH_START - 200 * NS + rnd.randrange(1900 * NS)
+        e = b + rnd.choice([NS // 10, NS, 7 * NS, 60 * NS, 700 * NS])
+        got = extract(root, tmp_path / f"w{k}.pcap", epoch(b), epoch(e))
+        assert sorted(got) == [p for p in want if b <= p[0] < e], (k, b, e)
+
+
+def test_overlapping_captures_are_merged_and_recorded_files_refused(tmp_path):
+    pk = traffic(400)
+    a, b, c = tmp_path / "a.pcap", tmp_path / "b.pcapng", tmp_path / "c.pcap"
+    write_pcap(a, pk[0::2])
+    write_pcapng(b, pk[1::2])
+    write_pcap(c, [(ts + 5 * NS, d, w) for ts, d, w in pk[100:110]])
+    root = new_dumpset(tmp_path / "ds")
+    r = npcapimport("-t", root, a, b)
+    assert r.returncode == 0 and "merged in time order" in r.stdout, r.stdout + r.stderr
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+    before = sorted(p.name for p in root.rglob("*.pcap"))
+    one_line(npcapimport("-t", root, c), 1, str(c), "overlap", "nothing was imported")
+    assert sorted(p.name for p in root.rglob("*.pcap")) == before
+    assert_clean(root)
+
+
+def test_link_type_is_refused(tmp_path):
+    src = tmp_path / "raw.pcap"
+    write_variant(src, [(SYNTH_START, bytes(20), 20)], False, True, linktype=101)
+    root = new_dumpset(tmp_path / "ds")
+    one_line(npcapimport("-t", root, src), 1, "link type 101", "dump set's 1")
+    assert not DumpSet.open(root).files()
+
+
+def test_several_interfaces_and_broken_files_are_refused(tmp_path):
+    root = new_dumpset(tmp_path / "ds")
+    two = tmp_path / "two.pcapng"
+    write_pcapng(two, traffic(5), interfaces=2)
+    one_line(npcapimport("-t", root, two), 1, "several interfaces")
+    junk = tmp_path / "junk.pcap"
+    junk.write_bytes(b"hello, not a capture at all")
+    one_line(npcapimport("-t", root, junk), 1, "not a pcap")
+    future = tmp_path / "2200.pcapng"
+    write_pcapng(future, [(7_258_118_400 * NS, bytes(60), 60)])
+    one_line(npcapimport("-t", root, future), 1, "1970 to 2106")
+    bad_gz = tmp_path / "cut.pcap.gz"
+    bad_gz.write_bytes(gzip.compress(random.Random(1).randbytes(100000))[:500])
+    one_line(npcapimport("-t", root, bad_gz), 1, "damaged compressed data")
+    assert not DumpSet.open(root).files()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-p", "lots"], "-p"),
+    (["/nonexistent/capture.pcap"], "does not exist"),
+    ([], "Missing argument"),
+])
+def test_bad_usage_is_one_line_exit_2(tmp_path, args, needle):
+    src = tmp_path / "in.pcap"
+    write_pcap(src, traffic(5))
+    root = new_dumpset(tmp_path / "ds")
+    extra = [] if args and args[0].startswith("/") or not args else [src]
+    one_line(npcapimport("-t", root, *args, *extra), 2, needle)
+
+
+def test_imported_files_count_against_the_budget(tmp_path):
+    src = tmp_path / "in.pcap"
+    write_pcap(src, traffic(300))
+    root = new_dumpset(tmp_path / "ds")
+    before = DumpSet.open(root).usage()
+    assert npcapimport("-t", root, src).returncode == 0
+    ds = DumpSet.open(root)
+    pcaps = sum(sf.pcap.stat().st_size + sf.index.stat().st_size for sf in ds.files())
+    assert ds.usage() >= before + pcaps > before + src.stat().st_size
+
+
+def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatch):
+    from pcapvault.tools import npcapimport as imp
+
+    pk = traffic(600)
+    src = tmp_path / "in.pcap"
+    write_pcap(src, pk)
+    root = new_dumpset(tmp_path / "ds")
+    ds = DumpSet.open(root)
+    real = imp.index_and_link
+    calls = []
+
+    def die_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(imp, "index_and_link", die_on_third)
+    clusters = imp.survey(ds, [src])
+    with pytest.raises(KeyboardInterrupt):
+        imp.import_cluster(ds, clusters[0], 64 << 10, 0o640)
+    monkeypatch.undo()
+    assert len(ds.files()) == 3  # two indexed, the third placed but not indexed
+    r = npcapimport("-t", root, "-p", "64K", src)
+    assert r.returncode == 0 and "stopped halfway" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+
+
+def test_import_beside_a_running_recorder(veth, tmp_path):
+    """Old captures go in while the recorder records; one reaching into the file it writes
+    is refused."""
+    root = tmp_path / "ds"
+    rec = RecorderProc(veth, root, "--disk-limit", "1GB")
+    src = tmp_path / "live.pcap"
+    synthetic_pcap(src, 100, 200)
+    veth.send([src])
+    time.sleep(0.3)
+    pk = traffic(300)
+    old = tmp_path / "old.pcap"
+    write_pcap(old, pk)
+    r = npcapimport("-t", root, old)
+    assert r.returncode == 0, r.stderr
+    recent = tmp_path / "recent.pcap"
+    write_pcap(recent, [(time.time_ns() + 10 * NS, bytes(60), 60)])
+    one_line(npcapimport("-t", root, recent), 1, "running recorder")
+    assert rec.proc.poll() is None
+    assert rec.stop() == 0, rec.stderr
+    assert_clean(root)
+    assert sorted(extract(root, tmp_path / "old-out.pcap", epoch(pk[0][0]),
+                          epoch(pk[-1][0] + 1))) == records(pk)
+    assert len(recorded_frames(root)) == 100 + len(pk)
+
+
+def test_root_imports_as_the_dump_sets_owner(tmp_path):
+    import os
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pv-owner-"))  # traversable by the owner
+    try:
+        base.chmod(0o755)
+        root = new_dumpset(base / "ds")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        src = base / "in.pcap"
+        write_pcap(src, traffic(100))
+        src.chmod(0o644)
+        r = npcapimport("-t", root, src)
+        assert r.returncode == 0, r.stderr
+        owners = {p: p.lstat().st_uid for p in [root, *root.rglob("*")]}
+        assert set(owners.values()) == {nobody.pw_uid}, owners
+        assert (root / "imports.json").exists()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_packets_longer_than_the_dump_sets_snaplen_are_cut_and_said_to_be(tmp_path):
+    pk = traffic(50)
+    big = (pk[10][0] + 1, pk[10][1] + bytes(4000), len(pk[10][1]) + 4000)
+    src = tmp_path / "jumbo.pcap"
+    write_pcap(src, [*pk[:11], big, *pk[11:]])
+    root = tmp_path / "ds"
+    DumpSet.create(root, interface="eth0", linktype=1, snaplen=1536, nanosecond=True)
+    r = npcapimport("-t", root, src)
+    assert r.returncode == 0 and "1 packets longer" in r.stdout, r.stdout + r.stderr
+    got = extract(root, tmp_path / "out.pcap")
+    assert sorted(got) == records([*pk, (big[0], big[1][:1536], big[2])])
+    # tcpdump reads the extraction as stored: the header's snapshot length covers it.
+    assert sorted(tcpdump_select([tmp_path / "out.pcap"], "")) == sorted(got)
+
+
+def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path):
+    src = tmp_path / "in.pcap"
+    write_pcap(src, traffic(50))
+    root = new_dumpset(tmp_path / "ds")
+    (root / "imports.json").write_text("{ half")
+    one_line(npcapimport("-t", root, src), 1, "imports.json is damaged")
+    assert not DumpSet.open(root).files()

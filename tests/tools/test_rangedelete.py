@@ -1,0 +1,367 @@
+"""`npcapmanage delete`: a window cut through files leaves extraction equal to tcpdump's
+selection minus the deleted packets; held files are refused; every run is audited."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dumpsets import assert_clean, repair
+from extract_helpers import (
+    NS,
+    SYNTH_START,
+    epoch,
+    read_pcap_records,
+    synthetic_dumpset,
+    tcpdump_select,
+    tcpdump_window,
+)
+from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
+
+from pcapvault.index.dumpset import DumpSet
+from pcapvault.index.holds import place_hold
+
+
+def manage(*args: str) -> subprocess.CompletedProcess:
+    """`npcapmanage delete ARGS` with stdin not a terminal."""
+    return subprocess.run([tool("npcapmanage"), "delete", *args], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def extract_all(root: Path, out: Path) -> list:
+    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b",
+                        epoch(SYNTH_START - 3600 * NS), "-e", epoch(SYNTH_START + 7200 * NS),
+                        "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr  # 1: nothing matched
+    return read_pcap_records(out.read_bytes()) if out.exists() else []
+
+
+def one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def synth(tmp_path):
+    root, pcaps = synthetic_dumpset(tmp_path / "ds")
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    copies = []
+    for p in pcaps:
+        copies.append(orig / p.name)
+        shutil.copyfile(p, copies[-1])
+    return root, copies
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name.endswith((".pcap",
+                                                                                ".idx"))}
+
+
+def minus(all_pkts: list, gone: list) -> list:
+    left = sorted(all_pkts)
+    for p in gone:
+        left.remove(p)
+    return left
+
+
+@pytest.mark.parametrize("expr", ["", "udp"])
+def test_delete_window_cut_through_files(synth, tmp_path, expr):
+    root, originals = synth
+    # 7 to 17 minutes in: cuts the files at both ends, whole files in between, crosses a slot.
+    b, e = SYNTH_START + 420 * NS + 1234, SYNTH_START + 1020 * NS + 777
+    before = len(DumpSet.open(root).files())
+    args = ["-t", str(root), "-b", epoch(b), "-e", epoch(e), "--yes"]
+    r = manage(*args, *(["-f", expr] if expr else []))
+    assert r.returncode == 0, r.stderr
+    assert "deleted" in r.stdout and "rewrote" in r.stdout, r.stdout
+    gone = tcpdump_window(originals, expr or "", b, e)
+    assert gone
+    want = minus(tcpdump_select(originals, ""), gone)
+    got = extract_all(root, tmp_path / "all.pcap")
+    assert sorted(got) == want
+    assert_clean(root)
+    if expr:  # with a filter every file of the window is rewritten, none deleted
+        assert len(DumpSet.open(root).files()) == before
+    else:
+        assert len(DumpSet.open(root).files()) < before
+    rec = json.loads((root / "audit.log").read_text().splitlines()[-1])
+    assert rec["event"] == "delete" and rec["outcome"] == "deleted"
+    assert rec["packets"] == len(gone)
+    assert rec["bytes"] == sum(16 + len(p[2]) for p in gone)
+    assert rec["filter"] == expr and rec["user"] == "root" and rec["files"]
+    assert rec["begin"] == "2025-11-21T15:07:00.123458023Z"
+    # A second run finds nothing and audits nothing.
+    r = manage(*args, *(["-f", expr] if expr else []))
+    assert r.returncode == 0 and "nothing to delete" in r.stdout, r.stdout + r.stderr
+    assert len((root / "audit.log").read_text().splitlines()) == 1
+
+
+def test_held_files_are_refused_and_nothing_deleted(synth):
+    root, _ = synth
+    ds = DumpSet.open(root)
+    hold = place_hold(ds, SYNTH_START + 1000 * NS, SYNTH_START + 1001 * NS, "case 7", "root")
+    before = digests(root)
+    r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+               epoch(SYNTH_START + 1020 * NS), "--yes")
+    line = one_line(r, 1, "legal hold", hold.files[0], "nothing was deleted")
+    assert line.startswith("npcapmanage: error:")
+    assert digests(root) == before
+    assert not (root / "audit.log").exists()
+
+
+def test_no_terminal_needs_yes(synth):
+    root, _ = synth
+    before = digests(root)
+    r = manage("-t", str(root), "-b", epoch(SYNTH_START), "-e", epoch(SYNTH_START + NS))
+    one_line(r, 2, "--yes", "terminal")
+    assert digests(root) == before
+
+
+def _on_terminal(args: list[str], answer: bytes) -> tuple[int, bytes]:
+    """Run the command on a pseudo-terminal, answering its question with `answer`."""
+    cmd = [tool("npcapmanage"), "delete", *args]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(cmd[0], cmd)
+    out = b""
+    sent = False
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+        if not sent and b"for good?" in out:
+            os.write(fd, answer)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out
+
+
+def test_confirmation_on_a_terminal(synth):
+    root, _ = synth
+    args = ["-t", str(root), "-b", epoch(SYNTH_START), "-e", epoch(SYNTH_START + 60 * NS)]
+    before = digests(root)
+    code, out = _on_terminal(args, b"n\n")
+    assert code == 1 and b"nothing deleted" in out, out
+    assert digests(root) == before
+    code, out = _on_terminal(args, b"y\n")
+    assert code == 0 and b"deleted" in out, out
+    assert digests(root) != before
+    assert_clean(root)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-b", "yesterday-ish", "-e", "now"], "yesterday-ish"),
+    (["-b", "now", "-e", "-1h"], "after END"),
+    (["-b", "-1h", "-e", "now", "-f", "host nowhere.invalid."], "filter"),
+])
+def test_bad_input_is_one_line_exit_2(synth, args, needle):
+    root, _ = synth
+    one_line(manage("-t", str(root), *args, "--yes"), 2, needle)
+
+
+def test_not_a_dumpset_is_one_line_exit_1(tmp_path):
+    one_line(manage("-t", str(tmp_path), "-b", "-1h", "-e", "now", "--yes"), 1,
+             "not a pcapvault dump set")
+
+
+def test_stopped_between_pcap_and_index_is_repaired(synth, tmp_path, monkeypatch):
+    """A stop after the new pcap is in place but before its index: npcaprepair rebuilds the
+    index (it describes a larger pcap) and extraction has the deletion done."""
+    from pcapvault.tools import rangedelete
+
+    root, originals = synth
+    b, e = SYNTH_START + 420 * NS, SYNTH_START + 430 * NS
+    ds = DumpSet.open(root)
+    plan = rangedelete.plan_delete(ds, b, e)
+    assert [c.keep is not None for c in plan.cuts] == [True]
+    real = os.replace
+    calls = []
+
+    def stop_at_index(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(rangedelete.os, "replace", stop_at_index)
+    with pytest.raises(KeyboardInterrupt):
+        rangedelete.execute(plan, rangedelete.Done())
+    monkeypatch.undo()
+    r = subprocess.run([tool("npcaprepair"), str(root)], capture_output=True, text=True)
+    assert r.returncode == 0 and "rebuild index" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "", b, e))
+    assert sorted(extract_all(root, tmp_path / "all.pcap")) == want
+
+
+def test_audit_line_goes_to_syslog_too(synth, tmp_path):
+    from pamworld import catch_syslog
+
+    root, _ = synth
+    with catch_syslog(tmp_path) as (catcher, prefix):
+        r = subprocess.run([*prefix, tool("npcapmanage"), "delete", "-t", str(root), "-b",
+                            epoch(SYNTH_START), "-e", epoch(SYNTH_START + 30 * NS), "--yes"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        line = (root / "audit.log").read_text().splitlines()[-1]
+        (prio,) = catcher.wait_for("npcapmanage", [line])
+    assert prio >= 0, catcher.received
+    assert json.loads(line)["packets"] > 0
+
+
+def test_delete_beside_a_running_recorder(veth, tmp_path):
+    """A running recorder goes on recording; the file it writes is never touched, and a window
+    reaching into it is refused."""
+    root = tmp_path / "ds"
+    rec = RecorderProc(veth, root, "--disk-limit", "1GB")
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 200, 200)
+    veth.send([src])
+    time.sleep(0.3)
+    rec.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while not any(list(DumpSet.open(root).timeline.rglob(sf.name + ".idx"))
+                  for sf in DumpSet.open(root).files()):
+        assert time.monotonic() < deadline, rec.stderr
+        time.sleep(0.1)
+    first = recorded_frames(root)
+    assert len(first) == 200
+    veth.send([src])  # into the next file, which the recorder keeps open
+    time.sleep(0.3)
+    one_line(manage("-t", str(root), "-b", "-1h", "-e", "now", "--yes"), 1,
+             "a recorder is writing")
+    b, e = first[50][0], first[150][0]
+    r = manage("-t", str(root), "-b", epoch(b), "-e", epoch(e), "--yes")
+    assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+    assert rec.proc.poll() is None
+    assert rec.stop() == 0, rec.stderr
+    after = recorded_frames(root)
+    assert after[:100] == first[:50] + first[150:]
+    assert [f for _, f, _ in after[100:]] == [f for _, f, _ in first]  # the second batch
+    assert_clean(root)
+
+
+def test_compressed_files_are_rewritten_compressed(tmp_path):
+    """A dump set of `recorder --compress`: the cut file stays a seekable .pcap.zst."""
+    from extract_helpers import synthetic_traffic, write_pcap
+
+    from pcapvault.index import timeline
+    from pcapvault.recorder.indexer import index_and_link
+
+    pk = synthetic_traffic(600, SYNTH_START, seed=4, span_s=1500)
+    ds = DumpSet.create(tmp_path / "ds", interface="eth0", linktype=1, snaplen=262144,
+                        nanosecond=True)
+    groups: list[list] = []
+    for p in pk:
+        if not groups or len(groups[-1]) >= 100 or (
+                timeline.slot_of(p[0] // NS) != timeline.slot_of(groups[-1][0][0] // NS)):
+            groups.append([])
+        groups[-1].append(p)
+    for i, g in enumerate(groups):
+        tmp = ds.temp_path(i)
+        write_pcap(tmp, g)
+        index_and_link(ds, ds.place(tmp, g[0][0]), compress=3)
+    originals = []
+    for i, g in enumerate(groups):
+        originals.append(tmp_path / f"orig{i}.pcap")
+        write_pcap(originals[-1], g)
+    b, e = pk[150][0] + 1, pk[420][0]
+    r = manage("-t", str(ds.root), "-b", epoch(b), "-e", epoch(e), "-f", "tcp", "--yes")
+    assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+    assert all(sf.name.endswith(".pcap.zst") for sf in DumpSet.open(ds.root).files())
+    want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "tcp", b, e))
+    assert sorted(extract_all(ds.root, tmp_path / "all.pcap")) == want
+    assert_clean(ds.root)
+
+
+def test_root_deletes_as_the_dump_sets_owner(tmp_path):
+    """What a deletion writes (rewritten files, the audit log) belongs to the dump set's owner,
+    as the recorder's account must go on deleting and rewriting them."""
+    import pwd
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pv-owner-"))  # traversable by the owner
+    try:
+        base.chmod(0o755)
+        root, _ = synthetic_dumpset(base / "ds")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+        r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+                   epoch(SYNTH_START + 1020 * NS), "-f", "udp", "--yes")
+        assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
+        assert json.loads((root / "audit.log").read_text())["user"] == "root"
+        owners = {p: p.lstat().st_uid for p in [root, *root.rglob("*")]}
+        assert set(owners.values()) == {nobody.pw_uid}, owners
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_hold_placed_after_the_plan_wins(synth):
+    """Asked again under the links lock, file by file: the held file and those after it stay."""
+    from pcapvault.tools import rangedelete
+
+    root, _ = synth
+    ds = DumpSet.open(root)
+    plan = rangedelete.plan_delete(ds, SYNTH_START + 420 * NS, SYNTH_START + 1020 * NS)
+    assert len(plan.cuts) >= 3
+    held = plan.cuts[1].sf
+    place_hold(ds, held.first_ns, held.first_ns + 1, "late", "root")
+    later = digests(root)
+    done = rangedelete.Done()
+    with pytest.raises(rangedelete.DeleteRefused, match="legal hold meanwhile"):
+        rangedelete.execute(plan, done)
+    assert done.files == [plan.cuts[0].sf.pcap.relative_to(root).as_posix()]
+    now = digests(root)
+    for c in plan.cuts[1:]:
+        rel = str(c.sf.pcap.relative_to(root))
+        assert now[rel] == later[rel]
+
+
+def test_stopped_before_the_new_name_is_fixed_by_running_again(synth, tmp_path, monkeypatch):
+    """A stop after the new pcap replaced the old but before the file took its new first
+    packet's name: npcaprepair makes it consistent, and the deletion run again renames it, so
+    the repair finds nothing more to do."""
+    from pcapvault.tools import rangedelete
+
+    root, originals = synth
+    ds = DumpSet.open(root)
+    first = ds.files()[1]
+    b, e = first.first_ns, first.first_ns + 20 * NS  # its first packets
+    plan = rangedelete.plan_delete(ds, b, e)
+    assert [c.sf for c in plan.cuts] == [first] and plan.cuts[0].keep is not None
+
+    def stop(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rangedelete.os, "rename", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rangedelete.execute(plan, rangedelete.Done())
+    monkeypatch.undo()
+    repair(root)
+    assert "another file's" in repair(root, "--dry-run").stdout  # the name is too early
+    r = manage("-t", str(root), "-b", epoch(b), "-e", epoch(e), "--yes")
+    assert r.returncode == 0 and "renamed" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "", b, e))
+    assert sorted(extract_all(root, tmp_path / "all.pcap")) == want

@@ -1,0 +1,417 @@
+"""`npcapimport -t DS FILE|DIR...`: adopt existing captures into a dump set.
+
+Teams arrive with years of tcpdump or n2disk captures. Each capture (index/captures.py: pcap
+in any variant, pcapng with one interface, gzip or zstd) is cut into files as the recorder cuts
+them (at a file size, the recorder's -p, and at every 10-minute slot boundary), in the dump set's
+precision, then placed, indexed and linked by the recorder's own steps
+(recorder.indexer.index_and_link), so extraction, the budget, holds and `--max-age` treat them
+like recorded files.
+
+A window's files are found by their start times alone (docs/FORMAT.md), which holds only while
+files do not overlap in time. So captures of one run that overlap each other are merged in
+time order (as mergecap does; a tie keeps the order the captures were given in), and a capture
+that overlaps a file already in the dump set (recorded or imported before), or the file a
+running recorder is writing, is refused, naming the file; a refusal imports nothing of the
+run: no packet is lost or doubled silently. Packets out of time order inside a capture that
+overlaps no other stay in file order; a file is only cut where every packet before the cut is
+earlier than every packet after it (within the second of slack readers allow), and is named by
+its earliest packet.
+
+Every imported capture is recorded by the SHA-256 of its decompressed content in
+DS/imports.json, first as pending with the names of the files it becomes, then as complete:
+importing it again does nothing, and a run stopped halfway is undone by the next run, which
+then imports it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pcapvault.index import timeline
+from pcapvault.index.captures import Capture, open_capture
+from pcapvault.index.dumpset import DumpSet, file_name
+from pcapvault.index.errors import FormatError, PcapVaultError
+from pcapvault.index.holds import files_overlapping, last_packet_ns
+from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
+from pcapvault.index.recordcopy import put_records, record_sizes
+from pcapvault.index.sizes import parse_size
+from pcapvault.index.times import format_time
+from pcapvault.recorder.cli import _mode
+from pcapvault.recorder.indexer import index_and_link
+
+from .npcaprepair import become_owner
+from .rangedelete import recording_from, write_synced, writer_lock
+
+IMPORTS_FILE = "imports.json"
+FORMAT = "pcapvault-imports"
+VERSION = 1
+DEFAULT_FILE_BYTES = 256 << 20
+NS = 1_000_000_000
+# Readers allow this much of a file's packets past the next file's first one (docs/FORMAT.md).
+SLACK_NS = NS
+SLOT_NS = timeline.SLOT_SECONDS * NS
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".dmp")
+# A pcap record's seconds are an unsigned 32-bit number.
+PCAP_TIME_END = (1 << 32) * NS
+
+
+class ImportRefused(PcapVaultError):
+    """A capture that cannot be adopted as it is (link type, overlap, disorder)."""
+
+
+# --- the registry of imported captures ------------------------------------------------------
+
+
+def _registry_path(ds: DumpSet) -> Path:
+    return ds.root / IMPORTS_FILE
+
+
+def load_registry(ds: DumpSet) -> dict:
+    """digest -> entry of every capture imported (or being imported) into the dump set."""
+    path = _registry_path(ds)
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        doc = {"error": str(e)}
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get(
+            "version") != VERSION or not isinstance(doc.get("imports"), dict):
+        raise ImportRefused(
+            f"{path} is damaged or of another version ({str(doc)[:60]}); restore it from a "
+            "backup, or remove it (captures imported before would then be imported again, "
+            "and refused where they overlap what they became)")
+    return doc["imports"]
+
+
+def _store_registry(ds: DumpSet, reg: dict) -> None:
+    timeline.write_json_atomic(_registry_path(ds), {"format": FORMAT, "version": VERSION,
+                                                    "imports": reg})
+
+
+# --- cutting a capture into files -----------------------------------------------------------
+
+
+def cut_points(ts: np.ndarray, sizes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) packet ranges of the files a capture becomes, in file order.
+
+    Cut where the recorder would (size, slot boundary), but only where every packet before the
+    cut is earlier than every packet after it plus the readers' slack; out-of-order packets
+    may so make a file somewhat larger than `max_bytes` or reach past its slot.
+    """
+    n = len(ts)
+    before_max = np.maximum.accumulate(ts)
+    after_min = np.minimum.accumulate(ts[::-1])[::-1]
+    allowed = np.flatnonzero(before_max[:-1] < after_min[1:] + SLACK_NS) + 1
+    ends = np.cumsum(sizes)
+    out = []
+    start = 0
+    while start < n:
+        by_size = int(np.searchsorted(ends, ends[start] - sizes[start] + max_bytes, "right"))
+        by_size = min(max(by_size, start + 1), n)
+        slot_end = (int(ts[start]) // SLOT_NS + 1) * SLOT_NS
+        late = np.flatnonzero(ts[start + 1 : by_size] >= slot_end)
+        want = start + 1 + int(late[0]) if len(late) else by_size
+        k = int(np.searchsorted(allowed, want))
+        stop = int(allowed[k]) if want < n and k < len(allowed) else n
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _check_findable(names: str, ts: np.ndarray, parts: list[tuple[int, int]]) -> None:
+    """Refuse a capture so out of order that a file would reach beyond the one slot of
+    look-back readers allow: its late packets could not be found by time."""
+    for s, e in parts:
+        lo, hi = int(ts[s:e].min()), int(ts[s:e].max())
+        if (hi - SLACK_NS) // SLOT_NS > lo // SLOT_NS + 1:
+            raise ImportRefused(
+                f"{names}: packets go back and forth in time over more than 10 minutes "
+                f"({format_time(lo)} to {format_time(hi)}); nothing was imported: sort it "
+                "first (reordercap IN OUT) and import the sorted capture")
+
+
+# --- overlaps ---------------------------------------------------------------------------------
+
+
+def _overlap(ds: DumpSet, names: str, lo: int, hi: int, recording: bool) -> None:
+    """Refuse captures spanning [lo, hi] that overlap a file of the dump set in time (or the
+    file a recorder writes, when `recording`)."""
+    writing = recording_from(ds, recording)
+    if writing is not None and hi >= writing:
+        raise ImportRefused(
+            f"{names} reach {format_time(hi)}, past the start of the file a running "
+            f"recorder is writing ({format_time(writing)}); nothing was imported: import "
+            "them into another dump set")
+    for sf in files_overlapping(ds, lo, hi + 1):
+        last = last_packet_ns(sf) or sf.first_ns
+        raise ImportRefused(
+            f"{names} ({format_time(lo)} to {format_time(hi)}) overlap "
+            f"{sf.pcap.relative_to(ds.root)} ({format_time(sf.first_ns)} to "
+            f"{format_time(last)}) of the dump set; nothing was imported: a dump set's files "
+            "must not overlap in time, so import overlapping captures in one run (they are "
+            "merged), or into another dump set")
+
+
+# --- importing --------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportedCapture:
+    """A capture to import, as the first pass saw it."""
+
+    path: Path
+    digest: str
+    packets: int
+    lo: int  # earliest packet, ns in the dump set's precision
+    hi: int  # latest
+
+
+@dataclass
+class Cluster:
+    """Captures overlapping each other in time (often just one): they become files together."""
+
+    sources: list[ImportedCapture]
+
+    @property
+    def lo(self) -> int:
+        return min(s.lo for s in self.sources)
+
+    @property
+    def hi(self) -> int:
+        return max(s.hi for s in self.sources)
+
+    @property
+    def names(self) -> str:
+        """The captures, for messages: a cluster of the whole corpus would fill the screen."""
+        paths = [str(s.path) for s in self.sources]
+        more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
+        return ", ".join(paths[:3]) + more
+
+
+def undo_partial(ds: DumpSet) -> list[str]:
+    """Remove the files of imports stopped halfway (they are imported again); their sources."""
+    reg = load_registry(ds)
+    stale = {d: e for d, e in reg.items() if not e.get("complete")}
+    if not stale:
+        return []
+    by_name = {sf.name: sf for sf in ds.files()}
+    for e in stale.values():
+        for name in e.get("files", []):
+            if name in by_name:
+                ds.delete(by_name.pop(name))
+    _store_registry(ds, {d: e for d, e in reg.items() if d not in stale})
+    return sorted({e["source"] for e in stale.values()})
+
+
+def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambda line: None,
+           recording: bool = False) -> list[Cluster]:
+    """First pass: read every capture, skip those imported before, refuse what cannot be
+    imported (nothing is written), and group the rest into clusters overlapping in time."""
+    reg = load_registry(ds)
+    want = int(ds.meta.get("linktype", 1))
+    seen: dict[str, Path] = {}
+    found: list[ImportedCapture] = []
+    for path in paths:
+        try:
+            cap = open_capture(path, ds.root)
+        except FormatError as e:
+            raise ImportRefused(f"{e}; nothing was imported: leave it out") from None
+        if cap.digest in reg:
+            e = reg[cap.digest]
+            report(f"{path}: already imported (as {e['source']} on {e['imported']}); skipped")
+            continue
+        if cap.digest in seen:
+            report(f"{path}: the same capture as {seen[cap.digest]}; skipped")
+            continue
+        seen[cap.digest] = path
+        if cap.linktype != want:
+            raise ImportRefused(
+                f"{path}: link type {cap.linktype} differs from the dump set's {want}; nothing "
+                "was imported: import it into a dump set of its link type")
+        if not len(cap):
+            report(f"{path}: no packets; nothing to import")
+            continue
+        ts = _in_precision(ds, cap)
+        lo, hi = int(ts.min()), int(ts.max())
+        if lo < 0 or hi >= PCAP_TIME_END:
+            raise ImportRefused(f"{path}: timestamps outside what a pcap holds (1970 to 2106); "
+                                "nothing was imported: leave it out")
+        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi))
+        del cap, ts
+    found.sort(key=lambda s: s.lo)
+    clusters: list[Cluster] = []
+    for src in found:
+        if clusters and src.lo <= clusters[-1].hi:
+            clusters[-1].sources.append(src)
+        else:
+            clusters.append(Cluster([src]))
+    for c in clusters:
+        c.sources.sort(key=lambda s: paths.index(s.path))
+        _overlap(ds, c.names, c.lo, c.hi, recording)
+    return clusters
+
+
+def _in_precision(ds: DumpSet, cap: Capture) -> np.ndarray:
+    return cap.ts_ns if ds.nanosecond else cap.ts_ns // 1000 * 1000
+
+
+def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int,
+                   report: Callable[[str], None] = lambda line: None) -> int:
+    """Second pass for one cluster: cut, write, place, index and link its files; returns
+    how many. Its captures are recorded as pending (with each file's name before the file is
+    placed), then as complete."""
+    caps = []
+    snaplen = min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
+    for src in cluster.sources:
+        cap = open_capture(src.path, ds.root)
+        if cap.digest != src.digest:
+            raise ImportRefused(f"{src.path} changed while being imported; run again")
+        # The dump set keeps `snaplen` bytes of a packet, as the recorder would have, and
+        # extraction's output says so in its header: longer packets are cut, and said to be.
+        longer = int((cap.caplen > snaplen).sum())
+        if longer:
+            np.minimum(cap.caplen, snaplen, out=cap.caplen)
+            report(f"{src.path}: {longer} packets longer than the dump set's snapshot length "
+                   f"({snaplen} bytes) are cut to it, as the recorder cuts them")
+        if cap.torn_bytes:
+            report(f"{src.path}: {cap.torn_bytes} bytes after the last complete packet (a "
+                   "capture cut short) are left out")
+        caps.append(cap)
+    which = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, c in enumerate(caps)])
+    pos = np.concatenate([np.arange(len(c), dtype=np.int64) for c in caps])
+    ts = np.concatenate([_in_precision(ds, c) for c in caps])
+    sizes = np.concatenate([record_sizes(c.caplen) for c in caps])
+    if len(caps) > 1:  # merged in time order; ties keep the order the captures were given in
+        order = np.argsort(ts, kind="stable")
+        which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
+    parts = cut_points(ts, sizes, max_bytes)
+    _check_findable(cluster.names, ts, parts)
+    reg = load_registry(ds)
+    files: list[str] = []
+    for src in cluster.sources:
+        reg[src.digest] = {"source": str(src.path), "imported": format_time(time.time_ns()),
+                           "packets": src.packets, "files": files, "complete": False}
+    nanosecond = ds.nanosecond
+    head = global_header(int(ds.meta.get("linktype", 1)), snaplen, nanosecond)
+    for k, (s, e) in enumerate(parts):
+        first = int(ts[s:e].min())
+        body = np.empty(len(head) + int(sizes[s:e].sum()), dtype=np.uint8)
+        body[: len(head)] = np.frombuffer(head, np.uint8)
+        at = len(head) + np.cumsum(sizes[s:e]) - sizes[s:e]
+        for i, c in enumerate(caps):
+            mine = np.flatnonzero(which[s:e] == i)
+            if len(mine):
+                p = pos[s:e][mine]
+                put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p],
+                            c.wirelen[p], ts[s:e][mine], nanosecond)
+        temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
+        write_synced(temp, body, file_mode)
+        del body
+        # Named before it is placed: a stop from here on is undone by the next run.
+        files.append(f"{file_name(first)}.pcap")
+        _store_registry(ds, reg)
+        sf = ds.place(temp, first)
+        if sf.name != files[-1]:
+            files[-1] = sf.name
+            _store_registry(ds, reg)
+        index_and_link(ds, sf, file_mode)
+    for src in cluster.sources:
+        reg[src.digest]["complete"] = True
+    _store_registry(ds, reg)
+    if len(cluster.sources) > 1:
+        report(f"merged in time order, as they overlap: {cluster.names}")
+    return len(parts)
+
+
+def sources(paths: tuple[Path, ...]) -> list[Path]:
+    """The files given, and the capture files under the directories given (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            for dirpath, dirs, files in os.walk(p):
+                dirs.sort()
+                for n in sorted(files):
+                    if not n.startswith(".") and n.removesuffix(".gz").removesuffix(
+                            ".zst").endswith(CAPTURE_SUFFIXES):
+                        out.append(Path(dirpath) / n)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise click.UsageError(f"{p} does not exist; give capture files or directories")
+    return out
+
+
+EPILOG = """\b
+Examples:
+  npcapimport -t /var/lib/pcapvault/eth0 /srv/old-captures/
+  npcapimport -t /var/lib/pcapvault/eth0 incident-2024.pcapng.gz day1.pcap.zst
+
+Takes pcap (either byte order, micro- or nanosecond), pcapng with one interface, and either
+compressed with gzip or zstd (recognised by content); from a directory, every *.pcap,
+*.pcapng, *.cap and *.dmp (also .gz/.zst) below it. Each capture is cut into files at the
+recorder's file size (-p) and 10-minute slots, in its precision, indexed and linked like recorded
+files, and counted by the recorder's disk budget (which deletes the oldest files first:
+imported old captures go first when the dump set is over its limit). A capture imported
+before is skipped (DS/imports.json records each by its SHA-256). Captures overlapping
+each other in time are merged in time order. A capture that overlaps the dump set's files
+in time, has another link type, or several interfaces is refused, and nothing is imported.
+Run it as the dump set's owner, or as root (it becomes the owner, who must be able to read
+the captures).
+"""
+
+
+@click.command("npcapimport", epilog=EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-t", "--dumpset", "dumpset", required=True, type=click.Path(path_type=Path),
+              help="The dump set (the recorder's -o) or its timeline.")
+@click.option("-p", "--max-file-size", "max_size", default=None, metavar="SIZE",
+              help="Cut files at this size, as the recorder's -p (e.g. 256M; at least 16K).  "
+                   "[default: 256M]")
+@click.option("--file-mode", default="0640", show_default=True, callback=_mode,
+              help="Permissions of the pcap and index files (octal).")
+@click.option("--dir-mode", default="0750", show_default=True, callback=_mode,
+              help="Permissions of new storage directories (octal).")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="FILE|DIR...")
+@click.version_option(package_name="pcapvault", prog_name="npcapimport")
+def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
+            paths: tuple[Path, ...]) -> None:
+    """Import existing capture files into a dump set."""
+    try:
+        given = parse_size(max_size, "-p", 16 << 10) if max_size else None
+    except PcapVaultError as e:
+        raise click.UsageError(str(e)) from None
+    files = sources(paths)
+    ds = DumpSet.open(dumpset)
+    max_bytes = given or DEFAULT_FILE_BYTES
+    become_owner(ds)
+    os.umask(0o777 & ~dir_mode)
+    recording = writer_lock(ds)
+    for name in undo_partial(ds):
+        click.echo(f"{name}: its import was stopped halfway; its files were removed and it "
+                   "is imported again if given")
+    clusters = survey(ds, files, report=click.echo, recording=recording)
+    nfiles = npackets = 0
+    for c in clusters:
+        nfiles += import_cluster(ds, c, max_bytes, file_mode, report=click.echo)
+        for src in c.sources:
+            npackets += src.packets
+            click.echo(f"{src.path}: {src.packets} packets, {format_time(src.lo)} to "
+                       f"{format_time(src.hi)}")
+    click.echo(f"imported {npackets} packets into {nfiles} file(s) of {ds.root}")
+
+
+def main() -> None:
+    from pcapvault.index.cliutil import run
+
+    run(command, "npcapimport")
+
