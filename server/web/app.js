@@ -307,9 +307,12 @@ function drawChart() {
   el.dataset.total = String(v.packets.reduce((s, n) => s + n, 0));
 }
 
-window.addEventListener("resize", () => {
-  if (chart) chart.setSize({ width: $("chart").clientWidth, height: 260 });
-});
+// The chart follows its column's width: a window resized, or a scroll bar that appears once
+// the tables are filled (no resize event for that).
+new ResizeObserver(() => {
+  const width = $("chart").clientWidth;
+  if (chart && width && Math.abs(chart.width - width) > 1) chart.setSize({ width, height: 260 });
+}).observe($("chart"));
 
 // --- download links ----------------------------------------------------------------------
 function updateLinks(table) {
