@@ -26,7 +26,7 @@ Examples:
   npcapmanage holds                  # every hold of the configured dump sets
   npcapmanage holds -t /var/lib/pcapvault/eth0 --json
   npcapmanage release h3
-  npcapmanage delete -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:05:00" -e "2025-11-21 14:06:00" \
+  npcapmanage delete -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:05:00" -e "2025-11-21 14:06:00" \\
       -f "host 10.1.2.3 and port 23"   # a password sent in clear, on purpose, audited
 
 A held file is deleted by nothing: not the recorder's disk budget, not --max-age. When held
