@@ -47,7 +47,7 @@ from pcapvault.index.times import TimeError
 from . import engine
 from .access import QueryTarget, open_query
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
-from .flowplan import Candidates, Source, Stats, _covers_name
+from .flowplan import FilePlan, Source, Stats, _covers_name
 from .output import Batch
 from .readahead import warm_indexes
 from .request import Request
@@ -320,15 +320,15 @@ class _Unsure(Source):
                 if sf.pcap in self._unsure]
 
     def candidates(self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats,
-                   warn: Warn) -> Candidates | None:
+                   warn: Warn) -> FilePlan | None:
         c = super().candidates(sf, begin_ns, end_ns, stats, warn)
         if c is None or self._unsure[sf.pcap] or not c.indexed:
             return c
         keep = ~c.sure
         if not keep.any():
             return None
-        return Candidates(c.file, c.rec[keep], c.caplen[keep], c.wirelen[keep],
-                          c.ts_ns[keep], c.sure[keep], c.indexed)
+        return FilePlan(c.file, c.rec[keep], c.caplen[keep], c.sure[keep],
+                        wirelen=c.wirelen[keep], ts_ns=c.ts_ns[keep], indexed=c.indexed)
 
 
 class _Keyed:
