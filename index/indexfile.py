@@ -29,6 +29,7 @@ from .postings import (
     BLOCK,
     BLOCK_ENTRY_LEN,
     CRC_AT,
+    FIRST_TOTALS_VERSION,
     FRAME_ENTRIES,
     FRAME_ENTRY_LEN,
     HEADER_LEN,
@@ -96,6 +97,12 @@ FLOW_DTYPE = np.dtype(
 FLOW_ROW_LEN = FLOW_DTYPE.itemsize
 # Per-packet bytes of the uncompressed packet section: ts, offset, caplen, wirelen, flow.
 _PACKET_ROW_LEN = 8 + 8 + 4 + 4 + 4
+# Per-flow bytes of the uncompressed summary section after the row: its packet count, and
+# from version 4 on its wire bytes, first and last timestamp (FORMAT.md "Summary section").
+_FLOW_COUNT_LEN = 4
+_FLOW_TOTALS_LEN = 8 + 8 + 8
+_INT64_MAX = np.iinfo(np.int64).max
+_INT64_MIN = np.iinfo(np.int64).min
 
 
 @dataclass(eq=False)
@@ -103,7 +110,9 @@ class PacketIndex:
     """An index in memory: header fields, distinct-flow table and (optionally) packet columns.
 
     `flows` is a FLOW_DTYPE array sorted as the file stores it; `flow_packets[i]` is the number
-    of packets of flow i. The packet columns are None when only the summary was read.
+    of packets of flow i; `flow_bytes`, `flow_first_ns` and `flow_last_ns` its wire bytes and
+    earliest and latest timestamp, so that totals need no packet column (None when read from
+    a version before 4). The packet columns are None when only the summary was read.
     """
 
     nanosecond: bool
@@ -119,11 +128,33 @@ class PacketIndex:
     caplen: np.ndarray | None = None
     wirelen: np.ndarray | None = None
     flow: np.ndarray | None = None
+    flow_bytes: np.ndarray | None = None
+    flow_first_ns: np.ndarray | None = None
+    flow_last_ns: np.ndarray | None = None
     version: int = VERSION  # of the file it was read from; writing always writes VERSION
 
     @property
     def has_packets(self) -> bool:
         return self.flow is not None
+
+    @property
+    def has_totals(self) -> bool:
+        return self.flow_bytes is not None
+
+
+def flow_totals(flow: np.ndarray, nflows: int, ts_ns: np.ndarray, wirelen: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(packets, wire bytes, earliest, latest timestamp) per flow number below `nflows` of
+    the packets whose flow numbers are `flow` (int64; a flow without packets has the
+    largest and smallest int64 as its times)."""
+    count = np.bincount(flow, minlength=nflows).astype(np.int64)
+    # float64 sums are exact below 2**53 bytes
+    wire = np.bincount(flow, weights=wirelen, minlength=nflows).astype(np.int64)
+    first = np.full(nflows, _INT64_MAX, np.int64)
+    last = np.full(nflows, _INT64_MIN, np.int64)
+    np.minimum.at(first, flow, ts_ns)
+    np.maximum.at(last, flow, ts_ns)
+    return count, wire, first, last
 
 
 def flows_as_version(flows: np.ndarray, version: int) -> np.ndarray:
@@ -231,8 +262,26 @@ def _put_planes(planes: np.ndarray, column: np.ndarray) -> None:
 
 
 def _summary_section(idx: PacketIndex) -> bytes:
+    """Rows, packet counts, then the totals (version 4): those `idx` has, else those of its
+    packet columns (an index read from an older version and written again)."""
     flows = np.ascontiguousarray(idx.flows, dtype=FLOW_DTYPE)
-    return flows.tobytes() + np.asarray(idx.flow_packets, dtype="<u4").tobytes()
+    if idx.has_totals:
+        totals = (idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns)
+    else:
+        totals = flow_totals(idx.flow, len(flows), idx.ts_ns, idx.wirelen)[1:]
+    if any(len(t) != len(flows) for t in totals):
+        raise ValueError("flow totals and flows differ in length")
+    return b"".join([flows.tobytes(), np.asarray(idx.flow_packets, dtype="<u4").tobytes(),
+                     *(np.asarray(t, dtype=d).tobytes()
+                       for t, d in zip(totals, ("<u8", "<i8", "<i8"), strict=True))])
+
+
+def summary_size(nflows: int, version: int) -> int:
+    """Bytes of the uncompressed summary section of `nflows` flows in index `version`."""
+    per_flow = FLOW_ROW_LEN + _FLOW_COUNT_LEN
+    if version >= FIRST_TOTALS_VERSION:
+        per_flow += _FLOW_TOTALS_LEN
+    return nflows * per_flow
 
 
 # Postings directory entries (FORMAT.md "Address postings").
@@ -598,13 +647,21 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
 
 
 def _summary_index(h: IndexHeader, blob: bytes | memoryview, name: str) -> PacketIndex:
-    """The index with its flow table, from the compressed summary section."""
-    summary = decompress_exact(blob, h.nflows * (FLOW_ROW_LEN + 4), "summary section", name)
+    """The index with its flow table (and, from version 4 on, its per-flow totals), from
+    the compressed summary section."""
+    n = h.nflows
+    summary = decompress_exact(blob, summary_size(n, h.version), "summary section", name)
+    at = n * (FLOW_ROW_LEN + _FLOW_COUNT_LEN)
+    totals = [None] * 3
+    if h.version >= FIRST_TOTALS_VERSION:
+        totals = [np.frombuffer(summary, dtype=d, count=n, offset=at + 8 * n * i)
+                  for i, d in enumerate(("<u8", "<i8", "<i8"))]
     return PacketIndex(
         nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
         last_ns=h.last_ns, pcap_size=h.pcap_size,
-        flows=np.frombuffer(summary, dtype=FLOW_DTYPE, count=h.nflows),
-        flow_packets=np.frombuffer(summary, dtype="<u4", offset=h.nflows * FLOW_ROW_LEN),
+        flows=np.frombuffer(summary, dtype=FLOW_DTYPE, count=n),
+        flow_packets=np.frombuffer(summary, dtype="<u4", count=n, offset=n * FLOW_ROW_LEN),
+        flow_bytes=totals[0], flow_first_ns=totals[1], flow_last_ns=totals[2],
         version=h.version,
     )
 
@@ -681,10 +738,18 @@ def index_problem(idx: PacketIndex) -> str | None:
         return f"last entry ends at byte {end}, past the pcap size {idx.pcap_size} in the header"
     if int(idx.ts_ns.min()) != idx.first_ns or int(idx.ts_ns.max()) != idx.last_ns:
         return "first/last timestamp in the header differ from the entries'"
-    counts = np.bincount(idx.flow, minlength=len(idx.flows))
+    counts, wire, first, last = flow_totals(idx.flow, len(idx.flows), idx.ts_ns, idx.wirelen)
     if not np.array_equal(counts, idx.flow_packets):
         f = int(np.flatnonzero(counts != idx.flow_packets)[0])
         return f"flow {f}: summary says {idx.flow_packets[f]} packets, entries say {counts[f]}"
+    if idx.has_totals:
+        for mine, theirs, what in ((idx.flow_bytes, wire, "wire bytes"),
+                                   (idx.flow_first_ns, first, "first timestamp"),
+                                   (idx.flow_last_ns, last, "last timestamp")):
+            diff = np.flatnonzero(mine.astype(np.int64) != theirs)
+            if len(diff):
+                f = int(diff[0])
+                return f"flow {f}: summary says {what} {mine[f]}, entries say {theirs[f]}"
     return None
 
 
