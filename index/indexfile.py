@@ -263,17 +263,23 @@ def _put_planes(planes: np.ndarray, column: np.ndarray) -> None:
 
 def _summary_section(idx: PacketIndex) -> bytes:
     """Rows, packet counts, then the totals (version 4): those `idx` has, else those of its
-    packet columns (an index read from an older version and written again)."""
+    packet columns (an index read from an older version and written again).
+
+    The totals are coded as the packet columns are (byte planes, times as differences):
+    first times after the file's first, last times after the flow's first. Nanosecond times
+    barely compress, but their high bytes do (docs/FORMAT.md, "Summary section")."""
     flows = np.ascontiguousarray(idx.flows, dtype=FLOW_DTYPE)
     if idx.has_totals:
-        totals = (idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns)
+        wire, first, last = idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns
     else:
-        totals = flow_totals(idx.flow, len(flows), idx.ts_ns, idx.wirelen)[1:]
-    if any(len(t) != len(flows) for t in totals):
+        wire, first, last = flow_totals(idx.flow, len(flows), idx.ts_ns, idx.wirelen)[1:]
+    if not len(wire) == len(first) == len(last) == len(flows):
         raise ValueError("flow totals and flows differ in length")
+    first = np.asarray(first, dtype="<i8")
+    totals = [np.asarray(wire, dtype="<u8"), first - np.int64(idx.first_ns),
+              np.asarray(last, dtype="<i8") - first]
     return b"".join([flows.tobytes(), np.asarray(idx.flow_packets, dtype="<u4").tobytes(),
-                     *(np.asarray(t, dtype=d).tobytes()
-                       for t, d in zip(totals, ("<u8", "<i8", "<i8"), strict=True))])
+                     _byte_planes(totals).tobytes()])
 
 
 def summary_size(nflows: int, version: int) -> int:
@@ -654,8 +660,10 @@ def _summary_index(h: IndexHeader, blob: bytes | memoryview, name: str) -> Packe
     at = n * (FLOW_ROW_LEN + _FLOW_COUNT_LEN)
     totals = [None] * 3
     if h.version >= FIRST_TOTALS_VERSION:
-        totals = [np.frombuffer(summary, dtype=d, count=n, offset=at + 8 * n * i)
-                  for i, d in enumerate(("<u8", "<i8", "<i8"))]
+        wire, first, duration = _from_planes(np.frombuffer(summary, np.uint8)[at:], n,
+                                             ("<u8", "<i8", "<i8"))
+        first = first + np.int64(h.first_ns)
+        totals = [wire, first, first + duration]
     return PacketIndex(
         nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
         last_ns=h.last_ns, pcap_size=h.pcap_size,
@@ -690,14 +698,8 @@ def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> No
     n = idx.count
     raw = np.frombuffer(
         decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
-    columns = []
-    pos = 0
-    for dtype in ("<i8", "<u8", "<u4", "<u4", "<u4"):
-        width = np.dtype(dtype).itemsize
-        planes = raw[pos : pos + n * width].reshape(width, n)
-        columns.append(np.ascontiguousarray(planes.T).view(dtype).reshape(n))
-        pos += n * width
-    ts_delta, gap, caplen, excess, flow = columns
+    ts_delta, gap, caplen, excess, flow = _from_planes(raw, n, ("<i8", "<u8", "<u4", "<u4",
+                                                                 "<u4"))
     idx.ts_ns = np.cumsum(ts_delta, dtype=np.int64)
     # offset[i] = gap[i] + end of record i-1, i.e. the running sum of gaps and record sizes
     sizes = np.empty(n, dtype=np.uint64)
@@ -709,6 +711,18 @@ def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> No
     idx.flow = flow
     if n and int(flow.max()) >= len(idx.flows):
         raise FormatError(f"{name}: damaged index (flow number beyond the flow table)")
+
+
+def _from_planes(raw: np.ndarray, n: int, dtypes: tuple[str, ...]) -> list[np.ndarray]:
+    """The `n`-element columns of `dtypes` that `_byte_planes` wrote into `raw`."""
+    columns = []
+    pos = 0
+    for dtype in dtypes:
+        width = np.dtype(dtype).itemsize
+        planes = raw[pos : pos + n * width].reshape(width, n)
+        columns.append(np.ascontiguousarray(planes.T).view(dtype).reshape(n))
+        pos += n * width
+    return columns
 
 
 def index_problem(idx: PacketIndex) -> str | None:

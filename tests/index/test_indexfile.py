@@ -96,9 +96,12 @@ def test_header_layout_matches_format_doc() -> None:
     assert (dlen - 40 * keys - 24) % 16 == 0  # keys, frame table, one time block
     summary = pyzstd.decompress(data[80 + dlen : 80 + dlen + slen])
     wire, first, last = flow_totals(idx.flow, 5, idx.ts_ns, idx.wirelen)[1:]
+    # the totals byte-transposed, as the packet columns: wire bytes, first times after the
+    # file's first, last times after the flow's first
+    totals = [wire.astype("<u8"), first - idx.first_ns, last - first]
+    planes = b"".join(c.view(np.uint8).reshape(-1, 8).T.tobytes() for c in totals)
     assert summary == b"".join([idx.flows.tobytes(), idx.flow_packets.astype("<u4").tobytes(),
-                                wire.astype("<u8").tobytes(), first.astype("<i8").tobytes(),
-                                last.astype("<i8").tobytes()])
+                                planes])
     assert wire.sum() == idx.wirelen.sum() and (first <= last).all()
     assert FLOW_DTYPE.itemsize == 48
     assert [FLOW_DTYPE.fields[k][1] for k in ("ethertype", "vlan1", "vlan2", "ipver", "proto",
