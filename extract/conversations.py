@@ -45,6 +45,7 @@ from pcapvault.index.indexfile import (
     flow_totals,
     index_bytes,
     parse_header,
+    take_flows,
 )
 from pcapvault.index.pcapfile import PcapHeader, RecordTable
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN
@@ -298,7 +299,7 @@ class _Matches:
         if not idx.has_packets:  # inside, with totals (see _load)
             if end is None and not (dec == MAYBE).any():
                 yes = np.flatnonzero(dec == YES)
-                return _Rows(idx.flows[yes], idx.flow_packets[yes].astype(np.int64),
+                return _Rows(take_flows(idx.flows, yes), idx.flow_packets[yes].astype(np.int64),
                              idx.flow_bytes[yes].astype(np.int64), idx.flow_first_ns[yes],
                              idx.flow_last_ns[yes]), False
             idx = loaded.with_packets()

@@ -178,6 +178,13 @@ def empty_flows(count: int = 0) -> np.ndarray:
     return rows
 
 
+def take_flows(flows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """flows[rows] of a FLOW_DTYPE array, through a plain bytes view: numpy copies
+    structured rows field by field, twenty times slower."""
+    whole = np.dtype((np.void, FLOW_ROW_LEN))
+    return np.ascontiguousarray(flows).view(whole)[rows].view(FLOW_DTYPE)
+
+
 def flows_of_packets(idx: PacketIndex, packets: np.ndarray | slice | None = None) -> np.ndarray:
     """The flow row of each packet (or of the selected packets), as a FLOW_DTYPE array."""
     if idx.flow is None:
