@@ -4,7 +4,9 @@ computed from the indexes (docs/EXTRACTION.md, "Conversations and volume").
 Every file's index holds each packet's time, wire length and flow row, so a table needs no
 pcap byte when the filter is decided by the flow rows alone (flowmatch: YES or NO). The
 packets of YES rows in the window are summed per flow row, per file, with numpy; the rows of
-all files are then grouped into conversations, endpoints or service ports.
+all files are then grouped into conversations, endpoints or service ports. A file the window
+holds whole needs not even its packet columns when its index (version 4) carries each flow
+row's totals and the filter decides every row: its YES rows' totals are the sums.
 
 Rows the index cannot decide (MAYBE: a filter on TCP flags or payload bytes) are read through
 the one extraction pipeline (engine.extract, libpcap confirming every packet), and the matched
@@ -34,11 +36,16 @@ from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import (
+    FIRST_TOTALS_VERSION,
     FLAG_ADDRS,
     FLAG_PORTS,
     PacketIndex,
     address_text,
-    read_index,
+    decode_index,
+    flow_totals,
+    index_bytes,
+    parse_header,
+    take_flows,
 )
 from pcapvault.index.pcapfile import PcapHeader, RecordTable
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN
@@ -119,6 +126,31 @@ class _Packets:
     ts_ns: np.ndarray
     wirelen: np.ndarray
 
+    def totals(self) -> tuple[int, int]:
+        return len(self.flow), int(self.wirelen.sum())
+
+    def rows(self) -> _Rows:
+        return _Rows(self.flows, *flow_totals(self.flow, len(self.flows), self.ts_ns,
+                                              self.wirelen))
+
+
+@dataclass
+class _Rows:
+    """Matching traffic of one file summed per flow row: from its packets, or from its index's
+    per-flow totals when the window holds the file whole (see _Matches)."""
+
+    flows: np.ndarray  # FLOW_DTYPE table
+    packets: np.ndarray  # per row of `flows`, int64
+    bytes: np.ndarray
+    first: np.ndarray  # earliest and latest timestamp
+    last: np.ndarray
+
+    def totals(self) -> tuple[int, int]:
+        return int(self.packets.sum()), int(self.bytes.sum())
+
+
+_Sink = Callable[[_Packets | _Rows], None]
+
 
 def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
                   limit: int | None = None, warn: Warn = _no_warning) -> Table:
@@ -131,7 +163,7 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
     if limit is not None and limit < 0:
         raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn))
+    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: True)
     rows = _RowTotals()
     scan.run(rows.add)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
@@ -153,13 +185,19 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
     packets = np.zeros(steps, np.int64)
     wire = np.zeros(steps, np.int64)
 
-    def add(p: _Packets) -> None:
-        k = (p.ts_ns - req.begin_ns) // step_ns
-        packets[:] += np.bincount(k, minlength=steps)
-        wire[:] += np.bincount(k, weights=p.wirelen, minlength=steps).astype(np.int64)
+    def step(ts_ns: np.ndarray | int) -> np.ndarray | int:
+        return (ts_ns - req.begin_ns) // step_ns
+
+    def add(p: _Packets | _Rows) -> None:
+        if isinstance(p, _Rows):  # a file inside one step: its rows' totals
+            k, n, w = step(p.first), p.packets, p.bytes
+        else:
+            k, n, w = step(p.ts_ns), None, p.wirelen
+        packets[:] += np.bincount(k, weights=n, minlength=steps).astype(np.int64)
+        wire[:] += np.bincount(k, weights=w, minlength=steps).astype(np.int64)
 
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn))
+    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: step(first) == step(last))
     scan.run(add)
     return Volume(req.begin_ns, step_ns, packets.tolist(), wire.tolist(), scan.read_packets,
                   warnings)
@@ -183,23 +221,29 @@ class _Matches:
     """The packets of a request's window that match its filter, handed to a sink per file
     (decided by the index) or per read batch (MAYBE rows, files without a usable index).
 
+    A file the window holds whole whose packets' span [first, last] `whole` accepts is
+    handed over as its rows' totals instead, when its index has them (version 4) and decides
+    every row: its packet columns are never decoded.
+
     Every dump set is opened and the filter compiled for it before any file is looked at, so
     a bad filter or an unreadable dump set fails at once."""
 
-    def __init__(self, req: Request, warn: Warn):
+    def __init__(self, req: Request, warn: Warn, whole: Callable[[int, int], bool]):
         if req.begin_ns > req.end_ns:
             raise TimeError("the window's begin is after its end")
         self.req = req
         self.warn = warn
+        self.whole = whole
         self.targets: list[QueryTarget] = [open_query(p, req.filter) for p in req.dumpsets]
         self.read_packets = False
         self.packets = 0
         self.bytes = 0
 
-    def run(self, sink: Callable[[_Packets], None]) -> None:
-        def counted(p: _Packets) -> None:
-            self.packets += len(p.flow)
-            self.bytes += int(p.wirelen.sum())
+    def run(self, sink: _Sink) -> None:
+        def counted(p: _Packets | _Rows) -> None:
+            packets, wire = p.totals()
+            self.packets += packets
+            self.bytes += wire
             sink(p)
 
         b, e = self.req.begin_ns, self.req.end_ns
@@ -207,52 +251,66 @@ class _Matches:
         for number, (path, t) in enumerate(zip(self.req.dumpsets, self.targets, strict=True)):
             matcher = FlowMatcher(t.filter)
             unsure: dict[Path, bool] = {}  # pcap -> read it whole (True) or its MAYBE rows
-            for sf, idx in _indexes(t.ds.files_in_window(b, e)):
-                if isinstance(idx, PcapVaultError):
-                    self.warn(f"{sf.pcap}: index unusable ({idx}); reading the pcap")
+            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.whole):
+                if isinstance(loaded, PcapVaultError):
+                    self.warn(f"{sf.pcap}: index unusable ({loaded}); reading the pcap")
                     unsure[sf.pcap] = True
                     continue
-                p, maybe = self._decided(sf, idx, matcher)
+                try:
+                    p, maybe = self._decided(sf, loaded, matcher)
+                except (PcapVaultError, ValueError) as err:  # its packet section, read late
+                    self.warn(f"{sf.pcap}: index unusable ({err}); reading the pcap")
+                    unsure[sf.pcap] = True
+                    continue
                 if maybe:
                     unsure[sf.pcap] = False
-                if p is not None and len(p.flow):
+                if p is not None and p.totals()[0]:
                     counted(p)
             if unsure:
                 self.read_packets = True
                 _read(_Unsure(path, number, self.req.filter, t, unsure), b, e, counted,
                       self.warn)
 
-    def _decided(self, sf: StoredFile, idx: PacketIndex, matcher: FlowMatcher
-                 ) -> tuple[_Packets | None, bool]:
-        """The packets of `sf` in the window whose rows the index decides YES, and whether
-        some of the window's packets are MAYBE (to be read)."""
+    def _decided(self, sf: StoredFile, loaded: _Loaded, matcher: FlowMatcher
+                 ) -> tuple[_Packets | _Rows | None, bool]:
+        """The packets of `sf` in the window whose rows the index decides YES (or their
+        rows' totals), and whether some of the window's packets are MAYBE (to be read)."""
         b, e = self.req.begin_ns, self.req.end_ns
+        idx = loaded.idx
         if idx.count == 0 or idx.last_ns < b or idx.first_ns >= e:
             return None, False
         if not covers_name(idx, sf):
             # npcapextract scans such a file (flowplan.Source.candidates): so do we.
             self.warn(f"{sf.pcap}: index unusable (another file's); reading the pcap")
             return None, True
-        ts, flow = idx.ts_ns, idx.flow
         inside = b <= idx.first_ns and idx.last_ns < e
-        keep = None if inside else (ts >= b) & (ts < e)
+        keep = None
         if inside:
             dec = matcher.decide(idx.flows)
         else:
+            keep = (idx.ts_ns >= b) & (idx.ts_ns < e)
             present = np.zeros(len(idx.flows), bool)
-            present[flow[keep]] = True
+            present[idx.flow[keep]] = True
             rows = np.flatnonzero(present)
             dec = np.full(len(idx.flows), NO, np.int8)
             dec[rows] = matcher.decide(idx.flows[rows])
         if not (dec != NO).any():
             return None, False
+        end = self._pcap_end(sf, idx)
+        if not idx.has_packets:  # inside, with totals (see _load)
+            if end is None and not (dec == MAYBE).any():
+                yes = np.flatnonzero(dec == YES)
+                return _Rows(take_flows(idx.flows, yes), idx.flow_packets[yes].astype(np.int64),
+                             idx.flow_bytes[yes].astype(np.int64), idx.flow_first_ns[yes],
+                             idx.flow_last_ns[yes]), False
+            idx = loaded.with_packets()
+        ts, flow = idx.ts_ns, idx.flow
         pdec = dec[flow]
         yes = pdec == YES
         maybe = pdec == MAYBE
         if keep is not None:
             yes &= keep
             maybe &= keep
-        end = self._pcap_end(sf, idx)
         if end is not None:
             whole = idx.offset.astype(np.int64) + RECORD_HEADER_LEN + idx.caplen <= end
             yes &= whole
@@ -279,15 +337,43 @@ class _Matches:
         return size
 
 
-def _load(sf: StoredFile) -> PacketIndex | PcapVaultError:
+@dataclass
+class _Loaded:
+    """A file's decoded index; without its packet columns when its totals may do, then with
+    the bytes to decode them from if the filter or the pcap asks for them after all."""
+
+    idx: PacketIndex
+    name: str
+    data: bytes | None = None
+    size: int = 0
+
+    def with_packets(self) -> PacketIndex:
+        assert self.data is not None
+        return decode_index(self.data, self.name, packets=True, file_size=self.size)
+
+
+def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int], bool]
+          ) -> _Loaded | PcapVaultError:
+    """`sf`'s index, checksum verified: its summary, and its packet columns unless the
+    window holds the file whole, `whole` accepts its span and its index has the per-flow
+    totals (version 4), which may then answer for it (the filter is decided later, on the
+    calling thread: FlowMatcher's cache is not for threads)."""
+    name = str(sf.index)
     try:
-        return read_index(sf.index)
+        data, size = index_bytes(sf.index)
+        h = parse_header(data, name)
+        if (h.version >= FIRST_TOTALS_VERSION and h.count and begin_ns <= h.first_ns
+                and h.last_ns < end_ns and whole(h.first_ns, h.last_ns)):
+            return _Loaded(decode_index(data, name, packets=False, file_size=size), name,
+                           data, size)
+        return _Loaded(decode_index(data, name, file_size=size), name)
     except (PcapVaultError, ValueError) as e:
         return PcapVaultError(str(e))
 
 
-def _indexes(files: list[StoredFile], ahead: int = 3
-             ) -> Iterator[tuple[StoredFile, PacketIndex | PcapVaultError]]:
+def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,
+             whole: Callable[[int, int], bool], ahead: int = 3
+             ) -> Iterator[tuple[StoredFile, _Loaded | PcapVaultError]]:
     """Each file with its decoded index (or why it is unusable), decoded on a thread a couple
     of files ahead: zstd and numpy release the GIL, so the next index decodes while this one's
     packets are summed (bounded, so months of files hold a few indexes, not all)."""
@@ -295,14 +381,14 @@ def _indexes(files: list[StoredFile], ahead: int = 3
         pending: deque[tuple[StoredFile, Future]] = deque()
         rest = iter(files)
         for sf in rest:
-            pending.append((sf, pool.submit(_load, sf)))
+            pending.append((sf, pool.submit(_load, sf, begin_ns, end_ns, whole)))
             if len(pending) >= ahead:
                 break
         while pending:
             sf, fut = pending.popleft()
             nxt = next(rest, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_load, nxt)))
+                pending.append((nxt, pool.submit(_load, nxt, begin_ns, end_ns, whole)))
             yield sf, fut.result()
 
 
@@ -340,7 +426,7 @@ class _Keyed:
     takes_file_runs = None
     shared = None
 
-    def __init__(self, linktype: int, snaplen: int, sink: Callable[[_Packets], None]):
+    def __init__(self, linktype: int, snaplen: int, sink: _Sink):
         self.header = PcapHeader(True, linktype, snaplen)
         self.sink = sink
 
@@ -352,8 +438,7 @@ class _Keyed:
         self.sink(_Packets(idx.flows, idx.flow, b.ts_ns.copy(), b.wirelen.copy()))
 
 
-def _read(src: _Unsure, begin_ns: int, end_ns: int, sink: Callable[[_Packets], None],
-          warn: Warn) -> None:
+def _read(src: _Unsure, begin_ns: int, end_ns: int, sink: _Sink, warn: Warn) -> None:
     out = _Keyed(src.linktype, src.snaplen, sink)
     engine.extract([src], engine.Query(begin_ns, end_ns), out, Stats(), warn)
 
@@ -373,20 +458,13 @@ class _RowTotals:
         self.parts: list[tuple[np.ndarray, ...]] = []
         self.groups = FlowTableBuilder()
 
-    def add(self, p: _Packets) -> None:
-        n = len(p.flows)
-        count = np.bincount(p.flow, minlength=n)
-        # float64 sums are exact below 2**53 bytes
-        wire = np.bincount(p.flow, weights=p.wirelen, minlength=n)
-        first = np.full(n, _BIG, np.int64)
-        last = np.full(n, _SMALL, np.int64)
-        np.minimum.at(first, p.flow, p.ts_ns)
-        np.maximum.at(last, p.flow, p.ts_ns)
-        words = np.ascontiguousarray(p.flows).view("<u8").reshape(-1, 6)
+    def add(self, p: _Packets | _Rows) -> None:
+        r = p if isinstance(p, _Rows) else p.rows()
+        words = np.ascontiguousarray(r.flows).view("<u8").reshape(-1, 6)
         ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
-        used = np.flatnonzero((count > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
+        used = np.flatnonzero((r.packets > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
         self.groups.add(np.ascontiguousarray(_direction_keys(words[used]).T))
-        self.parts.append((count[used], wire[used].astype(np.int64), first[used], last[used]))
+        self.parts.append((r.packets[used], r.bytes[used], r.first[used], r.last[used]))
 
     def finish(self) -> _Flows:
         inv, k = _grouped(self.groups)

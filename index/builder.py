@@ -37,6 +37,7 @@ from .indexfile import (
     VLAN_TPIDS,
     VLAN_UNREADABLE,
     PacketIndex,
+    flow_totals,
 )
 from .pcapfile import (
     RECORD_HEADER_LEN,
@@ -572,7 +573,10 @@ def _index(
             fields = heads.view(header.byteorder + "u4")
             ts_ns[lo:hi] = timestamps_ns(fields[:, 0], fields[:, 1], header.nanosecond)
             wirelen[lo:hi] = fields[:, 3]
-    table, counts, flow = flows.finish()
+    table, _, flow = flows.finish()
+    # The per-flow totals of the summary (version 4): what a conversation table needs of a
+    # file it takes whole, without decoding the packet columns.
+    counts, wire, first, last = flow_totals(flow, len(table), ts_ns, wirelen)
     return PacketIndex(
         nanosecond=header.nanosecond,
         linktype=header.linktype,
@@ -581,12 +585,15 @@ def _index(
         last_ns=int(ts_ns.max()) if n else 0,
         pcap_size=complete_end,
         flows=table,
-        flow_packets=counts,
+        flow_packets=counts.astype(np.uint32),
         ts_ns=ts_ns,
         offset=offset.astype(np.int64, copy=False).view(np.uint64),
         caplen=caplen.astype(np.uint32),
         wirelen=wirelen,
         flow=flow,
+        flow_bytes=wire.view(np.uint64),
+        flow_first_ns=first,
+        flow_last_ns=last,
     )
 
 

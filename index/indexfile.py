@@ -29,6 +29,7 @@ from .postings import (
     BLOCK,
     BLOCK_ENTRY_LEN,
     CRC_AT,
+    FIRST_TOTALS_VERSION,
     FRAME_ENTRIES,
     FRAME_ENTRY_LEN,
     HEADER_LEN,
@@ -96,6 +97,12 @@ FLOW_DTYPE = np.dtype(
 FLOW_ROW_LEN = FLOW_DTYPE.itemsize
 # Per-packet bytes of the uncompressed packet section: ts, offset, caplen, wirelen, flow.
 _PACKET_ROW_LEN = 8 + 8 + 4 + 4 + 4
+# Per-flow bytes of the uncompressed summary section after the row: its packet count, and
+# from version 4 on its wire bytes, first and last timestamp (FORMAT.md "Summary section").
+_FLOW_COUNT_LEN = 4
+_FLOW_TOTALS_LEN = 8 + 8 + 8
+_INT64_MAX = np.iinfo(np.int64).max
+_INT64_MIN = np.iinfo(np.int64).min
 
 
 @dataclass(eq=False)
@@ -103,7 +110,9 @@ class PacketIndex:
     """An index in memory: header fields, distinct-flow table and (optionally) packet columns.
 
     `flows` is a FLOW_DTYPE array sorted as the file stores it; `flow_packets[i]` is the number
-    of packets of flow i. The packet columns are None when only the summary was read.
+    of packets of flow i; `flow_bytes`, `flow_first_ns` and `flow_last_ns` its wire bytes and
+    earliest and latest timestamp, so that totals need no packet column (None when read from
+    a version before 4). The packet columns are None when only the summary was read.
     """
 
     nanosecond: bool
@@ -119,11 +128,33 @@ class PacketIndex:
     caplen: np.ndarray | None = None
     wirelen: np.ndarray | None = None
     flow: np.ndarray | None = None
+    flow_bytes: np.ndarray | None = None
+    flow_first_ns: np.ndarray | None = None
+    flow_last_ns: np.ndarray | None = None
     version: int = VERSION  # of the file it was read from; writing always writes VERSION
 
     @property
     def has_packets(self) -> bool:
         return self.flow is not None
+
+    @property
+    def has_totals(self) -> bool:
+        return self.flow_bytes is not None
+
+
+def flow_totals(flow: np.ndarray, nflows: int, ts_ns: np.ndarray, wirelen: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(packets, wire bytes, earliest, latest timestamp) per flow number below `nflows` of
+    the packets whose flow numbers are `flow` (int64; a flow without packets has the
+    largest and smallest int64 as its times)."""
+    count = np.bincount(flow, minlength=nflows).astype(np.int64)
+    # float64 sums are exact below 2**53 bytes
+    wire = np.bincount(flow, weights=wirelen, minlength=nflows).astype(np.int64)
+    first = np.full(nflows, _INT64_MAX, np.int64)
+    last = np.full(nflows, _INT64_MIN, np.int64)
+    np.minimum.at(first, flow, ts_ns)
+    np.maximum.at(last, flow, ts_ns)
+    return count, wire, first, last
 
 
 def flows_as_version(flows: np.ndarray, version: int) -> np.ndarray:
@@ -145,6 +176,13 @@ def empty_flows(count: int = 0) -> np.ndarray:
     rows["vlan1"] = VLAN_ABSENT
     rows["vlan2"] = VLAN_ABSENT
     return rows
+
+
+def take_flows(flows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """flows[rows] of a FLOW_DTYPE array, through a plain bytes view: numpy copies
+    structured rows field by field, twenty times slower."""
+    whole = np.dtype((np.void, FLOW_ROW_LEN))
+    return np.ascontiguousarray(flows).view(whole)[rows].view(FLOW_DTYPE)
 
 
 def flows_of_packets(idx: PacketIndex, packets: np.ndarray | slice | None = None) -> np.ndarray:
@@ -231,8 +269,32 @@ def _put_planes(planes: np.ndarray, column: np.ndarray) -> None:
 
 
 def _summary_section(idx: PacketIndex) -> bytes:
+    """Rows, packet counts, then the totals (version 4): those `idx` has, else those of its
+    packet columns (an index read from an older version and written again).
+
+    The totals are coded as the packet columns are (byte planes, times as differences):
+    first times after the file's first, last times after the flow's first. Nanosecond times
+    barely compress, but their high bytes do (docs/FORMAT.md, "Summary section")."""
     flows = np.ascontiguousarray(idx.flows, dtype=FLOW_DTYPE)
-    return flows.tobytes() + np.asarray(idx.flow_packets, dtype="<u4").tobytes()
+    if idx.has_totals:
+        wire, first, last = idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns
+    else:
+        wire, first, last = flow_totals(idx.flow, len(flows), idx.ts_ns, idx.wirelen)[1:]
+    if not len(wire) == len(first) == len(last) == len(flows):
+        raise ValueError("flow totals and flows differ in length")
+    first = np.asarray(first, dtype="<i8")
+    totals = [np.asarray(wire, dtype="<u8"), first - np.int64(idx.first_ns),
+              np.asarray(last, dtype="<i8") - first]
+    return b"".join([flows.tobytes(), np.asarray(idx.flow_packets, dtype="<u4").tobytes(),
+                     _byte_planes(totals).tobytes()])
+
+
+def summary_size(nflows: int, version: int) -> int:
+    """Bytes of the uncompressed summary section of `nflows` flows in index `version`."""
+    per_flow = FLOW_ROW_LEN + _FLOW_COUNT_LEN
+    if version >= FIRST_TOTALS_VERSION:
+        per_flow += _FLOW_TOTALS_LEN
+    return nflows * per_flow
 
 
 # Postings directory entries (FORMAT.md "Address postings").
@@ -598,13 +660,23 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
 
 
 def _summary_index(h: IndexHeader, blob: bytes | memoryview, name: str) -> PacketIndex:
-    """The index with its flow table, from the compressed summary section."""
-    summary = decompress_exact(blob, h.nflows * (FLOW_ROW_LEN + 4), "summary section", name)
+    """The index with its flow table (and, from version 4 on, its per-flow totals), from
+    the compressed summary section."""
+    n = h.nflows
+    summary = decompress_exact(blob, summary_size(n, h.version), "summary section", name)
+    at = n * (FLOW_ROW_LEN + _FLOW_COUNT_LEN)
+    totals = [None] * 3
+    if h.version >= FIRST_TOTALS_VERSION:
+        wire, first, duration = _from_planes(np.frombuffer(summary, np.uint8)[at:], n,
+                                             ("<u8", "<i8", "<i8"))
+        first = first + np.int64(h.first_ns)
+        totals = [wire, first, first + duration]
     return PacketIndex(
         nanosecond=h.nanosecond, linktype=h.linktype, count=h.count, first_ns=h.first_ns,
         last_ns=h.last_ns, pcap_size=h.pcap_size,
-        flows=np.frombuffer(summary, dtype=FLOW_DTYPE, count=h.nflows),
-        flow_packets=np.frombuffer(summary, dtype="<u4", offset=h.nflows * FLOW_ROW_LEN),
+        flows=np.frombuffer(summary, dtype=FLOW_DTYPE, count=n),
+        flow_packets=np.frombuffer(summary, dtype="<u4", count=n, offset=n * FLOW_ROW_LEN),
+        flow_bytes=totals[0], flow_first_ns=totals[1], flow_last_ns=totals[2],
         version=h.version,
     )
 
@@ -633,14 +705,8 @@ def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> No
     n = idx.count
     raw = np.frombuffer(
         decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
-    columns = []
-    pos = 0
-    for dtype in ("<i8", "<u8", "<u4", "<u4", "<u4"):
-        width = np.dtype(dtype).itemsize
-        planes = raw[pos : pos + n * width].reshape(width, n)
-        columns.append(np.ascontiguousarray(planes.T).view(dtype).reshape(n))
-        pos += n * width
-    ts_delta, gap, caplen, excess, flow = columns
+    ts_delta, gap, caplen, excess, flow = _from_planes(raw, n, ("<i8", "<u8", "<u4", "<u4",
+                                                                 "<u4"))
     idx.ts_ns = np.cumsum(ts_delta, dtype=np.int64)
     # offset[i] = gap[i] + end of record i-1, i.e. the running sum of gaps and record sizes
     sizes = np.empty(n, dtype=np.uint64)
@@ -652,6 +718,18 @@ def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> No
     idx.flow = flow
     if n and int(flow.max()) >= len(idx.flows):
         raise FormatError(f"{name}: damaged index (flow number beyond the flow table)")
+
+
+def _from_planes(raw: np.ndarray, n: int, dtypes: tuple[str, ...]) -> list[np.ndarray]:
+    """The `n`-element columns of `dtypes` that `_byte_planes` wrote into `raw`."""
+    columns = []
+    pos = 0
+    for dtype in dtypes:
+        width = np.dtype(dtype).itemsize
+        planes = raw[pos : pos + n * width].reshape(width, n)
+        columns.append(np.ascontiguousarray(planes.T).view(dtype).reshape(n))
+        pos += n * width
+    return columns
 
 
 def index_problem(idx: PacketIndex) -> str | None:
@@ -681,10 +759,18 @@ def index_problem(idx: PacketIndex) -> str | None:
         return f"last entry ends at byte {end}, past the pcap size {idx.pcap_size} in the header"
     if int(idx.ts_ns.min()) != idx.first_ns or int(idx.ts_ns.max()) != idx.last_ns:
         return "first/last timestamp in the header differ from the entries'"
-    counts = np.bincount(idx.flow, minlength=len(idx.flows))
+    counts, wire, first, last = flow_totals(idx.flow, len(idx.flows), idx.ts_ns, idx.wirelen)
     if not np.array_equal(counts, idx.flow_packets):
         f = int(np.flatnonzero(counts != idx.flow_packets)[0])
         return f"flow {f}: summary says {idx.flow_packets[f]} packets, entries say {counts[f]}"
+    if idx.has_totals:
+        for mine, theirs, what in ((idx.flow_bytes, wire, "wire bytes"),
+                                   (idx.flow_first_ns, first, "first timestamp"),
+                                   (idx.flow_last_ns, last, "last timestamp")):
+            diff = np.flatnonzero(mine.astype(np.int64) != theirs)
+            if len(diff):
+                f = int(diff[0])
+                return f"flow {f}: summary says {what} {mine[f]}, entries say {theirs[f]}"
     return None
 
 

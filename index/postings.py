@@ -27,12 +27,13 @@ from .errors import FormatError
 from .zstdlib import zstd
 
 MAGIC = b"PVIDX\x00\r\n"
-VERSION = 3
+VERSION = 4
 # Version 1 differs from 2 only in recording no addresses for ARP/RARP rows, which later
-# readers take as "addresses unknown"; version 2 has no postings. Both still read, never
-# rewritten.
-READABLE_VERSIONS = (1, 2, 3)
+# readers take as "addresses unknown"; version 2 has no postings, version 3 no per-flow
+# totals. All still read, never rewritten.
+READABLE_VERSIONS = (1, 2, 3, 4)
 FIRST_POSTINGS_VERSION = 3
+FIRST_TOTALS_VERSION = 4  # the summary's per-flow wire bytes, first and last timestamp
 HEADER_LEN = 80
 HEADER_LEN_V2 = 64  # versions 1 and 2
 # magic, version, flags, linktype, count, first_ns, last_ns, pcap_size,
@@ -72,7 +73,7 @@ _SWAP = sys.byteorder != "little"
 
 @dataclass(frozen=True)
 class IndexHeader:
-    """The fixed header (64 bytes in versions 1 and 2, 80 in version 3), decoded.
+    """The fixed header (64 bytes in versions 1 and 2, 80 from version 3 on), decoded.
 
     Versions without postings read as having an empty postings region.
     """
@@ -170,7 +171,7 @@ def parse_header(data: bytes, name: str) -> IndexHeader:
 
 
 def pack_header(h: IndexHeader) -> bytes:
-    """The header bytes of `h` (version 3 layout); the CRC field is written as given."""
+    """The header bytes of `h` (version 3 and 4 layout); the CRC field is written as given."""
     return _HEADER_V2.pack(
         MAGIC, h.version, HEADER_FLAG_NS if h.nanosecond else 0, h.linktype, h.count,
         h.first_ns, h.last_ns, h.pcap_size, h.nflows, h.summary_len, h.packets_len, h.crc,

@@ -24,8 +24,7 @@ from pcapvault.extract.flowplan import Stats
 from pcapvault.extract.outfile import ClosedPipe
 from pcapvault.extract.output import Interface, Output, Sink
 from pcapvault.extract.request import Request
-from pcapvault.extract.service.policy import effective_filter
-from pcapvault.extract.service.server import _open_sources
+from pcapvault.extract.service.policy import effective_filter, open_sources
 from pcapvault.index.errors import PcapVaultError
 
 from . import filtercheck
@@ -75,13 +74,13 @@ def prepare(req: Request, allowed: str | None, filter_cpu: float) -> Prepared:
     """Open the dump sets and compile the effective filter (blocking: call it on a thread).
 
     `req.filter` is the user's filter; members of a restricted group run it inside
-    `allowed`, exactly as npcapextractd does (its `_open_sources`). The filter is first
+    `allowed`, exactly as npcapextractd does (policy.open_sources). The filter is first
     compiled in a child under a CPU limit (filtercheck.py). Raises PcapVaultError (a bad
     filter or time, an unusable dump set) for the client to read."""
     sets = [open_dumpset(p) for p in req.dumpsets]
     linktypes = [int(ds.meta.get("linktype", 1)) for ds in sets]
     filtercheck.check(effective_filter(req.filter, allowed), linktypes, filter_cpu)
-    sources = _open_sources(req.dumpsets, sets, req.filter, allowed)
+    sources = open_sources(req.dumpsets, sets, req.filter, allowed)
     prepared = Prepared(None, Stats())  # type: ignore[arg-type]
     prepared.run = RequestRun(req, sources, prepared.stats, prepared.warnings.append)
     return prepared

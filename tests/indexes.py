@@ -10,14 +10,18 @@ import numpy as np
 
 from pcapvault.index.indexfile import (
     FLAG_ADDRS,
+    ZSTD_LEVEL,
     PacketIndex,
     address_array,
     empty_flows,
+    summary_size,
 )
 from pcapvault.index.postings import (
+    HEADER_LEN,
     HEADER_LEN_V2,
     parse_header,
 )
+from pcapvault.index.zstdlib import zstd
 
 T0 = 1_763_737_200_000_000_000
 
@@ -47,7 +51,7 @@ def sample_index(n: int = 1000, seed: int = 1) -> PacketIndex:
 
 
 def crc_end(data: bytes) -> int:
-    """Where the header's checksum ends: at the postings frames of a version 3 file (taken
+    """Where the header's checksum ends: at the postings frames of a version 3 or 4 file (taken
     from the raw header fields, whatever the version says), at the end of an older one."""
     if struct.unpack_from("<H", data, 8)[0] < 3 or len(data) < 80:
         return len(data)
@@ -63,16 +67,23 @@ def with_crc(data: bytes) -> bytes:
 
 
 def as_version(data: bytes, version: int) -> bytes:
-    """A version 3 file as the same index written by version 1 or 2: a 64-byte header and
-    the summary and packet sections, no postings."""
+    """A version 4 file as the same index written by version 3 (the summary without the
+    per-flow totals), or by version 1 or 2: also a 64-byte header and no postings."""
     h = parse_header(data, "x")
-    head = bytearray(data[:HEADER_LEN_V2])
+    summary = zstd.decompress(data[h.summary_offset : h.packets_offset])
+    summary = zstd.compress(summary[: summary_size(h.nflows, version)], ZSTD_LEVEL)
+    packets = data[h.packets_offset : h.frames_offset]
+    head = bytearray(data[: HEADER_LEN if version >= 3 else HEADER_LEN_V2])
     struct.pack_into("<H", head, 8, version)
-    return with_crc(bytes(head) + data[h.summary_offset : h.frames_offset])
+    struct.pack_into("<I", head, 52, len(summary))
+    if version < 3:
+        return with_crc(bytes(head) + summary + packets)
+    directory = data[h.header_len : h.summary_offset]
+    return with_crc(bytes(head) + directory + summary + packets + data[h.frames_offset :])
 
 
 def with_postings(data: bytes, directory: bytes, keys: int, frames: bytes) -> bytes:
-    """`data` (a version 3 file) with other postings, header fields and checksums made to
+    """`data` (a version 3 or 4 file) with other postings, header fields and checksums made to
     match them: to reach the checks behind the checksums."""
     h = parse_header(data, "x")
     head = bytearray(data[:80])

@@ -26,6 +26,8 @@ Examples:
   npcapmanage holds                  # every hold of the configured dump sets
   npcapmanage holds -t /var/lib/pcapvault/eth0 --json
   npcapmanage release h3
+  npcapmanage delete -t /var/lib/pcapvault/eth0 -b "2025-11-21 14:05:00" -e "2025-11-21 14:06:00" \\
+      -f "host 10.1.2.3 and port 23"   # a password sent in clear, on purpose, audited
 
 A held file is deleted by nothing: not the recorder's disk budget, not --max-age. When held
 files fill the budget the recorder stops recording until a release (or more disk) makes room.
@@ -56,7 +58,7 @@ def _caller() -> str:
 @click.group("npcapmanage", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pcapvault", prog_name="npcapmanage")
 def cli() -> None:
-    """Manage what the dump sets keep: legal holds."""
+    """Manage what the dump sets keep: legal holds, and deleting a time range on purpose."""
 
 
 @cli.command(epilog="""\b

@@ -1,11 +1,12 @@
 """npcapprintindex: show or check a `.pcap.idx` index.
 
-Prints the header, the distinct-flow summary, the address postings' keys and the per-packet
-entries, as text or JSON lines. `-c` checks an index against its pcap instead: checksum and
-version, internal consistency, that every entry describes the record really found at its
-offset (lengths, timestamp, and flow fields re-derived from the packet's headers), and that
-the postings (every list, each frame decompressed and its checksum verified, and the block
-time table) are those the pcap gives.
+Prints the header, the distinct-flow summary (each flow's packets and, from index version 4
+on, its wire bytes and first and last timestamp), the address postings' keys and the
+per-packet entries, as text or JSON lines. `-c` checks an index against its pcap instead:
+checksum and version, internal consistency (the totals too), that every entry describes the
+record really found at its offset (lengths, timestamp, and flow fields re-derived from the
+packet's headers), and that the postings (every list, each frame decompressed and its
+checksum verified, and the block time table) are those the pcap gives.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postin
     yield f"flows: {len(idx.flows)}"
     shown = _shown(len(idx.flows), limit)
     for i in range(shown):
-        yield f"  flow {i}: {idx.flow_packets[i]} packets: {describe_flow(idx.flows[i])}"
+        yield f"  flow {i}: {_flow_totals_text(idx, i)}: {describe_flow(idx.flows[i])}"
     if shown < len(idx.flows):
         yield f"  ... {len(idx.flows) - shown} more flows"
     if postings is None:
@@ -205,12 +206,28 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postin
         yield f"  ... {idx.count - shown} more entries"
 
 
+def flow_totals_record(idx: PacketIndex, i: int) -> dict[str, Any]:
+    """Flow i's packets and (version 4, else None) wire bytes, first and last timestamp."""
+    totals = (idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns)
+    return {"packets": int(idx.flow_packets[i]),
+            **{k: None if t is None else int(t[i])
+               for k, t in zip(("bytes", "first_ns", "last_ns"), totals, strict=True)}}
+
+
+def _flow_totals_text(idx: PacketIndex, i: int) -> str:
+    t = flow_totals_record(idx, i)
+    if t["bytes"] is None:
+        return f"{t['packets']} packets"
+    first, last = (format_time(t[k], idx.nanosecond)[0] for k in ("first_ns", "last_ns"))
+    return f"{t['packets']} packets, {t['bytes']} bytes, {first} to {last}"
+
+
 def _json_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postings | None
                 ) -> Iterator[str]:
     yield json.dumps({"type": "header", **header_record(idx, path, postings)})
     shown = _shown(len(idx.flows), limit)
     for i in range(shown):
-        rec = {"type": "flow", "flow": i, "packets": int(idx.flow_packets[i])}
+        rec = {"type": "flow", "flow": i, **flow_totals_record(idx, i)}
         yield json.dumps({**rec, **flow_record(idx.flows[i])})
     for k in range(_shown(postings.keys, limit) if postings is not None else 0):
         yield json.dumps({"type": "key", **key_record(postings, k)})

@@ -16,10 +16,16 @@ import sys
 import syslog
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pcapvault.index.errors import PcapVaultError
+
+if TYPE_CHECKING:
+    from pcapvault.index.dumpset import DumpSet
+
+    from ..flowplan import Source
 
 
 class AuditLogError(PcapVaultError):
@@ -146,7 +152,7 @@ def effective_filter(user_filter: str, allowed: str | None) -> str:
     `ALLOWED or anything` has that prefix and selects everything. The allowed filter comes
     first and both are parenthesised, so neither borrows the other's qualifiers (tcpdump's
     `host a or b` shorthand stops at a parenthesis); the user's filter must compile on its
-    own too (see _open_sources), so its parentheses cannot close ours."""
+    own too (see open_sources), so its parentheses cannot close ours."""
     if allowed is None:
         return user_filter
     if not user_filter.strip():
@@ -159,3 +165,32 @@ def default_allow() -> tuple[str, ...]:
     from pcapvault.index.config import default_dumpsets
 
     return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
+
+
+def open_sources(paths: list[str], sets: list[DumpSet], user_filter: str,
+                 allowed: str | None) -> list[Source]:
+    """The dump sets, each with the filter this user may run.
+
+    A restricted user's filter is checked on its own first (parsed, not optimised: libpcap's
+    parser is cheap, its optimiser is not), then the restricted filter is compiled once:
+    only an expression that is whole by itself can be put in parentheses (with `tcp) or
+    (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its errors then
+    read exactly as in a direct extraction."""
+    from pcapvault.index.libpcap import FilterError, compile_filter
+
+    from ..flowplan import Source
+
+    expr = effective_filter(user_filter, allowed)
+    sources = []
+    for i, (path, ds) in enumerate(zip(paths, sets, strict=True)):
+        linktype = int(ds.meta.get("linktype", 1))
+        if allowed is not None and user_filter.strip():
+            compile_filter(user_filter, linktype, optimize=False).close()
+        try:
+            sources.append(Source(path, i, expr, ds))
+        except FilterError as e:
+            if allowed is None:
+                raise
+            raise FilterError(f"{path} (link type {linktype}): your filter cannot run "
+                              f"inside the --group-filter restriction {allowed!r}: {e}") from None
+    return sources

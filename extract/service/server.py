@@ -57,11 +57,12 @@ from .policy import (
     default_allow,
     effective_filter,
     member_of,
+    open_sources,
     parse_group_filters,
 )
 
 if TYPE_CHECKING:
-    from ..flowplan import Source, Stats
+    from ..flowplan import Stats
     from .framed import ConnectionOutput
 
 T = TypeVar("T")
@@ -479,7 +480,7 @@ class Session:
             become(self.settings.account)
             for h in self.held:
                 self.sets.append(h.open())
-            sources = bounded(lambda: _open_sources(req.dumpsets, self.sets, req.filter, allowed),
+            sources = bounded(lambda: open_sources(req.dumpsets, self.sets, req.filter, allowed),
                               self.settings.filter_cpu, self.conn)
             run = RequestRun(req, sources, stats, warn)
         except RefusedPath as e:
@@ -563,35 +564,6 @@ class Session:
             wire.send_json(self.conn, wire.TRAILER, body)
         except OSError:
             pass
-
-
-def _open_sources(paths: list[str], sets: list[AnchoredDumpSet], user_filter: str,
-                  allowed: str | None) -> list[Source]:
-    """The dump sets, each with the filter this user may run.
-
-    A restricted user's filter is checked on its own first (parsed, not optimised: libpcap's
-    parser is cheap, its optimiser is not), then the restricted filter is compiled once:
-    only an expression that is whole by itself can be put in parentheses (with `tcp) or
-    (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its errors then
-    read exactly as in a direct extraction."""
-    from pcapvault.index.libpcap import FilterError, compile_filter
-
-    from ..flowplan import Source
-
-    expr = effective_filter(user_filter, allowed)
-    sources = []
-    for i, (path, ds) in enumerate(zip(paths, sets, strict=True)):
-        linktype = int(ds.meta.get("linktype", 1))
-        if allowed is not None and user_filter.strip():
-            compile_filter(user_filter, linktype, optimize=False).close()
-        try:
-            sources.append(Source(path, i, expr, ds))
-        except FilterError as e:
-            if allowed is None:
-                raise
-            raise FilterError(f"{path} (link type {linktype}): your filter cannot run "
-                              f"inside the --group-filter restriction {allowed!r}: {e}") from None
-    return sources
 
 
 def _returned(out: ConnectionOutput | None) -> tuple[int, int]:

@@ -27,11 +27,13 @@ from extract_helpers import (
     tcp,
     udp,
 )
+from indexes import as_version, with_crc
 
 from pcapvault.extract.conversations import TableError, conversations, volume
 from pcapvault.extract.request import Request
-from pcapvault.index.dumpset import DumpSetError
+from pcapvault.index.dumpset import DumpSet, DumpSetError
 from pcapvault.index.libpcap import FilterError
+from pcapvault.index.postings import parse_header
 from pcapvault.index.times import TimeError
 
 EXE = [sys.executable, "-m", "pcapvault.extract.cli"]
@@ -381,3 +383,80 @@ def test_empty_window(sets):
     assert (t.rows, t.total_rows, t.packets, t.bytes) == ([], 0, 0, 0)
     v = volume(request([a], "", B, B), NS)
     assert (v.packets, v.bytes) == ([], [])
+
+
+def copy_of(root: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(root, dest, symlinks=True)
+    return dest
+
+
+def inside_indexes(root: Path, b: int = B, e: int = E) -> list[Path]:
+    """The index files of the files the window holds whole."""
+    out = []
+    for sf in DumpSet.open(root).files_in_window(b, e):
+        h = parse_header(sf.index.read_bytes(), "x")
+        if b <= h.first_ns and h.last_ns < e:
+            out.append(sf.index)
+    return out
+
+
+def ruin_packet_section(index: Path) -> None:
+    """Zero an index's packet section, its checksum made to match: decoding it fails."""
+    data = bytearray(index.read_bytes())
+    h = parse_header(bytes(data), "x")
+    data[h.packets_offset : h.frames_offset] = bytes(h.packets_len)
+    index.write_bytes(with_crc(bytes(data)))
+
+
+TABLE_EXPRS = ["", "ip and (tcp or udp)", "host 10.9.0.1 or net 2001:db8::/64", "vlan"]
+
+
+def test_files_inside_the_window_are_summed_from_the_index_totals(sets, tmp_path):
+    """Version 4: the packet section of a file the window holds whole is never decoded when
+    the index decides every row (ruined here, the tables stay equal and nothing is read or
+    warned); a filter the index leaves open (MAYBE) still needs it."""
+    a, _ = sets
+    root = copy_of(a, tmp_path / "ruined")
+    inside = inside_indexes(root)
+    assert 3 <= len(inside) < len(DumpSet.open(root).files_in_window(B, E))
+    for index in inside:
+        ruin_packet_section(index)
+    for expr in TABLE_EXPRS:
+        want = {by: conversations(request([a], expr), by) for by in ("conversation", "endpoint")}
+        for by, t in want.items():
+            warned: list[str] = []
+            got = conversations(request([root], expr), by, warn=warned.append)
+            assert (got.rows, got.packets, got.bytes, got.read_packets, warned) == (
+                t.rows, t.packets, t.bytes, False, []), (expr, by)
+        # volume: a step holding every inside file whole takes the totals too
+        warned = []
+        v = volume(request([root], expr), E - B, warn=warned.append)
+        assert (v.packets, v.bytes, warned) == (volume(request([a], expr), E - B).packets,
+                                                volume(request([a], expr), E - B).bytes, [])
+    warned = []
+    conversations(request([root], "tcp[13] & 2 = 0"), warn=warned.append)
+    assert any("packet section" in w for w in warned)
+
+
+def test_version_3_and_4_indexes_mixed(sets, tmp_path):
+    """A dump set whose older files were indexed by version 3 (no totals): those take the
+    packet columns, the others the totals, and the tables are those of all version 4."""
+    a, _ = sets
+    root = copy_of(a, tmp_path / "mixed")
+    files = DumpSet.open(root).files()
+    for sf in files[::2]:
+        sf.index.write_bytes(as_version(sf.index.read_bytes(), 3))
+    versions = {parse_header(sf.index.read_bytes(), "x").version for sf in files}
+    assert versions == {3, 4}
+    for index in inside_indexes(root):
+        if parse_header(index.read_bytes(), "x").version == 4:
+            ruin_packet_section(index)
+    for expr in TABLE_EXPRS:
+        for by in ("conversation", "endpoint", "port"):
+            want = conversations(request([a], expr), by)
+            warned: list[str] = []
+            got = conversations(request([root], expr), by, warn=warned.append)
+            assert (got.rows, got.packets, got.bytes, got.read_packets, warned) == (
+                want.rows, want.packets, want.bytes, False, []), (expr, by)

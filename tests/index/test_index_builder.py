@@ -433,7 +433,8 @@ def test_many_chunks_and_blocks_give_the_same_index(monkeypatch: pytest.MonkeyPa
     pieces = index_records(data, header, records)
     assert whole.flows.tobytes() == pieces.flows.tobytes()
     assert np.array_equal(whole.flow, pieces.flow)
-    assert np.array_equal(whole.flow_packets, pieces.flow_packets)
+    for name in ("flow_packets", "flow_bytes", "flow_first_ns", "flow_last_ns"):
+        assert np.array_equal(getattr(whole, name), getattr(pieces, name)), name
 
 
 def test_fast_path_equals_index_of_scanned_records() -> None:
@@ -507,6 +508,27 @@ def test_flow_table_is_sorted_distinct_with_counts() -> None:
     assert np.array_equal(np.bincount(idx.flow, minlength=len(flows)), idx.flow_packets)
     assert idx.first_ns == T0 and idx.last_ns == T0 + len(frames) - 1
     assert idx.pcap_size == len(data)
+
+
+def test_flow_totals_of_every_row() -> None:
+    """Version 4's per-flow totals: wire bytes (not captured ones) and earliest and latest
+    time of each row's packets, also when time steps back; the same over many chunks."""
+    rng = np.random.default_rng(13)
+    frames = [random_frame(rng) for _ in range(3000)]
+    ts = T0 + np.cumsum(rng.integers(-40, 1000, len(frames)))
+    data = pcap_bytes([(int(t), f, len(f) + i % 5) for i, (t, f) in enumerate(
+        zip(ts, frames, strict=True))])
+    header = parse_global_header(data, "x")
+    idx = index_records(data, header, scan_records(data, header))
+    assert (idx.ts_ns != np.sort(idx.ts_ns)).any()
+    for f in range(len(idx.flows)):
+        mine = idx.flow == f
+        assert idx.flow_bytes[f] == idx.wirelen[mine].sum() > idx.caplen[mine].sum() - 1
+        assert (idx.flow_first_ns[f], idx.flow_last_ns[f]) == (idx.ts_ns[mine].min(),
+                                                             idx.ts_ns[mine].max())
+    fast, _ = index_pcap(data, header)
+    for name in ("flow_bytes", "flow_first_ns", "flow_last_ns"):
+        assert np.array_equal(getattr(idx, name), getattr(fast, name)), name
 
 
 def test_empty_pcap(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from pcapvault.index.indexfile import (
     decode_index,
     empty_flows,
     encode_index,
+    flow_totals,
     flows_of_packets,
     index_problem,
     matches_address,
@@ -36,11 +37,24 @@ from pcapvault.index.pcapfile import parse_global_header, pcap_bytes, scan_recor
 from pcapvault.index.postings import parse_header
 
 
+def totals_of(idx: PacketIndex) -> list[np.ndarray]:
+    """The per-flow wire bytes, first and last timestamp `idx` has, else those of its
+    packet columns."""
+    if idx.has_totals:
+        return [idx.flow_bytes, idx.flow_first_ns, idx.flow_last_ns]
+    return list(flow_totals(idx.flow, len(idx.flows), idx.ts_ns, idx.wirelen)[1:])
+
+
 def assert_same(a: PacketIndex, b: PacketIndex, packets: bool = True) -> None:
     for name in ("nanosecond", "linktype", "count", "first_ns", "last_ns", "pcap_size"):
         assert getattr(a, name) == getattr(b, name), name
     assert a.flows.tobytes() == b.flows.tobytes()
     assert np.array_equal(a.flow_packets, b.flow_packets)
+    if b.version >= 4:  # the totals a writer computes from the packet columns if not given
+        for mine, theirs in zip(totals_of(a), totals_of(b), strict=True):
+            assert np.array_equal(mine.astype(np.int64), theirs.astype(np.int64))
+    else:
+        assert not b.has_totals
     for name in ("ts_ns", "offset", "caplen", "wirelen", "flow"):
         if packets:
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
@@ -73,7 +87,7 @@ def test_header_layout_matches_format_doc() -> None:
     magic, version, flags, linktype, count, first, last, size, nflows, slen, plen, crc = (
         struct.unpack_from("<8sHHIQqqQIIII", data))
     dlen, keys, flen, dcrc = struct.unpack_from("<IIII", data, 64)
-    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 3, 1, 1, 10)
+    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 4, 1, 1, 10)
     assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
     assert HEADER_LEN == 80 and len(data) == 80 + dlen + slen + plen + flen
     # the checksum covers everything but itself up to the postings frames
@@ -81,7 +95,14 @@ def test_header_layout_matches_format_doc() -> None:
     assert dcrc == zlib.crc32(data[80 : 80 + dlen]) and keys and flen
     assert (dlen - 40 * keys - 24) % 16 == 0  # keys, frame table, one time block
     summary = pyzstd.decompress(data[80 + dlen : 80 + dlen + slen])
-    assert summary == idx.flows.tobytes() + idx.flow_packets.astype("<u4").tobytes()
+    wire, first, last = flow_totals(idx.flow, 5, idx.ts_ns, idx.wirelen)[1:]
+    # the totals byte-transposed, as the packet columns: wire bytes, first times after the
+    # file's first, last times after the flow's first
+    totals = [wire.astype("<u8"), first - idx.first_ns, last - first]
+    planes = b"".join(c.view(np.uint8).reshape(-1, 8).T.tobytes() for c in totals)
+    assert summary == b"".join([idx.flows.tobytes(), idx.flow_packets.astype("<u4").tobytes(),
+                                planes])
+    assert wire.sum() == idx.wirelen.sum() and (first <= last).all()
     assert FLOW_DTYPE.itemsize == 48
     assert [FLOW_DTYPE.fields[k][1] for k in ("ethertype", "vlan1", "vlan2", "ipver", "proto",
                                               "flags", "sport", "dport", "src", "dst")] == [
@@ -161,18 +182,22 @@ def test_bad_magic(tmp_path: Path) -> None:
     assert "not a pcapvault index" in read_error(b"\xd4\xc3\xb2\xa1" + bytes(100), tmp_path)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_versions_are_still_read(tmp_path: Path, version: int) -> None:
-    """Version 1 (no ARP addresses) and 2 (no postings) indexes stay readable: their rows are
-    valid version 3 rows, only less informative."""
+    """Version 1 (no ARP addresses), 2 (no postings) and 3 (no per-flow totals) indexes stay
+    readable: their rows are valid version 4 rows, only less informative."""
     idx = sample_index(20)
-    assert struct.unpack_from("<H", encode_index(idx), 8) == (VERSION,) == (3,)
+    assert struct.unpack_from("<H", encode_index(idx), 8) == (VERSION,) == (4,)
     p = tmp_path / "old.idx"
     p.write_bytes(as_version(encode_index(idx), version))
     assert p.stat().st_size < len(encode_index(idx))
     back = read_index(p)
-    assert back.version == version
+    assert back.version == version and not back.has_totals
     assert_same(idx, back)
+    # written again, it is a version 4 index with the totals of its packet columns
+    again = decode_index(encode_index(back), "again")
+    assert again.version == 4 and again.has_totals
+    assert_same(idx, again)
     assert_same(idx, read_index(p, packets=False, verify=False), packets=False)
     assert_same(idx, decode_index(p.read_bytes(), str(p)))
     bad = bytearray(p.read_bytes())
@@ -180,14 +205,14 @@ def test_older_versions_are_still_read(tmp_path: Path, version: int) -> None:
     assert "checksum" in read_error(bytes(bad), tmp_path)
 
 
-@pytest.mark.parametrize("version", [4, 7, 0xFFFF])
+@pytest.mark.parametrize("version", [5, 7, 0xFFFF])
 def test_newer_version_is_refused(tmp_path: Path, version: int) -> None:
     data = bytearray(encode_index(sample_index(5)))
     struct.pack_into("<H", data, 8, version)
     # a newer format may change anything after the version field: even a header that no
     # longer parses must produce the version message
     msg = read_error(with_crc(bytes(data))[:40], tmp_path)
-    assert f"version {version}" in msg and "versions 1, 2 and 3" in msg and "newer" in msg
+    assert f"version {version}" in msg and "versions 1, 2, 3 and 4" in msg and "newer" in msg
     msg = read_error(with_crc(bytes(data)), tmp_path, packets=False)
     assert f"version {version}" in msg
 
@@ -309,6 +334,16 @@ def test_index_problem_finds_inconsistencies() -> None:
     idx = sample_index(30)
     idx.pcap_size -= 1
     assert "past the pcap size" in index_problem(idx)
+    # the version 4 totals are checked against the entries too
+    good = decode_index(encode_index(sample_index(30)), "x")
+    assert index_problem(good) is None
+    for name, what in (("flow_bytes", "wire bytes"), ("flow_first_ns", "first timestamp"),
+                       ("flow_last_ns", "last timestamp")):
+        idx = PacketIndex(**{**good.__dict__, name: getattr(good, name).copy()})
+        getattr(idx, name)[2] += 1
+        assert index_problem(idx) == (
+            f"flow 2: summary says {what} {getattr(idx, name)[2]}, entries say "
+            f"{getattr(good, name)[2]}")
 
 
 def test_records_problem() -> None:
@@ -325,6 +360,25 @@ def test_records_problem() -> None:
     assert records_problem(idx, records).startswith("entry 4: captured length")
 
 
+def test_flow_totals_from_the_summary_alone(tmp_path: Path) -> None:
+    """Version 4: per flow its wire bytes and earliest and latest timestamp, read without
+    the packet section (here ruined, so that reading it would fail)."""
+    idx = sample_index(500)
+    data = bytearray(encode_index(idx))
+    end = parse_header(bytes(data), "x").frames_offset
+    data[end - 20 : end] = bytes(20)
+    p = tmp_path / "t.idx"
+    p.write_bytes(with_crc(bytes(data)))
+    quick = read_index(p, packets=False)
+    assert quick.has_totals and not quick.has_packets
+    for f in range(len(idx.flows)):
+        mine = idx.flow == f
+        assert quick.flow_bytes[f] == idx.wirelen[mine].sum()
+        assert quick.flow_first_ns[f] == idx.ts_ns[mine].min()
+        assert quick.flow_last_ns[f] == idx.ts_ns[mine].max()
+    assert "packet section" in read_error(with_crc(bytes(data)), tmp_path)
+
+
 def test_build_write_read_real_file(tmp_path: Path) -> None:
     p = tmp_path / "a.pcap"
     p.write_bytes(pcap_bytes([(T0 + i, b"\x00" * 12 + b"\x08\x00" + bytes(40)) for i in
@@ -334,3 +388,4 @@ def test_build_write_read_real_file(tmp_path: Path) -> None:
     back = read_index(str(p) + ".idx")
     assert_same(idx, back)
     assert not back.nanosecond and back.count == 100
+    assert idx.has_totals and back.flow_bytes.tolist() == [54 * 100]

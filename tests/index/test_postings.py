@@ -54,6 +54,7 @@ from pcapvault.index.postings import (
     BLOCK,
     FRAME_ENTRIES,
     READ_AHEAD,
+    VERSION,
     NoPostings,
     Postings,
     parse_header,
@@ -163,7 +164,7 @@ def test_corpus_round_trip(tmp_path: Path) -> None:
         want = reference_postings(idx)
         with Postings.read(str(path)) as p:
             assert (p.version, p.count, p.first_ns, p.last_ns, p.pcap_size) == (
-                3, idx.count, idx.first_ns, idx.last_ns, idx.pcap_size)
+                VERSION, idx.count, idx.first_ns, idx.last_ns, idx.pcap_size)
             got = stored_lists(p)
             assert got == want, pcap
             assert p.blocks() == reference_blocks(idx), pcap
@@ -435,7 +436,7 @@ def test_non_ethernet_link_types_have_no_postings(tmp_path: Path) -> None:
         _, path = index_of(tmp_path, frames, linktype=linktype)
         h = parse_header(path.read_bytes(), "x")
         # the directory holds only the block time table
-        assert (h.version, h.directory_len, h.keys, h.frames_len) == (3, 24, 0, 0)
+        assert (h.version, h.directory_len, h.keys, h.frames_len) == (4, 24, 0, 0)
         assert read_index(path).count == 3
         with Postings.read(str(path)) as p:
             assert (p.keys, p.frames, p.linktype, len(p.blocks())) == (0, 0, linktype, 1)
@@ -469,9 +470,9 @@ def test_older_versions_have_no_postings(tmp_path: Path, version: int) -> None:
 
 def test_newer_version_is_refused(tmp_path: Path) -> None:
     data = bytearray(encode_index(sample_index(5)))
-    struct.pack_into("<H", data, 8, 4)
+    struct.pack_into("<H", data, 8, 5)
     msg = read_error(write(tmp_path, bytes(data[:30])))
-    assert "version 4 is newer than this pcapvault, which reads versions 1, 2 and 3" in msg
+    assert "version 5 is newer than this pcapvault, which reads versions 1, 2, 3 and 4" in msg
     with pytest.raises(FormatError) as e:
         Postings.read(str(write(tmp_path, bytes(data))))
     assert not isinstance(e.value, NoPostings)

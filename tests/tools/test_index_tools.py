@@ -366,3 +366,30 @@ def test_check_accepts_a_version_1_index(
     assert read_index(path).version == VERSION
     code, out = check(path, capsys)
     assert code == 0 and "OK" in out, out
+
+
+def test_print_flow_totals(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Version 4 flow rows show their wire bytes and first and last time; older ones the
+    packets only (JSON: null)."""
+    idx = index(pcap, capsys)
+    _, out, _ = run(printindex.main, ["-i", str(idx), "-j"], capsys)
+    flows = [r for r in map(json.loads, out.splitlines()) if r["type"] == "flow"]
+    packets = [r for r in map(json.loads, out.splitlines()) if r["type"] == "packet"]
+    assert len(flows) == 20 and sum(r["bytes"] for r in flows) == sum(
+        p["wirelen"] for p in packets)
+    for f in flows:
+        mine = [p for p in packets if p["flow"] == f["flow"]]
+        assert (f["packets"], f["bytes"], f["first_ns"], f["last_ns"]) == (
+            len(mine), sum(p["wirelen"] for p in mine), min(p["ts_ns"] for p in mine),
+            max(p["ts_ns"] for p in mine))
+    _, out, _ = run(printindex.main, ["-i", str(idx)], capsys)
+    first = flows[0]["first_ns"] - T0
+    assert (f"  flow 0: 1 packets, {flows[0]['bytes']} bytes, "
+            f"2025-11-21T15:00:00.{123456789 + first:09d}Z to "
+            f"2025-11-21T15:00:00.{123456789 + first:09d}Z: ") in out
+    idx.write_bytes(as_version(idx.read_bytes(), 3))
+    _, out, _ = run(printindex.main, ["-i", str(idx), "-j"], capsys)
+    flow = next(r for r in map(json.loads, out.splitlines()) if r["type"] == "flow")
+    assert (flow["bytes"], flow["first_ns"], flow["last_ns"]) == (None, None, None)
+    _, out, _ = run(printindex.main, ["-i", str(idx)], capsys)
+    assert "  flow 0: 1 packets: " in out
