@@ -40,9 +40,11 @@ from .status import StatusCollector, dumpset_status
 
 PROG = "npcapserve"
 MAX_QUERY = 8192  # bytes of a query string; a filter longer than this is no query anyone types
-# Bytes of all request headers. h11 bounds only a head that arrives in pieces (uvicorn's
-# h11_max_incomplete_event_size); one that arrives whole is checked here.
+# Bytes of all request headers, answered 431 here. h11 stops reading a head that has not
+# ended after MAX_HEAD_BYTES (uvicorn's h11_max_incomplete_event_size, set larger, so that a
+# head between the two, whole or in pieces, still gets this JSON answer).
 MAX_HEADERS = 16 << 10
+MAX_HEAD_BYTES = 64 << 10
 WEB = Path(__file__).with_name("web")  # the page's files, installed with the package
 ENDPOINTS = {"/api/v1/pcap": "pcap", "/api/v1/conversations": "conversations",
              "/api/v1/volume": "volume", "/api/v1/status": "status", "/metrics": "metrics",

@@ -185,7 +185,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     from pcapvault.extract.service.policy import Audit, parse_group_filters
 
     from . import filtercheck
-    from .app import ServeSettings, create_app
+    from .app import MAX_HEAD_BYTES, ServeSettings, create_app
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -207,7 +207,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
         create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
                             max_steps), gate, audit, *_flows()),
         ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
-        timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=16 << 10,
+        timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         http=protocol(request_timeout), loop="asyncio", lifespan="off", access_log=False,
         server_header=False, log_level="warning", proxy_headers=False,
         timeout_graceful_shutdown=10)
