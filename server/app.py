@@ -161,6 +161,20 @@ def _choice(q: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _chosen(text: str, served: tuple[str, ...] | list[str]) -> list[str]:
+    """`dumpset=`: some of the served dump sets, by the paths /api/v1/status gives, comma
+    separated, kept in the served order (pcapng's interfaces, as npcapextract's -t); all of
+    them when absent."""
+    if not text:
+        return list(served)
+    asked = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = sorted(asked - set(served))
+    if unknown or not asked:
+        raise ApiError(400, f"no dump set {unknown[0] if unknown else text!r} is served here; "
+                            "/api/v1/status lists them")
+    return [p for p in served if p in asked]
+
+
 def _window(q: dict[str, str]) -> tuple[int, int]:
     begin, end = q.get("begin"), q.get("end")
     if not begin or not end:
@@ -276,8 +290,8 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
                    snaplen: int | None = None, empty: bool = False) -> Request:
         b_ns, e_ns = _window(q)
         user_filter = q.get("filter", "")
-        req = Request(list(settings.dumpsets), b_ns, e_ns, user_filter, pcapng, snaplen,
-                      empty=empty)
+        req = Request(_chosen(q.get("dumpset", ""), settings.dumpsets), b_ns, e_ns,
+                      user_filter, pcapng, snaplen, empty=empty)
         record.update(dumpsets=req.dumpsets, begin=format_time(b_ns), end=format_time(e_ns),
                       filter=user_filter, options=req.chosen_options(),
                       restricted_by=sorted(principal.groups or ()),

@@ -21,6 +21,8 @@ WINDOW = [
     _param("end", "End of the window (exclusive). " + TIME, True),
     _param("filter", "tcpdump filter expression (libpcap). A member of a --group-filter "
                      "group gets it inside their group's filter."),
+    _param("dumpset", "Some of the served dump sets, by the paths /api/v1/status gives, comma "
+                      "separated (default: all of them)."),
 ]
 
 

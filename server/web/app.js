@@ -146,6 +146,11 @@ function showStatus(st) {
     if (f && (first === null || f < first)) first = f;
     if (l && (last === null || l > last)) last = l;
   }
+  const sel = $("dumpsets"), chosen = sel.value;
+  sel.replaceChildren(new Option("all", ""));
+  for (const d of st.dumpsets) sel.append(new Option(d.interface || d.path, d.path));
+  sel.value = [...sel.options].some((o) => o.value === chosen) ? chosen : "";
+  $("dumpsets-label").hidden = st.dumpsets.length < 2;
   state.extent = first === null ? null : { b: first, e: last };
   const ext = $("extent");
   ext.replaceChildren();
@@ -196,6 +201,7 @@ $("zoom-out").addEventListener("click", () => {
 });
 
 $("metric").addEventListener("change", () => { state.metric = $("metric").value; drawChart(); });
+$("dumpsets").addEventListener("change", () => refresh());
 
 // --- the filter: checked as typed, applied on Enter ---------------------------------------
 let checkTimer = null, checkGen = 0;
@@ -240,8 +246,10 @@ function narrow(expr) {
 
 // --- everything from the state ----------------------------------------------------------
 function windowParams() {
-  return { begin: state.range.b.toFixed(6), end: state.range.e.toFixed(6),
-           filter: state.filter };
+  const p = { begin: state.range.b.toFixed(6), end: state.range.e.toFixed(6),
+              filter: state.filter };
+  if ($("dumpsets").value) p.dumpset = $("dumpsets").value;  // one interface, else all
+  return p;
 }
 
 function failed(e, where) {

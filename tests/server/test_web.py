@@ -308,6 +308,33 @@ def test_several_dump_sets_health_and_merged_pcapng(world, second):
         assert filled(driver)["total"] == count_pcap(direct_pcap(world, second, q))
 
 
+def test_interface_selector_narrows_everything_to_one_dump_set(world, second):
+    """The selector (shown with several dump sets) asks the API for one of them
+    (`dumpset=`): the chart's total and the pcap download are npcapextract's over that dump
+    set alone; the API refuses a dump set it does not serve."""
+    from selenium.webdriver.support.ui import Select
+
+    with serving(world, [world.dumpset, second]) as s, browser() as driver:
+        login(driver, s.url, world.member.name, world.member.password)
+        filled(driver)
+        Select(driver.find_element("id", "dumpsets")).select_by_visible_text("eth9")
+        href = wait_for(lambda: "dumpset=" in (h := driver.find_element(
+            "id", "dl-pcap").get_attribute("href")) and h, message="the link follows")
+        q = {k: v[0] for k, v in parse_qs(urlsplit(href).query).items()}
+        assert q["dumpset"] == str(second)
+        r = subprocess.run([*CLIENT, "-t", str(second), "-b", q["begin"], "-e", q["end"],
+                            "-0", "-O"], capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert wait_for(lambda: filled(driver)["total"] == count_pcap(r.stdout),
+                        message="the chart counts eth9 alone")
+        with s.client() as c:
+            c.cookies.set("pcapvault_session", driver.get_cookie("pcapvault_session")["value"])
+            got = c.get(href)
+            assert got.status_code == 200 and got.content == r.stdout
+            bad = c.get("/api/v1/pcap", params={**q, "dumpset": "/etc"})
+            assert bad.status_code == 400 and "no dump set" in bad.json()["error"]
+
+
 def direct_pcap(world, second, q: dict[str, str]) -> bytes:
     r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-t", str(second), "-b", q["begin"],
                         "-e", q["end"], "-0", "-O"], capture_output=True, timeout=120)
