@@ -115,6 +115,28 @@ def document() -> dict:
                 "responses": {"200": {"description": "Prometheus text exposition format.",
                                       "content": {"text/plain": {}}},
                               **_errors(401, 403, 429)}}},
+            "/api/v1/filter": {"get": {
+                "summary": "Whether a filter compiles (libpcap, with the same bound as the "
+                           "other requests): the web page checks what is typed with it.",
+                "parameters": [_param("expr", "tcpdump filter expression.")],
+                "responses": {"200": _json("{filter, valid: true}", obj),
+                              **_errors(400, 401, 403, 429)}}},
+            "/login": {"post": {
+                "summary": "The web page's login: a form (user, password) checked like HTTP "
+                           "Basic; sets the session cookie (HttpOnly, SameSite=Strict, Secure "
+                           "under TLS). Same-origin requests only.",
+                "security": [{}],
+                "responses": {"200": _json("{user, method, restricted_to, groups}", obj),
+                              **_errors(400, 401, 403, 429)}}},
+            "/logout": {"post": {
+                "summary": "Ends the session on the server and clears its cookie. "
+                           "Same-origin requests only.",
+                "security": [{}],
+                "responses": {"200": _json("{logged_out: true}", obj), **_errors(403)}}},
+            "/session": {"get": {
+                "summary": "Who the credentials (session cookie, Basic or token) stand for.",
+                "responses": {"200": _json("{user, method, restricted_to, groups}", obj),
+                              **_errors(401, 403, 429)}}},
             "/api/v1/openapi.json": {"get": {
                 "summary": "This description.", "security": [{}],
                 "responses": {"200": _json("OpenAPI 3.1", obj)}}},
