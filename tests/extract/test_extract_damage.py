@@ -87,9 +87,9 @@ def test_flipped_caplen_is_skipped_and_reported(synth, tmp_path, expr):
     assert readable(out) == want
 
 
-def test_flipped_caplen_in_a_postings_plan(synth, tmp_path):
-    """Read without numpy (records.py), the record is noticed before anything is written and
-    the engine answers, skipping it: the same readable, incomplete result as any plan's."""
+def _host_record_damaged(synth, tmp_path: Path) -> tuple[Path, str, int, tuple]:
+    """A copy of the synthetic set with one IPv4 record's captured length flipped: the root,
+    a host filter that selects it, its offset and the packet as the oracle read it before."""
     root = copy(synth, tmp_path)
     pcap = pcaps(root)[1]
     offsets = records(pcap)
@@ -98,7 +98,13 @@ def test_flipped_caplen_in_a_postings_plan(synth, tmp_path):
              if data[offsets[i] + 16 + 12 : offsets[i] + 16 + 14] == b"\x08\x00")
     host = ".".join(map(str, data[offsets[k] + 16 + 26 : offsets[k] + 16 + 30]))
     at, damaged = flip_caplen(pcap, k)
-    expr = f"host {host}"
+    return root, f"host {host}", at, damaged
+
+
+def test_flipped_caplen_in_a_postings_plan(synth, tmp_path):
+    """Read without numpy (records.py), the record is noticed before anything is written and
+    the engine answers, skipping it: the same readable, incomplete result as any plan's."""
+    root, expr, at, damaged = _host_record_damaged(synth, tmp_path)
     plan = postingsplan.plan(open_query(str(root), expr), B, E)
     assert plan is not None
     assert small_result.run(plan, B, E, str(tmp_path / "fast.pcap"), False, False, Stats()) is None
@@ -219,15 +225,7 @@ def test_flipped_caplen_read_by_the_engine_from_a_postings_plan(synth, tmp_path)
     from pcapvault.extract.output import Output
     from pcapvault.extract.request import Request
 
-    root = copy(synth, tmp_path)
-    pcap = pcaps(root)[1]
-    offsets = records(pcap)
-    data = pcap.read_bytes()
-    k = next(i for i in range(100, len(offsets))
-             if data[offsets[i] + 16 + 12 : offsets[i] + 16 + 14] == b"\x08\x00")
-    host = ".".join(map(str, data[offsets[k] + 16 + 26 : offsets[k] + 16 + 30]))
-    at, damaged = flip_caplen(pcap, k)
-    expr = f"host {host}"
+    root, expr, at, damaged = _host_record_damaged(synth, tmp_path)
     want = [p for p in tcpdump_window(synth[1], expr, B, E) if p != damaged]
     for postings in (True, False):
         warnings: list[str] = []
