@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcapvault.index.builder import FlowTableBuilder, index_records
+from pcapvault.index.builder import distinct_rows, hash_groups, hash_rows, index_records
 from pcapvault.index.compressed import is_compressed
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
@@ -125,13 +125,14 @@ class _Packets:
     flow: np.ndarray  # per packet: its row in `flows`
     ts_ns: np.ndarray
     wirelen: np.ndarray
+    keyed: _Keys | None = None  # of `flows`, when made ahead
 
     def totals(self) -> tuple[int, int]:
         return len(self.flow), int(self.wirelen.sum())
 
     def rows(self) -> _Rows:
         return _Rows(self.flows, *flow_totals(self.flow, len(self.flows), self.ts_ns,
-                                              self.wirelen))
+                                              self.wirelen), keyed=self.keyed)
 
 
 @dataclass
@@ -144,9 +145,51 @@ class _Rows:
     bytes: np.ndarray
     first: np.ndarray  # earliest and latest timestamp
     last: np.ndarray
+    keyed: _Keys | None = None  # of `flows`, when made ahead
 
     def totals(self) -> tuple[int, int]:
         return int(self.packets.sum()), int(self.bytes.sum())
+
+
+@dataclass
+class _Keys:
+    """The flow rows of a table that count (IP packets with addresses), each as its six
+    words with what a direction of a conversation leaves out masked (VLAN tags, ethertype,
+    flags but the ports'; ports unless known), and their hashes: rows of one direction
+    have equal words (_direction_keys makes the grouped rows' keys). Made on the decoding
+    threads, so the calling thread only selects and groups."""
+
+    rows: np.ndarray  # the rows that count, ascending
+    keys: np.ndarray  # (len(rows), 6) uint64: the masked words
+    hashes: np.ndarray
+    size: int  # rows in the table
+
+    @classmethod
+    def of(cls, flows: np.ndarray) -> _Keys:
+        words = np.ascontiguousarray(flows).view("<u8").reshape(-1, 6)
+        ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
+        ip &= words[:, 1] & np.uint64(FLAG_ADDRS) != 0
+        rows = np.flatnonzero(ip)
+        keys = words[rows]
+        keys[:, 0] &= np.uint64(0xFFFF << 48)  # ipver, proto
+        keys[:, 1] &= np.uint64(0xFFFF_FFFF_0000 | FLAG_PORTS)  # sport, dport, ports known
+        keys[:, 1] *= keys[:, 1] & np.uint64(FLAG_PORTS)  # FLAG_PORTS is 1: ports or none
+        return cls(rows, keys, hash_rows(keys.T), len(flows))
+
+    def take(self, sel: np.ndarray) -> _Keys:
+        """The keys of the table flows[sel] (sel ascending)."""
+        at = np.searchsorted(self.rows, sel)
+        at[at == len(self.rows)] = 0
+        mine = self.rows[at] == sel if len(self.rows) else np.zeros(len(sel), bool)
+        return _Keys(np.flatnonzero(mine), self.keys[at[mine]], self.hashes[at[mine]],
+                     len(sel))
+
+    def used(self, packets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, keys, hashes) of the counting rows with packets."""
+        some = packets[self.rows] > 0
+        if some.all():
+            return self.rows, self.keys, self.hashes
+        return self.rows[some], self.keys[some], self.hashes[some]
 
 
 _Sink = Callable[[_Packets | _Rows], None]
@@ -299,10 +342,14 @@ class _Matches:
         end = self._pcap_end(sf, idx)
         if not idx.has_packets:  # inside, with totals (see _load)
             if end is None and not (dec == MAYBE).any():
+                if (dec == YES).all():
+                    return _Rows(idx.flows, idx.flow_packets.astype(np.int64),
+                                 idx.flow_bytes.astype(np.int64), idx.flow_first_ns,
+                                 idx.flow_last_ns, loaded.keyed), False
                 yes = np.flatnonzero(dec == YES)
                 return _Rows(take_flows(idx.flows, yes), idx.flow_packets[yes].astype(np.int64),
                              idx.flow_bytes[yes].astype(np.int64), idx.flow_first_ns[yes],
-                             idx.flow_last_ns[yes]), False
+                             idx.flow_last_ns[yes], loaded.keyed.take(yes)), False
             idx = loaded.with_packets()
         ts, flow = idx.ts_ns, idx.flow
         pdec = dec[flow]
@@ -316,9 +363,10 @@ class _Matches:
             yes &= whole
             maybe &= whole
         if yes.all():  # every packet, as for an empty filter over a file inside the window
-            return _Packets(idx.flows, flow, ts, idx.wirelen), bool(maybe.any())
+            return _Packets(idx.flows, flow, ts, idx.wirelen, loaded.keyed), bool(maybe.any())
         sel = np.flatnonzero(yes)
-        return _Packets(idx.flows, flow[sel], ts[sel], idx.wirelen[sel]), bool(maybe.any())
+        return (_Packets(idx.flows, flow[sel], ts[sel], idx.wirelen[sel], loaded.keyed),
+                bool(maybe.any()))
 
     def _pcap_end(self, sf: StoredFile, idx: PacketIndex) -> int | None:
         """Where a pcap cut short ends (its complete records are counted, as npcapextract
@@ -344,6 +392,7 @@ class _Loaded:
 
     idx: PacketIndex
     name: str
+    keyed: _Keys
     data: bytes | None = None
     size: int = 0
 
@@ -364,9 +413,10 @@ def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int]
         h = parse_header(data, name)
         if (h.version >= FIRST_TOTALS_VERSION and h.count and begin_ns <= h.first_ns
                 and h.last_ns < end_ns and whole(h.first_ns, h.last_ns)):
-            return _Loaded(decode_index(data, name, packets=False, file_size=size), name,
-                           data, size)
-        return _Loaded(decode_index(data, name, file_size=size), name)
+            idx = decode_index(data, name, packets=False, file_size=size)
+            return _Loaded(idx, name, _Keys.of(idx.flows), data, size)
+        idx = decode_index(data, name, file_size=size)
+        return _Loaded(idx, name, _Keys.of(idx.flows))
     except (PcapVaultError, ValueError) as e:
         return PcapVaultError(str(e))
 
@@ -451,26 +501,51 @@ class _RowTotals:
     """Packets, bytes, first and last time per directed IP flow, summed file by file (the
     rows of one file at a time, never a Python step per packet).
 
-    Each file's flows are grouped with the earlier files' as they come (the builder works a
-    block of rows at a time), while the next indexes decode on their threads."""
+    The files' rows are grouped together a couple of million at a time (one grouping of
+    their hashes, made on the decoding threads: faster than merging file by file), folded
+    into the sums so far; so a long window holds its distinct flows and one batch of rows,
+    not every file's rows."""
+
+    FOLD = 1 << 19  # rows held before they are grouped
 
     def __init__(self) -> None:
+        # parts: (keys, hashes, packets, bytes, first, last); after a fold, the first one is
+        # the sums so far
         self.parts: list[tuple[np.ndarray, ...]] = []
-        self.groups = FlowTableBuilder()
+        self.held = 0
+        self.folded = False
 
     def add(self, p: _Packets | _Rows) -> None:
         r = p if isinstance(p, _Rows) else p.rows()
-        words = np.ascontiguousarray(r.flows).view("<u8").reshape(-1, 6)
-        ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
-        used = np.flatnonzero((r.packets > 0) & ip & (words[:, 1] & np.uint64(FLAG_ADDRS) != 0))
-        self.groups.add(np.ascontiguousarray(_direction_keys(words[used]).T))
-        self.parts.append((r.packets[used], r.bytes[used], r.first[used], r.last[used]))
+        used, keys, hashes = (r.keyed or _Keys.of(r.flows)).used(r.packets)
+        self.parts.append((keys, hashes, r.packets[used], r.bytes[used], r.first[used],
+                           r.last[used]))
+        self.held += len(used)
+        if self.held >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if len(self.parts) <= self.folded:  # nothing new
+            return
+        keys = [p[0] for p in self.parts]
+        invs, k = _group_parts(keys, [p[1] for p in self.parts], ordered=False)
+        n = len(k)
+        sums = [np.zeros(n, np.int64) for _ in range(2)]
+        sums += [np.full(n, _BIG, np.int64), np.full(n, _SMALL, np.int64)]
+        for inv, part in zip(invs, self.parts, strict=True):
+            for ufunc, out, values in zip((np.add, np.add, np.minimum, np.maximum), sums,
+                                          part[2:], strict=True):
+                ufunc.at(out, inv, values)
+        self.parts = [(k, hash_rows(k.T), *sums)]
+        self.held = 0
+        self.folded = True
 
     def finish(self) -> _Flows:
-        inv, k = _grouped(self.groups)
+        self._fold()
         if not self.parts:
-            return _Flows.of(inv, k, *(np.zeros(0, np.int64),) * 4)
-        return _Flows.of(inv, k, *(np.concatenate(x) for x in zip(*self.parts, strict=True)))
+            return _Flows.of(np.zeros((0, 6), np.uint64), *(np.zeros(0, np.int64),) * 4)
+        k, _, *sums = self.parts[0]
+        return _Flows.of(_direction_keys(k), *sums)
 
 
 def _direction_keys(words: np.ndarray) -> np.ndarray:
@@ -509,10 +584,9 @@ class _Flows:
     last: np.ndarray
 
     @classmethod
-    def of(cls, inv: np.ndarray, k: np.ndarray, count: np.ndarray, wire: np.ndarray,
-           first: np.ndarray, last: np.ndarray) -> _Flows:
-        """The flows with `_direction_keys` k, summing the rows of each (inv: their flow)."""
-        n = len(k)
+    def of(cls, k: np.ndarray, packets: np.ndarray, wire: np.ndarray, first: np.ndarray,
+           last: np.ndarray) -> _Flows:
+        """The flows with `_direction_keys` k and their totals."""
         return cls(
             (k[:, 0] >> np.uint64(8) & np.uint64(0xFF)).astype(np.int64),
             (k[:, 0] & np.uint64(0xFF)).astype(np.int64),
@@ -520,27 +594,49 @@ class _Flows:
             k[:, 1:3], k[:, 3:5],
             (k[:, 5] >> np.uint64(16)).astype(np.int64),
             (k[:, 5] & np.uint64(0xFFFF)).astype(np.int64),
-            np.bincount(inv, weights=count, minlength=n).astype(np.int64),
-            np.bincount(inv, weights=wire, minlength=n).astype(np.int64),
-            _reduce(np.minimum, inv, first, n, _BIG),
-            _reduce(np.maximum, inv, last, n, _SMALL),
+            packets, wire, first, last,
         )
 
 
 def _groups(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each row, the groups' keys) of the rows of an (n, 6) uint64 key matrix.
-
-    Six words are a flow row's size: the index builder's FlowTableBuilder groups them
-    exactly (hashes checked against the rows) and much faster than a sort of the rows."""
-    b = FlowTableBuilder()
-    b.add(np.ascontiguousarray(key.T))
-    return _grouped(b)
+    """(group of each row, the groups' keys in word order) of an (n, 6) uint64 key matrix."""
+    invs, k = _group_parts([key], [hash_rows(key.T)])
+    return invs[0], k
 
 
-def _grouped(b: FlowTableBuilder) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each row added, the groups' keys) of a builder fed key rows."""
-    groups, _, inv = b.finish()
-    return inv.astype(np.intp), groups.view("<u8").reshape(-1, 6)
+def _group_parts(keys: list[np.ndarray], hashes: list[np.ndarray], ordered: bool = True
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """(per part, the group of each of its rows; the groups' keys, in word order if
+    `ordered`) of key rows given in parts ((n, 6) uint64) with their hashes
+    (index.builder.hash_rows).
+
+    The hashes are grouped (a sort of 64-bit values, much faster than a sort of the rows),
+    then every row is compared with its group's first: a collision (accidental or crafted)
+    costs time, never correctness. The groups are put in key order, so that tables do not
+    depend on the hash."""
+    bounds = np.cumsum([0] + [len(k) for k in keys])
+    h = np.concatenate(hashes)
+    for full in (False, True):
+        inv, first = hash_groups(h, full)
+        part = np.searchsorted(bounds, first, side="right") - 1
+        reps = np.empty((len(first), 6), np.uint64)
+        for j, k in enumerate(keys):
+            mine = part == j
+            reps[mine] = k[first[mine] - bounds[j]]
+        if all(np.array_equal(reps[inv[bounds[j]:bounds[j + 1]]], k)
+               for j, k in enumerate(keys)):
+            break
+    else:
+        cols, inv, _ = distinct_rows(np.ascontiguousarray(np.concatenate(keys).T))
+        reps = cols.T
+    if not ordered:
+        return [inv[bounds[j]:bounds[j + 1]] for j in range(len(keys))], reps
+    order = np.lexsort(reps.T[::-1])
+    rank = np.empty(len(order), np.intp)
+    rank[order] = np.arange(len(order))
+    inv = rank[inv]
+    return ([inv[bounds[j]:bounds[j + 1]] for j in range(len(keys))],
+            np.ascontiguousarray(reps[order]))
 
 
 def _reduce(ufunc: np.ufunc, inv: np.ndarray, values: np.ndarray, n: int, start: int

@@ -369,7 +369,7 @@ def _records_and_rows(
     return recs[:, :RECORD_HEADER_LEN], rows
 
 
-def _hash_rows(words: np.ndarray) -> np.ndarray:
+def hash_rows(words: np.ndarray) -> np.ndarray:
     """64-bit multiply-xor hash of each row (column of `words`); collisions are caught by the
     caller's check."""
     h = words[0] * _HASH_MULT[0]
@@ -405,7 +405,17 @@ def _group_by_hash(h: np.ndarray, full: bool) -> tuple[np.ndarray, np.ndarray]:
     return perm, starts
 
 
-def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def hash_groups(h: np.ndarray, full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each element, first element of each group) of hash values, the groups in
+    hash order; unless `full`, hashes may share a group when they differ only in their low
+    bits (see _group_by_hash): the caller checks the rows and asks again with `full`."""
+    perm, starts = _group_by_hash(h, full)
+    inv = np.empty(len(h), dtype=np.intp)
+    inv[perm] = np.cumsum(starts) - 1
+    return inv, perm[starts]
+
+
+def distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(distinct rows, inverse, their hashes) of the rows (columns) of `words`:
     words == distinct[:, inverse], exactly; the distinct rows come in hash order.
 
@@ -413,12 +423,9 @@ def _distinct_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     grouping, so a hash collision (accidental or crafted) costs time, never correctness; the
     hashes are None when distinct rows share a hash.
     """
-    h = _hash_rows(words)
+    h = hash_rows(words)
     for full in (False, True):
-        perm, starts = _group_by_hash(h, full)
-        inv = np.empty(len(h), dtype=np.intp)
-        inv[perm] = np.cumsum(starts) - 1
-        first = perm[starts]
+        inv, first = hash_groups(h, full)
         reps = words[:, first]
         if all(np.array_equal(rep[inv], word) for rep, word in zip(reps, words, strict=True)):
             rep_h = h[first]
@@ -468,7 +475,7 @@ class FlowTableBuilder:
             self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
         )
         self._pending, self._npending = [], 0
-        reps, inv, rep_h = _distinct_rows(words)
+        reps, inv, rep_h = distinct_rows(words)
         self._blocks.append((reps, inv))
         if self._collided or rep_h is None:
             self._collided = True
@@ -509,7 +516,7 @@ class FlowTableBuilder:
     def _exact_flows(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, per-packet flow ids) by deduplicating all blocks' rows together: exact
         whatever the hashes do, but holds every block's distinct rows at once."""
-        rows, ginv, _ = _distinct_rows(np.concatenate([r for r, _ in self._blocks], axis=1))
+        rows, ginv, _ = distinct_rows(np.concatenate([r for r, _ in self._blocks], axis=1))
         parts, base = [], 0
         for reps, inv in self._blocks:
             parts.append(ginv[base + inv].astype(np.uint32))

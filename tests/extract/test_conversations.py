@@ -29,6 +29,7 @@ from extract_helpers import (
 )
 from indexes import as_version, with_crc
 
+from pcapvault.extract import conversations as conv
 from pcapvault.extract.conversations import TableError, conversations, volume
 from pcapvault.extract.request import Request
 from pcapvault.index.dumpset import DumpSet, DumpSetError
@@ -460,3 +461,19 @@ def test_version_3_and_4_indexes_mixed(sets, tmp_path):
             got = conversations(request([root], expr), by, warn=warned.append)
             assert (got.rows, got.packets, got.bytes, got.read_packets, warned) == (
                 want.rows, want.packets, want.bytes, False, []), (expr, by)
+
+
+@pytest.mark.parametrize("fold", [1 << 21, 64])
+def test_hash_collisions_and_folds_change_nothing(sets, monkeypatch, fold):
+    """Rows are grouped by 64-bit hashes and then compared with their group's first: hashes
+    made to collide (a crafted index could) must cost time, never a wrong table; nor may
+    grouping the rows a few at a time (a long window) change one."""
+    a, b = sets
+    want = {(expr, by): conversations(request([a, b], expr), by)
+            for expr in TABLE_EXPRS for by in ("conversation", "endpoint", "port")}
+    monkeypatch.setattr(conv, "hash_rows", lambda w: w[0] >> np.uint64(56) & np.uint64(1))
+    monkeypatch.setattr(conv._RowTotals, "FOLD", fold)
+    for (expr, by), t in want.items():
+        got = conversations(request([a, b], expr), by)
+        assert (got.rows, got.total_rows, got.packets, got.bytes) == (
+            t.rows, t.total_rows, t.packets, t.bytes), (expr, by)

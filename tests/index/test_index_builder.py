@@ -460,7 +460,7 @@ def test_hash_collisions_do_not_merge_flows(monkeypatch: pytest.MonkeyPatch) -> 
     rng = np.random.default_rng(8)
     frames = [random_frame(rng) for _ in range(800)]
     expected = assert_like_reference(frames)
-    monkeypatch.setattr(builder, "_hash_rows", lambda w: w[0] & np.uint64(3))
+    monkeypatch.setattr(builder, "hash_rows", lambda w: w[0] & np.uint64(3))
     rows = rows_of(frames)
     assert rows.tobytes() == expected.tobytes()
 
@@ -474,7 +474,7 @@ def test_hash_collision_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builder, "CHUNK", 50)
     # the hash sees only the ports: no collision within a block (one source address each),
     # collisions between blocks
-    monkeypatch.setattr(builder, "_hash_rows", lambda w: (w[1] >> np.uint64(16)) * np.uint64(3))
+    monkeypatch.setattr(builder, "hash_rows", lambda w: (w[1] >> np.uint64(16)) * np.uint64(3))
     rows = rows_of(frames)
     assert rows.tobytes() == expected.tobytes()
 
