@@ -206,7 +206,7 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
     if limit is not None and limit < 0:
         raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: True)
+    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: True, keyed=True)
     rows = _RowTotals()
     scan.run(rows.add)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
@@ -271,12 +271,14 @@ class _Matches:
     Every dump set is opened and the filter compiled for it before any file is looked at, so
     a bad filter or an unreadable dump set fails at once."""
 
-    def __init__(self, req: Request, warn: Warn, whole: Callable[[int, int], bool]):
+    def __init__(self, req: Request, warn: Warn, whole: Callable[[int, int], bool],
+                 keyed: bool = False):
         if req.begin_ns > req.end_ns:
             raise TimeError("the window's begin is after its end")
         self.req = req
         self.warn = warn
         self.whole = whole
+        self.keyed = keyed  # make each file's _Keys on the decoding threads (tables)
         self.targets: list[QueryTarget] = [open_query(p, req.filter) for p in req.dumpsets]
         self.read_packets = False
         self.packets = 0
@@ -294,7 +296,8 @@ class _Matches:
         for number, (path, t) in enumerate(zip(self.req.dumpsets, self.targets, strict=True)):
             matcher = FlowMatcher(t.filter)
             unsure: dict[Path, bool] = {}  # pcap -> read it whole (True) or its MAYBE rows
-            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.whole):
+            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.whole,
+                                         self.keyed):
                 if isinstance(loaded, PcapVaultError):
                     self.warn(f"{sf.pcap}: index unusable ({loaded}); reading the pcap")
                     unsure[sf.pcap] = True
@@ -349,7 +352,8 @@ class _Matches:
                 yes = np.flatnonzero(dec == YES)
                 return _Rows(take_flows(idx.flows, yes), idx.flow_packets[yes].astype(np.int64),
                              idx.flow_bytes[yes].astype(np.int64), idx.flow_first_ns[yes],
-                             idx.flow_last_ns[yes], loaded.keyed.take(yes)), False
+                             idx.flow_last_ns[yes], loaded.keyed and loaded.keyed.take(yes)
+                             ), False
             idx = loaded.with_packets()
         ts, flow = idx.ts_ns, idx.flow
         pdec = dec[flow]
@@ -392,7 +396,7 @@ class _Loaded:
 
     idx: PacketIndex
     name: str
-    keyed: _Keys
+    keyed: _Keys | None
     data: bytes | None = None
     size: int = 0
 
@@ -401,8 +405,8 @@ class _Loaded:
         return decode_index(self.data, self.name, packets=True, file_size=self.size)
 
 
-def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int], bool]
-          ) -> _Loaded | PcapVaultError:
+def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int], bool],
+          keyed: bool) -> _Loaded | PcapVaultError:
     """`sf`'s index, checksum verified: its summary, and its packet columns unless the
     window holds the file whole, `whole` accepts its span and its index has the per-flow
     totals (version 4), which may then answer for it (the filter is decided later, on the
@@ -414,15 +418,15 @@ def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int]
         if (h.version >= FIRST_TOTALS_VERSION and h.count and begin_ns <= h.first_ns
                 and h.last_ns < end_ns and whole(h.first_ns, h.last_ns)):
             idx = decode_index(data, name, packets=False, file_size=size)
-            return _Loaded(idx, name, _Keys.of(idx.flows), data, size)
+            return _Loaded(idx, name, _Keys.of(idx.flows) if keyed else None, data, size)
         idx = decode_index(data, name, file_size=size)
-        return _Loaded(idx, name, _Keys.of(idx.flows))
+        return _Loaded(idx, name, _Keys.of(idx.flows) if keyed else None)
     except (PcapVaultError, ValueError) as e:
         return PcapVaultError(str(e))
 
 
 def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,
-             whole: Callable[[int, int], bool], ahead: int = 3
+             whole: Callable[[int, int], bool], keyed: bool, ahead: int = 3
              ) -> Iterator[tuple[StoredFile, _Loaded | PcapVaultError]]:
     """Each file with its decoded index (or why it is unusable), decoded on a thread a couple
     of files ahead: zstd and numpy release the GIL, so the next index decodes while this one's
@@ -431,14 +435,14 @@ def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,
         pending: deque[tuple[StoredFile, Future]] = deque()
         rest = iter(files)
         for sf in rest:
-            pending.append((sf, pool.submit(_load, sf, begin_ns, end_ns, whole)))
+            pending.append((sf, pool.submit(_load, sf, begin_ns, end_ns, whole, keyed)))
             if len(pending) >= ahead:
                 break
         while pending:
             sf, fut = pending.popleft()
             nxt = next(rest, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_load, nxt, begin_ns, end_ns, whole)))
+                pending.append((nxt, pool.submit(_load, nxt, begin_ns, end_ns, whole, keyed)))
             yield sf, fut.result()
 
 

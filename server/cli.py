@@ -106,10 +106,16 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound as root (a port below 1024 needs it)."""
+    """The listening socket, bound as root (a port below 1024 needs it).
+
+    Its connections must have TCP_NODELAY: a response goes out as a head and a body, and
+    with Nagle's algorithm the body waits for the ACK of the head, which the client delays
+    (40 ms on Linux) - most of a small request's time. asyncio sets it only on sockets
+    whose protocol is IPPROTO_TCP, and a connection inherits it from this socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as e:

@@ -62,3 +62,21 @@ def test_unusable_pam_service_or_audit_log_stop_the_start(tmp_path):
     r = serve(*base, "--audit-log", str(tmp_path / "audit.jsonl"),
               "--pam-service", "no-such-service-pv")
     one_line(r, 1, "no-such-service-pv")
+
+
+def test_connections_have_tcp_nodelay():
+    """A response is a head and a body: with Nagle's algorithm the body waited for the
+    client's delayed ACK of the head (40 ms on every small request). The listening
+    socket's connections have TCP_NODELAY, and the protocol asyncio checks before it sets
+    it itself."""
+    import socket
+
+    from pcapvault.server.cli import bind
+
+    with bind("127.0.0.1", 0) as listener, socket.create_connection(
+            listener.getsockname()[:2]) as client:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.proto == socket.IPPROTO_TCP
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        client.close()
