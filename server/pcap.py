@@ -1,13 +1,12 @@
 """A pcap streamed over HTTP from the one extraction pipeline (extract/engine.py RequestRun).
 
 The engine runs on a worker thread and writes, through its own Output and Sink, into a pipe;
-a second thread reads the other end in large chunks and hands them to the response's async
-iterator (the copy out of the pipe off the event loop, which has the framing and TLS to do).
-So the result is exactly what npcapextract writes (same engine, same writer, sendfile from
-the page cache into the pipe included) and it is never held in memory: the pipe's buffer and
-a few chunks are the only queue, and uvicorn stops taking chunks while the client does not
-keep up. A client that goes away makes the reader close the read end: the engine's next
-write fails with EPIPE (outfile.ClosedPipe) and the run stops.
+the response's async iterator reads the other end in large chunks when the event loop says
+it is readable. So the result is exactly what npcapextract writes (same engine, same
+writer, sendfile from the page cache into the pipe included), it is never held in memory
+(the pipe's buffer is the only queue, and uvicorn stops reading it while the client does not
+keep up), and one thread per request does the work. A client that goes away closes the
+read end: the engine's next write fails with EPIPE (outfile.ClosedPipe) and the run stops.
 """
 
 from __future__ import annotations
@@ -91,9 +90,7 @@ Finished = Callable[[int, int, str | None], None]  # (packets, bytes, error or N
 
 
 async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
-    """The response body: the engine writes into a pipe on a thread, another thread reads
-    it in large chunks and hands them to the event loop, which only frames and encrypts
-    them (on a busy download the loop is the limit: docs/BENCHMARKS.md, A2).
+    """The response body: the engine writes into a pipe on a thread, this reads it.
 
     `finished` is called once, on the worker thread, with what went into the pipe and why
     it stopped short (None when complete)."""
@@ -103,9 +100,7 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
         fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_BYTES)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size: the default buffer works too
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes] = asyncio.Queue()
-    reader = _PipeReader(rfd, lambda data: loop.call_soon_threadsafe(chunks.put_nowait, data))
+    os.set_blocking(rfd, False)
     worker = threading.Thread(target=_work, args=(prepared.run, wfd, finished),
                               name="pcap-stream", daemon=True)
     try:
@@ -114,53 +109,29 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
         os.close(wfd)
         os.close(rfd)
         raise
-    reader.start()
+    loop = asyncio.get_running_loop()
     try:
         while True:
-            data = await chunks.get()
-            reader.room.release()
+            try:
+                data = os.read(rfd, CHUNK)
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_reader(rfd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(rfd)
+                continue
             if not data:
                 return
             yield data
     finally:
-        reader.stop()  # a client gone: the reader closes the pipe, the engine gets EPIPE
+        os.close(rfd)  # a client gone: the engine's next write gets EPIPE and stops
 
 
-class _PipeReader(threading.Thread):
-    """Reads the pipe into chunks for the event loop, at most AHEAD of them waiting; owns
-    the read end and closes it when the stream ends or the response stops wanting it."""
-
-    AHEAD = 4
-
-    def __init__(self, fd: int, hand: Callable[[bytes], object]):
-        super().__init__(name="pcap-pipe", daemon=True)
-        self.fd = fd
-        self.hand = hand
-        self.room = threading.Semaphore(self.AHEAD)
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.stopped.is_set():
-                self.room.acquire()
-                if self.stopped.is_set():
-                    break
-                try:
-                    data = os.read(self.fd, CHUNK)
-                except OSError:
-                    data = b""
-                try:
-                    self.hand(data)
-                except RuntimeError:  # the event loop is closed: the server stops
-                    break
-                if not data:
-                    break
-        finally:
-            os.close(self.fd)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.room.release()
+def _wake(ready: asyncio.Future) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def _work(run: RequestRun, wfd: int, finished: Finished) -> None:
