@@ -22,7 +22,7 @@ timed downloads (a C client: the figures are the server's, not a Python client's
 
 Every case runs --repeat times, the commands taking turns; medians are reported.
 
-    python bench/serve.py [--dir /work/bench-serve] [--gb 1] [--repeat 5] [--clients 50]
+    python bench/serve.py [--dir /work/bench-serve] [--gb 1] [--repeat 5] [--clients 50] [--plain]
 
 Needs root (users, PAM service file, dropping caches), curl, openssl and tcpdump.
 """
@@ -95,7 +95,7 @@ def accounts():
 
 
 @contextmanager
-def server(base: Path, root: Path, svc: str, group: str, pam: str):
+def server(base: Path, root: Path, svc: str, group: str, pam: str, plain: bool = False):
     cert, key = base / "cert.pem", base / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost",
@@ -105,13 +105,14 @@ def server(base: Path, root: Path, svc: str, group: str, pam: str):
     tokens.parent.mkdir(mode=0o750, exist_ok=True)
     shutil.chown(tokens.parent, "root", svc)
     audit = base / "audit.jsonl"
+    tls = [] if plain else ["--tls-cert", str(cert), "--tls-key", str(key)]
     proc = subprocess.Popen(
-        [tool("npcapserve"), "--listen", "127.0.0.1", "--port", "0", "--tls-cert", str(cert),
-         "--tls-key", str(key), "-u", svc, "--group", group, "--pam-service", pam,
+        [tool("npcapserve"), "--listen", "127.0.0.1", "--port", "0", *tls,
+         "-u", svc, "--group", group, "--pam-service", pam,
          "--audit-log", str(audit), "--tokens", str(tokens), "--max-connections", "200",
          "-t", str(root)], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
-    m = re.search(r"on (https://\S+)", line)
+    m = re.search(r"on (https?://\S+)", line)
     if not m:
         proc.kill()
         raise SystemExit(f"npcapserve did not start: {line}{proc.stderr.read()}")
@@ -218,6 +219,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=6, help="requests per client in (d)")
     ap.add_argument("--cases", default="abcd", help="which cases to run (default abcd)")
+    ap.add_argument("--plain", action="store_true",
+                    help="plain HTTP on loopback (the server's --listen 127.0.0.1 without TLS)")
     args = ap.parse_args()
     base = Path(args.dir)
     root = base / "ds"
@@ -241,7 +244,7 @@ def main() -> None:
         bx.build(small, 0.02)
     with accounts() as (svc, group, user, password, pam):
         give_tree(root, pwd.getpwnam(svc))
-        with server(base, root, svc, group, pam) as (url, cert, tokens, pid):
+        with server(base, root, svc, group, pam, args.plain) as (url, cert, tokens, pid):
             token = subprocess.run([tool("npcapserve"), "token", "--tokens", str(tokens),
                                     "create", user], capture_output=True, text=True,
                                    check=True).stdout.strip()
@@ -304,7 +307,8 @@ def main() -> None:
     def m(k: str) -> float:
         return bx.med(runs[k], "wall")
 
-    print(f"dump set: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e9:.2f} GB;"
+    print(f"{'plain HTTP' if args.plain else 'HTTPS'}; dump set: {len(files)} files, "
+          f"{sum(f.stat().st_size for f in files) / 1e9:.2f} GB;"
           f" (a) reads {nreads} records; load average {os.getloadavg()[0]:.1f}")
     print("| case | what | median wall s | ratio |")
     print("|---|---|---|---|")

@@ -39,9 +39,11 @@ from pcapvault.index.indexfile import (
     FIRST_TOTALS_VERSION,
     FLAG_ADDRS,
     FLAG_PORTS,
+    FLOW_DTYPE,
     PacketIndex,
     address_text,
     decode_index,
+    decode_times,
     flow_totals,
     index_bytes,
     parse_header,
@@ -122,15 +124,16 @@ class _Packets:
     """Matching packets of one file (or one read batch) and the flow rows they belong to."""
 
     flows: np.ndarray  # FLOW_DTYPE table
-    flow: np.ndarray  # per packet: its row in `flows`
+    flow: np.ndarray | None  # per packet: its row in `flows` (None: a count's lean read)
     ts_ns: np.ndarray
     wirelen: np.ndarray
     keyed: _Keys | None = None  # of `flows`, when made ahead
 
     def totals(self) -> tuple[int, int]:
-        return len(self.flow), int(self.wirelen.sum())
+        return len(self.ts_ns), int(self.wirelen.sum())
 
     def rows(self) -> _Rows:
+        assert self.flow is not None  # tables never read lean
         return _Rows(self.flows, *flow_totals(self.flow, len(self.flows), self.ts_ns,
                                               self.wirelen), keyed=self.keyed)
 
@@ -195,6 +198,15 @@ class _Keys:
 _Sink = Callable[[_Packets | _Rows], None]
 
 
+@dataclass(frozen=True)
+class _Want:
+    """What a table or a count needs of each file's index."""
+
+    whole: Callable[[int, int], bool]  # a file inside the window with this span: its totals
+    keyed: bool = False  # its flow rows' _Keys, made on the decoding threads (tables)
+    lean: bool = False  # the filter takes every packet: times and lengths alone (volume)
+
+
 def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
                   limit: int | None = None, warn: Warn = _no_warning) -> Table:
     """The conversations (Wireshark's Conversations table), endpoints or service ports of
@@ -206,7 +218,7 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
     if limit is not None and limit < 0:
         raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: True, keyed=True)
+    scan = _Matches(req, _keeping(warnings, warn), _Want(lambda first, last: True, keyed=True))
     rows = _RowTotals()
     scan.run(rows.add)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
@@ -235,12 +247,25 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
         if isinstance(p, _Rows):  # a file inside one step: its rows' totals
             k, n, w = step(p.first), p.packets, p.bytes
         else:
-            k, n, w = step(p.ts_ns), None, p.wirelen
+            ts, n, w = p.ts_ns, None, p.wirelen
+            if len(ts) and (ts[1:] >= ts[:-1]).all():  # in time order: cut at the steps
+                k0, k1 = step(int(ts[0])), step(int(ts[-1]))
+                cuts = np.searchsorted(ts, req.begin_ns + step_ns * np.arange(k0 + 1, k1 + 1))
+                starts = np.concatenate(([0], cuts))
+                count = np.diff(starts, append=len(ts))
+                sums = np.add.reduceat(w, starts, dtype=np.int64)
+                sums[count == 0] = 0  # reduceat gives an empty step its next packet
+                packets[k0 : k1 + 1] += count
+                wire[k0 : k1 + 1] += sums
+                return
+            k = step(ts)
         packets[:] += np.bincount(k, weights=n, minlength=steps).astype(np.int64)
         wire[:] += np.bincount(k, weights=w, minlength=steps).astype(np.int64)
 
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn), lambda first, last: step(first) == step(last))
+    scan = _Matches(req, _keeping(warnings, warn),
+                    _Want(lambda first, last: step(first) == step(last),
+                          lean=not req.filter.strip()))
     scan.run(add)
     return Volume(req.begin_ns, step_ns, packets.tolist(), wire.tolist(), scan.read_packets,
                   warnings)
@@ -271,14 +296,12 @@ class _Matches:
     Every dump set is opened and the filter compiled for it before any file is looked at, so
     a bad filter or an unreadable dump set fails at once."""
 
-    def __init__(self, req: Request, warn: Warn, whole: Callable[[int, int], bool],
-                 keyed: bool = False):
+    def __init__(self, req: Request, warn: Warn, want: _Want):
         if req.begin_ns > req.end_ns:
             raise TimeError("the window's begin is after its end")
         self.req = req
         self.warn = warn
-        self.whole = whole
-        self.keyed = keyed  # make each file's _Keys on the decoding threads (tables)
+        self.want = want
         self.targets: list[QueryTarget] = [open_query(p, req.filter) for p in req.dumpsets]
         self.read_packets = False
         self.packets = 0
@@ -296,8 +319,7 @@ class _Matches:
         for number, (path, t) in enumerate(zip(self.req.dumpsets, self.targets, strict=True)):
             matcher = FlowMatcher(t.filter)
             unsure: dict[Path, bool] = {}  # pcap -> read it whole (True) or its MAYBE rows
-            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.whole,
-                                         self.keyed):
+            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.want):
                 if isinstance(loaded, PcapVaultError):
                     self.warn(f"{sf.pcap}: index unusable ({loaded}); reading the pcap")
                     unsure[sf.pcap] = True
@@ -330,6 +352,13 @@ class _Matches:
             self.warn(f"{sf.pcap}: index unusable (another file's); reading the pcap")
             return None, True
         inside = b <= idx.first_ns and idx.last_ns < e
+        if loaded.lean:  # every packet counts: only the window and a pcap cut short matter
+            end = self._pcap_end(sf, idx)
+            if end is None:
+                ts = idx.ts_ns
+                sel = slice(None) if inside else np.flatnonzero((ts >= b) & (ts < e))
+                return _Packets(idx.flows, None, ts[sel], idx.wirelen[sel]), False
+            idx = loaded.with_packets()
         keep = None
         if inside:
             dec = matcher.decide(idx.flows)
@@ -399,34 +428,41 @@ class _Loaded:
     keyed: _Keys | None
     data: bytes | None = None
     size: int = 0
+    lean: bool = False  # idx has its header's fields and the times and lengths alone
 
     def with_packets(self) -> PacketIndex:
         assert self.data is not None
         return decode_index(self.data, self.name, packets=True, file_size=self.size)
 
 
-def _load(sf: StoredFile, begin_ns: int, end_ns: int, whole: Callable[[int, int], bool],
-          keyed: bool) -> _Loaded | PcapVaultError:
+def _load(sf: StoredFile, begin_ns: int, end_ns: int, want: _Want) -> _Loaded | PcapVaultError:
     """`sf`'s index, checksum verified: its summary, and its packet columns unless the
-    window holds the file whole, `whole` accepts its span and its index has the per-flow
-    totals (version 4), which may then answer for it (the filter is decided later, on the
-    calling thread: FlowMatcher's cache is not for threads)."""
+    window holds the file whole, `want.whole` accepts its span and its index has the
+    per-flow totals (version 4), which may then answer for it (the filter is decided later,
+    on the calling thread: FlowMatcher's cache is not for threads). When every packet counts
+    (`want.lean`), the packets' times and lengths alone, not even the flow table."""
     name = str(sf.index)
     try:
         data, size = index_bytes(sf.index)
         h = parse_header(data, name)
         if (h.version >= FIRST_TOTALS_VERSION and h.count and begin_ns <= h.first_ns
-                and h.last_ns < end_ns and whole(h.first_ns, h.last_ns)):
+                and h.last_ns < end_ns and want.whole(h.first_ns, h.last_ns)):
             idx = decode_index(data, name, packets=False, file_size=size)
-            return _Loaded(idx, name, _Keys.of(idx.flows) if keyed else None, data, size)
+            return _Loaded(idx, name, _Keys.of(idx.flows) if want.keyed else None, data, size)
+        if want.lean:
+            ts, wire = decode_times(data, name, size)
+            idx = PacketIndex(h.nanosecond, h.linktype, h.count, h.first_ns, h.last_ns,
+                              h.pcap_size, np.zeros(0, FLOW_DTYPE), np.zeros(0, np.uint32),
+                              ts_ns=ts, wirelen=wire, version=h.version)
+            return _Loaded(idx, name, None, data, size, lean=True)
         idx = decode_index(data, name, file_size=size)
-        return _Loaded(idx, name, _Keys.of(idx.flows) if keyed else None)
+        return _Loaded(idx, name, _Keys.of(idx.flows) if want.keyed else None)
     except (PcapVaultError, ValueError) as e:
         return PcapVaultError(str(e))
 
 
 def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,
-             whole: Callable[[int, int], bool], keyed: bool, ahead: int = 3
+             want: _Want, ahead: int = 3
              ) -> Iterator[tuple[StoredFile, _Loaded | PcapVaultError]]:
     """Each file with its decoded index (or why it is unusable), decoded on a thread a couple
     of files ahead: zstd and numpy release the GIL, so the next index decodes while this one's
@@ -435,14 +471,14 @@ def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,
         pending: deque[tuple[StoredFile, Future]] = deque()
         rest = iter(files)
         for sf in rest:
-            pending.append((sf, pool.submit(_load, sf, begin_ns, end_ns, whole, keyed)))
+            pending.append((sf, pool.submit(_load, sf, begin_ns, end_ns, want)))
             if len(pending) >= ahead:
                 break
         while pending:
             sf, fut = pending.popleft()
             nxt = next(rest, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_load, nxt, begin_ns, end_ns, whole, keyed)))
+                pending.append((nxt, pool.submit(_load, nxt, begin_ns, end_ns, want)))
             yield sf, fut.result()
 
 

@@ -701,12 +701,29 @@ def decode_index(
     return idx
 
 
+_PACKET_COLUMNS = ("<i8", "<u8", "<u4", "<u4", "<u4")  # ts delta, gap, caplen, excess, flow
+
+
+def decode_times(data: bytes, name: str, file_size: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps, wire lengths) of an index's packets, checked as decode_index checks:
+    what a traffic count needs, without rebuilding the offset and flow columns (about half
+    of decoding the packet section)."""
+    h = _checked_header(data, name, file_size)
+    if len(data) < h.frames_offset:
+        raise ValueError("decode_times needs the file up to its postings frames")
+    n = h.count
+    raw = np.frombuffer(decompress_exact(memoryview(data)[h.packets_offset : h.frames_offset],
+                                         n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
+    ts_delta, _, caplen, excess, _ = _from_planes(raw, n, _PACKET_COLUMNS, skip=(1, 4))
+    return np.cumsum(ts_delta, dtype=np.int64), caplen + excess
+
+
 def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> None:
     n = idx.count
     raw = np.frombuffer(
         decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
-    ts_delta, gap, caplen, excess, flow = _from_planes(raw, n, ("<i8", "<u8", "<u4", "<u4",
-                                                                 "<u4"))
+    ts_delta, gap, caplen, excess, flow = _from_planes(raw, n, _PACKET_COLUMNS)
     idx.ts_ns = np.cumsum(ts_delta, dtype=np.int64)
     # offset[i] = gap[i] + end of record i-1, i.e. the running sum of gaps and record sizes
     sizes = np.empty(n, dtype=np.uint64)
@@ -720,14 +737,16 @@ def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> No
         raise FormatError(f"{name}: damaged index (flow number beyond the flow table)")
 
 
-def _from_planes(raw: np.ndarray, n: int, dtypes: tuple[str, ...]) -> list[np.ndarray]:
-    """The `n`-element columns of `dtypes` that `_byte_planes` wrote into `raw`."""
-    columns = []
+def _from_planes(raw: np.ndarray, n: int, dtypes: tuple[str, ...], skip: tuple[int, ...] = ()
+                 ) -> list[np.ndarray | None]:
+    """The `n`-element columns of `dtypes` that `_byte_planes` wrote into `raw` (None for
+    the ones numbered in `skip`)."""
+    columns: list[np.ndarray | None] = []
     pos = 0
-    for dtype in dtypes:
+    for i, dtype in enumerate(dtypes):
         width = np.dtype(dtype).itemsize
         planes = raw[pos : pos + n * width].reshape(width, n)
-        columns.append(np.ascontiguousarray(planes.T).view(dtype).reshape(n))
+        columns.append(None if i in skip else np.ascontiguousarray(planes.T).view(dtype).reshape(n))
         pos += n * width
     return columns
 

@@ -265,6 +265,27 @@ def test_sliced_packets_and_odd_frames_are_counted(tmp_path):
     assert conversations(request([root], "arp")).packets > 0
 
 
+def test_volume_of_packets_out_of_time_order(tmp_path):
+    """Timestamps that step back inside a file (a clock step, packets merged late): each
+    step still counts the packets whose time falls in it, as the extraction has them."""
+    pk = traffic(11, False)
+    for i in range(0, len(pk) - 1, 5):
+        (t0, *r0), (t1, *r1) = pk[i], pk[i + 1]
+        pk[i], pk[i + 1] = (t1 + NS // 2, *r0), (t0, *r1)
+    root = tmp_path / "o"
+    build_dumpset(root, pk, per_file=300)
+    packets = extracted([root], "", B, E, tmp_path / "o.pcap")
+    step = 13 * NS + 5
+    v = volume(request([root], ""), step)
+    want_p = np.zeros(len(v.packets), int)
+    want_b = np.zeros(len(v.packets), int)
+    for ts, wire, _ in packets:
+        want_p[(ts - B) // step] += 1
+        want_b[(ts - B) // step] += wire
+    assert v.packets == want_p.tolist() and v.bytes == want_b.tolist()
+    assert any(a[0] > b[0] for a, b in zip(packets[:-1], packets[1:], strict=True))
+
+
 def test_corpus_totals_and_volume(tmp_path):
     """tcpdump's test captures (every link type and oddity they hold): totals and volume
     equal the extraction's, and every conversation row sums its directions."""
@@ -357,6 +378,10 @@ def test_pcap_cut_short_or_missing_counts_as_extracted(sets, tmp_path, cut):
     assert not t.read_packets
     if cut == "half":  # a missing pcap is no longer in the timeline: nothing to warn about
         assert any(str(pcap) in w and "truncated" in w for w in warned)
+    # the volume of every packet reads the times and lengths alone, the offsets for this file
+    every = extracted([root], "", B, E, tmp_path / "all.pcap")
+    v = volume(request([root], ""), 61 * NS)
+    assert (sum(v.packets), sum(v.bytes)) == (len(every), sum(p[1] for p in every))
 
 
 def test_errors_are_one_line_pcapvault_errors(sets, tmp_path):
