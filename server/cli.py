@@ -178,12 +178,15 @@ def bind(host: str, port: int) -> socket.socket:
               help="The largest limit= of /api/v1/conversations.")
 @click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
               help="The most steps /api/v1/volume answers.")
+@click.option("--index-workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Worker processes computing conversations and volume (each takes a core "
+                   "while it works; more serve more of them at once).")
 def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | None,
             tls_key: Path | None, account: str, group: str, group_filters: tuple[str, ...],
             pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
             metrics_auth: bool,
             filter_cpu: float, max_connections: int, keep_alive: int,
-            request_timeout: float, max_rows: int, max_steps: int) -> int:
+            request_timeout: float, max_rows: int, max_steps: int, index_workers: int) -> int:
     """Serve the sensor's packets, conversations, traffic volume, status and metrics over
     HTTPS, to members of the extractors' group (PAM password or API token)."""
     import uvicorn
@@ -192,6 +195,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
 
     from . import filtercheck
     from .app import MAX_HEAD_BYTES, ServeSettings, create_app
+    from .workers import IndexWorkers
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -208,10 +212,11 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     served = tuple(os.path.abspath(p) for p in dumpsets) or configured_dumpsets()
     audit = Audit(audit_log, PROG)
     gate = _gate(pam_service, token_file, fail_delay, group, filters)
+    workers = IndexWorkers(index_workers)
     sock = bind(listen, port)
     config = uvicorn.Config(
         create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
-                            max_steps), gate, audit, *_flows()),
+                            max_steps), gate, audit, workers.conversations, workers.volume),
         ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
         timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         http=protocol(request_timeout), loop="asyncio", lifespan="off", access_log=False,
@@ -223,12 +228,16 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
         raise PcapVaultError(f"cannot load the TLS certificate or key: {e}") from None
     _become(account)
     filtercheck.start()
+    workers.start()
     _preload()
     host, bound = sock.getsockname()[:2]
     scheme = "https" if tls_cert else "http"
     print(f"{PROG}: serving {', '.join(served)} on {scheme}://{_hostport(host, bound)}",
           file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        workers.stop()
     return 0
 
 
@@ -248,11 +257,6 @@ def _gate(pam_service: str, token_file: Path, fail_delay: float, group: str,
                 LoginLimiter(fail_delay=fail_delay))
 
 
-def _flows() -> tuple:
-    """extract/conversations.py's conversations() and volume()."""
-    from pcapvault.extract.conversations import conversations, volume
-
-    return conversations, volume
 
 
 def _become(account: str) -> None:

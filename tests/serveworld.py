@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,10 +97,38 @@ def serving(world: World, dumpsets: list[Path] | None = None, *args: str) -> Ite
         assert ready.wait(30) and served.url, f"npcapserve did not start: {served.stderr}"
         yield served
     finally:
+        kids = descendants(proc.pid)
         if proc.poll() is None:
             proc.terminate()
         try:
             proc.wait(30)
         finally:
             assert "Traceback" not in served.stderr, served.stderr
+        left_behind(kids)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (its worker processes, its filter helper)."""
+    found: list[int] = []
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        kids = [int(k) for t in tasks for k in (t / "children").read_text().split()]
+    except OSError:
+        return found
+    for k in kids:
+        found += [k, *descendants(k)]
+    return found
+
+
+def left_behind(pids: list[int], wait_s: float = 5.0) -> None:
+    """Fail if a process the server started outlives it for more than `wait_s`: it would
+    hold the server's output open, and memory."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not alive, "outlived npcapserve: " + "; ".join(
+        Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ") for p in alive)
 
