@@ -10,7 +10,7 @@
 set -eu
 cd "$(dirname "$0")"
 PREFIX=${PCAPVAULT_PREFIX:-/opt/pcapvault}
-TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n npcapserve npcapflows npcapmanage npcapimport"
+TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n npcapserve npcapflows npcapmanage npcapimport npcapfleet"
 export DEBIAN_FRONTEND=noninteractive
 
 test_deps=no
