@@ -7,15 +7,21 @@ no text of the filter reaches the SQL. Anything else (src/dst, vlan, byte offset
 resolve, qualifiers carried over as in `host a or b`) is `NotExpressible`: the caller asks
 the sensors instead, whose libpcap decides.
 
-A catalogue row stands for packets of one of three kinds, and libpcap's primitives see each
-differently:
+A catalogue row stands for packets of one of three views (npcapserve's /api/v1/catalogue,
+the `view` column), and libpcap's primitives see each differently:
 
-- untagged IP (the rows with `tagged = 0`): the row's addresses, ports and protocol decide;
-- IP inside VLAN or other tags (`tagged = 1`): no primitive here looks through a tag, so each
+- `ip` (0): untagged IPv4, and IPv6 whose transport header comes first: the row's addresses,
+  ports and protocol decide every primitive;
+- `tagged` (1): IP inside VLAN or other tags: no primitive here looks through a tag, so each
   is false and the filter is a constant for all of them;
-- non-IP frames (ARP and others, no row at all, only the files' `other_packets`): `host`,
-  `net` and `arp` may match an ARP packet, every other primitive is false; a filter that may
-  match (three-valued logic: True, False or None for "maybe") keeps such files candidates.
+- `ip6ext` (2): IPv6 with extension headers before the transport header: `host`, `net`,
+  `ip6` are decided by the row, but libpcap's port and protocol tests do not walk extension
+  headers, so the row cannot say; such a row is "unsure" when the answer depends on them, and
+  its dump set is then asked.
+
+Non-IP frames (ARP and others) have no row, only the files' `other_packets`: `host`, `net`
+and `arp` may match an ARP packet, every other primitive is false; a filter that may match
+(three-valued logic: True, False or None for "maybe") keeps such files candidates.
 """
 
 from __future__ import annotations
@@ -137,25 +143,41 @@ class Sql:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def condition(node: Node | None, prefix: str = "f") -> Sql:
-    """SQL selecting the conversation rows (both kinds) whose packets match `node`."""
+@dataclass
+class Conditions:
+    """Which rows match for sure, which may (`possible`), and which cannot be decided from
+    the row (`unsure`: ip6ext rows whose answer hangs on a port or protocol)."""
+
+    match: Sql
+    possible: Sql
+    unsure: Sql
+
+
+def conditions(node: Node | None, prefix: str = "f") -> Conditions:
+    """The SQL of `node` over the three views of conversation rows."""
     if node is None:
-        return Sql("1")
+        return Conditions(Sql("1"), Sql("1"), Sql("0"))
     params: dict[str, Any] = {}
-    untagged = _sql(node, params, prefix)
-    tagged = evaluate(node, "tagged")
-    text = f"(tagged = 0 AND {untagged})"
-    if tagged:
-        text = f"(tagged = 1 OR {text})"
-    return Sql(text, params)
+    plain, _ = _sql(node, params, prefix, ext=False)
+    sure, maybe = _sql(node, params, prefix, ext=True)
+    tagged = " OR view = 1" if evaluate(node, "tagged") else ""
+    return Conditions(
+        Sql(f"((view = 0 AND {plain}) OR (view = 2 AND {sure}){tagged})", params),
+        Sql(f"((view = 0 AND {plain}) OR (view = 2 AND {maybe}){tagged})", params),
+        Sql(f"(view = 2 AND {maybe} AND NOT {sure})", params))
 
 
-def _sql(node: Node, params: dict[str, Any], prefix: str) -> str:
+def _sql(node: Node, params: dict[str, Any], prefix: str, ext: bool) -> tuple[str, str]:
+    """(matches surely, matches possibly) for rows of the ip view (`ext` false: the two are
+    the same) or of the ip6ext view (ports and protocols unknown)."""
     kind = node[0]
     if kind in ("and", "or"):
-        return f"({_sql(node[1], params, prefix)} {kind.upper()} {_sql(node[2], params, prefix)})"
+        (s1, p1), (s2, p2) = (_sql(n, params, prefix, ext) for n in node[1:])
+        op = kind.upper()
+        return f"({s1} {op} {s2})", f"({p1} {op} {p2})"
     if kind == "not":
-        return f"(NOT {_sql(node[1], params, prefix)})"
+        s1, p1 = _sql(node[1], params, prefix, ext)
+        return f"(NOT {p1})", f"(NOT {s1})"
 
     def bind(value: Any, ch_type: str) -> str:
         name = f"{prefix}{len(params)}"
@@ -164,23 +186,27 @@ def _sql(node: Node, params: dict[str, Any], prefix: str) -> str:
 
     if kind == "host":
         a = bind(str(node[1]), "IPv6")
-        return f"(addr_lo = {a} OR addr_hi = {a})"
-    if kind == "net":
+        text = f"(addr_lo = {a} OR addr_hi = {a})"
+    elif kind == "net":
         lo, hi = bind(str(node[1]), "IPv6"), bind(str(node[2]), "IPv6")
-        return f"(addr_lo BETWEEN {lo} AND {hi} OR addr_hi BETWEEN {lo} AND {hi})"
-    if kind == "port":
+        text = f"(addr_lo BETWEEN {lo} AND {hi} OR addr_hi BETWEEN {lo} AND {hi})"
+    elif kind == "ip":
+        text = "(ipver = 4)"
+    elif kind == "ip6":
+        text = "(ipver = 6)"
+    elif kind == "arp":
+        text = "0"
+    elif ext:
+        return "0", "1"  # a port or protocol behind extension headers: libpcap decides
+    elif kind == "port":
         protos = (node[1],) if node[1] else PORT_PROTOCOLS
         p = bind(node[2], "UInt16")
         names = ", ".join(f"'{x}'" for x in protos)  # our own constants
-        return f"(ported = 1 AND protocol IN ({names}) AND (port_lo = {p} OR port_hi = {p}))"
-    if kind == "ip":
-        return "(ipver = 4)"
-    if kind == "ip6":
-        return "(ipver = 6)"
-    if kind == "arp":
-        return "0"
-    extra = " AND ipver = 4" if kind == "icmp" else ""
-    return f"(protocol = '{PROTOCOLS[kind]}'{extra})"
+        text = f"(ported = 1 AND protocol IN ({names}) AND (port_lo = {p} OR port_hi = {p}))"
+    else:
+        extra = " AND ipver = 4" if kind == "icmp" else ""
+        text = f"(protocol = '{PROTOCOLS[kind]}'{extra})"
+    return text, text
 
 
 def evaluate(node: Node | None, kind: str) -> bool | None:

@@ -65,19 +65,21 @@ def _window(begin_ns: int, end_ns: int, sensors: list[str]) -> tuple[str, dict[s
              "b": begin_ns, "e": end_ns, "sensors": sensors})
 
 
-def straddling(store: Store, cond: filters.Sql, begin_ns: int, end_ns: int,
+def straddling(store: Store, cond: filters.Conditions, begin_ns: int, end_ns: int,
                sensors: list[str]) -> set[tuple[str, str]]:
-    """Dump sets with a matching row that the window cuts."""
+    """Dump sets with a row of the window the catalogue cannot sum: a row that may match
+    and that the window cuts, or one whose match only the packets can tell."""
     where, params = _window(begin_ns, end_ns, sensors)
     rows = store.query(
         f"SELECT DISTINCT sensor, dumpset FROM {store.db}.conversations WHERE {where} "
         "AND first_ns < {e:Int64} AND last_ns >= {b:Int64} "
-        "AND NOT (first_ns >= {b:Int64} AND last_ns < {e:Int64}) AND " + cond.text,
-        {**params, **cond.params})
+        f"AND ((NOT (first_ns >= {{b:Int64}} AND last_ns < {{e:Int64}}) AND "
+        f"{cond.possible.text}) OR {cond.unsure.text})",
+        {**params, **cond.possible.params})
     return {(s, d) for s, d in rows}
 
 
-def catalogue_rows(store: Store, cond: filters.Sql, begin_ns: int, end_ns: int,
+def catalogue_rows(store: Store, cond: filters.Conditions, begin_ns: int, end_ns: int,
                    sensors: list[str], skip: set[tuple[str, str]]) -> list[Row]:
     """Matching conversations inside the window, summed over files and sensors, leaving out
     the dump sets in `skip`."""
@@ -91,9 +93,9 @@ def catalogue_rows(store: Store, cond: filters.Sql, begin_ns: int, end_ns: int,
         "sum(packets_hi_lo), sum(bytes_hi_lo), min(first_ns), max(last_ns), "
         f"min(if(a_is_lo = 1, first_ns, {BIG})), min(if(a_is_lo = 1, {BIG}, first_ns)) "
         f"FROM {store.db}.conversations WHERE {where} "
-        "AND first_ns >= {b:Int64} AND last_ns < {e:Int64} AND " + cond.text +
+        "AND first_ns >= {b:Int64} AND last_ns < {e:Int64} AND " + cond.match.text +
         " GROUP BY protocol, ported, ipver, addr_lo, port_lo, addr_hi, port_hi",
-        {**params, **cond.params})
+        {**params, **cond.match.params})
     return [Row(p, bool(pt), int(v), mapped(lo), int(plo), mapped(hi), int(phi), *map(int, n))
             for p, pt, v, lo, plo, hi, phi, *n in rows]
 
@@ -105,7 +107,7 @@ def candidates(store: Store, node: filters.Node | None, expressible: bool, begin
     overlap = " AND first_ns < {e:Int64} AND last_ns >= {b:Int64}"
     found: set[tuple[str, str]] = set()
     if expressible:
-        cond = filters.condition(node)
+        cond = filters.conditions(node).possible
         found |= {(s, d) for s, d in store.query(
             f"SELECT DISTINCT sensor, dumpset FROM {store.db}.conversations WHERE {where}"
             + overlap + " AND " + cond.text, {**params, **cond.params})}
@@ -144,7 +146,7 @@ def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns
         ask[k.sensor] = []
     merged = Merged()
     if expressible:
-        cond = filters.condition(node)
+        cond = filters.conditions(node)
         cut = straddling(store, cond, begin_ns, end_ns, names)
         stale = {(k.sensor, k.dumpset) for k in ds
                  if k.reach_ns is None or k.reach_ns < end_ns - 1}

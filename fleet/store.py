@@ -31,11 +31,13 @@ from pcapvault.index.errors import PcapVaultError
 from .config import ClickHouse
 
 CONVERSATION_COLUMNS = (
-    "day", "sensor", "dumpset", "file", "tagged", "ipver", "protocol", "ported",
+    "day", "sensor", "dumpset", "file", "view", "ipver", "protocol", "ported",
     "addr_lo", "port_lo", "addr_hi", "port_hi", "packets_lo_hi", "bytes_lo_hi",
     "packets_hi_lo", "bytes_hi_lo", "a_is_lo", "first_ns", "last_ns")
 FILE_COLUMNS = ("day", "sensor", "dumpset", "file", "first_ns", "last_ns", "index_mtime_ns",
                 "packets", "other_packets")
+# How libpcap's primitives see a row's packets (server/catalogue.py's VIEWS, filters.py).
+VIEWS = {"ip": 0, "tagged": 1, "ip6ext": 2}
 DUMPSET_COLUMNS = ("sensor", "dumpset", "position", "interface", "linktype", "snaplen",
                    "nanosecond", "cursor", "synced_ns")
 
@@ -48,7 +50,7 @@ def schema(db: str, retention_days: int) -> list[str]:
         f"CREATE DATABASE IF NOT EXISTS {db}",
         f"""CREATE TABLE IF NOT EXISTS {db}.conversations (
             day Date, sensor LowCardinality(String), dumpset LowCardinality(String),
-            file String, tagged UInt8, ipver UInt8, protocol LowCardinality(String),
+            file String, view UInt8, ipver UInt8, protocol LowCardinality(String),
             ported UInt8, addr_lo IPv6, port_lo UInt16, addr_hi IPv6, port_hi UInt16,
             packets_lo_hi UInt64, bytes_lo_hi UInt64, packets_hi_lo UInt64,
             bytes_hi_lo UInt64, a_is_lo UInt8, first_ns Int64, last_ns Int64,
@@ -105,8 +107,9 @@ class ChdbStore:
         self.command("SET output_format_json_quote_64bit_integers = 0")  # ints as numbers
 
     def _run(self, sql: str, params: dict[str, Any] | None, fmt: str = "CSV") -> Any:
+        values = {k: _value_text(v) for k, v in (params or {}).items()}
         try:
-            return self.session.query(sql, fmt, params=params or {})
+            return self.session.query(sql, fmt, params=values)
         except Exception as e:
             raise StoreError(f"catalogue: {' '.join(str(e).split())[:500]}") from None
 
@@ -129,6 +132,24 @@ class ChdbStore:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _value_text(value: Any) -> Any:
+    """A parameter as chdb passes it to ClickHouse: scalars as they are, arrays and tuples
+    as ClickHouse's text of a value (ClickHouse parses it as data of the declared type)."""
+    if isinstance(value, list | tuple):
+        inner = ", ".join(_quoted(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    return value
+
+
+def _quoted(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return _value_text(value)
+    if isinstance(value, int | float):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
 
 
 class ServerStore:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from .rows import from_table
 from .sensors import SensorClient, SensorError
-from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, Store
+from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, VIEWS, Store
 
 PAGE_FILES = 50  # files per request: a page of summaries stays a few MB
 
@@ -123,7 +123,7 @@ def _store_page(store: Store, page: _Page, s: Synced) -> None:
         rows = [from_table(r, r["first_ns"], r["last_ns"]) for r in f["conversations"]]
         in_rows = 0
         for r, raw in zip(rows, f["conversations"], strict=True):
-            conversations.append((d, sensor, dumpset, f["name"], int(raw["tagged"]), r.ipver,
+            conversations.append((d, sensor, dumpset, f["name"], VIEWS[raw["view"]], r.ipver,
                                   r.protocol, int(r.ported), r.lo, r.port_lo, r.hi, r.port_hi,
                                   r.packets_lo_hi, r.bytes_lo_hi, r.packets_hi_lo,
                                   r.bytes_hi_lo, int(r.a_is_lo), r.first_ns, r.last_ns))

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 
 from pcapvault.extract.access import open_dumpset
 from pcapvault.extract.conversations import file_conversations
+from pcapvault.index.builder import IPV6_EXTENSIONS
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import index_bytes, parse_header
 
 SETTLE_NS = 60 * 10**9  # what a finished page's cursor leaves to be asked again
-UNTAGGED = "ip or ip6"  # what libpcap's host, net, port and protocol primitives look at
+# The three views libpcap's primitives take of a row's packets (docs/FLEET.md): untagged
+# IPv4, and IPv6 with the transport header first, where the row's addresses, ports and
+# protocol decide every primitive; IPv6 with extension headers first, where only the
+# addresses do (libpcap's port and protocol tests do not walk them); and IP inside VLAN or
+# other tags, where no primitive without `vlan` looks.
+_EXT = " or ".join(f"ip6[6] == {n}" for n in IPV6_EXTENSIONS)
+VIEWS = {"ip": f"ip or (ip6 and not ({_EXT}))", "ip6ext": f"ip6 and ({_EXT})",
+         "tagged": "not (ip or ip6)"}
 _CURSOR = re.compile(r"^(\d{1,20})/(.{0,255})$")
 
 
@@ -89,20 +97,19 @@ def page(path: str, since: Cursor, limit: int, now_ns: int) -> dict:
 
 
 def describe(path: str, sf: StoredFile, mtime_ns: int) -> dict:
-    """One file: its span, totals and conversations, untagged IP (`tagged` false: what a
-    filter without `vlan` can select) and the rest (IP inside VLAN or other tags)."""
+    """One file: its span, packets and conversations, each row in one of VIEWS (`view`)."""
     warnings: list[str] = []
-    parts = [(False, file_conversations(path, sf, UNTAGGED, warnings.append)),
-             (True, file_conversations(path, sf, f"not ({UNTAGGED})", warnings.append))]
+    parts = [(view, file_conversations(path, sf, expr, warnings.append))
+             for view, expr in VIEWS.items()]
     rows = []
-    for tagged, table in parts:
+    for view, table in parts:
         for r in table.rows:
             rows.append({k: r[k] for k in ("address_a", "port_a", "address_b", "port_b",
                                              "protocol", "packets_a_to_b", "bytes_a_to_b",
                                              "packets_b_to_a", "bytes_b_to_a")}
                         | {"first_ns": r["start_ns"],
                            "last_ns": r["start_ns"] + round(r["duration_s"] * 1e9),
-                           "tagged": tagged})
+                           "view": view})
     try:
         h = parse_header(index_bytes(sf.index)[0], str(sf.index))
         first, last, packets = h.first_ns, h.last_ns, h.count

@@ -19,6 +19,7 @@ from pcapvault.extract.conversations import conversations, file_conversations
 from pcapvault.extract.request import Request
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.privileges import give_tree
+from pcapvault.server.catalogue import VIEWS
 
 pytestmark = PAM_MARKS
 FAR = (0, 1 << 62)
@@ -109,8 +110,9 @@ def test_catalogue_pages_sum_to_the_dump_sets_conversations(world, served, dumps
     whole = conversations(Request([str(dumpset)], *FAR))
     rows = [dict(r, start_ns=r["first_ns"]) for f in files for r in f["conversations"]]
     assert totals(rows) == totals(whole.rows)
-    tagged = conversations(Request([str(dumpset)], *FAR, "vlan"))
-    assert totals([r for r in rows if r["tagged"]]) == totals(tagged.rows) != Counter()
+    for view, expr in VIEWS.items():
+        want = conversations(Request([str(dumpset)], *FAR, expr))
+        assert totals([r for r in rows if r["view"] == view]) == totals(want.rows) != Counter()
     for f in files:
         assert f["first_ns"] <= min(r["first_ns"] for r in f["conversations"])
         assert max(r["last_ns"] for r in f["conversations"]) <= f["last_ns"]
