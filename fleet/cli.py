@@ -239,6 +239,8 @@ def pcap(ctx: click.Context, begin: str, end: str, expr: str, output: str) -> in
     wanted = sorted({s for s, _ in chosen})
     clients, not_set_up = fleet.clients(wanted)
     failed += not_set_up
+    for message in failed:
+        _warn(f"{message}; the result is partial")
     asked = []
     for c in clients:
         mine = [(i, k) for i, k in enumerate(ks)
@@ -259,9 +261,7 @@ def pcap(ctx: click.Context, begin: str, end: str, expr: str, output: str) -> in
         for c in clients:
             c.close()
     failed += [a.progress.error for a in asked if a.progress.error]
-    for message in failed[:len(failed) - sum(1 for a in asked if a.progress.error)]:
-        _warn(f"{message}; the result is partial")
-    skipped = len(names) - len(wanted)
+    skipped = sum(1 for n in names if n not in wanted and any(k.sensor == n for k in ks))
     _say(f"{packets} packets from {len(asked)} sensors into {output}"
          + (f" ({skipped} sensors skipped: the catalogue has nothing of theirs)"
             if skipped else "") + ("; PARTIAL" if failed else ""))
