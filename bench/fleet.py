@@ -160,27 +160,28 @@ def pcap(args: argparse.Namespace) -> None:
                 (base / f"srv{k + 1}").mkdir(exist_ok=True)
                 running.append(stack.enter_context(bs.server(base / f"srv{k + 1}", r, svc,
                                                              group, pam)))
-            token = subprocess.run([bs.tool("npcapserve"), "token", "--tokens",
-                                    str(running[0][2]), "create", user], check=True,
-                                   capture_output=True, text=True).stdout.strip()
-            for _, _, tokens, _ in running[1:]:  # the same token on every sensor
-                shutil.copy(running[0][2], tokens)
+            tokens = [subprocess.run([bs.tool("npcapserve"), "token", "--tokens", str(t),
+                                      "create", user], check=True, capture_output=True,
+                                     text=True).stdout.strip() for _, _, t, _ in running]
             conf = base / "fleet.toml"
             conf.write_text('catalogue = "catalogue"\n' + "".join(
-                f'[[sensor]]\nname = "s{k + 1}"\nurl = "{u}"\nca = "{c}"\ntoken = "{token}"\n'
-                for k, (u, c, _, _) in enumerate(running)))
+                f'[[sensor]]\nname = "s{k + 1}"\nurl = "{u}"\nca = "{c}"\n'
+                f'token = "{tokens[k]}"\n' for k, (u, c, _, _) in enumerate(running)))
             conf.chmod(0o600)
             fleet = [bs.tool("npcapfleet"), "--config", str(conf)]
             t0 = time.monotonic()
-            subprocess.run([*fleet, "sync"], check=True, capture_output=True)
+            r = subprocess.run([*fleet, "sync"], capture_output=True, text=True)
             sync_s = time.monotonic() - t0
+            if r.returncode:
+                raise SystemExit(f"npcapfleet sync failed: {r.stderr}")
             own: list[list[float]] = [[], [], []]
             both: list[float] = []
             for _ in range(args.repeat):
                 for k, (u, c, _, _) in enumerate(running):
                     bx.drop_caches()
                     t0 = time.monotonic()
-                    subprocess.run(bs.curl(u, c, token, "/api/v1/pcap", params), check=True)
+                    subprocess.run(bs.curl(u, c, tokens[k], "/api/v1/pcap", params),
+                                   check=True)
                     own[k].append(time.monotonic() - t0)
                 bx.drop_caches()
                 t0 = time.monotonic()
