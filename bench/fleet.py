@@ -164,7 +164,9 @@ def pcap(args: argparse.Namespace) -> None:
                                       "create", user], check=True, capture_output=True,
                                      text=True).stdout.strip() for _, _, t, _ in running]
             conf = base / "fleet.toml"
-            conf.write_text('catalogue = "catalogue"\n' + "".join(
+            shutil.rmtree(base / "catalogue", ignore_errors=True)  # a first sync each run
+            # the benchmark hour is old: a retention that keeps it
+            conf.write_text('catalogue = "catalogue"\nretention_days = 3650\n' + "".join(
                 f'[[sensor]]\nname = "s{k + 1}"\nurl = "{u}"\nca = "{c}"\n'
                 f'token = "{tokens[k]}"\n' for k, (u, c, _, _) in enumerate(running)))
             conf.chmod(0o600)

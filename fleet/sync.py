@@ -36,7 +36,9 @@ class Synced:
 
 
 @dataclass
-class _Page:
+class Page:
+    """One answer of a sensor's /api/v1/catalogue, and whether it ends its dump set's list."""
+
     sensor: str
     position: int
     answer: dict
@@ -71,7 +73,7 @@ def sync(store: Store, clients: list[SensorClient], note: Callable[[Synced], Non
                 cursor = since.get((client.name, d["path"]), "")
                 while True:
                     answer = client.catalogue(d["path"], cursor, PAGE_FILES)
-                    pages.put(_Page(client.name, position, answer, not answer["more"]))
+                    pages.put(Page(client.name, position, answer, not answer["more"]))
                     if not answer["more"]:
                         break
                     cursor = answer["cursor"]
@@ -99,14 +101,16 @@ def sync(store: Store, clients: list[SensorClient], note: Callable[[Synced], Non
         else:
             key = (item.sensor, item.answer["dumpset"])
             s = current.setdefault(key, Synced(*key))
-            _store_page(store, item, s)
+            store_page(store, item, s)
             if item.last:
                 done.append(current.pop(key))
                 note(s)
     return done
 
 
-def _store_page(store: Store, page: _Page, s: Synced) -> None:
+def store_page(store: Store, page: Page, s: Synced) -> None:
+    """Replace the page's files' rows, drop the files the last page no longer names, and
+    move the dump set's cursor on."""
     a = page.answer
     sensor, dumpset, db = page.sensor, a["dumpset"], store.db
     names = [f["name"] for f in a["files"]]
