@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import statistics
 import subprocess
@@ -178,6 +179,7 @@ def pcap(args: argparse.Namespace) -> None:
                 raise SystemExit(f"npcapfleet sync failed: {r.stderr}")
             own: list[list[float]] = [[], [], []]
             both: list[float] = []
+            merged: list[float] = []
             for _ in range(args.repeat):
                 for k, (u, c, _, _) in enumerate(running):
                     bx.drop_caches()
@@ -187,15 +189,22 @@ def pcap(args: argparse.Namespace) -> None:
                     own[k].append(time.monotonic() - t0)
                 bx.drop_caches()
                 t0 = time.monotonic()
-                subprocess.run([*fleet, "pcap", "-b", params["begin"], "-e", params["end"],
-                                "-f", params["filter"], "-o", os.devnull], check=True,
-                               capture_output=True)
+                r = subprocess.run([*fleet, "pcap", "-b", params["begin"], "-e", params["end"],
+                                    "-f", params["filter"], "-o", os.devnull], check=True,
+                                   capture_output=True, text=True)
                 both.append(time.monotonic() - t0)
+                # the command's own line: the streams' part, from the first request to the end
+                merged.append(float(re.search(r" in ([\d.]+) s$", r.stderr.strip()).group(1)))
+                packets = int(re.search(r"(\d+) packets from", r.stderr).group(1))
             slowest = max(statistics.median(t) for t in own)
             print(json.dumps({"gb_per_sensor": args.gb, "sync_s": round(sync_s, 2),
+                              "packets": packets,
                               "sensor_api_s": [round(statistics.median(t), 3) for t in own],
                               "fleet_pcap_s": round(statistics.median(both), 3),
-                              "ratio_to_slowest": round(statistics.median(both) / slowest, 2)}))
+                              "fleet_streams_s": round(statistics.median(merged), 3),
+                              "ratio_to_slowest": round(statistics.median(both) / slowest, 2),
+                              "streams_ratio_to_slowest":
+                                  round(statistics.median(merged) / slowest, 2)}))
 
 
 def main() -> None:

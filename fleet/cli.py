@@ -255,6 +255,7 @@ def pcap(ctx: click.Context, begin: str, end: str, expr: str, output: str) -> in
         else:
             _say(f"{p.sensor}: {p.packets} packets, {human_size(p.bytes)} in {p.seconds:.2f} s")
 
+    t0 = time.monotonic()
     try:
         packets = write(output, interfaces, asked, b, e, expr, said)
     finally:
@@ -262,7 +263,8 @@ def pcap(ctx: click.Context, begin: str, end: str, expr: str, output: str) -> in
             c.close()
     failed += [a.progress.error for a in asked if a.progress.error]
     skipped = sum(1 for n in names if n not in wanted and any(k.sensor == n for k in ks))
-    _say(f"{packets} packets from {len(asked)} sensors into {output}"
+    _say(f"{packets} packets from {len(asked)} sensors into {output} in "
+         f"{time.monotonic() - t0:.2f} s"
          + (f" ({skipped} sensors skipped: the catalogue has nothing of theirs)"
             if skipped else "") + ("; PARTIAL" if failed else ""))
     return EXIT_PARTIAL if failed else 0
