@@ -73,6 +73,12 @@ class Fleet:
                                      self.config.retention_days)
         return self._store
 
+    def kept_from(self) -> int:
+        """The oldest time the catalogue surely holds (its TTL)."""
+        from .query import horizon
+
+        return horizon(self.config.retention_days, time.time_ns())
+
     def clients(self, names: list[str] | None = None) -> tuple[list, list[str]]:
         """Clients of the sensors (all, or `names`), and the failures of those that could
         not even be set up (a fingerprint that does not match)."""
@@ -183,7 +189,7 @@ def conversations(ctx: click.Context, begin: str, end: str, expr: str, by: str, 
     fleet = _fleet(ctx)
     clients, failed = fleet.clients()
     try:
-        found = query.conversations(fleet.store, clients, expr, b, e)
+        found = query.conversations(fleet.store, clients, expr, b, e, fleet.kept_from())
     finally:
         for c in clients:
             c.close()
@@ -233,7 +239,7 @@ def pcap(ctx: click.Context, begin: str, end: str, expr: str, output: str) -> in
         node, expressible = None, False
     ks = query.known(fleet.store, names)
     chosen = query.candidates(fleet.store, node, expressible, b, e, names)
-    chosen |= {(k.sensor, k.dumpset) for k in ks if k.reach_ns is None or k.reach_ns < e - 1}
+    chosen |= query.stale(ks, b, e, fleet.kept_from())
     failed = [f"{n}: never synced, so its dump sets are unknown (run npcapfleet sync)"
               for n in names if not any(k.sensor == n for k in ks)]
     wanted = sorted({s for s, _ in chosen})

@@ -58,6 +58,22 @@ def known(store: Store, sensors: list[str]) -> list[Known]:
     return sorted(out, key=lambda k: (order[k.sensor], k.position))
 
 
+def horizon(retention_days: int, now_ns: int) -> int:
+    """The oldest time the catalogue surely keeps: the TTL drops a day once it is
+    `retention_days` old."""
+    today = now_ns // DAY_NS * DAY_NS
+    return today - (retention_days - 1) * DAY_NS
+
+
+def stale(ks: list[Known], begin_ns: int, end_ns: int, kept_from_ns: int
+          ) -> set[tuple[str, str]]:
+    """Dump sets the catalogue may not hold all of for the window: synced files that end
+    before the window does (later files are not synced yet), or a window reaching back past
+    what the TTL keeps."""
+    return {(k.sensor, k.dumpset) for k in ks
+            if k.reach_ns is None or k.reach_ns < end_ns - 1 or begin_ns < kept_from_ns}
+
+
 def _window(begin_ns: int, end_ns: int, sensors: list[str]) -> tuple[str, dict[str, Any]]:
     """The partitions and sensors of a window (a file's day is its first packet's)."""
     return ("day BETWEEN {d0:Date} AND {d1:Date} AND sensor IN {sensors:Array(String)}",
@@ -131,9 +147,10 @@ class FleetTable:
 
 
 def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns: int,
-                  end_ns: int) -> FleetTable:
+                  end_ns: int, kept_from_ns: int) -> FleetTable:
     """The fleet's conversations of [begin_ns, end_ns) matching `expr`: the catalogue's
-    where exact, the sensors' (asked concurrently) elsewhere, summed."""
+    where exact, the sensors' (asked concurrently) elsewhere, summed. `kept_from_ns`: see
+    horizon()."""
     names = [c.name for c in clients]
     try:
         node = filters.parse(expr)
@@ -148,9 +165,7 @@ def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns
     if expressible:
         cond = filters.conditions(node)
         cut = straddling(store, cond, begin_ns, end_ns, names)
-        stale = {(k.sensor, k.dumpset) for k in ds
-                 if k.reach_ns is None or k.reach_ns < end_ns - 1}
-        skip = cut | stale
+        skip = cut | stale(ds, begin_ns, end_ns, kept_from_ns)
         for k in ds:
             if (k.sensor, k.dumpset) in skip:
                 ask[k.sensor].append(k.dumpset)  # type: ignore[union-attr]

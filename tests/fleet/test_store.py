@@ -144,3 +144,15 @@ def test_filter_values_are_parameters_not_text():
         assert "10.0.0.1" not in sql.text and "443" not in sql.text and "192.168" not in sql.text
     assert set(c.match.params.values()) == {"::ffff:a00:1", 443, "::ffff:c0a8:0",
                                             "::ffff:c0a8:ffff"}
+
+
+def test_windows_the_catalogue_may_not_hold_are_asked_of_the_sensors(store):
+    load(store, ("a", answer([FILE1, FILE2], ["f1.pcap", "f2.pcap"])),
+         ("b", answer([FILE3], ["f3.pcap"])))
+    ks = query.known(store, ["a", "b"])
+    kept = query.horizon(30, time.time_ns())
+    assert query.stale(ks, T, T + 170 * S, kept) == set()
+    assert query.stale(ks, T, T + 250 * S, kept) == {("b", "/d")}  # b's files end at 170 s
+    month_ago = T - 31 * 86400 * S  # before the TTL keeps: every dump set
+    assert query.stale(ks, month_ago, T + 100 * S, kept) == {("a", "/d"), ("b", "/d")}
+    assert query.stale(ks, month_ago, T + 100 * S, query.horizon(40, time.time_ns())) == set()
