@@ -249,6 +249,29 @@ def test_deleted_files_leave_the_catalogue(fleet):
     assert totals(got["rows"]) == truth(fleet["roots"], *WHOLE, "")["totals"]
 
 
+def test_a_sensor_with_another_certificate_gets_no_token(world, fleet, tmp_path):
+    """A fingerprint that does not match: the sensor is named, nothing is sent to it (the
+    token would go to whoever holds that certificate), the others sync."""
+    text = fleet["conf"].read_text()
+    pin = text.split('fingerprint = "sha256:')[1][:64]
+    wrong = tmp_path / "fleet.toml"
+    wrong.write_text(text.replace(pin, "00" * 32).replace('"catalogue"',
+                                                           f'"{fleet["base"] / "catalogue"}"'))
+    wrong.chmod(0o600)
+    def asked_s2() -> int:
+        return sum(1 for x in world.audit_lines() if x.get("dumpsets") == [str(fleet["roots"][1])])
+
+    before = asked_s2()
+    assert before > 0  # the first sync asked it
+    r = subprocess.run([tool("npcapfleet"), "--config", str(wrong), "sync"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "s2: the certificate of https://127.0.0.1:" in r.stderr
+    assert "not the fleet file's fingerprint" in r.stderr
+    assert "s1 " in r.stderr and "s3 " in r.stderr  # the others synced
+    assert asked_s2() == before
+
+
 def test_a_stopped_sensor_gives_a_partial_result(fleet, tmp_path):
     s3 = fleet["servers"][2]
     s3.proc.terminate()
