@@ -79,6 +79,12 @@ class Fleet:
 
         return horizon(self.config.retention_days, time.time_ns())
 
+    def client(self, name: str):  # noqa: ANN201 - a sensors.SensorClient
+        """A client of the sensor `name` (SensorError when it cannot be set up)."""
+        from .sensors import SensorClient
+
+        return SensorClient(self.config.sensor(name), self.config.timeout)
+
     def clients(self, names: list[str] | None = None) -> tuple[list, list[str]]:
         """Clients of the sensors (all, or `names`), and the failures of those that could
         not even be set up (a fingerprint that does not match)."""
@@ -187,13 +193,9 @@ def conversations(ctx: click.Context, begin: str, end: str, expr: str, by: str, 
     b, e = _window(begin, end, expr)
     t0 = time.monotonic()
     fleet = _fleet(ctx)
-    clients, failed = fleet.clients()
-    try:
-        found = query.conversations(fleet.store, clients, expr, b, e, fleet.kept_from())
-    finally:
-        for c in clients:
-            c.close()
-    failed += found.failed
+    found = query.conversations(fleet.store, [s.name for s in fleet.config.sensors],
+                                fleet.client, expr, b, e, fleet.kept_from())
+    failed = found.failed
     for w in found.warnings:
         _warn(w)
     for message in failed:

@@ -14,6 +14,7 @@ its rows replace the catalogue's. Sensors never synced are always asked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,12 +147,11 @@ class FleetTable:
     warnings: list[str] = field(default_factory=list)
 
 
-def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns: int,
-                  end_ns: int, kept_from_ns: int) -> FleetTable:
-    """The fleet's conversations of [begin_ns, end_ns) matching `expr`: the catalogue's
-    where exact, the sensors' (asked concurrently) elsewhere, summed. `kept_from_ns`: see
-    horizon()."""
-    names = [c.name for c in clients]
+def conversations(store: Store, names: list[str], client: Callable[[str], SensorClient],
+                  expr: str, begin_ns: int, end_ns: int, kept_from_ns: int) -> FleetTable:
+    """The fleet's conversations of [begin_ns, end_ns) matching `expr` on the sensors
+    `names`: the catalogue's where exact, the sensors' elsewhere (`client(name)` connects
+    to one; those asked are asked concurrently), summed. `kept_from_ns`: see horizon()."""
     try:
         node = filters.parse(expr)
         expressible = True
@@ -177,14 +177,13 @@ def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns
     asked = {n: d for n, d in ask.items() if d is None or d}
     table = FleetTable([], asked)
 
-    def one(client: SensorClient) -> dict:
-        return client.conversations(begin_ns, end_ns, expr, asked[client.name] or [],
-                                    SENSOR_ROWS)
+    def one(name: str) -> dict:
+        with client(name) as c:
+            return c.conversations(begin_ns, end_ns, expr, asked[name] or [], SENSOR_ROWS)
 
-    chosen = [c for c in clients if c.name in asked]
-    with ThreadPoolExecutor(max(len(chosen), 1), thread_name_prefix="fleet-ask") as pool:
-        futures = [(c, pool.submit(one, c)) for c in chosen]
-        for c, fut in futures:
+    with ThreadPoolExecutor(max(len(asked), 1), thread_name_prefix="fleet-ask") as pool:
+        futures = [(name, pool.submit(one, name)) for name in asked]
+        for name, fut in futures:
             try:
                 answer = fut.result()
             except SensorError as e:
@@ -192,9 +191,9 @@ def conversations(store: Store, clients: list[SensorClient], expr: str, begin_ns
                 continue
             if answer["total_rows"] > len(answer["rows"]):
                 table.failed.append(
-                    f"{c.name}: {answer['total_rows']} conversations, of which the sensor "
+                    f"{name}: {answer['total_rows']} conversations, of which the sensor "
                     f"sends {len(answer['rows'])} (its --max-rows); the rest are missing")
-            table.warnings += [f"{c.name}: {w}" for w in answer.get("warnings", [])]
+            table.warnings += [f"{name}: {w}" for w in answer.get("warnings", [])]
             for r in answer["rows"]:
                 merged.add(from_table(r))
     table.conversations = merged.conversations()
