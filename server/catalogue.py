@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from pcapvault.extract.access import open_dumpset
@@ -26,6 +27,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import index_bytes, parse_header
 
 SETTLE_NS = 60 * 10**9  # what a finished page's cursor leaves to be asked again
+WORK_S = 10.0  # an answer stops taking files after this much work (clients time out)
 # The three views libpcap's primitives take of a row's packets (docs/FLEET.md): untagged
 # IPv4, and IPv6 with the transport header first, where the row's addresses, ports and
 # protocol decide every primitive; IPv6 with extension headers first, where only the
@@ -62,10 +64,11 @@ class Cursor:
         return cls(int(m.group(1)), m.group(2))
 
 
-def page(path: str, since: Cursor, limit: int, now_ns: int) -> dict:
-    """The files of the dump set at `path` indexed after `since` (at most `limit`, oldest
-    index first) with their conversations, the names of all its files, the next cursor and
-    whether more files wait."""
+def page(path: str, since: Cursor, limit: int, now_ns: int, work_s: float = WORK_S) -> dict:
+    """The files of the dump set at `path` indexed after `since` (oldest index first, at
+    most `limit`, and no more once `work_s` seconds went into them: at least one) with their
+    conversations, the names of all its files, the next cursor and whether more files wait."""
+    t0 = time.monotonic()
     ds = open_dumpset(path)
     files = ds.files_in_window(0, 1 << 62)  # the timeline's: what extraction sees
     after: list[tuple[Cursor, StoredFile]] = []
@@ -77,9 +80,13 @@ def page(path: str, since: Cursor, limit: int, now_ns: int) -> dict:
         if key > since:
             after.append((key, sf))
     after.sort(key=lambda pair: pair[0])
-    chosen = after[:limit]
-    more = len(after) > limit
-    cursor = chosen[-1][0] if chosen else since
+    described: list[tuple[Cursor, dict]] = []
+    for key, sf in after[:limit]:
+        if described and time.monotonic() - t0 > work_s:
+            break
+        described.append((key, describe(path, sf, key.mtime_ns)))
+    more = len(after) > len(described)
+    cursor = described[-1][0] if described else since
     if not more:
         cursor = max(since, min(cursor, Cursor(now_ns - SETTLE_NS, "")))
     meta = ds.meta
@@ -89,7 +96,7 @@ def page(path: str, since: Cursor, limit: int, now_ns: int) -> dict:
         "linktype": int(meta.get("linktype", 1)),
         "snaplen": int(meta.get("snaplen", 262144)),
         "nanosecond": ds.nanosecond,
-        "files": [describe(path, sf, key.mtime_ns) for key, sf in chosen],
+        "files": [d for _, d in described],
         "names": [sf.name for sf in files],
         "cursor": str(cursor),
         "more": more,

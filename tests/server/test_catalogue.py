@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pcapvault.extract.conversations import conversations, file_conversations
 from pcapvault.extract.request import Request
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.privileges import give_tree
+from pcapvault.server import catalogue
 from pcapvault.server.catalogue import VIEWS
 
 pytestmark = PAM_MARKS
@@ -67,6 +69,18 @@ def test_file_conversations_count_each_packet_once(tmp_path):
         last = max(r["start_ns"] + round(r["duration_s"] * 1e9) for r in t.rows)
         naive += conversations(Request([str(root)], first, last + 1)).packets
     assert naive > 600
+
+
+def test_an_answer_stops_after_its_work_budget(tmp_path):
+    """Big files take seconds each: an answer holds what fits its budget (at least one file)
+    and says more, so a client's timeout never stops a first sync for good."""
+    root = stepped_dumpset(tmp_path / "ds", 1_700_000_000)
+    first = catalogue.page(str(root), catalogue.Cursor(), 100, time.time_ns(), work_s=0)
+    assert len(first["files"]) == 1 and first["more"]
+    rest = catalogue.page(str(root), catalogue.Cursor.parse(first["cursor"]), 100,
+                          time.time_ns())
+    assert len(rest["files"]) == 2 and not rest["more"]
+    assert {f["name"] for f in first["files"] + rest["files"]} == set(first["names"])
 
 
 @pytest.fixture(scope="module")
