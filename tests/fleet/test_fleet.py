@@ -285,3 +285,10 @@ def test_a_stopped_sensor_gives_a_partial_result(fleet, tmp_path):
     assert got == want and got  # the other sensors' packets intact
     c = fleet_run(fleet, "conversations", *window(*CUT), "-f", "udp and ip[8] > 1", "--json")
     assert c.returncode == 3 and "s3" in c.stderr and json.loads(c.stdout)["partial"]
+    # sensors down that the catalogue answers for (s2's pinned certificate not even fetched)
+    s2 = fleet["servers"][1]
+    s2.proc.terminate()
+    s2.proc.wait(30)
+    got = fleet_conversations(fleet, *WHOLE, "host 10.0.1.3")
+    assert got["sensors_asked"] == {} and not got["partial"]
+    assert totals(got["rows"]) == truth(fleet["roots"], *WHOLE, "host 10.0.1.3")["totals"]
