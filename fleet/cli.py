@@ -62,6 +62,9 @@ class Fleet:
         if not self.where:
             raise click.UsageError("give --catalogue DIR|https://HOST:PORT, or catalogue = "
                                    "in the fleet file")
+        if "@" in self.where.partition("://")[2].partition("/")[0]:
+            raise click.UsageError("no user or password in the catalogue URL: give them in "
+                                   "the fleet file's [clickhouse] section")
         self._store = None
 
     @property

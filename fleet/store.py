@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -140,6 +141,8 @@ def _value_text(value: Any) -> Any:
     if isinstance(value, list | tuple):
         inner = ", ".join(_quoted(v) for v in value)
         return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, date):
+        return value.isoformat()
     return value
 
 

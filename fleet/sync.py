@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from .rows import from_table
 from .sensors import SensorClient, SensorError
@@ -51,9 +51,10 @@ class _Failed:
     error: str
 
 
-def day(ns: int) -> str:
-    """The UTC day of a time, the catalogue's partition."""
-    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%d")
+def day(ns: int) -> date:
+    """The UTC day of a time, the catalogue's partition (a date: clickhouse-connect writes
+    a Date column from one)."""
+    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).date()
 
 
 def cursors(store: Store) -> dict[tuple[str, str], str]:

@@ -57,6 +57,7 @@ def test_bad_files(tmp_path, text, mode, needle):
     (["conversations", "-b", "-1h", "-e", "now", "-f", "host"], "filter"),
     (["pcap", "-b", "now", "-e", "-1h", "-o", "x.pcapng"], "after END"),
     (["sync", "--sensor", "nope"], "no sensor 'nope'"),
+    (["--catalogue", "https://fleet:secret@ch:8443", "sync"], "no user or password"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, needle):
     conf = write(tmp_path, GOOD.format(fp=FP))
