@@ -97,8 +97,8 @@ class ChdbStore:
         try:
             from chdb import session
         except ImportError:
-            raise StoreError("chdb is not installed: pip install chdb (or give an https:// "
-                             "catalogue)") from None
+            raise StoreError("chdb is not installed: install pcapvault[fleet] (./setup.sh "
+                             "--fleet), or give an https:// catalogue") from None
         try:
             os.makedirs(path, mode=0o750, exist_ok=True)
             self.session = session.Session(path)
@@ -162,8 +162,8 @@ class ServerStore:
         try:
             import clickhouse_connect
         except ImportError:
-            raise StoreError("clickhouse-connect is not installed: pip install "
-                             "clickhouse-connect") from None
+            raise StoreError("clickhouse-connect is not installed: install pcapvault[fleet] "
+                             "(./setup.sh --fleet)") from None
         parts = urlsplit(url)
         if parts.username or parts.password:
             raise StoreError("give the ClickHouse user and password in the fleet file's "
