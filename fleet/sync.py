@@ -1,7 +1,7 @@
 """npcapfleet sync: each sensor's files indexed since the last sync into the catalogue.
 
-Sensors are asked concurrently (a thread each, pages of files through a small queue) and
-the catalogue is written from this thread only. Per page: rows of files the catalogue has
+Sensors are asked concurrently (SENSORS_AT_ONCE at a time, pages of files through a small
+queue) and the catalogue is written from this thread only. Per page: rows of files the catalogue has
 already (a file indexed again) are deleted first, then the page's rows inserted, then the
 dump set's cursor moves on; so a sync stopped halfway repeats at most a page. After a dump
 set's last page, the files the sensor no longer names are deleted from the catalogue.
@@ -21,6 +21,7 @@ from .sensors import SensorClient, SensorError
 from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, VIEWS, Store
 
 PAGE_FILES = 50  # files per request: a page of summaries stays a few MB
+SENSORS_AT_ONCE = 16  # sensors asked at the same time
 
 
 @dataclass
@@ -58,6 +59,7 @@ def day(ns: int) -> date:
 
 
 def cursors(store: Store) -> dict[tuple[str, str], str]:
+    """Each sensor dump set's cursor: where its next sync starts."""
     rows = store.query(f"SELECT sensor, dumpset, cursor FROM {store.db}.dumpsets FINAL")
     return {(s, d): c for s, d, c in rows}
 
@@ -67,8 +69,13 @@ def sync(store: Store, clients: list[SensorClient], note: Callable[[Synced], Non
     """Sync every sensor of `clients`; `note` hears of each dump set (or sensor) when done."""
     since = cursors(store)
     pages: queue.Queue = queue.Queue(maxsize=2 * len(clients) + 2)
+    at_once = threading.BoundedSemaphore(SENSORS_AT_ONCE)
 
     def pull(client: SensorClient) -> None:
+        with at_once:
+            pull_all(client)
+
+    def pull_all(client: SensorClient) -> None:
         try:
             for position, d in enumerate(client.dumpsets()):
                 cursor = since.get((client.name, d["path"]), "")
@@ -85,12 +92,13 @@ def sync(store: Store, clients: list[SensorClient], note: Callable[[Synced], Non
         finally:
             pages.put(None)
 
-    threads = [threading.Thread(target=pull, args=(c,), daemon=True) for c in clients]
-    for t in threads:
-        t.start()
+    # Daemon threads (not a pool's): a catalogue error here ends the run at once, never
+    # waiting for a thread blocked on the full queue.
+    for c in clients:
+        threading.Thread(target=pull, args=(c,), daemon=True, name=f"sync-{c.name}").start()
     done: list[Synced] = []
     current: dict[tuple[str, str], Synced] = {}
-    running = len(threads)
+    running = len(clients)
     while running:
         item = pages.get()
         if item is None:
