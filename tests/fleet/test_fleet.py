@@ -38,22 +38,22 @@ CUT = ((START + 100) * NS + 500_000_000, (START + 200) * NS + 250_000_000)  # ro
 MAC = bytes.fromhex("00163e000001"), bytes.fromhex("00163e000002")
 
 
-def own_traffic(n: int, seed: int) -> list[tuple[int, bytes, int]]:
-    """TCP and UDP among 172.20.0.0/16 only (no ARP, no VLAN): a third sensor's site."""
+def own_traffic(n: int, seed: int, net: str) -> list[tuple[int, bytes, int]]:
+    """TCP and UDP among NET.0.0/16 only (no ARP, no VLAN): the third sensor's sites."""
     import random
 
     rnd = random.Random(seed)
     out, ts = [], START * NS + 7
     for _ in range(n):
         ts += rnd.randint(1, 2 * 290 * NS // n)
-        a, b = (f"172.20.{rnd.randint(0, 3)}.{rnd.randint(1, 9)}" for _ in range(2))
+        a, b = (f"{net}.{rnd.randint(0, 3)}.{rnd.randint(1, 9)}" for _ in range(2))
         if rnd.random() < 0.7:
             l4, proto = tcp(rnd.randint(1024, 65535), rnd.choice([443, 22]), 0x18,
                             b"x" * rnd.randint(0, 300)), 6
         else:
             l4, proto = udp(rnd.randint(1024, 65535), 53, b"q" * 30), 17
         if rnd.random() < 0.1:  # a long-lived session, over every window's edges
-            a, b, l4, proto = "172.20.9.9", "172.20.9.8", tcp(50000, 443, 0x18, b"s" * 99), 6
+            a, b, l4, proto = f"{net}.9.9", f"{net}.9.8", tcp(50000, 443, 0x18, b"s" * 99), 6
         frame = ether(*MAC, 0x0800, ipv4(a, b, proto, l4))
         out.append((ts, frame, len(frame)))
     return out
@@ -61,25 +61,25 @@ def own_traffic(n: int, seed: int) -> list[tuple[int, bytes, int]]:
 
 def traffic(k: int) -> list[tuple[int, bytes, int]]:
     """Sensor k's recording: different traffic, interleaved in time, all ending at END."""
-    pkts = (synthetic_traffic(700, START * NS + k * 1000, seed=30 + k, span_s=290)
-            if k < 2 else own_traffic(500, 33))
+    pkts = (synthetic_traffic(700, START * NS + k * 1000, seed=30 + k, span_s=290) if k < 2
+            else own_traffic(500, 33, "172.20") if k == 2 else own_traffic(300, 34, "172.21"))
     frame = ether(*MAC, 0x0800, ipv4(f"10.9.9.{k + 1}", "10.9.9.9", 17, udp(9, 9, b"end")))
     return [*pkts, (END * NS, frame, len(frame))]
 
 
 @pytest.fixture(scope="module")
 def fleet(world, tmp_path_factory):
-    """Three sensors serving ds1..ds3, a fleet file (CA for two, a fingerprint for the third)
-    and a catalogue directory."""
+    """Three sensors serving ds1, ds2, and ds3 with ds4 (two interfaces), a fleet file (CA
+    for two, a fingerprint for the second) and a catalogue directory."""
     base = tmp_path_factory.mktemp("fleet")
     roots = []
-    for k in range(3):
+    for k in range(4):
         root = world.base / f"fleet-ds{k + 1}"
         build_dumpset(root, traffic(k), per_file=150, interface=f"eth{k + 1}")
         give_tree(root, pwd.getpwnam(world.service_account))
         roots.append(root)
     with serving(world, [roots[0]]) as s1, serving(world, [roots[1]]) as s2, \
-            serving(world, [roots[2]]) as s3:
+            serving(world, [roots[2], roots[3]]) as s3:
         token = s1.token("create", world.member.name, "--note", "fleet").stdout.strip()
         der = ssl.PEM_cert_to_DER_cert(s1.cert.read_text())
         pin = hashlib.sha256(der).hexdigest()
@@ -166,7 +166,8 @@ def test_sync_fills_the_catalogue(fleet):
     assert r.returncode == 0, r.stderr
     for k, root in enumerate(fleet["roots"]):
         files = len(DumpSet.open(root).files())
-        assert f"s{k + 1} {root}: {files} files added or updated, 0 removed" in r.stderr
+        sensor = f"s{min(k, 2) + 1}"
+        assert f"{sensor} {root}: {files} files added or updated, 0 removed" in r.stderr
     again = fleet_run(fleet, "sync")  # the last minute again: the same files, replaced
     assert again.returncode == 0, again.stderr
     got = fleet_conversations(fleet, *WHOLE, "")
@@ -220,7 +221,7 @@ def test_pcap_is_npcapextracts_packets_in_its_order(fleet, tmp_path, expr, b, e,
     assert r.returncode == 0, r.stderr
     names, got = pcapng_packets(out.read_bytes())
     ref_names, want = pcapng_packets(npcapextract(fleet["roots"], b, e, expr))
-    assert names == ["s1:eth1", "s2:eth2", "s3:eth3"] and len(ref_names) == 3
+    assert names == ["s1:eth1", "s2:eth2", "s3:eth3", "s3:eth4"] and len(ref_names) == 4
     assert got == want and len(got) > 10
     assert [s for s in ("s1", "s2", "s3") if f"{PROG}: {s}: " in r.stderr] == asked
 
