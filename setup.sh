@@ -6,17 +6,21 @@
 #   ./setup.sh --system IFACE  also install the systemd units and enable recorder@IFACE and
 #                              npcapserve (HTTPS; a self-signed pair in /etc/pcapvault/tls
 #                              when there is none)
+#   ./setup.sh --fleet         also the fleet's catalogue engines (chdb, clickhouse-connect) for
+#                              npcapfleet, on the machine that asks the sensors (docs/FLEET.md)
 #   ./setup.sh --uninstall     remove the venv, the links and the units (recorded data stays)
 set -eu
 cd "$(dirname "$0")"
 PREFIX=${PCAPVAULT_PREFIX:-/opt/pcapvault}
-TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n npcapserve npcapflows npcapmanage npcapimport"
+TOOLS="recorder npcapextract npcapextractd npcapindex npcapprintindex npcapdecompress npcaprepair disk2n npcapserve npcapflows npcapmanage npcapimport npcapfleet"
 export DEBIAN_FRONTEND=noninteractive
 
 test_deps=no
+fleet_deps=no
 system_iface=
 case "${1:-}" in
   --test) test_deps=yes ;;
+  --fleet) fleet_deps=yes ;;
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
     systemctl disable --now 'recorder@*' npcapextract.socket npcapserve 2>/dev/null || true
@@ -29,7 +33,7 @@ case "${1:-}" in
     echo "pcapvault removed; recorded data under /var/lib/pcapvault is kept"
     exit 0 ;;
   "") ;;
-  *) echo "usage: ./setup.sh [--test | --system IFACE | --uninstall]" >&2; exit 2 ;;
+  *) echo "usage: ./setup.sh [--test | --fleet | --system IFACE | --uninstall]" >&2; exit 2 ;;
 esac
 
 pkgs="python3 python3-venv python3-pip libpcap0.8 tcpdump iproute2 libpam0g openssl"
@@ -51,7 +55,9 @@ case "$(readlink -f "$PREFIX/bin/python" 2>/dev/null)" in
 esac
 "$PREFIX/bin/pip" install -q --upgrade pip
 if [ "$test_deps" = yes ]; then
-  "$PREFIX/bin/pip" install -q ".[test]"
+  "$PREFIX/bin/pip" install -q ".[test]"  # the fleet's engines included
+elif [ "$fleet_deps" = yes ]; then
+  "$PREFIX/bin/pip" install -q ".[fleet]"
 else
   "$PREFIX/bin/pip" install -q .
 fi

@@ -837,3 +837,40 @@ def _port_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int
     columns = [[_protocol(p) for p in k[top, 0].tolist()],
                *(x[top].tolist() for x in (k[:, 1], packets, wire, convs))]
     return _records("port", columns), n
+
+
+# ---------------------------------------------------------------------------------------------
+# One file's conversations (npcapserve's /api/v1/catalogue)
+
+
+def file_conversations(path: str, sf: StoredFile, expr: str = "",
+                       warn: Warn = _no_warning) -> Table:
+    """The conversations of every packet of one file `sf` of the dump set at `path` that
+    matches `expr`, and only of that file.
+
+    A window over the file's own span is not enough: a neighbouring file may hold packets
+    stamped inside it (timestamps step back slightly across CPUs). So the scan runs over a
+    window wider than any file (its 10-minute slot with a second of slack each side, or the
+    index's span if wider) with the dump set narrowed to this one file: the index, or the
+    pcap when the index cannot decide, of `sf` alone is read. Every row, by bytes."""
+    from pcapvault.index import timeline
+    from pcapvault.index.dumpset import DumpSet
+
+    begin = sf.first_ns - 1_000_000_000
+    end = (sf.slot + timeline.SLOT_SECONDS + 1) * 1_000_000_000
+    try:
+        h = parse_header(index_bytes(sf.index)[0], str(sf.index))
+        begin, end = min(begin, h.first_ns), max(end, h.last_ns + 1)
+    except (PcapVaultError, ValueError):
+        pass  # read the pcap: _Matches says so
+    warnings: list[str] = []
+    scan = _Matches(Request([path], begin, end, expr), _keeping(warnings, warn),
+                    lambda first, last: True)
+    ds = scan.targets[0].ds
+    ds.files_in_window = lambda b, e: [  # type: ignore[method-assign]
+        f for f in DumpSet.files_in_window(ds, b, e) if f.pcap.name == sf.pcap.name]
+    rows = _RowTotals()
+    scan.run(rows.add)
+    table, total = _conversation_rows(rows.finish(), "bytes", None)
+    return Table("conversation", table, total, scan.packets, scan.bytes, scan.read_packets,
+                 "bytes", begin, end, warnings)

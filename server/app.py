@@ -35,7 +35,7 @@ from pcapvault.extract.service.policy import Audit, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time, parse_window
 
-from . import openapi, pcap, session
+from . import catalogue, openapi, pcap, session
 from .status import StatusCollector, dumpset_status
 
 PROG = "npcapserve"
@@ -47,7 +47,8 @@ MAX_HEADERS = 16 << 10
 MAX_HEAD_BYTES = 64 << 10
 WEB = Path(__file__).with_name("web")  # the page's files, installed with the package
 ENDPOINTS = {"/api/v1/pcap": "pcap", "/api/v1/conversations": "conversations",
-             "/api/v1/volume": "volume", "/api/v1/status": "status", "/metrics": "metrics",
+             "/api/v1/volume": "volume", "/api/v1/catalogue": "catalogue",
+             "/api/v1/status": "status", "/metrics": "metrics",
              "/api/v1/openapi.json": "openapi", "/api/v1/filter": "filter", "/login": "login",
              "/logout": "logout", "/session": "session", "/": "page"}
 
@@ -382,6 +383,31 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         except PcapVaultError as e:
             raise ApiError(400, str(e)) from None
 
+    async def get_catalogue(request: HttpRequest, principal: Any, record: dict,
+                            q: dict[str, str], close: Callable[..., None]) -> Response:
+        """Files indexed since a cursor with their conversations (server/catalogue.py): the
+        whole traffic's, so not for a user whose group filter restricts them."""
+        if principal.allowed is not None:
+            raise ApiError(403, "the catalogue describes all traffic; a user restricted by "
+                                "--group-filter may not read it (use /api/v1/conversations)")
+        chosen = _chosen(q.get("dumpset", ""), settings.dumpsets)
+        if len(chosen) != 1:
+            raise ApiError(400, "give dumpset= (one of the paths /api/v1/status lists)")
+        limit = _int_param(q, "limit", 100, 1, 1000)
+        try:
+            since = catalogue.Cursor.parse(q.get("since", ""))
+        except catalogue.CursorError as e:
+            raise ApiError(400, str(e)) from None
+        record.update(dumpsets=chosen, options={"since": str(since), "limit": limit},
+                      restricted_by=[])
+        try:
+            answer = await asyncio.to_thread(catalogue.page, chosen[0], since, limit,
+                                             time.time_ns())
+        except PcapVaultError as e:
+            raise ApiError(400, str(e)) from None
+        close("allowed", None, sum(f["packets"] for f in answer["files"]), 0)
+        return JSONResponse({"time": format_time(time.time_ns()), **answer})
+
     async def health_gate(request: HttpRequest) -> None:
         if settings.metrics_auth:
             await admit(request)
@@ -470,6 +496,7 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         Route("/api/v1/pcap", audited("pcap", get_pcap)),
         Route("/api/v1/conversations", audited("conversations", get_conversations)),
         Route("/api/v1/volume", audited("volume", get_volume)),
+        Route("/api/v1/catalogue", audited("catalogue", get_catalogue)),
         Route("/api/v1/status", get_status),
         Route("/metrics", get_metrics),
         Route("/api/v1/openapi.json", get_openapi),

@@ -102,6 +102,23 @@ def document() -> dict:
                 "responses": {"200": _json("begin_ns, step_ns, packets[], bytes[], warnings.",
                                            obj),
                               **_errors(*DATA_ERRORS)}}},
+            "/api/v1/catalogue": {"get": {
+                "summary": "The files of one dump set indexed since a cursor, each with its "
+                           "conversation summaries, and the names of all its files: what "
+                           "npcapfleet sync pulls (docs/FLEET.md). Refused (403) to users "
+                           "restricted by a group filter.",
+                "parameters": [
+                    _param("dumpset", "The dump set, by the path /api/v1/status gives "
+                                      "(required when several are served)."),
+                    _param("since", "The previous answer's cursor (none: from the oldest "
+                                    "file)."),
+                    _param("limit", "Files in one answer (default 100, at most 1000).",
+                           schema={"type": "integer", "minimum": 1, "maximum": 1000})],
+                "responses": {"200": _json("{time, dumpset, interface, linktype, snaplen, "
+                                           "nanosecond, files: [{name, first_ns, last_ns, "
+                                           "index_mtime_ns, packets, conversations, "
+                                           "warnings}], names, cursor, more}", obj),
+                              **_errors(*DATA_ERRORS)}}},
             "/api/v1/status": {"get": {
                 "summary": "Per dump set: interface, first and last packet, files, bytes on "
                            "disk, budget, drops, index backlog.",

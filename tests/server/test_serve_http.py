@@ -295,7 +295,8 @@ def test_status_metrics_and_openapi_need_no_login(world, served, second):
     assert served_bytes["pcap"] > 0
     assert set(doc["paths"]) == {"/api/v1/pcap", "/api/v1/conversations", "/api/v1/volume",
                                  "/api/v1/status", "/metrics", "/api/v1/openapi.json",
-                                 "/api/v1/filter", "/login", "/logout", "/session"}
+                                 "/api/v1/filter", "/login", "/logout", "/session",
+                                 "/api/v1/catalogue"}
 
 
 def test_metrics_auth(world):

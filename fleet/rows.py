@@ -1,0 +1,153 @@
+"""Conversations in the catalogue's canonical form, and the tables made from them.
+
+A sensor names a conversation's ends A and B (A sent its first packet); the catalogue keeps
+them as the lower and the higher end (address mapped to IPv6, then port), so that rows of
+many files and sensors add up by key. `Merged` sums such rows, from the catalogue's SQL or
+from sensors' /api/v1/conversations answers, and gives back the tables npcapflows and
+npcapserve give (extract/conversations.py's FIELDS): A is again the end whose first packet
+came first, the lower end when both came at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass
+
+BIG = (1 << 63) - 1
+
+
+def mapped(text: str) -> ipaddress.IPv6Address:
+    """An address as the catalogue stores it (IPv4 mapped into IPv6)."""
+    a = ipaddress.ip_address(text)
+    return ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a
+
+
+def unmapped(text: str) -> str:
+    """The address a person reads: IPv4 again for a mapped one."""
+    a = ipaddress.IPv6Address(text)
+    return str(a.ipv4_mapped or a)
+
+
+@dataclass
+class Row:
+    """One conversation (of a file, or summed) with its ends in canonical order."""
+
+    protocol: str
+    ported: bool
+    ipver: int
+    lo: ipaddress.IPv6Address
+    port_lo: int
+    hi: ipaddress.IPv6Address
+    port_hi: int
+    packets_lo_hi: int
+    bytes_lo_hi: int
+    packets_hi_lo: int
+    bytes_hi_lo: int
+    first_ns: int
+    last_ns: int
+    first_lo_ns: int  # the lower end's first packet (BIG: not known to be earlier)
+    first_hi_ns: int
+
+    def key(self) -> tuple:
+        return (self.protocol, self.ported, self.lo, self.port_lo, self.hi, self.port_hi)
+
+    @property
+    def a_is_lo(self) -> bool:
+        return self.first_lo_ns <= self.first_hi_ns
+
+
+def from_table(r: dict, first_ns: int | None = None, last_ns: int | None = None) -> Row:
+    """A conversation row of npcapserve (/api/v1/conversations or /api/v1/catalogue)."""
+    a, b = mapped(r["address_a"]), mapped(r["address_b"])
+    ported = r["port_a"] is not None
+    pa, pb = (r["port_a"], r["port_b"]) if ported else (0, 0)
+    first = r["start_ns"] if first_ns is None else first_ns
+    last = (r["start_ns"] + round(r["duration_s"] * 1e9)) if last_ns is None else last_ns
+    version = ipaddress.ip_address(r["address_a"]).version
+    if (int(a), pa) <= (int(b), pb):
+        return Row(r["protocol"], ported, version, a, pa, b, pb, r["packets_a_to_b"],
+                   r["bytes_a_to_b"], r["packets_b_to_a"], r["bytes_b_to_a"], first, last,
+                   first, BIG)
+    return Row(r["protocol"], ported, version, b, pb, a, pa, r["packets_b_to_a"],
+               r["bytes_b_to_a"], r["packets_a_to_b"], r["bytes_a_to_b"], first, last,
+               BIG, first)
+
+
+class Merged:
+    """Conversations summed by key."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, Row] = {}
+
+    def add(self, r: Row) -> None:
+        old = self.rows.get(r.key())
+        if old is None:
+            self.rows[r.key()] = r
+            return
+        old.packets_lo_hi += r.packets_lo_hi
+        old.bytes_lo_hi += r.bytes_lo_hi
+        old.packets_hi_lo += r.packets_hi_lo
+        old.bytes_hi_lo += r.bytes_hi_lo
+        old.first_ns = min(old.first_ns, r.first_ns)
+        old.last_ns = max(old.last_ns, r.last_ns)
+        old.first_lo_ns = min(old.first_lo_ns, r.first_lo_ns)
+        old.first_hi_ns = min(old.first_hi_ns, r.first_hi_ns)
+
+    def conversations(self) -> list[dict]:
+        """Rows of extract/conversations.py's FIELDS["conversation"], unsorted."""
+        out = []
+        for r in self.rows.values():
+            ends = [(unmapped(str(r.lo)), r.port_lo), (unmapped(str(r.hi)), r.port_hi)]
+            there = (r.packets_lo_hi, r.bytes_lo_hi)
+            back = (r.packets_hi_lo, r.bytes_hi_lo)
+            if not r.a_is_lo:
+                ends.reverse()
+                there, back = back, there
+            out.append({
+                "address_a": ends[0][0], "port_a": ends[0][1] if r.ported else None,
+                "address_b": ends[1][0], "port_b": ends[1][1] if r.ported else None,
+                "protocol": r.protocol,
+                "packets_a_to_b": there[0], "bytes_a_to_b": there[1],
+                "packets_b_to_a": back[0], "bytes_b_to_a": back[1],
+                "packets": there[0] + back[0], "bytes": there[1] + back[1],
+                "start_ns": r.first_ns, "duration_s": (r.last_ns - r.first_ns) / 1e9})
+        return out
+
+
+def table(conversations: list[dict], by: str) -> list[dict]:
+    """The conversations as the `by` table (conversation, endpoint or port), unsorted; the
+    endpoints and ports as extract/conversations.py counts them from the same packets."""
+    if by == "conversation":
+        return conversations
+    if by == "endpoint":
+        ends: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        for c in conversations:
+            for src, dst, p, b in ((c["address_a"], c["address_b"], c["packets_a_to_b"],
+                                    c["bytes_a_to_b"]),
+                                   (c["address_b"], c["address_a"], c["packets_b_to_a"],
+                                    c["bytes_b_to_a"])):
+                if p:
+                    ends[src][0] += p
+                    ends[src][1] += b
+                    ends[dst][2] += p
+                    ends[dst][3] += b
+        return [{"address": a, "packets": v[0] + v[2], "bytes": v[1] + v[3], "tx_packets": v[0],
+                 "tx_bytes": v[1], "rx_packets": v[2], "rx_bytes": v[3]}
+                for a, v in ends.items()]
+    ports: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for c in conversations:
+        if c["port_a"] is None:
+            continue
+        v = ports[(c["protocol"], min(c["port_a"], c["port_b"]))]
+        v[0] += c["packets"]
+        v[1] += c["bytes"]
+        v[2] += 1
+    return [{"protocol": p, "port": n, "packets": v[0], "bytes": v[1], "conversations": v[2]}
+            for (p, n), v in ports.items()]
+
+
+def top(rows: list[dict], sort: str, limit: int | None) -> list[dict]:
+    """The first `limit` rows by `sort` descending (ties in a fixed order: by the row)."""
+    ordered = sorted(rows, key=lambda r: (-r[sort], tuple(str(v) for v in r.values())))
+    return ordered[:limit] if limit else ordered

@@ -1,0 +1,158 @@
+"""The catalogue's SQL (fleet/store.py, sync.py, query.py, filters.py) on hand-made pages of
+/api/v1/catalogue answers, through chdb always and through a ClickHouse server when one is
+named: PCAPVAULT_TEST_CLICKHOUSE=https://HOST:8443 with PCAPVAULT_TEST_CLICKHOUSE_USER,
+PCAPVAULT_TEST_CLICKHOUSE_PASSWORD and PCAPVAULT_TEST_CLICKHOUSE_CA (docs/FLEET.md)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from pcapvault.fleet import filters, query
+from pcapvault.fleet.config import ClickHouse
+from pcapvault.fleet.rows import Merged
+from pcapvault.fleet.store import open_store
+from pcapvault.fleet.sync import Page, Synced, cursors, store_page
+
+T = (int(time.time()) // 86400 - 1) * 86400 * 10**9 + 3600 * 10**9  # yesterday 01:00 UTC
+S = 10**9
+SERVER = os.environ.get("PCAPVAULT_TEST_CLICKHOUSE")
+
+
+def conv(a: str, pa: int | None, b: str, pb: int | None, proto: str, ab: int, ba: int,
+         first: int, last: int, view: str = "ip") -> dict:
+    return {"address_a": a, "port_a": pa, "address_b": b, "port_b": pb, "protocol": proto,
+            "packets_a_to_b": ab, "bytes_a_to_b": 100 * ab, "packets_b_to_a": ba,
+            "bytes_b_to_a": 100 * ba, "first_ns": T + first * S, "last_ns": T + last * S,
+            "view": view}
+
+
+def answer(files: list[tuple[str, int, int, int, list[dict]]], names: list[str]) -> dict:
+    return {"dumpset": "/d", "interface": "eth0", "linktype": 1, "snaplen": 262144,
+            "nanosecond": True, "cursor": "1/x", "more": False, "names": names,
+            "files": [{"name": n, "first_ns": T + f * S, "last_ns": T + la * S,
+                       "index_mtime_ns": 1, "packets": p, "conversations": c}
+                      for n, f, la, p, c in files]}
+
+
+FILE1 = ("f1.pcap", 0, 100, 9, [conv("10.0.0.1", 1000, "10.0.0.2", 80, "tcp", 3, 2, 1, 50),
+                                conv("2001:db8::1", 7, "2001:db8::2", 53, "udp", 1, 1, 2, 3,
+                                     "ip6ext")])
+FILE2 = ("f2.pcap", 200, 300, 3, [conv("10.0.0.2", 80, "10.0.0.1", 1000, "tcp", 1, 0, 210, 210),
+                                  conv("10.0.0.1", 5, "10.0.0.3", 6, "udp", 1, 0, 220, 220,
+                                       "tagged")])
+FILE3 = ("f3.pcap", 150, 170, 4, [conv("10.0.0.1", 1000, "10.0.0.2", 80, "tcp", 4, 0, 150, 160)])
+
+
+@pytest.fixture(params=["chdb", "server"])
+def store(request, tmp_path: Path):
+    if request.param == "server":
+        if not SERVER:
+            pytest.skip("no ClickHouse server named (PCAPVAULT_TEST_CLICKHOUSE)")
+        ca = os.environ.get("PCAPVAULT_TEST_CLICKHOUSE_CA")
+        login = ClickHouse(os.environ.get("PCAPVAULT_TEST_CLICKHOUSE_USER", "default"),
+                           os.environ.get("PCAPVAULT_TEST_CLICKHOUSE_PASSWORD", ""),
+                           f"pvtest_{secrets.token_hex(4)}", Path(ca) if ca else None)
+        s = open_store(SERVER, login, 30)
+        yield s
+        s.command(f"DROP DATABASE {s.db}")
+    else:
+        s = open_store(str(tmp_path / "catalogue"), ClickHouse(), 30)
+        yield s
+    s.close()
+
+
+def load(store, *pages: tuple[str, dict]) -> list[Synced]:
+    done = []
+    for sensor, a in pages:
+        s = Synced(sensor, a["dumpset"])
+        store_page(store, Page(sensor, 0, a, True), s)
+        done.append(s)
+    return done
+
+
+def rows(store, expr: str, b: int, e: int, skip=frozenset()) -> list[dict]:
+    m = Merged()
+    for r in query.catalogue_rows(store, filters.conditions(filters.parse(expr)), b, e,
+                                  ["a", "b"], set(skip)):
+        m.add(r)
+    return sorted(m.conversations(), key=lambda r: (r["address_a"], r["address_b"]))
+
+
+def test_rows_sum_over_files_and_sensors(store):
+    load(store, ("a", answer([FILE1, FILE2], ["f1.pcap", "f2.pcap"])),
+         ("b", answer([FILE3], ["f3.pcap"])))
+    day = (T, T + 1000 * S)
+    got = rows(store, "host 10.0.0.1", *day)
+    assert got == [{
+        "address_a": "10.0.0.1", "port_a": 1000, "address_b": "10.0.0.2", "port_b": 80,
+        "protocol": "tcp", "packets_a_to_b": 7, "bytes_a_to_b": 700, "packets_b_to_a": 3,
+        "bytes_b_to_a": 300, "packets": 10, "bytes": 1000, "start_ns": T + S,
+        "duration_s": 209.0}]
+    # the tagged row: a filter without vlan is a constant for it
+    assert [r["address_b"] for r in rows(store, "not host 10.0.0.2", *day)] == [
+        "10.0.0.3", "2001:db8::2"]
+    assert rows(store, "udp", *day) == []  # tagged: false; ip6ext: unsure
+    cond = filters.conditions(filters.parse("udp"))
+    assert query.straddling(store, cond, *day, ["a", "b"]) == {("a", "/d")}
+    assert query.straddling(store, filters.conditions(filters.parse("ip6")), *day,
+                            ["a", "b"]) == set()
+    # a window that cuts sensor a's first row, and one that holds only sensor b's
+    cond = filters.conditions(filters.parse("tcp"))
+    assert query.straddling(store, cond, T + 10 * S, T + 1000 * S, ["a", "b"]) == {("a", "/d")}
+    assert query.straddling(store, cond, T + 140 * S, T + 180 * S, ["a", "b"]) == set()
+    assert rows(store, "tcp", T + 140 * S, T + 180 * S)[0]["packets"] == 4
+    assert rows(store, "host 10.0.0.1", *day, skip={("b", "/d")})[0]["packets"] == 6
+    # the files a pcap asks for
+    assert query.candidates(store, filters.parse("port 80"), True, T + 180 * S, T + 250 * S,
+                            ["a", "b"]) == {("a", "/d")}
+    assert query.candidates(store, filters.parse("host 10.0.0.9"), True, *day,
+                            ["a", "b"]) == {("a", "/d")}  # file 1 holds non-IP packets
+    assert query.candidates(store, None, False, T + 150 * S, T + 151 * S,
+                            ["a", "b"]) == {("b", "/d")}
+    ks = query.known(store, ["b", "a"])
+    assert [(k.sensor, k.interface, k.reach_ns) for k in ks] == [
+        ("b", "eth0", T + 170 * S), ("a", "eth0", T + 300 * S)]
+    assert cursors(store) == {("a", "/d"): "1/x", ("b", "/d"): "1/x"}
+
+
+def test_files_sent_again_replace_and_unnamed_files_leave(store):
+    load(store, ("a", answer([FILE1, FILE2], ["f1.pcap", "f2.pcap"])))
+    again = load(store, ("a", answer([FILE2], ["f2.pcap"])))  # f1 deleted on the sensor
+    assert (again[0].added, again[0].removed) == (1, 1)
+    got = rows(store, "", T, T + 1000 * S)
+    assert [(r["address_a"], r["packets"]) for r in got] == [("10.0.0.1", 1), ("10.0.0.2", 1)]
+    names = store.query(f"SELECT file, count() FROM {store.db}.files GROUP BY file")
+    assert names == [("f2.pcap", 1)]
+
+
+@pytest.mark.parametrize("expr", ["src host 10.0.0.1", "vlan 100", "host a.example",
+                                  "host 10.0.0.1 or 10.0.0.2", "port http", "tcp[13] & 2 != 0",
+                                  "ether host 00:11:22:33:44:55", "(host 10.0.0.1"])
+def test_filters_the_catalogue_leaves_to_the_sensors(expr):
+    with pytest.raises(filters.NotExpressible):
+        filters.parse(expr)
+
+
+def test_filter_values_are_parameters_not_text():
+    c = filters.conditions(filters.parse("host 10.0.0.1 and (port 443 or net 192.168.0.0/16)"))
+    for sql in (c.match, c.possible, c.unsure):
+        assert "10.0.0.1" not in sql.text and "443" not in sql.text and "192.168" not in sql.text
+    assert set(c.match.params.values()) == {"::ffff:a00:1", 443, "::ffff:c0a8:0",
+                                            "::ffff:c0a8:ffff"}
+
+
+def test_windows_the_catalogue_may_not_hold_are_asked_of_the_sensors(store):
+    load(store, ("a", answer([FILE1, FILE2], ["f1.pcap", "f2.pcap"])),
+         ("b", answer([FILE3], ["f3.pcap"])))
+    ks = query.known(store, ["a", "b"])
+    kept = query.horizon(30, time.time_ns())
+    assert query.stale(ks, T, T + 170 * S, kept) == set()
+    assert query.stale(ks, T, T + 250 * S, kept) == {("b", "/d")}  # b's files end at 170 s
+    month_ago = T - 31 * 86400 * S  # before the TTL keeps: every dump set
+    assert query.stale(ks, month_ago, T + 100 * S, kept) == {("a", "/d"), ("b", "/d")}
+    assert query.stale(ks, month_ago, T + 100 * S, query.horizon(40, time.time_ns())) == set()
