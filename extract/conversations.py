@@ -865,7 +865,7 @@ def file_conversations(path: str, sf: StoredFile, expr: str = "",
         pass  # read the pcap: _Matches says so
     warnings: list[str] = []
     scan = _Matches(Request([path], begin, end, expr), _keeping(warnings, warn),
-                    lambda first, last: True)
+                    _Want(lambda first, last: True, keyed=True))
     ds = scan.targets[0].ds
     ds.files_in_window = lambda b, e: [  # type: ignore[method-assign]
         f for f in DumpSet.files_in_window(ds, b, e) if f.pcap.name == sf.pcap.name]
