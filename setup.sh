@@ -24,7 +24,7 @@ case "${1:-}" in
   --system) system_iface=${2:?usage: ./setup.sh --system IFACE} ;;
   --uninstall)
     systemctl disable --now 'recorder@*' npcapextract.socket npcapserve 2>/dev/null || true
-    for unit in systemd/*.service systemd/*.socket; do
+    for unit in systemd/*.service systemd/*.socket systemd/*.timer; do
       rm -f "/etc/systemd/system/$(basename "$unit")"
     done
     rm -f /etc/sysusers.d/pcapvault.conf /etc/tmpfiles.d/pcapvault.conf /etc/pam.d/npcapextract
@@ -67,7 +67,7 @@ done
 echo "pcapvault installed in $PREFIX; tools linked into /usr/local/bin"
 
 if [ -n "$system_iface" ]; then
-  for unit in systemd/*.service systemd/*.socket; do
+  for unit in systemd/*.service systemd/*.socket systemd/*.timer; do
     install -m 0644 "$unit" /etc/systemd/system/
   done
   install -D -m 0644 systemd/sysusers.d/pcapvault.conf /etc/sysusers.d/pcapvault.conf

@@ -104,7 +104,7 @@ def test_default_dumpsets(tmp_path, monkeypatch):
 
 
 def units() -> list[Path]:
-    return sorted(p for p in SYSTEMD.iterdir() if p.suffix in (".service", ".socket"))
+    return sorted(p for p in SYSTEMD.iterdir() if p.suffix in (".service", ".socket", ".timer"))
 
 
 def installed_text(unit: Path) -> str:
