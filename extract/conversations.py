@@ -33,7 +33,7 @@ import numpy as np
 
 from pcapvault.index.builder import distinct_rows, hash_groups, hash_rows, index_records
 from pcapvault.index.compressed import is_compressed
-from pcapvault.index.dumpset import StoredFile
+from pcapvault.index.dumpset import DumpSet, StoredFile
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.indexfile import (
     FIRST_TOTALS_VERSION,
@@ -208,9 +208,11 @@ class _Want:
 
 
 def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
-                  limit: int | None = None, warn: Warn = _no_warning) -> Table:
+                  limit: int | None = None, warn: Warn = _no_warning,
+                  sets: list[DumpSet] | None = None) -> Table:
     """The conversations (Wireshark's Conversations table), endpoints or service ports of
-    the traffic of `req`'s window that matches its filter, summed over its dump sets."""
+    the traffic of `req`'s window that matches its filter, summed over its dump sets (or
+    `sets`, the same dump sets opened already: the extraction service's, resolved once)."""
     if by not in BY:
         raise TableError(f"unknown table {by!r}: choose one of {', '.join(BY)}")
     if sort not in SORT:
@@ -218,7 +220,8 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
     if limit is not None and limit < 0:
         raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn), _Want(lambda first, last: True, keyed=True))
+    scan = _Matches(req, _keeping(warnings, warn), _Want(lambda first, last: True, keyed=True),
+                    sets)
     rows = _RowTotals()
     scan.run(rows.add)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
@@ -296,13 +299,15 @@ class _Matches:
     Every dump set is opened and the filter compiled for it before any file is looked at, so
     a bad filter or an unreadable dump set fails at once."""
 
-    def __init__(self, req: Request, warn: Warn, want: _Want):
+    def __init__(self, req: Request, warn: Warn, want: _Want, sets: list[DumpSet] | None = None):
         if req.begin_ns > req.end_ns:
             raise TimeError("the window's begin is after its end")
         self.req = req
         self.warn = warn
         self.want = want
-        self.targets: list[QueryTarget] = [open_query(p, req.filter) for p in req.dumpsets]
+        self.targets: list[QueryTarget] = [
+            open_query(p, req.filter, ds)
+            for p, ds in zip(req.dumpsets, sets or [None] * len(req.dumpsets), strict=True)]
         self.read_packets = False
         self.packets = 0
         self.bytes = 0
@@ -854,7 +859,6 @@ def file_conversations(path: str, sf: StoredFile, expr: str = "",
     index's span if wider) with the dump set narrowed to this one file: the index, or the
     pcap when the index cannot decide, of `sf` alone is read. Every row, by bytes."""
     from pcapvault.index import timeline
-    from pcapvault.index.dumpset import DumpSet
 
     begin = sf.first_ns - 1_000_000_000
     end = (sf.slot + timeline.SLOT_SECONDS + 1) * 1_000_000_000

@@ -20,6 +20,8 @@ import click
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.sizes import human_size
 
+from .service import SOCKET
+
 if TYPE_CHECKING:
     from .conversations import Table
 
@@ -50,9 +52,15 @@ packet bytes the index does not hold (TCP flags, payload): then the packets it c
 are read, and the totals line says so.
 
 \b
+A user who may not read a dump set is asked for their password and gets the table through
+the PAM-gated extraction service (npcapextractd, as npcapextract does; --service to choose
+it): a member of a --group-filter group gets only the traffic their filter allows.
+
+\b
 Exit status:
   0  the table was printed (even when empty)
-  1  runtime failure: no permission to read a dump set, unreadable files
+  1  runtime failure: no permission to read a dump set, unreadable files, the service
+     refused or is not available
   2  usage error: bad option, filter or time, a dump set that does not exist
 """
 
@@ -86,8 +94,16 @@ class _BadInput(click.ClickException):
               show_default=True, help="Order of the rows (descending).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the rows as CSV with a header line.")
+@click.option("--service", "use_service", is_flag=True,
+              help="Ask the authenticated extraction service (chosen by itself when this user "
+                   "cannot read a dump set), as npcapextract --service.")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the service password from the first line of stdin (for scripts).")
+@click.option("--service-socket", default=SOCKET, metavar="PATH", show_default=True,
+              help="The extraction service's socket.")
 def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, limit: int,
-        sort: str, as_json: bool, as_csv: bool) -> int:
+        sort: str, as_json: bool, as_csv: bool, use_service: bool, password_stdin: bool,
+        service_socket: str) -> int:
     """Conversations, endpoints or service ports of [BEGIN, END) matching FILTER."""
     from pcapvault.index.config import ConfigError
     from pcapvault.index.dumpset import DumpSetError
@@ -96,14 +112,26 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
 
     from .access import AccessError, open_dumpset
     from .cli import configured_dumpsets  # npcapextract's defaults, the same message
-    from .conversations import TableError, conversations
+    from .conversations import Table, TableError, conversations
     from .request import Request
+    from .service.client import service_targets, table_remote
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv contradict each other")
     t0 = time.monotonic()
+    def warn(message: str) -> None:
+        click.echo(f"{PROG}: warning: {message}", err=True)
+
     try:
         b_ns, e_ns = parse_window(begin, end)
+        remote = service_targets(dumpsets, use_service)
+        if remote:  # a dump set this user cannot read: the service may let them
+            req = Request([os.path.abspath(p) for p in remote], b_ns, e_ns, expr, table=by,
+                          table_sort=sort, table_limit=limit or None)
+            table = Table(**table_remote(req, socket_path=service_socket,
+                                         password_stdin=password_stdin,
+                                         automatic=not use_service, warn=warn))
+            return _show(table, by, as_json, as_csv, t0)
         paths = [os.path.abspath(p) for p in dumpsets or configured_dumpsets()]
         for p in paths:
             try:
@@ -111,15 +139,20 @@ def cli(dumpsets: tuple[str, ...], begin: str, end: str, expr: str, by: str, lim
             except AccessError:
                 raise PcapVaultError(
                     f"no permission to read dump set {p}; run as its owner or a member of its "
-                    "group, or ask npcapserve's API (GET /api/v1/conversations)") from None
+                    "group, or ask through the extraction service (npcapflows --service)"
+                ) from None
         table = conversations(Request(paths, b_ns, e_ns, expr), by, sort, limit or None,
-                              warn=lambda m: click.echo(f"{PROG}: warning: {m}", err=True))
+                              warn=warn)
     except (FilterError, TimeError, DumpSetError, ConfigError, TableError) as e:
         raise _BadInput(str(e)) from None
     except PermissionError as e:
         raise PcapVaultError(
             f"no permission to read {e.filename or 'the dump set'}; run as a user who may read "
             "the dump set, or ask npcapserve's API (GET /api/v1/conversations)") from None
+    return _show(table, by, as_json, as_csv, t0)
+
+
+def _show(table: Table, by: str, as_json: bool, as_csv: bool, t0: float) -> int:
     if as_json:
         # the rows are JSON-ready already: asdict would deep-copy every one of them
         click.echo(json.dumps({f.name: getattr(table, f.name) for f in fields(table)}))

@@ -26,8 +26,14 @@ class Request:
     split_packets: int | None = None
     empty: bool = False
     list_only: bool = False
+    # A table of the window's traffic instead of its packets (npcapflows through the
+    # service): "conversation", "endpoint" or "port", its order and how many rows.
+    table: str | None = None
+    table_sort: str = "bytes"
+    table_limit: int | None = None
 
     def chosen_options(self) -> dict:
         """The output options set to something other than their default (for the audit)."""
         return {k: v for k, v in asdict(self).items()
-                if k not in ("dumpsets", "begin_ns", "end_ns", "filter") and v}
+                if k not in ("dumpsets", "begin_ns", "end_ns", "filter") and v
+                and (self.table or not k.startswith("table_"))}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import mmap
 import os
 import pwd
@@ -23,6 +24,7 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -329,6 +331,51 @@ def run_remote(
     if trailer.get("error"):
         raise RemoteError(trailer["error"])
     sys.exit(status)
+
+
+MAX_TABLE = 256 << 20  # a table's JSON (all of a day's conversations fit)
+
+
+def table_remote(req: Request, *, socket_path: str, password_stdin: bool, automatic: bool,
+                 warn: Callable[[str], None]) -> dict:
+    """A table of the window (`req.table`) through the service (npcapflows): the fields of
+    conversations()'s Table, computed by the service over the filter this user may run;
+    its warnings go to `warn` as they come."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    sock = connect(socket_path, automatic, tuple(req.dumpsets))
+    body = bytearray()
+    with sock:
+        _authenticate(sock, wire.Asked(req, ""), password_stdin, user)
+        while True:
+            head = wire.recv_header(sock, "result")
+            if head is None:
+                raise _incomplete()
+            kind, length = head
+            if kind == wire.DATA:
+                if len(body) + length > MAX_TABLE:
+                    raise wire.ProtocolError("oversized table from the extraction service")
+                body += wire.recv_exact(sock, length, "table")
+            elif kind == wire.WARNING:
+                if length > wire.MAX_REPLY:
+                    raise wire.ProtocolError("oversized warning from the extraction service")
+                warn(wire.recv_exact(sock, length, "warning").decode(errors="replace"))
+            elif kind == wire.TRAILER:
+                trailer = wire.recv_json(sock, length, wire.MAX_REPLY, "trailer")
+                break
+            elif kind == wire.REPLY:
+                reply = wire.recv_json(sock, length, wire.MAX_REPLY, "reply")
+                raise RemoteError(str(reply.get("message", "the extraction service failed")))
+            else:
+                raise wire.ProtocolError(f"unexpected frame {kind!r} from the extraction service")
+    if trailer.get("error"):
+        raise RemoteError(str(trailer["error"]))
+    try:
+        table = json.loads(body)
+    except ValueError:
+        raise wire.ProtocolError("malformed table from the extraction service") from None
+    if not isinstance(table, dict):
+        raise wire.ProtocolError("malformed table from the extraction service")
+    return table
 
 
 def _authenticate(sock: socket.socket, asked: wire.Asked, from_stdin: bool, user: str

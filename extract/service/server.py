@@ -24,6 +24,7 @@ model and the wire format.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import resource
@@ -70,6 +71,7 @@ PROG = "npcapextractd"
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SEND_BUFFER = 8 << 20  # fewer wake-ups while streaming: the client drains in large reads
 STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+TABLE_FRAME = 1 << 20  # a table's JSON travels in DATA frames of this size
 DRAIN_SECONDS = 1.0  # after an error reply, what a client still sends is read this long
 HANGUP_POLL = 0.2  # how often a hang-up is looked for while the service works
 
@@ -345,7 +347,10 @@ class Session:
                       effective_filter=effective_filter(req.filter, allowed))
         self.watch = HangupWatch(self.conn)
         try:
-            self._extract(req, asked.shared_memory, record, started, restrictions, allowed)
+            if req.table:
+                self._table(req, record, started, restrictions, allowed)
+            else:
+                self._extract(req, asked.shared_memory, record, started, restrictions, allowed)
         finally:
             self.watch.close()  # answered: a client that now hangs up is done with us
         return False
@@ -467,31 +472,14 @@ class Session:
         from .shared import SharedSlots
 
         stats = Stats()
-
-        def warn(msg: str) -> None:
-            msg = self._shown(msg)
-            stats.warnings.append(msg)
-            try:
-                wire.send(self.conn, wire.WARNING, msg.encode())
-            except OSError:
-                raise ClosedPipe() from None
-
-        try:
-            become(self.settings.account)
-            for h in self.held:
-                self.sets.append(h.open())
-            sources = bounded(lambda: open_sources(req.dumpsets, self.sets, req.filter, allowed),
-                              self.settings.filter_cpu, self.conn)
-            run = RequestRun(req, sources, stats, warn)
-        except RefusedPath as e:
-            msg = self._shown(str(e))
-            self._audit(record, started, "denied", msg)
-            self._reply("denied", msg)
+        warn = self._warner(stats.warnings)
+        sources = self._sources(req, record, started, allowed)
+        if sources is None:
             return
+        try:
+            run = RequestRun(req, sources, stats, warn)
         except PcapVaultError as e:
-            msg = self._shown(str(e))
-            self._audit(record, started, "error", msg)
-            self._reply("error", msg)
+            self._refuse(record, started, e)
             return
         self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
         stall = struct.pack("ll", STALL_SECONDS, 0)
@@ -537,6 +525,88 @@ class Session:
         # sees the end of the result can rely on the audit line being there.
         self._audit(record, started, "allowed", None, packets, _returned(run.out)[1])
         self._trailer(stats, files, run.out, allowed)
+
+    def _warner(self, kept: list[str]) -> Callable[[str], None]:
+        """A warning for the client: sent at once (and kept, for the trailer's counts)."""
+        from ..outfile import ClosedPipe
+
+        def warn(msg: str) -> None:
+            msg = self._shown(msg)
+            kept.append(msg)
+            try:
+                wire.send(self.conn, wire.WARNING, msg.encode())
+            except OSError:
+                raise ClosedPipe() from None
+
+        return warn
+
+    def _sources(self, req: Request, record: dict, started: float, allowed: str | None
+                 ) -> list | None:
+        """As the service account: the dump sets held open, each with the filter this user
+        may run (compiled under the CPU limit). None when refused (answered and audited)."""
+        try:
+            become(self.settings.account)
+            for h in self.held:
+                self.sets.append(h.open())
+            return bounded(lambda: open_sources(req.dumpsets, self.sets, req.filter, allowed),
+                           self.settings.filter_cpu, self.conn)
+        except PcapVaultError as e:
+            self._refuse(record, started, e)
+        return None
+
+    def _refuse(self, record: dict, started: float, e: PcapVaultError) -> None:
+        """Answer and audit a request that cannot start: denied for a path outside what
+        the service serves, else an error."""
+        msg = self._shown(str(e))
+        outcome = "denied" if isinstance(e, RefusedPath) else "error"
+        self._audit(record, started, outcome, msg)
+        self._reply(outcome, msg)
+
+    def _table(self, req: Request, record: dict, started: float,
+               restrictions: tuple[GroupFilter, ...], allowed: str | None) -> None:
+        """npcapflows through the service: the window's table from the indexes, over the
+        filter this user may run, sent as JSON in DATA frames, then the trailer."""
+        (self.preload or Preload()).wait()
+        from ..conversations import conversations
+        from ..outfile import ClosedPipe
+
+        warnings: list[str] = []
+        warn = self._warner(warnings)
+        if self._sources(req, record, started, allowed) is None:
+            return
+        self.conn.settimeout(None)
+        self._reply("ok")
+        try:
+            if allowed is not None:
+                groups = ", ".join(r.group for r in restrictions)
+                warn(f"as a member of {groups} your tables hold only packets matching {allowed}")
+            q = Request(req.dumpsets, req.begin_ns, req.end_ns,
+                        effective_filter(req.filter, allowed))
+            table = conversations(q, req.table or "conversation", req.table_sort,
+                                  req.table_limit, warn, sets=self.sets)
+            body = json.dumps({**asdict(table), "warnings": warnings}).encode()
+            for i in range(0, len(body), TABLE_FRAME):
+                wire.send(self.conn, wire.DATA, body[i : i + TABLE_FRAME])
+        except ClosedPipe:
+            self._audit(record, started, "error", "the client stopped reading; result incomplete")
+            return
+        except (PcapVaultError, OSError) as e:
+            msg = self._shown(str(e) if isinstance(e, PcapVaultError)
+                              else f"{e.strerror}: {e.filename}")
+            self._audit(record, started, "error", msg)
+            try:
+                wire.send_json(self.conn, wire.TRAILER, {"packets": 0, "bytes": 0, "stats": {},
+                                                         "files": [], "error": msg})
+            except OSError:
+                pass
+            return
+        self._audit(record, started, "allowed", None, table.packets, table.bytes)
+        try:
+            wire.send_json(self.conn, wire.TRAILER, {"packets": table.packets,
+                                                     "bytes": table.bytes, "stats": {},
+                                                     "files": [], "error": None})
+        except OSError:
+            pass
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
                  allowed: str | None, error: str | None = None) -> None:

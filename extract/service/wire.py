@@ -110,8 +110,13 @@ _FIELDS: dict[str, tuple[str, bool]] = {
     "split_packets": ("count", False),
     "empty": ("bool", False),
     "list_only": ("bool", False),
+    "table": ("table", False),
+    "table_sort": ("sort", False),
+    "table_limit": ("count", False),
     "shared_memory": ("bool", False),
 }
+TABLES = ("conversation", "endpoint", "port")  # extract/conversations.py BY, SORT
+SORTS = ("bytes", "packets")
 
 
 def _check(name: str, value: object, kind: str) -> object:
@@ -141,6 +146,13 @@ def _check(name: str, value: object, kind: str) -> object:
             raise bad(f"is longer than {limit} bytes")
         if "\0" in value:
             raise bad("contains a NUL character")
+        return value
+    if kind in ("table", "sort"):
+        choices = TABLES if kind == "table" else SORTS
+        if value is None and kind == "table":
+            return None
+        if value not in choices:
+            raise bad(f"must be one of {', '.join(choices)}")
         return value
     if kind == "paths":
         if not isinstance(value, list) or not value:

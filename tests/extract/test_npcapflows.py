@@ -109,7 +109,10 @@ def test_bad_input_one_line(ds, args, code, words):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_no_permission_points_at_the_api(ds, tmp_path):
+def test_no_permission_turns_to_the_service(ds, tmp_path):
+    """A dump set this user cannot read: the table is asked of the extraction service (the
+    PAM-gated path, tests/extract/service/test_pam_service.py); without one, one line says
+    both."""
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv")
@@ -123,8 +126,9 @@ def test_no_permission_points_at_the_api(ds, tmp_path):
     os.chmod(tmp_path, 0o755)
     pre = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 \
         else []
-    r = subprocess.run([*pre, *EXE, "-t", str(locked), "-b", epoch(B), "-e", epoch(E)],
+    r = subprocess.run([*pre, *EXE, "-t", str(locked), "-b", epoch(B), "-e", epoch(E),
+                        "--service-socket", str(tmp_path / "no-service.sock")],
                        capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
     assert r.returncode == 1, r.stderr
-    assert "no permission" in r.stderr and "npcapserve" in r.stderr
+    assert "no permission" in r.stderr and "extraction service is not available" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -599,3 +599,61 @@ def test_client_refuses_a_socket_not_served_by_root():
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         shutil.rmtree(d)
+
+
+def flows(world, user, *args: str) -> subprocess.CompletedProcess:
+    """npcapflows run by `user`, who types the right password (the service chosen by
+    itself: the dump set is unreadable to them)."""
+    b, e = world.window
+    return user.run([sys.executable, "-m", "pcapvault.extract.npcapflows", "-t",
+                     str(world.dumpset), "-b", b, "-e", e, "--service-socket",
+                     str(world.service.socket), "--password-stdin", *args],
+                    input=f"{user.password}\n".encode())
+
+
+def table_of(world, expr: str, by: str) -> dict:
+    """The table root computes directly over the dump set."""
+    from pcapvault.extract.conversations import conversations
+    from pcapvault.extract.request import Request
+    from pcapvault.index.times import parse_window
+
+    t = conversations(Request([str(world.dumpset)], *parse_window(*world.window), expr), by)
+    return {"rows": t.rows, "total_rows": t.total_rows, "packets": t.packets, "bytes": t.bytes}
+
+
+@pytest.mark.parametrize("by, expr", [("conversation", ""), ("port", "tcp or udp")])
+def test_flows_through_the_service(world, by, expr):
+    """npcapflows for a member who cannot read the dump set: the table root computes, from
+    the service, audited as a table of the window."""
+    want = table_of(world, expr, by)
+    assert want["total_rows"] > 3
+    before = world.audit_count()
+    r = flows(world, world.member, "--by", by, "-f", expr, "-n", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""
+    got = json.loads(r.stdout)
+    assert {k: got[k] for k in want} == want
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "allowed" and a["pam_user"] == world.member.name
+    assert a["options"]["table"] == by and (a["packets"], a["bytes"]) == (
+        want["packets"], want["bytes"])
+
+
+def test_restricted_member_flows_hold_only_the_groups_traffic(world):
+    want = table_of(world, NET_FILTER, "endpoint")
+    assert want["packets"] < table_of(world, "", "endpoint")["packets"]
+    r = flows(world, world.restricted, "--by", "endpoint", "-n", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert {k: got[k] for k in want} == want
+    assert r.stderr == (f"npcapflows: warning: as a member of {world.net_group} your tables "
+                        f"hold only packets matching {NET_FILTER}\n").encode()
+
+
+def test_flows_of_a_user_outside_the_group_are_denied(world):
+    before = world.audit_count()
+    r = flows(world, world.outsider)
+    assert r.returncode == 1 and r.stdout == b""
+    assert b"not a member of the group" in r.stderr and r.stderr.count(b"\n") == 1
+    (a,) = world.audit_lines()[before:]
+    assert a["outcome"] == "denied"

@@ -17,7 +17,7 @@ from pcapvault.extract.service import wire
 
 def every_field_set() -> Request:
     return Request(["/var/lib/pcapvault/eth0", "/srv/b"], 10, 20, "host 10.0.0.5", True, 96,
-                   1 << 20, 1000, 1 << 30, 500, True, True)
+                   1 << 20, 1000, 1 << 30, 500, True, True, "endpoint", "packets", 25)
 
 
 def test_a_request_travels_whole():
@@ -36,6 +36,10 @@ def test_the_wire_checks_every_field_of_the_request_and_nothing_else():
 
 @pytest.mark.parametrize("change, message", [
     ({"snaplen": 0}, "snaplen is out of range"),
+    ({"table": "flows"}, "table must be one of conversation, endpoint, port"),
+    ({"table": 1}, "table must be one of"),
+    ({"table_sort": "time"}, "table_sort must be one of bytes, packets"),
+    ({"table_limit": 0}, "table_limit is out of range"),
     ({"snaplen": True}, "snaplen must be an integer"),
     ({"filter": 5}, "filter must be a string"),
     ({"filter": "\ud800"}, "filter is not valid Unicode text"),
