@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,22 @@ class _BadInput(click.ClickException):
     exit_code = 2
 
 
+def table_options(command: Callable) -> Callable:
+    """The options that choose and print a table: --by, -n, --sort, --json (npcapflows and
+    npcapfleet conversations)."""
+    for option in reversed([
+        click.option("--by", type=click.Choice(["conversation", "endpoint", "port"]),
+                     default="conversation", show_default=True, help="Which table."),
+        click.option("-n", "--limit", type=click.IntRange(min=0), default=20,
+                     show_default=True, help="Rows to show, the largest first; 0 for all."),
+        click.option("--sort", type=click.Choice(["bytes", "packets"]), default="bytes",
+                     show_default=True, help="Order of the rows (descending)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the table as JSON."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
@@ -86,13 +103,7 @@ class _BadInput(click.ClickException):
 @click.option("-e", "--end", default="now", show_default=True,
               help="End of the window (exclusive).")
 @click.option("-f", "--filter", "expr", default="", help="tcpdump filter expression (libpcap).")
-@click.option("--by", type=click.Choice(["conversation", "endpoint", "port"]),
-              default="conversation", show_default=True, help="Which table.")
-@click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Rows to show, the largest first; 0 for all.")
-@click.option("--sort", type=click.Choice(["bytes", "packets"]), default="bytes",
-              show_default=True, help="Order of the rows (descending).")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@table_options
 @click.option("--csv", "as_csv", is_flag=True, help="Print the rows as CSV with a header line.")
 @click.option("--service", "use_service", is_flag=True,
               help="Ask the authenticated extraction service (chosen by itself when this user "
@@ -159,7 +170,7 @@ def _show(table: Table, by: str, as_json: bool, as_csv: bool, t0: float) -> int:
     elif as_csv:
         _csv(table.rows, by)
     else:
-        _human(table, time.monotonic() - t0)
+        print_table(table, time.monotonic() - t0)
     return 0
 
 
@@ -210,7 +221,7 @@ COLUMNS = {
 NOUNS = {"conversation": "conversations", "endpoint": "endpoints", "port": "service ports"}
 
 
-def _human(table: Table, seconds: float) -> None:
+def print_table(table: Table, seconds: float) -> None:
     """Aligned columns with human sizes, then one totals line."""
     cols = COLUMNS[table.by]
     cells = [[h for h, _, _ in cols]] + [[f(r) for _, f, _ in cols] for r in table.rows]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from pcapvault.extract.npcapflows import table_options
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.sizes import human_size
 
@@ -176,20 +177,14 @@ def sync(ctx: click.Context, names: tuple[str, ...]) -> int:
 @click.option("-b", "--begin", required=True, help="Start of the window (inclusive).")
 @click.option("-e", "--end", required=True, help="End of the window (exclusive).")
 @click.option("-f", "--filter", "expr", default="", help="tcpdump filter expression.")
-@click.option("--by", type=click.Choice(["conversation", "endpoint", "port"]),
-              default="conversation", show_default=True, help="Which table.")
-@click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Rows to show, the largest first; 0 for all.")
-@click.option("--sort", type=click.Choice(["bytes", "packets"]), default="bytes",
-              show_default=True, help="Order of the rows (descending).")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@table_options
 @click.pass_context
 def conversations(ctx: click.Context, begin: str, end: str, expr: str, by: str, limit: int,
                   sort: str, as_json: bool) -> int:
     """The fleet's conversations, endpoints or service ports of [BEGIN, END) matching FILTER:
     from the catalogue where it answers exactly, else from the sensors, summed."""
     from pcapvault.extract.conversations import Table
-    from pcapvault.extract.npcapflows import _human
+    from pcapvault.extract.npcapflows import print_table
 
     from . import query, rows
 
@@ -213,7 +208,7 @@ def conversations(ctx: click.Context, begin: str, end: str, expr: str, by: str, 
                                "sensors_asked": found.asked, "failed": failed,
                                "partial": bool(failed)}))
     else:
-        _human(table, time.monotonic() - t0)
+        print_table(table, time.monotonic() - t0)
         asked = ", ".join(found.asked) or "none"
         _say(f"sensors asked directly (the catalogue could not answer for them): {asked}")
     return EXIT_PARTIAL if failed else 0
