@@ -126,6 +126,32 @@ def record(veth, tmp_path: Path, count: int, size: int, *args: str) -> list[byte
     return sent
 
 
+def one_line(r: subprocess.CompletedProcess, code: int, *needles: str,
+             prog: str | None = None) -> str:
+    """The one line a tool's failure prints: exit `code`, no traceback, every needle in it
+    (and `PROG: error: ` first when `prog` is given)."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    if prog is not None:
+        assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def extracted_records(root: Path, out: Path, begin: str, end: str, expr: str = "") -> list:
+    """The records npcapextract writes for the window and filter (none when nothing
+    matched)."""
+    from extract_helpers import read_pcap_records
+
+    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b", begin, "-e", end, "-o",
+                        str(out), *(["-f", expr] if expr else [])],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr  # 1: nothing matched
+    return read_pcap_records(out.read_bytes()) if out.exists() else []
+
+
 def one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> str:
     assert r.returncode != 0
     if code is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pyzstd
+import recorderproc
 from dumpsets import assert_clean, repair
 from extract_helpers import (
     CORPUS,
@@ -24,7 +25,7 @@ from extract_helpers import (
     tcpdump_select,
     write_pcap,
 )
-from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
+from recorderproc import RecorderProc, extracted_records, recorded_frames, synthetic_pcap, tool
 
 from pcapvault.index.dumpset import DumpSet
 
@@ -44,21 +45,11 @@ def npcapimport(*args: str) -> subprocess.CompletedProcess:
 
 def extract(root: Path, out: Path, begin: str = ALL[0], end: str = ALL[1],
             expr: str = "") -> list:
-    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b", begin, "-e", end, "-o",
-                        str(out), *(["-f", expr] if expr else [])],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode in (0, 1), r.stderr  # 1: nothing matched
-    return read_pcap_records(out.read_bytes()) if out.exists() else []
+    return extracted_records(root, out, begin, end, expr)
 
 
 def one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert lines[0].startswith("npcapimport: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return recorderproc.one_line(r, code, *needles, prog="npcapimport")
 
 
 def write_variant(path: Path, packets: list, big_endian: bool, nanosecond: bool,

@@ -19,12 +19,18 @@ from extract_helpers import (
     NS,
     SYNTH_START,
     epoch,
-    read_pcap_records,
     synthetic_dumpset,
     tcpdump_select,
     tcpdump_window,
 )
-from recorderproc import RecorderProc, recorded_frames, synthetic_pcap, tool
+from recorderproc import (
+    RecorderProc,
+    extracted_records,
+    one_line,
+    recorded_frames,
+    synthetic_pcap,
+    tool,
+)
 
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.holds import place_hold
@@ -37,21 +43,8 @@ def manage(*args: str) -> subprocess.CompletedProcess:
 
 
 def extract_all(root: Path, out: Path) -> list:
-    r = subprocess.run([tool("npcapextract"), "-t", str(root), "-b",
-                        epoch(SYNTH_START - 3600 * NS), "-e", epoch(SYNTH_START + 7200 * NS),
-                        "-o", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode in (0, 1), r.stderr  # 1: nothing matched
-    return read_pcap_records(out.read_bytes()) if out.exists() else []
-
-
-def one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return extracted_records(root, out, epoch(SYNTH_START - 3600 * NS),
+                             epoch(SYNTH_START + 7200 * NS))
 
 
 @pytest.fixture()
