@@ -255,7 +255,8 @@ class Gate:
                  group_filters: tuple[GroupFilter, ...], limiter: LoginLimiter,
                  sessions: SessionStore | None = None):
         self.checker = checker
-        self.sessions = sessions or SessionStore()  # the web page's logins (server/session.py)
+        # the web page's logins (server/session.py); not `or`: an empty store is falsy
+        self.sessions = sessions if sessions is not None else SessionStore()
         self.tokens = tokens
         self.group = group
         self.group_filters = group_filters

@@ -178,6 +178,9 @@ def bind(host: str, port: int) -> socket.socket:
               help="The largest limit= of /api/v1/conversations.")
 @click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
               help="The most steps /api/v1/volume answers.")
+@click.option("--session-idle", type=click.FloatRange(1, 7 * 86400), default=1800,
+              show_default=True,
+              help="Seconds a web page login lasts without use (then the page asks again).")
 @click.option("--index-workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Worker processes computing conversations and volume (each takes a core "
                    "while it works; more serve more of them at once).")
@@ -186,7 +189,8 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
             pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
             metrics_auth: bool,
             filter_cpu: float, max_connections: int, keep_alive: int,
-            request_timeout: float, max_rows: int, max_steps: int, index_workers: int) -> int:
+            request_timeout: float, max_rows: int, max_steps: int, session_idle: float,
+            index_workers: int) -> int:
     """Serve the sensor's packets, conversations, traffic volume, status and metrics over
     HTTPS, to members of the extractors' group (PAM password or API token)."""
     import uvicorn
@@ -211,7 +215,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
 
     served = tuple(os.path.abspath(p) for p in dumpsets) or configured_dumpsets()
     audit = Audit(audit_log, PROG)
-    gate = _gate(pam_service, token_file, fail_delay, group, filters)
+    gate = _gate(pam_service, token_file, fail_delay, group, filters, session_idle)
     workers = IndexWorkers(index_workers)
     sock = bind(listen, port)
     config = uvicorn.Config(
@@ -246,15 +250,16 @@ def _hostport(host: str, port: int) -> str:
 
 
 def _gate(pam_service: str, token_file: Path, fail_delay: float, group: str,
-          filters: tuple) -> Gate:
+          filters: tuple, session_idle: float) -> Gate:
     """The authentication gate (server/auth.py): the root PAM helper is forked here."""
     from .auth import Gate, PasswordChecker
     from .limits import LoginLimiter
+    from .session import SessionStore
     from .tokens import TokenStore
 
     checker = PasswordChecker.start(pam_service)
     return Gate(checker, TokenStore(token_file), group, filters,
-                LoginLimiter(fail_delay=fail_delay))
+                LoginLimiter(fail_delay=fail_delay), SessionStore(idle=session_idle))
 
 
 

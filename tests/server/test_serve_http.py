@@ -365,3 +365,17 @@ def test_guessing_is_limited_per_address(world):
         line = last_audit(world)[0]
         assert line["outcome"] == "denied" and "too many" in line["reason"]
 
+
+def test_session_idle_time_is_the_servers_option(world):
+    """--session-idle: a login unused for longer ends on the server; used, it lives on."""
+    with serving(world, None, "--session-idle", "1") as short, short.client() as c:
+        r = c.post("/login", json={"user": world.member.name,
+                                   "password": world.member.password},
+                   headers={"Origin": short.url})
+        assert r.status_code == 200
+        for _ in range(3):  # used every 0.5 s: alive past one idle period
+            time.sleep(0.5)
+            assert c.get("/session").status_code == 200
+        time.sleep(1.5)
+        r = c.get("/session")
+        assert r.status_code == 401 and "log in again" in r.json()["error"]

@@ -425,3 +425,4 @@ def test_readable_wide_and_narrow(world, served, size):
             wait_for(fits, timeout=5, message=f"the chart follows its column ({overflow})")
         for element_id in ("filter", "dl-pcap", "logout"):
             assert driver.find_element("id", element_id).is_displayed()
+
