@@ -546,12 +546,12 @@ class _RowTotals:
     """Packets, bytes, first and last time per directed IP flow, summed file by file (the
     rows of one file at a time, never a Python step per packet).
 
-    The files' rows are grouped together a couple of million at a time (one grouping of
-    their hashes, made on the decoding threads: faster than merging file by file), folded
-    into the sums so far; so a long window holds its distinct flows and one batch of rows,
-    not every file's rows."""
+    The files' rows are grouped together half a million at a time (one grouping of their
+    hashes, made on the decoding threads: faster than merging file by file), folded into
+    the sums so far while the next indexes decode; so a long window holds its distinct
+    flows and one batch of rows, not every file's rows."""
 
-    FOLD = 1 << 19  # rows held before they are grouped
+    FOLD = 1 << 19  # rows held before they are grouped (1 << 21, all the hour's: no faster)
 
     def __init__(self) -> None:
         # parts: (keys, hashes, packets, bytes, first, last); after a fold, the first one is
