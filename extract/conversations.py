@@ -663,14 +663,17 @@ def _group_parts(keys: list[np.ndarray], hashes: list[np.ndarray], ordered: bool
     h = np.concatenate(hashes)
     for full in (False, True):
         inv, first = hash_groups(h, full)
-        part = np.searchsorted(bounds, first, side="right") - 1
         reps = np.empty((len(first), 6), np.uint64)
+        by_row = np.argsort(first)  # each part's first rows, then taken from it at once
+        cuts = np.searchsorted(first[by_row], bounds)
         for j, k in enumerate(keys):
-            mine = part == j
+            mine = by_row[cuts[j] : cuts[j + 1]]
             reps[mine] = k[first[mine] - bounds[j]]
-        if all(np.array_equal(reps[inv[bounds[j]:bounds[j + 1]]], k)
-               for j, k in enumerate(keys)):
-            break
+        # numpy's takes and comparisons let go of the interpreter: two threads compare
+        with ThreadPoolExecutor(2, thread_name_prefix="flows-check") as pool:
+            if all(pool.map(_agree, [reps] * len(keys),
+                            [inv[bounds[j]:bounds[j + 1]] for j in range(len(keys))], keys)):
+                break
     else:
         cols, inv, _ = distinct_rows(np.ascontiguousarray(np.concatenate(keys).T))
         reps = cols.T
@@ -682,6 +685,11 @@ def _group_parts(keys: list[np.ndarray], hashes: list[np.ndarray], ordered: bool
     inv = rank[inv]
     return ([inv[bounds[j]:bounds[j + 1]] for j in range(len(keys))],
             np.ascontiguousarray(reps[order]))
+
+
+def _agree(reps: np.ndarray, inv: np.ndarray, keys: np.ndarray) -> bool:
+    """Whether every row of `keys` is its group's key `reps[inv]`."""
+    return np.array_equal(reps[inv], keys)
 
 
 def _reduce(ufunc: np.ufunc, inv: np.ndarray, values: np.ndarray, n: int, start: int
