@@ -746,9 +746,30 @@ def _from_planes(raw: np.ndarray, n: int, dtypes: tuple[str, ...], skip: tuple[i
     for i, dtype in enumerate(dtypes):
         width = np.dtype(dtype).itemsize
         planes = raw[pos : pos + n * width].reshape(width, n)
-        columns.append(None if i in skip else np.ascontiguousarray(planes.T).view(dtype).reshape(n))
+        columns.append(None if i in skip else _column(planes, np.dtype(dtype)))
         pos += n * width
     return columns
+
+
+def _column(planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One column from its byte planes (least significant first), little-endian.
+
+    Most columns use few of their bytes (gaps, lengths and time deltas are small; the first
+    time delta is a whole timestamp): the high planes that are zero but for the first value
+    are not transposed, only the low ones, into a narrower type (the transposition is most
+    of decoding; zstd made the zero planes cheap already), and the first value is set whole."""
+    width, n = planes.shape
+    used = width
+    while used and not planes[used - 1, 1:].any():
+        used -= 1
+    if used > width // 2 or n < 2:
+        return np.ascontiguousarray(planes.T).view(dtype).reshape(n)
+    narrow = 1 << max(used - 1, 0).bit_length()  # 1, 2 or 4 bytes hold the used planes
+    low = np.zeros((n, narrow), np.uint8)
+    low[:, :used] = planes[:used].T
+    col = low.view(f"<u{narrow}").reshape(n).astype(dtype)
+    col[0] = np.frombuffer(planes[:, 0].tobytes(), dtype)[0]
+    return col
 
 
 def index_problem(idx: PacketIndex) -> str | None:
