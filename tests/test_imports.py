@@ -63,11 +63,11 @@ def test_imports_inside_functions_count(modules):
     assert "pcapvault.extract.engine" in modules["pcapvault.extract.service.server"]
 
 
-# The command line and its entry point may use the service's client; nothing else of
-# extract may reach into the service package (the engine's hook is output.SharedBuffers).
-# npcapserve (server/, a layer above) shares the service's policy.
+# The command lines (npcapextract, npcapflows) and their entry points may use the service's
+# client; nothing else of extract may reach into the service package (the engine's hook is
+# output.SharedBuffers). npcapserve (server/, a layer above) shares the service's policy.
 SERVICE_USERS = {"pcapvault.extract.cli", "pcapvault.extract.__main__",
-                 "pcapvault.extract.prestart"}
+                 "pcapvault.extract.prestart", "pcapvault.extract.npcapflows"}
 
 
 def test_the_engine_knows_nothing_of_the_service(modules):
