@@ -163,10 +163,28 @@ def curl(url: str, cert: Path, token: str, path: str, params: dict[str, str]) ->
 
 
 def server_reads(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
+    """Bytes the server and the processes it started (its index workers) read from disk."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/io").read_text().splitlines():
+                if line.startswith("read_bytes:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue  # ended meanwhile
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir()
+                for k in (t / "children").read_text().split()]
+    except OSError:
+        return found
+    for k in kids:
+        found += [k, *descendants(k)]
+    return found
 
 
 def clients(url: str, cert: Path, token: str, n: int, rounds: int, b: int
