@@ -54,6 +54,9 @@ from pcapvault.index.privileges import give_tree
 sys.path.insert(0, str(Path(__file__).parent))
 import extract as bx  # noqa: E402, I001 - bench/extract.py: the benchmark hour and helpers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from proctree import descendants  # noqa: E402 - tests/proctree.py
+
 NS = bx.NS
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -174,17 +177,6 @@ def server_reads(pid: int) -> int:
             continue  # ended meanwhile
     return total
 
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir()
-                for k in (t / "children").read_text().split()]
-    except OSError:
-        return found
-    for k in kids:
-        found += [k, *descendants(k)]
-    return found
 
 
 def clients(url: str, cert: Path, token: str, n: int, rounds: int, b: int

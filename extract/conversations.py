@@ -219,9 +219,14 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
         raise TableError(f"unknown sort {sort!r}: choose bytes or packets")
     if limit is not None and limit < 0:
         raise TableError(f"bad limit {limit}: give a number of rows, 0 or more")
+    return _table(req, by, sort, limit, warn, sets)
+
+
+def _table(req: Request, by: str, sort: str, limit: int | None, warn: Warn,
+           sets: list[DumpSet] | None = None, only: str | None = None) -> Table:
     warnings: list[str] = []
     scan = _Matches(req, _keeping(warnings, warn), _Want(lambda first, last: True, keyed=True),
-                    sets)
+                    sets, only)
     rows = _RowTotals()
     scan.run(rows.add)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
@@ -299,12 +304,14 @@ class _Matches:
     Every dump set is opened and the filter compiled for it before any file is looked at, so
     a bad filter or an unreadable dump set fails at once."""
 
-    def __init__(self, req: Request, warn: Warn, want: _Want, sets: list[DumpSet] | None = None):
+    def __init__(self, req: Request, warn: Warn, want: _Want, sets: list[DumpSet] | None = None,
+                 only: str | None = None):
         if req.begin_ns > req.end_ns:
             raise TimeError("the window's begin is after its end")
         self.req = req
         self.warn = warn
         self.want = want
+        self.only = only  # the name of the one pcap to look at (a file's own table)
         self.targets: list[QueryTarget] = [
             open_query(p, req.filter, ds)
             for p, ds in zip(req.dumpsets, sets or [None] * len(req.dumpsets), strict=True)]
@@ -324,7 +331,9 @@ class _Matches:
         for number, (path, t) in enumerate(zip(self.req.dumpsets, self.targets, strict=True)):
             matcher = FlowMatcher(t.filter)
             unsure: dict[Path, bool] = {}  # pcap -> read it whole (True) or its MAYBE rows
-            for sf, loaded in _indexes(t.ds.files_in_window(b, e), b, e, self.want):
+            files = [sf for sf in t.ds.files_in_window(b, e)
+                     if self.only is None or sf.pcap.name == self.only]
+            for sf, loaded in _indexes(files, b, e, self.want):
                 if isinstance(loaded, PcapVaultError):
                     self.warn(f"{sf.pcap}: index unusable ({loaded}); reading the pcap")
                     unsure[sf.pcap] = True
@@ -875,14 +884,5 @@ def file_conversations(path: str, sf: StoredFile, expr: str = "",
         begin, end = min(begin, h.first_ns), max(end, h.last_ns + 1)
     except (PcapVaultError, ValueError):
         pass  # read the pcap: _Matches says so
-    warnings: list[str] = []
-    scan = _Matches(Request([path], begin, end, expr), _keeping(warnings, warn),
-                    _Want(lambda first, last: True, keyed=True))
-    ds = scan.targets[0].ds
-    ds.files_in_window = lambda b, e: [  # type: ignore[method-assign]
-        f for f in DumpSet.files_in_window(ds, b, e) if f.pcap.name == sf.pcap.name]
-    rows = _RowTotals()
-    scan.run(rows.add)
-    table, total = _conversation_rows(rows.finish(), "bytes", None)
-    return Table("conversation", table, total, scan.packets, scan.bytes, scan.read_packets,
-                 "bytes", begin, end, warnings)
+    return _table(Request([path], begin, end, expr), "conversation", "bytes", None, warn,
+                  only=sf.pcap.name)

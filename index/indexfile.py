@@ -713,17 +713,21 @@ def decode_times(data: bytes, name: str, file_size: int | None = None
     if len(data) < h.frames_offset:
         raise ValueError("decode_times needs the file up to its postings frames")
     n = h.count
-    raw = np.frombuffer(decompress_exact(memoryview(data)[h.packets_offset : h.frames_offset],
-                                         n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
+    raw = _packet_planes(memoryview(data)[h.packets_offset : h.frames_offset], n, name)
     ts_delta, _, caplen, excess, _ = _from_planes(raw, n, _PACKET_COLUMNS, skip=(1, 4))
     return np.cumsum(ts_delta, dtype=np.int64), caplen + excess
 
 
+def _packet_planes(blob: bytes | memoryview, n: int, name: str) -> np.ndarray:
+    """The packet section of `n` packets, decompressed: the byte planes of its columns."""
+    return np.frombuffer(decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name),
+                         np.uint8)
+
+
 def _decode_packets(idx: PacketIndex, blob: bytes | memoryview, name: str) -> None:
     n = idx.count
-    raw = np.frombuffer(
-        decompress_exact(blob, n * _PACKET_ROW_LEN, "packet section", name), np.uint8)
-    ts_delta, gap, caplen, excess, flow = _from_planes(raw, n, _PACKET_COLUMNS)
+    ts_delta, gap, caplen, excess, flow = _from_planes(_packet_planes(blob, n, name), n,
+                                                       _PACKET_COLUMNS)
     idx.ts_ns = np.cumsum(ts_delta, dtype=np.int64)
     # offset[i] = gap[i] + end of record i-1, i.e. the running sum of gaps and record sizes
     sizes = np.empty(n, dtype=np.uint64)

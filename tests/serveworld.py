@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 from pamworld import NET_FILTER, UDP_FILTER, User, World
+from proctree import descendants
 from recorderproc import tool
 
 
@@ -105,19 +106,6 @@ def serving(world: World, dumpsets: list[Path] | None = None, *args: str) -> Ite
         finally:
             assert "Traceback" not in served.stderr, served.stderr
         left_behind(kids)
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes below `pid` (its worker processes, its filter helper)."""
-    found: list[int] = []
-    try:
-        tasks = Path(f"/proc/{pid}/task").iterdir()
-        kids = [int(k) for t in tasks for k in (t / "children").read_text().split()]
-    except OSError:
-        return found
-    for k in kids:
-        found += [k, *descendants(k)]
-    return found
 
 
 def left_behind(pids: list[int], wait_s: float = 5.0) -> None:

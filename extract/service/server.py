@@ -587,26 +587,19 @@ class Session:
             body = json.dumps({**asdict(table), "warnings": warnings}).encode()
             for i in range(0, len(body), TABLE_FRAME):
                 wire.send(self.conn, wire.DATA, body[i : i + TABLE_FRAME])
-        except ClosedPipe:
+        except (ClosedPipe, ConnectionError):
             self._audit(record, started, "error", "the client stopped reading; result incomplete")
             return
         except (PcapVaultError, OSError) as e:
             msg = self._shown(str(e) if isinstance(e, PcapVaultError)
                               else f"{e.strerror}: {e.filename}")
             self._audit(record, started, "error", msg)
-            try:
-                wire.send_json(self.conn, wire.TRAILER, {"packets": 0, "bytes": 0, "stats": {},
-                                                         "files": [], "error": msg})
-            except OSError:
-                pass
+            self._send_trailer({"packets": 0, "bytes": 0, "stats": {}, "files": [],
+                                "error": msg})
             return
         self._audit(record, started, "allowed", None, table.packets, table.bytes)
-        try:
-            wire.send_json(self.conn, wire.TRAILER, {"packets": table.packets,
-                                                     "bytes": table.bytes, "stats": {},
-                                                     "files": [], "error": None})
-        except OSError:
-            pass
+        self._send_trailer({"packets": table.packets, "bytes": table.bytes, "stats": {},
+                            "files": [], "error": None})
 
     def _trailer(self, stats: Stats, files: list[tuple[str, int]], out: ConnectionOutput | None,
                  allowed: str | None, error: str | None = None) -> None:
@@ -628,6 +621,10 @@ class Session:
             "files": files,
             "error": error,
         }
+        self._send_trailer(body)
+
+    def _send_trailer(self, body: dict) -> None:
+        """The end of the result; the hang-up watch ends first (nothing is left to stop)."""
         if self.watch is not None:
             self.watch.close()
         try:

@@ -657,3 +657,27 @@ def test_flows_of_a_user_outside_the_group_are_denied(world):
     assert b"not a member of the group" in r.stderr and r.stderr.count(b"\n") == 1
     (a,) = world.audit_lines()[before:]
     assert a["outcome"] == "denied"
+
+
+def test_flows_of_a_dump_set_the_service_does_not_serve_are_refused(world):
+    """A table asked through a link the member controls, leading to a dump set the service
+    does not serve: refused as an extraction would be, nothing of it sent, audited."""
+    other = world.base / "home-other-flows"
+    shutil.copytree(world.dumpset, other, symlinks=True)
+    other.chmod(0o700)
+    link = world.member.home / "to-other"
+    link.symlink_to(other)
+    try:
+        before = world.audit_count()
+        b, e = world.window
+        r = world.member.run([sys.executable, "-m", "pcapvault.extract.npcapflows", "-t",
+                              str(link), "-b", b, "-e", e, "--service-socket",
+                              str(world.service.socket), "--password-stdin", "--json"],
+                             input=f"{world.member.password}\n".encode())
+        assert r.returncode != 0 and r.stdout == b""
+        assert r.stderr.count(b"\n") == 1 and b"not a dump set this service serves" in r.stderr
+        (a,) = world.audit_lines()[before:]
+        assert a["outcome"] == "denied" and a["options"]["table"] == "conversation"
+    finally:
+        link.unlink()
+        shutil.rmtree(other)
