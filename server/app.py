@@ -37,6 +37,7 @@ from pcapvault.index.times import format_time, parse_window
 
 from . import catalogue, openapi, pcap, session
 from .status import StatusCollector, dumpset_status
+from .workers import WorkerDied
 
 PROG = "npcapserve"
 MAX_QUERY = 8192  # bytes of a query string; a filter longer than this is no query anyone types
@@ -382,6 +383,8 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
             return await asyncio.to_thread(work)
         except PcapVaultError as e:
             raise ApiError(400, str(e)) from None
+        except WorkerDied as e:  # the next request has a new pool
+            raise ApiError(503, str(e)) from None
 
     async def get_catalogue(request: HttpRequest, principal: Any, record: dict,
                             q: dict[str, str], close: Callable[..., None]) -> Response:

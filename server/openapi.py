@@ -32,7 +32,7 @@ def _errors(*codes: int) -> dict:
             403: "Not a member of the extractors' group.",
             414: "Query string longer than 8192 bytes.",
             429: "Too many failed logins from this address (Retry-After).",
-            503: "Too many connections at once."}
+            503: "Too many connections at once, or a worker computing tables ended: ask again."}
     return {str(c): {"description": text[c],
                      "content": {"application/json": {"schema": {"$ref": "#/components/"
                                                                   "schemas/Error"}}}}

@@ -8,8 +8,8 @@ privilege drop (the service account's, like the server's), each with the modules
 before the first request; the server's thread only waits. Their answers are small (a
 table's rows, a count per step).
 
-A worker that dies (killed, out of memory) breaks the pool: that request fails with a
-server error and a new pool takes the next ones.
+A worker that dies (killed, out of memory) breaks the pool: the request that finds it so is
+answered 503 (ask again) and a new pool takes the next ones.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _nothing() -> None:
 
 
 class WorkerDied(RuntimeError):
-    """A worker process ended during a request (the server answers 500)."""
+    """A worker process ended during a request (the server answers 503: ask again)."""
 
 
 class IndexWorkers:

@@ -379,3 +379,25 @@ def test_session_idle_time_is_the_servers_option(world):
         time.sleep(1.5)
         r = c.get("/session")
         assert r.status_code == 401 and "log in again" in r.json()["error"]
+
+
+def test_a_dead_index_worker_costs_one_request(world):
+    """A worker killed (out of memory, by hand): the request that finds the pool broken is
+    a 503 JSON error saying to ask again (no traceback), and the next one is served by a
+    new pool."""
+    import os
+    import signal
+
+    from proctree import descendants
+
+    with serving(world) as s, s.client(world.member) as c:
+        assert c.get("/api/v1/conversations", params=window(world)).status_code == 200
+        workers = [p for p in descendants(s.proc.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        time.sleep(0.5)  # the pool sees its worker gone
+        r = c.get("/api/v1/conversations", params=window(world))
+        assert r.status_code == 503 and "ask again" in r.json()["error"]
+        r = c.get("/api/v1/volume", params=window(world, step="10s"))
+        assert r.status_code == 200 and sum(r.json()["packets"]) > 0
