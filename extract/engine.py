@@ -62,7 +62,7 @@ from .direct import DirectReader, Span, cached
 from .flowplan import Source, Stats
 from .output import Batch, Interface, Output, long_runs
 from .plan import FilePlan, Planner, Warn
-from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher, will_need_index
+from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher
 
 if TYPE_CHECKING:
     from .output import SharedBuffers
@@ -546,10 +546,11 @@ class _Pipeline:
         self.queue: deque[_Planned] = deque()
         self.pf = Prefetcher()
         self.dr = DirectReader(shared)
-        # The indexes are read first and are small: ask for the first ones now, before any
-        # pcap range is queued (a sequential read behind thousands of scattered ones waits).
+        # What planning reads comes first and is small: ask for the first files' now, before
+        # any pcap range is queued (a sequential read behind thousands of scattered ones
+        # waits). The strategy knows what that is (a postings plan read its indexes already).
         for sf in self.files[:AHEAD_FILES]:
-            will_need_index(sf.index)
+            src.announce(sf)
 
     def top_up(self) -> None:
         """Plan further files while little is planned and unread."""
@@ -565,7 +566,7 @@ class _Pipeline:
 
     def _plan(self, sf: StoredFile) -> _Planned:
         if self.next + AHEAD_FILES < len(self.files):
-            will_need_index(self.files[self.next + AHEAD_FILES].index)
+            self.src.announce(self.files[self.next + AHEAD_FILES])
         c = self.src.candidates(sf, self.q.begin_ns, self.q.end_ns, self.stats, self.warn)
         if c is None:
             return _Planned(sf, None)

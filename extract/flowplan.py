@@ -30,6 +30,7 @@ from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN
 from .access import AccessError, open_dumpset, open_query
 from .flowmatch import MAYBE, NO, YES, FlowMatcher
 from .plan import FilePlan, Warn
+from .readahead import PCAP_HEAD, will_need, will_need_index
 from .report import Stats
 
 if TYPE_CHECKING:
@@ -153,6 +154,11 @@ class Source:
         self._ahead = _IndexAhead(found, lambda: self._last_matched is not False)
         stats.count_files(self.ds, len(found))
         return found
+
+    def announce(self, sf: StoredFile) -> None:
+        """The index's decoded sections and the pcap's header page."""
+        will_need_index(sf.index)
+        will_need(sf.pcap, 0, PCAP_HEAD)
 
     def candidates(
         self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats, warn: Warn

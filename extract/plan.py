@@ -66,3 +66,8 @@ class Planner(Protocol):
                    warn: Warn) -> FilePlan | None:
         """`sf`'s plan, or None when none of its records can match."""
         ...
+
+    def announce(self, sf: StoredFile) -> None:
+        """Ask the kernel now for what planning and opening `sf` will read (a hint), before
+        the engine queues any record of the files planned before it."""
+        ...

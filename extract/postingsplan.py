@@ -22,8 +22,7 @@ MAX_PACKETS or MAX_BYTES of candidates (held as lists, and by records.py in memo
 from __future__ import annotations
 
 import os
-from bisect import bisect_right
-from collections.abc import Callable
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from pcapvault.index.compressed import is_compressed
@@ -36,7 +35,7 @@ from pcapvault.index.postings import READ_AHEAD, Postings
 from .access import QueryTarget
 from .hostkeys import MAYBE, NO, YES, decide, posting_keys
 from .plan import FilePlan, Warn
-from .readahead import will_need
+from .readahead import PCAP_HEAD, will_need
 from .report import Stats
 from .request import Request
 
@@ -90,9 +89,10 @@ def plan(t: QueryTarget, begin_ns: int, end_ns: int) -> PostingsPlan | None:
                 out.skipped += 1
             else:
                 opened.append((sf, *found))
-        for _, p, lists in opened:
+        for sf, p, lists in opened:
             for _, _, k in lists:
                 will_need(p.path, *p.frame_span(k))
+            will_need(sf.pcap, 0, PCAP_HEAD)  # opening it for its records reads its header
         decisions: dict[tuple[bytes, int, int], int] = {}
         total = nbytes = 0
         for sf, p, lists in opened:
@@ -133,6 +133,10 @@ class PostingsSource:
     def candidates(self, sf: StoredFile, begin_ns: int, end_ns: int, stats: Stats,
                    warn: Warn) -> FilePlan | None:
         return self._files.get(sf.index)
+
+    def announce(self, sf: StoredFile) -> None:
+        """Nothing: the plan has read the indexes it uses and announced the pcaps' headers
+        (the indexes' other sections would only delay the records' reads)."""
 
 
 def _lists(sf: StoredFile, begin_ns: int, end_ns: int, keys: set[tuple[bytes, int]],
@@ -176,51 +180,60 @@ def _candidates(sf: StoredFile, p: Postings, lists: list, begin_ns: int, end_ns:
     A posting is dropped when one of its lists proves libpcap rejects it (NO), taken without
     libpcap when one proves it accepts it (YES); both are facts about the packet, so they
     never disagree. Postings in blocks the window cuts are read and their timestamps
-    checked (`edge`)."""
-    where = _window_blocks(p, begin_ns, end_ns)
+    checked (`edge`). A list's records share at most three verdicts (source, destination,
+    both), so they are combined as sets, not one by one."""
     length: dict[int, int] = {}
     state: dict[int, int] = {}  # offset -> YES/NO/MAYBE, combined over the lists
     for addr, etype, k in lists:
         pl = p.entries(k)
-        roles: dict[int, int] = {}
-        for i, (off, ln) in enumerate(zip(pl.offset, pl.length, strict=True)):
-            roles[off] = roles.get(off, 0) | (1 if i < pl.sources else 2)
-            length[off] = ln
-        for off, r in roles.items():
+        length.update(zip(pl.offset, pl.length, strict=True))
+        src, dst = set(pl.offset[:pl.sources]), set(pl.offset[pl.sources:])
+        both = src & dst
+        for role, offs in ((1, src - both), (2, dst - both), (3, both)):
+            if not offs:
+                continue
             if addr is None:
                 dec = MAYBE
             else:
-                dec = decisions.get((addr, etype, r))
+                dec = decisions.get((addr, etype, role))
                 if dec is None:
-                    dec = decisions[(addr, etype, r)] = decide(flt.program, addr, etype, r)
-            have = state.get(off, MAYBE)
-            state[off] = dec if have == MAYBE else have
-    order: list[int] = []
-    edge: list[bool] = []
-    for off in sorted(state):
-        if state[off] == NO:
-            continue
-        place = where(off)
-        if place is not None:
-            order.append(off)
-            edge.append(place)
+                    dec = decisions[(addr, etype, role)] = decide(flt.program, addr, etype, role)
+            _combine(state, offs, dec)
+    order, edge = _in_window(p, begin_ns, end_ns,
+                             sorted(o for o, v in state.items() if v != NO))
     if not order:
         return None
     return FilePlan(sf, order, [length[o] - RECORD_HEADER_LEN for o in order],
                     [state[o] == YES for o in order], edge=edge)
 
 
-def _window_blocks(p: Postings, begin_ns: int, end_ns: int) -> Callable[[int], bool | None]:
-    """For a record offset: None if the window surely excludes the record, False if it surely
-    includes it, True if only its timestamp can tell (a block of the index's time table that
-    the window cuts)."""
+def _combine(state: dict[int, int], offs: set[int], dec: int) -> None:
+    """One list's verdict `dec` on the records at `offs`: the first list that decides (YES or
+    NO) wins over MAYBE."""
+    seen = offs & state.keys()
+    if dec != MAYBE:
+        for off in seen:
+            if state[off] == MAYBE:
+                state[off] = dec
+    state.update(dict.fromkeys(offs - seen if seen else offs, dec))
+
+
+def _in_window(p: Postings, begin_ns: int, end_ns: int, offs: list[int]
+               ) -> tuple[list[int], list[bool]]:
+    """The records at the sorted `offs` the window may hold, and for each whether only its
+    timestamp can tell (a block of the index's time table that the window cuts); the
+    others are surely inside. Cut by blocks, not looked up one record at a time."""
     if begin_ns <= p.first_ns and p.last_ns < end_ns:
-        return lambda off: False
+        return offs, [False] * len(offs)
     blocks = p.blocks()
     starts = [b[0] for b in blocks]
-    verdict = [
-        None if hi < begin_ns or lo >= end_ns
-        else not (begin_ns <= lo and hi < end_ns)
-        for _, lo, hi in blocks
-    ]
-    return lambda off: verdict[bisect_right(starts, off) - 1]
+    # Records before the first block (none in a sound index) are checked by their time.
+    lo = bisect_left(offs, starts[0]) if starts else len(offs)
+    kept, edge = offs[:lo], [True] * lo
+    for i, (_, first, last) in enumerate(blocks):
+        hi = bisect_left(offs, starts[i + 1]) if i + 1 < len(starts) else len(offs)
+        if hi > lo and not (last < begin_ns or first >= end_ns):
+            kept += offs[lo:hi]
+            edge += [not (begin_ns <= first and last < end_ns)] * (hi - lo)
+        lo = hi
+    return kept, edge

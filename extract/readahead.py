@@ -33,6 +33,7 @@ from pathlib import Path
 LOOKAHEAD_BYTES = 256 << 20
 PIECE_BYTES = 4 << 20  # a long range is announced in pieces, so the bound is kept
 BATCH_RANGES = 64  # ranges announced between two looks at the bound and at cancellations
+PCAP_HEAD = 4096  # the page of a pcap's global header, which opening it reads
 
 
 def will_need(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:
