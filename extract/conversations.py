@@ -40,13 +40,16 @@ from pcapvault.index.indexfile import (
     FLAG_ADDRS,
     FLAG_PORTS,
     FLOW_DTYPE,
+    IndexHeader,
     PacketIndex,
+    TimeBins,
     address_text,
     decode_index,
     decode_times,
     flow_totals,
     index_bytes,
     parse_header,
+    read_bins,
     take_flows,
 )
 from pcapvault.index.pcapfile import PcapHeader, RecordTable
@@ -155,6 +158,17 @@ class _Rows:
 
 
 @dataclass
+class _Binned:
+    """Every packet of one file, as its index's time bins (version 5): for a count whose
+    steps the bins fit (see _Want.bins)."""
+
+    bins: TimeBins
+
+    def totals(self) -> tuple[int, int]:
+        return int(self.bins.packets.sum()), int(self.bins.bytes.sum())
+
+
+@dataclass
 class _Keys:
     """The flow rows of a table that count (IP packets with addresses), each as its six
     words with what a direction of a conversation leaves out masked (VLAN tags, ethertype,
@@ -195,7 +209,8 @@ class _Keys:
         return self.rows[some], self.keys[some], self.hashes[some]
 
 
-_Sink = Callable[[_Packets | _Rows], None]
+_Part = _Packets | _Rows | _Binned
+_Sink = Callable[[_Part], None]
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,9 @@ class _Want:
     whole: Callable[[int, int], bool]  # a file inside the window with this span: its totals
     keyed: bool = False  # its flow rows' _Keys, made on the decoding threads (tables)
     lean: bool = False  # the filter takes every packet: times and lengths alone (volume)
+    # lean too: whether a file's time bins of this width (ns) each fall inside one step
+    # (volume), so that a file the window holds whole is counted from its index's directory
+    bins: Callable[[int], bool] | None = None
 
 
 def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
@@ -251,7 +269,13 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
     def step(ts_ns: np.ndarray | int) -> np.ndarray | int:
         return (ts_ns - req.begin_ns) // step_ns
 
-    def add(p: _Packets | _Rows) -> None:
+    def add(p: _Part) -> None:
+        if isinstance(p, _Binned):  # its bins fit the steps (_Want.bins)
+            t = p.bins
+            k = step(t.start_ns + t.width_ns * np.arange(len(t.packets), dtype=np.int64))
+            np.add.at(packets, k, t.packets.astype(np.int64))
+            np.add.at(wire, k, t.bytes.astype(np.int64))
+            return
         if isinstance(p, _Rows):  # a file inside one step: its rows' totals
             k, n, w = step(p.first), p.packets, p.bytes
         else:
@@ -271,9 +295,11 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
         wire[:] += np.bincount(k, weights=w, minlength=steps).astype(np.int64)
 
     warnings: list[str] = []
+    lean = not req.filter.strip()
     scan = _Matches(req, _keeping(warnings, warn),
-                    _Want(lambda first, last: step(first) == step(last),
-                          lean=not req.filter.strip()))
+                    _Want(lambda first, last: step(first) == step(last), lean=lean,
+                          bins=(lambda width: req.begin_ns % width == 0 and step_ns % width == 0)
+                          if lean else None))
     scan.run(add)
     return Volume(req.begin_ns, step_ns, packets.tolist(), wire.tolist(), scan.read_packets,
                   warnings)
@@ -320,7 +346,7 @@ class _Matches:
         self.bytes = 0
 
     def run(self, sink: _Sink) -> None:
-        def counted(p: _Packets | _Rows) -> None:
+        def counted(p: _Part) -> None:
             packets, wire = p.totals()
             self.packets += packets
             self.bytes += wire
@@ -354,7 +380,7 @@ class _Matches:
                       self.warn)
 
     def _decided(self, sf: StoredFile, loaded: _Loaded, matcher: FlowMatcher
-                 ) -> tuple[_Packets | _Rows | None, bool]:
+                 ) -> tuple[_Part | None, bool]:
         """The packets of `sf` in the window whose rows the index decides YES (or their
         rows' totals), and whether some of the window's packets are MAYBE (to be read)."""
         b, e = self.req.begin_ns, self.req.end_ns
@@ -368,6 +394,8 @@ class _Matches:
         inside = b <= idx.first_ns and idx.last_ns < e
         if loaded.lean:  # every packet counts: only the window and a pcap cut short matter
             end = self._pcap_end(sf, idx)
+            if end is None and loaded.bins is not None:
+                return _Binned(loaded.bins), False
             if end is None:
                 ts = idx.ts_ns
                 sel = slice(None) if inside else np.flatnonzero((ts >= b) & (ts < e))
@@ -443,9 +471,11 @@ class _Loaded:
     data: bytes | None = None
     size: int = 0
     lean: bool = False  # idx has its header's fields and the times and lengths alone
+    bins: TimeBins | None = None  # lean, from the directory: idx has no times either
 
     def with_packets(self) -> PacketIndex:
-        assert self.data is not None
+        if self.data is None:  # only the directory was read (bins)
+            self.data, self.size = index_bytes(self.name)
         return decode_index(self.data, self.name, packets=True, file_size=self.size)
 
 
@@ -457,6 +487,13 @@ def _load(sf: StoredFile, begin_ns: int, end_ns: int, want: _Want) -> _Loaded | 
     (`want.lean`), the packets' times and lengths alone, not even the flow table."""
     name = str(sf.index)
     try:
+        if want.bins is not None:
+            got = read_bins(sf.index)
+            if got is not None:
+                h, bins = got
+                if (h.count and begin_ns <= h.first_ns and h.last_ns < end_ns
+                        and want.bins(bins.width_ns)):
+                    return _Loaded(_header_only(h), name, None, lean=True, bins=bins)
         data, size = index_bytes(sf.index)
         h = parse_header(data, name)
         if (h.version >= FIRST_TOTALS_VERSION and h.count and begin_ns <= h.first_ns
@@ -464,15 +501,19 @@ def _load(sf: StoredFile, begin_ns: int, end_ns: int, want: _Want) -> _Loaded | 
             idx = decode_index(data, name, packets=False, file_size=size)
             return _Loaded(idx, name, _Keys.of(idx.flows) if want.keyed else None, data, size)
         if want.lean:
-            ts, wire = decode_times(data, name, size)
-            idx = PacketIndex(h.nanosecond, h.linktype, h.count, h.first_ns, h.last_ns,
-                              h.pcap_size, np.zeros(0, FLOW_DTYPE), np.zeros(0, np.uint32),
-                              ts_ns=ts, wirelen=wire, version=h.version)
+            idx = _header_only(h)
+            idx.ts_ns, idx.wirelen = decode_times(data, name, size)
             return _Loaded(idx, name, None, data, size, lean=True)
         idx = decode_index(data, name, file_size=size)
         return _Loaded(idx, name, _Keys.of(idx.flows) if want.keyed else None)
     except (PcapVaultError, ValueError) as e:
         return PcapVaultError(str(e))
+
+
+def _header_only(h: IndexHeader) -> PacketIndex:
+    """An index with its header's fields alone (no flow table, no packet columns)."""
+    return PacketIndex(h.nanosecond, h.linktype, h.count, h.first_ns, h.last_ns, h.pcap_size,
+                       np.zeros(0, FLOW_DTYPE), np.zeros(0, np.uint32), version=h.version)
 
 
 def _indexes(files: list[StoredFile], begin_ns: int, end_ns: int,

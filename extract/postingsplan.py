@@ -184,6 +184,7 @@ def _candidates(sf: StoredFile, p: Postings, lists: list, begin_ns: int, end_ns:
     both), so they are combined as sets, not one by one."""
     length: dict[int, int] = {}
     state: dict[int, int] = {}  # offset -> YES/NO/MAYBE, combined over the lists
+    given: set[int] = set()  # the verdicts combined
     for addr, etype, k in lists:
         pl = p.entries(k)
         length.update(zip(pl.offset, pl.length, strict=True))
@@ -199,12 +200,17 @@ def _candidates(sf: StoredFile, p: Postings, lists: list, begin_ns: int, end_ns:
                 if dec is None:
                     dec = decisions[(addr, etype, role)] = decide(flt.program, addr, etype, role)
             _combine(state, offs, dec)
-    order, edge = _in_window(p, begin_ns, end_ns,
-                             sorted(o for o, v in state.items() if v != NO))
+            given.add(dec)
+    kept = sorted(o for o, v in state.items() if v != NO) if NO in given else sorted(state)
+    order, edge = _in_window(p, begin_ns, end_ns, kept)
     if not order:
         return None
-    return FilePlan(sf, order, [length[o] - RECORD_HEADER_LEN for o in order],
-                    [state[o] == YES for o in order], edge=edge)
+    caplen = [n - RECORD_HEADER_LEN for n in map(length.__getitem__, order)]
+    if given <= {YES, NO} or given <= {MAYBE, NO}:  # one answer for all of them
+        sure = [YES in given] * len(order)
+    else:
+        sure = [v == YES for v in map(state.__getitem__, order)]
+    return FilePlan(sf, order, caplen, sure, edge=edge)
 
 
 def _combine(state: dict[int, int], offs: set[int], dec: int) -> None:

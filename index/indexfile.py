@@ -26,9 +26,11 @@ from .pcapfile import RECORD_HEADER_LEN, RecordTable
 # The header (MAGIC, VERSION, READABLE_VERSIONS, parse_header) is defined in the numpy-free
 # postings module: a host query reads it before numpy is imported.
 from .postings import (
+    BINS_ENTRY_LEN,
     BLOCK,
     BLOCK_ENTRY_LEN,
     CRC_AT,
+    FIRST_BINS_VERSION,
     FIRST_TOTALS_VERSION,
     FRAME_ENTRIES,
     FRAME_ENTRY_LEN,
@@ -37,9 +39,12 @@ from .postings import (
     KEY_UNKNOWN,
     LENGTH_WIDTHS,
     LINKTYPE_ETHERNET,
+    NS,
     POSTED_ETHERTYPES,
     VERSION,
     IndexHeader,
+    NoPostings,
+    Postings,
     check_directory,
     check_size,
     decompress_exact,
@@ -50,6 +55,7 @@ from .postings import (
     pack_header,
     parse_header,
     require_postings,
+    time_bins,
 )
 from .zstdlib import zstd
 
@@ -313,6 +319,8 @@ _KEY_ORDER = np.dtype({"names": ["hi", "lo", "tail"], "formats": [">u8", ">u8", 
 FRAME_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("entries", "<u4")])
 assert FRAME_DTYPE.itemsize == FRAME_ENTRY_LEN
 BLOCK_DTYPE = np.dtype([("offset", "<u8"), ("min_ns", "<i8"), ("max_ns", "<i8")])
+BINS_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8")])
+_BINS_HEAD = struct.Struct("<qII")  # first bin's start (s), width (s), bins
 assert BLOCK_DTYPE.itemsize == BLOCK_ENTRY_LEN
 _FRAME_OPTIONS = {
     zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
@@ -333,6 +341,45 @@ class PostingsSection:
     entries: np.ndarray  # entries of each frame
     blocks: np.ndarray  # BLOCK_DTYPE: the block time table
     offset_bytes: int = 4  # width of the frames' record offsets
+    bins: bytes = b""  # the time-bin table as stored (head entry, then BINS_DTYPE entries)
+
+
+@dataclass
+class TimeBins:
+    """Packets and wire bytes per time bin of one index file (FORMAT.md "Time bins"): bin k
+    covers [start_ns + k width_ns, + width_ns)."""
+
+    start_ns: int
+    width_ns: int
+    packets: np.ndarray  # uint64
+    bytes: np.ndarray
+
+
+def time_bin_table(idx: PacketIndex) -> bytes:
+    """The time-bin table of an index with packet columns, as stored: empty without packets."""
+    if not idx.count:
+        return b""
+    start, width, n = time_bins(idx.first_ns, idx.last_ns)
+    k = (np.asarray(idx.ts_ns, dtype=np.int64) // NS - start) // width
+    table = np.zeros(n, BINS_DTYPE)
+    table["packets"] = np.bincount(k, minlength=n)
+    # weights are float64: exact for sums below 2**53 bytes in one bin
+    table["bytes"] = np.bincount(k, weights=idx.wirelen, minlength=n)
+    return _BINS_HEAD.pack(start, width, n) + table.tobytes()
+
+
+def decode_bins(h: IndexHeader, directory: bytes | memoryview, name: str) -> TimeBins:
+    """The time bins of a version 5 index from its checked directory; FormatError when they
+    contradict the header (a header damaged where its own checksum was not verified)."""
+    if not h.bins:
+        return TimeBins(0, NS, np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    view = memoryview(directory)[h.bins_at : h.bins_at + h.bins_len]
+    start, width, n = _BINS_HEAD.unpack_from(view)
+    table = np.frombuffer(view, BINS_DTYPE, offset=BINS_ENTRY_LEN)
+    if (start, width, n) != time_bins(h.first_ns, h.last_ns) or int(
+            table["packets"].sum()) != h.count:
+        raise FormatError(f"{name}: damaged index (time bins contradict the header)")
+    return TimeBins(start * NS, width * NS, table["packets"], table["bytes"])
 
 
 def block_table(idx: PacketIndex) -> np.ndarray:
@@ -516,8 +563,10 @@ def build_postings(idx: PacketIndex) -> PostingsSection:
     if idx.flow is None:
         raise ValueError("build_postings needs the packet columns")
     blocks = block_table(idx)
+    bins = time_bin_table(idx)
     if idx.linktype != LINKTYPE_ETHERNET or idx.count == 0 or not len(idx.flows):
-        return PostingsSection(np.zeros(0, KEY_DTYPE), [], np.zeros(0, np.int64), blocks)
+        return PostingsSection(np.zeros(0, KEY_DTYPE), [], np.zeros(0, np.int64), blocks,
+                               bins=bins)
     flow = np.asarray(idx.flow)
     packets = np.bincount(flow, minlength=len(idx.flows))
     src_key, dst_key, keys = _flow_keys(idx.flows, packets > 0)
@@ -555,17 +604,18 @@ def build_postings(idx: PacketIndex) -> PostingsSection:
         frame = content[e0 * len(planes) : (e0 + m) * len(planes)]
         frame.reshape(len(planes), m)[:] = planes[:, e0 : e0 + m]
         frames.append(frame.data)
-    return PostingsSection(keys, frames, entries, blocks, offset_bytes)
+    return PostingsSection(keys, frames, entries, blocks, offset_bytes, bins)
 
 
 def postings_directory(postings: PostingsSection, compressed: list[bytes]) -> bytes:
     """The directory of `postings` whose frames compressed to `compressed`: key table,
-    frame table, block time table."""
+    frame table, block time table, time bins."""
     table = np.zeros(len(compressed), FRAME_DTYPE)
     table["length"] = [len(b) for b in compressed]
     table["offset"] = np.cumsum(table["length"], dtype=np.uint64) - table["length"]
     table["entries"] = postings.entries
-    return postings.keys.tobytes() + table.tobytes() + postings.blocks.tobytes()
+    return (postings.keys.tobytes() + table.tobytes() + postings.blocks.tobytes()
+            + postings.bins)
 
 
 def encode_postings(postings: PostingsSection) -> tuple[bytes, bytes]:
@@ -632,7 +682,7 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
     right: the damage a faulty writer could do, found without decompressing a frame."""
     keys = np.frombuffer(directory, KEY_DTYPE, count=h.keys)
     table = np.frombuffer(directory[: h.blocks_at], FRAME_DTYPE, offset=KEY_LEN * h.keys)
-    blocks = np.frombuffer(directory[h.blocks_at :], BLOCK_DTYPE)
+    blocks = np.frombuffer(directory[h.blocks_at : h.bins_at], BLOCK_DTYPE)
     if len(keys) > 1:
         order = np.frombuffer(directory, _KEY_ORDER, count=h.keys)
         a, b = order[:-1], order[1:]
@@ -656,6 +706,10 @@ def _directory_problem(h: IndexHeader, directory: memoryview) -> str | None:
     bad[1:] |= blocks["offset"][1:] <= blocks["offset"][:-1]
     if bad.any():
         return f"postings time block {int(np.flatnonzero(bad)[0])} contradicts the header"
+    try:
+        decode_bins(h, directory, "")
+    except FormatError:
+        return "time bins contradict the header"
     return None
 
 
@@ -868,6 +922,20 @@ def index_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int]:
     return data, size
 
 
+def read_bins(path: str | os.PathLike[str]) -> tuple[IndexHeader, TimeBins] | None:
+    """The header and time bins of the index at `path`, reading its header and directory
+    alone (the postings reader's checks: size, directory checksum and shape), the bins
+    checked against the header; None for an index written before version 5."""
+    try:
+        with Postings.read(str(path)) as p:
+            h = p.header
+            if h.version < FIRST_BINS_VERSION:
+                return None
+            return h, decode_bins(h, p.directory, str(path))
+    except NoPostings:
+        return None
+
+
 def read_index(
     path: str | os.PathLike[str], packets: bool = True, verify: bool = True
 ) -> PacketIndex:
@@ -907,9 +975,9 @@ def decode_postings(data: bytes, name: str) -> PostingsSection:
                          frame_sizes(m, h.offset_width), f"postings frame {i}", name)
         for i, (off, length, m) in enumerate(table.tolist())
     ]
-    blocks = np.frombuffer(directory[h.blocks_at :], BLOCK_DTYPE)
+    blocks = np.frombuffer(directory[h.blocks_at : h.bins_at], BLOCK_DTYPE)
     return PostingsSection(keys, frames, table["entries"].astype(np.int64), blocks,
-                           h.offset_width)
+                           h.offset_width, bytes(directory[h.bins_at : h.bins_at + h.bins_len]))
 
 
 def read_postings(path: str | os.PathLike[str]) -> PostingsSection:
@@ -954,6 +1022,8 @@ def postings_problem(stored: PostingsSection, fresh: PostingsSection) -> str | N
         theirs = tuple(y[i].tolist()) if i < len(y) else "no such block"
         return (f"postings time block {i} (offset, min, max ns {mine}) but the pcap gives "
                 f"({theirs})")
+    if stored.bins and stored.bins != fresh.bins:  # none before version 5
+        return "time bins (packets and bytes per second) differ from the pcap's"
     return None
 
 

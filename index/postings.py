@@ -27,13 +27,14 @@ from .errors import FormatError
 from .zstdlib import zstd
 
 MAGIC = b"PVIDX\x00\r\n"
-VERSION = 4
+VERSION = 5
 # Version 1 differs from 2 only in recording no addresses for ARP/RARP rows, which later
 # readers take as "addresses unknown"; version 2 has no postings, version 3 no per-flow
-# totals. All still read, never rewritten.
-READABLE_VERSIONS = (1, 2, 3, 4)
+# totals, version 4 no time bins. All still read, never rewritten.
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 FIRST_POSTINGS_VERSION = 3
 FIRST_TOTALS_VERSION = 4  # the summary's per-flow wire bytes, first and last timestamp
+FIRST_BINS_VERSION = 5  # the directory's packets and wire bytes per time bin
 HEADER_LEN = 80
 HEADER_LEN_V2 = 64  # versions 1 and 2
 # magic, version, flags, linktype, count, first_ns, last_ns, pcap_size,
@@ -63,6 +64,12 @@ POSTED_ETHERTYPES = (0x0800, 0x0806, 0x8035, 0x86DD)
 
 # First read of Postings.read: header and directory of all but the largest files at once.
 READ_AHEAD = 256 * 1024
+
+# Time bins (FORMAT.md "Time bins"): whole seconds, or a power of two of them when a file
+# spans more than MAX_BINS seconds, so the table stays small whatever the file's span.
+MAX_BINS = 4096
+BINS_ENTRY_LEN = 16
+NS = 1_000_000_000
 
 _KEY_TAIL = struct.Struct("<IIII")  # count, sources, frame, first
 _FRAME_ENTRY = struct.Struct("<QII")  # offset, compressed length, entries
@@ -134,13 +141,43 @@ class IndexHeader:
 
     @property
     def frame_table_len(self) -> int:
-        """Bytes of the frame table: the directory less the keys and the time blocks."""
-        return self.directory_len - KEY_LEN * self.keys - BLOCK_ENTRY_LEN * self.blocks
+        """Bytes of the frame table: the directory less the keys, the time blocks and the
+        time bins."""
+        return (self.directory_len - KEY_LEN * self.keys - BLOCK_ENTRY_LEN * self.blocks
+                - self.bins_len)
 
     @property
     def offset_width(self) -> int:
         """Bytes of a record offset in the postings frames: 4 for a pcap under 4 GiB."""
         return offset_width(self.pcap_size)
+
+    @property
+    def bins(self) -> int:
+        """Time bins in the directory (none before version 5, nor without packets)."""
+        if self.version < FIRST_BINS_VERSION or not self.count:
+            return 0
+        return time_bins(self.first_ns, self.last_ns)[2]
+
+    @property
+    def bins_at(self) -> int:
+        """Where the time-bin table (its head entry, then the bins) starts in the directory."""
+        return self.blocks_at + BLOCK_ENTRY_LEN * self.blocks
+
+    @property
+    def bins_len(self) -> int:
+        """Bytes of the time-bin table: a head entry and one entry per bin."""
+        return BINS_ENTRY_LEN * (self.bins + 1) if self.bins else 0
+
+
+def time_bins(first_ns: int, last_ns: int) -> tuple[int, int, int]:
+    """(start, width, count) of the time bins of packets from `first_ns` to `last_ns`:
+    the first bin's start and the width in seconds, bins aligned on multiples of the width
+    since the epoch. The width is the smallest power of two that needs at most MAX_BINS."""
+    lo, hi = first_ns // NS, last_ns // NS
+    width = 1
+    while hi // width - lo // width >= MAX_BINS:
+        width *= 2
+    return lo // width * width, width, hi // width - lo // width + 1
 
 
 def parse_header(data: bytes, name: str) -> IndexHeader:
@@ -210,7 +247,8 @@ def check_directory(h: IndexHeader, directory: bytes | memoryview, name: str) ->
     if rest < 0 or rest % FRAME_ENTRY_LEN or (h.keys and not rest):
         raise FormatError(
             f"{name}: damaged index (a postings directory of {h.directory_len} bytes cannot "
-            f"hold {h.keys} keys, a frame table and {h.blocks} time blocks)"
+            f"hold {h.keys} keys, a frame table, {h.blocks} time blocks and {h.bins} time "
+            "bins)"
         )
     if zlib.crc32(directory) != h.directory_crc:
         raise FormatError(f"{name}: damaged index (postings directory checksum mismatch)")
@@ -420,8 +458,17 @@ class Postings:
         first record and the minimum and maximum timestamp (ns) of its packets. A posting
         whose offset lies in a block entirely inside (outside) a time window is inside
         (outside) it."""
-        start = self._header.blocks_at
-        return list(_BLOCK_ENTRY.iter_unpack(self._dir[start:]))
+        h = self._header
+        return list(_BLOCK_ENTRY.iter_unpack(self._dir[h.blocks_at : h.bins_at]))
+
+    @property
+    def header(self) -> IndexHeader:
+        return self._header
+
+    @property
+    def directory(self) -> bytes:
+        """The directory's bytes, checked (shape, checksum, frame table)."""
+        return self._dir
 
     def directory_span(self) -> tuple[int, int]:
         """(file offset, length) of the header and the directory: for page-cache hints."""

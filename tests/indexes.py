@@ -51,7 +51,7 @@ def sample_index(n: int = 1000, seed: int = 1) -> PacketIndex:
 
 
 def crc_end(data: bytes) -> int:
-    """Where the header's checksum ends: at the postings frames of a version 3 or 4 file (taken
+    """Where the header's checksum ends: at the postings frames of a version 3 to 5 file (taken
     from the raw header fields, whatever the version says), at the end of an older one."""
     if struct.unpack_from("<H", data, 8)[0] < 3 or len(data) < 80:
         return len(data)
@@ -67,8 +67,9 @@ def with_crc(data: bytes) -> bytes:
 
 
 def as_version(data: bytes, version: int) -> bytes:
-    """A version 4 file as the same index written by version 3 (the summary without the
-    per-flow totals), or by version 1 or 2: also a 64-byte header and no postings."""
+    """A version 5 file as the same index written by version 4 (no time bins in the
+    directory), 3 (also the summary without the per-flow totals), or 1 or 2 (also a 64-byte
+    header and no postings)."""
     h = parse_header(data, "x")
     summary = zstd.decompress(data[h.summary_offset : h.packets_offset])
     summary = zstd.compress(summary[: summary_size(h.nflows, version)], ZSTD_LEVEL)
@@ -79,11 +80,15 @@ def as_version(data: bytes, version: int) -> bytes:
     if version < 3:
         return with_crc(bytes(head) + summary + packets)
     directory = data[h.header_len : h.summary_offset]
+    if version < 5:
+        directory = directory[: len(directory) - h.bins_len]
+        struct.pack_into("<I", head, 64, len(directory))
+        struct.pack_into("<I", head, 76, zlib.crc32(directory))
     return with_crc(bytes(head) + directory + summary + packets + data[h.frames_offset :])
 
 
 def with_postings(data: bytes, directory: bytes, keys: int, frames: bytes) -> bytes:
-    """`data` (a version 3 or 4 file) with other postings, header fields and checksums made to
+    """`data` (a version 3 to 5 file) with other postings, header fields and checksums made to
     match them: to reach the checks behind the checksums."""
     h = parse_header(data, "x")
     head = bytearray(data[:80])

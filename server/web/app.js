@@ -273,9 +273,17 @@ async function refresh() {
 
 async function loadVolume(gen) {
   const w = state.range;
-  const stepMs = Math.max(1, Math.ceil((w.e - w.b) * 1000 / POINTS));
+  let stepMs = Math.max(1, Math.ceil((w.e - w.b) * 1000 / POINTS));
+  let b = w.b;
+  // Steps of whole seconds start on a whole second: the server then counts the files the
+  // window holds whole from their indexes' time bins, not their packets.
+  if (stepMs >= 1000) {
+    stepMs = Math.ceil(stepMs / 1000) * 1000;
+    b = Math.floor(b);
+  }
   try {
-    const v = await api("/api/v1/volume", { ...windowParams(), step: `${stepMs}ms` });
+    const v = await api("/api/v1/volume",
+      { ...windowParams(), begin: b.toFixed(6), step: `${stepMs}ms` });
     if (gen !== state.gen) return;
     state.volume = v;
     $("chart-error").textContent = "";

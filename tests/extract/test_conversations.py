@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -231,12 +233,13 @@ def test_ports_sort_and_limit(sets):
             assert conversations(req, by, sort, limit=0).rows == []
 
 
-def binned(packets: list, step: int, steps: int) -> tuple[list[int], list[int]]:
-    """Packets and wire bytes per step from B, counted one extracted packet at a time."""
+def binned(packets: list, step: int, steps: int, begin: int = B
+           ) -> tuple[list[int], list[int]]:
+    """Packets and wire bytes per step from `begin`, counted one extracted packet at a time."""
     count, wire = np.zeros(steps, int), np.zeros(steps, int)
     for ts, length, _ in packets:
-        count[(ts - B) // step] += 1
-        wire[(ts - B) // step] += length
+        count[(ts - begin) // step] += 1
+        wire[(ts - begin) // step] += length
     return count.tolist(), wire.tolist()
 
 
@@ -267,6 +270,56 @@ def test_sliced_packets_and_odd_frames_are_counted(tmp_path):
         assert (sum(v.packets), sum(v.bytes)) == (t.packets, t.bytes)
     assert conversations(request([root], "arp")).rows == []
     assert conversations(request([root], "arp")).packets > 0
+
+
+def ruin_bins(index: Path, checksum: bool) -> None:
+    """Damage a version 5 index's time bins: one bin's packet count (the directory's checksum
+    left as it was), or with `checksum` the first bin's start in the table's head, the
+    checksum made to match (a bin table that contradicts the header)."""
+    data = bytearray(index.read_bytes())
+    h = parse_header(bytes(data), "x")
+    at = h.header_len + h.bins_at
+    if checksum:
+        struct.pack_into("<q", data, at, struct.unpack_from("<q", data, at)[0] - 1)
+        directory = bytes(data[h.header_len : h.summary_offset])
+        struct.pack_into("<I", data, 76, zlib.crc32(directory))
+    else:
+        data[at + 16] ^= 1
+    index.write_bytes(with_crc(bytes(data)))
+
+
+def test_volume_of_whole_files_from_their_time_bins(sets, tmp_path):
+    """Version 5: steps of whole seconds from a whole second count a file the window holds
+    whole from its time bins (its index's directory), never its packet section; off the
+    seconds the packets are counted. Both equal the extraction."""
+    a, _ = sets
+    root = copy_of(a, tmp_path / "bins")
+    b0 = B // NS * NS
+    inside = inside_indexes(root, b0, E)
+    assert len(inside) >= 2
+    for index in inside:
+        ruin_packet_section(index)  # decoding one would fail, and say so
+    packets = extracted([a], "", b0, E, tmp_path / "v.pcap")
+    for step in (NS, 7 * NS, 60 * NS):
+        warned: list[str] = []
+        v = volume(request([root], "", b0, E), step, warn=warned.append)
+        assert (v.packets, v.bytes) == binned(packets, step, len(v.packets), b0), step
+        assert (v.read_packets, warned) == (False, [])
+    for begin, step in ((b0 + 1, 7 * NS), (b0, 7 * NS + 1)):  # off the seconds
+        warned = []
+        v = volume(request([root], "", begin, E), step, warn=warned.append)
+        want = extracted([a], "", begin, E, tmp_path / "w.pcap")
+        assert (v.packets, v.bytes) == binned(want, step, len(v.packets), begin)
+        assert v.read_packets and any("packet section" in w for w in warned)
+    # a filter counts packets too; bins that contradict each other are refused, said so
+    assert volume(request([root], "ip", b0, E), NS).read_packets
+    for checksum, said in ((False, "checksum mismatch"), (True, "time bins contradict")):
+        fresh = copy_of(a, tmp_path / f"bad-bins-{checksum}")
+        ruin_bins(inside_indexes(fresh, b0, E)[0], checksum)
+        warned = []
+        v = volume(request([fresh], "", b0, E), NS, warn=warned.append)
+        assert (v.packets, v.bytes) == binned(packets, NS, len(v.packets), b0)
+        assert v.read_packets and any(said in w for w in warned), warned
 
 
 def test_volume_of_packets_out_of_time_order(tmp_path):
@@ -467,16 +520,18 @@ def test_files_inside_the_window_are_summed_from_the_index_totals(sets, tmp_path
 
 def test_version_3_and_4_indexes_mixed(sets, tmp_path):
     """A dump set whose older files were indexed by version 3 (no totals): those take the
-    packet columns, the others the totals, and the tables are those of all version 4."""
+    packet columns, the others the totals, and the tables are those of all version 5."""
     a, _ = sets
     root = copy_of(a, tmp_path / "mixed")
     files = DumpSet.open(root).files()
     for sf in files[::2]:
         sf.index.write_bytes(as_version(sf.index.read_bytes(), 3))
+    for sf in files[1::4]:
+        sf.index.write_bytes(as_version(sf.index.read_bytes(), 4))
     versions = {parse_header(sf.index.read_bytes(), "x").version for sf in files}
-    assert versions == {3, 4}
+    assert versions == {3, 4, 5}
     for index in inside_indexes(root):
-        if parse_header(index.read_bytes(), "x").version == 4:
+        if parse_header(index.read_bytes(), "x").version >= 4:
             ruin_packet_section(index)
     for expr in TABLE_EXPRS:
         for by in ("conversation", "endpoint", "port"):

@@ -29,6 +29,7 @@ from pcapvault.index.indexfile import (
     flows_of_packets,
     index_problem,
     matches_address,
+    read_bins,
     read_index,
     records_problem,
     write_index,
@@ -87,13 +88,22 @@ def test_header_layout_matches_format_doc() -> None:
     magic, version, flags, linktype, count, first, last, size, nflows, slen, plen, crc = (
         struct.unpack_from("<8sHHIQqqQIIII", data))
     dlen, keys, flen, dcrc = struct.unpack_from("<IIII", data, 64)
-    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 4, 1, 1, 10)
+    assert (magic, version, flags, linktype, count) == (b"PVIDX\x00\r\n", 5, 1, 1, 10)
     assert (first, last, size, nflows) == (idx.first_ns, idx.last_ns, idx.pcap_size, 5)
     assert HEADER_LEN == 80 and len(data) == 80 + dlen + slen + plen + flen
     # the checksum covers everything but itself up to the postings frames
     assert crc == zlib.crc32(data[64 : 80 + dlen + slen + plen], zlib.crc32(data[:60]))
     assert dcrc == zlib.crc32(data[80 : 80 + dlen]) and keys and flen
-    assert (dlen - 40 * keys - 24) % 16 == 0  # keys, frame table, one time block
+    # keys, frame table, one time block, then the time bins: a head entry (first bin's
+    # start and width in seconds, bins) and per bin the packets and wire bytes
+    n = idx.last_ns // 10**9 - idx.first_ns // 10**9 + 1
+    start, width, bins = struct.unpack_from("<qII", data, 80 + dlen - 16 * (n + 1))
+    assert (start, width, bins) == (idx.first_ns // 10**9, 1, n)
+    table = np.frombuffer(data, "<u8", 2 * n, 80 + dlen - 16 * n).reshape(n, 2)
+    second = idx.ts_ns // 10**9 - start
+    assert table[:, 0].tolist() == np.bincount(second, minlength=n).tolist()
+    assert table[:, 1].tolist() == np.bincount(second, idx.wirelen, minlength=n).tolist()
+    assert (dlen - 40 * keys - 24 - 16 * (n + 1)) % 16 == 0
     summary = pyzstd.decompress(data[80 + dlen : 80 + dlen + slen])
     wire, first, last = flow_totals(idx.flow, 5, idx.ts_ns, idx.wirelen)[1:]
     # the totals byte-transposed, as the packet columns: wire bytes, first times after the
@@ -119,7 +129,8 @@ def test_packet_section_coding_is_compact() -> None:
         np.zeros(n, np.uint32))
     h = parse_header(encode_index(idx), "x")
     assert h.summary_len + h.packets_len < 2000
-    assert (h.keys, h.directory_len) == (0, 24 * 98)  # nothing posted: the time blocks only
+    # nothing posted: the time blocks and one or two time bins only
+    assert (h.keys, h.directory_len) == (0, 24 * 98 + 16 * (h.bins + 1)) and h.bins <= 2
 
 
 def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,21 +193,23 @@ def test_bad_magic(tmp_path: Path) -> None:
     assert "not a pcapvault index" in read_error(b"\xd4\xc3\xb2\xa1" + bytes(100), tmp_path)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_older_versions_are_still_read(tmp_path: Path, version: int) -> None:
-    """Version 1 (no ARP addresses), 2 (no postings) and 3 (no per-flow totals) indexes stay
-    readable: their rows are valid version 4 rows, only less informative."""
+    """Version 1 (no ARP addresses), 2 (no postings), 3 (no per-flow totals) and 4 (no time
+    bins) indexes stay readable: their rows are valid version 5 rows, only less
+    informative."""
     idx = sample_index(20)
-    assert struct.unpack_from("<H", encode_index(idx), 8) == (VERSION,) == (4,)
+    assert struct.unpack_from("<H", encode_index(idx), 8) == (VERSION,) == (5,)
     p = tmp_path / "old.idx"
     p.write_bytes(as_version(encode_index(idx), version))
     assert p.stat().st_size < len(encode_index(idx))
     back = read_index(p)
-    assert back.version == version and not back.has_totals
+    assert back.version == version and back.has_totals == (version >= 4)
+    assert parse_header(p.read_bytes(), "x").bins == 0 and read_bins(p) is None
     assert_same(idx, back)
-    # written again, it is a version 4 index with the totals of its packet columns
+    # written again, it is a version 5 index with the totals of its packet columns
     again = decode_index(encode_index(back), "again")
-    assert again.version == 4 and again.has_totals
+    assert again.version == 5 and again.has_totals
     assert_same(idx, again)
     assert_same(idx, read_index(p, packets=False, verify=False), packets=False)
     assert_same(idx, decode_index(p.read_bytes(), str(p)))
@@ -205,14 +218,14 @@ def test_older_versions_are_still_read(tmp_path: Path, version: int) -> None:
     assert "checksum" in read_error(bytes(bad), tmp_path)
 
 
-@pytest.mark.parametrize("version", [5, 7, 0xFFFF])
+@pytest.mark.parametrize("version", [6, 7, 0xFFFF])
 def test_newer_version_is_refused(tmp_path: Path, version: int) -> None:
     data = bytearray(encode_index(sample_index(5)))
     struct.pack_into("<H", data, 8, version)
     # a newer format may change anything after the version field: even a header that no
     # longer parses must produce the version message
     msg = read_error(with_crc(bytes(data))[:40], tmp_path)
-    assert f"version {version}" in msg and "versions 1, 2, 3 and 4" in msg and "newer" in msg
+    assert f"version {version}" in msg and "versions 1, 2, 3, 4 and 5" in msg and "newer" in msg
     msg = read_error(with_crc(bytes(data)), tmp_path, packets=False)
     assert f"version {version}" in msg
 
@@ -255,8 +268,8 @@ def test_section_of_the_wrong_size(tmp_path: Path) -> None:
     idx = sample_index(20)
     assert "summary section" in read_error(_rebuild(idx, summary=b"\0" * 7), tmp_path)
     assert "packet section" in read_error(_rebuild(idx, packets=b"\0" * 9), tmp_path)
-    msg = read_error(_rebuild(idx, count=21), tmp_path)
-    assert "packet section" in msg and "expected" in msg
+    # a packet count damaged in the header: the time bins (directory) disagree first
+    assert "time bins contradict the header" in read_error(_rebuild(idx, count=21), tmp_path)
 
 
 def test_flow_number_out_of_range(tmp_path: Path) -> None:

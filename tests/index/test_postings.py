@@ -435,8 +435,8 @@ def test_non_ethernet_link_types_have_no_postings(tmp_path: Path) -> None:
     for linktype, frames in ((101, [frame] * 3), (113, [bytes(14) + b"\x08\x00" + frame] * 3)):
         _, path = index_of(tmp_path, frames, linktype=linktype)
         h = parse_header(path.read_bytes(), "x")
-        # the directory holds only the block time table
-        assert (h.version, h.directory_len, h.keys, h.frames_len) == (4, 24, 0, 0)
+        # the directory holds only the block time table and the time bins (head, one bin)
+        assert (h.version, h.directory_len, h.keys, h.frames_len) == (5, 24 + 32, 0, 0)
         assert read_index(path).count == 3
         with Postings.read(str(path)) as p:
             assert (p.keys, p.frames, p.linktype, len(p.blocks())) == (0, 0, linktype, 1)
@@ -470,9 +470,9 @@ def test_older_versions_have_no_postings(tmp_path: Path, version: int) -> None:
 
 def test_newer_version_is_refused(tmp_path: Path) -> None:
     data = bytearray(encode_index(sample_index(5)))
-    struct.pack_into("<H", data, 8, 5)
+    struct.pack_into("<H", data, 8, 6)
     msg = read_error(write(tmp_path, bytes(data[:30])))
-    assert "version 5 is newer than this pcapvault, which reads versions 1, 2, 3 and 4" in msg
+    assert "version 6 is newer than this pcapvault, which reads versions 1, 2, 3, 4 and 5" in msg
     with pytest.raises(FormatError) as e:
         Postings.read(str(write(tmp_path, bytes(data))))
     assert not isinstance(e.value, NoPostings)
