@@ -46,7 +46,7 @@ from pcapvault.index.indexfile import (
     records_problem,
 )
 from pcapvault.index.pcapfile import PcapReader, scan_records
-from pcapvault.index.postings import NoPostings, Postings
+from pcapvault.index.postings import NoPostings, Postings, time_bins
 
 PROG = "npcapprintindex"
 EXIT_PROBLEM = 1
@@ -189,6 +189,9 @@ def _text_lines(idx: PacketIndex, path: str, limit: int | None, postings: Postin
     else:
         yield (f"postings: {postings.keys} keys, {postings.frames_len} bytes in "
                f"{postings.frames} frames, {postings.block_count} time blocks")
+        if postings.header.bins:
+            start, width, n = time_bins(idx.first_ns, idx.last_ns)
+            yield f"time bins: {n} of {width} s from {start} (epoch seconds)"
         shown = _shown(postings.keys, limit)
         for k in range(shown):
             yield f"  key {k}: {describe_key(postings, k)}"

@@ -8,6 +8,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from frames import CORPUS
 from indexes import (
@@ -73,6 +74,7 @@ def test_index_and_print(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None
     (postings,) = [line for line in lines if line.startswith("postings: ")]
     assert postings.startswith("postings: 21 keys, ")
     assert postings.endswith(" bytes in 1 frames, 1 time blocks")
+    assert "time bins: 1 of 1 s from 1763737200 (epoch seconds)" in lines
     assert "  key 3: ip 10.0.0.3: 1 packets (1 as source, 0 as destination)" in lines
     assert "  key 20: ip 10.9.9.9: 20 packets (0 as source, 20 as destination)" in lines
 
@@ -278,6 +280,11 @@ def test_check_postings_that_do_not_match_the_pcap(
     def block(section) -> None:  # the time block said to start 1 ns later
         section.blocks["min_ns"][0] += 1
 
+    def second(section) -> None:  # the first time bin said to hold one byte more
+        words = np.frombuffer(section.bins, "<u8").copy()
+        words[3] += 1  # after the head entry (2 words): the first bin's packets, bytes
+        section.bins = words.tobytes()
+
     respliced(role)
     code, err = check(path, capsys)
     assert code == 1 and ("postings key 20 (10.9.9.9, ethertype 0x0800: 20 entries, 1 as "
@@ -296,6 +303,9 @@ def test_check_postings_that_do_not_match_the_pcap(
     respliced(block)
     code, err = check(path, capsys)
     assert code == 1 and "postings time block 0 (offset, min, max ns" in err, err
+    respliced(second)
+    code, err = check(path, capsys)
+    assert code == 1 and "time bins (packets and bytes per second) differ" in err, err
     path.write_bytes(good)
     code, out = check(path, capsys)
     assert code == 0 and "OK" in out
