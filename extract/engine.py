@@ -60,6 +60,7 @@ from pcapvault.index.pcapfile import (
 from . import postingsplan
 from .direct import DirectReader, Span, cached
 from .flowplan import Source, Stats
+from .outfile import ClosedPipe
 from .output import Batch, Interface, Output, long_runs
 from .plan import FilePlan, Planner, Warn
 from .readahead import LOOKAHEAD_BYTES, Job, Prefetcher
@@ -715,6 +716,8 @@ def extract(
 
     def tick() -> None:
         done[0] += 1
+        if out.reader_gone():
+            raise ClosedPipe("the output's reader has gone")
         if progress:
             progress(done[0], max(total[0], done[0]))
 

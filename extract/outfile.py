@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import stat
 from collections.abc import Callable, MutableSequence
 
@@ -72,6 +73,14 @@ def _writev_loop(lens: MutableSequence[int], submit: Callable[[int, int], int],
             i += 1
         if got:
             advance(i, got)
+
+
+def reader_closed(fd: int) -> bool:
+    """Whether nobody reads the pipe `fd` writes into any more (its read end is closed: poll
+    reports an error on the write end), without writing to it."""
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in p.poll(0))
 
 
 def writev_all(fd: int, bufs: list) -> None:

@@ -436,6 +436,13 @@ class Output:
         if self.sink is None:
             self._roll()
 
+    def reader_gone(self) -> bool:
+        """Whether the output's reader has left although nothing was written lately: asked
+        between files, so that a query that writes nothing for a while (a filter matching
+        little over months of files) stops when its client does. Only an output that knows
+        its reader can tell (server/pcap.py's pipe); False otherwise."""
+        return False
+
     def write(self, b: Batch) -> None:
         """Write a batch, honouring the caps and the split sizes."""
         if self.full or not len(b):

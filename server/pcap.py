@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pcapvault.extract.access import open_dumpset
 from pcapvault.extract.engine import RequestRun
 from pcapvault.extract.flowplan import Stats
-from pcapvault.extract.outfile import ClosedPipe
+from pcapvault.extract.outfile import ClosedPipe, reader_closed
 from pcapvault.extract.output import Interface, Output, Sink
 from pcapvault.extract.request import Request
 from pcapvault.extract.service.policy import effective_filter, open_sources
@@ -45,6 +45,10 @@ class PipeOutput(Output):
     def _open(self) -> Sink:
         self.files.append("-")
         return Sink(self.fd, self.pcapng, self.ifaces, self.snap)
+
+    def reader_gone(self) -> bool:
+        """The response's end of the pipe is closed: the client left (see body)."""
+        return self.fd >= 0 and reader_closed(self.fd)
 
     @property
     def sent(self) -> int:

@@ -6,6 +6,7 @@ layer around it is tested through the running server in test_serve_http.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from pathlib import Path
 
@@ -102,6 +103,29 @@ def test_reader_gone_stops_the_extraction(tmp_path):
     data, (packets, nbytes, error) = streamed([ds.root], "", stop_after=1)
     assert error and "stopped reading" in error
     assert nbytes < len(full) // 2
+
+
+def test_reader_gone_stops_a_search_that_writes_nothing(tmp_path):
+    """A client that leaves while the engine finds nothing to write (a filter only the
+    packets can decide, matching none): the engine stops at the next file, not at the end of
+    the window, although no write fails."""
+    ds = build_dumpset(tmp_path / "quiet", synthetic_traffic(12000, SYNTH_START, seed=4,
+                                                             span_s=1800), per_file=1000)
+    expr = "ether[20:4] = 0x0badcafe and ether[24:4] = 0x0badcafe"  # matches no packet
+    assert extracted([ds.root], expr) == extracted([ds.root], "host 203.0.113.99")
+    req = Request([str(ds.root)], BEGIN, END, expr, empty=True)
+    whole = pcap.prepare(req, None, 2.0)
+    r, w = os.pipe()
+    pcap._work(whole.run, w, lambda *a: None)  # read to the end: every file
+    os.close(r)
+    assert whole.stats.packets_read > 1000  # the packets of 12 files the index left open
+    gone = pcap.prepare(req, None, 2.0)
+    r, w = os.pipe()
+    os.close(r)  # the client left before the first file was done
+    done: list = []
+    pcap._work(gone.run, w, lambda *a: done.append(a))
+    assert done == [(0, 0, "the client stopped reading; result incomplete")]
+    assert 0 < gone.stats.packets_read < whole.stats.packets_read / 4  # the first file's
 
 
 def test_bad_and_costly_filters(sets):
