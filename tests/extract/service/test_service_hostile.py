@@ -146,10 +146,18 @@ def test_a_link_flipped_between_checks_never_serves_another_dump_set(world, host
 
     t = threading.Thread(target=flip, daemon=True)
     before = world.audit_count()
+    both = {(str(hostile.allowed / "sec"),), (str(hostile.secret),)}
+    results: list = []
     t.start()
     try:
-        results = raw_client(world.member, hostile.service, repeat_seconds=4,
-                             payload={"dumpsets": [str(link)], **window(world)})
+        # Rounds of 4 s until the race has run both ways (on a loaded machine one round may
+        # meet one target only), at most five.
+        for _ in range(5):
+            results += raw_client(world.member, hostile.service, repeat_seconds=4,
+                                  payload={"dumpsets": [str(link)], **window(world)})
+            lines = world.audit_lines()[before:]
+            if len(results) >= 5 and {tuple(a["resolved"]) for a in lines} == both:
+                break
     finally:
         stop.set()
         t.join()
@@ -159,8 +167,7 @@ def test_a_link_flipped_between_checks_never_serves_another_dump_set(world, host
     assert len(lines) == len(results)
     assert {a["outcome"] for a in lines} <= {"denied", "error"}
     # Both targets were met: the race really ran both ways.
-    assert {tuple(a["resolved"]) for a in lines} == {(str(hostile.allowed / "sec"),),
-                                                     (str(hostile.secret),)}
+    assert {tuple(a["resolved"]) for a in lines} == both
 
 
 @pytest.mark.parametrize("with_index", [True, False], ids=["hand-made-index", "no-index"])
