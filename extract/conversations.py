@@ -54,7 +54,7 @@ from pcapvault.index.indexfile import (
 )
 from pcapvault.index.pcapfile import PcapHeader, RecordTable
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN
-from pcapvault.index.times import TimeError
+from pcapvault.index.times import NS, TimeError
 
 from . import engine
 from .access import QueryTarget, open_query
@@ -296,10 +296,13 @@ def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
 
     warnings: list[str] = []
     lean = not req.filter.strip()
+    # Bins are whole seconds (or powers of two of them): off the seconds none can fit, and
+    # no directory is read for them.
+    fits = lean and req.begin_ns % NS == 0 and step_ns % NS == 0
     scan = _Matches(req, _keeping(warnings, warn),
                     _Want(lambda first, last: step(first) == step(last), lean=lean,
                           bins=(lambda width: req.begin_ns % width == 0 and step_ns % width == 0)
-                          if lean else None))
+                          if fits else None))
     scan.run(add)
     return Volume(req.begin_ns, step_ns, packets.tolist(), wire.tolist(), scan.read_packets,
                   warnings)
@@ -574,6 +577,9 @@ class _Keyed:
     def __init__(self, linktype: int, snaplen: int, sink: _Sink):
         self.header = PcapHeader(True, linktype, snaplen)
         self.sink = sink
+
+    def reader_gone(self) -> bool:
+        return False  # the caller reads what it asked for
 
     def write(self, b: Batch) -> None:
         assert b.buf is not None  # takes_file_runs is None: the engine reads every record
