@@ -70,7 +70,9 @@ def test_login_shows_the_recorded_traffic(world, served, page):
     r = subprocess.run([*CLIENT, "-t", str(world.dumpset), "-b", b, "-e", e, "-0", "-O"],
                        capture_output=True, timeout=120)
     assert got["total"] == count_pcap(r.stdout) > 0  # every recorded packet is on the chart
-    assert got["points"] > 10  # drawn in steps, not one bar
+    # drawn in steps, not one bar (the world's 1,500 packets are sent in a burst that may
+    # last under 10 ms, and the shortest step is 1 ms: not always more than ten)
+    assert got["points"] >= 5
     assert text(page, "who") == world.member.name
     assert f"{got['total']:,}" in text(page, "dl-info").replace("\u202f", ",")
     cookie = page.get_cookie("pcapvault_session")
