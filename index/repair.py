@@ -30,7 +30,7 @@ from .pcapfile import (
     scan_records,
 )
 from .pcaplayout import record_header
-from .postings import FIRST_POSTINGS_VERSION
+from .postings import FIRST_POSTINGS_VERSION, HEADER_LEN, VERSION, parse_header
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,16 @@ class Repair:
     """Finds and fixes inconsistencies; `dry_run` only reports them."""
 
     def __init__(self, ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
-                 report: Callable[[Action], None] = lambda a: None, live: bool = False):
+                 report: Callable[[Action], None] = lambda a: None, live: bool = False,
+                 upgrade: bool = False):
         """`deep` also reads every pcap to check it against its index and decompresses every
         compressed file to verify its frame checksums. `live` (a dry run while a recorder
         holds the lock): the files it is writing, compressing or linking are its own, not
-        leftovers, and are left out."""
+        leftovers, and are left out. `upgrade` rebuilds sound indexes of an older format
+        version too (they are read as they are, without the newer parts)."""
         self.ds = ds
         self.deep = deep
+        self.upgrade = upgrade
         self.live = live and dry_run
         self.dry_run = dry_run
         self.report = report
@@ -161,6 +164,8 @@ class Repair:
                     z.copy_to(_Discard())
             if not why and self.deep:
                 why, wrong = _records_disagree(sf)
+            if not why and self.upgrade:
+                why = _older_version(sf.index)
         except FormatError as e:
             why = f"pcap unreadable: {str(e).removeprefix(str(sf.pcap) + ': ')}"
         if why:
@@ -273,6 +278,15 @@ def _index_problem(sf: StoredFile, size: int) -> str:
     return ""
 
 
+def _older_version(index: Path) -> str:
+    """Why an index of an older format version is rewritten on --upgrade, or ''."""
+    with open(index, "rb") as f:
+        version = parse_header(f.read(HEADER_LEN), str(index)).version
+    if version >= VERSION:
+        return ""
+    return f"index format version {version}; upgraded to version {VERSION}"
+
+
 def _records_disagree(sf: StoredFile) -> tuple[str, tuple | None]:
     """Whether the index describes this pcap record for record: every entry's header as
     the index says, the entries following each other from the first record to the end.
@@ -326,6 +340,7 @@ def _restore_headers(path: Path, idx: PacketIndex, bad: np.ndarray, nanosecond: 
 
 
 def repair(ds: DumpSet, *, dry_run: bool = False, deep: bool = False,
-           report: Callable[[Action], None] = lambda a: None, live: bool = False
-           ) -> list[Action]:
-    return Repair(ds, dry_run=dry_run, deep=deep, report=report, live=live).run()
+           report: Callable[[Action], None] = lambda a: None, live: bool = False,
+           upgrade: bool = False) -> list[Action]:
+    return Repair(ds, dry_run=dry_run, deep=deep, report=report, live=live,
+                  upgrade=upgrade).run()

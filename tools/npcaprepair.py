@@ -40,9 +40,14 @@ what it writes belongs to the dump set's owner like everything else there.
               help="Skip reading every pcap to check its records against its index, and "
                    "decompressing .pcap.zst files to verify every frame (the recorder's "
                    "start-up check is quick).")
+@click.option("--upgrade", is_flag=True,
+              help="Also rewrite sound indexes of an older format version as the current one "
+                   "(reads those pcaps): older indexes are read as they are, without the newer "
+                   "parts (version 5's time bins: the volume of a long window then decodes "
+                   "every packet).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @click.version_option(package_name="pcapvault", prog_name="npcaprepair")
-def command(dumpset: Path, dry_run: bool, quick: bool, quiet: bool) -> None:
+def command(dumpset: Path, dry_run: bool, quick: bool, upgrade: bool, quiet: bool) -> None:
     """Repair the dump set DUMPSET (or the one of a timeline directory)."""
     ds = DumpSet.open(dumpset)
     become_owner(ds)
@@ -65,7 +70,8 @@ def command(dumpset: Path, dry_run: bool, quick: bool, quiet: bool) -> None:
         if not quiet:
             click.echo(f"{prefix}{action}")
 
-    actions = repair(ds, dry_run=dry_run, deep=not quick, report=report, live=recording)
+    actions = repair(ds, dry_run=dry_run, deep=not quick, report=report, live=recording,
+                     upgrade=upgrade)
     if actions:
         click.echo(f"{len(actions)} change(s) {'needed' if dry_run else 'made'} in {ds.root}")
     else:

@@ -122,6 +122,36 @@ def test_damage_is_repaired(tmp_path, damage):
     assert not list(ds.timeline.rglob("1763733400*")), "dangling link and empty slots removed"
 
 
+def test_upgrade_rewrites_older_index_versions(tmp_path):
+    """Indexes of older format versions are sound: a repair leaves them; --upgrade rewrites
+    them as the current version (the same index, with the newer parts: version 5's bins)."""
+    from indexes import as_version
+
+    from pcapvault.index.postings import VERSION, parse_header
+
+    root = tmp_path / "ds"
+    make_dumpset(root)
+    files = DumpSet.open(root).files()
+    current = {sf.index: sf.index.read_bytes() for sf in files}
+    for sf, version in zip(files, (3, 4), strict=False):
+        sf.index.write_bytes(as_version(current[sf.index], version))
+    older = {sf.index: sf.index.read_bytes() for sf in files}
+
+    def versions() -> list[int]:
+        return [parse_header(sf.index.read_bytes(), "x").version for sf in files]
+
+    assert versions()[:2] == [3, 4] and set(versions()[2:]) == {VERSION}
+    assert "nothing to repair" in repair(root).stdout  # sound: never rewritten unasked
+    assert {sf.index: sf.index.read_bytes() for sf in files} == older
+    r = repair(root, "--upgrade", "--dry-run")
+    assert r.stdout.count("index format version") == 2 and versions()[:2] == [3, 4]
+    r = repair(root, "--upgrade")
+    assert "index format version 3; upgraded to version 5" in r.stdout, r.stdout
+    assert "index format version 4; upgraded to version 5" in r.stdout
+    assert {sf.index: sf.index.read_bytes() for sf in files} == current
+    assert_clean(root)
+
+
 def test_kill_9_mid_file_then_repair(veth, tmp_path):
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 6000, 700)
