@@ -184,10 +184,11 @@ class _Keys:
     @classmethod
     def of(cls, flows: np.ndarray) -> _Keys:
         words = np.ascontiguousarray(flows).view("<u8").reshape(-1, 6)
-        ip = np.isin(words[:, 0] >> np.uint64(48) & np.uint64(0xFF), (4, 6))
+        ipver = words[:, 0] >> np.uint64(48) & np.uint64(0xFF)
+        ip = (ipver == 4) | (ipver == 6)
         ip &= words[:, 1] & np.uint64(FLAG_ADDRS) != 0
         rows = np.flatnonzero(ip)
-        keys = words[rows]
+        keys = words.copy() if len(rows) == len(words) else words[rows]  # often all of them
         keys[:, 0] &= np.uint64(0xFFFF << 48)  # ipver, proto
         keys[:, 1] &= np.uint64(0xFFFF_FFFF_0000 | FLAG_PORTS)  # sport, dport, ports known
         keys[:, 1] *= keys[:, 1] & np.uint64(FLAG_PORTS)  # FLAG_PORTS is 1: ports or none
