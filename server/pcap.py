@@ -129,6 +129,10 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
             if not data:
                 return
             yield data
+            # Let the loop run between chunks: once the client is gone the server's sends
+            # return at once, and without this a pipe the engine keeps full would be read to
+            # the end before Starlette's disconnect watch could cancel this stream.
+            await asyncio.sleep(0)
     finally:
         os.close(rfd)  # a client gone: the engine's next write gets EPIPE and stops
 

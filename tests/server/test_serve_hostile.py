@@ -114,7 +114,10 @@ def test_a_client_that_leaves_stops_the_extraction(world, big):
         line = world.audit_lines()[-1]
         assert line["endpoint"] == "pcap" and line["outcome"] == "error"
         assert "stopped reading" in line["reason"]
-        assert 0 < line["bytes"] < total // 2
+        # Not the first file's 21 MB: the loop does not read the pipe on for nobody once
+        # the client is gone (it once did, its sends returning at once, until the pipe ran
+        # dry: the engine's whole first file went into the void).
+        assert 0 < line["bytes"] < total // 4
         with s.client(world.member) as c:  # and the server goes on
             r = c.get("/api/v1/pcap", params={"begin": b, "end": e, "snaplen": "20"})
             assert r.status_code == 200 and len(r.content) == 24 + 28000 * 36
