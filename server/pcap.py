@@ -7,6 +7,8 @@ writer, sendfile from the page cache into the pipe included), it is never held i
 (the pipe's buffer is the only queue, and uvicorn stops reading it while the client does not
 keep up), and one thread per request does the work. A client that goes away closes the
 read end: the engine's next write fails with EPIPE (outfile.ClosedPipe) and the run stops.
+The audit's bytes are what the stream handed to the server, not what went into the pipe: a
+client that leaves strands up to a pipe's worth, and a write cut short counts for nothing.
 """
 
 from __future__ import annotations
@@ -93,23 +95,55 @@ def prepare(req: Request, allowed: str | None, filter_cpu: float) -> Prepared:
 Finished = Callable[[int, int, str | None], None]  # (packets, bytes, error or None)
 
 
+class _Ending:
+    """Calls `finished` once, when both the engine's thread and the response's stream have
+    ended: the engine knows its packets and why it stopped, the stream what it gave out."""
+
+    def __init__(self, finished: Finished):
+        self.finished = finished
+        self.lock = threading.Lock()
+        self.engine: tuple[int, str | None] | None = None
+        self.given: int | None = None
+
+    def engine_done(self, packets: int, _written: int, error: str | None) -> None:
+        with self.lock:
+            self.engine = (packets, error)
+            ready = self.given is not None
+        if ready:
+            self._call()
+
+    def stream_done(self, given: int) -> None:
+        with self.lock:
+            self.given = given
+            ready = self.engine is not None
+        if ready:
+            self._call()
+
+    def _call(self) -> None:
+        packets, error = self.engine  # type: ignore[misc]
+        self.finished(packets, self.given, error)  # type: ignore[arg-type]
+
+
 async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
     """The response body: the engine writes into a pipe on a thread, this reads it.
 
-    `finished` is called once, on the worker thread, with what went into the pipe and why
-    it stopped short (None when complete)."""
+    `finished` is called once, when both have ended, with the engine's packets, the bytes
+    the server took from this stream, and why it stopped short (None when complete)."""
     prepared.started = True
+    ending = _Ending(finished)
+    given = 0
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_BYTES)
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size: the default buffer works too
     os.set_blocking(rfd, False)
-    worker = threading.Thread(target=_work, args=(prepared.run, wfd, finished),
+    worker = threading.Thread(target=_work, args=(prepared.run, wfd, ending.engine_done),
                               name="pcap-stream", daemon=True)
     try:
         worker.start()
     except BaseException:
+        prepared.started = False  # no worker: the response's end writes the audit line
         os.close(wfd)
         os.close(rfd)
         raise
@@ -129,12 +163,14 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
             if not data:
                 return
             yield data
+            given += len(data)  # the server took it (it asks for more only once sent)
             # Let the loop run between chunks: once the client is gone the server's sends
             # return at once, and without this a pipe the engine keeps full would be read to
             # the end before Starlette's disconnect watch could cancel this stream.
             await asyncio.sleep(0)
     finally:
         os.close(rfd)  # a client gone: the engine's next write gets EPIPE and stops
+        ending.stream_done(given)
 
 
 def _wake(ready: asyncio.Future) -> None:
