@@ -5,8 +5,9 @@ from Python; it also runs under a process-wide lock (index/libpcap.py), so one c
 compiled in the server would hold up every other request. npcapextractd can give up its
 instance after a time-out (extract/service/server.py `bounded`); a long-running server cannot.
 
-So each filter is compiled once in a child with RLIMIT_CPU set: the kernel ends a child that
-runs too long, and the request is answered 400. The children are forked by a small helper
+So each filter is compiled once in a child with a CPU-time timer (ITIMER_PROF, whose signal
+ends it) and RLIMIT_CPU behind it (whole seconds only): the kernel ends a child that runs too
+long, and the request is answered 400. The children are forked by a small helper
 process started once (`start`, after the privilege drop), single-threaded and with libpcap
 loaded: forking the server itself could copy a lock another of its threads holds, and a
 fresh interpreter per request would cost a fifth of a second. The server hands the helper
@@ -72,7 +73,7 @@ def check(expr: str, linktypes: list[int], cpu_limit: float) -> None:
                                  "server's journal") from None
         finally:
             theirs.close()
-        # RLIMIT_CPU counts whole seconds; the wall-clock bound covers a child that waits.
+        # The wall-clock bound covers a child that waits rather than computes.
         ours.settimeout(math.ceil(cpu_limit) + 2 + cpu_limit)
         try:
             answer = _recv_all(ours)
@@ -118,7 +119,7 @@ def _serve() -> None:
 
 
 def _child(msg: bytes, fd: int) -> None:
-    """Compile for every link type under RLIMIT_CPU; answer None or libpcap's message."""
+    """Compile for every link type within the CPU limit; answer None or libpcap's message."""
     from pcapvault.index.libpcap import compile_filter
 
     code = 0
@@ -128,6 +129,8 @@ def _child(msg: bytes, fd: int) -> None:
         used = resource.getrusage(resource.RUSAGE_SELF)
         soft = math.ceil(used.ru_utime + used.ru_stime + float(req["cpu"]))
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        signal.signal(signal.SIGPROF, signal.SIG_DFL)  # its default action: terminate
+        signal.setitimer(signal.ITIMER_PROF, float(req["cpu"]))
         answer = None
         try:
             for lt in req["linktypes"]:

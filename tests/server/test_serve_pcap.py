@@ -137,3 +137,11 @@ def test_bad_and_costly_filters(sets):
     costly = " or ".join(f"host 10.{i // 250}.{i % 250}.1 and port {i}" for i in range(600))
     with pytest.raises(filtercheck.FilterTooCostly, match="CPU time"):
         filtercheck.check(costly, [1], 0.2)
+
+
+def test_the_filter_limit_is_not_rounded_up():
+    """RLIMIT_CPU counts whole seconds: a 0.1 s limit once let a filter run for 1 s."""
+    costly = " or ".join(f"host 10.0.{i}.1 and port {i}" for i in range(100))  # ~0.5 s
+    with pytest.raises(filtercheck.FilterTooCostly):
+        filtercheck.check(costly, [1], 0.1)
+    filtercheck.check(costly, [1], 30.0)  # and within a limit it has, it passes
