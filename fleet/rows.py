@@ -13,19 +13,30 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 
 BIG = (1 << 63) - 1
+_MAPPED = 0xFFFF << 32  # ::ffff:0:0, the IPv4-mapped prefix
+
+
+# Both conversions are cached: a sync or a merge meets the same hosts in thousands of rows,
+# and parsing and printing addresses was most of its time (docs/BENCHMARKS.md, F3).
+@lru_cache(maxsize=1 << 17)
+def _parsed(text: str) -> tuple[ipaddress.IPv6Address, int]:
+    a = ipaddress.ip_address(text)
+    if a.version == 4:
+        return ipaddress.IPv6Address(_MAPPED | int(a)), 4
+    return a, 6
 
 
 def mapped(text: str) -> ipaddress.IPv6Address:
     """An address as the catalogue stores it (IPv4 mapped into IPv6)."""
-    a = ipaddress.ip_address(text)
-    return ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a
+    return _parsed(text)[0]
 
 
-def unmapped(text: str) -> str:
+@lru_cache(maxsize=1 << 17)
+def shown(a: ipaddress.IPv6Address) -> str:
     """The address a person reads: IPv4 again for a mapped one."""
-    a = ipaddress.IPv6Address(text)
     return str(a.ipv4_mapped or a)
 
 
@@ -59,12 +70,12 @@ class Row:
 
 def from_table(r: dict, first_ns: int | None = None, last_ns: int | None = None) -> Row:
     """A conversation row of npcapserve (/api/v1/conversations or /api/v1/catalogue)."""
-    a, b = mapped(r["address_a"]), mapped(r["address_b"])
+    a, version = _parsed(r["address_a"])
+    b = mapped(r["address_b"])
     ported = r["port_a"] is not None
     pa, pb = (r["port_a"], r["port_b"]) if ported else (0, 0)
     first = r["start_ns"] if first_ns is None else first_ns
     last = (r["start_ns"] + round(r["duration_s"] * 1e9)) if last_ns is None else last_ns
-    version = ipaddress.ip_address(r["address_a"]).version
     if (int(a), pa) <= (int(b), pb):
         return Row(r["protocol"], ported, version, a, pa, b, pb, r["packets_a_to_b"],
                    r["bytes_a_to_b"], r["packets_b_to_a"], r["bytes_b_to_a"], first, last,
@@ -98,7 +109,7 @@ class Merged:
         """Rows of extract/conversations.py's FIELDS["conversation"], unsorted."""
         out = []
         for r in self.rows.values():
-            ends = [(unmapped(str(r.lo)), r.port_lo), (unmapped(str(r.hi)), r.port_hi)]
+            ends = [(shown(r.lo), r.port_lo), (shown(r.hi), r.port_hi)]
             there = (r.packets_lo_hi, r.bytes_lo_hi)
             back = (r.packets_hi_lo, r.bytes_hi_lo)
             if not r.a_is_lo:

@@ -130,6 +130,22 @@ def test_files_sent_again_replace_and_unnamed_files_leave(store):
     assert names == [("f2.pcap", 1)]
 
 
+def test_a_page_larger_than_one_insert(store):
+    """60,001 conversations of 3,000 hosts (inserted in parts of 50,000, each distinct
+    address converted once): every row arrives, with its addresses and counts."""
+    convs = [conv(f"10.1.{i % 3000 // 250}.{i % 250}", 1024 + i % 50000, "2001:db8::9", 443,
+                  "tcp", 1 + i % 7, i % 3, 1 + i % 90, 95) for i in range(60_001)]
+    load(store, ("a", answer([("big.pcap", 0, 100, 10**6, convs)], ["big.pcap"])))
+    db = store.db
+    got = store.query(f"SELECT count(), sum(packets_lo_hi), sum(packets_hi_lo), "
+                      f"uniqExact(addr_lo), uniqExact(addr_hi) FROM {db}.conversations")
+    assert got == [(60_001, sum(1 + i % 7 for i in range(60_001)),
+                    sum(i % 3 for i in range(60_001)), 3000, 1)]
+    one = rows(store, "host 10.1.11.249 and port 4023", T, T + 1000 * S)
+    assert [(r["address_a"], r["address_b"], r["packets"]) for r in one] == [
+        ("10.1.11.249", "2001:db8::9", (1 + 2999 % 7) + 2999 % 3)]
+
+
 @pytest.mark.parametrize("expr", ["src host 10.0.0.1", "vlan 100", "host a.example",
                                   "host 10.0.0.1 or 10.0.0.2", "port http", "tcp[13] & 2 != 0",
                                   "ether host 00:11:22:33:44:55", "(host 10.0.0.1"])
