@@ -110,6 +110,22 @@ class Table:
     warnings: list[str] = field(default_factory=list)
 
 
+# One file's conversations as the fleet's catalogue takes them (FileTable.columns).
+FILE_FIELDS = ["address_a", "port_a", "address_b", "port_b", "protocol", "packets_a_to_b",
+               "bytes_a_to_b", "packets_b_to_a", "bytes_b_to_a", "first_ns", "last_ns"]
+
+
+@dataclass
+class FileTable:
+    """One file's conversations as columns (FILE_FIELDS, lists of equal length: a page of
+    the catalogue holds tens of thousands of rows, and a dict per row was most of its cost),
+    with the totals of its matching traffic."""
+
+    columns: dict[str, list]
+    packets: int
+    bytes: int
+
+
 @dataclass
 class Volume:
     """Traffic per step of a window: step i covers [begin_ns + i step_ns, + step_ns)."""
@@ -242,16 +258,23 @@ def conversations(req: Request, by: str = "conversation", sort: str = "bytes",
 
 
 def _table(req: Request, by: str, sort: str, limit: int | None, warn: Warn,
-           sets: list[DumpSet] | None = None, only: str | None = None) -> Table:
+           sets: list[DumpSet] | None = None) -> Table:
     warnings: list[str] = []
-    scan = _Matches(req, _keeping(warnings, warn), _Want(lambda first, last: True, keyed=True),
-                    sets, only)
-    rows = _RowTotals()
-    scan.run(rows.add)
+    flows, scan = _flows(req, _keeping(warnings, warn), sets)
     table, total = {"conversation": _conversation_rows, "endpoint": _endpoint_rows,
-                    "port": _port_rows}[by](rows.finish(), sort, limit)
+                    "port": _port_rows}[by](flows, sort, limit)
     return Table(by, table, total, scan.packets, scan.bytes, scan.read_packets, sort,
                  req.begin_ns, req.end_ns, warnings)
+
+
+def _flows(req: Request, warn: Warn, sets: list[DumpSet] | None = None,
+           only: str | None = None) -> tuple[_Flows, _Matches]:
+    """Every flow row of the window's matching traffic with its totals, and the scan that
+    found them (its packets, bytes and whether it read packets)."""
+    scan = _Matches(req, warn, _Want(lambda first, last: True, keyed=True), sets, only)
+    rows = _RowTotals()
+    scan.run(rows.add)
+    return rows.finish(), scan
 
 
 def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
@@ -834,26 +857,36 @@ def _pairs(f: _Flows) -> _Conversations:
     )
 
 
-def _conversation_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
+def _conversation_columns(f: _Flows, sort: str | None, limit: int | None
+                          ) -> tuple[dict[str, list], int]:
+    """The columns of FIELDS["conversation"] and the last packet's time (`last_ns`), the
+    first `limit` rows by `sort` (None: unsorted); ports are None where the protocol has
+    none. And the number of rows before the limit."""
     c = _pairs(f)
     packets = c.ab[0] + c.ba[0]
     wire = c.ab[1] + c.ba[1]
-    top = _top(wire if sort == "bytes" else packets, limit)
-    ported = c.ports[top]
-    columns = [
+    top = slice(None) if sort is None else _top(wire if sort == "bytes" else packets, limit)
+    ported = c.ports[top].tolist()
+
+    def ports(p: np.ndarray) -> list[int | None]:
+        return [v if k else None for v, k in zip(p[top].tolist(), ported, strict=True)]
+
+    columns = dict(zip(FIELDS["conversation"], [
         _addresses(c.a[top], c.ipver[top]),
-        np.where(ported, c.pa[top], -1).tolist(),
+        ports(c.pa),
         _addresses(c.b[top], c.ipver[top]),
-        np.where(ported, c.pb[top], -1).tolist(),
+        ports(c.pb),
         [_protocol(p) for p in c.proto[top].tolist()],
         *(x[top].tolist() for x in (*c.ab, *c.ba, packets, wire, c.first)),
         ((c.last[top] - c.first[top]) / 1e9).tolist(),
-    ]
-    rows = _records("conversation", columns)
-    for r in rows:
-        if r["port_a"] < 0:
-            r["port_a"] = r["port_b"] = None
-    return rows, len(packets)
+    ], strict=True))
+    columns["last_ns"] = c.last[top].tolist()
+    return columns, len(packets)
+
+
+def _conversation_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int]:
+    columns, total = _conversation_columns(f, sort, limit)
+    return _records("conversation", [columns[k] for k in FIELDS["conversation"]]), total
 
 
 def _records(by: str, columns: list[list]) -> list[dict]:
@@ -914,7 +947,7 @@ def _port_rows(f: _Flows, sort: str, limit: int | None) -> tuple[list[dict], int
 
 
 def file_conversations(path: str, sf: StoredFile, expr: str = "",
-                       warn: Warn = _no_warning) -> Table:
+                       warn: Warn = _no_warning) -> FileTable:
     """The conversations of every packet of one file `sf` of the dump set at `path` that
     matches `expr`, and only of that file.
 
@@ -922,7 +955,7 @@ def file_conversations(path: str, sf: StoredFile, expr: str = "",
     stamped inside it (timestamps step back slightly across CPUs). So the scan runs over a
     window wider than any file (its 10-minute slot with a second of slack each side, or the
     index's span if wider) with the dump set narrowed to this one file: the index, or the
-    pcap when the index cannot decide, of `sf` alone is read. Every row, by bytes."""
+    pcap when the index cannot decide, of `sf` alone is read. Every row, unsorted."""
     from pcapvault.index import timeline
 
     begin = sf.first_ns - 1_000_000_000
@@ -932,5 +965,8 @@ def file_conversations(path: str, sf: StoredFile, expr: str = "",
         begin, end = min(begin, h.first_ns), max(end, h.last_ns + 1)
     except (PcapVaultError, ValueError):
         pass  # read the pcap: _Matches says so
-    return _table(Request([path], begin, end, expr), "conversation", "bytes", None, warn,
-                  only=sf.pcap.name)
+    flows, scan = _flows(Request([path], begin, end, expr), warn, only=sf.pcap.name)
+    cols, _ = _conversation_columns(flows, None, None)
+    columns = {k: cols[k] for k in FILE_FIELDS[:-2]}
+    columns["first_ns"], columns["last_ns"] = cols["start_ns"], cols["last_ns"]
+    return FileTable(columns, scan.packets, scan.bytes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import filters
-from .rows import BIG, Merged, Row, from_table, mapped
+from .rows import BIG, Merged, Row, canonical, mapped, rows_of, table_columns
 from .sensors import SensorClient, SensorError
 from .store import Store
 from .sync import day
@@ -189,12 +189,19 @@ def conversations(store: Store, names: list[str], client: Callable[[str], Sensor
             except SensorError as e:
                 table.failed.append(str(e))
                 continue
-            if answer["total_rows"] > len(answer["rows"]):
+            try:  # a sensor's answer is checked as any input is
+                rows = rows_of(canonical(table_columns(answer["rows"])))
+                total = int(answer["total_rows"])
+                warnings = [f"{name}: {w}" for w in answer.get("warnings", [])]
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                table.failed.append(f"{name}: unexpected answer ({e!r:.200})")
+                continue
+            if total > len(rows):
                 table.failed.append(
-                    f"{name}: {answer['total_rows']} conversations, of which the sensor "
-                    f"sends {len(answer['rows'])} (its --max-rows); the rest are missing")
-            table.warnings += [f"{name}: {w}" for w in answer.get("warnings", [])]
-            for r in answer["rows"]:
-                merged.add(from_table(r))
+                    f"{name}: {total} conversations, of which the sensor sends {len(rows)} "
+                    "(its --max-rows); the rest are missing")
+            table.warnings += warnings
+            for r in rows:
+                merged.add(r)
     table.conversations = merged.conversations()
     return table

@@ -22,11 +22,14 @@ _MAPPED = 0xFFFF << 32  # ::ffff:0:0, the IPv4-mapped prefix
 # Both conversions are cached: a sync or a merge meets the same hosts in thousands of rows,
 # and parsing and printing addresses was most of its time (docs/BENCHMARKS.md, F3).
 @lru_cache(maxsize=1 << 17)
-def _parsed(text: str) -> tuple[ipaddress.IPv6Address, int]:
+def _parsed(text: str) -> tuple[ipaddress.IPv6Address, int, int]:
+    """(the address as stored, its IP version, its value as stored); ValueError for text
+    that is no address, TypeError for what is not text."""
     a = ipaddress.ip_address(text)
     if a.version == 4:
-        return ipaddress.IPv6Address(_MAPPED | int(a)), 4
-    return a, 6
+        value = _MAPPED | int(a)
+        return ipaddress.IPv6Address(value), 4, value
+    return a, 6, int(a)
 
 
 def mapped(text: str) -> ipaddress.IPv6Address:
@@ -68,21 +71,69 @@ class Row:
         return self.first_lo_ns <= self.first_hi_ns
 
 
-def from_table(r: dict, first_ns: int | None = None, last_ns: int | None = None) -> Row:
-    """A conversation row of npcapserve (/api/v1/conversations or /api/v1/catalogue)."""
-    a, version = _parsed(r["address_a"])
-    b = mapped(r["address_b"])
-    ported = r["port_a"] is not None
-    pa, pb = (r["port_a"], r["port_b"]) if ported else (0, 0)
-    first = r["start_ns"] if first_ns is None else first_ns
-    last = (r["start_ns"] + round(r["duration_s"] * 1e9)) if last_ns is None else last_ns
-    if (int(a), pa) <= (int(b), pb):
-        return Row(r["protocol"], ported, version, a, pa, b, pb, r["packets_a_to_b"],
-                   r["bytes_a_to_b"], r["packets_b_to_a"], r["bytes_b_to_a"], first, last,
-                   first, BIG)
-    return Row(r["protocol"], ported, version, b, pb, a, pa, r["packets_b_to_a"],
-               r["bytes_b_to_a"], r["packets_a_to_b"], r["bytes_a_to_b"], first, last,
-               BIG, first)
+# A sensor's conversations as columns (/api/v1/catalogue's), in this order, and the
+# catalogue's canonical columns made from them (`canonical`).
+SENSOR_COLUMNS = ("address_a", "port_a", "address_b", "port_b", "protocol", "packets_a_to_b",
+                  "bytes_a_to_b", "packets_b_to_a", "bytes_b_to_a", "first_ns", "last_ns")
+CANONICAL_COLUMNS = ("protocol", "ported", "ipver", "addr_lo", "port_lo", "addr_hi", "port_hi",
+                     "packets_lo_hi", "bytes_lo_hi", "packets_hi_lo", "bytes_hi_lo",
+                     "first_ns", "last_ns", "a_is_lo")
+
+
+def canonical(c: dict[str, list]) -> dict[str, list]:
+    """Conversations as a sensor names them (SENSOR_COLUMNS: lists of equal length; A sent
+    the first packet; ports None without ports) as the catalogue keeps them
+    (CANONICAL_COLUMNS). A column at a time: a catalogue page holds hundreds of thousands
+    of rows. ValueError or TypeError for values no sensor sends."""
+    cols = [c[k] for k in SENSOR_COLUMNS]
+    n = len(cols[0])
+    if any(len(col) != n for col in cols):
+        raise ValueError("columns of different lengths")
+    a_s, pa, b_s, pb, proto, *counts = cols
+    for col in counts:
+        if not all(type(v) is int and 0 <= v < 1 << 63 for v in col):
+            raise ValueError("a count or time that is no number")
+    if not all(type(p) is str for p in proto):
+        raise TypeError("a protocol that is not text")
+    a = [_parsed(t) for t in a_s]
+    b = [_parsed(t) for t in b_s]
+    ported = [p is not None for p in pa]
+    if ported != [p is not None for p in pb] or not all(
+            type(p) is int and 0 <= p <= 0xFFFF for p in (*pa, *pb) if p is not None):
+        raise ValueError("a port that is none")
+    pa = [p or 0 for p in pa]
+    pb = [p or 0 for p in pb]
+    a_lo = [(x[2], p) <= (y[2], q) for x, p, y, q in zip(a, pa, b, pb, strict=True)]
+
+    def pick(x: list, y: list) -> list:
+        return [u if lo else v for u, v, lo in zip(x, y, a_lo, strict=True)]
+
+    ab, ba = counts[0:2], counts[2:4]
+    return {
+        "protocol": proto, "ported": ported, "ipver": [x[1] for x in a],
+        "addr_lo": pick([x[0] for x in a], [y[0] for y in b]), "port_lo": pick(pa, pb),
+        "addr_hi": pick([y[0] for y in b], [x[0] for x in a]), "port_hi": pick(pb, pa),
+        "packets_lo_hi": pick(ab[0], ba[0]), "bytes_lo_hi": pick(ab[1], ba[1]),
+        "packets_hi_lo": pick(ba[0], ab[0]), "bytes_hi_lo": pick(ba[1], ab[1]),
+        "first_ns": counts[4], "last_ns": counts[5], "a_is_lo": a_lo,
+    }
+
+
+def rows_of(c: dict[str, list]) -> list[Row]:
+    """Canonical columns as Rows (to be summed by Merged)."""
+    return [Row(p, pt, v, lo, plo, hi, phi, n1, b1, n2, b2, first, last,
+                first if alo else BIG, BIG if alo else first)
+            for p, pt, v, lo, plo, hi, phi, n1, b1, n2, b2, first, last, alo
+            in zip(*(c[k] for k in CANONICAL_COLUMNS), strict=True)]
+
+
+def table_columns(rows: list[dict]) -> dict[str, list]:
+    """Rows of npcapserve's /api/v1/conversations as SENSOR_COLUMNS (KeyError, TypeError
+    for rows no sensor sends)."""
+    c: dict[str, list] = {k: [r[k] for r in rows] for k in SENSOR_COLUMNS[:-2]}
+    c["first_ns"] = [r["start_ns"] for r in rows]
+    c["last_ns"] = [r["start_ns"] + round(r["duration_s"] * 1e9) for r in rows]
+    return c
 
 
 class Merged:

@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import date
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -71,6 +72,9 @@ def schema(db: str, retention_days: int) -> list[str]:
     ]
 
 
+INSERT_ROWS = 50_000  # rows per INSERT statement into chdb
+
+
 class StoreError(PcapVaultError):
     """The catalogue cannot be opened, created or queried."""
 
@@ -85,7 +89,8 @@ class Store(Protocol):
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]: ...
 
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None: ...
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence],
+               column_oriented: bool = False) -> None: ...
 
     def close(self) -> None: ...
 
@@ -122,27 +127,39 @@ class ChdbStore:
         data = res.bytes()
         return [tuple(r) for r in json.loads(data)["data"]] if data else []
 
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence],
+               column_oriented: bool = False) -> None:
         """JSONCompactColumns: the values travel as data, never as SQL text (dates and
-        addresses as their text), a column at a time (one encoder call for all of it)."""
-        rows = list(rows)
-        for at in range(0, len(rows), 50_000):
-            body = json.dumps([_json_column(c) for c in zip(*rows[at:at + 50_000], strict=True)],
-                              default=str)
+        addresses as their text), a column at a time (one encoder call for all of it).
+        `rows` are columns when `column_oriented`."""
+        data = [list(c) for c in rows] if column_oriented else [
+            list(c) for c in zip(*rows, strict=True)]
+        n = len(data[0]) if data else 0
+        for at in range(0, n, INSERT_ROWS):
+            part = [_json_column(c[at:at + INSERT_ROWS]) for c in data]
             self._run(f"INSERT INTO {self.db}.{table} ({', '.join(columns)}) "
-                      f"FORMAT JSONCompactColumns\n{body}", None)
+                      f"FORMAT JSONCompactColumns\n{json.dumps(part, default=str)}", None)
 
     def close(self) -> None:
         self.session.close()
 
 
-def _json_column(values: tuple) -> Sequence:
+def _json_column(values: list) -> list:
     """A column for json.dumps: a column of dates or addresses as their text, each distinct
-    value converted once (a catalogue page repeats its hosts and days thousands of times)."""
+    object converted once (a catalogue page repeats its hosts and days thousands of times,
+    as the same objects: keyed by identity, which `values` keeps alive, not by a hash
+    computed in Python)."""
     if not values or isinstance(values[0], int | float | str | None):
         return values
-    texts: dict[Any, str] = {}
-    return [texts.get(v) or texts.setdefault(v, str(v)) for v in values]
+    texts: dict[int, str] = {}
+    return [texts.get(id(v)) or texts.setdefault(id(v), _text(v)) for v in values]
+
+
+@lru_cache(maxsize=1 << 17)
+def _text(value: Any) -> str:
+    """A value's text, kept: the next page names mostly the same hosts (printing an IPv6
+    address takes several microseconds)."""
+    return str(value)
 
 
 def _value_text(value: Any) -> Any:
@@ -201,12 +218,14 @@ class ServerStore:
         except Exception as e:
             raise StoreError(f"catalogue: {' '.join(str(e).split())[:500]}") from None
 
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence],
+               column_oriented: bool = False) -> None:
         data = [list(r) for r in rows]
-        if not data:
+        if not data or column_oriented and not data[0]:
             return
         try:
-            self.client.insert(f"{self.db}.{table}", data, column_names=list(columns))
+            self.client.insert(f"{self.db}.{table}", data, column_names=list(columns),
+                               column_oriented=column_oriented)
         except Exception as e:
             raise StoreError(f"catalogue: {' '.join(str(e).split())[:500]}") from None
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from .rows import from_table
+from .rows import canonical
 from .sensors import SensorClient, SensorError
 from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, VIEWS, Store
 
@@ -38,12 +38,37 @@ class Synced:
 
 @dataclass
 class Page:
-    """One answer of a sensor's /api/v1/catalogue, and whether it ends its dump set's list."""
+    """One answer of a sensor's /api/v1/catalogue, and whether it ends its dump set's list.
+    Each of its files holds `rows`: its conversations' canonical columns (rows.canonical)
+    and their views' numbers (`view`)."""
 
     sensor: str
     position: int
     answer: dict
     last: bool
+
+
+def checked(answer: dict) -> dict:
+    """The answer with each file's conversations in canonical columns; KeyError,
+    TypeError or ValueError for an answer no sensor of this version sends."""
+    for key in ("dumpset", "interface", "cursor"):
+        if not isinstance(answer[key], str):
+            raise TypeError(f"{key} is not text")
+    for key in ("linktype", "snaplen"):
+        answer[key] = int(answer[key])
+    answer["names"] = [str(n) for n in answer["names"]]
+    answer["more"] = bool(answer["more"])
+    answer["nanosecond"] = bool(answer["nanosecond"])
+    for f in answer["files"]:
+        f["name"] = str(f["name"])
+        for key in ("first_ns", "last_ns", "index_mtime_ns", "packets"):
+            f[key] = int(f[key])
+        c = f.pop("conversations")
+        f["rows"] = rows = canonical(c)
+        rows["view"] = [VIEWS[v] for v in c["view"]]
+        if len(rows["view"]) != len(rows["addr_lo"]):
+            raise ValueError("columns of different lengths")
+    return answer
 
 
 @dataclass
@@ -80,14 +105,14 @@ def sync(store: Store, clients: list[SensorClient], note: Callable[[Synced], Non
             for position, d in enumerate(client.dumpsets()):
                 cursor = since.get((client.name, d["path"]), "")
                 while True:
-                    answer = client.catalogue(d["path"], cursor, PAGE_FILES)
+                    answer = checked(client.catalogue(d["path"], cursor, PAGE_FILES))
                     pages.put(Page(client.name, position, answer, not answer["more"]))
                     if not answer["more"]:
                         break
                     cursor = answer["cursor"]
         except SensorError as e:
             pages.put(_Failed(client.name, str(e)))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             pages.put(_Failed(client.name, f"{client.name}: unexpected answer ({e!r:.200})"))
         finally:
             pages.put(None)
@@ -130,23 +155,23 @@ def store_page(store: Store, page: Page, s: Synced) -> None:
                             "file IN {names:Array(String)}", {**params, "names": names})
         if known:
             _delete(store, sensor, dumpset, [k[0] for k in known])
-    files, conversations = [], []
+    files = []
+    conversations: dict[str, list] = {k: [] for k in CONVERSATION_COLUMNS}
     for f in a["files"]:
+        r, n = f["rows"], len(f["rows"]["addr_lo"])
         d = day(f["first_ns"])
-        rows = [from_table(r, r["first_ns"], r["last_ns"]) for r in f["conversations"]]
-        in_rows = 0
-        for r, raw in zip(rows, f["conversations"], strict=True):
-            conversations.append((d, sensor, dumpset, f["name"], VIEWS[raw["view"]], r.ipver,
-                                  r.protocol, int(r.ported), r.lo, r.port_lo, r.hi, r.port_hi,
-                                  r.packets_lo_hi, r.bytes_lo_hi, r.packets_hi_lo,
-                                  r.bytes_hi_lo, int(r.a_is_lo), r.first_ns, r.last_ns))
-            in_rows += r.packets_lo_hi + r.packets_hi_lo
+        for k, v in (("day", d), ("sensor", sensor), ("dumpset", dumpset), ("file", f["name"])):
+            conversations[k] += [v] * n
+        for k in CONVERSATION_COLUMNS[4:]:
+            conversations[k] += r[k]
+        in_rows = sum(r["packets_lo_hi"]) + sum(r["packets_hi_lo"])
         files.append((d, sensor, dumpset, f["name"], f["first_ns"], f["last_ns"],
                       f["index_mtime_ns"], f["packets"], max(f["packets"] - in_rows, 0)))
-    store.insert("conversations", CONVERSATION_COLUMNS, conversations)
+    store.insert("conversations", CONVERSATION_COLUMNS,
+                 [conversations[k] for k in CONVERSATION_COLUMNS], column_oriented=True)
     store.insert("files", FILE_COLUMNS, files)
     s.added += len(files)
-    s.conversations += len(conversations)
+    s.conversations += len(conversations["addr_lo"])
     if page.last:
         held = set(a["names"])
         ours = [r[0] for r in store.query(f"SELECT DISTINCT file FROM {db}.files WHERE {where}",

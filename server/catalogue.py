@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from pcapvault.extract.access import open_dumpset
-from pcapvault.extract.conversations import file_conversations
+from pcapvault.extract.conversations import FILE_FIELDS, file_conversations
 from pcapvault.index.builder import IPV6_EXTENSIONS
 from pcapvault.index.dumpset import StoredFile
 from pcapvault.index.errors import PcapVaultError
@@ -104,26 +104,20 @@ def page(path: str, since: Cursor, limit: int, now_ns: int, work_s: float = WORK
 
 
 def describe(path: str, sf: StoredFile, mtime_ns: int) -> dict:
-    """One file: its span, packets and conversations, each row in one of VIEWS (`view`)."""
+    """One file: its span, packets and conversations as columns (FILE_FIELDS and `view`,
+    which of VIEWS each row is in)."""
     warnings: list[str] = []
     parts = [(view, file_conversations(path, sf, expr, warnings.append))
              for view, expr in VIEWS.items()]
-    rows = []
-    for view, table in parts:
-        for r in table.rows:
-            rows.append({k: r[k] for k in ("address_a", "port_a", "address_b", "port_b",
-                                             "protocol", "packets_a_to_b", "bytes_a_to_b",
-                                             "packets_b_to_a", "bytes_b_to_a")}
-                        | {"first_ns": r["start_ns"],
-                           "last_ns": r["start_ns"] + round(r["duration_s"] * 1e9),
-                           "view": view})
+    columns = {k: [v for _, t in parts for v in t.columns[k]] for k in FILE_FIELDS}
+    columns["view"] = [view for view, t in parts for _ in t.columns["first_ns"]]
     try:
         h = parse_header(index_bytes(sf.index)[0], str(sf.index))
         first, last, packets = h.first_ns, h.last_ns, h.count
     except (PcapVaultError, ValueError):  # read from the pcap: the rows' span
-        first = min((r["first_ns"] for r in rows), default=sf.first_ns)
-        last = max((r["last_ns"] for r in rows), default=sf.first_ns)
+        first = min(columns["first_ns"], default=sf.first_ns)
+        last = max(columns["last_ns"], default=sf.first_ns)
         # (a record cut before its link header's end matches neither filter)
         packets = sum(t.packets for _, t in parts)
     return {"name": sf.name, "first_ns": first, "last_ns": last, "index_mtime_ns": mtime_ns,
-            "packets": packets, "conversations": rows, "warnings": sorted(set(warnings))}
+            "packets": packets, "conversations": columns, "warnings": sorted(set(warnings))}

@@ -14,9 +14,9 @@ import pytest
 
 from pcapvault.fleet import filters, query
 from pcapvault.fleet.config import ClickHouse
-from pcapvault.fleet.rows import Merged
+from pcapvault.fleet.rows import SENSOR_COLUMNS, Merged
 from pcapvault.fleet.store import open_store
-from pcapvault.fleet.sync import Page, Synced, cursors, store_page
+from pcapvault.fleet.sync import Page, Synced, checked, cursors, store_page, sync
 
 T = (int(time.time()) // 86400 - 1) * 86400 * 10**9 + 3600 * 10**9  # yesterday 01:00 UTC
 S = 10**9
@@ -32,10 +32,12 @@ def conv(a: str, pa: int | None, b: str, pb: int | None, proto: str, ab: int, ba
 
 
 def answer(files: list[tuple[str, int, int, int, list[dict]]], names: list[str]) -> dict:
+    """An /api/v1/catalogue answer: each file's conversations as columns."""
     return {"dumpset": "/d", "interface": "eth0", "linktype": 1, "snaplen": 262144,
             "nanosecond": True, "cursor": "1/x", "more": False, "names": names,
             "files": [{"name": n, "first_ns": T + f * S, "last_ns": T + la * S,
-                       "index_mtime_ns": 1, "packets": p, "conversations": c}
+                       "index_mtime_ns": 1, "packets": p,
+                       "conversations": {k: [r[k] for r in c] for k in (*SENSOR_COLUMNS, "view")}}
                       for n, f, la, p, c in files]}
 
 
@@ -70,7 +72,7 @@ def load(store, *pages: tuple[str, dict]) -> list[Synced]:
     done = []
     for sensor, a in pages:
         s = Synced(sensor, a["dumpset"])
-        store_page(store, Page(sensor, 0, a, True), s)
+        store_page(store, Page(sensor, 0, checked(a), True), s)
         done.append(s)
     return done
 
@@ -172,3 +174,63 @@ def test_windows_the_catalogue_may_not_hold_are_asked_of_the_sensors(store):
     month_ago = T - 31 * 86400 * S  # before the TTL keeps: every dump set
     assert query.stale(ks, month_ago, T + 100 * S, kept) == {("a", "/d"), ("b", "/d")}
     assert query.stale(ks, month_ago, T + 100 * S, query.horizon(40, time.time_ns())) == set()
+
+
+def _good() -> dict:
+    return answer([FILE1], ["f1.pcap"])
+
+
+def _broken(change) -> dict:
+    a = _good()
+    change(a, a["files"][0]["conversations"])
+    return a
+
+
+BROKEN = {
+    "rows as objects": lambda a, c: a["files"][0].update(conversations=[{"address_a": "x"}]),
+    "no view": lambda a, c: c.pop("view"),
+    "unknown view": lambda a, c: c["view"].__setitem__(0, "other"),
+    "columns of unequal length": lambda a, c: c["port_a"].append(9),
+    "not an address": lambda a, c: c["address_a"].__setitem__(0, "10.0.0.999"),
+    "port past 65535": lambda a, c: c["port_b"].__setitem__(0, 70000),
+    "port as text": lambda a, c: c["port_b"].__setitem__(0, "80"),
+    "count as text": lambda a, c: c["packets_a_to_b"].__setitem__(0, "many"),
+    "file time as a list": lambda a, c: a["files"][0].update(first_ns=[1]),
+    "dump set not text": lambda a, c: a.update(dumpset=7),
+    "files not a list of objects": lambda a, c: a.update(files=["f1.pcap"]),
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_a_sensor_answer_no_sensor_sends_is_refused(how):
+    checked(_good())
+    with pytest.raises((KeyError, TypeError, ValueError, AttributeError)):
+        checked(_broken(BROKEN[how]))
+
+
+class _Crafted:
+    """A sensor's answers as a hostile or broken one might craft them (the network part of
+    SensorClient is tested against real npcapserve instances in test_fleet.py)."""
+
+    def __init__(self, name: str, answer: dict):
+        self.name, self.answer = name, answer
+
+    def dumpsets(self) -> list[dict]:
+        return [{"path": "/d"}]
+
+    def catalogue(self, dumpset: str, since: str, limit: int) -> dict:
+        return self.answer
+
+
+def test_a_broken_sensor_fails_alone(tmp_path):
+    store = open_store(str(tmp_path / "catalogue"), ClickHouse(), 30)
+    try:
+        done = sync(store, [_Crafted("bad", _broken(BROKEN["not an address"])),
+                            _Crafted("good", _good())], lambda s: None)
+        by = {s.sensor: s for s in done}
+        assert "bad: unexpected answer" in by["bad"].error
+        assert by["good"].error is None and by["good"].conversations == 2
+        assert store.query(f"SELECT DISTINCT sensor FROM {store.db}.conversations") == [
+            ("good",)]
+    finally:
+        store.close()

@@ -16,7 +16,7 @@ from extract_helpers import build_dumpset, synthetic_traffic
 from pamworld import PAM_MARKS
 from serveworld import serving
 
-from pcapvault.extract.conversations import conversations, file_conversations
+from pcapvault.extract.conversations import FILE_FIELDS, conversations, file_conversations
 from pcapvault.extract.request import Request
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.privileges import give_tree
@@ -52,6 +52,12 @@ def totals(rows: list[dict]) -> Counter:
     return +out
 
 
+def rows_of(columns: dict[str, list]) -> list[dict]:
+    """A catalogue file's conversations, a dict per row."""
+    return [dict(zip(columns, values, strict=True))
+            for values in zip(*columns.values(), strict=True)]
+
+
 def test_file_conversations_count_each_packet_once(tmp_path):
     root = stepped_dumpset(tmp_path / "ds", 1_700_000_000)
     files = DumpSet.open(root).files()
@@ -60,13 +66,11 @@ def test_file_conversations_count_each_packet_once(tmp_path):
     per_file = [file_conversations(str(root), sf) for sf in files]
     assert sum(t.packets for t in per_file) == whole.packets == 600
     assert sum(t.bytes for t in per_file) == whole.bytes
-    assert totals([r for t in per_file for r in t.rows]) == totals(whole.rows)
+    assert totals([r for t in per_file for r in rows_of(t.columns)]) == totals(whole.rows)
     # a window over each file's own span counts the stepped packets twice
     naive = 0
-    for sf in files:
-        t = file_conversations(str(root), sf)
-        first = min(r["start_ns"] for r in t.rows)
-        last = max(r["start_ns"] + round(r["duration_s"] * 1e9) for r in t.rows)
+    for t in per_file:
+        first, last = min(t.columns["first_ns"]), max(t.columns["last_ns"])
         naive += conversations(Request([str(root)], first, last + 1)).packets
     assert naive > 600
 
@@ -122,14 +126,15 @@ def test_catalogue_pages_sum_to_the_dump_sets_conversations(world, served, dumps
     assert last["interface"] == "eth7" and last["linktype"] == 1 and last["nanosecond"]
     assert sum(f["packets"] for f in files) == 600
     whole = conversations(Request([str(dumpset)], *FAR))
-    rows = [dict(r, start_ns=r["first_ns"]) for f in files for r in f["conversations"]]
+    rows = [r for f in files for r in rows_of(f["conversations"])]
+    assert set(rows[0]) == {*FILE_FIELDS, "view"}
     assert totals(rows) == totals(whole.rows)
     for view, expr in VIEWS.items():
         want = conversations(Request([str(dumpset)], *FAR, expr))
         assert totals([r for r in rows if r["view"] == view]) == totals(want.rows) != Counter()
     for f in files:
-        assert f["first_ns"] <= min(r["first_ns"] for r in f["conversations"])
-        assert max(r["last_ns"] for r in f["conversations"]) <= f["last_ns"]
+        assert f["first_ns"] <= min(f["conversations"]["first_ns"])
+        assert max(f["conversations"]["last_ns"]) <= f["last_ns"]
     line = world.audit_lines()[-1]
     assert line["endpoint"] == "catalogue" and line["outcome"] == "allowed"
     assert line["method"] == "token"
