@@ -234,3 +234,37 @@ def test_a_broken_sensor_fails_alone(tmp_path):
             ("good",)]
     finally:
         store.close()
+
+
+def test_a_broken_sensor_answer_to_conversations_fails_that_sensor(tmp_path):
+    good_row = {"address_a": "10.0.0.1", "port_a": 1000, "address_b": "10.0.0.2", "port_b": 80,
+                "protocol": "tcp", "packets_a_to_b": 3, "bytes_a_to_b": 300,
+                "packets_b_to_a": 2, "bytes_b_to_a": 200, "packets": 5, "bytes": 500,
+                "start_ns": T, "duration_s": 1.5}
+    answers = {"good": {"rows": [good_row], "total_rows": 1},
+               "bad": {"rows": [dict(good_row, port_b=-80)], "total_rows": 1},
+               "worse": {"rows": "none", "total_rows": 1}}
+
+    class Crafted:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def conversations(self, *args) -> dict:
+            return answers[self.name]
+
+    store = open_store(str(tmp_path / "catalogue"), ClickHouse(), 30)
+    try:
+        t = query.conversations(store, list(answers), Crafted, "tcp[13] & 2 != 0", T,
+                                T + 10 * S, 0)
+    finally:
+        store.close()
+    assert sorted(m.split(":")[0] for m in t.failed) == ["bad", "worse"]
+    assert all("unexpected answer" in m for m in t.failed)
+    assert [(c["address_a"], c["packets"], c["duration_s"]) for c in t.conversations] == [
+        ("10.0.0.1", 5, 1.5)]
