@@ -19,8 +19,10 @@ with a bloom filter on the higher address and a TTL of `retention_days`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from datetime import date
 from functools import lru_cache
@@ -73,6 +75,7 @@ def schema(db: str, retention_days: int) -> list[str]:
 
 
 INSERT_ROWS = 50_000  # rows per INSERT statement into chdb
+LOCK_WAIT_S = 60.0  # how long a chdb catalogue in use by another process is waited for
 
 
 class StoreError(PcapVaultError):
@@ -106,8 +109,13 @@ class ChdbStore:
                              "--fleet), or give an https:// catalogue") from None
         try:
             os.makedirs(path, mode=0o750, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the catalogue {path}: {e.strerror}") from None
+        self.lock = _lock(path, LOCK_WAIT_S)
+        try:
             self.session = session.Session(path)
         except Exception as e:  # chdb raises its own types, or RuntimeError
+            os.close(self.lock)
             raise StoreError(f"cannot open the catalogue in {path}: {e}") from None
         self.db = db
         self.command("SET output_format_json_quote_64bit_integers = 0")  # ints as numbers
@@ -142,6 +150,32 @@ class ChdbStore:
 
     def close(self) -> None:
         self.session.close()
+        os.close(self.lock)
+
+
+def _lock(path: str, wait_s: float) -> int:
+    """An exclusive lock on the catalogue directory `path`, held while this process has it
+    open: chdb lets one process at a time open it and tells a second one only "Error
+    initializing EmbeddedServer". So a query that meets the timer's sync waits for it,
+    up to `wait_s` seconds, then says what is going on."""
+    try:
+        fd = os.open(os.path.join(path, ".npcapfleet.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot lock the catalogue {path}: {e.strerror}") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise StoreError(
+                    f"the catalogue {path} is in use by another npcapfleet (a sync?) for more "
+                    f"than {wait_s:g} s; try again when it ends (a ClickHouse server "
+                    "catalogue serves several at once)") from None
+            time.sleep(0.1)
 
 
 def _json_column(values: list) -> list:

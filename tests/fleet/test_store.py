@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -268,3 +270,35 @@ def test_a_broken_sensor_answer_to_conversations_fails_that_sensor(tmp_path):
     assert all("unexpected answer" in m for m in t.failed)
     assert [(c["address_a"], c["packets"], c["duration_s"]) for c in t.conversations] == [
         ("10.0.0.1", 5, 1.5)]
+
+
+_OPEN = """import sys
+from pcapvault.fleet import store
+store.LOCK_WAIT_S = float(sys.argv[2])
+try:
+    store.open_store(sys.argv[1], store.ClickHouse(), 30).close()
+except store.StoreError as e:
+    print(e)
+    sys.exit(3)
+print("opened")
+"""
+
+
+def test_a_chdb_catalogue_in_use_is_waited_for_then_named(tmp_path):
+    """chdb opens a directory in one process at a time: a second npcapfleet waits for the
+    first (a query meeting the timer's sync), then says what is going on."""
+    path = str(tmp_path / "catalogue")
+    held = open_store(path, ClickHouse(), 30)
+    try:
+        r = subprocess.run([sys.executable, "-c", _OPEN, path, "0.5"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 3, r.stderr
+        assert r.stdout.startswith(f"the catalogue {path} is in use by another npcapfleet")
+        waiting = subprocess.Popen([sys.executable, "-c", _OPEN, path, "60"],
+                                   stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert waiting.poll() is None  # still waiting
+    finally:
+        held.close()
+    out, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0 and out.strip() == "opened"
