@@ -104,6 +104,7 @@ class Repair:
         if not self.live:
             self.finish_temp_files()
             self.remove_partial_files()
+            self.remove_orphan_indexes()
         for sf in self.ds.files():
             self.check_file(sf)
         self.remove_dangling_links()
@@ -141,6 +142,19 @@ class Repair:
                 if n.startswith(".") and n.endswith(".part"):
                     p = Path(dirpath) / n
                     self._do("remove", p, "incomplete temporary link", p.unlink)
+
+    def remove_orphan_indexes(self) -> None:
+        """An index whose pcap is gone (a stop between a deletion's unlinks) describes
+        nothing, and its space would count against the budget for good."""
+        for d in self.ds.storage_dirs():
+            try:
+                names = set(os.listdir(d))
+            except FileNotFoundError:
+                continue
+            for n in sorted(names):
+                if n.endswith(".idx") and not n.startswith(".") and n[:-4] not in names:
+                    p = d / n
+                    self._do("remove", p, "index of a pcap that is gone", p.unlink)
 
     def check_file(self, sf: StoredFile) -> None:
         if compressed.is_compressed(sf.pcap):

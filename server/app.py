@@ -320,17 +320,20 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         if principal.allowed is not None:
             headers["X-Pcapvault-Restricted-To"] = _header_text(principal.allowed)
         media = "application/vnd.tcpdump.pcap" if fmt == "pcap" else "application/x-pcapng"
-        response = StreamingResponse(pcap.body(prepared, finished), media_type=media,
-                                     headers=headers)
+        stream = pcap.body(prepared, finished)
+        response = StreamingResponse(stream, media_type=media, headers=headers)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             """The response, and its audit line even when the client leaves before the
-            body starts (then no worker is there to write it)."""
+            body starts (then no worker is there to write it). A stream the client left is
+            closed here (its audit line then), not whenever it is collected."""
             try:
                 await response(scope, receive, send)
             finally:
                 if not prepared.started:
                     close("error", "the client went away before the stream started")
+                else:
+                    await stream.aclose()
 
         return respond  # type: ignore[return-value] - an ASGI app, as Starlette runs it
 

@@ -129,7 +129,6 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
 
     `finished` is called once, when both have ended, with the engine's packets, the bytes
     the server took from this stream, and why it stopped short (None when complete)."""
-    prepared.started = True
     ending = _Ending(finished)
     given = 0
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -142,11 +141,11 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
                               name="pcap-stream", daemon=True)
     try:
         worker.start()
-    except BaseException:
-        prepared.started = False  # no worker: the response's end writes the audit line
+    except BaseException:  # no worker: the response's end writes the audit line
         os.close(wfd)
         os.close(rfd)
         raise
+    prepared.started = True
     loop = asyncio.get_running_loop()
     try:
         while True:

@@ -122,6 +122,19 @@ def test_damage_is_repaired(tmp_path, damage):
     assert not list(ds.timeline.rglob("1763733400*")), "dangling link and empty slots removed"
 
 
+def test_an_index_whose_pcap_is_gone_is_removed(tmp_path):
+    ds = make_dumpset(tmp_path / "ds")
+    sf = ds.files()[1]
+    sf.pcap.unlink()  # a stop between a deletion's unlinks
+    before = all_packets(tmp_path / "ds")
+    assert "index of a pcap that is gone" in repair(tmp_path / "ds", "--dry-run").stdout
+    assert sf.index.exists()
+    r = repair(tmp_path / "ds")
+    assert "index of a pcap that is gone" in r.stdout and not sf.index.exists()
+    assert_clean(tmp_path / "ds")
+    assert all_packets(tmp_path / "ds") == before
+
+
 def test_upgrade_rewrites_older_index_versions(tmp_path):
     """Indexes of older format versions are sound: a repair leaves them; --upgrade rewrites
     them as the current version (the same index, with the newer parts: version 5's bins)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from extract_helpers import NS, build_dumpset, read_pcap_records, synthetic_traffic
+from recorderproc import one_line
 
 from pcapvault.index.times import TimeError, parse_time
 
@@ -51,14 +52,6 @@ def count(ts: list[int], b: int, e: int) -> int:
     return sum(b <= t < e for t in ts)
 
 
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    err = r.stderr.decode()
-    assert r.returncode == 2, err
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    assert err.startswith("npcapextract: error: ")
-    return err
-
-
 def test_times_either_side_of_the_spring_gap_are_exact(berlin):
     root, ts = berlin
     # 01:30 CET is 00:30 UTC, 03:30 CEST is 01:30 UTC: the hour between holds the change.
@@ -76,7 +69,7 @@ def test_times_either_side_of_the_spring_gap_are_exact(berlin):
 ])
 def test_a_time_in_the_spring_gap_is_refused_naming_both_meanings(berlin, begin, end, bad):
     root, ts = berlin
-    err = one_line_error(extract(root, begin, end))
+    err = one_line(extract(root, begin, end), 2, prog="npcapextract")
     assert f"local time '{bad}' does not exist" in err and "BEGIN" not in err
     assert "CET +01:00" in err and "CEST +02:00" in err
     choices = re.findall(r"give '([^']+)' \(CET \+01:00\) or '([^']+)' \(CEST \+02:00\)", err)
@@ -98,7 +91,8 @@ def parse_in_berlin(text: str) -> int:
 
 def test_the_repeated_autumn_hour_is_refused_unless_an_offset_says_which(berlin):
     root, ts = berlin
-    err = one_line_error(extract(root, "2025-10-26 02:00:00", "2025-10-26 02:30:00"))
+    err = one_line(extract(root, "2025-10-26 02:00:00", "2025-10-26 02:30:00"), 2,
+                   prog="npcapextract")
     assert "local time '2025-10-26 02:00:00' happens twice" in err
     assert ("give '2025-10-26 02:00:00+02:00' (CEST +02:00, the first) or "
             "'2025-10-26 02:00:00+01:00' (CET +01:00, the second)") in err
@@ -118,7 +112,7 @@ def test_the_repeated_autumn_hour_is_refused_unless_an_offset_says_which(berlin)
 ])
 def test_times_out_of_range_are_one_line_errors(berlin, begin):
     root, _ = berlin
-    err = one_line_error(extract(root, begin, "now"))
+    err = one_line(extract(root, begin, "now"), 2, prog="npcapextract")
     assert "out of range" in err or "bad UTC offset" in err
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from recorderproc import (
     RecorderProc,
-    one_line_error,
+    one_line,
     read_pcap,
     recorded_frames,
     synthetic_pcap,
@@ -51,7 +51,7 @@ def test_bad_arguments(tmp_path, args, needles):
     r = run_recorder(*args, "-o", str(tmp_path / "ds"))
     # Bad option values (and a limit too small for -p) are usage errors (2); a wrong
     # interface fails at run time (1).
-    one_line_error(r, *needles, code=1 if "nosuch0" in args else 2)
+    one_line(r, 1 if "nosuch0" in args else 2, *needles, prog="recorder")
 
 
 def test_missing_capability(tmp_path):
@@ -60,7 +60,7 @@ def test_missing_capability(tmp_path):
     if probe.returncode != 0:
         pytest.skip("this Python is not usable by an unprivileged user here")
     r = run_recorder("-i", "lo", "-o", str(tmp_path / "ds"), prefix=NOBODY)
-    one_line_error(r, "CAP_NET_RAW", "root")
+    one_line(r, None, "CAP_NET_RAW", "root", prog="recorder")
 
 
 def test_output_directory_not_writable(tmp_path):
@@ -68,9 +68,9 @@ def test_output_directory_not_writable(tmp_path):
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
     try:
-        one_line_error(run_recorder("-i", "lo", "-o", str(ro / "ds")), "cannot create",
-                       "choose another -o")
-        one_line_error(run_recorder("-i", "lo", "-o", str(ro)), "not writable")
+        one_line(run_recorder("-i", "lo", "-o", str(ro / "ds")), None, "cannot create",
+                 "choose another -o", prog="recorder")
+        one_line(run_recorder("-i", "lo", "-o", str(ro)), None, "not writable", prog="recorder")
     finally:
         subprocess.run(["umount", str(ro)], check=True)
 

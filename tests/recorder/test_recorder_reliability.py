@@ -16,7 +16,7 @@ import pytest
 from fsutil import fill, loop_fs
 from recorderproc import (
     RecorderProc,
-    one_line_error,
+    one_line,
     read_stats,
     record,
     recorded_frames,
@@ -142,7 +142,7 @@ def test_an_indexer_that_keeps_dying_stops_the_recorder(veth, tmp_path):
 def test_uncreatable_stats_file_is_refused_at_start(veth, tmp_path, where):
     r = start_fails(veth, "-o", str(tmp_path / "ds"), "--stats-file",
                     where.format(tmp=tmp_path))
-    one_line_error(r, "cannot write the stats file", "--stats-file", code=2)
+    one_line(r, 2, "cannot write the stats file", "--stats-file", prog="recorder")
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_disk_filled_by_another_process_never_stops_capture(veth, tmp_path, ext4
 def test_a_bad_timeline_leaves_no_marker_and_a_good_one_works(veth, tmp_path):
     ds_dir, tl = tmp_path / "ds", tmp_path / "tl"
     r = start_fails(veth, "-o", str(ds_dir), "-A", "/proc/foo")
-    one_line_error(r, "cannot create the timeline /proc/foo", "-A", code=1)
+    one_line(r, 1, "cannot create the timeline /proc/foo", "-A", prog="recorder")
     assert not (ds_dir / ".pcapvault").exists()
     record(veth, tmp_path, 500, 200, "-A", str(tl))
     ds = DumpSet.open(ds_dir)
@@ -194,7 +194,7 @@ def test_a_different_timeline_is_refused_while_the_old_one_exists_then_moved(vet
     record(veth, tmp_path, 500, 200, "-A", str(tl))
     marker = (ds_dir / ".pcapvault").read_text()
     r = start_fails(veth, "-o", str(ds_dir), "-A", str(tl2))
-    one_line_error(r, f"differs from the timeline {tl}", f"delete {tl}", code=2)
+    one_line(r, 2, f"differs from the timeline {tl}", f"delete {tl}", prog="recorder")
     assert (ds_dir / ".pcapvault").read_text() == marker and not tl2.exists()
     # Moving it as the message says: the old timeline goes, the start relinks every file.
     subprocess.run(["rm", "-r", str(tl)], check=True)
@@ -230,12 +230,12 @@ def test_a_dump_set_inside_a_live_one_or_its_timeline_is_refused(veth, tmp_path)
         for inner, needle in ((tl, "is a timeline"), (tl / "x", "inside the timeline"),
                               (ds_dir / "sub", "inside the dump set")):
             r = start_fails(veth, "-o", str(inner))
-            one_line_error(r, needle, "-o", code=1)
+            one_line(r, 1, needle, "-o", prog="recorder")
             assert not (inner / ".pcapvault").exists()
         assert not (ds_dir / "sub").exists() and not (tl / "x").exists()
         # Nor may another dump set take over this one's timeline.
         r = start_fails(veth, "-o", str(tmp_path / "other"), "-A", str(tl))
-        one_line_error(r, "belongs to another dump set", "-A", code=1)
+        one_line(r, 1, "belongs to another dump set", "-A", prog="recorder")
     finally:
         assert rec.stop() == 0, rec.stderr
 

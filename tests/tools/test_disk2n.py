@@ -15,6 +15,7 @@ from pathlib import Path
 import dpkt
 import numpy as np
 import pytest
+import recorderproc
 from extract_helpers import build_dumpset, write_pcap
 from netns import veth_pair
 from recorderproc import CORPUS, RecorderProc, recorded_frames, tool
@@ -248,9 +249,7 @@ def test_interface_errors_are_one_line(pair, tmp_path):
     write_frames(src, [frame(i) for i in range(10)])
 
     def one_line(r: subprocess.CompletedProcess, text: str) -> None:
-        assert r.returncode == 1, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("disk2n: error: ") and text in lines[0]
+        recorderproc.one_line(r, 1, text, prog="disk2n")
 
     r = subprocess.run(["ip", "netns", "exec", pair.tx_ns, tool("disk2n"), "-i", "nosuch0",
                         "-r", str(src)], capture_output=True, text=True)
