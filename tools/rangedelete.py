@@ -18,6 +18,7 @@ file (`audit.log`) and in syslog.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -136,13 +137,33 @@ def plan_delete(ds: DumpSet, begin_ns: int, end_ns: int, expr: str = "",
     return plan
 
 
+MANAGE_LOCK = ".manage.lock"  # in the dump set's root: one import or deletion at a time
+_held: list[int] = []  # the locks this process holds until it ends
+
+
 def writer_lock(ds: DumpSet) -> bool:
     """Take the dump set's lock for the life of the process, as npcaprepair does (no recorder
     start or repair meanwhile), unless a recorder holds it: then work beside it, on closed,
-    linked files only. Returns whether a recorder is writing."""
+    linked files only. Returns whether a recorder is writing.
+
+    Imports and deletions first take a lock of their own (MANAGE_LOCK): beside a recorder,
+    or beside each other (the second would see the first's lock as a recorder's), two of
+    them would each check the dump set, then both change it."""
+    try:
+        fd = os.open(ds.root / MANAGE_LOCK,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise PcapVaultError(f"cannot lock {ds.root / MANAGE_LOCK}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PcapVaultError(f"another npcapimport or npcapmanage delete is changing {ds.root}; "
+                             "run this when it has ended") from None
+    _held.append(fd)
     if live(ds):
         return True
-    lock(ds)
+    _held.append(lock(ds))
     return False
 
 

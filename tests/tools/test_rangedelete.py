@@ -3,6 +3,7 @@ selection minus the deleted packets; held files are refused; every run is audite
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -115,6 +116,31 @@ def test_held_files_are_refused_and_nothing_deleted(synth):
     assert line.startswith("npcapmanage: error:")
     assert digests(root) == before
     assert not (root / "audit.log").exists()
+
+
+def test_one_import_or_deletion_at_a_time(synth, tmp_path):
+    """Beside a recorder (or each other) an import and a deletion each check the dump set,
+    then change it: a second one waits its turn, told so in one line, changing nothing."""
+    root, copies = synth
+    before = digests(root)
+    fd = os.open(root / ".manage.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another npcapimport or npcapmanage at work
+        r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+                   epoch(SYNTH_START + 1020 * NS), "--yes")
+        one_line(r, 1, "another npcapimport or npcapmanage delete is changing", str(root),
+                 prog="npcapmanage")
+        r = subprocess.run([tool("npcapimport"), "-t", str(root), str(copies[0])],
+                           capture_output=True, text=True, timeout=300)
+        one_line(r, 1, "another npcapimport or npcapmanage delete is changing",
+                 prog="npcapimport")
+        assert digests(root) == before
+    finally:
+        os.close(fd)
+    r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+               epoch(SYNTH_START + 1020 * NS), "--yes")
+    assert r.returncode == 0, r.stderr  # and once it has ended, it runs
+    assert digests(root) != before
 
 
 def test_no_terminal_needs_yes(synth):
