@@ -143,11 +143,14 @@ class DumpSet:
         nanosecond: bool,
         timeline_dir: Path | None = None,
         files_per_dir: int = 1000,
+        file_bytes: int | None = None,
     ) -> DumpSet:
         """Create a dump set, or adopt the one already at `root` (a restart).
 
         The marker is written last, once the timeline it names exists: a start that fails on a
-        bad -A leaves nothing behind that a later start would have to adopt.
+        bad -A leaves nothing behind that a later start would have to adopt. `file_bytes`, the
+        recorder's -p, is kept in the marker (and updated by a start with another -p), so
+        that npcapimport cuts files as the recorder does.
         """
         root = Path(root).absolute()
         refuse_nested(root)
@@ -157,6 +160,9 @@ class DumpSet:
             if tl is not None and not _same_path(tl, ds.timeline):
                 ds._move_timeline(tl)
             _ensure_timeline(ds.timeline, ds.root)
+            if file_bytes is not None and ds.meta.get("file_bytes") != file_bytes:
+                ds.meta = {**ds.meta, "file_bytes": file_bytes}
+                timeline.write_json_atomic(ds.root / MARKER, ds.meta)
             return ds
         tl = tl or root / "timeline"
         root.mkdir(parents=True, exist_ok=True)
@@ -171,8 +177,16 @@ class DumpSet:
             "snaplen": snaplen,
             "files_per_dir": files_per_dir,
         }
+        if file_bytes is not None:
+            meta["file_bytes"] = file_bytes
         timeline.write_json_atomic(root / MARKER, meta)
         return cls(root, meta)
+
+    @property
+    def file_bytes(self) -> int | None:
+        """The recorder's -p at its last start (None: no recorder has run, or an older one)."""
+        v = self.meta.get("file_bytes")
+        return v if type(v) is int and v > 0 else None
 
     def _move_timeline(self, tl: Path) -> None:
         """Adopt -A `tl` in place of a recorded timeline that does not exist (any more).

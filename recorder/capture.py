@@ -135,6 +135,7 @@ class Recorder:
             nanosecond=cfg.nanosecond,
             timeline_dir=cfg.timeline,
             files_per_dir=cfg.files_per_dir,
+            file_bytes=cfg.max_file_bytes,
         )
         self.budget = DiskBudget(self.ds, cfg.disk_limit or Limit("80%", percent=80.0),
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1,

@@ -374,8 +374,8 @@ the captures).
 @click.option("-t", "--dumpset", "dumpset", required=True, type=click.Path(path_type=Path),
               help="The dump set (the recorder's -o) or its timeline.")
 @click.option("-p", "--max-file-size", "max_size", default=None, metavar="SIZE",
-              help="Cut files at this size, as the recorder's -p (e.g. 256M; at least 16K).  "
-                   "[default: 256M]")
+              help="Cut files at this size (e.g. 256M; at least 16K).  [default: the "
+                   "recorder's -p, kept in the dump set; 256M before a recorder has run]")
 @click.option("--file-mode", default="0640", show_default=True, callback=_mode,
               help="Permissions of the pcap and index files (octal).")
 @click.option("--dir-mode", default="0750", show_default=True, callback=_mode,
@@ -392,7 +392,7 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
         raise click.UsageError(str(e)) from None
     files = sources(paths)
     ds = DumpSet.open(dumpset)
-    max_bytes = given or DEFAULT_FILE_BYTES
+    max_bytes = given or ds.file_bytes or DEFAULT_FILE_BYTES
     become_owner(ds)
     os.umask(0o777 & ~dir_mode)
     recording = writer_lock(ds)

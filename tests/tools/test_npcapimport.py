@@ -309,15 +309,15 @@ def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatc
 
 
 def test_import_beside_a_running_recorder(veth, tmp_path):
-    """Old captures go in while the recorder records; one reaching into the file it writes
-    is refused."""
+    """Old captures go in while the recorder records, cut at the recorder's -p; one
+    reaching into the file it writes is refused."""
     root = tmp_path / "ds"
-    rec = RecorderProc(veth, root, "--disk-limit", "1GB")
+    rec = RecorderProc(veth, root, "--disk-limit", "1GB", "-p", "32K")
     src = tmp_path / "live.pcap"
     synthetic_pcap(src, 100, 200)
     veth.send([src])
     time.sleep(0.3)
-    pk = traffic(300)
+    pk = traffic(3000)  # about 230 KB in each of its three 10-minute slots
     old = tmp_path / "old.pcap"
     write_pcap(old, pk)
     r = npcapimport("-t", root, old)
@@ -331,6 +331,12 @@ def test_import_beside_a_running_recorder(veth, tmp_path):
     assert sorted(extract(root, tmp_path / "old-out.pcap", epoch(pk[0][0]),
                           epoch(pk[-1][0] + 1))) == records(pk)
     assert len(recorded_frames(root)) == 100 + len(pk)
+    ds = DumpSet.open(root)
+    assert ds.file_bytes == 32 << 10  # the recorder's -p, kept in the dump set's marker
+    imported = [sf for sf in ds.files() if sf.first_ns <= pk[-1][0]]
+    assert sum(sf.pcap.stat().st_size for sf in imported) > 12 * (32 << 10)
+    # (a file is cut only where time order allows: it may run on for a record or two)
+    assert all(sf.pcap.stat().st_size <= (32 << 10) + 2 * 1552 for sf in imported)
 
 
 def test_root_imports_as_the_dump_sets_owner(tmp_path):
