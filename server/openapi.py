@@ -116,8 +116,12 @@ def document() -> dict:
                            schema={"type": "integer", "minimum": 1, "maximum": 1000})],
                 "responses": {"200": _json("{time, dumpset, interface, linktype, snaplen, "
                                            "nanosecond, files: [{name, first_ns, last_ns, "
-                                           "index_mtime_ns, packets, conversations, "
-                                           "warnings}], names, cursor, more}", obj),
+                                           "index_mtime_ns, packets, conversations: "
+                                           "{address_a: [...], port_a, address_b, port_b, "
+                                           "protocol, packets_a_to_b, bytes_a_to_b, "
+                                           "packets_b_to_a, bytes_b_to_a, first_ns, last_ns, "
+                                           "view} (columns), warnings}], names, cursor, "
+                                           "more}", obj),
                               **_errors(*DATA_ERRORS)}}},
             "/api/v1/status": {"get": {
                 "summary": "Per dump set: interface, first and last packet, files, bytes on "
