@@ -104,6 +104,7 @@ class _Ending:
         self.lock = threading.Lock()
         self.engine: tuple[int, str | None] | None = None
         self.given: int | None = None
+        self.complete = False  # the stream read the pipe to its end
 
     def engine_done(self, packets: int, _written: int, error: str | None) -> None:
         with self.lock:
@@ -112,15 +113,17 @@ class _Ending:
         if ready:
             self._call()
 
-    def stream_done(self, given: int) -> None:
+    def stream_done(self, given: int, complete: bool) -> None:
         with self.lock:
-            self.given = given
+            self.given, self.complete = given, complete
             ready = self.engine is not None
         if ready:
             self._call()
 
     def _call(self) -> None:
         packets, error = self.engine  # type: ignore[misc]
+        if error is None and not self.complete:  # the engine was done, the client was not
+            error = "the client stopped reading; result incomplete"
         self.finished(packets, self.given, error)  # type: ignore[arg-type]
 
 
@@ -130,7 +133,7 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
     `finished` is called once, when both have ended, with the engine's packets, the bytes
     the server took from this stream, and why it stopped short (None when complete)."""
     ending = _Ending(finished)
-    given = 0
+    given, complete = 0, False
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_BYTES)
@@ -160,6 +163,7 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
                     loop.remove_reader(rfd)
                 continue
             if not data:
+                complete = True
                 return
             yield data
             given += len(data)  # the server took it (it asks for more only once sent)
@@ -169,7 +173,7 @@ async def body(prepared: Prepared, finished: Finished) -> AsyncIterator[bytes]:
             await asyncio.sleep(0)
     finally:
         os.close(rfd)  # a client gone: the engine's next write gets EPIPE and stops
-        ending.stream_done(given)
+        ending.stream_done(given, complete)
 
 
 def _wake(ready: asyncio.Future) -> None:

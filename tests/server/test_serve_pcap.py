@@ -108,6 +108,30 @@ def test_reader_gone_stops_the_extraction(tmp_path):
     assert 0 < nbytes < len(full) // 2  # what was given out (checked in streamed)
 
 
+def test_a_stream_left_after_the_engine_finished_is_incomplete(sets):
+    """The engine wrote all of a small result into the pipe and ended well; the client left
+    before the stream had read it: the audit must not call that a whole result."""
+    req = Request([str(sets[0])], BEGIN, END, "tcp port 80", empty=True)
+    prepared = pcap.prepare(req, None, 2.0)
+    done: list = []
+
+    async def read() -> None:
+        gen = pcap.body(prepared, lambda *a: done.append(a))
+        await gen.__anext__()
+        for _ in range(250):  # until the engine has written everything and closed the pipe
+            if prepared.run.out is not None and prepared.run.out.fd < 0:
+                break
+            await asyncio.sleep(0.02)
+        assert prepared.run.out.fd < 0 and not done  # the engine is done, the stream not
+        await gen.aclose()
+
+    asyncio.run(read())
+    assert len(done) == 1
+    packets, nbytes, error = done[0]
+    assert packets > 0 and nbytes == 0
+    assert error == "the client stopped reading; result incomplete"
+
+
 def test_reader_gone_stops_a_search_that_writes_nothing(tmp_path):
     """A client that leaves while the engine finds nothing to write (a filter only the
     packets can decide, matching none): the engine stops at the next file, not at the end of
