@@ -10,6 +10,7 @@ fact, when the request would already be on its way).
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .config import Sensor
 
 USER_AGENT = "npcapfleet"
 CHUNK = 1 << 20  # bytes of a pcap stream read at once
+MAX_ANSWER = 1 << 30  # bytes of a JSON answer read at the most (a catalogue page: tens of MB)
 
 
 class SensorError(PcapVaultError):
@@ -83,13 +85,27 @@ class SensorClient:
         self.close()
 
     def get(self, path: str, **params: str | int) -> dict:
-        """The JSON answer of GET `path`."""
+        """The JSON object GET `path` answers: at most MAX_ANSWER bytes of it read (a sensor's
+        answer is input: it may be anything, of any size)."""
+        body = bytearray()
         try:
-            r = self.http.get(path, params=params)
+            with self.http.stream("GET", path, params=params) as r:
+                self._check(r)
+                for chunk in r.iter_bytes(CHUNK):
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise SensorError(f"{self.name}: {path} answered more than "
+                                          f"{MAX_ANSWER >> 20} MB; not read")
         except (httpx.HTTPError, OSError, ssl.SSLError) as e:
             raise SensorError(f"{self.name}: {_reason(e)}") from None
-        self._check(r)
-        return r.json()
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise SensorError(f"{self.name}: {path} answered something other than a JSON "
+                              "object; is this URL an npcapserve?")
+        return answer
 
     def _check(self, r: httpx.Response) -> None:
         if r.status_code == 200:

@@ -28,6 +28,7 @@ from pcapvault.index.indexfile import index_bytes, parse_header
 
 SETTLE_NS = 60 * 10**9  # what a finished page's cursor leaves to be asked again
 WORK_S = 10.0  # an answer stops taking files after this much work (clients time out)
+PAGE_ROWS = 500_000  # ... or once it holds this many conversations (the client's memory)
 # The three views libpcap's primitives take of a row's packets (docs/FLEET.md): untagged
 # IPv4, and IPv6 with the transport header first, where the row's addresses, ports and
 # protocol decide every primitive; IPv6 with extension headers first, where only the
@@ -64,10 +65,12 @@ class Cursor:
         return cls(int(m.group(1)), m.group(2))
 
 
-def page(path: str, since: Cursor, limit: int, now_ns: int, work_s: float = WORK_S) -> dict:
+def page(path: str, since: Cursor, limit: int, now_ns: int, work_s: float = WORK_S,
+         max_rows: int = PAGE_ROWS) -> dict:
     """The files of the dump set at `path` indexed after `since` (oldest index first, at
-    most `limit`, and no more once `work_s` seconds went into them: at least one) with their
-    conversations, the names of all its files, the next cursor and whether more files wait."""
+    most `limit`, and no more once `work_s` seconds went into them or they hold `max_rows`
+    conversations: at least one) with their conversations, the names of all its files, the
+    next cursor and whether more files wait."""
     t0 = time.monotonic()
     ds = open_dumpset(path)
     files = ds.files_in_window(0, 1 << 62)  # the timeline's: what extraction sees
@@ -81,10 +84,12 @@ def page(path: str, since: Cursor, limit: int, now_ns: int, work_s: float = WORK
             after.append((key, sf))
     after.sort(key=lambda pair: pair[0])
     described: list[tuple[Cursor, dict]] = []
+    rows = 0
     for key, sf in after[:limit]:
-        if described and time.monotonic() - t0 > work_s:
+        if described and (time.monotonic() - t0 > work_s or rows >= max_rows):
             break
         described.append((key, describe(path, sf, key.mtime_ns)))
+        rows += len(described[-1][1]["conversations"]["first_ns"])
     more = len(after) > len(described)
     cursor = described[-1][0] if described else since
     if not more:

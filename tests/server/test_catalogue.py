@@ -85,6 +85,12 @@ def test_an_answer_stops_after_its_work_budget(tmp_path):
                           time.time_ns())
     assert len(rest["files"]) == 2 and not rest["more"]
     assert {f["name"] for f in first["files"] + rest["files"]} == set(first["names"])
+    # and after enough conversations (what the client holds in memory at once)
+    one = catalogue.page(str(root), catalogue.Cursor(), 100, time.time_ns(), max_rows=1)
+    assert len(one["files"]) == 1 and one["more"]
+    two = catalogue.page(str(root), catalogue.Cursor(), 100, time.time_ns(),
+                         max_rows=len(one["files"][0]["conversations"]["view"]) + 1)
+    assert len(two["files"]) == 2 and two["more"]
 
 
 @pytest.fixture(scope="module")
