@@ -26,6 +26,7 @@ from .config import Sensor
 USER_AGENT = "npcapfleet"
 CHUNK = 1 << 20  # bytes of a pcap stream read at once
 MAX_ANSWER = 1 << 30  # bytes of a JSON answer read at the most (a catalogue page: tens of MB)
+ERROR_BYTES = 1 << 16  # of an error's body
 
 
 class SensorError(PcapVaultError):
@@ -108,11 +109,17 @@ class SensorClient:
         return answer
 
     def _check(self, r: httpx.Response) -> None:
+        """A SensorError for an answer other than 200, with the sensor's JSON error message
+        (from the first 64 KiB of its body at the most)."""
         if r.status_code == 200:
             return
+        head = b""
         try:
-            r.read()
-            message = r.json().get("error", "")
+            for chunk in r.iter_bytes():
+                head += chunk
+                if len(head) > ERROR_BYTES:
+                    break
+            message = str(json.loads(head).get("error", ""))[:300]
         except (ValueError, AttributeError, httpx.HTTPError):
             message = ""
         raise SensorError(f"{self.name}: {r.request.url.path} answered HTTP {r.status_code}"

@@ -15,16 +15,17 @@ from pcapvault.fleet.config import Sensor
 from pcapvault.fleet.sensors import SensorClient, SensorError
 
 ANSWERS = {
-    "/api/v1/status": b"<html>a login page</html>",
-    "/api/v1/catalogue": b"[1, 2, 3]",
-    "/api/v1/conversations": b"x" * (3 << 20),  # past the test's 1 MB bound
+    "/api/v1/status": (200, b"<html>a login page</html>"),
+    "/api/v1/catalogue": (200, b"[1, 2, 3]"),
+    "/api/v1/conversations": (200, b"x" * (3 << 20)),  # past the test's 1 MB bound
+    "/api/v1/pcap": (500, b'{"error": "' + b"e" * (3 << 20) + b'"}'),  # an endless error
 }
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        body = ANSWERS[self.path.split("?")[0]]
-        self.send_response(200)
+        status, body = ANSWERS[self.path.split("?")[0]]
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         try:
@@ -58,3 +59,9 @@ def test_what_is_not_a_json_object_is_refused(client):
 def test_an_endless_answer_is_not_read_to_its_end(client):
     with pytest.raises(SensorError, match="^odd: /api/v1/conversations answered more than 1 MB"):
         client.conversations(0, 10**9, "", [], 10)
+
+
+def test_an_error_is_read_only_so_far(client):
+    with pytest.raises(SensorError, match=r"^odd: /api/v1/pcap answered HTTP 500$"):
+        with client.pcapng(0, 10**9, "", []):
+            pass
