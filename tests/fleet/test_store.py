@@ -17,7 +17,7 @@ import pytest
 from pcapvault.fleet import filters, query
 from pcapvault.fleet.config import ClickHouse
 from pcapvault.fleet.rows import SENSOR_COLUMNS, Merged
-from pcapvault.fleet.store import open_store
+from pcapvault.fleet.store import StoreError, open_store
 from pcapvault.fleet.sync import Page, Synced, checked, cursors, store_page, sync
 
 T = (int(time.time()) // 86400 - 1) * 86400 * 10**9 + 3600 * 10**9  # yesterday 01:00 UTC
@@ -302,3 +302,12 @@ def test_a_chdb_catalogue_in_use_is_waited_for_then_named(tmp_path):
         held.close()
     out, _ = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and out.strip() == "opened"
+
+
+def test_a_catalogue_lock_that_leads_away_is_refused(tmp_path):
+    path = tmp_path / "catalogue"
+    path.mkdir()
+    (path / ".npcapfleet.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="cannot lock the catalogue"):
+        open_store(str(path), ClickHouse(), 30)
+    assert not (tmp_path / "elsewhere").exists()

@@ -137,6 +137,13 @@ def test_one_import_or_deletion_at_a_time(synth, tmp_path):
         assert digests(root) == before
     finally:
         os.close(fd)
+    os.unlink(root / ".manage.lock")
+    os.symlink(root / "elsewhere", root / ".manage.lock")  # a lock file that leads away
+    r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+               epoch(SYNTH_START + 1020 * NS), "--yes")
+    one_line(r, 1, "cannot lock", ".manage.lock", prog="npcapmanage")
+    assert not (root / "elsewhere").exists() and digests(root) == before
+    os.unlink(root / ".manage.lock")
     r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
                epoch(SYNTH_START + 1020 * NS), "--yes")
     assert r.returncode == 0, r.stderr  # and once it has ended, it runs
