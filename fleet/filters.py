@@ -36,8 +36,14 @@ from pcapvault.index.errors import PcapVaultError
 PROTOCOLS = {"tcp": "tcp", "udp": "udp", "sctp": "sctp", "icmp": "icmp", "icmp6": "icmpv6"}
 PORT_PROTOCOLS = ("tcp", "udp", "sctp")
 _TOKEN = re.compile(r"\s*(\(|\)|!|&&|\|\||[^\s()!&|]+)")
+_JOIN = {"and": "and", "&&": "and", "or": "or", "||": "or"}
+_WORDS = {*_JOIN, "not", "!", "(", ")"}
+# Longer or deeper filters go to the sensors (libpcap takes them): the SQL of a filter must
+# stay within what ClickHouse parses (its max_parser_depth, max_query_size).
+MAX_WORDS = 600
+MAX_DEPTH = 40
 
-Node = tuple  # ("and", a, b) | ("or", a, b) | ("not", a) | (primitive, value...)
+Node = tuple  # ("and", a, b, ...) | ("or", a, b, ...) | ("not", a) | (primitive, value...)
 
 
 class NotExpressible(PcapVaultError):
@@ -49,9 +55,11 @@ def parse(expr: str) -> Node | None:
     tokens = _tokens(expr)
     if not tokens:
         return None
-    node, rest = _or(tokens)
-    if rest:
-        raise NotExpressible(f"cannot translate {' '.join(rest[:3])!r}")
+    if sum(t not in _WORDS for t in tokens) > MAX_WORDS:
+        raise NotExpressible(f"more than {MAX_WORDS} words")
+    node, at = _Parser(tokens).expression(0, 0)
+    if at < len(tokens):
+        raise NotExpressible(f"cannot translate {' '.join(tokens[at:at + 3])!r}")
     return node
 
 
@@ -68,68 +76,95 @@ def _tokens(expr: str) -> list[str]:
     return out
 
 
-def _or(t: list[str]) -> tuple[Node, list[str]]:
-    node, t = _and(t)
-    while t and t[0] in ("or", "||"):
-        right, t = _and(t[1:])
-        node = ("or", node, right)
-    return node, t
+class _Parser:
+    """libpcap's grammar for the subset: `and` and `or` bind equally, left to right (`a or
+    b and c` is `(a or b) and c`), `not` closer. A run of one operator is one node of many
+    terms; nesting (parentheses, `not`, `and` after `or`) is bounded by MAX_DEPTH, so no
+    filter a user types, nor its SQL, recurses deeper."""
 
+    def __init__(self, tokens: list[str]):
+        self.t = tokens
 
-def _and(t: list[str]) -> tuple[Node, list[str]]:
-    node, t = _not(t)
-    while t and t[0] in ("and", "&&"):
-        right, t = _not(t[1:])
-        node = ("and", node, right)
-    return node, t
+    def expression(self, at: int, depth: int) -> tuple[Node, int]:
+        node, at = self.term(at, depth)
+        while at < len(self.t) and self.t[at] in _JOIN:
+            op = _JOIN[self.t[at]]
+            right, at = self.term(at + 1, depth)
+            if node[0] == op:
+                node = (*node, right)
+            else:
+                depth += 1
+                node = (op, node, right)
+            self.deeper(depth)
+        return node, at
 
+    def term(self, at: int, depth: int) -> tuple[Node, int]:
+        self.deeper(depth)
+        t = self.t
+        if at >= len(t):
+            raise NotExpressible("the filter ends early")
+        if t[at] in ("not", "!"):
+            node, at = self.term(at + 1, depth + 1)
+            return ("not", node), at
+        if t[at] == "(":
+            node, at = self.expression(at + 1, depth + 1)
+            if at >= len(t) or t[at] != ")":
+                raise NotExpressible("unbalanced parentheses")
+            return node, at + 1
+        node, rest = _primitive(t[at:at + 3])
+        return node, at + min(len(t) - at, 3) - len(rest)
 
-def _not(t: list[str]) -> tuple[Node, list[str]]:
-    if not t:
-        raise NotExpressible("the filter ends early")
-    if t[0] in ("not", "!"):
-        node, t = _not(t[1:])
-        return ("not", node), t
-    if t[0] == "(":
-        node, t = _or(t[1:])
-        if not t or t[0] != ")":
-            raise NotExpressible("unbalanced parentheses")
-        return node, t[1:]
-    return _primitive(t)
+    @staticmethod
+    def deeper(depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise NotExpressible(f"nested more than {MAX_DEPTH} deep")
 
 
 def _primitive(t: list[str]) -> tuple[Node, list[str]]:
     word = t[0]
     if word == "host" and len(t) > 1:
         try:
-            return ("host", _mapped(ipaddress.ip_address(t[1]))), t[2:]
+            addr = ipaddress.ip_address(t[1])
         except ValueError:
             raise NotExpressible(f"host {t[1]!r} is not an address") from None
+        return ("host", _mapped(addr), addr.version), t[2:]
     if word == "net" and len(t) > 1:
         try:
             net = ipaddress.ip_network(t[1])
         except ValueError:
             raise NotExpressible(f"net {t[1]!r} is not ADDRESS/LENGTH") from None
-        return ("net", _mapped(net.network_address), _mapped(net.broadcast_address)), t[2:]
+        return ("net", _mapped(net.network_address), _mapped(net.broadcast_address),
+                net.version), t[2:]
     if word in ("tcp", "udp", "sctp") and len(t) > 2 and t[1] == "port":
         return ("port", word, _port(t[2])), t[3:]
     if word == "port" and len(t) > 1:
         return ("port", None, _port(t[1])), t[2:]
     if word in PROTOCOLS or word in ("ip", "ip6", "arp"):
-        if len(t) > 1 and t[1] not in ("and", "&&", "or", "||", ")"):
+        if len(t) > 1 and t[1] not in _JOIN and t[1] != ")":
             raise NotExpressible(f"cannot translate {word} {t[1]}")
         return (word,), t[1:]
     raise NotExpressible(f"cannot translate {word!r}")
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    """A port as libpcap reads numbers: 0x.. hexadecimal, 0.. octal, else decimal."""
+    if len(text) <= 8 and re.fullmatch(r"0[xX][0-9A-Fa-f]+", text):
+        n = int(text, 16)
+    elif len(text) <= 8 and re.fullmatch(r"0[0-7]*", text):
+        n = int(text, 8)
+    elif len(text) <= 8 and re.fullmatch(r"[1-9][0-9]*", text):
+        n = int(text)
+    else:
         raise NotExpressible(f"port {text!r} is not a number (names are the sensors' to look up)")
-    return int(text)
+    if n > 65535:
+        raise NotExpressible(f"port {text!r} is above 65535")
+    return n
 
 
 def _mapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
-    """An address as the catalogue stores it: IPv4 mapped into IPv6."""
+    """An address as the catalogue stores it: IPv4 mapped into IPv6. (The row's `ipver`
+    tells an IPv4 packet's mapped address from an IPv6 packet's `::ffff:` one; libpcap's
+    `host ::ffff:a.b.c.d` is an IPv6 test.)"""
     if isinstance(addr, ipaddress.IPv4Address):
         return ipaddress.IPv6Address(f"::ffff:{addr}")
     return addr
@@ -172,9 +207,9 @@ def _sql(node: Node, params: dict[str, Any], prefix: str, ext: bool) -> tuple[st
     the same) or of the ip6ext view (ports and protocols unknown)."""
     kind = node[0]
     if kind in ("and", "or"):
-        (s1, p1), (s2, p2) = (_sql(n, params, prefix, ext) for n in node[1:])
-        op = kind.upper()
-        return f"({s1} {op} {s2})", f"({p1} {op} {p2})"
+        parts = [_sql(n, params, prefix, ext) for n in node[1:]]
+        op = f" {kind.upper()} "
+        return (f"({op.join(s for s, _ in parts)})", f"({op.join(p for _, p in parts)})")
     if kind == "not":
         s1, p1 = _sql(node[1], params, prefix, ext)
         return f"(NOT {p1})", f"(NOT {s1})"
@@ -186,10 +221,11 @@ def _sql(node: Node, params: dict[str, Any], prefix: str, ext: bool) -> tuple[st
 
     if kind == "host":
         a = bind(str(node[1]), "IPv6")
-        text = f"(addr_lo = {a} OR addr_hi = {a})"
+        text = f"(ipver = {node[2]} AND (addr_lo = {a} OR addr_hi = {a}))"
     elif kind == "net":
         lo, hi = bind(str(node[1]), "IPv6"), bind(str(node[2]), "IPv6")
-        text = f"(addr_lo BETWEEN {lo} AND {hi} OR addr_hi BETWEEN {lo} AND {hi})"
+        text = (f"(ipver = {node[3]} AND (addr_lo BETWEEN {lo} AND {hi} OR "
+                f"addr_hi BETWEEN {lo} AND {hi}))")
     elif kind == "ip":
         text = "(ipver = 4)"
     elif kind == "ip6":
@@ -219,11 +255,11 @@ def evaluate(node: Node | None, kind: str) -> bool | None:
         v = evaluate(node[1], kind)
         return None if v is None else not v
     if op in ("and", "or"):
-        a, b = evaluate(node[1], kind), evaluate(node[2], kind)
-        if op == "and":
-            return False if a is False or b is False else (True if a and b else None)
-        return True if a is True or b is True else (False if a is False and b is False
-                                                    else None)
-    if kind == "other" and op in ("host", "net", "arp"):
-        return None  # ARP and RARP carry addresses
+        values = [evaluate(n, kind) for n in node[1:]]
+        decisive = op == "or"  # the value that decides the whole: True for or, False for and
+        if decisive in values:
+            return decisive
+        return None if None in values else not decisive
+    if kind == "other" and (op == "arp" or op in ("host", "net") and node[-1] == 4):
+        return None  # ARP and RARP carry IPv4 addresses
     return False

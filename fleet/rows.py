@@ -38,9 +38,10 @@ def mapped(text: str) -> ipaddress.IPv6Address:
 
 
 @lru_cache(maxsize=1 << 17)
-def shown(a: ipaddress.IPv6Address) -> str:
-    """The address a person reads: IPv4 again for a mapped one."""
-    return str(a.ipv4_mapped or a)
+def shown(a: ipaddress.IPv6Address, ipver: int) -> str:
+    """The address a person reads: IPv4 again for an IPv4 packet's (an IPv6 packet's
+    `::ffff:` address stays IPv6, as Wireshark shows it)."""
+    return str(a.ipv4_mapped or a) if ipver == 4 else str(a)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Row:
     first_hi_ns: int
 
     def key(self) -> tuple:
-        return (self.protocol, self.ported, self.lo, self.port_lo, self.hi, self.port_hi)
+        return (self.protocol, self.ported, self.ipver, self.lo, self.port_lo, self.hi,
+                self.port_hi)
 
     @property
     def a_is_lo(self) -> bool:
@@ -163,7 +165,7 @@ class Merged:
         """Rows of extract/conversations.py's FIELDS["conversation"], unsorted."""
         out = []
         for r in self.rows.values():
-            ends = [(shown(r.lo), r.port_lo), (shown(r.hi), r.port_hi)]
+            ends = [(shown(r.lo, r.ipver), r.port_lo), (shown(r.hi, r.ipver), r.port_hi)]
             there = (r.packets_lo_hi, r.bytes_lo_hi)
             back = (r.packets_hi_lo, r.bytes_hi_lo)
             if not r.a_is_lo:

@@ -10,15 +10,18 @@ import secrets
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+from frames import eth, ipv4, ipv6, ports
 
 from pcapvault.fleet import filters, query
 from pcapvault.fleet.config import ClickHouse
 from pcapvault.fleet.rows import SENSOR_COLUMNS, Merged
 from pcapvault.fleet.store import StoreError, open_store
 from pcapvault.fleet.sync import Page, Synced, checked, cursors, store_page, sync
+from pcapvault.index.libpcap import compile_filter
 
 T = (int(time.time()) // 86400 - 1) * 86400 * 10**9 + 3600 * 10**9  # yesterday 01:00 UTC
 S = 10**9
@@ -154,6 +157,46 @@ def test_a_page_larger_than_one_insert(store):
                                   "host 10.0.0.1 or 10.0.0.2", "port http", "tcp[13] & 2 != 0",
                                   "ether host 00:11:22:33:44:55", "(host 10.0.0.1"])
 def test_filters_the_catalogue_leaves_to_the_sensors(expr):
+    with pytest.raises(filters.NotExpressible):
+        filters.parse(expr)
+
+
+# Rows of the ip view and a real frame of each, for libpcap to judge (the catalogue must
+# answer exactly what tcpdump selects, or a sensor holding packets is not asked).
+ORACLE_ROWS = [
+    (conv("10.0.0.1", 40000, "10.0.0.9", 22, "tcp", 1, 0, 1, 2),
+     eth(0x0800, ipv4(6, ports(40000, 22), "10.0.0.1", "10.0.0.9"))),
+    (conv("2001:db8::1", 53, "2001:db8::2", 5353, "udp", 1, 0, 1, 2),
+     eth(0x86DD, ipv6(17, ports(53, 5353), "2001:db8::1", "2001:db8::2"))),
+    (conv("::ffff:10.0.0.1", 80, "2001:db8::2", 8080, "tcp", 1, 0, 1, 2),
+     eth(0x86DD, ipv6(6, ports(80, 8080), "::ffff:10.0.0.1", "2001:db8::2"))),
+]
+HOSTS = " or ".join(f"host 10.1.{i // 250}.{i % 250 + 1}" for i in range(299))
+
+
+@pytest.mark.parametrize("expr", [
+    "host 10.0.0.1 or host 10.0.0.2 and port 80",  # libpcap: (a or b) and c
+    "not (host 10.0.0.1 or host 10.0.0.2 and port 80)",
+    "tcp and not port 22 or udp", "! tcp || port 53 && udp", "port 026", "port 0x16",
+    "port 026 or port 0x35", "host ::ffff:10.0.0.1", "not host ::ffff:10.0.0.1", "net ::/0",
+    "not net ::/0", "net 10.0.0.0/8", "not net ::ffff:0:0/96", "ip6 and net 2001:db8::/32",
+    f"{HOSTS} or host 10.0.0.9", f"not ({HOSTS})",
+    "tcp" + "".join(f" {'and' if i % 2 else 'or'} port {i}" for i in range(39)),
+])
+def test_the_catalogue_selects_what_libpcap_selects(store, expr):
+    load(store, ("a", answer([("f.pcap", 0, 10, 3, [r for r, _ in ORACLE_ROWS])], ["f.pcap"])))
+    with compile_filter(expr) as f:
+        want = sorted(r["port_a"] for r, frame in ORACLE_ROWS if f.match(frame))
+    got = {r["port_a"]: ip_address(r["address_a"]) for r in rows(store, expr, T, T + 100 * S)}
+    assert sorted(got) == want
+    assert all(got[r["port_a"]] == ip_address(r["address_a"]) for r, _ in ORACLE_ROWS
+               if r["port_a"] in got)
+
+
+@pytest.mark.parametrize("expr", [
+    " or ".join(["tcp"] * 700), "not " * 1000 + "tcp", "(" * 400 + "tcp" + ")" * 400,
+    "port 08", "port 99999999999999999999"])
+def test_filters_too_long_or_deep_for_the_catalogue_go_to_the_sensors(expr):
     with pytest.raises(filters.NotExpressible):
         filters.parse(expr)
 
