@@ -31,7 +31,12 @@ from pcapvault.extract.output import Batch, Interface, Sink
 from .sensors import SensorClient, SensorError
 
 SHB, IDB, EPB = 0x0A0D0D0A, 1, 6
+SMALLEST = {SHB: 28, IDB: 20, EPB: 32}  # a block of these types shorter is damaged
+# npcapserve's largest block: a packet of the largest snapshot length (256 KiB) in an EPB.
+# A block said to be longer is refused, not buffered (the stream is a sensor's input).
+MAX_BLOCK = 1 << 20
 QUEUE_BATCHES = 8  # batches waiting per sensor (about 1 MB each)
+NS_MAX = (1 << 63) - 1  # the latest time in the output's nanoseconds (year 2262)
 
 
 class StreamError(SensorError):
@@ -52,16 +57,43 @@ class Progress:
 def batches(chunks: Iterator[bytes], ifaces: list[int], name: str) -> Iterator[Batch]:
     """The packets of a pcapng stream (as npcapserve writes it: little-endian, one section)
     as Batches of whole packets of one interface each; the stream's interface i becomes
-    the output's `ifaces[i]`."""
+    the output's `ifaces[i]`. A damaged block ends it with StreamError, after the packets
+    before it."""
     scale: list[int] = []  # ns per timestamp unit, per interface of the stream
     rest = b""
     for chunk in chunks:
         data = rest + chunk if rest else chunk
-        offs, caps, wires, units, which = [], [], [], [], []
+        found = _Found()
+        try:
+            at = found.walk(data, scale, len(ifaces), name)
+        except StreamError:
+            if found.offs:
+                yield from found.cut(data, scale, ifaces)
+            raise
+        rest = data[at:]
+        if found.offs:
+            yield from found.cut(data, scale, ifaces)
+    if rest:
+        raise StreamError(f"{name}: the stream ended inside a block")
+
+
+@dataclass
+class _Found:
+    """The packets of one chunk's whole blocks."""
+
+    offs: list[int] = field(default_factory=list)
+    caps: list[int] = field(default_factory=list)
+    wires: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    which: list[int] = field(default_factory=list)
+
+    def walk(self, data: bytes, scale: list[int], ifaces: int, name: str) -> int:
+        """Take the packets of `data`'s whole blocks (interface blocks add to `scale`);
+        where the first block not whole starts."""
         at, size = 0, len(data)
         while at + 12 <= size:
             btype, blen = struct.unpack_from("<II", data, at)
-            if blen < 12 or blen % 4:
+            if blen < SMALLEST.get(btype, 12) or blen % 4 or blen > MAX_BLOCK:
                 raise StreamError(f"{name}: damaged pcapng block at byte {at} of a chunk")
             if at + blen > size:
                 break
@@ -69,55 +101,55 @@ def batches(chunks: Iterator[bytes], ifaces: list[int], name: str) -> Iterator[B
                 iface, hi, lo, cap, wire = struct.unpack_from("<IIIII", data, at + 8)
                 if iface >= len(scale) or 28 + cap > blen - 4:
                     raise StreamError(f"{name}: damaged pcapng packet block")
-                offs.append(at + 28)
-                caps.append(cap)
-                wires.append(wire)
-                units.append(hi << 32 | lo)
-                which.append(iface)
+                if (hi << 32 | lo) > NS_MAX // scale[iface]:
+                    raise StreamError(f"{name}: a packet time past what nanoseconds hold "
+                                      "(the year 2262)")
+                self.offs.append(at + 28)
+                self.caps.append(cap)
+                self.wires.append(wire)
+                self.units.append(hi << 32 | lo)
+                self.which.append(iface)
             elif btype == IDB:
-                scale.append(_ns_per_unit(data[at + 16:at + blen - 4]))
-                if len(scale) > len(ifaces):
+                scale.append(_ns_per_unit(data[at + 16:at + blen - 4], name))
+                if len(scale) > ifaces:
                     raise StreamError(f"{name}: more interfaces than the dump sets asked")
             elif btype == SHB and struct.unpack_from("<I", data, at + 8)[0] != 0x1A2B3C4D:
                 raise StreamError(f"{name}: a pcapng in another byte order than npcapserve's")
             at += blen
-        rest = data[at:]
-        if offs:
-            yield from _cut(data, offs, caps, wires, units, which, scale, ifaces)
-    if rest:
-        raise StreamError(f"{name}: the stream ended inside a block")
+        return at
+
+    def cut(self, data: bytes, scale: list[int], ifaces: list[int]) -> Iterator[Batch]:
+        """The packets as Batches, a run of one interface each."""
+        buf = np.frombuffer(data, np.uint8)
+        data_at = np.array(self.offs, np.int64)
+        iface = np.array(self.which, np.int64)
+        ts = np.array(self.units, np.int64) * np.array(scale, np.int64)[iface]
+        caplen = np.array(self.caps, np.int64)
+        wirelen = np.array(self.wires, np.int64)
+        brk = np.flatnonzero(iface[1:] != iface[:-1]) + 1
+        for a, z in zip(np.append(0, brk), np.append(brk, len(iface)), strict=True):
+            # rec: where a 16-byte record header would start (the Sink reads data at rec + 16)
+            yield Batch(buf, data_at[a:z] - 16, caplen[a:z], wirelen[a:z], ts[a:z],
+                        ifaces[int(iface[a])], True, False)
 
 
-def _ns_per_unit(options: bytes) -> int:
+def _ns_per_unit(options: bytes, name: str) -> int:
     """if_tsresol of an interface block's options (npcapserve writes 6 or 9)."""
     at = 0
     while at + 4 <= len(options):
         code, n = struct.unpack_from("<HH", options, at)
         if code == 0:
             break
+        if at + 4 + n > len(options):
+            raise StreamError(f"{name}: damaged pcapng interface block")
         if code == 9 and n >= 1:
             v = options[at + 4]
             if v & 0x80 or v > 9:
-                raise StreamError("an interface with a timestamp resolution npcapserve never "
-                                  "writes")
+                raise StreamError(f"{name}: an interface with a timestamp resolution "
+                                  "npcapserve never writes")
             return 10 ** (9 - v)
         at += 4 + n + (-n & 3)
     return 1000  # the pcapng default: microseconds
-
-
-def _cut(data: bytes, offs: list[int], caps: list[int], wires: list[int], units: list[int],
-         which: list[int], scale: list[int], ifaces: list[int]) -> Iterator[Batch]:
-    buf = np.frombuffer(data, np.uint8)
-    data_at = np.array(offs, np.int64)
-    iface = np.array(which, np.int64)
-    ts = np.array(units, np.int64) * np.array(scale, np.int64)[iface]
-    caplen = np.array(caps, np.int64)
-    wirelen = np.array(wires, np.int64)
-    brk = np.flatnonzero(iface[1:] != iface[:-1]) + 1
-    for a, z in zip(np.append(0, brk), np.append(brk, len(iface)), strict=True):
-        # rec: where a 16-byte record header would start (the Sink reads data at rec + 16)
-        yield Batch(buf, data_at[a:z] - 16, caplen[a:z], wirelen[a:z], ts[a:z],
-                    ifaces[int(iface[a])], True, False)
 
 
 @dataclass
@@ -163,6 +195,8 @@ def write(path: str, interfaces: list[Interface], asked: list[SensorPart], begin
                             return
             except SensorError as e:
                 p.error = str(e)
+            except Exception as e:  # noqa: BLE001 - a thread's end: the run says partial
+                p.error = f"{a.client.name}: the stream broke off ({type(e).__name__}: {e})"
             finally:
                 p.seconds = time.monotonic() - t0
                 said(p)

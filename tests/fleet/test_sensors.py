@@ -5,13 +5,17 @@ A real HTTP server on loopback answers as a broken or hostile one might."""
 
 from __future__ import annotations
 
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 import pytest
 
+from pcapvault.extract.output import Interface
 from pcapvault.fleet import sensors
 from pcapvault.fleet.config import Sensor
+from pcapvault.fleet.pcap import SensorPart, write
 from pcapvault.fleet.sensors import SensorClient, SensorError
 
 ANSWERS = {
@@ -22,9 +26,39 @@ ANSWERS = {
 }
 
 
+def _block(btype: int, body: bytes, length: int | None = None) -> bytes:
+    body += bytes(-len(body) % 4)
+    n = length if length is not None else 12 + len(body)
+    return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+
+SHB = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+IDB = _block(1, struct.pack("<HHI", 1, 0, 262144) + struct.pack("<HHB3x", 9, 1, 9) + bytes(4))
+
+
+def _epb(hi: int, lo: int, frame: bytes = bytes(60)) -> bytes:
+    return _block(6, struct.pack("<IIIII", 0, hi, lo, len(frame), len(frame)) + frame)
+
+
+# What a broken or hostile sensor may stream as its pcapng: one good packet, then this.
+# (The test's name for it: the bytes, what the run says of it.)
+STREAMS = {
+    "short packet block": (struct.pack("<II", 6, 12) + bytes(4), "damaged pcapng block"),
+    "option past its block": (_block(1, struct.pack("<HHI", 1, 0, 65535)
+                                     + struct.pack("<HH", 9, 8)), "damaged pcapng interface"),
+    "time past 2262": (_epb(0xFFFFFFFF, 0), "a packet time past"),
+    "block of 4 GB": (struct.pack("<II", 6, 0xFFFFFFF0) + bytes(3 << 20),
+                      "damaged pcapng block"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        status, body = ANSWERS[self.path.split("?")[0]]
+        path, _, query = self.path.partition("?")
+        status, body = ANSWERS[path]
+        asked = parse_qs(query).get("dumpset", [""])[0]
+        if path == "/api/v1/pcap" and asked in STREAMS:
+            status, body = 200, SHB + IDB + _epb(0, 1_000_000_000) + STREAMS[asked][0]
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -65,3 +99,18 @@ def test_an_error_is_read_only_so_far(client):
     with pytest.raises(SensorError, match=r"^odd: /api/v1/pcap answered HTTP 500$"):
         with client.pcapng(0, 10**9, "", []):
             pass
+
+
+@pytest.mark.parametrize("damage", list(STREAMS))
+def test_a_damaged_pcapng_ends_that_sensors_part_after_its_good_packets(client, tmp_path,
+                                                                       damage):
+    """The run goes on and says which sensor broke off (a partial result), with the packet
+    before the damage written; a block said to be 4 GB is refused, not buffered."""
+    part = SensorPart(client, [damage], [0])
+    heard = []
+    out = tmp_path / "out.pcapng"
+    written = write(str(out), [Interface("odd:eth0", 1, 262144, True)], [part], 0, 10**9,
+                    "", heard.append)
+    assert written == 1 and heard == [part.progress]
+    assert part.progress.error.startswith(f"odd: {STREAMS[damage][1]}")
+    assert out.stat().st_size > 0
