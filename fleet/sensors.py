@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import socket
 import ssl
 from collections.abc import Iterator
@@ -100,8 +101,8 @@ class SensorClient:
         except (httpx.HTTPError, OSError, ssl.SSLError) as e:
             raise SensorError(f"{self.name}: {_reason(e)}") from None
         try:
-            answer = json.loads(body)
-        except ValueError:
+            answer = strict_json(body)
+        except (ValueError, RecursionError):
             answer = None
         if not isinstance(answer, dict):
             raise SensorError(f"{self.name}: {path} answered something other than a JSON "
@@ -119,8 +120,8 @@ class SensorClient:
                 head += chunk
                 if len(head) > ERROR_BYTES:
                     break
-            message = str(json.loads(head).get("error", ""))[:300]
-        except (ValueError, AttributeError, httpx.HTTPError):
+            message = str(strict_json(head).get("error", ""))[:300]
+        except (ValueError, RecursionError, AttributeError, httpx.HTTPError):
             message = ""
         raise SensorError(f"{self.name}: {r.request.url.path} answered HTTP {r.status_code}"
                           + (f": {message}" if message else ""))
@@ -156,6 +157,23 @@ class SensorClient:
             yield from r.iter_raw(CHUNK)
         except (httpx.HTTPError, OSError, ssl.SSLError) as e:
             raise SensorError(f"{self.name}: {_reason(e)}") from None
+
+
+def strict_json(data: bytes | bytearray) -> object:
+    """JSON as a sensor may send it: ValueError for what Python's json takes beyond the
+    standard (NaN, Infinity) and for a number no float holds (1e400 would be infinity)."""
+    return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is past what a number holds")
+    return value
 
 
 def _reason(e: BaseException) -> str:

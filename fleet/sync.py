@@ -20,6 +20,8 @@ from .rows import canonical
 from .sensors import SensorClient, SensorError
 from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, VIEWS, Store
 
+# A time the catalogue takes: its days are Dates (up to 2149); a sensor's times are past 1970.
+LATEST_NS = 5_600_000_000 * 10**9
 PAGE_FILES = 50  # files per request: a page of summaries stays a few MB
 SENSORS_AT_ONCE = 16  # sensors asked at the same time
 
@@ -55,20 +57,27 @@ def checked(answer: dict) -> dict:
         if not isinstance(answer[key], str):
             raise TypeError(f"{key} is not text")
     for key in ("linktype", "snaplen"):
-        answer[key] = int(answer[key])
+        whole(answer[key], key, 1 << 32)
     answer["names"] = [str(n) for n in answer["names"]]
     answer["more"] = bool(answer["more"])
     answer["nanosecond"] = bool(answer["nanosecond"])
     for f in answer["files"]:
         f["name"] = str(f["name"])
         for key in ("first_ns", "last_ns", "index_mtime_ns", "packets"):
-            f[key] = int(f[key])
+            whole(f[key], key, LATEST_NS)
         c = f.pop("conversations")
         f["rows"] = rows = canonical(c)
         rows["view"] = [VIEWS[v] for v in c["view"]]
         if len(rows["view"]) != len(rows["addr_lo"]):
             raise ValueError("columns of different lengths")
     return answer
+
+
+def whole(value: object, name: str, below: int) -> int:
+    """`value` if it is a whole number from 0 to `below` - 1, else ValueError."""
+    if type(value) is not int or not 0 <= value < below:
+        raise ValueError(f"{name} {str(value)[:30]} is not a whole number below {below}")
+    return value
 
 
 @dataclass

@@ -52,11 +52,18 @@ STREAMS = {
 }
 
 
+# Catalogue answers Python's json would take, but a sensor's JSON may not hold.
+NOT_JSON = {"infinite": b'{"files": [], "first_ns": 1e400}', "nan": b'{"more": NaN}',
+            "deep": b"[" * 100_000 + b"]" * 100_000}
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path, _, query = self.path.partition("?")
         status, body = ANSWERS[path]
         asked = parse_qs(query).get("dumpset", [""])[0]
+        if path == "/api/v1/catalogue" and asked in NOT_JSON:
+            body = NOT_JSON[asked]
         if path == "/api/v1/pcap" and asked in STREAMS:
             status, body = 200, SHB + IDB + _epb(0, 1_000_000_000) + STREAMS[asked][0]
         self.send_response(status)
@@ -88,6 +95,12 @@ def test_what_is_not_a_json_object_is_refused(client):
         client.dumpsets()
     with pytest.raises(SensorError, match="^odd: /api/v1/catalogue answered something other"):
         client.catalogue("/d", "", 10)
+
+
+@pytest.mark.parametrize("what", list(NOT_JSON))
+def test_json_no_sensor_sends_is_refused(client, what):
+    with pytest.raises(SensorError, match="^odd: /api/v1/catalogue answered something other"):
+        client.catalogue(what, "", 10)
 
 
 def test_an_endless_answer_is_not_read_to_its_end(client):

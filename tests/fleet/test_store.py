@@ -243,6 +243,10 @@ BROKEN = {
     "file time as a list": lambda a, c: a["files"][0].update(first_ns=[1]),
     "dump set not text": lambda a, c: a.update(dumpset=7),
     "files not a list of objects": lambda a, c: a.update(files=["f1.pcap"]),
+    "file time past the catalogue's days": lambda a, c: a["files"][0].update(first_ns=10**30),
+    "file time as a fraction": lambda a, c: a["files"][0].update(first_ns=1.5),
+    "link type past 32 bits": lambda a, c: a.update(linktype=1 << 40),
+    "snapshot length below zero": lambda a, c: a.update(snaplen=-1),
 }
 
 
