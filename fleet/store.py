@@ -196,14 +196,22 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# ClickHouse reads a String parameter in its escaped text form (as clickhouse-connect
+# sends them): a backslash starts an escape, a tab or newline would end the value.
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
 def _value_text(value: Any) -> Any:
-    """A parameter as chdb passes it to ClickHouse: scalars as they are, arrays and tuples
-    as ClickHouse's text of a value (ClickHouse parses it as data of the declared type)."""
+    """A parameter as chdb passes it to ClickHouse: text escaped, other scalars as they are,
+    arrays and tuples as ClickHouse's text of a value (ClickHouse parses it as data of the
+    declared type)."""
     if isinstance(value, list | tuple):
         inner = ", ".join(_quoted(v) for v in value)
         return f"[{inner}]" if isinstance(value, list) else f"({inner})"
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, str):
+        return value.translate(_ESCAPES)
     return value
 
 

@@ -137,6 +137,21 @@ def test_files_sent_again_replace_and_unnamed_files_leave(store):
     assert names == [("f2.pcap", 1)]
 
 
+@pytest.mark.parametrize("path", ["/data/cap\\tx", "/data/x\\", "/d\tnew\nline", "/d'q"])
+def test_dump_set_paths_are_data_whatever_they_hold(store, path):
+    """A sensor's dump set path is text ClickHouse must not read escapes in: a file indexed
+    again replaces its rows, a file deleted leaves (a backslash made both fail)."""
+    first = answer([FILE1, FILE2], ["f1.pcap", "f2.pcap"])
+    again = answer([FILE2], ["f2.pcap"])  # f2 indexed again, f1 deleted on the sensor
+    for a in (first, again):
+        a["dumpset"] = path
+    load(store, ("a", first))
+    done = load(store, ("a", again))
+    assert (done[0].added, done[0].removed) == (1, 1)
+    assert store.query(f"SELECT dumpset, file FROM {store.db}.files") == [(path, "f2.pcap")]
+    assert cursors(store) == {("a", path): "1/x"}
+
+
 def test_a_page_larger_than_one_insert(store):
     """60,001 conversations of 3,000 hosts (inserted in parts of 50,000, each distinct
     address converted once): every row arrives, with its addresses and counts."""
