@@ -53,7 +53,7 @@ class Fleet:
     """The fleet file and the catalogue, opened when a command needs them."""
 
     def __init__(self, config: Path, catalogue: str | None):
-        from .config import FleetFileError, load
+        from .config import FleetFileError, check_url, load
 
         try:
             self.config = load(config)
@@ -63,9 +63,12 @@ class Fleet:
         if not self.where:
             raise click.UsageError("give --catalogue DIR|https://HOST:PORT, or catalogue = "
                                    "in the fleet file")
-        if "@" in self.where.partition("://")[2].partition("/")[0]:
-            raise click.UsageError("no user or password in the catalogue URL: give them in "
-                                   "the fleet file's [clickhouse] section")
+        if "://" in self.where:
+            try:
+                check_url(self.where, "--catalogue")
+            except FleetFileError as e:
+                raise click.UsageError(f"{e}; the user and password go in the fleet file's "
+                                       "[clickhouse] section") from None
         self._store = None
 
     @property

@@ -29,7 +29,9 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from pcapvault.index.cliutil import is_loopback
 from pcapvault.index.errors import PcapVaultError
 
 DEFAULT_PATH = Path("/etc/pcapvault/fleet.toml")
@@ -88,6 +90,8 @@ def load(path: Path) -> FleetConfig:
                           "--config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FleetFileError(f"{path}: not a TOML fleet file: {e}") from None
+    except OSError as e:
+        raise FleetFileError(f"{path}: cannot read the fleet file: {e.strerror}") from None
     if st.st_mode & 0o037:  # group write or execute, anything for others
         raise FleetFileError(f"{path}: it holds API tokens, yet others may read or change it; "
                           f"chmod 600 {path} (or 640 for a group of operators)")
@@ -126,6 +130,8 @@ def load(path: Path) -> FleetConfig:
     catalogue = data.get("catalogue")
     if catalogue is not None and not isinstance(catalogue, str):
         raise FleetFileError(f"{where('catalogue')}: give a directory or an https:// URL")
+    if catalogue is not None and "://" in catalogue:
+        check_url(catalogue, where("catalogue"))
     return FleetConfig(
         tuple(sensors), _relative(catalogue, base), days, float(timeout),
         ClickHouse(str(ch.get("user", "default")), str(ch.get("password", "")), database,
@@ -143,10 +149,9 @@ def _sensor(s: object, where: str, base: Path) -> Sensor:
         raise FleetFileError(f"{where}: name: give letters, digits, '.', '_' or '-' (at most 63)")
     where = f"{where} ({name})"
     url = s.get("url")
-    if not isinstance(url, str) or not re.match(r"^https?://[^/@\s]+(/[^\s]*)?$", url):
-        raise FleetFileError(f"{where}: url: give https://HOST:PORT (no user or password in it)")
-    if url.startswith("http://") and not re.match(r"^http://(127\.|localhost|\[::1\])", url):
-        raise FleetFileError(f"{where}: url: plain http only to a loopback address; use https")
+    if not isinstance(url, str):
+        raise FleetFileError(f"{where}: url: give https://HOST:PORT")
+    check_url(url, f"{where}: url")
     token = s.get("token")
     if not isinstance(token, str) or not token.strip():
         raise FleetFileError(f"{where}: token: give the sensor's API token "
@@ -162,6 +167,24 @@ def _sensor(s: object, where: str, base: Path) -> Sensor:
     if ca is not None and fingerprint is not None:
         raise FleetFileError(f"{where}: give ca or fingerprint, not both")
     return Sensor(name, url.rstrip("/"), token.strip(), ca, fingerprint)
+
+
+def check_url(url: str, where: str) -> None:
+    """FleetFileError unless `url` is https://HOST[:PORT][/PATH] without a user or password
+    in it, or plain http to a loopback address (credentials go over it)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is none
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("https", "http") or not parts.hostname
+            or parts.username is not None or parts.password is not None or parts.query
+            or parts.fragment or re.search(r"\s", url) or port == 0):
+        raise FleetFileError(f"{where}: give https://HOST:PORT (no user or password in it), "
+                             f"not {url[:80]!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise FleetFileError(f"{where}: plain http only to a loopback address (credentials go "
+                             "over it); use https")
 
 
 def _path(value: object, base: Path, where: str) -> Path | None:

@@ -65,6 +65,19 @@ def run(
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, as in a URL or --listen) stays on this machine:
+    where plain HTTP, and the credentials in it, may go."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _quiet_broken_pipe() -> None:
     # Python would complain again when flushing stdout at exit; point it at /dev/null.
     try:

@@ -47,6 +47,16 @@ def test_a_good_file(tmp_path):
     ('catalogue = "cat"\n', 0o600, "no [[sensor]]"),
     (GOOD.format(fp=FP) + GOOD.format(fp=FP).split("\n", 1)[1], 0o600, "given twice"),
     ("[[sensor", 0o600, "not a TOML"),
+    *((GOOD.format(fp=FP).replace("https://127.0.0.1:1", url), 0o600, needle) for url, needle in [
+        ("http://localhost.example.com:8080", "plain http only to a loopback"),
+        ("http://127.evil.example", "plain http only to a loopback"),
+        ("https://h:99999", "give https://HOST:PORT"),
+        ("https://h:abc", "give https://HOST:PORT"),
+        ("https://[::1", "give https://HOST:PORT"),
+        ("https://h:8443/?x=1", "give https://HOST:PORT"),
+        ("ftp://h", "give https://HOST:PORT")]),
+    (GOOD.format(fp=FP).replace('"cat"', '"http://ch.example:8123"'), 0o600,
+     "catalogue: plain http only to a loopback"),
 ])
 def test_bad_files(tmp_path, text, mode, needle):
     with pytest.raises(FleetFileError, match=needle.replace("[", r"\[")):
@@ -58,6 +68,8 @@ def test_bad_files(tmp_path, text, mode, needle):
     (["pcap", "-b", "now", "-e", "-1h", "-o", "x.pcapng"], "after END"),
     (["sync", "--sensor", "nope"], "no sensor 'nope'"),
     (["--catalogue", "https://fleet:secret@ch:8443", "sync"], "no user or password"),
+    (["--catalogue", "http://ch.example:8123", "sync"], "plain http only to a loopback"),
+    (["--catalogue", "https://ch:0", "sync"], "give https://HOST:PORT"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, needle):
     conf = write(tmp_path, GOOD.format(fp=FP))
@@ -73,3 +85,8 @@ def test_a_world_readable_file_is_refused_on_the_command_line(tmp_path):
     r = subprocess.run([tool("npcapfleet"), "--config", str(conf), "sync"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "chmod 600" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_an_unreadable_fleet_file_is_refused_in_one_line(tmp_path):
+    with pytest.raises(FleetFileError, match="cannot read the fleet file: Is a directory"):
+        load(tmp_path)
