@@ -8,16 +8,58 @@ convention `.NAME.part` (docs/FORMAT.md), which readers skip and npcaprepair rem
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import PcapVaultError
 
 
 def temp_path(path: str | os.PathLike[str]) -> Path:
     """Where `path` is written before being renamed into place."""
     path = Path(path)
     return path.with_name(f".{path.name}.part")
+
+
+def create_new(tmp: str | os.PathLike[str], mode: int | None = None) -> int:
+    """Create `tmp` afresh and return its fd open for writing (permissions exactly `mode`,
+    else the umask's default).
+
+    Temporary names are predictable and their directory may belong to someone else (a dump
+    set's owner, a user's output folder), so the name is never followed: created with
+    O_EXCL|O_NOFOLLOW, a planted symlink or hard link cannot turn the write into one into
+    another file. A leftover of ours (a regular file we own, from a stop) is removed and
+    the name created again; anything else in the way is refused.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+    except FileExistsError:
+        try:
+            st = os.lstat(tmp)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                                   and st.st_nlink == 1):
+            raise PcapVaultError(f"{tmp} is in the way of a temporary file and is not one we "
+                                 "left (a link or another user's file): remove it and run "
+                                 "again") from None
+        if st is not None:
+            os.unlink(tmp)
+        try:
+            fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        except FileExistsError:
+            raise PcapVaultError(f"{tmp} keeps reappearing while we write it: find who "
+                                 "creates it, then run again") from None
+    if mode is not None:
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 @contextmanager
@@ -32,10 +74,9 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int | None = None,
     is removed and `path` is left as it was.
     """
     tmp = temp_path(path)
+    fd = create_new(tmp, mode)
     try:
-        with open(tmp, "wb") as f:
-            if mode is not None:
-                os.fchmod(f.fileno(), mode)
+        with open(fd, "wb") as f:
             yield f
             f.flush()
             if sync:

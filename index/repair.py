@@ -230,12 +230,9 @@ class Repair:
             return None
 
         def rewrite() -> None:
-            tmp = sf.pcap.with_name(f".{sf.pcap.name}.plain.part")
-            tmp.write_bytes(data[: table.complete_end])
-            try:
-                compressed.compress_file(tmp, sf.pcap)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # From memory: no plain temporary file beside it (atomic_write makes the one).
+            compressed.compress_file(sf.pcap, sf.pcap,
+                                     data=memoryview(data)[: table.complete_end])
 
         self._do("recompress", sf.pcap, f"damaged or truncated zstd data, keeping "
                  f"{table.complete_end} bytes of complete packets", rewrite)
