@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from dumpsets import BASE_NS, all_packets, assert_clean, make_dumpset, repair
+from indexes import with_crc
 from recorderproc import RecorderProc, read_pcap, synthetic_pcap, tool
 
 from pcapvault.index import timeline
@@ -247,3 +248,27 @@ def test_a_dump_set_whose_timeline_is_gone_is_not_called_consistent(tmp_path):
         f"npcaprepair: error: {ds.root}: its timeline {tmp_path / 'nowhere'} does not exist; "
         "start the recorder on it (with -A DIR for a timeline elsewhere) to give it one: the "
         "start links every file into it\n")
+
+
+def test_an_index_whose_last_packet_is_before_its_first_is_rebuilt(tmp_path):
+    """A header with last_ns < first_ns (its CRC checks) gave a negative count of time bins,
+    hence a huge frame table: struct.error in npcapprintindex, npcapextract, npcaprepair."""
+    ds = make_dumpset(tmp_path / "ds")
+    sf = ds.files()[1]
+    data = sf.index.read_bytes()
+    last = struct.unpack_from("<q", data, 32)[0]
+    sf.index.write_bytes(with_crc(data[:24] + struct.pack("<qq", last + 1000 * 10**9, last)
+                                  + data[40:]))
+    for args in (["-i"], ["-c", "-i"]):
+        r = subprocess.run([tool("npcapprintindex"), *args, str(sf.index)], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "damaged index (packet times" in r.stderr + r.stdout, r.stderr
+    out = tmp_path / "out.pcap"
+    r = subprocess.run([tool("npcapextract"), "-t", str(ds.root), "-b", "2025-11-21",
+                        "-e", "2025-11-22", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(read_pcap(out)) == 150
+    r = repair(ds.root)
+    assert "rebuild index" in r.stdout, r.stdout
+    assert_clean(ds.root)
