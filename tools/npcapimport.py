@@ -81,15 +81,26 @@ def load_registry(ds: DumpSet) -> dict:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        doc = {"error": str(e)}
+    except (OSError, ValueError, RecursionError) as e:
+        doc = {"error": str(e) or type(e).__name__}
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get(
-            "version") != VERSION or not isinstance(doc.get("imports"), dict):
+            "version") != VERSION or not isinstance(doc.get("imports"), dict) or not all(
+            _valid_entry(e) for e in doc["imports"].values()):
         raise ImportRefused(
             f"{path} is damaged or of another version ({str(doc)[:60]}); restore it from a "
             "backup, or remove it (captures imported before would then be imported again, "
             "and refused where they overlap what they became)")
     return doc["imports"]
+
+
+# An entry's fields and their types (docs/FORMAT.md, "Imports"): every reader of the
+# registry relies on them, so a damaged entry refuses the whole file.
+_ENTRY = {"source": str, "imported": str, "packets": int, "files": list, "complete": bool}
+
+
+def _valid_entry(e: object) -> bool:
+    return (isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in _ENTRY.items())
+            and all(isinstance(n, str) for n in e["files"]))
 
 
 def _store_registry(ds: DumpSet, reg: dict) -> None:

@@ -5,6 +5,7 @@ refused with one line."""
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import struct
 import subprocess
@@ -388,11 +389,27 @@ def test_packets_longer_than_the_dump_sets_snaplen_are_cut_and_said_to_be(tmp_pa
     assert sorted(tcpdump_select([tmp_path / "out.pcap"], "")) == sorted(got)
 
 
-def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path):
+def _registry(**entry: object) -> str:
+    whole = {"source": "/a.pcap", "imported": "2025-11-22T09:00:01.0Z", "packets": 1,
+             "files": [], "complete": False}
+    return json.dumps({"format": "pcapvault-imports", "version": 1,
+                       "imports": {"ab": whole | entry}})
+
+
+@pytest.mark.parametrize("content", [
+    "{ half",
+    # KeyError, AttributeError, TypeError (and RecursionError) in undo_partial and survey
+    '{"format": "pcapvault-imports", "version": 1, "imports": {"ab": {"complete": false}}}',
+    '{"format": "pcapvault-imports", "version": 1, "imports": {"ab": 5}}',
+    _registry(files=5),
+    _registry(files=[5], complete=True),
+    '{"format": "pcapvault-imports", "version": 1, "imports": ' + "[" * 100000,
+], ids=["half", "no-source", "not-an-object", "files-5", "file-name-5", "nested"])
+def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path, content):
     src = tmp_path / "in.pcap"
     write_pcap(src, traffic(50))
     root = new_dumpset(tmp_path / "ds")
-    (root / "imports.json").write_text("{ half")
+    (root / "imports.json").write_text(content)
     one_line(npcapimport("-t", root, src), 1, "imports.json is damaged")
     assert not DumpSet.open(root).files()
 
