@@ -2,11 +2,13 @@
 
 Every file other processes may read at any moment (indexes, compressed pcaps, markers, the
 stats file, a decompressed output) is written this way, under the dump set's temporary-name
-convention `.NAME.part` (docs/FORMAT.md), which readers skip and npcaprepair removes.
+convention `.NAME.part` (docs/FORMAT.md), which readers skip and npcaprepair removes. The small
+ones (markers, holds, the import registry) are read back with `read_small_file`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -95,3 +97,37 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int | None 
     """Replace `path` with `data` (see atomic_write)."""
     with atomic_write(path, mode=mode, sync=sync) as f:
         f.write(data)
+
+
+SMALL_FILE_LIMIT = 64 << 20
+
+
+class NotASmallFile(OSError):
+    """The name holds something other than a regular file of the size such a file may have."""
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The content of a small file of ours (a marker, the holds file, the import registry) in a
+    directory whose owner may have replaced it with anything: root must not follow a link out
+    of it, hang on a FIFO or read /dev/zero until memory runs out. The name is opened once,
+    without following a link and without blocking, and the open file must be a regular file
+    of at most `limit` bytes; else OSError (FileNotFoundError when there is none, ELOOP for a
+    link, NotASmallFile for the rest), which every caller already reports in one line.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotASmallFile(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise NotASmallFile(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        chunks = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # grew while read
+            raise NotASmallFile(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .atomicfile import atomic_write
+from .atomicfile import atomic_write, read_small_file
 from .dumpset import NAME_SLACK_NS, DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
 from .postings import HEADER_LEN, parse_header
@@ -159,7 +159,7 @@ def load_holds(ds: DumpSet) -> HoldSet:
     FormatError."""
     path = holds_path(ds)
     try:
-        data = path.read_bytes()
+        data = read_small_file(path)
     except FileNotFoundError:
         return HoldSet(ds.root, [])
     except OSError as e:

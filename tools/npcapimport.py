@@ -36,6 +36,7 @@ import click
 import numpy as np
 
 from pcapvault.index import timeline
+from pcapvault.index.atomicfile import read_small_file
 from pcapvault.index.captures import Capture, open_capture
 from pcapvault.index.dumpset import DumpSet, file_name
 from pcapvault.index.errors import FormatError, PcapVaultError
@@ -78,7 +79,7 @@ def load_registry(ds: DumpSet) -> dict:
     """digest -> entry of every capture imported (or being imported) into the dump set."""
     path = _registry_path(ds)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_small_file(path))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -13,7 +14,13 @@ from fsutil import fill
 from recorderproc import one_line, tool
 
 from pcapvault.index import timeline
-from pcapvault.index.atomicfile import atomic_write, temp_path, write_atomic
+from pcapvault.index.atomicfile import (
+    NotASmallFile,
+    atomic_write,
+    read_small_file,
+    temp_path,
+    write_atomic,
+)
 from pcapvault.index.compressed import compress_file
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.pcapfile import pcap_bytes
@@ -141,3 +148,22 @@ def test_write_synced_does_not_write_through_a_planted_link(tmp_path):
     with pytest.raises(PcapVaultError):
         write_synced(tmp, np.zeros(4, np.uint8), 0o640)
     assert victim.read_bytes() == b"precious"
+
+
+def test_read_small_file_reads_only_a_small_regular_file(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    assert read_small_file(p, 100) == b"x" * 100
+    with pytest.raises(NotASmallFile, match="larger than 99 bytes"):
+        read_small_file(p, 99)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(NotASmallFile, match="not a regular file"):
+        read_small_file(fifo)  # at once: no writer is waited for
+    link = tmp_path / "link"
+    link.symlink_to(p)
+    with pytest.raises(OSError) as e:
+        read_small_file(link)
+    assert e.value.errno == errno.ELOOP
+    with pytest.raises(FileNotFoundError):
+        read_small_file(tmp_path / "none")
