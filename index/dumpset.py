@@ -259,7 +259,11 @@ class DumpSet:
         return self.root / f"{TEMP_PREFIX}{tag}{TEMP_SUFFIX}"
 
     def temp_files(self) -> list[Path]:
-        return sorted(p for p in self.root.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"))
+        """The recorder's unfinished pcaps: regular files only (npcaprepair truncates and
+        places them; a symlink there would lead it to a file outside the dump set)."""
+        return sorted(Path(e.path) for e in os.scandir(self.root)
+                      if e.name.startswith(TEMP_PREFIX) and e.name.endswith(TEMP_SUFFIX)
+                      and e.is_file(follow_symlinks=False))
 
     def storage_dirs(self) -> list[Path]:
         dirs = []
@@ -269,7 +273,9 @@ class DumpSet:
         return sorted(dirs, key=lambda p: parse_name(p.name))
 
     def files(self) -> list[StoredFile]:
-        """Every finished pcap, oldest first, found from the storage directories."""
+        """Every finished pcap, oldest first, found from the storage directories: regular
+        files only, since what is listed here is truncated, rewritten and deleted (a symlink
+        would make that happen to its target, outside the dump set)."""
         out = []
         for d in self.storage_dirs():
             try:
@@ -277,7 +283,7 @@ class DumpSet:
             except FileNotFoundError:
                 continue  # emptied and removed by another process meanwhile
             for e in entries:
-                if timeline.is_pcap_name(e.name):
+                if timeline.is_pcap_name(e.name) and e.is_file(follow_symlinks=False):
                     first = parse_name(e.name)
                     if first is not None:
                         out.append(StoredFile(first, Path(e.path)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dumpsets import BASE_NS, all_packets, assert_clean, make_dumpset, repair
 from indexes import with_crc
-from recorderproc import RecorderProc, read_pcap, synthetic_pcap, tool
+from recorderproc import RecorderProc, one_line, read_pcap, synthetic_pcap, tool
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
@@ -272,3 +272,30 @@ def test_an_index_whose_last_packet_is_before_its_first_is_rebuilt(tmp_path):
     r = repair(ds.root)
     assert "rebuild index" in r.stdout, r.stdout
     assert_clean(ds.root)
+
+
+def test_repair_never_changes_a_file_outside_the_dump_set_through_a_symlink(tmp_path):
+    """files() and temp_files() listed symlinks, and repair truncated a torn one's target."""
+    ds = make_dumpset(tmp_path / "ds")
+    victim = tmp_path / "victim.pcap"
+    sf = ds.files()[1]
+    data = sf.pcap.read_bytes() + b"\x01" * 7  # a torn last record, which repair cuts off
+    victim.write_bytes(data)
+    sf.pcap.unlink()
+    sf.pcap.symlink_to(victim)
+    temp = ds.temp_path(999)  # as if the recorder were writing it
+    temp.symlink_to(victim)
+    repair(ds.root)
+    assert victim.read_bytes() == data
+    assert sf.pcap.is_symlink() and temp.is_symlink()  # neither placed nor followed
+    assert [f.name for f in DumpSet.open(ds.root).files()] == [
+        f.name for f in ds.files() if f.pcap != sf.pcap]
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_leads_nowhere(tmp_path):
+    ds = make_dumpset(tmp_path / "ds")
+    (ds.root / ".lock").unlink(missing_ok=True)
+    (ds.root / ".lock").symlink_to(tmp_path / "created-by-root")
+    r = subprocess.run([tool("npcaprepair"), str(ds.root)], capture_output=True, text=True)
+    one_line(r, 1, ".lock", prog="npcaprepair")
+    assert not (tmp_path / "created-by-root").exists()
