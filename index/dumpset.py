@@ -119,6 +119,13 @@ class StoredFile:
     def slot(self) -> int:
         return timeline.slot_of(self.first_ns // 1_000_000_000)
 
+    def named_for(self, first_ns: int, last_ns: int) -> bool:
+        """Whether this file's name fits packets from `first_ns` to `last_ns` (an index's
+        span): its first packet's microsecond, or up to NAME_SLACK_NS later when that one was
+        taken (`place`), then possibly after its last packet. An index of another file,
+        copied or renamed, has another span."""
+        return first_ns // 1000 * 1000 <= self.first_ns <= max(last_ns, first_ns + NAME_SLACK_NS)
+
 
 class DumpSet:
     """A dump set directory with its marker and timeline."""

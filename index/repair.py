@@ -284,7 +284,7 @@ def _index_problem(sf: StoredFile, size: int) -> str:
         return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}"
     if idx.pcap_size != size:
         return f"describes {idx.pcap_size} bytes of a {size}-byte pcap"
-    if idx.count and not idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns:
+    if idx.count and not sf.named_for(idx.first_ns, idx.last_ns):
         return (f"another file's: its packets span {idx.first_ns}..{idx.last_ns} ns, this file "
                 f"starts at {sf.first_ns} ns")
     return ""

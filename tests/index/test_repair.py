@@ -299,3 +299,28 @@ def test_a_lock_that_is_a_symlink_is_refused_and_leads_nowhere(tmp_path):
     r = subprocess.run([tool("npcaprepair"), str(ds.root)], capture_output=True, text=True)
     one_line(r, 1, ".lock", prog="npcaprepair")
     assert not (tmp_path / "created-by-root").exists()
+
+
+def test_a_file_named_after_the_next_free_microsecond_is_consistent(tmp_path):
+    """Two files whose first packets share a microsecond: the second's name is the next one,
+    after all its packets; repair took its index for another file's and rebuilt it on every
+    run."""
+    from pcapvault.index.pcapfile import pcap_bytes
+    from pcapvault.recorder.indexer import index_and_link
+
+    ds = DumpSet.create(tmp_path / "ds", interface="test0", linktype=1, snaplen=1536,
+                        nanosecond=True)
+    for k in range(2):
+        first = BASE_NS + 100 + 300 * k
+        temp = ds.temp_path(k)
+        temp.write_bytes(pcap_bytes([(first + i, bytes(60)) for i in range(3)]))
+        index_and_link(ds, ds.place(temp, first))
+    assert [sf.first_ns for sf in ds.files()] == [BASE_NS, BASE_NS + 1000]
+    assert_clean(ds.root)
+    # Extraction used to distrust that index too: a warning, and a sequential scan.
+    out = tmp_path / "out.pcap"
+    r = subprocess.run([tool("npcapextract"), "-t", str(ds.root), "-b", "2025-11-21",
+                        "-e", "2025-11-22", "-f", "ether host 0:0:0:0:0:0", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert len(read_pcap(out)) == 6
