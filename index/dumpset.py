@@ -304,8 +304,10 @@ class DumpSet:
         except FileNotFoundError:
             return 0
 
-    def place(self, temp_pcap: Path, first_ns: int) -> StoredFile:
-        """Move a complete pcap from its temporary name to its final name in a storage dir."""
+    def placement(self, first_ns: int) -> StoredFile:
+        """Where `place` puts a pcap whose first packet is at `first_ns`: its storage directory
+        and its name, collisions included. An import records the name before placing the
+        file, so that a stop in between is undone by the name the file really has."""
         name = file_name(first_ns)
         dirs = self.storage_dirs()
         target_dir = dirs[-1] if dirs else None
@@ -325,18 +327,28 @@ class DumpSet:
         else:
             raise DumpSetError(f"{target_dir / name}.pcap and the names after it exist; "
                                "refusing to overwrite recorded data")
-        final = target_dir / f"{name}.pcap"
+        return StoredFile(first_ns, target_dir / f"{name}.pcap")
+
+    def place(self, temp_pcap: Path, first_ns: int, at: StoredFile | None = None) -> StoredFile:
+        """Move a complete pcap from its temporary name to its final name in a storage dir:
+        `at`, chosen by `placement` beforehand, else chosen now."""
+        if at is None:
+            at = self.placement(first_ns)
+        elif self._name_taken(at.pcap.name.removesuffix(".pcap")):
+            raise DumpSetError(f"{at.pcap} was taken meanwhile; refusing to overwrite recorded "
+                               "data: run again")
+        final = at.pcap
         # Another process (the indexer cleaning up after the budget) may remove an empty
         # storage directory between our choice and the rename: recreate it and retry.
         for attempt in range(3):
-            target_dir.mkdir(exist_ok=True)
+            final.parent.mkdir(exist_ok=True)
             try:
                 os.rename(temp_pcap, final)
                 break
             except FileNotFoundError:
                 if attempt == 2 or not temp_pcap.exists():
                     raise
-        return StoredFile(first_ns, final)
+        return at
 
     def _name_taken(self, name: str) -> bool:
         """Whether the newest storage directory or the timeline already holds this name."""

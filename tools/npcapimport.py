@@ -38,7 +38,7 @@ import numpy as np
 from pcapvault.index import timeline
 from pcapvault.index.atomicfile import read_small_file
 from pcapvault.index.captures import Capture, open_capture
-from pcapvault.index.dumpset import DumpSet, file_name
+from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
 from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
@@ -328,13 +328,13 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
         temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
         write_synced(temp, body, file_mode)
         del body
-        # Named before it is placed: a stop from here on is undone by the next run.
-        files.append(f"{file_name(first)}.pcap")
+        # Named before it is placed, under the name it will have (the next free microsecond
+        # when its own is taken): a stop from here on is undone by the next run, which must
+        # remove this file and no other.
+        sf = ds.placement(first)
+        files.append(sf.name)
         _store_registry(ds, reg)
-        sf = ds.place(temp, first)
-        if sf.name != files[-1]:
-            files[-1] = sf.name
-            _store_registry(ds, reg)
+        sf = ds.place(temp, first, at=sf)
         index_and_link(ds, sf, file_mode)
     for src in cluster.sources:
         reg[src.digest]["complete"] = True

@@ -455,3 +455,36 @@ def test_pcapng_resolution_finer_than_a_nanosecond(tmp_path):
     root = new_dumpset(tmp_path / "ds")
     r = npcapimport("-t", root, src)
     assert r.returncode == 0 and "1970-01-01T00:00:00.000000000Z to" in r.stdout, r.stderr
+
+
+def test_a_stop_right_after_a_file_took_the_next_free_microsecond_is_undone(
+        tmp_path, monkeypatch):
+    """Every packet in one microsecond: each file after the first takes the next free one.
+    The registry named the file's intended name, then place() bumped it: a stop before the
+    registry was rewritten made the next run remove the wrong file and refuse for good."""
+    from pcapvault.tools import npcapimport as imp
+
+    pk = [(SYNTH_START + i, d, w) for i, (_, d, w) in enumerate(traffic(400))]
+    src = tmp_path / "same-microsecond.pcap"
+    write_pcap(src, pk)
+    root = new_dumpset(tmp_path / "ds")
+    ds = DumpSet.open(root)
+    real = DumpSet.place
+    placed = []
+
+    def stop_after_second(self, *a, **kw):
+        placed.append(real(self, *a, **kw))
+        if len(placed) == 2:
+            raise KeyboardInterrupt  # the power fails right after the rename
+        return placed[-1]
+
+    monkeypatch.setattr(DumpSet, "place", stop_after_second)
+    clusters = imp.survey(ds, [src])
+    with pytest.raises(KeyboardInterrupt):
+        imp.import_cluster(ds, clusters[0], 16 << 10, 0o640)
+    monkeypatch.undo()
+    assert placed[1].first_ns == SYNTH_START // 1000 * 1000 + 1000  # it was bumped
+    r = npcapimport("-t", root, "-p", "16K", src)
+    assert r.returncode == 0 and "stopped halfway" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
