@@ -280,9 +280,8 @@ class Source:
 
 
 def covers_name(idx: PacketIndex, sf: StoredFile) -> bool:
-    """Whether the index's time span holds the file's first packet, as the file's name gives
-    it (to the microsecond): an index of another file, copied or renamed, has another span."""
-    return idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns
+    """Whether the index's time span fits the file's name (StoredFile.named_for)."""
+    return sf.named_for(idx.first_ns, idx.last_ns)
 
 
 __all__ = [

@@ -149,7 +149,7 @@ def _lists(sf: StoredFile, begin_ns: int, end_ns: int, keys: set[tuple[bytes, in
     try:
         if p.linktype != 1 or p.nanosecond != nanosecond:
             raise _NotHere
-        if p.count and not p.first_ns // 1000 * 1000 <= sf.first_ns <= p.last_ns:
+        if p.count and not sf.named_for(p.first_ns, p.last_ns):
             raise _NotHere  # another file's index (flowplan.py's check): the engine scans
         if p.count == 0 or p.last_ns < begin_ns or p.first_ns >= end_ns:
             p.close()

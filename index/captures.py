@@ -24,6 +24,7 @@ import numpy as np
 from .errors import FormatError
 from .pcapfile import parse_global_header, scan_records
 from .pcaplayout import GLOBAL_HEADER_LEN, MAX_CAPLEN, RECORD_HEADER_LEN
+from .times import MAX_NS
 
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
@@ -31,6 +32,8 @@ _PCAPNG_SHB = 0x0A0D0D0A
 _BYTE_ORDER_MAGIC = 0x1A2B3C4D
 _IDB, _PB, _SPB, _EPB = 1, 2, 3, 6
 _OPT_TSRESOL, _OPT_TSOFFSET = 9, 14
+# The shortest length of the blocks whose fixed fields are read: header, fields, trailer.
+_MIN_BLOCK = {_PCAPNG_SHB: 28, _IDB: 20, _PB: 32, _EPB: 32}
 _CHUNK = 4 << 20
 
 
@@ -190,6 +193,9 @@ def _read_pcapng(data: np.ndarray, name: str) -> Capture:
         if blen < 12 or blen % 4 or at + blen > size:
             break  # a torn or damaged last block: what came before stands
         body = at + 8
+        if blen < _MIN_BLOCK.get(btype, 12):
+            raise FormatError(f"{name}: pcapng block of type {btype} at byte {at} is too short "
+                              f"({blen} bytes) to be one; the capture is damaged")
         if btype == _IDB:
             linktype, _, snaplen = struct.unpack_from(order + "HHI", buf, body)
             opts = _options(bytes(buf[body + 8 : at + blen - 4]), 0, blen - 20, order)
@@ -217,17 +223,47 @@ def _read_pcapng(data: np.ndarray, name: str) -> Capture:
         end = at
     if not ifaces:
         raise FormatError(f"{name}: pcapng without an interface description; not a capture")
-    linktype, snaplen, (mul, shift, offset) = ifaces[0]
-    u = np.array(units, dtype=np.uint64)
-    if mul > 0 and shift == 0:
-        ts = u.astype(np.int64) * mul
-    elif mul > 0:
-        ts = np.array([(x * mul >> shift) for x in units], dtype=np.int64)
-    else:
-        ts = (u // np.uint64(-mul)).astype(np.int64)
+    linktype, snaplen, scale = ifaces[0]
     return Capture(
         path=Path(name), kind="pcapng", linktype=linktype, nanosecond=True, snaplen=snaplen,
         data=data, data_offset=np.array(offs, dtype=np.int64),
         caplen=np.array(caps, dtype=np.int64), wirelen=np.array(wires, dtype=np.int64),
-        ts_ns=ts + offset, digest="", torn_bytes=size - end,
+        ts_ns=_pcapng_ns(units, scale, name), digest="", torn_bytes=size - end,
     )
+
+
+def _pcapng_ns(units: list[int], scale: tuple[int, int, int], name: str) -> np.ndarray:
+    """The packets' times in ns; one outside 0..2^63-1 ns (1970 to 2262) refuses the capture.
+
+    The checks come before the arithmetic: an int64 product wraps silently (a packet of the
+    far future imported as one of 2020), Python's big ints do not fit the array at all.
+    """
+    mul, shift, offset = scale
+    u = np.array(units, dtype=np.uint64)
+    if not len(u):
+        return np.zeros(0, np.int64)
+    if mul > 0 and shift == 0:
+        if int(u.max()) > MAX_NS // mul:
+            _out_of_range(name, int(np.argmax(u)))
+        ts = u.astype(np.int64) * mul
+    elif mul > 0:
+        big = [x * mul >> shift for x in units]
+        worst = max(range(len(big)), key=big.__getitem__)
+        if big[worst] > MAX_NS:
+            _out_of_range(name, worst)
+        ts = np.array(big, dtype=np.int64)
+    elif -mul > np.iinfo(np.uint64).max:
+        ts = np.zeros(len(u), np.int64)  # finer than any 64-bit count can reach a ns
+    else:
+        ts = (u // np.uint64(-mul)).astype(np.int64)  # < 2^64 / 10: fits
+    if offset:
+        lo, hi = int(ts.min()) + offset, int(ts.max()) + offset
+        if lo < 0 or hi > MAX_NS:
+            _out_of_range(name, int(np.argmin(ts) if lo < 0 else np.argmax(ts)))
+        ts = ts + np.int64(offset)
+    return ts
+
+
+def _out_of_range(name: str, i: int) -> None:
+    raise FormatError(f"{name}: pcapng packet {i + 1} has a time outside 1970..2262 "
+                      "(damaged timestamp, if_tsresol or if_tsoffset); not importable")

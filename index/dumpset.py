@@ -119,6 +119,13 @@ class StoredFile:
     def slot(self) -> int:
         return timeline.slot_of(self.first_ns // 1_000_000_000)
 
+    def named_for(self, first_ns: int, last_ns: int) -> bool:
+        """Whether this file's name fits packets from `first_ns` to `last_ns` (an index's
+        span): its first packet's microsecond, or up to NAME_SLACK_NS later when that one was
+        taken (`place`), then possibly after its last packet. An index of another file,
+        copied or renamed, has another span."""
+        return first_ns // 1000 * 1000 <= self.first_ns <= max(last_ns, first_ns + NAME_SLACK_NS)
+
 
 class DumpSet:
     """A dump set directory with its marker and timeline."""
@@ -259,7 +266,11 @@ class DumpSet:
         return self.root / f"{TEMP_PREFIX}{tag}{TEMP_SUFFIX}"
 
     def temp_files(self) -> list[Path]:
-        return sorted(p for p in self.root.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"))
+        """The recorder's unfinished pcaps: regular files only (npcaprepair truncates and
+        places them; a symlink there would lead it to a file outside the dump set)."""
+        return sorted(Path(e.path) for e in os.scandir(self.root)
+                      if e.name.startswith(TEMP_PREFIX) and e.name.endswith(TEMP_SUFFIX)
+                      and e.is_file(follow_symlinks=False))
 
     def storage_dirs(self) -> list[Path]:
         dirs = []
@@ -269,7 +280,9 @@ class DumpSet:
         return sorted(dirs, key=lambda p: parse_name(p.name))
 
     def files(self) -> list[StoredFile]:
-        """Every finished pcap, oldest first, found from the storage directories."""
+        """Every finished pcap, oldest first, found from the storage directories: regular
+        files only, since what is listed here is truncated, rewritten and deleted (a symlink
+        would make that happen to its target, outside the dump set)."""
         out = []
         for d in self.storage_dirs():
             try:
@@ -277,7 +290,7 @@ class DumpSet:
             except FileNotFoundError:
                 continue  # emptied and removed by another process meanwhile
             for e in entries:
-                if timeline.is_pcap_name(e.name):
+                if timeline.is_pcap_name(e.name) and e.is_file(follow_symlinks=False):
                     first = parse_name(e.name)
                     if first is not None:
                         out.append(StoredFile(first, Path(e.path)))
@@ -291,8 +304,10 @@ class DumpSet:
         except FileNotFoundError:
             return 0
 
-    def place(self, temp_pcap: Path, first_ns: int) -> StoredFile:
-        """Move a complete pcap from its temporary name to its final name in a storage dir."""
+    def placement(self, first_ns: int) -> StoredFile:
+        """Where `place` puts a pcap whose first packet is at `first_ns`: its storage directory
+        and its name, collisions included. An import records the name before placing the
+        file, so that a stop in between is undone by the name the file really has."""
         name = file_name(first_ns)
         dirs = self.storage_dirs()
         target_dir = dirs[-1] if dirs else None
@@ -312,18 +327,28 @@ class DumpSet:
         else:
             raise DumpSetError(f"{target_dir / name}.pcap and the names after it exist; "
                                "refusing to overwrite recorded data")
-        final = target_dir / f"{name}.pcap"
+        return StoredFile(first_ns, target_dir / f"{name}.pcap")
+
+    def place(self, temp_pcap: Path, first_ns: int, at: StoredFile | None = None) -> StoredFile:
+        """Move a complete pcap from its temporary name to its final name in a storage dir:
+        `at`, chosen by `placement` beforehand, else chosen now."""
+        if at is None:
+            at = self.placement(first_ns)
+        elif self._name_taken(at.pcap.name.removesuffix(".pcap")):
+            raise DumpSetError(f"{at.pcap} was taken meanwhile; refusing to overwrite recorded "
+                               "data: run again")
+        final = at.pcap
         # Another process (the indexer cleaning up after the budget) may remove an empty
         # storage directory between our choice and the rename: recreate it and retry.
         for attempt in range(3):
-            target_dir.mkdir(exist_ok=True)
+            final.parent.mkdir(exist_ok=True)
             try:
                 os.rename(temp_pcap, final)
                 break
             except FileNotFoundError:
                 if attempt == 2 or not temp_pcap.exists():
                     raise
-        return StoredFile(first_ns, final)
+        return at
 
     def _name_taken(self, name: str) -> bool:
         """Whether the newest storage directory or the timeline already holds this name."""

@@ -17,10 +17,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .atomicfile import atomic_write
+from .atomicfile import atomic_write, read_small_file
 from .dumpset import NAME_SLACK_NS, DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
 from .postings import HEADER_LEN, parse_header
+from .times import MAX_NS
 
 HOLDS_FILE = "holds"
 FORMAT = "pcapvault-holds"
@@ -104,27 +105,51 @@ class HoldSet:
         return last is None or any(last >= h.begin_ns for h in later)
 
 
+def _int(doc: dict, key: str, low: int = 0) -> int:
+    """A whole number in low..2^63-1: a float (1e400 is inf), a string or a bool is damage."""
+    v = doc[key]
+    if type(v) is not int or not low <= v <= MAX_NS:
+        raise ValueError(f"{key} {str(v)[:40]} is not a whole number from {low} to {MAX_NS}")
+    return v
+
+
+def _str(doc: dict, key: str) -> str:
+    v = doc[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{key} is not a string")
+    return v
+
+
+def _hold(h: dict) -> Hold:
+    files = h["files"]
+    if not isinstance(files, list) or not all(isinstance(n, str) for n in files):
+        raise ValueError("files is not a list of names")
+    return Hold(_str(h, "id"), _int(h, "begin_ns"), _int(h, "end_ns"), _str(h, "reason"),
+                _str(h, "user"), _int(h, "created_ns"), tuple(files))
+
+
 def _decode(path: Path, data: bytes) -> HoldSet:
     try:
         doc = json.loads(data)
-        if doc.get("format") != FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError("not a pcapvault holds file")
         if doc.get("version") != VERSION:
             raise FormatError(
-                f"{path}: holds format version {doc.get('version')} is unknown to this "
-                f"pcapvault, which reads version {VERSION}; use the pcapvault that wrote it"
+                f"{path}: holds format version {str(doc.get('version'))[:20]} is unknown to "
+                f"this pcapvault, which reads version {VERSION}; use the pcapvault that wrote it"
             )
-        holds = [
-            Hold(str(h["id"]), int(h["begin_ns"]), int(h["end_ns"]), str(h["reason"]),
-                 str(h["user"]), int(h["created_ns"]), tuple(str(n) for n in h["files"]))
-            for h in doc["holds"]
-        ]
-        return HoldSet(path.parent, holds, int(doc["next_id"]))
+        if not isinstance(doc["holds"], list):
+            raise ValueError("holds is not a list")
+        holds = [_hold(h) for h in doc["holds"]]
+        return HoldSet(path.parent, holds, _int(doc, "next_id", 1))
     except FormatError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # RecursionError: a deeply nested array. Every damage is a FormatError, which the
+        # recorder's budget answers by deleting nothing (recorder/budget.py).
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise FormatError(
-            f"{path} is damaged ({e}); nothing is deleted from the dump set while it is: "
+            f"{path} is damaged ({why}); nothing is deleted from the dump set while it is: "
             "restore it from a backup, or remove it to drop every hold"
         ) from None
 
@@ -134,7 +159,7 @@ def load_holds(ds: DumpSet) -> HoldSet:
     FormatError."""
     path = holds_path(ds)
     try:
-        data = path.read_bytes()
+        data = read_small_file(path)
     except FileNotFoundError:
         return HoldSet(ds.root, [])
     except OSError as e:

@@ -201,6 +201,11 @@ def parse_header(data: bytes, name: str) -> IndexHeader:
     (_, version, flags, linktype, count, first_ns, last_ns, pcap_size, nflows,
      slen, plen, crc) = _HEADER_V2.unpack_from(data)
     postings = _HEADER_V3.unpack_from(data, HEADER_LEN_V2) if length == HEADER_LEN else ()
+    if count and not 0 <= first_ns <= last_ns:
+        # The header's CRC is checked only by readers of the sections; the time bins' count,
+        # and with it every offset in the directory, comes from these two.
+        raise FormatError(f"{name}: damaged index (packet times {first_ns} to {last_ns} ns "
+                          "are not a range of times since 1970)")
     return IndexHeader(
         version, bool(flags & HEADER_FLAG_NS), linktype, count, first_ns, last_ns, pcap_size,
         nflows, slen, plen, crc, *postings,
@@ -244,7 +249,8 @@ def check_directory(h: IndexHeader, directory: bytes | memoryview, name: str) ->
     """The postings directory's shape, checksum and frame table: what a reader of the header
     and the directory alone can verify."""
     rest = h.frame_table_len
-    if rest < 0 or rest % FRAME_ENTRY_LEN or (h.keys and not rest):
+    if (not 0 <= rest <= len(directory) or rest % FRAME_ENTRY_LEN or (h.keys and not rest)
+            or len(directory) != h.directory_len):
         raise FormatError(
             f"{name}: damaged index (a postings directory of {h.directory_len} bytes cannot "
             f"hold {h.keys} keys, a frame table, {h.blocks} time blocks and {h.bins} time "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ class Action:
 
 def lock(ds: DumpSet) -> int:
     """Exclusive lock for the life of the process: one writer (recorder or repair) at a time."""
-    fd = os.open(ds.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(ds.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -124,7 +125,7 @@ class Repair:
             if table.torn:
                 self._do("truncate", temp, f"torn last record, keeping {table.complete_end} "
                          "bytes of complete packets", lambda t=temp, n=table.complete_end:
-                         os.truncate(t, n))
+                         _truncate(t, n))
             first = int(table.ts_ns[0])
             self._do("finalise", temp, "left under its temporary name",
                      lambda t=temp, f=first: self.ds.place(t, f))
@@ -202,7 +203,7 @@ class Repair:
             if table.torn and not compressed.is_compressed(sf.pcap):
                 self._do("truncate", sf.pcap, f"torn last record, keeping "
                          f"{table.complete_end} bytes of complete packets",
-                         lambda: os.truncate(sf.pcap, table.complete_end))
+                         lambda: _truncate(sf.pcap, table.complete_end))
             self._do("rebuild index", sf.index, why,
                      lambda: write_index(sf.index, build_index(sf.pcap)))
         slot_dir = timeline.slot_dir(self.ds.timeline, sf.slot)
@@ -230,12 +231,9 @@ class Repair:
             return None
 
         def rewrite() -> None:
-            tmp = sf.pcap.with_name(f".{sf.pcap.name}.plain.part")
-            tmp.write_bytes(data[: table.complete_end])
-            try:
-                compressed.compress_file(tmp, sf.pcap)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # From memory: no plain temporary file beside it (atomic_write makes the one).
+            compressed.compress_file(sf.pcap, sf.pcap,
+                                     data=memoryview(data)[: table.complete_end])
 
         self._do("recompress", sf.pcap, f"damaged or truncated zstd data, keeping "
                  f"{table.complete_end} bytes of complete packets", rewrite)
@@ -286,7 +284,7 @@ def _index_problem(sf: StoredFile, size: int) -> str:
         return f"damaged: {str(e).removeprefix(str(sf.index) + ': ')}"
     if idx.pcap_size != size:
         return f"describes {idx.pcap_size} bytes of a {size}-byte pcap"
-    if idx.count and not idx.first_ns // 1000 * 1000 <= sf.first_ns <= idx.last_ns:
+    if idx.count and not sf.named_for(idx.first_ns, idx.last_ns):
         return (f"another file's: its packets span {idx.first_ns}..{idx.last_ns} ns, this file "
                 f"starts at {sf.first_ns} ns")
     return ""
@@ -341,9 +339,27 @@ def _big_endian(path: Path) -> bool:
         return True
 
 
+def _open_pcap(path: Path) -> int:
+    """An fd to change a pcap the dump set lists through: never a link's target, and only a
+    regular file (the name may have been swapped since it was listed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PcapVaultError(f"{path} is not a regular file; remove it from the dump set")
+    return fd
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = _open_pcap(path)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _restore_headers(path: Path, idx: PacketIndex, bad: np.ndarray, nanosecond: bool) -> None:
     """Write the index's header into each disagreeing record of the pcap."""
-    fd = os.open(path, os.O_WRONLY)
+    fd = _open_pcap(path)
     try:
         for i in bad.tolist():
             os.pwrite(fd, record_header(int(idx.ts_ns[i]), int(idx.caplen[i]),

@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomicfile import temp_path, write_atomic
+from .atomicfile import read_small_file, temp_path, write_atomic
 from .errors import DumpSetError
 
 SLOT_SECONDS = 600
 PCAP_SUFFIXES = (".pcap", ".pcap.zst")
 MARKER = ".pcapvault-timeline"
+MARKER_LIMIT = 1 << 20  # markers are a few hundred bytes: a larger one is not ours
 FORMAT_VERSION = 1
 
 
@@ -87,12 +88,12 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 def read_json_marker(path: Path, kind: str, missing: str) -> dict:
     """Read a `{"format": "pcapvault-KIND", "version": N}` marker, refusing other versions."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_small_file(path, MARKER_LIMIT))
     except FileNotFoundError:
         raise DumpSetError(missing) from None
     except PermissionError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DumpSetError(f"{path} is unreadable or damaged ({e}); run npcaprepair") from None
     if not isinstance(meta, dict) or meta.get("format") != f"pcapvault-{kind}":
         raise DumpSetError(f"{path} is not a pcapvault {kind} marker")

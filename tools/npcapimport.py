@@ -36,8 +36,9 @@ import click
 import numpy as np
 
 from pcapvault.index import timeline
+from pcapvault.index.atomicfile import read_small_file
 from pcapvault.index.captures import Capture, open_capture
-from pcapvault.index.dumpset import DumpSet, file_name
+from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
 from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
@@ -78,18 +79,29 @@ def load_registry(ds: DumpSet) -> dict:
     """digest -> entry of every capture imported (or being imported) into the dump set."""
     path = _registry_path(ds)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_small_file(path))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        doc = {"error": str(e)}
+    except (OSError, ValueError, RecursionError) as e:
+        doc = {"error": str(e) or type(e).__name__}
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get(
-            "version") != VERSION or not isinstance(doc.get("imports"), dict):
+            "version") != VERSION or not isinstance(doc.get("imports"), dict) or not all(
+            _valid_entry(e) for e in doc["imports"].values()):
         raise ImportRefused(
             f"{path} is damaged or of another version ({str(doc)[:60]}); restore it from a "
             "backup, or remove it (captures imported before would then be imported again, "
             "and refused where they overlap what they became)")
     return doc["imports"]
+
+
+# An entry's fields and their types (docs/FORMAT.md, "Imports"): every reader of the
+# registry relies on them, so a damaged entry refuses the whole file.
+_ENTRY = {"source": str, "imported": str, "packets": int, "files": list, "complete": bool}
+
+
+def _valid_entry(e: object) -> bool:
+    return (isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in _ENTRY.items())
+            and all(isinstance(n, str) for n in e["files"]))
 
 
 def _store_registry(ds: DumpSet, reg: dict) -> None:
@@ -316,13 +328,13 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
         temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
         write_synced(temp, body, file_mode)
         del body
-        # Named before it is placed: a stop from here on is undone by the next run.
-        files.append(f"{file_name(first)}.pcap")
+        # Named before it is placed, under the name it will have (the next free microsecond
+        # when its own is taken): a stop from here on is undone by the next run, which must
+        # remove this file and no other.
+        sf = ds.placement(first)
+        files.append(sf.name)
         _store_registry(ds, reg)
-        sf = ds.place(temp, first)
-        if sf.name != files[-1]:
-            files[-1] = sf.name
-            _store_registry(ds, reg)
+        sf = ds.place(temp, first, at=sf)
         index_and_link(ds, sf, file_mode)
     for src in cluster.sources:
         reg[src.digest]["complete"] = True

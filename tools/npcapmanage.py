@@ -15,7 +15,7 @@ from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.holds import Hold, HoldError, load_holds, place_hold, release_hold
 from pcapvault.index.times import HELP, format_time, parse_window
 
-from .npcaprepair import become_owner
+from .npcaprepair import become_common_owner, become_owner
 from .rangedelete import delete
 
 EPILOG = """\b
@@ -102,6 +102,7 @@ def _window(begin: str, end: str) -> tuple[int, int]:
 def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
     """Release the hold ID: its files may be deleted again (unless another hold covers them)."""
     candidates = _dumpsets(dumpsets)
+    become_common_owner(candidates)
     found = [ds for ds in candidates if any(h.id == hold_id for h in load_holds(ds).list())]
     if len(found) > 1:
         raise click.UsageError(f"hold {hold_id} exists in several dump sets "
@@ -122,7 +123,9 @@ def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
 def list_holds(dumpsets: tuple[Path, ...], as_json: bool) -> None:
     """List the holds in force."""
-    rows = [(ds, h) for ds in _dumpsets(dumpsets) for h in load_holds(ds).list()]
+    dss = _dumpsets(dumpsets)
+    become_common_owner(dss)
+    rows = [(ds, h) for ds in dss for h in load_holds(ds).list()]
     if as_json:
         click.echo(json.dumps([_json(ds, h) for ds, h in rows], indent=1))
         return

@@ -34,7 +34,7 @@ import click
 import numpy as np
 
 from pcapvault.index import compressed, timeline
-from pcapvault.index.atomicfile import temp_path
+from pcapvault.index.atomicfile import create_new, temp_path
 from pcapvault.index.builder import index_pcap
 from pcapvault.index.dumpset import DumpSet, StoredFile, file_name
 from pcapvault.index.errors import FormatError, PcapVaultError
@@ -221,9 +221,8 @@ def _held_now(ds: DumpSet, sf: StoredFile) -> bool:
 def write_synced(path: Path, data: np.ndarray, mode: int) -> None:
     """Write a whole new file with exact permissions, on disk before it is renamed into
     place (the caller renames it when and under which lock it needs)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = create_new(path, mode)  # a temporary name: never through a planted link
     try:
-        os.fchmod(fd, mode)
         view = memoryview(data).cast("B")
         while view:
             view = view[os.write(fd, view):]

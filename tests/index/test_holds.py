@@ -22,8 +22,13 @@ from pcapvault.index.holds import (
     place_hold,
     release_hold,
 )
+from pcapvault.recorder.budget import DiskBudget, Limit
 
 MS = 1_000_000
+# A hold whose begin_ns is given (bytes, %-formatted), the rest as written.
+HOLD = (b'{"format": "pcapvault-holds", "version": 1, "next_id": 2, "holds": [{"id": "h1", '
+        b'"end_ns": 5, "reason": "r", "user": "u", "created_ns": 1, "files": [], '
+        b'"begin_ns": %s')
 
 
 def rel(ds, sf: StoredFile) -> str:
@@ -80,6 +85,17 @@ def test_files_recorded_or_compressed_after_the_hold_are_held(tmp_path):
     b'{"format": "something-else", "version": 1}',
     b'{"format": "pcapvault-holds", "version": 1, "next_id": 2, "holds": [{"id": "h1"}]}',
     b'{"format": "pcapvault-holds", "version": 2, "next_id": 1, "holds": []}',
+    # OverflowError (int of inf), RecursionError, and values int() took silently
+    HOLD % b'1e400' + b'}]}',
+    b'{"format": "pcapvault-holds", "version": 1, "next_id": 1e400, "holds": []}',
+    b'{"format": "pcapvault-holds", "version": 1, "next_id": 2, "holds": '
+    + b"[" * 100000 + b"]" * 100000 + b"}",
+    HOLD % b'"5"' + b'}]}',
+    HOLD % b'5.5' + b'}]}',
+    HOLD % b'-1' + b'}]}',
+    b'{"format": "pcapvault-holds", "version": 1, "next_id": 2, "holds": 5}',
+    b'{"format": "pcapvault-holds", "version": 1, "next_id": 2, "holds": [5]}',
+    b'[]',
 ])
 def test_a_damaged_or_newer_holds_file_is_an_error_never_no_holds(tmp_path, content):
     ds = make_dumpset(tmp_path / "ds", nfiles=1)
@@ -91,6 +107,9 @@ def test_a_damaged_or_newer_holds_file_is_an_error_never_no_holds(tmp_path, cont
     with pytest.raises(FormatError):  # nor is it overwritten by the next hold
         place_hold(ds, BASE_NS, BASE_NS + 1, "x", "u")
     assert holds_path(ds).read_bytes() == content
+    # The running recorder's budget holds everything meanwhile (it caught FormatError only).
+    keep = DiskBudget(ds, Limit("1G", bytes=1 << 30), 1 << 20).keep()
+    assert keep(ds.files()[0])
 
 
 def test_the_watcher_sees_holds_placed_and_released_by_another_process(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from dumpsets import BASE_NS, all_packets, assert_clean, make_dumpset, repair
-from recorderproc import RecorderProc, read_pcap, synthetic_pcap, tool
+from indexes import with_crc
+from recorderproc import RecorderProc, one_line, read_pcap, synthetic_pcap, tool
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
@@ -247,3 +248,79 @@ def test_a_dump_set_whose_timeline_is_gone_is_not_called_consistent(tmp_path):
         f"npcaprepair: error: {ds.root}: its timeline {tmp_path / 'nowhere'} does not exist; "
         "start the recorder on it (with -A DIR for a timeline elsewhere) to give it one: the "
         "start links every file into it\n")
+
+
+def test_an_index_whose_last_packet_is_before_its_first_is_rebuilt(tmp_path):
+    """A header with last_ns < first_ns (its CRC checks) gave a negative count of time bins,
+    hence a huge frame table: struct.error in npcapprintindex, npcapextract, npcaprepair."""
+    ds = make_dumpset(tmp_path / "ds")
+    sf = ds.files()[1]
+    data = sf.index.read_bytes()
+    last = struct.unpack_from("<q", data, 32)[0]
+    sf.index.write_bytes(with_crc(data[:24] + struct.pack("<qq", last + 1000 * 10**9, last)
+                                  + data[40:]))
+    for args in (["-i"], ["-c", "-i"]):
+        r = subprocess.run([tool("npcapprintindex"), *args, str(sf.index)], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "damaged index (packet times" in r.stderr + r.stdout, r.stderr
+    out = tmp_path / "out.pcap"
+    r = subprocess.run([tool("npcapextract"), "-t", str(ds.root), "-b", "2025-11-21",
+                        "-e", "2025-11-22", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(read_pcap(out)) == 150
+    r = repair(ds.root)
+    assert "rebuild index" in r.stdout, r.stdout
+    assert_clean(ds.root)
+
+
+def test_repair_never_changes_a_file_outside_the_dump_set_through_a_symlink(tmp_path):
+    """files() and temp_files() listed symlinks, and repair truncated a torn one's target."""
+    ds = make_dumpset(tmp_path / "ds")
+    victim = tmp_path / "victim.pcap"
+    sf = ds.files()[1]
+    data = sf.pcap.read_bytes() + b"\x01" * 7  # a torn last record, which repair cuts off
+    victim.write_bytes(data)
+    sf.pcap.unlink()
+    sf.pcap.symlink_to(victim)
+    temp = ds.temp_path(999)  # as if the recorder were writing it
+    temp.symlink_to(victim)
+    repair(ds.root)
+    assert victim.read_bytes() == data
+    assert sf.pcap.is_symlink() and temp.is_symlink()  # neither placed nor followed
+    assert [f.name for f in DumpSet.open(ds.root).files()] == [
+        f.name for f in ds.files() if f.pcap != sf.pcap]
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_leads_nowhere(tmp_path):
+    ds = make_dumpset(tmp_path / "ds")
+    (ds.root / ".lock").unlink(missing_ok=True)
+    (ds.root / ".lock").symlink_to(tmp_path / "created-by-root")
+    r = subprocess.run([tool("npcaprepair"), str(ds.root)], capture_output=True, text=True)
+    one_line(r, 1, ".lock", prog="npcaprepair")
+    assert not (tmp_path / "created-by-root").exists()
+
+
+def test_a_file_named_after_the_next_free_microsecond_is_consistent(tmp_path):
+    """Two files whose first packets share a microsecond: the second's name is the next one,
+    after all its packets; repair took its index for another file's and rebuilt it on every
+    run."""
+    from pcapvault.index.pcapfile import pcap_bytes
+    from pcapvault.recorder.indexer import index_and_link
+
+    ds = DumpSet.create(tmp_path / "ds", interface="test0", linktype=1, snaplen=1536,
+                        nanosecond=True)
+    for k in range(2):
+        first = BASE_NS + 100 + 300 * k
+        temp = ds.temp_path(k)
+        temp.write_bytes(pcap_bytes([(first + i, bytes(60)) for i in range(3)]))
+        index_and_link(ds, ds.place(temp, first))
+    assert [sf.first_ns for sf in ds.files()] == [BASE_NS, BASE_NS + 1000]
+    assert_clean(ds.root)
+    # Extraction used to distrust that index too: a warning, and a sequential scan.
+    out = tmp_path / "out.pcap"
+    r = subprocess.run([tool("npcapextract"), "-t", str(ds.root), "-b", "2025-11-21",
+                        "-e", "2025-11-22", "-f", "ether host 0:0:0:0:0:0", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert len(read_pcap(out)) == 6

@@ -5,6 +5,7 @@ refused with one line."""
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import struct
 import subprocess
@@ -65,17 +66,26 @@ def write_variant(path: Path, packets: list, big_endian: bool, nanosecond: bool,
     path.write_bytes(b"".join(parts))
 
 
+def pcapng_block(btype: int, body: bytes, o: str = "<") -> bytes:
+    """One pcapng block: type, length, body padded to 4 bytes, length."""
+    body += b"\0" * (-len(body) % 4)
+    n = len(body) + 12
+    return struct.pack(o + "II", btype, n) + body + struct.pack(o + "I", n)
+
+
+def pcapng_shb(o: str = "<") -> bytes:
+    return pcapng_block(0x0A0D0D0A, struct.pack(o + "IHHq", 0x1A2B3C4D, 1, 0, -1), o)
+
+
 def write_pcapng(path: Path, packets: list, big_endian: bool = False, interfaces: int = 1,
                  tsresol: int | None = 9) -> None:
     """A pcapng: one section, `interfaces` Ethernet interfaces, enhanced packet blocks."""
     o = ">" if big_endian else "<"
 
     def block(btype: int, body: bytes) -> bytes:
-        body += b"\0" * (-len(body) % 4)
-        n = len(body) + 12
-        return struct.pack(o + "II", btype, n) + body + struct.pack(o + "I", n)
+        return pcapng_block(btype, body, o)
 
-    out = [block(0x0A0D0D0A, struct.pack(o + "IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    out = [pcapng_shb(o)]
     for _ in range(interfaces):
         opts = b""
         if tsresol is not None:
@@ -379,10 +389,102 @@ def test_packets_longer_than_the_dump_sets_snaplen_are_cut_and_said_to_be(tmp_pa
     assert sorted(tcpdump_select([tmp_path / "out.pcap"], "")) == sorted(got)
 
 
-def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path):
+def _registry(**entry: object) -> str:
+    whole = {"source": "/a.pcap", "imported": "2025-11-22T09:00:01.0Z", "packets": 1,
+             "files": [], "complete": False}
+    return json.dumps({"format": "pcapvault-imports", "version": 1,
+                       "imports": {"ab": whole | entry}})
+
+
+@pytest.mark.parametrize("content", [
+    "{ half",
+    # KeyError, AttributeError, TypeError (and RecursionError) in undo_partial and survey
+    '{"format": "pcapvault-imports", "version": 1, "imports": {"ab": {"complete": false}}}',
+    '{"format": "pcapvault-imports", "version": 1, "imports": {"ab": 5}}',
+    _registry(files=5),
+    _registry(files=[5], complete=True),
+    '{"format": "pcapvault-imports", "version": 1, "imports": ' + "[" * 100000,
+], ids=["half", "no-source", "not-an-object", "files-5", "file-name-5", "nested"])
+def test_a_damaged_registry_is_refused_not_read_as_empty(tmp_path, content):
     src = tmp_path / "in.pcap"
     write_pcap(src, traffic(50))
     root = new_dumpset(tmp_path / "ds")
-    (root / "imports.json").write_text("{ half")
+    (root / "imports.json").write_text(content)
     one_line(npcapimport("-t", root, src), 1, "imports.json is damaged")
     assert not DumpSet.open(root).files()
+
+
+def _idb(*opts: tuple[int, bytes]) -> bytes:
+    body = b"".join(struct.pack("<HH", c, len(v)) + v + b"\0" * (-len(v) % 4) for c, v in opts)
+    return pcapng_block(1, struct.pack("<HHI", 1, 0, 65535) + body + bytes(4))
+
+
+def _epb(units: int) -> bytes:
+    return pcapng_block(6, struct.pack("<IIIII", 0, units >> 32, units & 0xFFFFFFFF, 60, 60)
+                        + bytes(60))
+
+
+_SHORT_EPB = struct.pack("<III", 6, 12, 12)
+_SHORT_IDB = struct.pack("<III", 1, 12, 12)
+
+
+@pytest.mark.parametrize("body,needle", [
+    # blocks of 12 bytes at the end: their fields were unpacked before the length was checked
+    (_idb() + _SHORT_EPB, "too short"),
+    (_SHORT_IDB, "too short"),
+    # 2^-1 s units, a timestamp of 2^63: OverflowError converting to int64
+    (_idb((9, b"\x81")) + _epb((1 << 63) + 5), "outside 1970..2262"),
+    # an offset of 2^62 s: OverflowError adding it
+    (_idb((14, struct.pack("<q", 1 << 62))) + _epb(1_600_000_000 * 10**6), "outside 1970..2262"),
+    # microseconds whose ns wrap int64 into 2020: imported silently as 2020
+    (_idb() + _epb((1_600_000_000 * 10**9 + 3 * (1 << 64)) // 1000), "outside 1970..2262"),
+], ids=["short_epb", "short_idb", "shift", "tsoffset", "overflow_mul"])
+def test_damaged_pcapng_is_refused_in_one_line(tmp_path, body, needle):
+    src = tmp_path / "bad.pcapng"
+    src.write_bytes(pcapng_shb() + body)
+    root = new_dumpset(tmp_path / "ds")
+    one_line(npcapimport("-t", root, src), 1, str(src), needle)
+    assert not DumpSet.open(root).files()
+
+
+def test_pcapng_resolution_finer_than_a_nanosecond(tmp_path):
+    """if_tsresol 10^-127 s (0x7f): the divisor beyond uint64 was an OverflowError; one unit
+    of it is 0 ns, which is a time (1970-01-01)."""
+    src = tmp_path / "fine.pcapng"
+    src.write_bytes(pcapng_shb() + _idb((9, b"\x7f")) + _epb(1))
+    root = new_dumpset(tmp_path / "ds")
+    r = npcapimport("-t", root, src)
+    assert r.returncode == 0 and "1970-01-01T00:00:00.000000000Z to" in r.stdout, r.stderr
+
+
+def test_a_stop_right_after_a_file_took_the_next_free_microsecond_is_undone(
+        tmp_path, monkeypatch):
+    """Every packet in one microsecond: each file after the first takes the next free one.
+    The registry named the file's intended name, then place() bumped it: a stop before the
+    registry was rewritten made the next run remove the wrong file and refuse for good."""
+    from pcapvault.tools import npcapimport as imp
+
+    pk = [(SYNTH_START + i, d, w) for i, (_, d, w) in enumerate(traffic(400))]
+    src = tmp_path / "same-microsecond.pcap"
+    write_pcap(src, pk)
+    root = new_dumpset(tmp_path / "ds")
+    ds = DumpSet.open(root)
+    real = DumpSet.place
+    placed = []
+
+    def stop_after_second(self, *a, **kw):
+        placed.append(real(self, *a, **kw))
+        if len(placed) == 2:
+            raise KeyboardInterrupt  # the power fails right after the rename
+        return placed[-1]
+
+    monkeypatch.setattr(DumpSet, "place", stop_after_second)
+    clusters = imp.survey(ds, [src])
+    with pytest.raises(KeyboardInterrupt):
+        imp.import_cluster(ds, clusters[0], 16 << 10, 0o640)
+    monkeypatch.undo()
+    assert placed[1].first_ns == SYNTH_START // 1000 * 1000 + 1000  # it was bumped
+    r = npcapimport("-t", root, "-p", "16K", src)
+    assert r.returncode == 0 and "stopped halfway" in r.stdout, r.stdout + r.stderr
+    assert_clean(root)
+    assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)

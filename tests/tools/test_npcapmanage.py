@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from dumpsets import BASE_NS, make_dumpset
-from recorderproc import tool
+from recorderproc import one_line, tool
 
+from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.holds import holds_path, load_holds
 
 
@@ -70,8 +75,10 @@ def test_bad_input_is_one_line_and_the_right_exit_status(tmp_path):
     assert holds_path(ds).read_text() == "{ not json"
 
 
-def test_root_writes_the_holds_as_the_dump_sets_owner():
-    # A world-traversable parent: the account npcapmanage becomes must reach the dump set.
+@contextmanager
+def nobodys_dumpset() -> Iterator[DumpSet]:
+    """A dump set owned by nobody (65534), under a world-traversable parent: the account
+    npcapmanage becomes must reach it."""
     base = Path(tempfile.mkdtemp(prefix="pv-hold-", dir="/tmp"))
     try:
         base.chmod(0o755)
@@ -81,8 +88,60 @@ def test_root_writes_the_holds_as_the_dump_sets_owner():
             for n in [*dirs, *files]:
                 os.lchown(os.path.join(dirpath, n), 65534, 65534)
         os.chown(ds.root, 65534, 65534)
+        yield ds
+    finally:
+        shutil.rmtree(base)
+
+
+def test_root_writes_the_holds_as_the_dump_sets_owner():
+    with nobodys_dumpset() as ds:
         manage("hold", "-t", str(ds.root), "-b", "-1h", "-e", "now", "--reason", "x")
         for p in (holds_path(ds), ds.root / ".links.lock"):
             assert p.stat().st_uid == 65534, p
-    finally:
-        shutil.rmtree(base)
+
+
+def test_root_reads_the_holds_as_the_dump_sets_owner():
+    """`holds` never dropped privileges (and `release` read before dropping): the owner's hard
+    link to a file only root may read was read, and listed, as root."""
+    with nobodys_dumpset() as ds:
+        secret = ds.root.parent / "secret"
+        secret.write_text(json.dumps({"format": "pcapvault-holds", "version": 1, "next_id": 2,
+                                      "holds": [{"id": "h1", "begin_ns": 1, "end_ns": 2,
+                                                 "reason": "root's secret", "user": "u",
+                                                 "created_ns": 1, "files": []}]}))
+        secret.chmod(0o600)
+        os.link(secret, holds_path(ds))
+        r = manage("holds", "-t", str(ds.root), code=1)
+        assert "root's secret" not in r.stdout and "Permission denied" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "symlink"])
+def test_a_holds_file_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, kind):
+    """A FIFO hung `npcapmanage holds`, /dev/zero (a character device) ran it out of memory,
+    a symlink was followed."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=1)
+    p = holds_path(ds)
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "zero":
+        os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    else:
+        p.symlink_to("/dev/zero")
+    r = manage("holds", "-t", str(ds.root), code=1)
+    assert "cannot read the holds file" in r.stderr, r.stderr
+    r = subprocess.run([tool("npcaprepair"), str(ds.root), "-n"], capture_output=True,
+                       text=True, timeout=60)
+    assert "Traceback" not in r.stderr and r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("marker", [".pcapvault", "timeline/.pcapvault-timeline"])
+def test_a_marker_that_is_a_fifo_is_refused_in_one_line(tmp_path, marker):
+    """npcaprepair as root hung reading a `.pcapvault` that was a FIFO."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=1)
+    (ds.root / marker).unlink()
+    os.mkfifo(ds.root / marker)
+    where = ds.root / marker if marker.startswith(".") else ds.timeline
+    r = subprocess.run([tool("npcaprepair"), str(where.parent if marker.startswith(".")
+                                                   else where)],
+                       capture_output=True, text=True, timeout=60)
+    one_line(r, 1, str(ds.root / marker), "not a regular file", prog="npcaprepair")
