@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcapvault.extract.request import Request
-from pcapvault.extract.service.policy import Audit, effective_filter, log
+from pcapvault.extract.service.policy import Audit, checked_filter, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time, parse_window
 
@@ -369,17 +369,17 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
 
     async def _indexed(fn: Callable[..., Any], req: Request, principal: Any, **kw: Any
                        ) -> Any:
-        """conversations() or volume() over the effective filter, on a worker thread."""
+        """conversations() or volume() over the effective filter (the user's checked alone
+        first, policy.checked_filter, as for /api/v1/pcap), on a worker thread."""
         from pcapvault.extract.access import open_dumpset
 
         from . import filtercheck
 
-        req.filter = effective_filter(req.filter, principal.allowed)
-
         def work() -> Any:
             sets = [open_dumpset(p) for p in req.dumpsets]
-            filtercheck.check(req.filter, [int(ds.meta.get("linktype", 1)) for ds in sets],
-                              settings.filter_cpu)
+            linktypes = [int(ds.meta.get("linktype", 1)) for ds in sets]
+            req.filter = checked_filter(req.filter, principal.allowed, linktypes)
+            filtercheck.check(req.filter, linktypes, settings.filter_cpu)
             return fn(req, **kw)
 
         try:

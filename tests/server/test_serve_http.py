@@ -248,6 +248,21 @@ def _in_net_10_0(frame: bytes) -> bool:
     return False
 
 
+@pytest.mark.parametrize("path", ["/api/v1/conversations", "/api/v1/volume", "/api/v1/pcap"])
+def test_a_restricted_users_filter_must_be_whole_on_its_own(world, served, path):
+    """`udp) or (ip` inside the restriction would read `(ALLOWED) and (udp) or (ip)`: all
+    traffic. Every endpoint checks the user's filter alone first (policy.checked_filter)."""
+    before = world.audit_count()
+    with served.client(world.restricted) as c:
+        r = c.get(path, params=window(world, filter="udp) or (ip", step="10m"))
+        assert r.status_code == 400 and "bad filter" in r.json()["error"], r.text
+        check = c.get("/api/v1/filter", params={"expr": "udp) or (ip"})
+        assert check.status_code == 400 and "bad filter" in check.json()["error"]
+    line = world.audit_lines()[before]
+    assert line["outcome"] == "error" and "bad filter" in line["reason"]
+    assert line["pam_user"] == world.restricted.name
+
+
 def test_doubly_restricted_user_gets_the_union(world, second, served):
     with served.client(world.doubly_restricted) as c:
         r = c.get("/api/v1/pcap", params=window(world, filter="port 53"))
