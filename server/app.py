@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -282,6 +283,9 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
             except asyncio.CancelledError:
                 close("error", "the client went away")
                 raise
+            except ClientDisconnect:  # while its body was read (the login's)
+                close("error", "the client went away")
+                return Response(status_code=400)  # nobody is there to read it
             except BaseException as e:
                 close("error", f"internal error: {type(e).__name__}")
                 raise

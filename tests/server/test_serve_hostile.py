@@ -74,6 +74,27 @@ def test_connections_beyond_the_limit_get_503(world):
             assert c.get("/api/v1/status").status_code == 200
 
 
+def test_a_client_that_leaves_during_the_login_body_is_audited_quietly(world):
+    """starlette's ClientDisconnect while the login's body is read: an audit line that the
+    client went away, no traceback in the journal (serving checks) and no 500."""
+    with serving(world) as s:
+        before = world.audit_count()
+        host = s.url.removeprefix("https://")
+        conn = tls_socket(s)
+        conn.sendall(f"POST /login HTTP/1.1\r\nHost: {host}\r\nOrigin: {s.url}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     '{"user": '.encode())
+        time.sleep(0.3)
+        conn.close()
+        for _ in range(50):
+            if world.audit_count() > before:
+                break
+            time.sleep(0.1)
+        line = world.audit_lines()[-1]
+        assert line["endpoint"] == "login" and line["outcome"] == "error"
+        assert line["reason"] == "the client went away"
+
+
 def test_oversized_headers_are_refused(world):
     with serving(world) as s, s.client() as c:
         r = c.get("/api/v1/status", headers={"X-Junk": "a" * (32 << 10)})
