@@ -95,6 +95,17 @@ def test_a_client_that_leaves_during_the_login_body_is_audited_quietly(world):
         assert line["reason"] == "the client went away"
 
 
+@pytest.mark.parametrize("body", ["[" * 2000 + "]" * 2000, '{"user": ' * 1500, "\xff\xfe",
+                                  '{"user": 1, "password": 2}'])
+def test_a_login_body_that_is_no_form_is_400(world, body):
+    """A deeply nested body once raised RecursionError in the JSON parser: a 500 and a
+    traceback in the journal (serving checks there is none)."""
+    with serving(world) as s, s.client() as c:
+        r = c.post("/login", content=body.encode("latin-1"), headers={"Origin": s.url})
+        assert r.status_code == 400 and r.json()["error"], r.text
+        assert world.audit_lines()[-1]["endpoint"] == "login"
+
+
 def test_a_body_that_never_comes_or_answers_never_read_free_their_connections(world):
     """A head whose announced body never comes (the login reads its body), and requests
     pipelined by a client that never reads the answers: each held its connection for ever,
