@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pcapvault.extract.conversations import MAX_STEP_NS
 from pcapvault.extract.request import Request
 from pcapvault.extract.service.policy import Audit, checked_filter, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
@@ -135,11 +137,14 @@ def parse_step(text: str) -> int:
     """A volume step: seconds, or a number with ms, s, m, h or d (`60`, `10s`, `5m`)."""
     m = _STEP.match(text.strip())
     if not m:
-        raise ApiError(400, f"bad step {text!r}: give seconds or a number with ms, s, m, h "
+        raise ApiError(400, f"bad step {text[:40]!r}: give seconds or a number with ms, s, m, h "
                             "or d (60, 10s, 5m)")
-    ns = int(float(m.group(1)) * _UNIT_NS[m.group(2) or "s"])
+    ns = int(Decimal(m.group(1)) * _UNIT_NS[m.group(2) or "s"])  # exact: a float overflows
     if ns < 1_000_000:
-        raise ApiError(400, f"bad step {text!r}: at least 1ms")
+        raise ApiError(400, f"bad step {text[:40]!r}: at least 1ms")
+    if ns > MAX_STEP_NS:  # the worker's int64 times would overflow
+        raise ApiError(400, f"bad step {text[:40]!r}: at most {MAX_STEP_NS // 86400 // 10**9} "
+                            "days")
     return ns
 
 

@@ -127,6 +127,11 @@ def test_bounds_on_rows_steps_and_query(world, served):
         assert r.status_code == 400 and "limit" in r.json()["error"]
         r = c.get("/api/v1/volume", params=window(world, step="0.01s"))
         assert r.status_code == 400 and "steps" in r.json()["error"]
+        # a float of 400 nines is inf (once a 500); 2**63 ns passed the count of steps
+        # (one) and overflowed in the worker
+        for step in ("9" * 400, "9" * 400 + "d", str(2**63 // 10**9 + 1), "106752d"):
+            r = c.get("/api/v1/volume", params=window(world, step=step))
+            assert r.status_code == 400 and "at most" in r.json()["error"], (step, r.text)
         r = c.get("/api/v1/pcap", params=window(world, filter="tcp or " * 2000 + "tcp"))
         assert r.status_code == 414
         r = c.get("/api/v1/nothing")
