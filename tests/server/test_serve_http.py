@@ -109,6 +109,8 @@ def test_refusals_are_json_and_audited(world, served):
 
 @pytest.mark.parametrize("params, needle", [
     ({"filter": "tcp port"}, "bad filter"),
+    ({"filter": "tcp\0udp"}, "NUL"),
+    ({"filter": "\0"}, "NUL"),
     ({"begin": "yesterday"}, "yesterday"),
     ({"format": "erf"}, "format"),
     ({"snaplen": "0"}, "snaplen"),
@@ -119,6 +121,19 @@ def test_bad_parameters_are_400(world, served, params, needle):
     assert r.status_code == 400 and needle in r.json()["error"], r.text
     assert "Traceback" not in r.text
     assert last_audit(world)[0]["outcome"] == "error"
+
+
+def test_a_nul_in_a_filter_is_400_everywhere(world, served):
+    """libpcap would read `tcp\0udp` as `tcp` and `\0` as everything."""
+    with served.client(world.member) as c:
+        for path in ("/api/v1/conversations", "/api/v1/volume"):
+            r = c.get(path, params=window(world, filter="\0"))
+            assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+        r = c.get("/api/v1/filter", params={"expr": "\0"})
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+    with served.client(world.restricted) as c:
+        r = c.get("/api/v1/pcap", params=window(world, filter="tcp\0udp"))
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
 
 
 def test_bounds_on_rows_steps_and_query(world, served):
