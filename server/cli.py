@@ -287,7 +287,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     filters = parse_group_filters(group_filters)
     from pcapvault.extract.cli import configured_dumpsets  # npcapextract's default, shared
 
-    served = tuple(os.path.abspath(p) for p in dumpsets) or configured_dumpsets()
+    served = served_roots(dumpsets or configured_dumpsets())
     audit = Audit(audit_log, PROG)
     gate = _gate(pam_service, token_file, fail_delay, group, filters, session_idle)
     workers = IndexWorkers(index_workers)
@@ -317,6 +317,23 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     finally:
         workers.stop()
     return 0
+
+
+def served_roots(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The dump sets to serve, each named by its root as /api/v1/status shows it, so that a
+    `dumpset=` copied from there chooses it: `-t DIR/timeline` is DIR (and given twice, one).
+    A path that opens no dump set yet (the recorder has not started) stays as given; its
+    status says what is wrong."""
+    from pcapvault.index.dumpset import DumpSet
+
+    roots: dict[str, None] = {}
+    for p in paths:
+        try:
+            root = str(DumpSet.open(p).root)
+        except (PcapVaultError, OSError):
+            root = os.path.abspath(p)
+        roots[root] = None
+    return tuple(roots)
 
 
 def _hostport(host: str, port: int) -> str:

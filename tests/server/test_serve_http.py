@@ -336,6 +336,18 @@ def test_status_metrics_and_openapi_need_no_login(world, served, second):
                                  "/api/v1/catalogue"}
 
 
+def test_a_dump_set_served_by_its_timeline_is_named_by_its_root(world):
+    """-t DIR/timeline: status names it DIR, and dumpset=DIR chooses it (it was refused as
+    not served); given twice, it is served once."""
+    tl = world.dumpset / "timeline"
+    with serving(world, [tl, world.dumpset]) as s, s.client(world.member) as c:
+        paths = [d["path"] for d in c.get("/api/v1/status").json()["dumpsets"]]
+        assert paths == [str(world.dumpset)]
+        for path in ("/api/v1/conversations", "/api/v1/catalogue"):
+            r = c.get(path, params=window(world, dumpset=str(world.dumpset)))
+            assert r.status_code == 200, r.text
+
+
 def test_metrics_auth(world):
     with serving(world, None, "--metrics-auth") as s:
         with s.client() as c:
