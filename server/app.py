@@ -115,6 +115,11 @@ class Guard:
             resp = error_response(431, f"request headers longer than {MAX_HEADERS} bytes")
             await resp(scope, receive, counted)
             return
+        # No answer is served in ranges (the page's files are small, a pcap is a stream):
+        # a Range is ignored, as HTTP allows, rather than met by Starlette's plain-text
+        # 400 or 416 for the page's files.
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                      if k not in (b"range", b"if-range")]}
         await self.app(scope, receive, counted)
 
 

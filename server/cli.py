@@ -45,7 +45,7 @@ Without -t it serves the dump sets configured in /etc/pcapvault (as npcapextract
 """
 
 
-def protocol(request_timeout: float, send_timeout: float) -> type:
+def protocol(request_timeout: float, send_timeout: float, max_connections: int) -> type:
     """uvicorn's h11 protocol with the deadlines uvicorn lacks.
 
     uvicorn closes an idle connection only once it has answered on it, and waits for ever
@@ -57,8 +57,16 @@ def protocol(request_timeout: float, send_timeout: float) -> type:
     - a connection whose client takes nothing for `send_timeout` while the server waits to
       send (the transport paused for writing, or closing with data or TLS's closing
       handshake still to go) is cut: no byte acknowledged by the client's kernel in that
-      time. A client that takes its answer, however slowly (a long pcap download), goes on."""
+      time. A client that takes its answer, however slowly (a long pcap download), goes on.
+    It also answers above `max_connections` (uvicorn's rule: the connections, this one
+    included, or the requests in progress) with the JSON 503 every other error has, where
+    uvicorn's limit_concurrency answers plain text."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .app import error_response
+
+    busy = error_response(503, f"more than {max_connections} connections at once; try again "
+                               "shortly", {"Connection": "close"})
 
     class Protocol(H11Protocol):
         _request_timer: asyncio.TimerHandle | None = None
@@ -111,7 +119,13 @@ def protocol(request_timeout: float, send_timeout: float) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._app = self.app
             self._arm()
+
+        def handle_events(self) -> None:
+            full = max(len(self.connections), len(self.tasks)) >= max_connections
+            self.app = busy if full else self._app  # what the next request's cycle runs
+            super().handle_events()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -295,11 +309,11 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     config = uvicorn.Config(
         create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
                             max_steps), gate, audit, workers.conversations, workers.volume),
-        ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
-        timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        http=protocol(request_timeout, send_timeout), loop="asyncio", lifespan="off",
-        access_log=False, server_header=False, log_level="warning", proxy_headers=False,
-        timeout_graceful_shutdown=10)
+        ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_keep_alive=keep_alive,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        http=protocol(request_timeout, send_timeout, max_connections), loop="asyncio",
+        lifespan="off", access_log=False, server_header=False, log_level="warning",
+        proxy_headers=False, timeout_graceful_shutdown=10)
     try:
         config.load()  # reads the TLS key, as root
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
