@@ -70,6 +70,9 @@ Warn = Callable[[str], None]
 BY = ("conversation", "endpoint", "port")  # the tables: FIELDS below
 SORT = ("bytes", "packets")
 MAX_STEPS = 100_000  # volume bins of one request: a day at one-second steps fits
+# The longest volume step (about 146 years): a step's start, begin + k * step in int64 ns,
+# must not overflow, and a window of one longer step would
+MAX_STEP_NS = 1 << 62
 PROTOCOLS = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 51: "ah",
              58: "icmpv6", 132: "sctp", 136: "udplite"}
 # The fields of each table's rows, in order (CSV columns, docs/EXTRACTION.md).
@@ -280,8 +283,9 @@ def _flows(req: Request, warn: Warn, sets: list[DumpSet] | None = None,
 def volume(req: Request, step_ns: int, warn: Warn = _no_warning) -> Volume:
     """Packets and wire bytes of the matching traffic per step of `req`'s window, the first
     step starting at its begin (the last one may reach past its end)."""
-    if step_ns <= 0:
-        raise TableError(f"bad step {step_ns} ns: give a step above zero")
+    if not 0 < step_ns <= MAX_STEP_NS:
+        raise TableError(f"bad step {step_ns} ns: give a step above zero and at most "
+                         f"{MAX_STEP_NS} ns")
     span = max(req.end_ns - req.begin_ns, 0)
     steps = -(-span // step_ns)
     if steps > MAX_STEPS:

@@ -274,6 +274,8 @@ def compile_filter(
 
     `optimize=False` only checks the expression: libpcap's optimiser is what can take minutes
     on a long filter, its parser is linear."""
+    if "\0" in expr:  # C would read the text only up to it: `tcp\0udp` as `tcp`, `\0` as all
+        raise FilterError(f"bad filter {expr!r}: a filter has no NUL character")
     L = lib()
     with _compile_lock:
         p = L.pcap_open_dead(linktype, snaplen)

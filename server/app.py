@@ -18,20 +18,23 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pcapvault.extract.conversations import MAX_STEP_NS
 from pcapvault.extract.request import Request
-from pcapvault.extract.service.policy import Audit, effective_filter, log
+from pcapvault.extract.service.policy import Audit, checked_filter, effective_filter, log
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time, parse_window
 
@@ -112,6 +115,11 @@ class Guard:
             resp = error_response(431, f"request headers longer than {MAX_HEADERS} bytes")
             await resp(scope, receive, counted)
             return
+        # No answer is served in ranges (the page's files are small, a pcap is a stream):
+        # a Range is ignored, as HTTP allows, rather than met by Starlette's plain-text
+        # 400 or 416 for the page's files.
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                      if k not in (b"range", b"if-range")]}
         await self.app(scope, receive, counted)
 
 
@@ -134,11 +142,14 @@ def parse_step(text: str) -> int:
     """A volume step: seconds, or a number with ms, s, m, h or d (`60`, `10s`, `5m`)."""
     m = _STEP.match(text.strip())
     if not m:
-        raise ApiError(400, f"bad step {text!r}: give seconds or a number with ms, s, m, h "
+        raise ApiError(400, f"bad step {text[:40]!r}: give seconds or a number with ms, s, m, h "
                             "or d (60, 10s, 5m)")
-    ns = int(float(m.group(1)) * _UNIT_NS[m.group(2) or "s"])
+    ns = int(Decimal(m.group(1)) * _UNIT_NS[m.group(2) or "s"])  # exact: a float overflows
     if ns < 1_000_000:
-        raise ApiError(400, f"bad step {text!r}: at least 1ms")
+        raise ApiError(400, f"bad step {text[:40]!r}: at least 1ms")
+    if ns > MAX_STEP_NS:  # the worker's int64 times would overflow
+        raise ApiError(400, f"bad step {text[:40]!r}: at most {MAX_STEP_NS // 86400 // 10**9} "
+                            "days")
     return ns
 
 
@@ -282,6 +293,9 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
             except asyncio.CancelledError:
                 close("error", "the client went away")
                 raise
+            except ClientDisconnect:  # while its body was read (the login's)
+                close("error", "the client went away")
+                return Response(status_code=400)  # nobody is there to read it
             except BaseException as e:
                 close("error", f"internal error: {type(e).__name__}")
                 raise
@@ -369,17 +383,17 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
 
     async def _indexed(fn: Callable[..., Any], req: Request, principal: Any, **kw: Any
                        ) -> Any:
-        """conversations() or volume() over the effective filter, on a worker thread."""
+        """conversations() or volume() over the effective filter (the user's checked alone
+        first, policy.checked_filter, as for /api/v1/pcap), on a worker thread."""
         from pcapvault.extract.access import open_dumpset
 
         from . import filtercheck
 
-        req.filter = effective_filter(req.filter, principal.allowed)
-
         def work() -> Any:
             sets = [open_dumpset(p) for p in req.dumpsets]
-            filtercheck.check(req.filter, [int(ds.meta.get("linktype", 1)) for ds in sets],
-                              settings.filter_cpu)
+            linktypes = [int(ds.meta.get("linktype", 1)) for ds in sets]
+            req.filter = checked_filter(req.filter, principal.allowed, linktypes)
+            filtercheck.check(req.filter, linktypes, settings.filter_cpu)
             return fn(req, **kw)
 
         try:

@@ -45,39 +45,87 @@ Without -t it serves the dump sets configured in /etc/pcapvault (as npcapextract
 """
 
 
-def protocol(request_timeout: float) -> type:
-    """uvicorn's h11 protocol with a deadline for each request's head.
+def protocol(request_timeout: float, send_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with the deadlines uvicorn lacks.
 
-    uvicorn closes an idle connection only once it has answered on it: a client that
-    connects, or finishes a request, and then sends the next request slowly or never would
-    hold one of --max-connections for ever (slowloris). This starts a timer when the
-    connection opens and after each response, and closes the connection if no complete
-    request head has arrived when it fires."""
+    uvicorn closes an idle connection only once it has answered on it, and waits for ever
+    for a request's body and for a client to take an answer, so a slow or silent client
+    would hold one of --max-connections for ever (slowloris; a Content-Length whose body
+    never comes; requests pipelined by a client that never reads the answers). So:
+    - a whole request, head and body, must arrive within `request_timeout` of the connection
+      or of the previous response;
+    - a connection whose client takes nothing for `send_timeout` while the server waits to
+      send (the transport paused for writing, or closing with data or TLS's closing
+      handshake still to go) is cut: no byte acknowledged by the client's kernel in that
+      time. A client that takes its answer, however slowly (a long pcap download), goes on.
+    It also answers above `max_connections` (uvicorn's rule: the connections, this one
+    included, or the requests in progress) with the JSON 503 every other error has, where
+    uvicorn's limit_concurrency answers plain text."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    from .app import error_response
+
+    busy = error_response(503, f"more than {max_connections} connections at once; try again "
+                               "shortly", {"Connection": "close"})
+
     class Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
+        _request_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
+        _acked = -1
+        _lost = False
 
         def _waiting(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+            """No whole request in hand: none yet, its answer done, or its body to come."""
+            cycle = self.cycle
+            return cycle is None or cycle.response_complete or cycle.more_body
 
         def _arm(self) -> None:
             self._disarm()
-            self._head_timer = self.loop.call_later(request_timeout, self._expired)
+            if self._lost:
+                return
+            self._request_timer = self.loop.call_later(request_timeout, self._expired)
 
         def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+                self._request_timer = None
 
         def _expired(self) -> None:
-            self._head_timer = None
+            self._request_timer = None
             if self._waiting() and not self.transport.is_closing():
                 self.transport.close()
+                self._watch()
+
+        def _watch(self) -> None:
+            """Cut the connection if the client takes nothing for `send_timeout`."""
+            if self._send_timer is None and not self._lost:
+                self._acked = _bytes_acked(self.transport)
+                self._send_timer = self.loop.call_later(send_timeout, self._stalled)
+
+        def _unwatch(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _stalled(self) -> None:
+            self._send_timer = None
+            if not (self.flow.write_paused or self.transport.is_closing()):
+                return
+            acked = _bytes_acked(self.transport)
+            if acked >= 0 and acked != self._acked:  # the client takes it, slowly
+                self._watch()
+                return
+            self.transport.abort()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._app = self.app
             self._arm()
+
+        def handle_events(self) -> None:
+            full = max(len(self.connections), len(self.tasks)) >= max_connections
+            self.app = busy if full else self._app  # what the next request's cycle runs
+            super().handle_events()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -86,14 +134,50 @@ def protocol(request_timeout: float) -> type:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if self.transport.is_closing():  # Connection: close, or a 503
+                self._watch()
+            else:
                 self._arm()
 
+        def timeout_keep_alive_handler(self) -> None:
+            super().timeout_keep_alive_handler()
+            self._watch()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._watch()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if not self.transport.is_closing():
+                self._unwatch()
+
+        def shutdown(self) -> None:
+            """uvicorn's, but a connection already closing is left to close (and to its
+            watch): asyncio's TLS transport closed a second time lets go of the connection,
+            which nothing could then end."""
+            if not self.transport.is_closing():
+                super().shutdown()
+
         def connection_lost(self, exc: Exception | None) -> None:
+            self._lost = True  # uvicorn's own timers and callbacks may still call
             self._disarm()
+            self._unwatch()
             super().connection_lost(exc)
 
     return Protocol
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> int:
+    """The bytes the peer has acknowledged on the connection (Linux's TCP_INFO
+    tcpi_bytes_acked): progress that the transport's buffer, drained in bursts of a whole
+    answer chunk, does not show. -1 when unknown."""
+    try:
+        sock = transport.get_extra_info("socket")
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    except (AttributeError, OSError):
+        return -1
+    return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else -1
 
 
 def is_loopback(host: str) -> bool:
@@ -172,8 +256,12 @@ def bind(host: str, port: int) -> socket.socket:
               help="Seconds an idle connection stays open.")
 @click.option("--request-timeout", type=click.FloatRange(0.1, 300), default=10.0,
               show_default=True,
-              help="Seconds a client has to send a whole request head, from the connection "
-                   "or from the previous response.")
+              help="Seconds a client has to send a whole request (head and body), from the "
+                   "connection or from the previous response.")
+@click.option("--send-timeout", type=click.FloatRange(0.1, 3600), default=60.0,
+              show_default=True,
+              help="Seconds a connection may wait on a client that takes none of its answer "
+                   "before it is cut (a slow download that progresses goes on).")
 @click.option("--max-rows", type=click.IntRange(1, 10**6), default=10000, show_default=True,
               help="The largest limit= of /api/v1/conversations.")
 @click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
@@ -189,8 +277,8 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
             pam_service: str, audit_log: Path, token_file: Path, fail_delay: float,
             metrics_auth: bool,
             filter_cpu: float, max_connections: int, keep_alive: int,
-            request_timeout: float, max_rows: int, max_steps: int, session_idle: float,
-            index_workers: int) -> int:
+            request_timeout: float, send_timeout: float, max_rows: int, max_steps: int,
+            session_idle: float, index_workers: int) -> int:
     """Serve the sensor's packets, conversations, traffic volume, status and metrics over
     HTTPS, to members of the extractors' group (PAM password or API token)."""
     import uvicorn
@@ -213,7 +301,7 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     filters = parse_group_filters(group_filters)
     from pcapvault.extract.cli import configured_dumpsets  # npcapextract's default, shared
 
-    served = tuple(os.path.abspath(p) for p in dumpsets) or configured_dumpsets()
+    served = served_roots(dumpsets or configured_dumpsets())
     audit = Audit(audit_log, PROG)
     gate = _gate(pam_service, token_file, fail_delay, group, filters, session_idle)
     workers = IndexWorkers(index_workers)
@@ -221,11 +309,11 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     config = uvicorn.Config(
         create_app(ServeSettings(served, pam_service, filter_cpu, metrics_auth, max_rows,
                             max_steps), gate, audit, workers.conversations, workers.volume),
-        ssl_certfile=tls_cert, ssl_keyfile=tls_key, limit_concurrency=max_connections,
-        timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        http=protocol(request_timeout), loop="asyncio", lifespan="off", access_log=False,
-        server_header=False, log_level="warning", proxy_headers=False,
-        timeout_graceful_shutdown=10)
+        ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_keep_alive=keep_alive,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        http=protocol(request_timeout, send_timeout, max_connections), loop="asyncio",
+        lifespan="off", access_log=False, server_header=False, log_level="warning",
+        proxy_headers=False, timeout_graceful_shutdown=10)
     try:
         config.load()  # reads the TLS key, as root
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
@@ -243,6 +331,23 @@ def command(dumpsets: tuple[str, ...], listen: str, port: int, tls_cert: Path | 
     finally:
         workers.stop()
     return 0
+
+
+def served_roots(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The dump sets to serve, each named by its root as /api/v1/status shows it, so that a
+    `dumpset=` copied from there chooses it: `-t DIR/timeline` is DIR (and given twice, one).
+    A path that opens no dump set yet (the recorder has not started) stays as given; its
+    status says what is wrong."""
+    from pcapvault.index.dumpset import DumpSet
+
+    roots: dict[str, None] = {}
+    for p in paths:
+        try:
+            root = str(DumpSet.open(p).root)
+        except (PcapVaultError, OSError):
+            root = os.path.abspath(p)
+        roots[root] = None
+    return tuple(roots)
 
 
 def _hostport(host: str, port: int) -> str:

@@ -26,7 +26,7 @@ from pcapvault.extract.flowplan import Stats
 from pcapvault.extract.outfile import ClosedPipe, reader_closed
 from pcapvault.extract.output import Interface, Output, Sink
 from pcapvault.extract.request import Request
-from pcapvault.extract.service.policy import effective_filter, open_sources
+from pcapvault.extract.service.policy import checked_filter, open_sources
 from pcapvault.index.errors import PcapVaultError
 
 from . import filtercheck
@@ -85,7 +85,7 @@ def prepare(req: Request, allowed: str | None, filter_cpu: float) -> Prepared:
     filter or time, an unusable dump set) for the client to read."""
     sets = [open_dumpset(p) for p in req.dumpsets]
     linktypes = [int(ds.meta.get("linktype", 1)) for ds in sets]
-    filtercheck.check(effective_filter(req.filter, allowed), linktypes, filter_cpu)
+    filtercheck.check(checked_filter(req.filter, allowed, linktypes), linktypes, filter_cpu)
     sources = open_sources(req.dumpsets, sets, req.filter, allowed)
     prepared = Prepared(None, Stats())  # type: ignore[arg-type]
     prepared.run = RequestRun(req, sources, prepared.stats, prepared.warnings.append)

@@ -112,7 +112,7 @@ async def form_credentials(request: Request) -> str:
     try:
         form = json.loads(body)
         user, password = form["user"], form["password"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # deep nesting: RecursionError
         raise ValueError('give a JSON body {"user": ..., "password": ...}') from None
     if not isinstance(user, str) or not isinstance(password, str):
         raise ValueError("user and password must be strings")

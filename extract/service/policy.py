@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import syslog
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,7 +153,8 @@ def effective_filter(user_filter: str, allowed: str | None) -> str:
     `ALLOWED or anything` has that prefix and selects everything. The allowed filter comes
     first and both are parenthesised, so neither borrows the other's qualifiers (tcpdump's
     `host a or b` shorthand stops at a parenthesis); the user's filter must compile on its
-    own too (see open_sources), so its parentheses cannot close ours."""
+    own too, so its parentheses cannot close ours: a filter to run comes from
+    checked_filter, this text alone is for the audit line."""
     if allowed is None:
         return user_filter
     if not user_filter.strip():
@@ -167,25 +169,34 @@ def default_allow() -> tuple[str, ...]:
     return ("/var/lib/pcapvault", *(str(p) for p in default_dumpsets()))
 
 
+def checked_filter(user_filter: str, allowed: str | None, linktypes: Iterable[int]) -> str:
+    """The effective filter, once the user's filter has been parsed alone for each link type.
+
+    The one place a restricted user's filter is put inside the restriction, for every front
+    end and endpoint: only an expression that is whole by itself can be put in parentheses
+    (with `tcp) or (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`, all
+    traffic). Parsed, not optimised: libpcap's parser is cheap, its optimiser is not.
+    Raises FilterError with libpcap's message, as a direct extraction would."""
+    from pcapvault.index.libpcap import compile_filter
+
+    if allowed is not None and user_filter.strip():
+        for linktype in sorted(set(linktypes)):
+            compile_filter(user_filter, linktype, optimize=False).close()
+    return effective_filter(user_filter, allowed)
+
+
 def open_sources(paths: list[str], sets: list[DumpSet], user_filter: str,
                  allowed: str | None) -> list[Source]:
-    """The dump sets, each with the filter this user may run.
-
-    A restricted user's filter is checked on its own first (parsed, not optimised: libpcap's
-    parser is cheap, its optimiser is not), then the restricted filter is compiled once:
-    only an expression that is whole by itself can be put in parentheses (with `tcp) or
-    (udp` the conjunction would read `(ALLOWED) and (tcp) or (udp)`), and its errors then
-    read exactly as in a direct extraction."""
-    from pcapvault.index.libpcap import FilterError, compile_filter
+    """The dump sets, each with the filter this user may run (checked_filter), compiled
+    once, so that its errors read exactly as in a direct extraction."""
+    from pcapvault.index.libpcap import FilterError
 
     from ..flowplan import Source
 
-    expr = effective_filter(user_filter, allowed)
     sources = []
     for i, (path, ds) in enumerate(zip(paths, sets, strict=True)):
         linktype = int(ds.meta.get("linktype", 1))
-        if allowed is not None and user_filter.strip():
-            compile_filter(user_filter, linktype, optimize=False).close()
+        expr = checked_filter(user_filter, allowed, [linktype])
         try:
             sources.append(Source(path, i, expr, ds))
         except FilterError as e:

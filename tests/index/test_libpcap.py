@@ -51,6 +51,16 @@ def test_compile_error_is_libpcaps_message():
     assert tail.split(": ", 1)[1] in str(e.value)
 
 
+@pytest.mark.parametrize("expr", ["tcp\0udp", "\0", "tcp\0"])
+def test_a_nul_is_refused_not_a_cut(expr):
+    """libpcap reads a C string: `tcp\0udp` once compiled as `tcp`, and `\0` as no filter
+    (everything), while the audit recorded the whole text."""
+    with pytest.raises(FilterError, match="NUL"):
+        compile_filter(expr)
+    with pytest.raises(FilterError, match="NUL"):
+        compile_filter(expr, optimize=False)
+
+
 def test_program_length_matches_tcpdump(synth_pcap):
     for expr in FILTERS[1:12]:
         f = compile_filter(expr, 1)

@@ -66,12 +66,112 @@ def test_connections_beyond_the_limit_get_503(world):
         time.sleep(0.2)
         with s.client() as c:
             r = c.get("/api/v1/status")
-        assert r.status_code == 503
+        assert r.status_code == 503 and "connections" in r.json()["error"]
+        assert r.headers["connection"] == "close"
         for h in held:
             h.close()
         time.sleep(0.2)
         with s.client() as c:
             assert c.get("/api/v1/status").status_code == 200
+
+
+def test_a_client_that_leaves_during_the_login_body_is_audited_quietly(world):
+    """starlette's ClientDisconnect while the login's body is read: an audit line that the
+    client went away, no traceback in the journal (serving checks) and no 500."""
+    with serving(world) as s:
+        before = world.audit_count()
+        host = s.url.removeprefix("https://")
+        conn = tls_socket(s)
+        conn.sendall(f"POST /login HTTP/1.1\r\nHost: {host}\r\nOrigin: {s.url}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     '{"user": '.encode())
+        time.sleep(0.3)
+        conn.close()
+        for _ in range(50):
+            if world.audit_count() > before:
+                break
+            time.sleep(0.1)
+        line = world.audit_lines()[-1]
+        assert line["endpoint"] == "login" and line["outcome"] == "error"
+        assert line["reason"] == "the client went away"
+
+
+@pytest.mark.parametrize("body", ["[" * 2000 + "]" * 2000, '{"user": ' * 1500, "\xff\xfe",
+                                  '{"user": 1, "password": 2}'])
+def test_a_login_body_that_is_no_form_is_400(world, body):
+    """A deeply nested body once raised RecursionError in the JSON parser: a 500 and a
+    traceback in the journal (serving checks there is none)."""
+    with serving(world) as s, s.client() as c:
+        r = c.post("/login", content=body.encode("latin-1"), headers={"Origin": s.url})
+        assert r.status_code == 400 and r.json()["error"], r.text
+        assert world.audit_lines()[-1]["endpoint"] == "login"
+
+
+def test_a_body_that_never_comes_or_answers_never_read_free_their_connections(world):
+    """A head whose announced body never comes (the login reads its body), and requests
+    pipelined by a client that never reads the answers: each held its connection for ever,
+    so that with every slot taken the server answered 503 for good. (uvicorn counts the
+    connection asking: with --max-connections 3, two others make it a 503.)"""
+    with serving(world, None, "--max-connections", "3", "--request-timeout", "1",
+                 "--send-timeout", "1") as s:
+        host = s.url.removeprefix("https://")
+        no_body = tls_socket(s)
+        no_body.sendall(f"POST /login HTTP/1.1\r\nHost: {host}\r\nOrigin: {s.url}\r\n"
+                        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                        "{".encode())
+        greedy = tls_socket(s, rcvbuf=4096)
+        # 400 answers of 18 KB: more than the socket buffers on either side hold
+        greedy.sendall(f"GET /static/app.js HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() * 400)
+        time.sleep(0.3)
+        with s.client() as c:  # the two hold their slots
+            assert c.get("/api/v1/status").status_code == 503
+        assert closed_within(no_body, 3)
+        t0 = time.monotonic()
+        while True:  # and both are given back: two clients at once are served
+            time.sleep(0.5)
+            with s.client() as one, s.client() as two:
+                codes = [one.get("/api/v1/status").status_code,
+                         two.get("/api/v1/status").status_code]
+            if codes == [200, 200]:
+                break
+            assert time.monotonic() - t0 < 6, codes
+        greedy.close()
+        line = world.audit_lines()[-1]
+        assert line["endpoint"] == "login" and line["reason"] == "the client went away"
+
+
+def test_a_slow_download_that_progresses_is_not_cut(world, big):
+    """--send-timeout cuts a connection whose client takes nothing, not one whose client
+    reads slower than the server writes."""
+    with serving(world, [big], "--send-timeout", "1") as s:
+        conn = tls_socket(s, rcvbuf=64 << 10)
+        b, e = world.window
+        auth = base64.b64encode(f"{world.member.name}:{world.member.password}".encode())
+        conn.sendall(f"GET /api/v1/pcap?begin={b}&end={e}&snaplen=200 HTTP/1.1\r\n"
+                     f"Host: localhost\r\nAuthorization: Basic {auth.decode()}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        got = b""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:  # 80 KB/s: the answer's 1 MB chunks take 12 s
+            got += conn.recv(16 << 10)
+            time.sleep(0.2)
+        while chunk := conn.recv(1 << 20):
+            got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        assert len(body) >= 24 + 28000 * 216, world.audit_lines()[-1]  # chunked: + sizes
+        assert world.audit_lines()[-1]["outcome"] == "allowed"
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js"])
+@pytest.mark.parametrize("ranges", ["bytes=999999-", "lines=1-2", "bytes=5-1"])
+def test_a_range_is_ignored_not_a_plain_text_error(world, path, ranges):
+    """Starlette's files answered a bad or unsatisfiable Range with a plain-text 400 or
+    416; no answer here is served in ranges, so the whole file comes."""
+    with serving(world) as s, s.client() as c:
+        whole = c.get(path)
+        r = c.get(path, headers={"Range": ranges})
+        assert r.status_code == 200 and r.content == whole.content
 
 
 def test_oversized_headers_are_refused(world):

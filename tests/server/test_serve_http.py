@@ -109,6 +109,8 @@ def test_refusals_are_json_and_audited(world, served):
 
 @pytest.mark.parametrize("params, needle", [
     ({"filter": "tcp port"}, "bad filter"),
+    ({"filter": "tcp\0udp"}, "NUL"),
+    ({"filter": "\0"}, "NUL"),
     ({"begin": "yesterday"}, "yesterday"),
     ({"format": "erf"}, "format"),
     ({"snaplen": "0"}, "snaplen"),
@@ -121,12 +123,30 @@ def test_bad_parameters_are_400(world, served, params, needle):
     assert last_audit(world)[0]["outcome"] == "error"
 
 
+def test_a_nul_in_a_filter_is_400_everywhere(world, served):
+    """libpcap would read `tcp\0udp` as `tcp` and `\0` as everything."""
+    with served.client(world.member) as c:
+        for path in ("/api/v1/conversations", "/api/v1/volume"):
+            r = c.get(path, params=window(world, filter="\0"))
+            assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+        r = c.get("/api/v1/filter", params={"expr": "\0"})
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+    with served.client(world.restricted) as c:
+        r = c.get("/api/v1/pcap", params=window(world, filter="tcp\0udp"))
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+
+
 def test_bounds_on_rows_steps_and_query(world, served):
     with served.client(world.member) as c:
         r = c.get("/api/v1/conversations", params=window(world, limit="10001"))
         assert r.status_code == 400 and "limit" in r.json()["error"]
         r = c.get("/api/v1/volume", params=window(world, step="0.01s"))
         assert r.status_code == 400 and "steps" in r.json()["error"]
+        # a float of 400 nines is inf (once a 500); 2**63 ns passed the count of steps
+        # (one) and overflowed in the worker
+        for step in ("9" * 400, "9" * 400 + "d", str(2**63 // 10**9 + 1), "106752d"):
+            r = c.get("/api/v1/volume", params=window(world, step=step))
+            assert r.status_code == 400 and "at most" in r.json()["error"], (step, r.text)
         r = c.get("/api/v1/pcap", params=window(world, filter="tcp or " * 2000 + "tcp"))
         assert r.status_code == 414
         r = c.get("/api/v1/nothing")
@@ -248,6 +268,21 @@ def _in_net_10_0(frame: bytes) -> bool:
     return False
 
 
+@pytest.mark.parametrize("path", ["/api/v1/conversations", "/api/v1/volume", "/api/v1/pcap"])
+def test_a_restricted_users_filter_must_be_whole_on_its_own(world, served, path):
+    """`udp) or (ip` inside the restriction would read `(ALLOWED) and (udp) or (ip)`: all
+    traffic. Every endpoint checks the user's filter alone first (policy.checked_filter)."""
+    before = world.audit_count()
+    with served.client(world.restricted) as c:
+        r = c.get(path, params=window(world, filter="udp) or (ip", step="10m"))
+        assert r.status_code == 400 and "bad filter" in r.json()["error"], r.text
+        check = c.get("/api/v1/filter", params={"expr": "udp) or (ip"})
+        assert check.status_code == 400 and "bad filter" in check.json()["error"]
+    line = world.audit_lines()[before]
+    assert line["outcome"] == "error" and "bad filter" in line["reason"]
+    assert line["pam_user"] == world.restricted.name
+
+
 def test_doubly_restricted_user_gets_the_union(world, second, served):
     with served.client(world.doubly_restricted) as c:
         r = c.get("/api/v1/pcap", params=window(world, filter="port 53"))
@@ -299,6 +334,18 @@ def test_status_metrics_and_openapi_need_no_login(world, served, second):
                                  "/api/v1/status", "/metrics", "/api/v1/openapi.json",
                                  "/api/v1/filter", "/login", "/logout", "/session",
                                  "/api/v1/catalogue"}
+
+
+def test_a_dump_set_served_by_its_timeline_is_named_by_its_root(world):
+    """-t DIR/timeline: status names it DIR, and dumpset=DIR chooses it (it was refused as
+    not served); given twice, it is served once."""
+    tl = world.dumpset / "timeline"
+    with serving(world, [tl, world.dumpset]) as s, s.client(world.member) as c:
+        paths = [d["path"] for d in c.get("/api/v1/status").json()["dumpsets"]]
+        assert paths == [str(world.dumpset)]
+        for path in ("/api/v1/conversations", "/api/v1/catalogue"):
+            r = c.get(path, params=window(world, dumpset=str(world.dumpset)))
+            assert r.status_code == 200, r.text
 
 
 def test_metrics_auth(world):
