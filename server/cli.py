@@ -11,7 +11,6 @@ event loop (Starlette streams a multi-GB pcap from a pipe without holding it, an
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
 import sys
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pcapvault.index.cliutil import EXIT_USAGE, fail, run
+from pcapvault.index.cliutil import EXIT_USAGE, fail, is_loopback, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
 
@@ -178,15 +177,6 @@ def _bytes_acked(transport: asyncio.BaseTransport) -> int:
     except (AttributeError, OSError):
         return -1
     return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else -1
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
