@@ -20,7 +20,11 @@ IOV_MAX = 1024
 
 
 class OutputError(PcapVaultError):
-    """The output cannot be created or written."""
+    """The output cannot be created or written (`errno`: the failed write's, when one)."""
+
+    def __init__(self, message: str, err: int | None = None):
+        super().__init__(message)
+        self.errno = err
 
 
 class ClosedPipe(BrokenPipeError):
@@ -48,7 +52,7 @@ def write_error(err: int) -> Exception:
     """The exception for a failed write: a reader that left ends the run quietly."""
     if err == errno.EPIPE:
         return ClosedPipe()
-    return OutputError(f"cannot write the output: {os.strerror(err)}")
+    return OutputError(f"cannot write the output: {os.strerror(err)}", err)
 
 
 def _writev_loop(lens: MutableSequence[int], submit: Callable[[int, int], int],

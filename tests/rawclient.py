@@ -7,7 +7,8 @@ on stdin, one JSON line per exchange on stdout. The plan's keys:
   repeat_seconds (send the same request on new connections for this long),
   raw (send this text, latin-1, instead of a request), wait_before_send, close_after_send
   (hang up without reading, after wait_after_send seconds), trickle_every (send the request
-  one byte per this many seconds), garbage_for (send this many seconds of junk after it).
+  one byte per this many seconds), garbage_for (send this many seconds of junk after it),
+  hold_for (read nothing for this many seconds after sending, then read).
 """
 
 import json
@@ -63,6 +64,7 @@ def exchange(plan: dict) -> dict:
         time.sleep(plan.get("wait_after_send", 0))
         s.close()
         return {**result, "closed": True}
+    time.sleep(plan.get("hold_for", 0))
     data = b""
     try:
         while chunk := s.recv(1 << 20):

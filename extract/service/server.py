@@ -24,6 +24,7 @@ model and the wire format.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -70,7 +71,7 @@ T = TypeVar("T")
 PROG = "npcapextractd"
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SEND_BUFFER = 8 << 20  # fewer wake-ups while streaming: the client drains in large reads
-STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+STALL_SECONDS = 300  # a client that reads nothing for this long is dropped (--stall-timeout)
 TABLE_FRAME = 1 << 20  # a table's JSON travels in DATA frames of this size
 DRAIN_SECONDS = 1.0  # after an error reply, what a client still sends is read this long
 HANGUP_POLL = 0.2  # how often a hang-up is looked for while the service works
@@ -92,6 +93,7 @@ class Settings:
     fail_delay: float
     timeout: float
     filter_cpu: float
+    stall: float = STALL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -361,13 +363,21 @@ class Session:
         try:
             owner = service_uid(s.account)
             roots = identities(s.allow)
-            for path in req.dumpsets:
-                self.held.append(hold(path, owner, roots))
-        except PcapVaultError as e:  # RefusedPath carries where the path led
-            real = getattr(e, "real", None)
-            record["resolved"] = [h.real for h in self.held] + ([real] if real else [])
+        except PcapVaultError as e:
             self._deny(record, requested, str(e))
             return False
+        for path in req.dumpsets:
+            try:
+                self.held.append(hold(path, owner, roots))
+            except PcapVaultError as e:  # RefusedPath carries where the path led
+                real = getattr(e, "real", None)
+                record["resolved"] = [h.real for h in self.held] + ([real] if real else [])
+                # Why, and where a link led, are for the audit only: root resolved the
+                # client's text, so the reason would tell a member what lies in directories
+                # they may not search (whether a name exists, where a link there points).
+                self._deny(record, requested, f"{path} is not a dump set this service serves",
+                           detail=str(e))
+                return False
         record["resolved"] = [h.real for h in self.held]
         return True
 
@@ -481,10 +491,7 @@ class Session:
         except PcapVaultError as e:
             self._refuse(record, started, e)
             return
-        self.conn.settimeout(None)  # the engine writes with os.writev: a blocking socket
-        stall = struct.pack("ll", STALL_SECONDS, 0)
-        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
-        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)  # acknowledgements
+        self._stall_bounded()
         self._reply("ok")
         files: list[tuple[str, int]] = []
         try:
@@ -510,7 +517,9 @@ class Session:
                     lambda ifaces, **opts: ConnectionOutput(self.conn, ifaces, shared, **opts))
                 packets = out.packets
         except (ClosedPipe, OutputError) as e:
-            why = "the client stopped reading" if isinstance(e, ClosedPipe) else str(e)
+            # EAGAIN: the client took nothing for --stall-timeout (_stall_bounded)
+            gone = isinstance(e, ClosedPipe) or e.errno == errno.EAGAIN
+            why = "the client stopped reading" if gone else str(e)
             self._audit(record, started, "error", f"{why}; result incomplete",
                         *_returned(run.out))
             return
@@ -525,6 +534,16 @@ class Session:
         # sees the end of the result can rely on the audit line being there.
         self._audit(record, started, "allowed", None, packets, _returned(run.out)[1])
         self._trailer(stats, files, run.out, allowed)
+
+    def _stall_bounded(self) -> None:
+        """A blocking socket (the engine writes with os.writev) on which a client that takes
+        nothing, or acknowledges nothing, for --stall-timeout fails the send (EAGAIN): a
+        result the client never reads must not hold this instance for ever."""
+        self.conn.settimeout(None)
+        sec = self.settings.stall
+        stall = struct.pack("ll", int(sec), int(sec % 1 * 1_000_000))
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)  # acknowledgements
 
     def _warner(self, kept: list[str]) -> Callable[[str], None]:
         """A warning for the client: sent at once (and kept, for the trailer's counts)."""
@@ -574,8 +593,9 @@ class Session:
         warn = self._warner(warnings)
         if self._sources(req, record, started, allowed) is None:
             return
-        self.conn.settimeout(None)
+        self._stall_bounded()
         self._reply("ok")
+        gone = "the client stopped reading; result incomplete"
         try:
             if allowed is not None:
                 groups = ", ".join(r.group for r in restrictions)
@@ -585,10 +605,8 @@ class Session:
             table = conversations(q, req.table or "conversation", req.table_sort,
                                   req.table_limit, warn, sets=self.sets)
             body = json.dumps({**asdict(table), "warnings": warnings}).encode()
-            for i in range(0, len(body), TABLE_FRAME):
-                wire.send(self.conn, wire.DATA, body[i : i + TABLE_FRAME])
-        except (ClosedPipe, ConnectionError):
-            self._audit(record, started, "error", "the client stopped reading; result incomplete")
+        except ClosedPipe:
+            self._audit(record, started, "error", gone)
             return
         except (PcapVaultError, OSError) as e:
             msg = self._shown(str(e) if isinstance(e, PcapVaultError)
@@ -596,6 +614,12 @@ class Session:
             self._audit(record, started, "error", msg)
             self._send_trailer({"packets": 0, "bytes": 0, "stats": {}, "files": [],
                                 "error": msg})
+            return
+        try:
+            for i in range(0, len(body), TABLE_FRAME):
+                wire.send(self.conn, wire.DATA, body[i : i + TABLE_FRAME])
+        except OSError:  # gone, or took nothing for --stall-timeout (EAGAIN)
+            self._audit(record, started, "error", gone)
             return
         self._audit(record, started, "allowed", None, table.packets, table.bytes)
         self._send_trailer({"packets": table.packets, "bytes": table.bytes, "stats": {},
@@ -692,9 +716,13 @@ Examples:
               help="CPU seconds that compiling a client's filter may take; a longer one is "
                    "refused (libpcap's optimiser grows about cubically with the number of "
                    "terms).")
+@click.option("--stall-timeout", "stall", type=click.FloatRange(1, 3600),
+              default=STALL_SECONDS, show_default=True,
+              help="Seconds a client may take nothing of its result before the instance "
+                   "drops it (audited as incomplete).")
 def command(account: str, group: str, group_filters: tuple[str, ...], pam_service: str,
             audit_log: Path, allow: tuple[str, ...], max_attempts: int, fail_delay: float,
-            timeout: float, filter_cpu: float) -> int:
+            timeout: float, filter_cpu: float, stall: float) -> int:
     """Serve one authenticated extraction on the connection systemd passes as fd 3.
 
     Started by npcapextract.socket (Accept=yes) for every client of `npcapextract --service`;
@@ -712,7 +740,8 @@ def command(account: str, group: str, group_filters: tuple[str, ...], pam_servic
         raise
     conn = activation_socket()
     settings = Settings(account, group, filters, pam_service, audit_log,
-                        allow or default_allow(), max_attempts, fail_delay, timeout, filter_cpu)
+                        allow or default_allow(), max_attempts, fail_delay, timeout, filter_cpu,
+                        stall)
     try:
         audit = Audit(audit_log, PROG)
     except (ServiceError, AuditLogError):

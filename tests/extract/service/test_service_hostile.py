@@ -29,6 +29,7 @@ pytestmark = PAM_MARKS
 
 CPU_LIMIT = 1.0
 TIMEOUT = 3.0
+STALL = 1.5
 # libpcap's optimiser takes about 15 s of CPU on this one here, its parser about 2 s.
 COSTLY_FILTER = " or ".join(f"port {i}" for i in range(1, 401))
 
@@ -39,17 +40,17 @@ class Hostile:
     secret: Path
     drop: Path
     service: Service  # --allow allowed and the world's dump set, --timeout TIMEOUT,
-    # --filter-cpu-limit CPU_LIMIT
+    # --filter-cpu-limit CPU_LIMIT, --stall-timeout STALL
     patient: Service  # the same with no practical CPU limit
 
 
-def _service(world: World, name: str, allowed: Path, cpu: float) -> Service:
+def _service(world: World, name: str, allowed: Path, cpu: float, *more: str) -> Service:
     return Service(world.base / f"{name}.sock", world.base / f"{name}.log", [
         "-u", world.service_account, "--group", world.group, "--pam-service", world.pam_service,
         "--audit-log", str(world.audit), "--allow", str(allowed), "--allow",
         str(world.dumpset), "--fail-delay",
         str(FAIL_DELAY), "--timeout", str(TIMEOUT), "--filter-cpu-limit", str(cpu),
-        "--group-filter", f"{world.net_group}=net 10.0.0.0/16",
+        "--group-filter", f"{world.net_group}=net 10.0.0.0/16", *more,
     ]).start()
 
 
@@ -65,7 +66,7 @@ def hostile(world: World):
     drop.chmod(0o1777)
     secret = world.base / "secret"
     subprocess.run(["cp", "-a", str(world.dumpset), str(secret)], check=True)
-    services = [_service(world, "hostile", allowed, CPU_LIMIT),
+    services = [_service(world, "hostile", allowed, CPU_LIMIT, "--stall-timeout", str(STALL)),
                 _service(world, "patient", allowed, 3600)]
     try:
         yield Hostile(allowed, secret, drop, *services)
@@ -188,11 +189,31 @@ def test_a_dump_set_a_member_built_is_refused(world, hostile, with_index):
     before = world.audit_count()
     (r,) = raw_client(m, hostile.service, payload={"dumpsets": [str(evil)], **window(world)})
     assert refused(r), r
-    assert r["replies"][0]["message"] == (
-        f"{evil} belongs to uid {m.pw.pw_uid}, not to the service account; only the "
-        "recorder's own dump sets are served")
+    assert r["replies"][0]["message"] == f"{evil} is not a dump set this service serves"
     a = last_audit(world, before)
     assert a["outcome"] == "denied" and a["resolved"] == [str(evil)]
+    assert f"belongs to uid {m.pw.pw_uid}, not to the service account" in a["reason"]
+
+
+def test_a_refused_path_tells_a_member_nothing_root_alone_could_see(world, hostile):
+    """The service resolves a client's path as root: whether a name exists in a directory
+    the member may not search, or where a link there leads, is said in the audit only."""
+    private = world.base / "private"
+    (private / "hidden-dir-name").mkdir(parents=True)
+    (private / "secret-file.key").write_text("x")
+    (private / "link").symlink_to(private / "hidden-dir-name")
+    private.chmod(0o700)
+    try:
+        for name in ("secret-file.key", "nosuch.key", "link"):
+            asked = str(private / name)
+            before = world.audit_count()
+            (r,) = raw_client(world.member, hostile.service,
+                              payload={"dumpsets": [asked], **window(world)})
+            assert refused(r)
+            assert r["replies"][0]["message"] == f"{asked} is not a dump set this service serves"
+            assert last_audit(world, before)["reason"] != r["replies"][0]["message"]
+    finally:
+        shutil.rmtree(private)
 
 
 @pytest.mark.parametrize("damage", ["link-outside", "foreign-pcap", "foreign-index", "fifo"])
@@ -286,6 +307,20 @@ def test_a_client_that_hangs_up_during_compilation_stops_the_work(world, hostile
     assert time.monotonic() - hung_up < 1.0
     a = last_audit(world, before)
     assert a["outcome"] == "error" and a["reason"] == "the client hung up; work stopped"
+
+
+@pytest.mark.parametrize("ask", [{"table": "conversation"}, {}])
+def test_a_result_nobody_reads_frees_the_instance_after_the_stall_timeout(world, hostile, ask):
+    """A table (or pcap) larger than the socket's buffer, and a member who never reads it:
+    the instance ends at --stall-timeout, audited as incomplete, not when the client goes."""
+    dumpsets = [str(world.dumpset)] * 16  # a result larger than the socket's buffer
+    before = world.audit_count()
+    (r,) = raw_client(world.member, hostile.service, hold_for=STALL + 4,
+                      payload={"dumpsets": dumpsets, **ask, **window(world)})
+    a = last_audit(world, before, timeout=0)  # written while the client still held on
+    assert a["outcome"] == "error"
+    assert a["reason"] == "the client stopped reading; result incomplete"
+    assert r["trailer"] is None
 
 
 def test_a_list_whose_client_left_is_not_audited_as_given(world, hostile):
