@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import sys
 
-from pcapvault.index.cliutil import exit_now
+from pcapvault.index.cliutil import exit_now, hold_standard_fds
 
 from . import prestart
 
 
 def main() -> None:
     """The npcapextract command."""
+    hold_standard_fds()  # before the early connection takes a number
     prestart.preconnect(sys.argv[1:])
     from .cli import main as cli_main
 

@@ -41,6 +41,7 @@ def run(
     """
     import click
 
+    hold_standard_fds()
     try:
         rc = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -65,6 +66,19 @@ def run(
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
+def hold_standard_fds() -> None:
+    """Put /dev/null, read-only, on any of fds 0 to 2 the command was started without
+    (`>&-`): else the next file or socket opened takes that number, and what is meant for
+    stdout goes into it (a pcap into the extraction service's connection). Read-only, so a
+    write meant for a closed stdout still fails, as it would have."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, os.O_RDONLY) != fd:  # the lowest free number: this one
+                raise RuntimeError(f"fd {fd} taken while the standard fds were held") from None
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (a name or an address, as in a URL or --listen) stays on this machine:
     where plain HTTP, and the credentials in it, may go."""
@@ -82,7 +96,7 @@ def _quiet_broken_pipe() -> None:
     # Python would complain again when flushing stdout at exit; point it at /dev/null.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, 1)
     except OSError:
         pass
     sys.exit(0)
@@ -101,7 +115,8 @@ def exit_now(code: object) -> None:
     status = 0 if code is None else int(code)  # type: ignore[call-overload]
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: started without that fd
+                stream.flush()
         except (OSError, ValueError):
             pass  # a reader that left: the command has already reported how it ended
     os._exit(status)

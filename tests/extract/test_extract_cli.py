@@ -94,6 +94,21 @@ def test_closed_pipe_exits_quietly(two):
     assert r.stderr == ""
 
 
+def test_started_without_stdout(two, tmp_path):
+    """`>&-`: the file is written and the run ends quietly; `-O` says in one line that there
+    is no stdout (the next file or socket opened must not take fd 1 and get the pcap)."""
+    a, _ = two
+    entry = [sys.executable, "-m", "pcapvault.extract"]  # npcapextract's own entry point
+    out = tmp_path / "x.pcap"
+    run = ["bash", "-c", 'exec "$@" >&-', "_", *entry, "-t", str(a.root), "-b", B, "-e", E]
+    r = subprocess.run([*run, "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == ""
+    assert len(read_pcap_records(out.read_bytes())) == 600
+    r = subprocess.run([*run, "-O"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr == "npcapextract: error: cannot write the output: Bad file descriptor\n"
+
+
 def test_slice_split_caps_empty(two, tmp_path):
     a, _ = two
     full = read_pcap_records(cmd("-t", str(a.root), "-b", B, "-e", E, "-O").stdout)

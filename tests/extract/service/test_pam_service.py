@@ -243,6 +243,19 @@ def test_every_attempt_also_goes_to_syslog(world):
         syslog.LOG_AUTHPRIV | syslog.LOG_INFO, syslog.LOG_AUTHPRIV | syslog.LOG_WARNING]
 
 
+def test_a_client_started_without_stdout_keeps_the_pcap_out_of_the_services_socket(world):
+    """`-O >&-`: the early connection to the service must not take fd 1 (the pcap went back
+    into the service's connection, and the client died with a traceback)."""
+    m = world.member
+    b, e = world.window
+    r = m.run(["bash", "-c", 'exec "$@" >&-', "_", *CLIENT, "-t", str(world.dumpset), "-b", b,
+               "-e", e, "-O", "--password-stdin", "--service-socket",
+               str(world.service.socket)], input=f"{m.password}\n".encode())
+    assert r.returncode == 2
+    assert r.stderr.decode() == (
+        "npcapextract: error: cannot write the output: Bad file descriptor\n")
+
+
 def test_only_served_dump_sets(world):
     other = world.base / "home-other"
     shutil.copytree(world.dumpset, other, symlinks=True)
