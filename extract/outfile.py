@@ -40,10 +40,17 @@ def is_stream(fd: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
+# Extracted packets are the data the dump set's permissions and the service's groups gate:
+# a new output file is the extracting user's alone (tcpdump -w makes 0644, readable by every
+# local user in a shared directory), as is a new -P/-N directory. chmod shares them.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
 def create(name: str) -> int:
-    """Open (create or truncate) an output file, as tcpdump -w does."""
+    """Open (create or truncate) an output file, as tcpdump -w does, but FILE_MODE."""
     try:
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     except OSError as e:
         raise OutputError(f"cannot create {name}: {e.strerror}") from None
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
 
-from .outfile import OutputError, create, is_stream, write_error, writev_all, writev_table
+from .outfile import DIR_MODE, OutputError, create, is_stream, write_error, writev_all, writev_table
 
 
 class SharedBuffers(Protocol):
@@ -394,7 +394,7 @@ class Output:
         if self.split:
             d = Path(target)
             try:
-                d.mkdir(parents=True, exist_ok=True)
+                d.mkdir(DIR_MODE, parents=True, exist_ok=True)
             except OSError as e:
                 raise OutputError(f"cannot create output directory {d}: {e.strerror}") from None
 

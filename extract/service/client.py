@@ -33,6 +33,7 @@ import click
 from pcapvault.index.errors import PcapVaultError
 
 from .. import prestart
+from ..outfile import DIR_MODE, FILE_MODE
 from ..request import Request
 from . import wire
 
@@ -205,7 +206,7 @@ class _Receiver:
             fd = 1
         else:
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             except OSError as e:
                 raise RemoteError(f"cannot create {name}: {e.strerror}") from None
         st = os.fstat(fd)
@@ -227,7 +228,7 @@ class _Receiver:
             raise wire.ProtocolError(f"unexpected file name {name!r} from the extraction service")
         if self.fd is None:
             try:
-                os.makedirs(self.target, exist_ok=True)
+                os.makedirs(self.target, DIR_MODE, exist_ok=True)
             except OSError as e:
                 raise RemoteError(f"cannot create output directory {self.target}: "
                                    f"{e.strerror}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,19 @@ def test_started_without_stdout(two, tmp_path):
     r = subprocess.run([*run, "-O"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr == "npcapextract: error: cannot write the output: Bad file descriptor\n"
+
+
+def test_outputs_are_the_extracting_users_alone(two, tmp_path):
+    """Even under umask 0: a file 0600, a -N directory 0700 (the packets are what the dump
+    set's permissions gate)."""
+    a, _ = two
+    for args, made in ((["-o", str(tmp_path / "x.pcap")], {tmp_path / "x.pcap": 0o600}),
+                       (["-N", "300", "-o", str(tmp_path / "n")], {tmp_path / "n": 0o700})):
+        r = cmd("-t", str(a.root), "-b", B, "-e", E, *args, umask=0)
+        assert r.returncode == 0, r.stderr
+        for path, mode in made.items():
+            assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "n").iterdir()} == {0o600}
 
 
 def test_slice_split_caps_empty(two, tmp_path):

@@ -77,6 +77,7 @@ def test_member_gets_exactly_the_direct_extraction(world, args):
     assert out.read_bytes() == expected
     st = out.stat()
     assert st.st_uid == world.member.pw.pw_uid  # written by the client, with the user's rights
+    assert stat.S_IMODE(st.st_mode) == 0o600  # the member's alone, whatever their umask
     lines = world.audit_lines()[before:]
     assert len(lines) == 1
     a = lines[0]
@@ -105,6 +106,8 @@ def test_split_output_through_the_service(world, split, tmp_path):
     got = {p.name: p.read_bytes() for p in out.iterdir()}
     assert got == expected and (len(got) > 1 or split[0] == "-P")
     assert all(p.stat().st_uid == world.member.pw.pw_uid for p in [out, *out.iterdir()])
+    assert [stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]] == [
+        0o700, *[0o600] * len(got)]
     a = world.audit_lines()[-1]
     assert a["bytes"] == sum(map(len, expected.values()))
 
