@@ -213,25 +213,31 @@ def hung_up(conn: socket.socket) -> bool:
 class HangupWatch(threading.Thread):
     """Raises ClientGone in the main thread when the client hangs up, so that no work goes
     on for nobody (a query over months of files that writes nothing for a while would
-    otherwise run to its end). SIGUSR1 carries it; its handler raises only while armed."""
+    otherwise run to its end). SIGUSR1 carries it; its handler raises once, only while
+    armed, and not while the main thread is already unwinding (a failed write, a generator
+    being closed): raised there, it would interrupt the clean-up and end as "Exception
+    ignored" in the journal. Until it has raised, the watch signals again each poll."""
 
     def __init__(self, conn: socket.socket):
         super().__init__(daemon=True, name="hangup-watch")
         self.conn = conn
         self.armed = True
+        self.raised = False
         self.stop = threading.Event()
         signal.signal(signal.SIGUSR1, self._raise)
         self.start()
 
     def _raise(self, signum: int, frame: object) -> None:
-        if self.armed:
+        if self.armed and not self.raised and sys.exc_info()[0] is None:
+            self.raised = True
             raise ClientGone()
 
     def run(self) -> None:
         while not self.stop.wait(HANGUP_POLL):
+            if self.raised or not self.armed:
+                return
             if hung_up(self.conn):
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-                return
 
     def close(self) -> None:
         self.armed = False
