@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, PcapVaultError
 from .pcapfile import parse_global_header, scan_records
 from .pcaplayout import GLOBAL_HEADER_LEN, MAX_CAPLEN, RECORD_HEADER_LEN
 from .times import MAX_NS
@@ -73,13 +73,21 @@ def _decompress(f, magic: bytes, name: str, tmp_dir: Path):
 
             errors = (pyzstd.ZstdError, EOFError, ValueError)
             stream = pyzstd.ZstdFile(f)
-        try:
-            while chunk := stream.read(_CHUNK):
+        while True:
+            try:
+                chunk = stream.read(_CHUNK)
+            except errors as e:
+                raise FormatError(f"{name}: damaged compressed data ({e}); check the file "
+                                  "(gzip -t / zstd -t) and import what can be recovered") from None
+            try:
+                if not chunk:
+                    out.flush()
+                    break
                 out.write(chunk)
-        except errors as e:
-            raise FormatError(f"{name}: damaged compressed data ({e}); check the file "
-                              "(gzip -t / zstd -t) and import what can be recovered") from None
-        out.flush()
+            except OSError as e:  # the room beside the dump set, not the capture
+                raise PcapVaultError(f"{name}: no room to decompress it in {tmp_dir} "
+                                     f"({e.strerror}); free space there, or decompress it "
+                                     "elsewhere and import the result") from None
         out.seek(0)
         return out
     except BaseException:

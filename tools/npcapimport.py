@@ -310,8 +310,9 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
     reg = load_registry(ds)
     files: list[str] = []
     for src in cluster.sources:
-        reg[src.digest] = {"source": str(src.path), "imported": format_time(time.time_ns()),
-                           "packets": src.packets, "files": files, "complete": False}
+        reg[src.digest] = {"source": os.path.abspath(src.path),
+                           "imported": format_time(time.time_ns()), "packets": src.packets,
+                           "files": files, "complete": False}
     nanosecond = ds.nanosecond
     head = global_header(int(ds.meta.get("linktype", 1)), snaplen, nanosecond)
     for k, (s, e) in enumerate(parts):

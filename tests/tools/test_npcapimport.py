@@ -26,6 +26,7 @@ from extract_helpers import (
     tcpdump_select,
     write_pcap,
 )
+from fsutil import fill, loop_fs
 from recorderproc import RecorderProc, extracted_records, recorded_frames, synthetic_pcap, tool
 
 from pcapvault.index.dumpset import DumpSet
@@ -193,6 +194,28 @@ def test_twice_is_not_duplicated(tmp_path):
         assert r.returncode == 0 and "already imported" in r.stdout, r.stdout + r.stderr
     assert [sf.name for sf in DumpSet.open(root).files()] == names
     assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+
+
+def test_no_room_to_decompress_is_said_as_such(tmp_path):
+    """A gzip capture decompressed beside a dump set whose filesystem is full: the run says
+    where room is missing (not "damaged compressed data"), imports nothing, and the file
+    itself imports once there is room."""
+    src = tmp_path / "in.pcap"
+    write_pcap(src, traffic(3000))
+    packed = tmp_path / "in.pcap.gz"
+    packed.write_bytes(gzip.compress(src.read_bytes()))
+    with loop_fs(tmp_path, "8M") as fs:
+        root = new_dumpset(fs / "ds")
+        filler = fill(fs)
+        r = npcapimport("-t", root, packed)
+        one_line(r, 1, f"{packed}: no room to decompress it in {root}", "free space there")
+        assert DumpSet.open(root).files() == []
+        filler.unlink()
+        r = subprocess.run([tool("npcapimport"), "-t", str(root), packed.name],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        (entry,) = json.loads((root / "imports.json").read_text())["imports"].values()
+        assert entry["source"] == str(packed)  # as FORMAT.md shows: absolute
 
 
 def test_out_of_order_packets_keep_file_order_and_windows_are_exact(tmp_path):
