@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from pathlib import Path
 
 from pcapvault.index.errors import PcapVaultError
@@ -25,13 +26,38 @@ def lookup(user: str) -> pwd.struct_passwd:
 
 
 def give_tree(root: Path, pw: pwd.struct_passwd) -> None:
-    """Hand an existing dump set to the account that will write it from now on."""
-    if root.stat().st_uid == pw.pw_uid:
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        os.chown(dirpath, pw.pw_uid, pw.pw_gid)
-        for n in dirnames + filenames:
-            os.chown(os.path.join(dirpath, n), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    """Hand the dump set at `root` to the account that will write it from now on.
+
+    Root does this with a path the account may have shaped (it owns /var/lib/pcapvault, and
+    its --exec-cmd runs there): so `root` must be a new, empty directory or a dump set
+    already (its marker), reached through no link but root's own; below it nothing is
+    followed, and only what root or the directory's owner made changes hands, never
+    another user's file."""
+    from .dumpset import MARKER
+
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
+        raise PcapVaultError(f"-o {root} is a link made by uid {st.st_uid}, not root's; give "
+                             "the directory itself")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        top = os.fstat(fd)
+        if top.st_uid == pw.pw_uid:
+            return
+        names = os.listdir(fd)
+        if names and MARKER not in names:
+            raise PcapVaultError(f"-o {root} holds files but no dump set; give an empty "
+                                 "directory or a dump set's (the recorder's -o)")
+        makers = {0, top.st_uid}
+        for _path, dirs, files, dfd in os.fwalk(".", dir_fd=fd):  # links: never descended
+            if os.fstat(dfd).st_uid in makers:
+                os.fchown(dfd, pw.pw_uid, pw.pw_gid)
+            for n in files + dirs:  # a directory's own turn comes as it is walked
+                entry = os.lstat(n, dir_fd=dfd)
+                if entry.st_uid in makers and not stat.S_ISDIR(entry.st_mode):
+                    os.chown(n, pw.pw_uid, pw.pw_gid, dir_fd=dfd, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
 def drop_to(pw: pwd.struct_passwd) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from pcapvault.index.clitypes import Number
 from pcapvault.index.cliutil import EXIT_USAGE, fail, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
@@ -89,9 +90,16 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
     from pcapvault.index.privileges import parse_mode
 
     try:
-        return parse_mode(value, param.opts[0])
+        mode = parse_mode(value, param.opts[0])
     except PcapVaultError as e:
         raise click.BadParameter(str(e)) from None
+    # The owner writes the files and directories, and the indexer reads them back, as the
+    # owner: without these bits the writer failed on the file's last block and lost it.
+    needed, example = (0o700, "0750") if param.opts[0] == "--dir-mode" else (0o600, "0640")
+    if mode & needed != needed:
+        raise click.BadParameter(f"bad {param.opts[0]} {value!r}: the owner must keep "
+                                 f"{needed:o} (e.g. {example})")
+    return mode
 
 
 @click.command(
@@ -127,12 +135,12 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
                    "indexed and linked; the file's paths are in the environment.")
 @click.option("--exec-max", type=click.IntRange(1, 64), default=2, show_default=True,
               help="--exec-cmd commands running at once; more files wait in a queue.")
-@click.option("--exec-timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+@click.option("--exec-timeout", type=Number(1), default=600.0, show_default=True,
               help="Seconds an --exec-cmd command may run before it is killed.")
 @click.option("--usec", is_flag=True, help="Microsecond timestamps (default: nanosecond).")
 @click.option("-r", "--buffered", is_flag=True,
               help="Buffered writes instead of O_DIRECT (chosen by itself where refused).")
-@click.option("--stats-interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+@click.option("--stats-interval", type=Number(0.1), default=10.0, show_default=True,
               help="Seconds between stats lines and stats-file updates.")
 @click.option("--stats-file", type=click.Path(path_type=Path),
               help="Stats file [default: DUMP_DIR/stats].")

@@ -118,10 +118,10 @@ class StatsFile:
         """
         try:
             self._write(stats)
-        except OSError as e:
-            if e.errno not in DISK_FULL:
+        except (OSError, PcapVaultError) as e:
+            if getattr(e, "errno", None) not in DISK_FULL:
                 raise StatsPathError(
-                    f"cannot write the stats file {self.path}: {e.strerror}; choose another "
+                    f"cannot write the stats file {self.path}: {_cause(e)}; choose another "
                     "--stats-file or fix its directory"
                 ) from None
             self._failed(e)
@@ -130,7 +130,7 @@ class StatsFile:
         """Replace the file; on failure log the cause (the first time) and go on."""
         try:
             self._write(stats)
-        except OSError as e:
+        except (OSError, PcapVaultError) as e:  # a temporary in the way is no reason to stop
             self._failed(e)
             return False
         return True
@@ -144,12 +144,18 @@ class StatsFile:
         text = "".join(f"{k}: {v}\n" for k, v in stats.as_dict().items())
         write_atomic(self.path, text.encode(), sync=False)
 
-    def _failed(self, e: OSError) -> None:
-        cause = "disk full" if e.errno in DISK_FULL else e.strerror or str(e)
+    def _failed(self, e: OSError | PcapVaultError) -> None:
+        cause = _cause(e)
         if cause not in self.reported:
             self.reported.add(cause)
             log.warning("cannot write the stats file %s: %s; capture goes on (not said again "
                         "for this cause)", self.path, cause)
+
+
+def _cause(e: OSError | PcapVaultError) -> str:
+    if isinstance(e, OSError):
+        return "disk full" if e.errno in DISK_FULL else e.strerror or str(e)
+    return str(e)
 
 
 def _epoch(v: float | None) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from pcapvault.index.clitypes import Number
 from pcapvault.index.cliutil import EXIT_USAGE, fail, is_loopback, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
@@ -232,11 +233,11 @@ def bind(host: str, port: int) -> socket.socket:
 @click.option("--tokens", "token_file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("/var/lib/pcapvault/npcapserve/tokens"), show_default=True,
               help="The API token store (npcapserve token --help).")
-@click.option("--fail-delay", type=click.FloatRange(0, 60), default=1.0, show_default=True,
+@click.option("--fail-delay", type=Number(0, 60), default=1.0, show_default=True,
               help="Seconds a failed login takes at least.")
 @click.option("--metrics-auth", is_flag=True,
               help="Ask for a login on /metrics and /api/v1/status too.")
-@click.option("--filter-cpu-limit", "filter_cpu", type=click.FloatRange(0.1, 60),
+@click.option("--filter-cpu-limit", "filter_cpu", type=Number(0.1, 60),
               default=2.0, show_default=True,
               help="CPU seconds compiling a client's filter may take; a longer one gets 400.")
 @click.option("--max-connections", type=click.IntRange(1, 10000), default=100,
@@ -244,11 +245,11 @@ def bind(host: str, port: int) -> socket.socket:
               help="Connections served at once; more are answered 503.")
 @click.option("--keep-alive", type=click.IntRange(1, 300), default=5, show_default=True,
               help="Seconds an idle connection stays open.")
-@click.option("--request-timeout", type=click.FloatRange(0.1, 300), default=10.0,
+@click.option("--request-timeout", type=Number(0.1, 300), default=10.0,
               show_default=True,
               help="Seconds a client has to send a whole request (head and body), from the "
                    "connection or from the previous response.")
-@click.option("--send-timeout", type=click.FloatRange(0.1, 3600), default=60.0,
+@click.option("--send-timeout", type=Number(0.1, 3600), default=60.0,
               show_default=True,
               help="Seconds a connection may wait on a client that takes none of its answer "
                    "before it is cut (a slow download that progresses goes on).")
@@ -256,7 +257,7 @@ def bind(host: str, port: int) -> socket.socket:
               help="The largest limit= of /api/v1/conversations.")
 @click.option("--max-steps", type=click.IntRange(1, 10**6), default=10000, show_default=True,
               help="The most steps /api/v1/volume answers.")
-@click.option("--session-idle", type=click.FloatRange(1, 7 * 86400), default=1800,
+@click.option("--session-idle", type=Number(1, 7 * 86400), default=1800,
               show_default=True,
               help="Seconds a web page login lasts without use (then the page asks again).")
 @click.option("--index-workers", type=click.IntRange(1, 64), default=2, show_default=True,

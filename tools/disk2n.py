@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from pcapvault.index.clitypes import Number
 from pcapvault.index.cliutil import run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
@@ -71,20 +72,10 @@ _PATH = click.Path(path_type=Path, readable=False)
 _MAC = re.compile(r"^[0-9a-fA-F]{2}([:-]?)[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
 
 
-class _Number(click.FloatRange):
-    """A FloatRange that also refuses nan, which every bound lets through (comparisons with
-    it are false). The bounds keep schedules in int64 nanoseconds: a rate near zero or an
-    infinite interval overflowed into a traceback or sent everything at once."""
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
-        number = super().convert(value, param, ctx)
-        if number != number:
-            self.fail(f"{value!r} is not a number", param, ctx)
-        return number
-
-
-_RATE = _Number(min=0.001, max=10**9)
-_SECONDS = _Number(min=0, max=10**6)
+# The bounds keep schedules in int64 nanoseconds: a rate near zero or an infinite
+# interval overflowed into a traceback or sent everything at once.
+_RATE = Number(min=0.001, max=10**9)
+_SECONDS = Number(min=0, max=10**6)
 
 
 def _mac(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:

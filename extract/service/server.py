@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from pcapvault.index.anchored import AnchoredDumpSet, Held, RefusedPath, hold, identities
+from pcapvault.index.clitypes import Number
 from pcapvault.index.cliutil import exit_now, run
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.times import format_time
@@ -712,17 +713,17 @@ Examples:
                    "[default: /var/lib/pcapvault and the configured sensors' dump sets]")
 @click.option("--max-attempts", type=click.IntRange(1, 10), default=3, show_default=True,
               help="Password attempts per connection.")
-@click.option("--fail-delay", type=click.FloatRange(0, 60), default=2.0, show_default=True,
+@click.option("--fail-delay", type=Number(0, 60), default=2.0, show_default=True,
               help="Seconds a failed attempt takes at least.")
-@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+@click.option("--timeout", type=Number(0.1, 3600), default=30.0, show_default=True,
               help="Seconds a client has to send its whole request, counted from the "
                    "connection (or from the answer to its previous attempt).")
-@click.option("--filter-cpu-limit", "filter_cpu", type=click.FloatRange(0.1, 3600),
+@click.option("--filter-cpu-limit", "filter_cpu", type=Number(0.1, 3600),
               default=2.0, show_default=True,
               help="CPU seconds that compiling a client's filter may take; a longer one is "
                    "refused (libpcap's optimiser grows about cubically with the number of "
                    "terms).")
-@click.option("--stall-timeout", "stall", type=click.FloatRange(1, 3600),
+@click.option("--stall-timeout", "stall", type=Number(1, 3600),
               default=STALL_SECONDS, show_default=True,
               help="Seconds a client may take nothing of its result before the instance "
                    "drops it (audited as incomplete).")

@@ -45,6 +45,10 @@ def run_recorder(*args: str, prefix: list[str] | None = None) -> subprocess.Comp
         (["-i", "lo", "--disk-limit", "99999999999999999999999T"], ["more than any"]),
         (["-i", "lo", "--file-mode", "999"], ["bad --file-mode '999'", "octal"]),
         (["-i", "lo", "--dir-mode", "abc"], ["bad --dir-mode 'abc'", "octal"]),
+        # The recorder writes its files and the indexer reads them, as their owner.
+        (["-i", "lo", "--file-mode", "0440"], ["bad --file-mode '0440'", "owner", "0640"]),
+        (["-i", "lo", "--exec-timeout", "nan"], ["--exec-timeout", "nan"]),
+        (["-i", "lo", "--stats-interval", "nan"], ["--stats-interval", "nan"]),
     ],
 )
 def test_bad_arguments(tmp_path, args, needles):
@@ -52,6 +56,30 @@ def test_bad_arguments(tmp_path, args, needles):
     # Bad option values (and a limit too small for -p) are usage errors (2); a wrong
     # interface fails at run time (1).
     one_line(r, 1 if "nosuch0" in args else 2, *needles, prog="recorder")
+
+
+def test_u_hands_over_only_a_dump_set_or_a_new_directory(tmp_path):
+    """Root hands -o to the -u account: never through a link the account (which owns
+    /var/lib/pcapvault, and runs --exec-cmd) made, and never a directory holding other
+    files (/etc behind a planted link was given to the account)."""
+    import os
+
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "file").write_text("root's")
+    base = tmp_path / "base"
+    base.mkdir()
+    planted = base / "ds"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)  # made by the account
+    r = run_recorder("-i", "lo", "-u", "nobody", "-o", str(planted))
+    one_line(r, 1, f"-o {planted} is a link made by uid 65534", prog="recorder")
+    rootlink = base / "root-link"
+    rootlink.symlink_to(victim)  # root's own link: followed, but victim is no dump set
+    r = run_recorder("-i", "lo", "-u", "nobody", "-o", str(rootlink))
+    one_line(r, 1, "holds files but no dump set", prog="recorder")
+    for p in (victim, victim / "sub", victim / "sub" / "file"):
+        assert p.stat().st_uid == 0, p
 
 
 def test_missing_capability(tmp_path):

@@ -173,6 +173,24 @@ def test_disk_filled_by_another_process_never_stops_capture(veth, tmp_path, ext4
     assert not (ext4 / "ds" / ".stats.part").exists()
 
 
+def test_a_link_in_the_way_of_the_stats_file_never_stops_capture(veth, tmp_path):
+    """Someone plants a link at the stats file's temporary name: the stats are skipped (said
+    once), the capture goes on, and nothing is written through the link."""
+    src = tmp_path / "in.pcap"
+    synthetic_pcap(src, 500, 200)
+    rec = RecorderProc(veth, tmp_path / "ds", "--stats-interval", "0.1")
+    target = tmp_path / "target"
+    (tmp_path / "ds" / ".stats.part").symlink_to(target)
+    time.sleep(0.5)  # five stats intervals with the link in the way
+    assert rec.proc.poll() is None, rec.stderr
+    sent = veth.send([src])
+    time.sleep(0.3)
+    assert rec.stop() == 0, rec.stderr
+    assert rec.stderr.count("cannot write the stats file") == 1, rec.stderr
+    assert [f for _, f, _ in recorded_frames(tmp_path / "ds")] == sent
+    assert not target.exists()
+
+
 # --- item 7: -A -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,17 @@
+"""click parameter types the commands share (kept apart from cliutil, which must not load
+click: npcapextract reaches its early connection to the service before click loads)."""
+
+from __future__ import annotations
+
+import click
+
+
+class Number(click.FloatRange):
+    """A FloatRange that also refuses nan, which every bound lets through (comparisons with
+    it are false): a timeout of nan never fires, an interval of nan never ticks."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
