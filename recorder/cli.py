@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -209,6 +210,9 @@ def command(interface, dump_dir, timeline_dir, buffer_mb, snaplen, promisc, bpf,
 
 
 def main() -> None:
+    # Until the capture loop takes it (SIGUSR1: close the current file), a reload must not
+    # kill the start-up with the signal's default action: there is no file to close yet.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         args = expand_config_args(sys.argv[1:], command)
     except PcapVaultError as e:

@@ -191,6 +191,28 @@ def test_a_link_in_the_way_of_the_stats_file_never_stops_capture(veth, tmp_path)
     assert not target.exists()
 
 
+def test_a_reload_during_start_up_does_not_kill_it(veth, tmp_path):
+    """`systemctl reload` (SIGUSR1) right after a Type=simple start, before the capture
+    loop takes the signal: the default action ended the recorder, silently. From the
+    moment the command's code runs (the signal ignored: the interpreter's own start is all
+    that is left before), reloads during start-up are harmless."""
+    rec = RecorderProc(veth, tmp_path / "ds", ready=False)
+    status = Path(f"/proc/{rec.proc.pid}/status")
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    while not rec._ready.is_set():
+        fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        if int(fields["SigIgn"], 16) & usr1:
+            break
+        time.sleep(0.002)
+    assert not rec._ready.is_set(), "started before SIGUSR1 was set aside"
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until and rec.proc.poll() is None:
+        rec.signal(signal.SIGUSR1)
+        time.sleep(0.05)
+    assert rec._ready.wait(20) and rec.proc.poll() is None, rec.stderr
+    assert rec.stop() == 0, rec.stderr
+
+
 # --- item 7: -A -----------------------------------------------------------------------------------
 
 
