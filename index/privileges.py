@@ -7,6 +7,7 @@ early means a bug in the file-handling code cannot be used to write anywhere els
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import stat
@@ -58,6 +59,34 @@ def give_tree(root: Path, pw: pwd.struct_passwd) -> None:
                     os.chown(n, pw.pw_uid, pw.pw_gid, dir_fd=dfd, follow_symlinks=False)
     finally:
         os.close(fd)
+
+
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Give up every capability, for good, once the capture socket is set up.
+
+    The unit starts the recorder as its account with CAP_NET_RAW and CAP_NET_ADMIN as
+    ambient capabilities: needed to open the ring and set promiscuous mode, and by nothing
+    after; kept, they served every later bug, the indexer process (which parses the packets
+    an attacker sends) and the --exec-cmd commands (the ambient set passes on through
+    exec). Emptying the permitted and inheritable sets empties the ambient one with them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot give up the capabilities capture needed: "
+                           f"{os.strerror(err)}")
 
 
 def drop_to(pw: pwd.struct_passwd) -> None:

@@ -24,7 +24,7 @@ from pcapvault.index.pcapfile import global_header
 from pcapvault.index.repair import repair
 
 from .budget import DiskBudget, Limit
-from .hook import FileHook, clear_inheritable_capabilities
+from .hook import FileHook
 from .indexer import BackgroundIndexer, IndexerFailed
 from .ring import BlockRecords, PacketRing, block_to_records
 from .stats import CaptureStats, StatsFile
@@ -122,6 +122,8 @@ class Recorder:
             ) from None
         if pw:
             privileges.drop_to(pw)
+        if os.geteuid() != 0:  # root without -u keeps its own (it owns what it writes)
+            privileges.drop_capabilities()
         if not os.access(cfg.dumpset, os.W_OK | os.X_OK):
             raise PcapVaultError(
                 f"output directory {cfg.dumpset} is not writable; choose another -o or fix "
@@ -141,8 +143,7 @@ class Recorder:
                                  cfg.max_file_bytes, copies=2 if cfg.compress else 1,
                                  max_age_ns=cfg.max_age_ns)
         self.hook = None
-        if cfg.exec_cmd:
-            clear_inheritable_capabilities()
+        if cfg.exec_cmd:  # never as root (HookAsRoot), and without capabilities (above)
             self.hook = FileHook(cfg.exec_cmd, self.ds.root, cfg.exec_max, cfg.exec_timeout)
         self.held_full = False  # stopped writing: held files leave no room
         self.header = global_header(self.ring.linktype, cfg.snaplen, cfg.nanosecond)

@@ -17,7 +17,6 @@ recorder's stderr (the journal), and learn about their file from the environment
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -39,37 +38,6 @@ QUEUE_MAX = 1000
 # At exit, what runs and waits gets at most this long (or one --exec-timeout if shorter): the
 # unit's TimeoutStopSec must cover it after the indexer's own wait.
 EXIT_WAIT = 20.0
-_CAP_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def clear_inheritable_capabilities() -> None:
-    """Commands the recorder starts get no capabilities.
-
-    The unit gives the recorder CAP_NET_RAW, CAP_NET_ADMIN and CAP_IPC_LOCK as inheritable
-    and *ambient* capabilities, which every program it executes would inherit (the ambient
-    ones always, the inheritable ones through a program's file capabilities). Emptying the
-    inheritable set (which empties the ambient one with it) changes only what an exec passes
-    on: the recorder keeps its own effective and permitted capabilities.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    hdr, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
-    if libc.capget(ctypes.byref(hdr), data) == 0:
-        for d in data:
-            d.inheritable = 0
-        if libc.capset(ctypes.byref(hdr), data) == 0:
-            return
-    err = ctypes.get_errno()
-    raise OSError(err, f"cannot drop the capabilities --exec-cmd would inherit: "
-                       f"{os.strerror(err)}")
 
 
 @dataclass

@@ -96,9 +96,17 @@ def test_failures_and_a_full_queue_are_logged_and_counted(tmp_path, caplog):
     assert not (tmp_path / "never").exists()
 
 
-def test_the_hook_gets_none_of_the_units_ambient_capabilities(veth, tmp_path, shared):
-    """As under recorder@.service: the pcapvault account with ambient capabilities."""
-    caps = "+net_raw,+net_admin,+ipc_lock"
+def _capabilities(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t") for line in lines if line.startswith(("CapPrm", "CapEff",
+                                                                         "CapAmb")))
+
+
+def test_no_capability_is_kept_past_the_rings_set_up(veth, tmp_path, shared):
+    """As under recorder@.service: the pcapvault account with ambient capabilities. Neither
+    the recorder, nor its indexer (which parses what attackers send), nor the hook keeps
+    any once the ring is set up."""
+    caps = "+net_raw,+net_admin"
     as_unit = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                f"--inh-caps={caps}", f"--ambient-caps={caps}"]
     (shared / "ds").mkdir()
@@ -113,6 +121,10 @@ def test_the_hook_gets_none_of_the_units_ambient_capabilities(veth, tmp_path, sh
         line = p.stderr.readline()
         assert line, err
         err += line
+    kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    assert kids  # the indexer
+    for pid in (p.pid, *map(int, kids)):
+        assert set(_capabilities(pid).values()) == {"0000000000000000"}, pid
     src = tmp_path / "in.pcap"
     synthetic_pcap(src, 20, 100)
     veth.send([src])
