@@ -75,6 +75,18 @@ def test_output_directory_not_writable(tmp_path):
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@pytest.mark.parametrize("iface, args, needles", [
+    ("pv0", ["-i", "lo"], ["dump set of interface pv0, not lo", "give -i pv0"]),
+    ("lo", ["-i", "lo", "--usec"], ["records nanosecond timestamps", "leave out --usec"]),
+])
+def test_restart_refuses_another_interface_or_precision(tmp_path, iface, args, needles):
+    """One dump set holds one interface's packets, in one timestamp precision."""
+    ds = DumpSet.create(tmp_path / "ds", interface=iface, linktype=1, snaplen=1536,
+                        nanosecond=True)
+    one_line(run_recorder(*args, "-o", str(tmp_path / "ds")), 1, *needles, prog="recorder")
+    assert DumpSet.open(tmp_path / "ds").meta == ds.meta
+
+
 def small_fs(tmp_path: Path, size: str) -> Path:
     d = tmp_path / "fs"
     d.mkdir()

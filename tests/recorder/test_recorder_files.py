@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+from extract_helpers import read_pcap_records
 from recorderproc import (
     RecorderProc,
+    extracted_records,
     read_pcap,
     read_stats,
     record,
@@ -160,6 +163,36 @@ def test_restart_adopts_old_files(veth, tmp_path):
     everything = first + second
     assert kept == everything[-len(kept):]
     assert len(kept) > len(second) // 2
+
+
+def test_restart_with_larger_snaplen_keeps_extraction_whole(veth, tmp_path):
+    """A restart's larger -s raises the dump set's snaplen: the extracted pcap's header
+    covers the longer records, which tcpdump would otherwise cut on rewriting."""
+    small, big = tmp_path / "small.pcap", tmp_path / "big.pcap"
+    synthetic_pcap(small, 5, 100)
+    synthetic_pcap(big, 5, 4000)
+    rec = RecorderProc(veth, tmp_path / "ds", "-s", "1536", "--files-per-dir", "5")
+    veth.send([small])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    rec = RecorderProc(veth, tmp_path / "ds", "-s", "9000", "--files-per-dir", "7")
+    sent = veth.send([big])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    assert "--files-per-dir 7 replaces the 5" in rec.stderr
+    # A later start with the default -s keeps the larger one.
+    rec = RecorderProc(veth, tmp_path / "ds", "--files-per-dir", "7")
+    assert rec.stop() == 0
+    meta = DumpSet.open(tmp_path / "ds").meta
+    assert (meta["snaplen"], meta["files_per_dir"]) == (9000, 7)
+    out = tmp_path / "out.pcap"
+    got = extracted_records(tmp_path / "ds", out, "946684800", "4102444800")
+    assert int.from_bytes(out.read_bytes()[16:20], "little") == 9000
+    assert [f for _, _, f in got][-5:] == sent
+    again = tmp_path / "again.pcap"
+    subprocess.run(["tcpdump", "-r", str(out), "-w", str(again)], check=True,
+                   capture_output=True)
+    assert [len(f) for _, _, f in read_pcap_records(again.read_bytes())][-5:] == [4000] * 5
 
 
 def test_crash_leftover_is_recovered_on_start(veth, tmp_path):
