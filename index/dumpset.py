@@ -66,9 +66,46 @@ def _marked_ancestor(path: Path) -> tuple[Path, str] | None:
     return None
 
 
+def _owned_timeline(d: Path, root: Path) -> bool:
+    """Whether the timeline marked at `d` names `root` as its dump set."""
+    try:
+        owner = Path(timeline.read_marker(d).get("dumpset", ""))
+    except DumpSetError:
+        return False
+    return _same_path(owner if owner.is_absolute() else d / owner, root)
+
+
+def _marked_below(root: Path, depth: int = 2) -> tuple[Path, str] | None:
+    """A dump set or timeline marker in the directories `depth` levels below `root`, other
+    than `root`'s own timeline and storage directories. Bounded so that it is cheap on every
+    start: a dump set is not normally buried deeper under another -o."""
+    own_set = (root / MARKER).exists()
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                entries = [e for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for e in entries:
+                if own_set and d == root and parse_name(e.name) is not None:
+                    continue  # a storage directory: holds files, not markers
+                p = Path(e.path)
+                if (p / MARKER).exists():
+                    return p, "dump set"
+                if (p / timeline.MARKER).exists():
+                    if _owned_timeline(p, root):
+                        continue
+                    return p, "timeline"
+                below.append(p)
+        level = below
+    return None
+
+
 def refuse_nested(root: Path) -> None:
-    """A dump set inside another dump set or a timeline would be counted, deleted and found by
-    both (or by neither): refuse it.
+    """A dump set inside another dump set or a timeline, or holding one, would be counted,
+    deleted and found by both (or by neither): refuse it.
     """
     root = Path(os.path.realpath(root))
     if (root / timeline.MARKER).exists() and not (root / MARKER).exists():
@@ -77,6 +114,10 @@ def refuse_nested(root: Path) -> None:
     if found:
         d, what = found
         raise DumpSetError(f"{root} is inside the {what} {d}; choose an -o outside it")
+    found = _marked_below(root)
+    if found:
+        d, what = found
+        raise DumpSetError(f"{root} holds the {what} {d}; choose an -o beside it, not above it")
 
 
 def _ensure_timeline(tl: Path, root: Path) -> None:
