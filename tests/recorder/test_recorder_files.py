@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -78,6 +79,49 @@ def test_slot_boundary_splits_a_block(tmp_path):
     assert split_at(secs, lens, 0, slot_end, 24, 224, False) == 2
     assert split_at(secs, lens, 0, slot_end, 1000, 10, False) == 1
     assert split_at(secs, lens, 1, slot_end, 1000, 10, True) == 1
+    # A packet more than a second before the file's first (the clock stepped back) too.
+    assert split_at([100, 99, 98, 101], lens, 0, slot_end, 24, 1 << 30, False, 99) == 2
+
+
+def test_clock_stepping_back_starts_a_new_file(tmp_path):
+    """Packets an hour before the file's first (the wall clock stepped back) go into a file
+    named for them, so extraction finds them by their time; they used to fill the later
+    file until -t after its first packet."""
+    import numpy as np
+    from extract_helpers import ether, ipv4, udp
+
+    from pcapvault.recorder.capture import Recorder, RecorderConfig
+    from pcapvault.recorder.indexer import index_and_link
+    from pcapvault.recorder.ring import BlockRecords
+
+    def block(stamps: list[int]) -> BlockRecords:
+        recs = []
+        for k, ns in enumerate(stamps):
+            frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                          ipv4("10.0.0.1", "10.0.0.2", 17, udp(4000, 5000, k.to_bytes(4, "big"))))
+            recs.append(struct.pack("<IIII", *divmod(ns, 10**9), len(frame), len(frame)) + frame)
+        ends = np.cumsum([len(r) for r in recs], dtype=np.int64)
+        return BlockRecords(memoryview(b"".join(recs)), ends,
+                            np.array([ns // 10**9 for ns in stamps], dtype=np.uint32))
+
+    t0 = timeline.slot_of(1_700_000_000) + 10
+    rec = Recorder(RecorderConfig("lo", tmp_path / "ds", max_file_seconds=60, direct_io=False))
+    try:
+        rec._store(block([t0 * 10**9, t0 * 10**9 + 5]))
+        back = [(t0 - 3600) * 10**9 + k * 10**10 for k in range(300)]  # 50 minutes, 10 s apart
+        for k in range(0, 300, 50):
+            rec._store(block(back[k : k + 50]))
+        rec._close()
+    finally:
+        rec.ring.close()
+    ds = DumpSet.open(tmp_path / "ds")
+    for sf in ds.files():
+        index_and_link(ds, sf)
+    got = extracted_records(ds.root, tmp_path / "out.pcap", str(t0 - 3600), str(t0 - 3000))
+    assert [t for t, _, _ in got] == [ns for ns in back if ns < (t0 - 3000) * 10**9]
+    for sf in ds.files():
+        ts = [t for t, _, _ in read_pcap(sf.pcap)]
+        assert min(ts) // 10**9 >= sf.first_ns // 10**9 - 1, sf.name
 
 
 def test_budget_holds_over_wraparounds(veth, tmp_path):
