@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -58,20 +59,39 @@ def config_text(path: Path) -> str:
     return text
 
 
-def read_option_file(path: Path, command: click.Command) -> list[str]:
-    """The file's options as command-line arguments, checked against `command`'s options."""
+def _unquote(value: str) -> str:
+    """`value` without its quotes when it is one quoted string (`"/srv/my pcaps"`); quotes
+    that belong to separate words (`"/opt/my tools/ship" "$F"`) are the value's own."""
+    q = value[:1]
+    if q in ("'", '"') and len(value) >= 2 and value.find(q, 1) == len(value) - 1:
+        return value[1:-1]
+    return value
+
+
+def _text(path: Path) -> str:
     try:
-        text = config_text(path)
+        return config_text(path)
     except OSError as e:
         raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
-    known = _options(command)
-    args: list[str] = []
+
+
+def option_lines(text: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, option name, value or '') of each option line: `NAME=VALUE`,
+    `NAME VALUE` or a lone `NAME`, the value unquoted when it is one quoted string."""
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         m = re.match(r"^(-{1,2}[A-Za-z0-9][\w-]*)(?:\s*=\s*|\s+)?(.*)$", line)
         name, value = (m.group(1), m.group(2).strip()) if m else (line, "")
+        yield n, name, _unquote(value)
+
+
+def read_option_file(path: Path, command: click.Command) -> list[str]:
+    """The file's options as command-line arguments, checked against `command`'s options."""
+    known = _options(command)
+    args: list[str] = []
+    for n, name, value in option_lines(_text(path)):
         opt = known.get(name)
         if opt is None:
             raise ConfigError(
@@ -79,11 +99,13 @@ def read_option_file(path: Path, command: click.Command) -> list[str]:
             )
         takes_value = not (opt.is_flag or opt.count)
         if takes_value and not value:
-            raise ConfigError(f"{path}:{n}: option {name} needs a value ({name}=VALUE)")
+            if not getattr(opt, "_flag_needs_value", False):
+                raise ConfigError(f"{path}:{n}: option {name} needs a value ({name}=VALUE)")
+            # An optional value (`--compress` alone): its default, spelled out so that the
+            # command line's next argument is never taken for it.
+            value = str(opt.flag_value)
         if not takes_value and value:
             raise ConfigError(f"{path}:{n}: option {name} takes no value")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
         args += [name, value] if takes_value else [name]
     return args
 
@@ -104,28 +126,23 @@ def default_dumpsets() -> list[Path]:
     found: list[Path] = []
     main = d / "pcapvault.conf"
     if main.exists():
-        try:
-            text = config_text(main)
-        except OSError as e:
-            raise ConfigError(f"cannot read configuration {main}: {e.strerror}") from None
-        for line in text.splitlines():
+        for line in _text(main).splitlines():
             key, _, value = line.partition("=")
             if key.strip() == "dumpset" and value.strip():
-                found.append(Path(value.strip()))
+                found.append(Path(_unquote(value.strip())))
         if found:
             return found
     for conf in sorted(d.glob("recorder-*.conf")):
-        out = iface = None
+        out = iface = ""
         try:
-            lines = config_text(conf).splitlines()
+            text = config_text(conf)
         except OSError:
             continue
-        for line in lines:
-            m = re.match(r"^\s*(-o|--dump-dir|-i|--interface)(?:\s*=\s*|\s+)(\S+)", line)
-            if m and m.group(1) in ("-o", "--dump-dir"):
-                out = m.group(2)
-            elif m:
-                iface = m.group(2)
+        for _, name, value in option_lines(text):
+            if name in ("-o", "--dump-dir"):
+                out = value
+            elif name in ("-i", "--interface"):
+                iface = value
         if out or iface:
             found.append(Path(out) if out else Path("/var/lib/pcapvault") / iface)
     return found

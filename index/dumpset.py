@@ -9,6 +9,7 @@ way.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from . import timeline
 from .errors import DumpSetError
 
+log = logging.getLogger("pcapvault.dumpset")
 MARKER = ".pcapvault"
 FORMAT_VERSION = timeline.FORMAT_VERSION
 TEMP_PREFIX = ".rec-"
@@ -64,9 +66,46 @@ def _marked_ancestor(path: Path) -> tuple[Path, str] | None:
     return None
 
 
+def _owned_timeline(d: Path, root: Path) -> bool:
+    """Whether the timeline marked at `d` names `root` as its dump set."""
+    try:
+        owner = Path(timeline.read_marker(d).get("dumpset", ""))
+    except DumpSetError:
+        return False
+    return _same_path(owner if owner.is_absolute() else d / owner, root)
+
+
+def _marked_below(root: Path, depth: int = 2) -> tuple[Path, str] | None:
+    """A dump set or timeline marker in the directories `depth` levels below `root`, other
+    than `root`'s own timeline and storage directories. Bounded so that it is cheap on every
+    start: a dump set is not normally buried deeper under another -o."""
+    own_set = (root / MARKER).exists()
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                entries = [e for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for e in entries:
+                if own_set and d == root and parse_name(e.name) is not None:
+                    continue  # a storage directory: holds files, not markers
+                p = Path(e.path)
+                if (p / MARKER).exists():
+                    return p, "dump set"
+                if (p / timeline.MARKER).exists():
+                    if _owned_timeline(p, root):
+                        continue
+                    return p, "timeline"
+                below.append(p)
+        level = below
+    return None
+
+
 def refuse_nested(root: Path) -> None:
-    """A dump set inside another dump set or a timeline would be counted, deleted and found by
-    both (or by neither): refuse it.
+    """A dump set inside another dump set or a timeline, or holding one, would be counted,
+    deleted and found by both (or by neither): refuse it.
     """
     root = Path(os.path.realpath(root))
     if (root / timeline.MARKER).exists() and not (root / MARKER).exists():
@@ -75,6 +114,10 @@ def refuse_nested(root: Path) -> None:
     if found:
         d, what = found
         raise DumpSetError(f"{root} is inside the {what} {d}; choose an -o outside it")
+    found = _marked_below(root)
+    if found:
+        d, what = found
+        raise DumpSetError(f"{root} holds the {what} {d}; choose an -o beside it, not above it")
 
 
 def _ensure_timeline(tl: Path, root: Path) -> None:
@@ -152,24 +195,21 @@ class DumpSet:
         files_per_dir: int = 1000,
         file_bytes: int | None = None,
     ) -> DumpSet:
-        """Create a dump set, or adopt the one already at `root` (a restart).
+        """Create a dump set, or adopt the one already at `root` (a restart, see `_adopt`).
 
         The marker is written last, once the timeline it names exists: a start that fails on a
-        bad -A leaves nothing behind that a later start would have to adopt. `file_bytes`, the
-        recorder's -p, is kept in the marker (and updated by a start with another -p), so
-        that npcapimport cuts files as the recorder does.
+        bad -A leaves nothing behind that a later start would have to adopt.
         """
         root = Path(root).absolute()
         refuse_nested(root)
         tl = Path(timeline_dir).absolute() if timeline_dir else None
         if (root / MARKER).exists():
             ds = cls.open(root)
+            ds._check_same_source(interface, nanosecond)
             if tl is not None and not _same_path(tl, ds.timeline):
                 ds._move_timeline(tl)
             _ensure_timeline(ds.timeline, ds.root)
-            if file_bytes is not None and ds.meta.get("file_bytes") != file_bytes:
-                ds.meta = {**ds.meta, "file_bytes": file_bytes}
-                timeline.write_json_atomic(ds.root / MARKER, ds.meta)
+            ds._adopt(snaplen, files_per_dir, file_bytes)
             return ds
         tl = tl or root / "timeline"
         root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +228,42 @@ class DumpSet:
             meta["file_bytes"] = file_bytes
         timeline.write_json_atomic(root / MARKER, meta)
         return cls(root, meta)
+
+    def _check_same_source(self, interface: str, nanosecond: bool) -> None:
+        """Refuse a restart on another interface or timestamp precision: one dump set holds one
+        interface's packets (its name, link type and timeline are that interface's), and
+        extraction writes every file's records under one header."""
+        recorded = self.meta.get("interface")
+        if recorded and recorded != interface:
+            raise DumpSetError(
+                f"{self.root} is the dump set of interface {recorded}, not {interface}; give "
+                f"-i {recorded}, or another -o for {interface}"
+            )
+        if self.nanosecond != nanosecond:
+            has, opt = ("nanosecond", "leave out --usec") if self.nanosecond else (
+                "microsecond", "add --usec")
+            raise DumpSetError(f"{self.root} records {has} timestamps; {opt}, or give another -o")
+
+    def _adopt(self, snaplen: int, files_per_dir: int, file_bytes: int | None) -> None:
+        """Take a restart's -s, --files-per-dir and -p into the marker.
+
+        `snaplen` only grows: the files already recorded keep their longer records, and
+        extraction's one header must cover them all (n2disk's files each carry their own -s).
+        `files_per_dir` applies to storage directories started from now on. `file_bytes`, the
+        -p, is kept so that npcapimport cuts files as the recorder does.
+        """
+        meta = dict(self.meta)
+        meta["snaplen"] = max(int(meta.get("snaplen", 0)), snaplen)
+        if self.files_per_dir != files_per_dir:
+            log.warning("--files-per-dir %d replaces the %d of %s for storage directories "
+                        "started from now on", files_per_dir, self.files_per_dir, self.root)
+            meta["files_per_dir"] = files_per_dir
+        if file_bytes is not None:
+            meta["file_bytes"] = file_bytes
+        if meta != self.meta:
+            self.meta = meta
+            self.files_per_dir = files_per_dir
+            timeline.write_json_atomic(self.root / MARKER, meta)
 
     @property
     def file_bytes(self) -> int | None:

@@ -72,17 +72,18 @@ class RecorderConfig:
 
 def split_at(
     secs: list[int], lens: list[int], i: int, end_sec: int, size: int, max_bytes: int,
-    has_packets: bool,
+    has_packets: bool, low_sec: int = 0,
 ) -> int:
     """First packet from `i` on that belongs in the next file.
 
-    A packet at or after `end_sec` (the slot boundary or the -t limit) or one that would
-    take the file past -p starts a new file; a file always takes at least one packet, so a
-    packet larger than -p still gets written.
+    A packet at or after `end_sec` (the slot boundary or the -t limit), one before `low_sec`
+    (the clock stepped back: readers find a file's packets from its name's second less one
+    only), or one that would take the file past -p starts a new file; a file always takes at
+    least one packet, so a packet larger than -p still gets written.
     """
     j = i
     while j < len(secs):
-        if secs[j] >= end_sec or size + lens[j] > max_bytes:
+        if secs[j] >= end_sec or secs[j] < low_sec or size + lens[j] > max_bytes:
             if j > i or has_packets:
                 break
         size += lens[j]
@@ -154,6 +155,7 @@ class Recorder:
         self.out: PcapFileWriter | None = None
         self.first_ns = 0
         self.end_sec = 0
+        self.low_sec = 0  # a packet before this second starts a new file (see split_at)
         self.file_packets = 0
         self.flush_requested = False
         self.stop_requested = False
@@ -181,6 +183,7 @@ class Recorder:
         self.end_sec = min(
             timeline.slot_of(sec) + timeline.SLOT_SECONDS, sec + self.cfg.max_file_seconds
         )
+        self.low_sec = sec - 1
         pending = self.indexer.pending_bytes() if self.indexer else 0
         self._note_backlog(pending)
         self.stats.bytes_on_disk = self.budget.make_room(pending)
@@ -246,19 +249,20 @@ class Recorder:
         data, ends, secs = recs
         n = len(ends)
         i = 0
-        mx = int(secs.max())
+        mx, mn = int(secs.max()), int(secs.min())
         while i < n:
             at = int(ends[i - 1]) if i else 0
             if self.out is None and not self._open(data[at : at + 16]):
                 self.stats.packets_held_full += n - i
                 return
             size = int(ends[-1]) - at
-            if mx < self.end_sec and self.out.size + size <= self.cfg.max_file_bytes:
+            if (mx < self.end_sec and mn >= self.low_sec
+                    and self.out.size + size <= self.cfg.max_file_bytes):
                 self._write(data[at:], n - i, int(secs[i]), int(secs[n - 1]))
                 return
             lens = np.diff(ends, prepend=0).tolist()
             j = split_at(secs.tolist(), lens, i, self.end_sec, self.out.size,
-                         self.cfg.max_file_bytes, self.file_packets > 0)
+                         self.cfg.max_file_bytes, self.file_packets > 0, self.low_sec)
             if j > i:
                 self._write(data[at : int(ends[j - 1])], j - i, int(secs[i]), int(secs[j - 1]))
             self._close()

@@ -103,6 +103,34 @@ def test_output_directory_not_writable(tmp_path):
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@pytest.mark.parametrize("iface, args, needles", [
+    ("pv0", ["-i", "lo"], ["dump set of interface pv0, not lo", "give -i pv0"]),
+    ("lo", ["-i", "lo", "--usec"], ["records nanosecond timestamps", "leave out --usec"]),
+])
+def test_restart_refuses_another_interface_or_precision(tmp_path, iface, args, needles):
+    """One dump set holds one interface's packets, in one timestamp precision."""
+    ds = DumpSet.create(tmp_path / "ds", interface=iface, linktype=1, snaplen=1536,
+                        nanosecond=True)
+    one_line(run_recorder(*args, "-o", str(tmp_path / "ds")), 1, *needles, prog="recorder")
+    assert DumpSet.open(tmp_path / "ds").meta == ds.meta
+
+
+@pytest.mark.parametrize("below, what", [
+    ("ds", "dump set"), ("site/ds", "dump set"), ("tl", "timeline")])
+def test_output_above_a_dump_set_is_refused(tmp_path, below, what):
+    """-o C where C/ds (or C/site/ds) is a dump set, or C/tl another set's timeline, would
+    put C's files around it and make C/ds unusable; nothing is written into C."""
+    ds = DumpSet.create(tmp_path / "c" / below if what == "dump set" else tmp_path / "other",
+                        interface="lo", linktype=1, snaplen=1536, nanosecond=True,
+                        timeline_dir=None if what == "dump set" else tmp_path / "c" / below)
+    r = run_recorder("-i", "lo", "-o", str(tmp_path / "c"))
+    one_line(r, 1, f"holds the {what} {tmp_path / 'c' / below}", "beside it", prog="recorder")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [below.split("/")[0]]
+    # The dump set below, and a restart of it, still work.
+    assert DumpSet.create(ds.root, interface="lo", linktype=1, snaplen=1536,
+                          nanosecond=True).meta == ds.meta
+
+
 def small_fs(tmp_path: Path, size: str) -> Path:
     d = tmp_path / "fs"
     d.mkdir()

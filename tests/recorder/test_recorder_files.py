@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+from extract_helpers import read_pcap_records
 from recorderproc import (
     RecorderProc,
+    extracted_records,
     read_pcap,
     read_stats,
     record,
@@ -75,6 +79,49 @@ def test_slot_boundary_splits_a_block(tmp_path):
     assert split_at(secs, lens, 0, slot_end, 24, 224, False) == 2
     assert split_at(secs, lens, 0, slot_end, 1000, 10, False) == 1
     assert split_at(secs, lens, 1, slot_end, 1000, 10, True) == 1
+    # A packet more than a second before the file's first (the clock stepped back) too.
+    assert split_at([100, 99, 98, 101], lens, 0, slot_end, 24, 1 << 30, False, 99) == 2
+
+
+def test_clock_stepping_back_starts_a_new_file(tmp_path):
+    """Packets an hour before the file's first (the wall clock stepped back) go into a file
+    named for them, so extraction finds them by their time; they used to fill the later
+    file until -t after its first packet."""
+    import numpy as np
+    from extract_helpers import ether, ipv4, udp
+
+    from pcapvault.recorder.capture import Recorder, RecorderConfig
+    from pcapvault.recorder.indexer import index_and_link
+    from pcapvault.recorder.ring import BlockRecords
+
+    def block(stamps: list[int]) -> BlockRecords:
+        recs = []
+        for k, ns in enumerate(stamps):
+            frame = ether(b"\x02" * 6, b"\x04" * 6, 0x0800,
+                          ipv4("10.0.0.1", "10.0.0.2", 17, udp(4000, 5000, k.to_bytes(4, "big"))))
+            recs.append(struct.pack("<IIII", *divmod(ns, 10**9), len(frame), len(frame)) + frame)
+        ends = np.cumsum([len(r) for r in recs], dtype=np.int64)
+        return BlockRecords(memoryview(b"".join(recs)), ends,
+                            np.array([ns // 10**9 for ns in stamps], dtype=np.uint32))
+
+    t0 = timeline.slot_of(1_700_000_000) + 10
+    rec = Recorder(RecorderConfig("lo", tmp_path / "ds", max_file_seconds=60, direct_io=False))
+    try:
+        rec._store(block([t0 * 10**9, t0 * 10**9 + 5]))
+        back = [(t0 - 3600) * 10**9 + k * 10**10 for k in range(300)]  # 50 minutes, 10 s apart
+        for k in range(0, 300, 50):
+            rec._store(block(back[k : k + 50]))
+        rec._close()
+    finally:
+        rec.ring.close()
+    ds = DumpSet.open(tmp_path / "ds")
+    for sf in ds.files():
+        index_and_link(ds, sf)
+    got = extracted_records(ds.root, tmp_path / "out.pcap", str(t0 - 3600), str(t0 - 3000))
+    assert [t for t, _, _ in got] == [ns for ns in back if ns < (t0 - 3000) * 10**9]
+    for sf in ds.files():
+        ts = [t for t, _, _ in read_pcap(sf.pcap)]
+        assert min(ts) // 10**9 >= sf.first_ns // 10**9 - 1, sf.name
 
 
 def test_budget_holds_over_wraparounds(veth, tmp_path):
@@ -160,6 +207,36 @@ def test_restart_adopts_old_files(veth, tmp_path):
     everything = first + second
     assert kept == everything[-len(kept):]
     assert len(kept) > len(second) // 2
+
+
+def test_restart_with_larger_snaplen_keeps_extraction_whole(veth, tmp_path):
+    """A restart's larger -s raises the dump set's snaplen: the extracted pcap's header
+    covers the longer records, which tcpdump would otherwise cut on rewriting."""
+    small, big = tmp_path / "small.pcap", tmp_path / "big.pcap"
+    synthetic_pcap(small, 5, 100)
+    synthetic_pcap(big, 5, 4000)
+    rec = RecorderProc(veth, tmp_path / "ds", "-s", "1536", "--files-per-dir", "5")
+    veth.send([small])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    rec = RecorderProc(veth, tmp_path / "ds", "-s", "9000", "--files-per-dir", "7")
+    sent = veth.send([big])
+    time.sleep(0.3)
+    assert rec.stop() == 0
+    assert "--files-per-dir 7 replaces the 5" in rec.stderr
+    # A later start with the default -s keeps the larger one.
+    rec = RecorderProc(veth, tmp_path / "ds", "--files-per-dir", "7")
+    assert rec.stop() == 0
+    meta = DumpSet.open(tmp_path / "ds").meta
+    assert (meta["snaplen"], meta["files_per_dir"]) == (9000, 7)
+    out = tmp_path / "out.pcap"
+    got = extracted_records(tmp_path / "ds", out, "946684800", "4102444800")
+    assert int.from_bytes(out.read_bytes()[16:20], "little") == 9000
+    assert [f for _, _, f in got][-5:] == sent
+    again = tmp_path / "again.pcap"
+    subprocess.run(["tcpdump", "-r", str(out), "-w", str(again)], check=True,
+                   capture_output=True)
+    assert [len(f) for _, _, f in read_pcap_records(again.read_bytes())][-5:] == [4000] * 5
 
 
 def test_crash_leftover_is_recovered_on_start(veth, tmp_path):

@@ -28,6 +28,24 @@ def test_option_file_n2disk_style(tmp_path):
     ]
 
 
+def test_option_file_quotes_and_optional_values(tmp_path):
+    """Quotes are stripped only around one quoted string, and an option whose value is
+    optional on the command line (`--compress [LEVEL]`) may stand alone on its line."""
+    conf = tmp_path / "recorder-eth0.conf"
+    conf.write_text(
+        '-i=eth0\n--exec-cmd="/opt/my tools/ship" "$PCAPVAULT_PCAP"\n--compress\n'
+        "-o='/srv/my pcaps'\n"
+    )
+    args = read_option_file(conf, command)
+    assert args == ["-i", "eth0", "--exec-cmd", '"/opt/my tools/ship" "$PCAPVAULT_PCAP"',
+                    "--compress", "3", "-o", "/srv/my pcaps"]
+    ctx = command.make_context("recorder", [*args, "--usec"])
+    assert ctx.params["compress"] == 3 and ctx.params["usec"]
+    conf.write_text("-i=eth0\n--compress=9\n")
+    assert command.make_context("recorder", read_option_file(conf, command)).params[
+        "compress"] == 9
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -99,8 +117,14 @@ def test_default_dumpsets(tmp_path, monkeypatch):
     (tmp_path / "recorder-eth0.conf").write_text("-i=eth0\n")
     (tmp_path / "recorder-eth1.conf").write_text("-i=eth1\n-o=/srv/pcap/eth1\n")
     assert default_dumpsets() == [Path("/var/lib/pcapvault/eth0"), Path("/srv/pcap/eth1")]
-    (tmp_path / "pcapvault.conf").write_text("# explicit wins\ndumpset=/data/ds\n")
-    assert default_dumpsets() == [Path("/data/ds")]
+    # Read as the recorder reads them: quotes stripped, paths with spaces whole.
+    (tmp_path / "recorder-eth2.conf").write_text('-i=eth2\n-o="/srv/my pcaps/eth2"\n')
+    (tmp_path / "recorder-eth3.conf").write_text("--dump-dir '/srv/x y'\n--compress\n")
+    assert default_dumpsets() == [Path("/var/lib/pcapvault/eth0"), Path("/srv/pcap/eth1"),
+                                  Path("/srv/my pcaps/eth2"), Path("/srv/x y")]
+    (tmp_path / "pcapvault.conf").write_text('# explicit wins\ndumpset=/data/ds\n'
+                                             'dumpset = "/data/ds 2"\n')
+    assert default_dumpsets() == [Path("/data/ds"), Path("/data/ds 2")]
 
 
 def units() -> list[Path]:
