@@ -123,6 +123,11 @@ def refuse_nested(root: Path) -> None:
 def _ensure_timeline(tl: Path, root: Path) -> None:
     """Create (or check) the timeline of the dump set at `root`, with its marker."""
     tl = Path(os.path.realpath(tl))
+    below = _marked_below(tl)
+    if below:  # -A above dump sets: theirs would then lie inside a timeline
+        d, what = below
+        raise DumpSetError(f"timeline {tl} holds the {what} {d}; choose an -A beside it, "
+                           "not above it")
     found = _marked_ancestor(tl)
     if found and not _same_path(found[0], root):
         d, what = found

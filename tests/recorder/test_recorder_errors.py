@@ -131,6 +131,18 @@ def test_output_above_a_dump_set_is_refused(tmp_path, below, what):
                           nanosecond=True).meta == ds.meta
 
 
+def test_timeline_above_a_dump_set_is_refused(tmp_path):
+    """-A C where C/ds is a dump set: C/ds would lie inside a timeline, and its next start
+    be refused; nothing is written into C."""
+    DumpSet.create(tmp_path / "c" / "ds", interface="lo", linktype=1, snaplen=1536,
+                   nanosecond=True)
+    r = run_recorder("-i", "lo", "-o", str(tmp_path / "new"), "-A", str(tmp_path / "c"))
+    one_line(r, None, f"timeline {tmp_path / 'c'} holds the dump set {tmp_path / 'c' / 'ds'}",
+             "beside it", prog="recorder")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["ds"]
+    assert not (tmp_path / "new" / ".pcapvault").exists()
+
+
 def small_fs(tmp_path: Path, size: str) -> Path:
     d = tmp_path / "fs"
     d.mkdir()
