@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
+from pcapvault.index.jsonvalues import whole
+
 from .rows import canonical
 from .sensors import SensorClient, SensorError
 from .store import CONVERSATION_COLUMNS, DUMPSET_COLUMNS, FILE_COLUMNS, VIEWS, Store
@@ -57,27 +59,20 @@ def checked(answer: dict) -> dict:
         if not isinstance(answer[key], str):
             raise TypeError(f"{key} is not text")
     for key in ("linktype", "snaplen"):
-        whole(answer[key], key, 1 << 32)
+        whole(answer[key], key, 0, (1 << 32) - 1)
     answer["names"] = [str(n) for n in answer["names"]]
     answer["more"] = bool(answer["more"])
     answer["nanosecond"] = bool(answer["nanosecond"])
     for f in answer["files"]:
         f["name"] = str(f["name"])
         for key in ("first_ns", "last_ns", "index_mtime_ns", "packets"):
-            whole(f[key], key, LATEST_NS)
+            whole(f[key], key, 0, LATEST_NS - 1)
         c = f.pop("conversations")
         f["rows"] = rows = canonical(c)
         rows["view"] = [VIEWS[v] for v in c["view"]]
         if len(rows["view"]) != len(rows["addr_lo"]):
             raise ValueError("columns of different lengths")
     return answer
-
-
-def whole(value: object, name: str, below: int) -> int:
-    """`value` if it is a whole number from 0 to `below` - 1, else ValueError."""
-    if type(value) is not int or not 0 <= value < below:
-        raise ValueError(f"{name} {str(value)[:30]} is not a whole number below {below}")
-    return value
 
 
 @dataclass

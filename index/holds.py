@@ -20,6 +20,7 @@ from pathlib import Path
 from .atomicfile import atomic_write, read_small_file
 from .dumpset import NAME_SLACK_NS, DumpSet, StoredFile
 from .errors import FormatError, PcapVaultError
+from .jsonvalues import whole
 from .postings import HEADER_LEN, parse_header
 from .times import MAX_NS
 
@@ -106,11 +107,7 @@ class HoldSet:
 
 
 def _int(doc: dict, key: str, low: int = 0) -> int:
-    """A whole number in low..2^63-1: a float (1e400 is inf), a string or a bool is damage."""
-    v = doc[key]
-    if type(v) is not int or not low <= v <= MAX_NS:
-        raise ValueError(f"{key} {str(v)[:40]} is not a whole number from {low} to {MAX_NS}")
-    return v
+    return whole(doc[key], key, low, MAX_NS)
 
 
 def _str(doc: dict, key: str) -> str:
