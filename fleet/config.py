@@ -6,7 +6,7 @@ a command line, where `ps` and shell histories would show them.
 
     catalogue = "/var/lib/pcapvault/fleet"       # a directory (chdb) or https://host:8443
     retention_days = 30                          # the catalogue's TTL
-    timeout = 60                                 # seconds a sensor may stay silent
+    timeout = 60                                 # seconds a sensor has for each next whole thing
 
     [clickhouse]                                 # only for an https:// catalogue
     user = "fleet"

@@ -10,7 +10,8 @@ block per sensor dump set, named `sensor:interface`: the same order and bytes as
 `npcapextract -t A -t B --pcapng` over the same dump sets.
 
 A sensor that fails or times out ends its stream where it broke: the packets before stay,
-the others' are whole, and the run says which sensor and that the result is partial.
+the others' are whole, and the run says which sensor and that the result is partial. Timing
+out is sending no whole packet for `timeout` seconds (sensors.Deadline), whatever bytes came.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SMALLEST = {SHB: 28, IDB: 20, EPB: 32}  # a block of these types shorter is dama
 # npcapserve's largest block: a packet of the largest snapshot length (256 KiB) in an EPB.
 # A block said to be longer is refused, not buffered (the stream is a sensor's input).
 MAX_BLOCK = 1 << 20
+CUT_BYTES = 1 << 20  # a stream's packets handed on at a time (fewer at its end)
 QUEUE_BATCHES = 8  # batches waiting per sensor (about 1 MB each)
 NS_MAX = (1 << 63) - 1  # the latest time in the output's nanoseconds (year 2262)
 
@@ -54,26 +56,36 @@ class Progress:
     error: str | None = None
 
 
-def batches(chunks: Iterator[bytes], ifaces: list[int], name: str) -> Iterator[Batch]:
+def batches(pieces: Iterator[bytes], ifaces: list[int], name: str,
+            progressed: Callable[[], None] = lambda: None) -> Iterator[Batch]:
     """The packets of a pcapng stream (as npcapserve writes it: little-endian, one section)
-    as Batches of whole packets of one interface each; the stream's interface i becomes
-    the output's `ifaces[i]`. A damaged block ends it with StreamError, after the packets
-    before it."""
+    as Batches of whole packets of one interface each, about CUT_BYTES of them at a time;
+    the stream's interface i becomes the output's `ifaces[i]`. `progressed` hears of each
+    piece that completed a packet. A damaged block ends it with StreamError, after the
+    packets before it."""
     scale: list[int] = []  # ns per timestamp unit, per interface of the stream
-    rest = b""
-    for chunk in chunks:
-        data = rest + chunk if rest else chunk
-        found = _Found()
-        try:
-            at = found.walk(data, scale, len(ifaces), name)
-        except StreamError:
-            if found.offs:
-                yield from found.cut(data, scale, ifaces)
+    buf = bytearray()
+    found, at = _Found(), 0  # the packets of buf[:at], its whole blocks
+    pieces = iter(pieces)
+    while True:
+        had = len(found.offs)
+        try:  # a broken stream or connection: the packets before it first
+            if (piece := next(pieces, None)) is None:
+                break
+            buf += piece
+            at = found.walk(buf, at, scale, len(ifaces), name)
+        except Exception:
+            yield from found.cut(bytes(buf), scale, ifaces)
             raise
-        rest = data[at:]
-        if found.offs:
+        if len(found.offs) > had:
+            progressed()
+        if at >= CUT_BYTES:
+            data = bytes(buf[:at])
+            del buf[:at]
             yield from found.cut(data, scale, ifaces)
-    if rest:
+            found, at = _Found(), 0
+    yield from found.cut(bytes(buf[:at]), scale, ifaces)
+    if len(buf) > at:
         raise StreamError(f"{name}: the stream ended inside a block")
 
 
@@ -87,10 +99,10 @@ class _Found:
     units: list[int] = field(default_factory=list)
     which: list[int] = field(default_factory=list)
 
-    def walk(self, data: bytes, scale: list[int], ifaces: int, name: str) -> int:
-        """Take the packets of `data`'s whole blocks (interface blocks add to `scale`);
-        where the first block not whole starts."""
-        at, size = 0, len(data)
+    def walk(self, data: bytearray, at: int, scale: list[int], ifaces: int, name: str) -> int:
+        """Take the packets of `data`'s whole blocks from `at` on (interface blocks add to
+        `scale`); where the first block not whole starts."""
+        size = len(data)
         while at + 12 <= size:
             btype, blen = struct.unpack_from("<II", data, at)
             if blen < SMALLEST.get(btype, 12) or blen % 4 or blen > MAX_BLOCK:
@@ -120,6 +132,8 @@ class _Found:
 
     def cut(self, data: bytes, scale: list[int], ifaces: list[int]) -> Iterator[Batch]:
         """The packets as Batches, a run of one interface each."""
+        if not self.offs:
+            return
         buf = np.frombuffer(data, np.uint8)
         data_at = np.array(self.offs, np.int64)
         iface = np.array(self.which, np.int64)
@@ -186,13 +200,16 @@ def write(path: str, interfaces: list[Interface], asked: list[SensorPart], begin
         def pump() -> None:
             t0 = time.monotonic()
             p = a.progress
+            deadline = a.client.deadline
             try:
                 with a.client.pcapng(begin_ns, end_ns, expr, a.dumpsets) as chunks:
-                    for b in batches(chunks, a.ifaces, a.client.name):
+                    for b in batches(chunks, a.ifaces, a.client.name, deadline.extend):
                         p.packets += len(b)
                         p.bytes += int(b.caplen.sum())
+                        deadline.pause()  # the merge's time is not the sensor's
                         if not hand(b):
                             return
+                        deadline.extend()
             except SensorError as e:
                 p.error = str(e)
             except Exception as e:  # noqa: BLE001 - a thread's end: the run says partial

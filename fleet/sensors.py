@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -46,13 +49,8 @@ def ssl_context(sensor: Sensor, timeout: float) -> ssl.SSLContext | None:
         return None
     if sensor.fingerprint is None:
         return ssl.create_default_context(cafile=str(sensor.ca) if sensor.ca else None)
-    host, port = parts.hostname or "", parts.port or 443
-    try:
-        pem = ssl.get_server_certificate((host, port), timeout=timeout)
-    except (OSError, ssl.SSLError) as e:
-        raise SensorError(f"{sensor.name}: cannot fetch the certificate of {sensor.url}: "
-                          f"{e}") from None
-    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).digest()
+    der = _certificate(sensor, parts.hostname or "", parts.port or 443, timeout)
+    digest = hashlib.sha256(der).digest()
     if digest != sensor.fingerprint:
         raise SensorError(
             f"{sensor.name}: the certificate of {sensor.url} has SHA-256 "
@@ -61,8 +59,97 @@ def ssl_context(sensor: Sensor, timeout: float) -> ssl.SSLContext | None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the pinned certificate is the whole trust
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.load_verify_locations(cadata=pem)
+    ctx.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(der))
     return ctx
+
+
+def _certificate(sensor: Sensor, host: str, port: int, timeout: float) -> bytes:
+    """The certificate `sensor` presents (DER), fetched without trust, within `timeout`
+    seconds in all (ssl.get_server_certificate bounds each read only)."""
+    untrusted = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    untrusted.check_hostname = False
+    untrusted.verify_mode = ssl.CERT_NONE
+    deadline = Deadline(timeout)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            deadline.watch(raw)
+            with untrusted.wrap_socket(raw, server_hostname=host or None) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        why = f"no certificate within {timeout:g} s" if deadline.passed else str(e)
+        raise SensorError(f"{sensor.name}: cannot fetch the certificate of {sensor.url}: "
+                          f"{why}") from None
+    finally:
+        deadline.close()
+    if not der:
+        raise SensorError(f"{sensor.name}: {sensor.url} presented no certificate")
+    return der
+
+
+class Deadline:
+    """A time by which a request must have got on, past which its connection is shut down.
+
+    httpx's timeout bounds each read alone: a sensor sending a byte now and then would hold
+    a run (and its result's merge) for ever. The watcher holds a duplicate of the
+    connection's socket (never a descriptor number that may be reused); shutting it down
+    wakes the reading thread with an error, which the request then reports as a timeout.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.passed = False
+        self._at = math.inf
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="fleet-deadline").start()
+
+    def begin(self) -> None:
+        """A new request: `seconds` from now."""
+        self.passed = False
+        self.extend()
+
+    def extend(self) -> None:
+        """`seconds` from now (after progress)."""
+        self._at = time.monotonic() + self.seconds
+
+    def pause(self) -> None:
+        """No deadline while the request waits on us, not on the sensor."""
+        self._at = math.inf
+
+    def watch(self, sock: socket.socket) -> None:
+        """The connection to shut down from now on (a new one replaces the last)."""
+        with self._lock:
+            self._forget()
+            if not self._closed.is_set():
+                self._sock = socket.socket(fileno=os.dup(sock.fileno()))  # SSLSocket has no dup
+        self.extend()
+
+    def forget(self) -> None:
+        with self._lock:
+            self._forget()
+
+    def _forget(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            self._forget()
+
+    def _run(self) -> None:
+        while not self._closed.wait(min(max(self._at - time.monotonic(), 0.0), 1.0)):
+            with self._lock:
+                if time.monotonic() < self._at or self._sock is None:
+                    continue
+                self.passed = True
+                self._at = math.inf
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # the connection had already ended
 
 
 class SensorClient:
@@ -72,13 +159,56 @@ class SensorClient:
         self.sensor = sensor
         self.name = sensor.name
         ctx = ssl_context(sensor, timeout)
+        # One connection: a client serves one thread at a time, and the deadline watches
+        # the connection the last request made or reused.
         self.http = httpx.Client(
             base_url=sensor.url, verify=ctx if ctx is not None else False,
             headers={"Authorization": f"Bearer {sensor.token}", "User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(timeout))
+            timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=1))
+        self.deadline = Deadline(timeout)
+        self._extensions = {"trace": self._trace}
+
+    def _trace(self, event: str, info: dict) -> None:
+        """httpcore's events: which socket the deadline shuts down."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            sock = info["return_value"].get_extra_info("socket")
+            if sock is not None:
+                self.deadline.watch(sock)
+        elif event in ("connection.close.started", "connection.connect_tcp.failed",
+                       "connection.start_tls.failed"):
+            self.deadline.forget()
+
+    @contextmanager
+    def _request(self, path: str, params: dict) -> Iterator[httpx.Response]:
+        """GET `path`, streamed: its answer's head within `timeout` seconds of now; errors
+        as SensorError."""
+        self.deadline.begin()
+        try:
+            with self.http.stream("GET", path, params=params,
+                                  extensions=self._extensions) as r:
+                self._check(r)
+                self.deadline.extend()
+                yield r
+                self._not_cut()
+        except (httpx.HTTPError, OSError, ssl.SSLError) as e:
+            raise SensorError(f"{self.name}: {self._reason(e)}") from None
+        finally:
+            self.deadline.pause()
+
+    def _not_cut(self) -> None:
+        """An answer without a length ends at the connection's end, which a cut looks like."""
+        if self.deadline.passed:
+            raise SensorError(f"{self.name}: {self._reason(None)}")
+
+    def _reason(self, e: BaseException | None) -> str:
+        if self.deadline.passed or e is None:
+            return (f"too slow: nothing whole came within {self.deadline.seconds:g} s "
+                    "(the fleet file's timeout); cut off")
+        return _reason(e)
 
     def close(self) -> None:
         self.http.close()
+        self.deadline.close()
 
     def __enter__(self) -> SensorClient:
         return self
@@ -90,16 +220,12 @@ class SensorClient:
         """The JSON object GET `path` answers: at most MAX_ANSWER bytes of it read (a sensor's
         answer is input: it may be anything, of any size)."""
         body = bytearray()
-        try:
-            with self.http.stream("GET", path, params=params) as r:
-                self._check(r)
-                for chunk in r.iter_bytes(CHUNK):
-                    body += chunk
-                    if len(body) > MAX_ANSWER:
-                        raise SensorError(f"{self.name}: {path} answered more than "
-                                          f"{MAX_ANSWER >> 20} MB; not read")
-        except (httpx.HTTPError, OSError, ssl.SSLError) as e:
-            raise SensorError(f"{self.name}: {_reason(e)}") from None
+        with self._request(path, params) as r:  # the whole answer within `timeout` s
+            for chunk in r.iter_bytes(CHUNK):
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    raise SensorError(f"{self.name}: {path} answered more than "
+                                      f"{MAX_ANSWER >> 20} MB; not read")
         try:
             answer = strict_json(body)
         except (ValueError, RecursionError):
@@ -142,21 +268,20 @@ class SensorClient:
     @contextmanager
     def pcapng(self, begin_ns: int, end_ns: int, expr: str, dumpsets: list[str]
                ) -> Iterator[Iterator[bytes]]:
-        """The pcapng of the window, as chunks of the streamed answer."""
+        """The pcapng of the window, as the pieces of the answer as they come. Its reader
+        calls `deadline.extend()` for each whole packet (the next is due within `timeout`
+        s) and `deadline.pause()` while it waits on its own consumer."""
         params = {"begin": time_param(begin_ns), "end": time_param(end_ns), "filter": expr,
                   "dumpset": ",".join(dumpsets), "format": "pcapng"}
-        try:
-            with self.http.stream("GET", "/api/v1/pcap", params=params) as r:
-                self._check(r)
-                yield self._chunks(r)
-        except (httpx.HTTPError, OSError, ssl.SSLError) as e:
-            raise SensorError(f"{self.name}: {_reason(e)}") from None
+        with self._request("/api/v1/pcap", params) as r:
+            yield self._chunks(r)
 
     def _chunks(self, r: httpx.Response) -> Iterator[bytes]:
         try:
-            yield from r.iter_raw(CHUNK)
+            yield from r.iter_raw()  # as it comes: a packet's arrival extends the deadline
         except (httpx.HTTPError, OSError, ssl.SSLError) as e:
-            raise SensorError(f"{self.name}: {_reason(e)}") from None
+            raise SensorError(f"{self.name}: {self._reason(e)}") from None
+        self._not_cut()
 
 
 def strict_json(data: bytes | bytearray) -> object:
