@@ -15,3 +15,13 @@ class Number(click.FloatRange):
         if number != number:
             self.fail(f"{value!r} is not a number", param, ctx)
         return number
+
+
+class OptionalValue(click.Option):
+    """An option whose value may be left out (`--compress` alone means `--compress 3`):
+    click's optional value, with the value it stands for kept where a configuration file's
+    reader can find it (index/config.py: a lone `--compress` line)."""
+
+    def __init__(self, *args, alone: object, **kwargs):  # noqa: ANN002, ANN003 - click's
+        super().__init__(*args, is_flag=False, flag_value=alone, **kwargs)
+        self.alone = alone

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pcapvault.index.clitypes import OptionalValue
 from pcapvault.index.errors import PcapVaultError
 
 
@@ -99,11 +100,11 @@ def read_option_file(path: Path, command: click.Command) -> list[str]:
             )
         takes_value = not (opt.is_flag or opt.count)
         if takes_value and not value:
-            if not getattr(opt, "_flag_needs_value", False):
+            if not isinstance(opt, OptionalValue):
                 raise ConfigError(f"{path}:{n}: option {name} needs a value ({name}=VALUE)")
-            # An optional value (`--compress` alone): its default, spelled out so that the
-            # command line's next argument is never taken for it.
-            value = str(opt.flag_value)
+            # `--compress` alone: the value it stands for, spelled out so that the command
+            # line's next argument is never taken for it.
+            value = str(opt.alone)
         if not takes_value and value:
             raise ConfigError(f"{path}:{n}: option {name} takes no value")
         args += [name, value] if takes_value else [name]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pcapvault.index.clitypes import Number
+from pcapvault.index.clitypes import Number, OptionalValue
 from pcapvault.index.cliutil import EXIT_USAGE, fail, run
 from pcapvault.index.config import expand_config_args
 from pcapvault.index.errors import PcapVaultError
@@ -147,7 +147,7 @@ def _mode(ctx: click.Context, param: click.Parameter, value: str) -> int:
               help="Stats file [default: DUMP_DIR/stats].")
 @click.option("--files-per-dir", type=click.IntRange(1), default=1000, show_default=True,
               help="Files per storage directory.")
-@click.option("--compress", type=click.IntRange(1, 19), is_flag=False, flag_value=3,
+@click.option("--compress", cls=OptionalValue, alone=3, type=click.IntRange(1, 19),
               default=None, metavar="[LEVEL]",
               help="Store files as seekable zstd (.pcap.zst), compressed after close by the "
                    "indexer process; LEVEL 1-19, default 3.")
