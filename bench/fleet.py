@@ -14,7 +14,9 @@
   (p) pcap (root: users, a PAM service, three npcapserve): three sensors, each serving a
       copy of bench/extract.py's benchmark hour (--gb), synced into a chdb catalogue; a
       selective query (`host 10.0.0.51`, 10 minutes) through `npcapfleet pcap` against the
-      slowest sensor's own /api/v1/pcap time for its part (curl, as bench/serve.py times it).
+      slowest sensor's own /api/v1/pcap time for its part (curl, as bench/serve.py times it),
+      alone and with the three sensors asked at once by three curls (the sharing of this
+      one machine's cores and disk that the fleet's run has too).
 
     python bench/fleet.py sim [--sensors 100] [--rows 1000] [--repeat 5]
     python bench/fleet.py pcap [--dir /work/bench-fleet] [--gb 0.5] [--repeat 3]
@@ -180,6 +182,7 @@ def pcap(args: argparse.Namespace) -> None:
             own: list[list[float]] = [[], [], []]
             both: list[float] = []
             merged: list[float] = []
+            together: list[float] = []
             for _ in range(args.repeat):
                 for k, (u, c, _, _) in enumerate(running):
                     bx.drop_caches()
@@ -187,6 +190,16 @@ def pcap(args: argparse.Namespace) -> None:
                     subprocess.run(bs.curl(u, c, tokens[k], "/api/v1/pcap", params),
                                    check=True)
                     own[k].append(time.monotonic() - t0)
+                # the same three parts asked at once, as the fleet asks them: on this one
+                # machine the sensors then share its two cores and its disk, as they would not
+                # on sensors of their own; the slowest's time under that sharing
+                bx.drop_caches()
+                t0 = time.monotonic()
+                curls = [subprocess.Popen(bs.curl(u, c, tokens[k], "/api/v1/pcap", params))
+                         for k, (u, c, _, _) in enumerate(running)]
+                if any(p.wait() for p in curls):
+                    raise SystemExit("a sensor's own /api/v1/pcap failed")
+                together.append(time.monotonic() - t0)
                 bx.drop_caches()
                 t0 = time.monotonic()
                 r = subprocess.run([*fleet, "pcap", "-b", params["begin"], "-e", params["end"],
@@ -204,7 +217,11 @@ def pcap(args: argparse.Namespace) -> None:
                               "fleet_streams_s": round(statistics.median(merged), 3),
                               "ratio_to_slowest": round(statistics.median(both) / slowest, 2),
                               "streams_ratio_to_slowest":
-                                  round(statistics.median(merged) / slowest, 2)}))
+                                  round(statistics.median(merged) / slowest, 2),
+                              "sensors_at_once_s": round(statistics.median(together), 3),
+                              "streams_ratio_to_at_once":
+                                  round(statistics.median(merged)
+                                        / statistics.median(together), 2)}))
 
 
 def main() -> None:
