@@ -29,7 +29,10 @@ from .config import Sensor
 
 USER_AGENT = "npcapfleet"
 CHUNK = 1 << 20  # bytes of a pcap stream read at once
-MAX_ANSWER = 1 << 30  # bytes of a JSON answer read at the most (a catalogue page: tens of MB)
+# Bytes of a JSON answer read at the most. npcapserve's largest, a catalogue page of
+# PAGE_ROWS (500,000) conversations, is about 50 MB (100 MB if all were IPv6); Python's
+# objects for it take several times that, so a hostile sensor's gigabyte would not fit.
+MAX_ANSWER = 256 << 20
 ERROR_BYTES = 1 << 16  # of an error's body
 
 
