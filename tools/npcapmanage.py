@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pcapvault.index.cliutil import run
+from pcapvault.index.cliutil import printable, run
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.holds import Hold, HoldError, load_holds, place_hold, release_hold
@@ -113,8 +113,8 @@ def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
     ds = found[0]
     become_owner(ds)
     h = release_hold(ds, hold_id)
-    click.echo(f"hold {h.id} released on {ds.root} ({h.reason}; placed by {h.user} at "
-               f"{format_time(h.created_ns)})")
+    click.echo(f"hold {printable(h.id)} released on {ds.root} ({printable(h.reason)}; placed "
+               f"by {printable(h.user)} at {format_time(h.created_ns)})")
 
 
 @cli.command("holds")
@@ -134,8 +134,9 @@ def list_holds(dumpsets: tuple[Path, ...], as_json: bool) -> None:
         return
     table = [("ID", "BEGIN (UTC)", "END (UTC)", "FILES", "USER", "PLACED (UTC)", "DUMP SET",
               "REASON")]
-    table += [(h.id, format_time(h.begin_ns), format_time(h.end_ns), str(len(h.files)),
-               h.user, format_time(h.created_ns), str(ds.root), h.reason) for ds, h in rows]
+    table += [(printable(h.id), format_time(h.begin_ns), format_time(h.end_ns),
+               str(len(h.files)), printable(h.user), format_time(h.created_ns),
+               printable(str(ds.root)), printable(h.reason)) for ds, h in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
