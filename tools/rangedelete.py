@@ -421,17 +421,13 @@ def caller() -> dict:
     return who
 
 
-def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) -> None:
-    """One JSON line in DS/audit.log and in syslog (authpriv) for a run that deleted.
+def append_audit(ds: DumpSet, record: dict) -> None:
+    """One JSON line, `record` with the time first, in DS/audit.log and in syslog (authpriv).
 
     The file first, as the record of reference; it is refused unless it is a regular file
     only its owner may write (an attacker's symlink or a shared file is no audit trail).
     """
-    record = {"time": format_time(time.time_ns()), "event": "delete", "outcome": outcome,
-              **who, "dumpset": str(ds.root), "begin": format_time(plan.begin_ns),
-              "end": format_time(plan.end_ns), "filter": plan.expr, "packets": done.packets,
-              "bytes": done.bytes, "files": done.files}
-    line = json.dumps(record, separators=(",", ":"))
+    line = json.dumps({"time": format_time(time.time_ns()), **record}, separators=(",", ":"))
     path = ds.root / AUDIT_FILE
     problem = ""
     try:
@@ -451,7 +447,15 @@ def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) ->
     syslog.syslog(syslog.LOG_NOTICE, line)
     if problem:
         raise PcapVaultError(f"cannot append to the audit log {path} ({problem}); the "
-                             f"deletion is recorded in syslog only: {line}")
+                             f"{record['event']} is recorded in syslog only: {line}")
+
+
+def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) -> None:
+    """The audit line of a run that deleted (docs/FORMAT.md, "Audit log")."""
+    append_audit(ds, {"event": "delete", "outcome": outcome, **who, "dumpset": str(ds.root),
+                      "begin": format_time(plan.begin_ns), "end": format_time(plan.end_ns),
+                      "filter": plan.expr, "packets": done.packets, "bytes": done.bytes,
+                      "files": done.files})
 
 
 EPILOG = """\b

@@ -170,3 +170,20 @@ def test_a_reason_cannot_forge_rows_in_the_listing(tmp_path):
     assert json.loads(manage("holds", "-t", str(ds.root), "--json").stdout)[0]["reason"] == forged
     r = manage("release", "h1", "-t", str(ds.root))
     assert len(r.stdout.splitlines()) == 1 and "\\n" in r.stdout, r.stdout
+
+
+def test_holds_placed_and_released_are_audited(tmp_path):
+    """A legal hold could be released, and its files then deleted by the budget, with no trace
+    of who released it: only `delete` wrote the audit log."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=4)
+    manage("hold", "-t", str(ds.root), "-b", "1763737000.6", "-e", "1763737001.2",
+           "--reason", "case 4711")
+    manage("release", "h1", "-t", str(ds.root))
+    placed, released = [json.loads(line)
+                        for line in (ds.root / "audit.log").read_text().splitlines()]
+    for rec in (placed, released):
+        assert rec["id"] == "h1" and rec["reason"] == "case 4711" and rec["user"] == "root"
+        assert rec["dumpset"] == str(ds.root) and rec["uid"] == 0 and rec["held_files"] == 2
+        assert rec["begin"] == "2025-11-21T14:56:40.600000000Z"
+        assert rec["placed_by"] == "root"
+    assert (placed["event"], released["event"]) == ("hold", "release")
