@@ -303,15 +303,21 @@ def _rewrite(ds: DumpSet, cut: Cut, replaced: Callable[[], None]) -> StoredFile 
         r.close()
     idx, _ = index_pcap(new, parse_global_header(head, str(sf.pcap)))
     mode = st.st_mode & 0o777
-    if compressed.is_compressed(sf.pcap):
-        tmp = temp_path(sf.pcap)
-        compressed.compress_file(tmp, tmp, file_mode=mode, data=memoryview(new))
-    else:
-        tmp = temp_path(sf.pcap)
-        write_synced(tmp, new, mode)
-    itmp = temp_path(sf.index)
-    write_synced(itmp, np.frombuffer(encode_index(idx), np.uint8),
-                 sf.index.stat().st_mode & 0o777)
+    tmp, itmp = temp_path(sf.pcap), temp_path(sf.index)
+    try:
+        if compressed.is_compressed(sf.pcap):
+            compressed.compress_file(tmp, tmp, file_mode=mode, data=memoryview(new))
+        else:
+            write_synced(tmp, new, mode)
+        try:
+            write_synced(itmp, np.frombuffer(encode_index(idx), np.uint8),
+                         sf.index.stat().st_mode & 0o777)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # not left taking room on a full disk
+            raise
+    except OSError as e:
+        raise PcapVaultError(f"cannot write the rewritten {_rel(ds, sf)} ({e.strerror or e}); "
+                             "it and the files after it are as they were") from None
     with ds.links_locked():
         try:
             now = sf.pcap.stat()

@@ -457,3 +457,30 @@ def test_what_went_is_counted_even_when_a_later_step_fails(synth, monkeypatch, f
         rangedelete.execute(plan, done, report=report)
     assert done.files == [first.sf.pcap.relative_to(root).as_posix()]
     assert (done.packets, done.bytes) == (first.packets, first.bytes) != (0, 0)
+
+
+def test_a_full_disk_leaves_the_file_as_it_was_and_no_temporary(small_ext4, tmp_path):
+    """With room for the rewritten pcap but not its index, the new pcap was left behind as
+    `.X.pcap.part` (on a disk already full, uncounted by the recorder's budget), and the
+    error did not say which file or that nothing of it changed."""
+    from fsutil import fill
+
+    root, _ = synthetic_dumpset(small_ext4 / "ds")
+    filler = fill(small_ext4)
+    args = ["-t", str(root), "-b", epoch(SYNTH_START), "-e", epoch(SYNTH_START + 1800 * NS),
+            "-f", "udp", "--yes"]
+    before = digests(root)
+    errors = []
+    for _ in range(64):  # free a little more room each turn, until it succeeds
+        r = manage(*args)
+        if r.returncode == 0:
+            break
+        errors.append(one_line(r, 1, "No space left on device"))
+        assert not list(root.rglob("*.part")), errors[-1]
+        assert digests(root) == before
+        os.truncate(filler, filler.stat().st_size - 4096)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = next(iter(DumpSet.open(root).files())).pcap.relative_to(root)
+    assert (f"cannot write the rewritten {first} (No space left on device); it and the files "
+            "after it are as they were") in errors[-1], errors
+    assert_clean(root)
