@@ -79,6 +79,14 @@ def hold_standard_fds() -> None:
                 raise RuntimeError(f"fd {fd} taken while the standard fds were held") from None
 
 
+def printable(text: str) -> str:
+    """`text` with each non-printable character shown as an escape (\\n, \\x1b): what others
+    wrote into a file (a hold's reason) cannot add lines to a listing or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (a name or an address, as in a URL or --listen) stays on this machine:
     where plain HTTP, and the credentials in it, may go."""

@@ -28,6 +28,9 @@ HOLDS_FILE = "holds"
 FORMAT = "pcapvault-holds"
 VERSION = 1
 FILE_MODE = 0o640
+# A reason is a case number or a sentence: one line of printable characters (a newline or an
+# escape sequence would forge rows in `npcapmanage holds` and lines in the audit's readers).
+MAX_REASON = 1000
 
 
 class HoldError(PcapVaultError):
@@ -201,6 +204,9 @@ def place_hold(ds: DumpSet, begin_ns: int, end_ns: int, reason: str, user: str) 
         raise HoldError("the hold's window is empty: give an END after BEGIN")
     if not reason.strip():
         raise HoldError("give a --reason: a hold must say why it is there")
+    if len(reason) > MAX_REASON or not reason.isprintable():
+        raise HoldError(f"the --reason must be at most {MAX_REASON} printable characters, on "
+                        "one line (no control characters)")
     with ds.links_locked():
         hs = load_holds(ds)
         files = tuple(sf.pcap.relative_to(ds.root).as_posix()

@@ -4,9 +4,12 @@ Teams feed closed files to Zeek, Suricata or an archive (n2disk's --exec-cmd). T
 loop only starts commands and looks at them between ring blocks, never waits for one: at most
 `max_running` run at once, the rest wait in a bounded queue (a file that finds it full is
 skipped, logged and counted), and a command running longer than `timeout` is killed with its
-process group. Commands run as the recorder's account (the capture process has dropped its
-privileges before any is started), with stdin from /dev/null and their output on the
-recorder's stderr (the journal), and learn about their file from the environment:
+process group. A command ends when its shell does: what it left running in its process
+group (`cmd &`) is killed then, so that --exec-max and --exec-timeout bound all of its work
+(a command meant to outlive it leaves the group with setsid). Commands run as the recorder's
+account (the capture process has dropped its privileges before any is started), with stdin
+from /dev/null and their output on the recorder's stderr (the journal), and learn about their
+file from the environment:
 
   PCAPVAULT_PCAP      the pcap (or .pcap.zst) file
   PCAPVAULT_INDEX     its index
@@ -76,7 +79,7 @@ class FileHook:
         now = time.monotonic()
         still = []
         for r in self.running:
-            rc = r.proc.poll()
+            rc = self._ended(r)
             if rc is None:
                 if not r.killed and now - r.started > self.timeout:
                     log.error("--exec-cmd for %s still runs after %g s: killing it",
@@ -115,6 +118,23 @@ class FileHook:
         self.started += 1
         self.running.append(_Run(proc, sf, now))
 
+    def _ended(self, r: _Run) -> int | None:
+        """The exit status of `r`'s shell, None while it runs. Before the shell is reaped
+        (its number still names its group, so no other group can be hit), whatever it left
+        running in its group is killed."""
+        try:
+            if not os.waitid(os.P_PID, r.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return None
+        except ChildProcessError:  # reaped already
+            return r.proc.poll()
+        left = 0 if r.killed else _members(r.proc.pid)
+        if left:
+            log.warning("--exec-cmd for %s left %d process(es) running when it exited: "
+                        "killed (a command must finish its work before it exits)",
+                        r.sf.name, left)
+            self._kill(r.proc)
+        return r.proc.wait()
+
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
         try:
@@ -143,3 +163,18 @@ class FileHook:
             log.error("--exec-cmd: stopping; not run to the end for %d files: %s", len(left),
                       " ".join(left))
         self.running, self.queue = [], deque()
+
+
+def _members(pgid: int) -> int:
+    """How many processes other than its leader are in the process group `pgid` (/proc)."""
+    n = 0
+    for e in os.scandir("/proc"):
+        if not e.name.isdigit() or int(e.name) == pgid:
+            continue
+        try:
+            with open(f"/proc/{e.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        n += int(fields[2]) == pgid  # after the name: state, ppid, pgrp
+    return n

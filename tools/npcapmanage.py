@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import pwd
 from pathlib import Path
 
 import click
 
-from pcapvault.index.cliutil import run
+from pcapvault.index.cliutil import printable, run
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import PcapVaultError
 from pcapvault.index.holds import Hold, HoldError, load_holds, place_hold, release_hold
 from pcapvault.index.times import HELP, format_time, parse_window
 
 from .npcaprepair import become_common_owner, become_owner
-from .rangedelete import delete
+from .rangedelete import append_audit, caller, delete
 
 EPILOG = """\b
 Examples:
@@ -31,6 +29,7 @@ Examples:
 
 A held file is deleted by nothing: not the recorder's disk budget, not --max-age. When held
 files fill the budget the recorder stops recording until a release (or more disk) makes room.
+Each hold placed or released is a line of DUMPSET/audit.log and of syslog, as each deletion.
 Times are those npcapextract takes: 'YYYY-MM-DD hh:mm:ss[.fraction]' (local time), ISO 8601
 with Z or an offset, epoch seconds, or relative (now, -15m, -2h, -1d).
 """
@@ -45,14 +44,6 @@ def _dumpsets(given: tuple[Path, ...]) -> list[DumpSet]:
         raise click.UsageError(f"no dump set given and none configured: pass -t DIR or "
                                f"configure {config_dir()}")
     return [DumpSet.open(p) for p in paths]
-
-
-def _caller() -> str:
-    """The login name of whoever runs this (the one who sudo'ed, not root)."""
-    try:
-        return os.getlogin()
-    except OSError:
-        return pwd.getpwuid(os.getuid()).pw_name
 
 
 @click.group("npcapmanage", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,13 +67,23 @@ def hold(dumpset: Path, begin: str, end: str, reason: str) -> None:
     Files recorded into the window afterwards are held too.
     """
     b, e = _window(begin, end)
-    user = _caller()
+    who = caller()
     ds = DumpSet.open(dumpset)
     become_owner(ds)  # the lock and holds files stay the recorder's account's
-    h = place_hold(ds, b, e, reason, user)
+    h = place_hold(ds, b, e, reason, who["user"])
+    _audit(ds, h, "hold", who)
     click.echo(f"hold {h.id} placed on {ds.root}: {format_time(b)} to {format_time(e)}, "
                f"{len(h.files)} file(s) held now; release it with: npcapmanage release {h.id} "
                f"-t {ds.root}")
+
+
+def _audit(ds: DumpSet, h: Hold, event: str, who: dict) -> None:
+    """A hold placed or released is a line of the dump set's audit log, as a deletion is: who
+    released a hold, and when, must show afterwards (docs/FORMAT.md, "Audit log")."""
+    append_audit(ds, {"event": event, **who, "dumpset": str(ds.root), "id": h.id,
+                      "begin": format_time(h.begin_ns), "end": format_time(h.end_ns),
+                      "reason": h.reason, "placed_by": h.user,
+                      "placed": format_time(h.created_ns), "held_files": len(h.files)})
 
 
 def _window(begin: str, end: str) -> tuple[int, int]:
@@ -101,6 +102,7 @@ def _window(begin: str, end: str) -> tuple[int, int]:
               help="Dump set holding it [default: the configured ones].")
 def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
     """Release the hold ID: its files may be deleted again (unless another hold covers them)."""
+    who = caller()
     candidates = _dumpsets(dumpsets)
     become_common_owner(candidates)
     found = [ds for ds in candidates if any(h.id == hold_id for h in load_holds(ds).list())]
@@ -113,8 +115,9 @@ def release(hold_id: str, dumpsets: tuple[Path, ...]) -> None:
     ds = found[0]
     become_owner(ds)
     h = release_hold(ds, hold_id)
-    click.echo(f"hold {h.id} released on {ds.root} ({h.reason}; placed by {h.user} at "
-               f"{format_time(h.created_ns)})")
+    _audit(ds, h, "release", who)
+    click.echo(f"hold {printable(h.id)} released on {ds.root} ({printable(h.reason)}; placed "
+               f"by {printable(h.user)} at {format_time(h.created_ns)})")
 
 
 @cli.command("holds")
@@ -134,8 +137,9 @@ def list_holds(dumpsets: tuple[Path, ...], as_json: bool) -> None:
         return
     table = [("ID", "BEGIN (UTC)", "END (UTC)", "FILES", "USER", "PLACED (UTC)", "DUMP SET",
               "REASON")]
-    table += [(h.id, format_time(h.begin_ns), format_time(h.end_ns), str(len(h.files)),
-               h.user, format_time(h.created_ns), str(ds.root), h.reason) for ds, h in rows]
+    table += [(printable(h.id), format_time(h.begin_ns), format_time(h.end_ns),
+               str(len(h.files)), printable(h.user), format_time(h.created_ns),
+               printable(str(ds.root)), printable(h.reason)) for ds, h in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])

@@ -22,11 +22,13 @@ import fcntl
 import json
 import os
 import pwd
+import signal
 import stat
 import sys
 import syslog
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,10 @@ SYSLOG_IDENT = "npcapmanage"
 
 class DeleteRefused(PcapVaultError):
     """Nothing was deleted: a held file, a file not yet indexed, or one that needs repair."""
+
+
+class Stopped(PcapVaultError):
+    """A stop signal came: the run ended between two files (the audit says what went)."""
 
 
 @dataclass
@@ -270,9 +276,12 @@ def fix_names(ds: DumpSet, begin_ns: int, end_ns: int,
                "had stopped halfway)")
 
 
-def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
+def _rewrite(ds: DumpSet, cut: Cut, replaced: Callable[[], None]) -> StoredFile | None:
     """Rewrite one file without the packets `cut.keep` leaves out: the file as now stored, or
-    None when it changed or went since the plan (the budget deleted it) and was left alone."""
+    None when it changed or went since the plan (the budget deleted it) and was left alone.
+
+    `replaced` is called as soon as the new pcap is in place: from then on the packets are
+    gone, whatever fails after (the audit must count them)."""
     sf = cut.sf
     try:
         st = sf.pcap.stat()
@@ -294,15 +303,21 @@ def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
         r.close()
     idx, _ = index_pcap(new, parse_global_header(head, str(sf.pcap)))
     mode = st.st_mode & 0o777
-    if compressed.is_compressed(sf.pcap):
-        tmp = temp_path(sf.pcap)
-        compressed.compress_file(tmp, tmp, file_mode=mode, data=memoryview(new))
-    else:
-        tmp = temp_path(sf.pcap)
-        write_synced(tmp, new, mode)
-    itmp = temp_path(sf.index)
-    write_synced(itmp, np.frombuffer(encode_index(idx), np.uint8),
-                 sf.index.stat().st_mode & 0o777)
+    tmp, itmp = temp_path(sf.pcap), temp_path(sf.index)
+    try:
+        if compressed.is_compressed(sf.pcap):
+            compressed.compress_file(tmp, tmp, file_mode=mode, data=memoryview(new))
+        else:
+            write_synced(tmp, new, mode)
+        try:
+            write_synced(itmp, np.frombuffer(encode_index(idx), np.uint8),
+                         sf.index.stat().st_mode & 0o777)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # not left taking room on a full disk
+            raise
+    except OSError as e:
+        raise PcapVaultError(f"cannot write the rewritten {_rel(ds, sf)} ({e.strerror or e}); "
+                             "it and the files after it are as they were") from None
     with ds.links_locked():
         try:
             now = sf.pcap.stat()
@@ -322,6 +337,7 @@ def _rewrite(ds: DumpSet, cut: Cut) -> StoredFile | None:
         # docs/FORMAT.md); its index follows; readers find it again.
         timeline.unlink(ds.timeline, sf.slot, sf.name)
         os.replace(tmp, sf.pcap)
+        replaced()
         final = _renamed(sf, idx.first_ns)
         if final != sf:
             os.rename(sf.pcap, final.pcap)
@@ -340,29 +356,63 @@ class Done:
     bytes: int = 0
     files: list[str] = field(default_factory=list)
 
+    def add(self, cut: Cut, rel: str) -> None:
+        self.packets += cut.packets
+        self.bytes += cut.bytes
+        self.files.append(rel)
+
 
 def execute(plan: DeletePlan, done: Done,
-            report: Callable[[str], None] = lambda line: None) -> None:
-    """Carry out `plan`, counting into `done` what was removed."""
+            report: Callable[[str], None] = lambda line: None,
+            stop: Callable[[], str] = lambda: "") -> None:
+    """Carry out `plan`, counting into `done` what was removed the moment it is gone (before
+    it is reported: a report to a terminal that hung up fails). `stop` says, between files,
+    why to stop ("" to go on): raises Stopped."""
     ds = plan.ds
-    for cut in plan.cuts:
+    for i, cut in enumerate(plan.cuts):
+        if why := stop():
+            raise Stopped(f"stopped by {why} after {i} of {len(plan.cuts)} files; the others "
+                          "are as they were: run the same command again to delete the rest")
         rel = _rel(ds, cut.sf)
         if cut.keep is None:
             freed = ds.delete(cut.sf, keep=lambda sf: _held_now(ds, sf))
             if freed is None:
                 raise DeleteRefused(f"{rel} was put under a legal hold meanwhile; it and the "
                                     "files after it were left as they were")
+            done.add(cut, rel)
             report(f"deleted {rel} ({cut.packets} packets)")
         else:
-            final = _rewrite(ds, cut)
+            final = _rewrite(ds, cut, lambda cut=cut, rel=rel: done.add(cut, rel))
             if final is None:
                 report(f"skipped {rel}: deleted or changed meanwhile (the disk budget)")
                 continue
             now = "" if final == cut.sf else f", now {final.name} (its new first packet)"
             report(f"rewrote {rel} without {cut.packets} packets{now}")
-        done.packets += cut.packets
-        done.bytes += cut.bytes
-        done.files.append(rel)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_between_files() -> Iterator[Callable[[], str]]:
+    """While files are changed, Ctrl-C, kill and a hung-up terminal only ask to stop: the
+    file at hand is finished and the audit written (their default action would end the
+    process with neither). Yields what `execute` takes as `stop`. A signal ignored when the
+    command started (nohup) stays ignored."""
+    got: list[str] = []
+
+    def note(signum: int, frame: object) -> None:
+        got.append(signal.Signals(signum).name)
+
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        for s, h in old.items():
+            if h is not signal.SIG_IGN:
+                signal.signal(s, note)
+        yield lambda: got[0] if got else ""
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def caller() -> dict:
@@ -377,17 +427,13 @@ def caller() -> dict:
     return who
 
 
-def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) -> None:
-    """One JSON line in DS/audit.log and in syslog (authpriv) for a run that deleted.
+def append_audit(ds: DumpSet, record: dict) -> None:
+    """One JSON line, `record` with the time first, in DS/audit.log and in syslog (authpriv).
 
     The file first, as the record of reference; it is refused unless it is a regular file
     only its owner may write (an attacker's symlink or a shared file is no audit trail).
     """
-    record = {"time": format_time(time.time_ns()), "event": "delete", "outcome": outcome,
-              **who, "dumpset": str(ds.root), "begin": format_time(plan.begin_ns),
-              "end": format_time(plan.end_ns), "filter": plan.expr, "packets": done.packets,
-              "bytes": done.bytes, "files": done.files}
-    line = json.dumps(record, separators=(",", ":"))
+    line = json.dumps({"time": format_time(time.time_ns()), **record}, separators=(",", ":"))
     path = ds.root / AUDIT_FILE
     problem = ""
     try:
@@ -407,7 +453,15 @@ def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) ->
     syslog.syslog(syslog.LOG_NOTICE, line)
     if problem:
         raise PcapVaultError(f"cannot append to the audit log {path} ({problem}); the "
-                             f"deletion is recorded in syslog only: {line}")
+                             f"{record['event']} is recorded in syslog only: {line}")
+
+
+def audit(ds: DumpSet, who: dict, plan: DeletePlan, done: Done, outcome: str) -> None:
+    """The audit line of a run that deleted (docs/FORMAT.md, "Audit log")."""
+    append_audit(ds, {"event": "delete", "outcome": outcome, **who, "dumpset": str(ds.root),
+                      "begin": format_time(plan.begin_ns), "end": format_time(plan.end_ns),
+                      "filter": plan.expr, "packets": done.packets, "bytes": done.bytes,
+                      "files": done.files})
 
 
 EPILOG = """\b
@@ -469,7 +523,8 @@ def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
     done = Done()
     outcome = "stopped"
     try:
-        execute(plan, done, report=click.echo)
+        with stop_between_files() as stop:
+            execute(plan, done, report=click.echo, stop=stop)
         outcome = "deleted"
     finally:
         # Audited even when stopped halfway: the record says what did go.

@@ -160,3 +160,31 @@ def test_at_most_exec_max_commands_run_at_once(tmp_path):
         running += 1 if line == "start" else -1
         most = max(most, running)
     assert most == 2 and running == 0 and hook.started == 5
+
+
+def test_what_a_command_leaves_running_is_killed_when_it_exits(tmp_path, caplog):
+    """`CMD &` returned at once and left CMD running, for ever: beyond --exec-max (one per
+    file, however many files) and beyond --exec-timeout, and past the recorder's exit."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=3)
+    pids = tmp_path / "pids"
+    hook = FileHook(f"sleep 1000 & echo $! >> {pids}", ds.root, max_running=1, timeout=30)
+    for sf in ds.files():
+        hook.submit(sf)
+    hook.close()
+    assert (hook.started, hook.failed, hook.killed) == (3, 0, 0)
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 3
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in left):
+        assert time.monotonic() < deadline, [p for p in left if _alive(p)]
+        time.sleep(0.05)
+    assert caplog.text.count("left 1 process(es) running when it exited: killed") == 3
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"

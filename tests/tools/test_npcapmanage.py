@@ -145,3 +145,45 @@ def test_a_marker_that_is_a_fifo_is_refused_in_one_line(tmp_path, marker):
                                                    else where)],
                        capture_output=True, text=True, timeout=60)
     one_line(r, 1, str(ds.root / marker), "not a regular file", prog="npcaprepair")
+
+
+def test_a_reason_cannot_forge_rows_in_the_listing(tmp_path):
+    """A reason with a newline printed a second row, a fake hold h7 that does not exist, and
+    an escape sequence went to the terminal of whoever listed the holds; a reason of any size
+    was taken."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=2)
+    t = ("-t", str(ds.root), "-b", "-1h", "-e", "now")
+    forged = ("case 1\nh7  2025-11-21T14:56:40.000000000Z  2099-01-01T00:00:00.000000000Z  999"
+              "  legal  court order\x1b[2K")
+    for reason in (forged, "tab\tseparated", "x" * 1001):
+        r = manage("hold", *t, "--reason", reason, code=1)
+        assert "printable characters, on one line" in r.stderr, r.stderr
+    assert not holds_path(ds).exists()
+    manage("hold", *t, "--reason", "x" * 1000)
+    # A holds file written by other means is listed with its control characters escaped.
+    doc = json.loads(holds_path(ds).read_text())
+    doc["holds"][0]["reason"] = forged
+    holds_path(ds).write_text(json.dumps(doc))
+    out = manage("holds", "-t", str(ds.root)).stdout
+    assert len(out.splitlines()) == 2 and "\x1b" not in out, out
+    assert out.splitlines()[1].endswith("court order\\x1b[2K")
+    assert json.loads(manage("holds", "-t", str(ds.root), "--json").stdout)[0]["reason"] == forged
+    r = manage("release", "h1", "-t", str(ds.root))
+    assert len(r.stdout.splitlines()) == 1 and "\\n" in r.stdout, r.stdout
+
+
+def test_holds_placed_and_released_are_audited(tmp_path):
+    """A legal hold could be released, and its files then deleted by the budget, with no trace
+    of who released it: only `delete` wrote the audit log."""
+    ds = make_dumpset(tmp_path / "ds", nfiles=4)
+    manage("hold", "-t", str(ds.root), "-b", "1763737000.6", "-e", "1763737001.2",
+           "--reason", "case 4711")
+    manage("release", "h1", "-t", str(ds.root))
+    placed, released = [json.loads(line)
+                        for line in (ds.root / "audit.log").read_text().splitlines()]
+    for rec in (placed, released):
+        assert rec["id"] == "h1" and rec["reason"] == "case 4711" and rec["user"] == "root"
+        assert rec["dumpset"] == str(ds.root) and rec["uid"] == 0 and rec["held_files"] == 2
+        assert rec["begin"] == "2025-11-21T14:56:40.600000000Z"
+        assert rec["placed_by"] == "root"
+    assert (placed["event"], released["event"]) == ("hold", "release")

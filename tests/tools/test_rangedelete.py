@@ -391,3 +391,96 @@ def test_stopped_before_the_new_name_is_fixed_by_running_again(synth, tmp_path, 
     assert_clean(root)
     want = minus(tcpdump_select(originals, ""), tcpdump_window(originals, "", b, e))
     assert sorted(extract_all(root, tmp_path / "all.pcap")) == want
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ends_between_files_and_is_audited(synth, tmp_path, sig):
+    """kill, or the terminal hanging up, ended the run at once: files already rewritten were
+    in no audit line (nothing at all when it was the first), and a stop between a pcap and
+    its index left the file for npcaprepair. Now the file at hand is finished, the audit
+    says what went, and the message says how to go on."""
+    root, originals = synth
+    b, e = SYNTH_START, SYNTH_START + 1800 * NS
+    p = subprocess.Popen([tool("npcapmanage"), "delete", "-t", str(root), "-b", epoch(b), "-e",
+                          epoch(e), "-f", "udp", "--yes"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    out = ""
+    while "rewrote" not in out:
+        line = p.stdout.readline()
+        assert line, out + p.stderr.read()
+        out += line
+    p.send_signal(sig)
+    rest, err = p.communicate(timeout=120)
+    out += rest
+    rewrote = [line.split()[1] for line in out.splitlines() if line.startswith("rewrote")]
+    assert p.returncode == 1, out + err
+    assert err.startswith(f"npcapmanage: error: stopped by {sig.name} after "), err
+    assert len(err.strip().splitlines()) == 1
+    assert 0 < len(rewrote) < 9, out  # 9 files to rewrite: it stopped before the end
+    (rec,) = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
+    assert rec["outcome"] == "stopped" and rec["files"] == rewrote
+    assert_clean(root)  # no file left halfway
+    ds = DumpSet.open(root)
+    cut = [p for p in originals if f"{p.name}" in {Path(r).name for r in rewrote}]
+    gone = tcpdump_window(cut, "udp", b, e)
+    assert rec["packets"] == len(gone)
+    want = minus(tcpdump_select(originals, ""), gone)
+    assert sorted(extract_all(ds.root, tmp_path / "all.pcap")) == want
+
+
+@pytest.mark.parametrize("fails", ["index rename", "report"])
+def test_what_went_is_counted_even_when_a_later_step_fails(synth, monkeypatch, fails):
+    """A file's packets are gone once its new pcap is in place: a failure after that (the
+    index's rename, or the report to a terminal that hung up) left them out of `done`, so
+    out of the audit line, which was not even written when it was the first file."""
+    from pcapvault.tools import rangedelete
+
+    root, _ = synth
+    ds = DumpSet.open(root)
+    plan = rangedelete.plan_delete(ds, SYNTH_START + 420 * NS, SYNTH_START + 1020 * NS, "udp")
+    first = plan.cuts[0]
+    report = lambda line: None  # noqa: E731
+    if fails == "report":
+        def report(line):
+            raise OSError(5, "Input/output error")
+    else:
+        real = os.replace
+
+        def replace(src, dst):
+            if str(dst).endswith(".idx"):
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+
+        monkeypatch.setattr(rangedelete.os, "replace", replace)
+    done = rangedelete.Done()
+    with pytest.raises(OSError):
+        rangedelete.execute(plan, done, report=report)
+    assert done.files == [first.sf.pcap.relative_to(root).as_posix()]
+    assert (done.packets, done.bytes) == (first.packets, first.bytes) != (0, 0)
+
+
+def test_a_full_disk_leaves_the_file_as_it_was_and_no_temporary(small_ext4, tmp_path):
+    """With room for the rewritten pcap but not its index, the new pcap was left behind as
+    `.X.pcap.part` (on a disk already full, uncounted by the recorder's budget), and the
+    error did not say which file or that nothing of it changed."""
+    from fsutil import fill
+
+    root, _ = synthetic_dumpset(small_ext4 / "ds")
+    filler = fill(small_ext4)
+    args = ["-t", str(root), "-b", epoch(SYNTH_START), "-e", epoch(SYNTH_START + 1800 * NS),
+            "-f", "udp", "--yes"]
+    before = digests(root)
+    errors = []
+    for _ in range(64):  # free a little more room each turn, until it succeeds
+        r = manage(*args)
+        if r.returncode == 0:
+            break
+        errors.append(one_line(r, 1, "No space left on device"))
+        assert not list(root.rglob("*.part")), errors[-1]
+        assert digests(root) == before
+        os.truncate(filler, filler.stat().st_size - 4096)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = next(iter(DumpSet.open(root).files())).pcap.relative_to(root)
+    assert (f"cannot write the rewritten {first} (No space left on device); it and the files "
+            "after it are as they were") in errors[-1], errors
+    assert_clean(root)
