@@ -496,7 +496,7 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         return session.logged_out(request)
 
     async def page(request: HttpRequest) -> Response:
-        return FileResponse(WEB / "index.html", headers=session.PAGE_HEADERS)
+        return FileResponse(WEB / "index.html")  # its headers: session.SecureHeaders
 
     async def login_form(request: HttpRequest) -> str:
         try:
@@ -524,6 +524,7 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
     app = Starlette(routes=routes,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.add_middleware(Guard, requests=requests, served=served)
+    app.add_middleware(session.SecureHeaders)  # outermost: Guard's own answers get them too
     return app
 
 

@@ -20,8 +20,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "pcapvault_session"
 IDLE = 1800.0  # seconds: an analyst's lunch break ends the session, a long look does not
@@ -68,17 +70,59 @@ class SessionStore:
         return len(self._users)
 
 
-# The page's answers. HttpOnly: the page's script never sees the id (an injected script could
-# not send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it
-# (no cross-site request forgery of a download or a logout); Secure under TLS. No Max-Age: the
-# cookie goes when the browser closes, the session itself at idle expiry or logout.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+# The cookie: HttpOnly: the page's script never sees the id (an injected script could not
+# send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it;
+# Secure under TLS. No Max-Age: the cookie goes when the browser closes, the session itself
+# at idle expiry or logout.
+
+# Every answer: never sniffed into another type, never framed (clickjacking), no Referer
+# sent on, and never stored by a browser or proxy (conversations, packets and who is logged
+# in are personal data). The page's own files (PAGE) are revalidated at every load instead,
+# and the page may load its own script, style and chart.
+ALL_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'none'",
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",  # no other page embeds an answer
+    "Cache-Control": "no-store",
+}
+PAGE_HEADERS = {
+    **ALL_HEADERS,
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "Cache-Control": "no-cache",
 }
+
+
+def is_page(path: str) -> bool:
+    """The page's own files: / and /static/..."""
+    return path == "/" or path.startswith("/static/")
+
+
+class SecureHeaders:
+    """ASGI middleware: ALL_HEADERS, or PAGE_HEADERS for the page's files, on every answer,
+    errors included; a header the route set itself is kept."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        wanted = PAGE_HEADERS if is_page(scope["path"]) else ALL_HEADERS
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in wanted.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
 MAX_FORM = 4096  # bytes of a login body: a user name and a password
 
 
@@ -132,12 +176,11 @@ def challenge(request: Request) -> str:
 def who(principal: Any) -> JSONResponse:
     """Who is logged in, and the filter that restricts what they see (None: everything)."""
     return JSONResponse({"user": principal.user, "method": principal.method,
-                         "restricted_to": principal.allowed, "groups": list(principal.groups)},
-                        headers={"Cache-Control": "no-store"})
+                         "restricted_to": principal.allowed, "groups": list(principal.groups)})
 
 
 def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
-    """The login's answer: who, and the session's cookie (see PAGE_HEADERS' comment)."""
+    """The login's answer: who, and the session's cookie (see the comment on the cookie)."""
     response = who(principal)
     response.set_cookie(COOKIE, sid, path="/", secure=request.url.scheme == "https",
                         httponly=True, samesite="strict")
@@ -146,7 +189,7 @@ def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
 
 def logged_out(request: Request) -> JSONResponse:
     """The logout's answer: the browser forgets the cookie (the server has ended it)."""
-    response = JSONResponse({"logged_out": True}, headers={"Cache-Control": "no-store"})
+    response = JSONResponse({"logged_out": True})
     response.delete_cookie(COOKIE, path="/", secure=request.url.scheme == "https",
                            httponly=True, samesite="strict")
     return response
