@@ -229,7 +229,12 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
 
     async def admit(request: HttpRequest, authorization: str | None = None) -> Any:
         """The gate's principal for the request's Authorization header (or `authorization`),
-        else its session cookie (session.py)."""
+        else its session cookie (session.py). Refused first when another site's page
+        started it."""
+        try:
+            session.fetched_here(request)
+        except session.CrossOrigin as e:
+            raise ApiError(403, str(e)) from None
         client = request.client.host if request.client else "-"
         header = authorization or request.headers.get("authorization")
         sid = None if authorization else request.cookies.get(session.COOKIE)

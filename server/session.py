@@ -130,6 +130,21 @@ class CrossOrigin(Exception):
     """A state-changing request that another site's page may have sent."""
 
 
+def fetched_here(request: Request) -> None:
+    """Raise CrossOrigin when the browser says another site's page started the request
+    (Sec-Fetch-Site cross-site or same-site).
+
+    SameSite=Strict keeps the cookie from other sites only, and a site has no port: a page on
+    any port of the sensor's own host (any local user can serve one) is the same site, and
+    its <img> would go out with the analyst's session. A browser that answered the Basic
+    dialog sends that password whoever's page asks. Scripts send no Sec-Fetch-Site; the
+    page's own requests are same-origin, an address typed or bookmarked none."""
+    site = request.headers.get("sec-fetch-site", "")
+    if site in ("cross-site", "same-site"):
+        raise CrossOrigin(f"refused: another site's page started this request ({site}); "
+                          "use this server's own page, or ask without a browser")
+
+
 def same_origin(request: Request) -> None:
     """Raise CrossOrigin unless the request's Origin is this server (scheme, host, port).
 

@@ -4,13 +4,16 @@ is the point."""
 
 from __future__ import annotations
 
+import http.server
 import ssl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 from pamworld import PAM_MARKS
 from serveworld import serving
+from webworld import WEB_MARKS, browser, login, wait_for
 
 pytestmark = PAM_MARKS
 
@@ -84,3 +87,63 @@ def test_the_page_files_are_the_installed_ones_only(served):
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 404 "), (target, head)
         assert body == b'{"error":"Not Found"}', (target, body)
+
+
+@contextmanager
+def other_site(served, html: str) -> Iterator[str]:
+    """Another HTTPS server on the sensor's own address (another port): the same site as
+    npcapserve for a browser, which ignores ports; any local user can run one."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(served.cert), str(served.cert.with_name("key.pem")))
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("endpoint", ["/api/v1/pcap", "/api/v1/conversations"])
+@WEB_MARKS[0]  # Chromium
+def test_a_page_on_the_same_host_cannot_use_the_analysts_session(world, served, endpoint):
+    """SameSite=Strict keeps the cookie from other sites only: a page on another port of the
+    sensor is the same site, and its <img> went out with the analyst's session (an extraction,
+    and an audit line, in their name). The server refuses what the browser says another
+    page started (Sec-Fetch-Site), audited as denied."""
+    url = f"{served.url}{endpoint}?begin=-3650d&end=now&filter=tcp"
+    name = endpoint.rsplit("/", 1)[1]
+    with other_site(served, f'<img src="{url}">') as evil, browser() as driver:
+        login(driver, served.url, world.member.name, world.member.password)
+        before = world.audit_count()
+        driver.get(evil)
+        line = wait_for(lambda: next((x for x in world.audit_lines()[before:]
+                                      if x["endpoint"] == name), None),
+                        message="the other page's request reached the server")
+    assert line["outcome"] == "denied" and "another site" in line["reason"], line
+
+
+def test_a_browsers_cached_password_is_not_sent_for_another_site(world, served):
+    """A browser that answered the Basic dialog sends the password again with any request
+    for this server, whoever's page starts it; the browser's Sec-Fetch-Site says whose."""
+    with served.client(world.member) as c:
+        for site, status in [("cross-site", 403), ("same-site", 403), ("same-origin", 200),
+                             ("none", 200), (None, 200)]:
+            headers = {"Sec-Fetch-Site": site} if site else {}
+            r = c.get("/api/v1/conversations", params={**WINDOW, "limit": 1}, headers=headers)
+            assert r.status_code == status, (site, r.text)
+        r = c.get("/session", headers={"Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 403 and "another site" in r.json()["error"]
