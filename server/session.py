@@ -5,9 +5,12 @@ with every request and never forget it. So POST /login checks the password once 
 Gate: PAM, rate limit, audit) and hands out a session id; the cookie carries only that id.
 The session knows its user, nothing more: group membership and restrictions are looked up
 again at every request, as for API tokens. A session ends when idle for `idle` seconds or at
-POST /logout, on the server: a copied cookie is worthless after either.
+POST /logout, on the server: a copied cookie is worthless after either. However much it is
+used, it ends `lifetime` seconds after the login (a stolen cookie, a locked account).
 
 Memory is bounded: at most `max_sessions` sessions; when full, the least recently used goes.
+One user holds at most `per_user` of them (logging in again ends their own least recently
+used), so that one account cannot log everyone else out by logging in 10,000 times.
 """
 
 from __future__ import annotations
@@ -27,39 +30,56 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "pcapvault_session"
 IDLE = 1800.0  # seconds: an analyst's lunch break ends the session, a long look does not
+LIFETIME = 12 * 3600.0  # seconds from the login: a working day, however busy
+PER_USER = 16  # sessions of one user at once: browsers and machines, not tabs (they share)
 
 
 class SessionStore:
-    """Session id -> user, with idle expiry; safe from any thread."""
+    """Session id -> user, with idle and absolute expiry; safe from any thread."""
 
-    def __init__(self, idle: float = IDLE, max_sessions: int = 10_000):
-        if idle <= 0 or max_sessions < 1:
-            raise ValueError("idle > 0, max_sessions >= 1")
+    def __init__(self, idle: float = IDLE, max_sessions: int = 10_000,
+                 lifetime: float = LIFETIME, per_user: int = PER_USER):
+        if idle <= 0 or lifetime <= 0 or max_sessions < 1 or per_user < 1:
+            raise ValueError("idle > 0, lifetime > 0, max_sessions >= 1, per_user >= 1")
         self.idle = idle
+        self.lifetime = lifetime
         self.max_sessions = max_sessions
-        self._users: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (user, last)
+        self.per_user = per_user
+        # id -> (user, created, last used), the least recently used first
+        self._users: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def create(self, user: str) -> str:
         """A new session of `user`; its id (256 random bits, URL-safe)."""
         sid = secrets.token_urlsafe(32)
+        now = time.monotonic()
         with self._lock:
+            mine = [s for s, (u, _, _) in self._users.items() if u == user]
+            for old in mine[: max(0, len(mine) - self.per_user + 1)]:
+                del self._users[old]
             while len(self._users) >= self.max_sessions:
                 self._users.popitem(last=False)
-            self._users[sid] = (user, time.monotonic())
+            self._users[sid] = (user, now, now)
         return sid
 
-    def user(self, sid: str | None) -> str | None:
-        """The user of a live session (and it is used now), or None."""
+    def user(self, sid: str | None, touch: bool = True) -> str | None:
+        """The user of a live session, or None. `touch`: the analyst uses it now (the idle
+        time starts again); not for what the page asks by itself, on a timer."""
         if not sid:
             return None
         now = time.monotonic()
         with self._lock:
-            found = self._users.pop(sid, None)
-            if found is None or now - found[1] > self.idle:
+            found = self._users.get(sid)
+            if found is None:
                 return None
-            self._users[sid] = (found[0], now)  # the most recently used goes last
-            return found[0]
+            user, created, last = found
+            if now - last > self.idle or now - created > self.lifetime:
+                del self._users[sid]
+                return None
+            if touch:
+                self._users[sid] = (user, created, now)
+                self._users.move_to_end(sid)  # the most recently used goes last
+            return user
 
     def end(self, sid: str | None) -> bool:
         """End a session (logout); whether it was live."""
@@ -73,7 +93,7 @@ class SessionStore:
 # The cookie: HttpOnly: the page's script never sees the id (an injected script could not
 # send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it;
 # Secure under TLS. No Max-Age: the cookie goes when the browser closes, the session itself
-# at idle expiry or logout.
+# at idle expiry, at its lifetime's end or at logout.
 
 # Every answer: never sniffed into another type, never framed (clickjacking), no Referer
 # sent on, and never stored by a browser or proxy (conversations, packets and who is logged

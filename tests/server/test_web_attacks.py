@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -147,3 +148,17 @@ def test_a_browsers_cached_password_is_not_sent_for_another_site(world, served):
             assert r.status_code == status, (site, r.text)
         r = c.get("/session", headers={"Sec-Fetch-Site": "cross-site"})
         assert r.status_code == 403 and "another site" in r.json()["error"]
+
+
+def test_the_health_poll_does_not_keep_a_session_alive(world):
+    """The page asks /api/v1/status every 30 s while it is open; with --metrics-auth that
+    used the session, so an unattended page never reached its idle expiry."""
+    with serving(world, None, "--metrics-auth", "--session-idle", "2") as s, \
+            logged_in(s, world) as c:
+        polled = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            polled.append(c.get("/api/v1/status").status_code)
+            time.sleep(0.4)
+        assert polled[0] == 200 and polled[-1] == 401, polled
+        assert c.get("/session").status_code == 401
