@@ -227,15 +227,21 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
     served = Counter("npcapserve_bytes_served", "Bytes of answers sent, by endpoint.",
                      ["endpoint"], registry=registry)
 
-    async def admit(request: HttpRequest, authorization: str | None = None) -> Any:
+    async def admit(request: HttpRequest, authorization: str | None = None,
+                    touch: bool = True) -> Any:
         """The gate's principal for the request's Authorization header (or `authorization`),
-        else its session cookie (session.py)."""
+        else its session cookie (session.py; `touch`: the analyst's own request, not the
+        page's timer). Refused first when another site's page started it."""
+        try:
+            session.fetched_here(request)
+        except session.CrossOrigin as e:
+            raise ApiError(403, str(e)) from None
         client = request.client.host if request.client else "-"
         header = authorization or request.headers.get("authorization")
         sid = None if authorization else request.cookies.get(session.COOKIE)
         try:
             if sid:
-                return await gate.admit(header, client, sid)
+                return await gate.admit(header, client, sid, touch)
             return await gate.admit(header, client)
         except Exception as e:
             status = getattr(e, "status", None)
@@ -429,8 +435,10 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         return JSONResponse({"time": format_time(time.time_ns()), **answer})
 
     async def health_gate(request: HttpRequest) -> None:
+        """--metrics-auth: the login; the page asks for status on a timer, which must not keep
+        an unattended page's session from its idle expiry."""
         if settings.metrics_auth:
-            await admit(request)
+            await admit(request, touch=False)
 
     async def get_status(request: HttpRequest) -> Response:
         try:
@@ -496,7 +504,7 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
         return session.logged_out(request)
 
     async def page(request: HttpRequest) -> Response:
-        return FileResponse(WEB / "index.html", headers=session.PAGE_HEADERS)
+        return FileResponse(WEB / "index.html")  # its headers: session.SecureHeaders
 
     async def login_form(request: HttpRequest) -> str:
         try:
@@ -524,6 +532,7 @@ def create_app(settings: ServeSettings, gate: Any, audit: Audit,
     app = Starlette(routes=routes,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.add_middleware(Guard, requests=requests, served=served)
+    app.add_middleware(session.SecureHeaders)  # outermost: Guard's own answers get them too
     return app
 
 

@@ -266,9 +266,9 @@ class Gate:
         self._turn = asyncio.Lock()
 
     async def admit(self, authorization: str | None, client: str,
-                    session: str | None = None) -> Principal:
+                    session: str | None = None, touch: bool = True) -> Principal:
         """The Principal of a request from `client` (its address) with this header, or
-        without one, this session id (the web page's cookie).
+        without one, this session id (the web page's cookie; `touch`: SessionStore.user's).
 
         A failure to authenticate takes at least the limiter's fail_delay from the call
         (asyncio.sleep: the loop goes on serving others), so guessing is slow and a wrong
@@ -278,7 +278,7 @@ class Gate:
         started = time.monotonic()
         self._not_blocked(client)
         if (not authorization or not authorization.strip()) and session:
-            user = self.sessions.user(session)
+            user = self.sessions.user(session, touch)
             if user is None:
                 raise Denied(401, "the session has ended (idle too long, or logged out); "
                                   "log in again")

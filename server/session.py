@@ -5,9 +5,12 @@ with every request and never forget it. So POST /login checks the password once 
 Gate: PAM, rate limit, audit) and hands out a session id; the cookie carries only that id.
 The session knows its user, nothing more: group membership and restrictions are looked up
 again at every request, as for API tokens. A session ends when idle for `idle` seconds or at
-POST /logout, on the server: a copied cookie is worthless after either.
+POST /logout, on the server: a copied cookie is worthless after either. However much it is
+used, it ends `lifetime` seconds after the login (a stolen cookie, a locked account).
 
 Memory is bounded: at most `max_sessions` sessions; when full, the least recently used goes.
+One user holds at most `per_user` of them (logging in again ends their own least recently
+used), so that one account cannot log everyone else out by logging in 10,000 times.
 """
 
 from __future__ import annotations
@@ -20,44 +23,63 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "pcapvault_session"
 IDLE = 1800.0  # seconds: an analyst's lunch break ends the session, a long look does not
+LIFETIME = 12 * 3600.0  # seconds from the login: a working day, however busy
+PER_USER = 16  # sessions of one user at once: browsers and machines, not tabs (they share)
 
 
 class SessionStore:
-    """Session id -> user, with idle expiry; safe from any thread."""
+    """Session id -> user, with idle and absolute expiry; safe from any thread."""
 
-    def __init__(self, idle: float = IDLE, max_sessions: int = 10_000):
-        if idle <= 0 or max_sessions < 1:
-            raise ValueError("idle > 0, max_sessions >= 1")
+    def __init__(self, idle: float = IDLE, max_sessions: int = 10_000,
+                 lifetime: float = LIFETIME, per_user: int = PER_USER):
+        if idle <= 0 or lifetime <= 0 or max_sessions < 1 or per_user < 1:
+            raise ValueError("idle > 0, lifetime > 0, max_sessions >= 1, per_user >= 1")
         self.idle = idle
+        self.lifetime = lifetime
         self.max_sessions = max_sessions
-        self._users: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (user, last)
+        self.per_user = per_user
+        # id -> (user, created, last used), the least recently used first
+        self._users: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def create(self, user: str) -> str:
         """A new session of `user`; its id (256 random bits, URL-safe)."""
         sid = secrets.token_urlsafe(32)
+        now = time.monotonic()
         with self._lock:
+            mine = [s for s, (u, _, _) in self._users.items() if u == user]
+            for old in mine[: max(0, len(mine) - self.per_user + 1)]:
+                del self._users[old]
             while len(self._users) >= self.max_sessions:
                 self._users.popitem(last=False)
-            self._users[sid] = (user, time.monotonic())
+            self._users[sid] = (user, now, now)
         return sid
 
-    def user(self, sid: str | None) -> str | None:
-        """The user of a live session (and it is used now), or None."""
+    def user(self, sid: str | None, touch: bool = True) -> str | None:
+        """The user of a live session, or None. `touch`: the analyst uses it now (the idle
+        time starts again); not for what the page asks by itself, on a timer."""
         if not sid:
             return None
         now = time.monotonic()
         with self._lock:
-            found = self._users.pop(sid, None)
-            if found is None or now - found[1] > self.idle:
+            found = self._users.get(sid)
+            if found is None:
                 return None
-            self._users[sid] = (found[0], now)  # the most recently used goes last
-            return found[0]
+            user, created, last = found
+            if now - last > self.idle or now - created > self.lifetime:
+                del self._users[sid]
+                return None
+            if touch:
+                self._users[sid] = (user, created, now)
+                self._users.move_to_end(sid)  # the most recently used goes last
+            return user
 
     def end(self, sid: str | None) -> bool:
         """End a session (logout); whether it was live."""
@@ -68,22 +90,79 @@ class SessionStore:
         return len(self._users)
 
 
-# The page's answers. HttpOnly: the page's script never sees the id (an injected script could
-# not send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it
-# (no cross-site request forgery of a download or a logout); Secure under TLS. No Max-Age: the
-# cookie goes when the browser closes, the session itself at idle expiry or logout.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+# The cookie: HttpOnly: the page's script never sees the id (an injected script could not
+# send it elsewhere); SameSite=Strict: another site's page cannot make the browser send it;
+# Secure under TLS. No Max-Age: the cookie goes when the browser closes, the session itself
+# at idle expiry, at its lifetime's end or at logout.
+
+# Every answer: never sniffed into another type, never framed (clickjacking), no Referer
+# sent on, and never stored by a browser or proxy (conversations, packets and who is logged
+# in are personal data). The page's own files (PAGE) are revalidated at every load instead,
+# and the page may load its own script, style and chart.
+ALL_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'none'",
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",  # no other page embeds an answer
+    "Cache-Control": "no-store",
+}
+PAGE_HEADERS = {
+    **ALL_HEADERS,
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "Cache-Control": "no-cache",
 }
+
+
+def is_page(path: str) -> bool:
+    """The page's own files: / and /static/..."""
+    return path == "/" or path.startswith("/static/")
+
+
+class SecureHeaders:
+    """ASGI middleware: ALL_HEADERS, or PAGE_HEADERS for the page's files, on every answer,
+    errors included; a header the route set itself is kept."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        wanted = PAGE_HEADERS if is_page(scope["path"]) else ALL_HEADERS
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in wanted.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
 MAX_FORM = 4096  # bytes of a login body: a user name and a password
 
 
 class CrossOrigin(Exception):
     """A state-changing request that another site's page may have sent."""
+
+
+def fetched_here(request: Request) -> None:
+    """Raise CrossOrigin when the browser says another site's page started the request
+    (Sec-Fetch-Site cross-site or same-site).
+
+    SameSite=Strict keeps the cookie from other sites only, and a site has no port: a page on
+    any port of the sensor's own host (any local user can serve one) is the same site, and
+    its <img> would go out with the analyst's session. A browser that answered the Basic
+    dialog sends that password whoever's page asks. Scripts send no Sec-Fetch-Site; the
+    page's own requests are same-origin, an address typed or bookmarked none."""
+    site = request.headers.get("sec-fetch-site", "")
+    if site in ("cross-site", "same-site"):
+        raise CrossOrigin(f"refused: another site's page started this request ({site}); "
+                          "use this server's own page, or ask without a browser")
 
 
 def same_origin(request: Request) -> None:
@@ -132,12 +211,11 @@ def challenge(request: Request) -> str:
 def who(principal: Any) -> JSONResponse:
     """Who is logged in, and the filter that restricts what they see (None: everything)."""
     return JSONResponse({"user": principal.user, "method": principal.method,
-                         "restricted_to": principal.allowed, "groups": list(principal.groups)},
-                        headers={"Cache-Control": "no-store"})
+                         "restricted_to": principal.allowed, "groups": list(principal.groups)})
 
 
 def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
-    """The login's answer: who, and the session's cookie (see PAGE_HEADERS' comment)."""
+    """The login's answer: who, and the session's cookie (see the comment on the cookie)."""
     response = who(principal)
     response.set_cookie(COOKIE, sid, path="/", secure=request.url.scheme == "https",
                         httponly=True, samesite="strict")
@@ -146,7 +224,7 @@ def logged_in(request: Request, sid: str, principal: Any) -> JSONResponse:
 
 def logged_out(request: Request) -> JSONResponse:
     """The logout's answer: the browser forgets the cookie (the server has ended it)."""
-    response = JSONResponse({"logged_out": True}, headers={"Cache-Control": "no-store"})
+    response = JSONResponse({"logged_out": True})
     response.delete_cookie(COOKIE, path="/", secure=request.url.scheme == "https",
                            httponly=True, samesite="strict")
     return response

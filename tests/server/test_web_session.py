@@ -50,6 +50,42 @@ def test_memory_is_bounded_least_recently_used_goes():
     assert [store.user(x) for x in (ids[0], ids[2], newer)] == ["u0", "u2", "u3"]
 
 
+def test_a_session_in_use_still_ends_at_its_lifetime():
+    """A stolen cookie, or the session of an account locked since, used every few minutes
+    would otherwise live for ever."""
+    store = SessionStore(idle=0.3, lifetime=0.7)
+    sid = store.create("alice")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.6:
+        assert store.user(sid) == "alice"
+        time.sleep(0.1)
+    time.sleep(0.2)
+    assert store.user(sid) is None
+
+
+def test_the_page_timer_does_not_keep_a_session_alive():
+    store = SessionStore(idle=0.3)
+    sid = store.create("alice")
+    time.sleep(0.2)
+    assert store.user(sid, touch=False) == "alice"
+    time.sleep(0.2)  # 0.4 s since the analyst's last use
+    assert store.user(sid, touch=False) is None and store.user(sid) is None
+
+
+def test_one_user_cannot_log_everyone_else_out():
+    """Logging in over and over (one account, a valid password) ended the least recently
+    used sessions of everyone once the store was full; now it ends the user's own."""
+    store = SessionStore(max_sessions=10, per_user=3)
+    others = [store.create(f"analyst{i}") for i in range(5)]
+    mallory = [store.create("mallory") for _ in range(50)]
+    assert [store.user(s) for s in others] == [f"analyst{i}" for i in range(5)]
+    assert [store.user(s) for s in mallory[-3:]] == ["mallory"] * 3
+    assert all(store.user(s) is None for s in mallory[:-3]) and len(store) == 8
+    store.user(mallory[-3])  # used: the user's least recently used is now the next one
+    store.create("mallory")
+    assert store.user(mallory[-3]) == "mallory" and store.user(mallory[-2]) is None
+
+
 # The Gate admits a session id as it admits a token: the groups looked up at every request.
 
 @pytest.fixture(scope="module")
