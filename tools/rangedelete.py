@@ -474,8 +474,9 @@ window, with -f) are rewritten without the selected packets and reindexed, atomi
 Nothing is deleted when a file of the window is under a legal hold (npcapmanage holds).
 It shows what it will do and asks first (--yes: without asking; needed without a
 terminal). A running recorder goes on recording: the file it writes must not reach into
-the window (close it with SIGUSR1 first). Each run that deletes appends a JSON line (who,
-when, window, filter, packets and bytes removed) to DUMPSET/audit.log and to syslog.
+the window (close it with SIGUSR1 first). Each run that deletes appends two JSON lines (who,
+when, window, filter, packets and bytes) to DUMPSET/audit.log and to syslog: what it is
+about to delete, before the first file goes, and what it removed, at its end.
 Run it as the dump set's owner, or as root (it becomes the owner).
 """
 
@@ -520,6 +521,13 @@ def delete(dumpset: Path, begin: str, end: str, expr: str, yes: bool) -> int:
     if not yes and not click.confirm("delete them for good?", err=True):
         click.echo("nothing deleted")
         return 1
+    # Before the first file goes: a run killed outright (kill -9, a crash, the power) still
+    # leaves a record that it began and what it meant to delete; and a log that cannot be
+    # written stops the run while nothing has gone.
+    begun = Done()
+    for c in plan.cuts:
+        begun.add(c, _rel(ds, c.sf))
+    audit(ds, who, plan, begun, "begun")
     done = Done()
     outcome = "stopped"
     try:

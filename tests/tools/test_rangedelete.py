@@ -102,7 +102,9 @@ def test_delete_window_cut_through_files(synth, tmp_path, expr):
     # A second run finds nothing and audits nothing.
     r = manage(*args, *(["-f", expr] if expr else []))
     assert r.returncode == 0 and "nothing to delete" in r.stdout, r.stdout + r.stderr
-    assert len((root / "audit.log").read_text().splitlines()) == 1
+    begun, _ = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
+    assert begun["outcome"] == "begun"
+    assert (begun["packets"], begun["files"]) == (rec["packets"], rec["files"])
 
 
 def test_held_files_are_refused_and_nothing_deleted(synth):
@@ -336,7 +338,7 @@ def test_root_deletes_as_the_dump_sets_owner(tmp_path):
         r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
                    epoch(SYNTH_START + 1020 * NS), "-f", "udp", "--yes")
         assert r.returncode == 0 and "rewrote" in r.stdout, r.stdout + r.stderr
-        assert json.loads((root / "audit.log").read_text())["user"] == "root"
+        assert json.loads((root / "audit.log").read_text().splitlines()[-1])["user"] == "root"
         owners = {p: p.lstat().st_uid for p in [root, *root.rglob("*")]}
         assert set(owners.values()) == {nobody.pw_uid}, owners
     finally:
@@ -417,8 +419,9 @@ def test_a_stop_signal_ends_between_files_and_is_audited(synth, tmp_path, sig):
     assert err.startswith(f"npcapmanage: error: stopped by {sig.name} after "), err
     assert len(err.strip().splitlines()) == 1
     assert 0 < len(rewrote) < 9, out  # 9 files to rewrite: it stopped before the end
-    (rec,) = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
+    begun, rec = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
     assert rec["outcome"] == "stopped" and rec["files"] == rewrote
+    assert begun["outcome"] == "begun" and len(begun["files"]) == 9
     assert_clean(root)  # no file left halfway
     ds = DumpSet.open(root)
     cut = [p for p in originals if f"{p.name}" in {Path(r).name for r in rewrote}]
@@ -484,3 +487,36 @@ def test_a_full_disk_leaves_the_file_as_it_was_and_no_temporary(small_ext4, tmp_
     assert (f"cannot write the rewritten {first} (No space left on device); it and the files "
             "after it are as they were") in errors[-1], errors
     assert_clean(root)
+
+
+def test_a_run_killed_outright_has_left_its_begun_line(synth):
+    """kill -9 (or a crash, a power cut) halfway left files rewritten and no audit line at
+    all: the line saying what the run meant to delete is now written before the first."""
+    root, _ = synth
+    b, e = SYNTH_START, SYNTH_START + 1800 * NS
+    p = subprocess.Popen([tool("npcapmanage"), "delete", "-t", str(root), "-b", epoch(b), "-e",
+                          epoch(e), "-f", "udp", "--yes"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    out = ""
+    while "rewrote" not in out:
+        line = p.stdout.readline()
+        assert line, out + p.stderr.read()
+        out += line
+    p.kill()
+    p.communicate(timeout=60)
+    (rec,) = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
+    assert rec["outcome"] == "begun" and rec["filter"] == "udp" and len(rec["files"]) == 9
+    (first,) = [line.split()[1] for line in out.splitlines() if line.startswith("rewrote")]
+    assert first in rec["files"] and rec["packets"] > 0
+
+
+def test_no_file_goes_when_the_audit_log_cannot_be_written(synth, tmp_path):
+    """A deletion that cannot be recorded is not done (before, the files went and the run
+    then failed on the log)."""
+    root, _ = synth
+    (root / "audit.log").symlink_to(tmp_path / "elsewhere")
+    before = digests(root)
+    r = manage("-t", str(root), "-b", epoch(SYNTH_START + 420 * NS), "-e",
+               epoch(SYNTH_START + 1020 * NS), "--yes")
+    one_line(r, 1, "cannot append to the audit log")
+    assert digests(root) == before and not (tmp_path / "elsewhere").exists()
