@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,20 +36,22 @@ import click
 import numpy as np
 
 from pcapvault.index import timeline
-from pcapvault.index.atomicfile import read_small_file
+from pcapvault.index.atomicfile import create_new, read_small_file
+from pcapvault.index.builder import index_pcap
 from pcapvault.index.captures import Capture, open_capture
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
-from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
+from pcapvault.index.indexfile import encode_index
+from pcapvault.index.pcapfile import parse_global_header
+from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, MAX_CAPLEN, global_header
 from pcapvault.index.recordcopy import put_records, record_sizes
 from pcapvault.index.sizes import parse_size
 from pcapvault.index.times import format_time
 from pcapvault.recorder.cli import _mode
-from pcapvault.recorder.indexer import index_and_link
 
 from .npcaprepair import become_owner
-from .rangedelete import recording_from, write_synced, writer_lock
+from .rangedelete import recording_from, writer_lock
 
 IMPORTS_FILE = "imports.json"
 FORMAT = "pcapvault-imports"
@@ -139,16 +141,16 @@ def cut_points(ts: np.ndarray, sizes: np.ndarray, max_bytes: int) -> list[tuple[
     return out
 
 
-def _check_findable(names: str, ts: np.ndarray, parts: list[tuple[int, int]]) -> None:
-    """Refuse a capture so out of order that a file would reach beyond the one slot of
-    look-back readers allow: its late packets could not be found by time."""
+def _unfindable(name: str, ts: np.ndarray, parts: list[tuple[int, int]]) -> str:
+    """Why a capture is so out of order that a file would reach beyond the one slot of
+    look-back readers allow (its late packets could not be found by time), or ''."""
     for s, e in parts:
         lo, hi = int(ts[s:e].min()), int(ts[s:e].max())
         if (hi - SLACK_NS) // SLOT_NS > lo // SLOT_NS + 1:
-            raise ImportRefused(
-                f"{names}: packets go back and forth in time over more than 10 minutes "
-                f"({format_time(lo)} to {format_time(hi)}); nothing was imported: sort it "
-                "first (reordercap IN OUT) and import the sorted capture")
+            return (f"{name}: packets go back and forth in time over more than 10 minutes "
+                    f"({format_time(lo)} to {format_time(hi)}); nothing was imported: sort it "
+                    "first (reordercap IN OUT) and import the sorted capture")
+    return ""
 
 
 # --- overlaps ---------------------------------------------------------------------------------
@@ -185,11 +187,14 @@ class ImportedCapture:
     packets: int
     lo: int  # earliest packet, ns in the dump set's precision
     hi: int  # latest
+    # Why it cannot be imported alone (packets back and forth over more than a slot); merged
+    # with overlapping captures (sorted by time) it can.
+    disorder: str = ""
 
 
 @dataclass
 class Cluster:
-    """Captures overlapping each other in time (often just one): they become files together."""
+    """Captures overlapping each other in time (often just one): merged in time order."""
 
     sources: list[ImportedCapture]
 
@@ -204,13 +209,25 @@ class Cluster:
     @property
     def names(self) -> str:
         """The captures, for messages: a cluster of the whole corpus would fill the screen."""
-        paths = [str(s.path) for s in self.sources]
-        more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
-        return ", ".join(paths[:3]) + more
+        return _names(self.sources)
+
+
+def _names(srcs: list[ImportedCapture]) -> str:
+    paths = [str(s.path) for s in srcs]
+    more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
+
+
+TEMP_PREFIX = ".import-"
 
 
 def undo_partial(ds: DumpSet) -> list[str]:
-    """Remove the files of imports stopped halfway (they are imported again); their sources."""
+    """Remove the files of imports stopped halfway (they are imported again), and what such
+    a run left under temporary names; returns their sources."""
+    for e in os.scandir(ds.root):  # one import at a time (.manage.lock): these are no one's
+        if e.name.startswith(TEMP_PREFIX) and e.name.endswith(".part") and e.is_file(
+                follow_symlinks=False):
+            os.unlink(e.path)
     reg = load_registry(ds)
     stale = {d: e for d, e in reg.items() if not e.get("complete")}
     if not stale:
@@ -225,7 +242,7 @@ def undo_partial(ds: DumpSet) -> list[str]:
 
 
 def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambda line: None,
-           recording: bool = False) -> list[Cluster]:
+           recording: bool = False, max_bytes: int = DEFAULT_FILE_BYTES) -> list[Cluster]:
     """First pass: read every capture, skip those imported before, refuse what cannot be
     imported (nothing is written), and group the rest into clusters overlapping in time."""
     reg = load_registry(ds)
@@ -257,7 +274,11 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
         if lo < 0 or hi >= PCAP_TIME_END:
             raise ImportRefused(f"{path}: timestamps outside what a pcap holds (1970 to 2106); "
                                 "nothing was imported: leave it out")
-        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi))
+        disorder = ""
+        if (np.diff(ts) < 0).any():  # cut alone as the second pass will: can it be found?
+            sizes = record_sizes(np.minimum(cap.caplen, _snaplen(ds)))
+            disorder = _unfindable(str(path), ts, cut_points(ts, sizes, max_bytes))
+        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi, disorder))
         del cap, ts
     found.sort(key=lambda s: s.lo)
     clusters: list[Cluster] = []
@@ -266,8 +287,11 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
             clusters[-1].sources.append(src)
         else:
             clusters.append(Cluster([src]))
+    given = {p: i for i, p in reversed(list(enumerate(paths)))}
     for c in clusters:
-        c.sources.sort(key=lambda s: paths.index(s.path))
+        c.sources.sort(key=lambda s: given[s.path])
+        if len(c.sources) == 1 and c.sources[0].disorder:
+            raise ImportRefused(c.sources[0].disorder)
         _overlap(ds, c.names, c.lo, c.hi, recording)
     return clusters
 
@@ -276,13 +300,59 @@ def _in_precision(ds: DumpSet, cap: Capture) -> np.ndarray:
     return cap.ts_ns if ds.nanosecond else cap.ts_ns // 1000 * 1000
 
 
-def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int,
-                   report: Callable[[str], None] = lambda line: None) -> int:
-    """Second pass for one cluster: cut, write, place, index and link its files; returns
-    how many. Its captures are recorded as pending (with each file's name before the file is
-    placed), then as complete."""
+def _snaplen(ds: DumpSet) -> int:
+    return min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
+
+
+# --- the second pass: groups of captures, written and made durable together ------------------
+
+# A group is imported as one: its files are written, synced together, then placed, and its
+# captures recorded as complete; a stop undoes at most one group. Bounded in bytes (what a
+# stop costs again) and in captures (each stays mapped until its group is written).
+GROUP_BYTES = 1 << 30
+GROUP_CAPTURES = 1000
+
+
+def groups(clusters: list[Cluster]) -> Iterator[list[Cluster]]:
+    """The clusters (in time order) in groups; once over its bounds a group ends where the next
+    cluster starts in a later slot (no file of the recorder's would join the two), or at
+    twice its bounds."""
+    group: list[Cluster] = []
+    size = count = 0
+    for i, c in enumerate(clusters):
+        group.append(c)
+        size += sum(_capture_bytes(s) for s in c.sources)
+        count += len(c.sources)
+        nxt = clusters[i + 1] if i + 1 < len(clusters) else None
+        over = size >= GROUP_BYTES or count >= GROUP_CAPTURES
+        if nxt is None or over and (nxt.lo // SLOT_NS > c.hi // SLOT_NS or size >= 2 * GROUP_BYTES
+                                    or count >= 2 * GROUP_CAPTURES):
+            yield group
+            group, size, count = [], 0, 0
+
+
+def _capture_bytes(src: ImportedCapture) -> int:
+    try:
+        return src.path.stat().st_size
+    except OSError:
+        return 0
+
+
+@dataclass
+class _Packets:
+    """The packets of a group, in the order they are stored: which capture, where in it."""
+
+    caps: list[Capture]
+    which: np.ndarray  # int64: index into caps
+    pos: np.ndarray  # int64: packet number in that capture
+    ts: np.ndarray  # int64: ns, the dump set's precision
+    sizes: np.ndarray  # int64: record sizes
+    parts: list[tuple[int, int]]  # [start, stop) of each file
+
+
+def _open_sources(ds: DumpSet, cluster: Cluster, snaplen: int,
+                  report: Callable[[str], None]) -> list[Capture]:
     caps = []
-    snaplen = min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
     for src in cluster.sources:
         cap = open_capture(src.path, ds.root)
         if cap.digest != src.digest:
@@ -298,51 +368,145 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
             report(f"{src.path}: {cap.torn_bytes} bytes after the last complete packet (a "
                    "capture cut short) are left out")
         caps.append(cap)
-    which = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, c in enumerate(caps)])
-    pos = np.concatenate([np.arange(len(c), dtype=np.int64) for c in caps])
-    ts = np.concatenate([_in_precision(ds, c) for c in caps])
-    sizes = np.concatenate([record_sizes(c.caplen) for c in caps])
-    if len(caps) > 1:  # merged in time order; ties keep the order the captures were given in
-        order = np.argsort(ts, kind="stable")
-        which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
-    parts = cut_points(ts, sizes, max_bytes)
-    _check_findable(cluster.names, ts, parts)
+    return caps
+
+
+def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
+                   report: Callable[[str], None]) -> _Packets:
+    """Each cluster cut as the recorder would (merged in time order when it has several
+    captures), then neighbouring files of different clusters joined while the result fits
+    the file size and one slot: small captures share files."""
+    snaplen = _snaplen(ds)
+    caps: list[Capture] = []
+    cols: list[list[np.ndarray]] = [[], [], [], []]
+    parts: list[tuple[int, int]] = []
+    n = 0
+    for cluster in group:
+        mine = _open_sources(ds, cluster, snaplen, report)
+        which = np.concatenate([np.full(len(c), len(caps) + i, dtype=np.int64)
+                                for i, c in enumerate(mine)])
+        pos = np.concatenate([np.arange(len(c), dtype=np.int64) for c in mine])
+        ts = np.concatenate([_in_precision(ds, c) for c in mine])
+        sizes = np.concatenate([record_sizes(c.caplen) for c in mine])
+        if len(mine) > 1:  # merged in time order; ties keep the order the captures were given
+            order = np.argsort(ts, kind="stable")
+            which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
+            report(f"merged in time order, as they overlap: {cluster.names}")
+        for s, e in cut_points(ts, sizes, max_bytes):
+            parts.append((n + s, n + e))
+        for col, a in zip(cols, (which, pos, ts, sizes), strict=True):
+            col.append(a)
+        caps += mine
+        n += len(ts)
+    which, pos, ts, sizes = (np.concatenate(c) for c in cols)
+    ends = np.cumsum(sizes)
+    joined = [parts[0]]
+    for s, e in parts[1:]:
+        s0 = joined[-1][0]
+        span = ts[s0:e]
+        if (ends[e - 1] - ends[s0] + sizes[s0] <= max_bytes
+                and int(span.min()) // SLOT_NS == int(span.max()) // SLOT_NS):
+            joined[-1] = (s0, e)
+        else:
+            joined.append((s, e))
+    return _Packets(caps, which, pos, ts, sizes, joined)
+
+
+def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> np.ndarray:
+    """The pcap of packets [s, e): one vectorised copy per capture it takes packets from."""
+    head = global_header(int(ds.meta.get("linktype", 1)), _snaplen(ds), ds.nanosecond)
+    sizes = pk.sizes[s:e]
+    body = np.empty(len(head) + int(sizes.sum()), dtype=np.uint8)
+    body[: len(head)] = np.frombuffer(head, np.uint8)
+    at = len(head) + np.cumsum(sizes) - sizes
+    which, pos, ts = pk.which[s:e], pk.pos[s:e], pk.ts[s:e]
+    order = np.argsort(which, kind="stable")
+    starts = np.flatnonzero(np.diff(which[order], prepend=-1))
+    for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
+        mine = order[a:b]
+        c = pk.caps[int(which[mine[0]])]
+        p = pos[mine]
+        put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p], c.wirelen[p],
+                    ts[mine], ds.nanosecond)
+    return body
+
+
+def _write_new(path: Path, data: bytes | np.ndarray, mode: int) -> None:
+    """Write a new file under a temporary name (never through a planted link); synced later,
+    with the rest of its group."""
+    fd = create_new(path, mode)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _sync(paths: Iterable[Path], directory: bool = False) -> None:
+    """fsync each of `paths`: files written earlier (their writes were left to the kernel, so
+    the group's data goes to the disk in one stream), or directories after renames."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    for p in paths:
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def import_group(ds: DumpSet, group: list[Cluster], max_bytes: int, file_mode: int,
+                 report: Callable[[str], None] = lambda line: None) -> int:
+    """Second pass for a group of clusters: write its files, sync them, place, index and
+    link them; returns how many.
+
+    Its captures are recorded as pending with the names of all its files (collisions
+    included, `DumpSet.placements`) before any file is placed, and as complete once every
+    one is placed, indexed, on disk and linked: a stop in between is undone by the next run.
+    """
+    pk = _group_packets(ds, group, max_bytes, report)
+    firsts = [int(pk.ts[s:e].min()) for s, e in pk.parts]
+    where = ds.placements(firsts)
+    srcs = [src for c in group for src in c.sources]
     reg = load_registry(ds)
-    files: list[str] = []
-    for src in cluster.sources:
+    files = [sf.name for sf in where]
+    for src in srcs:
         reg[src.digest] = {"source": os.path.abspath(src.path),
                            "imported": format_time(time.time_ns()), "packets": src.packets,
                            "files": files, "complete": False}
-    nanosecond = ds.nanosecond
-    head = global_header(int(ds.meta.get("linktype", 1)), snaplen, nanosecond)
-    for k, (s, e) in enumerate(parts):
-        first = int(ts[s:e].min())
-        body = np.empty(len(head) + int(sizes[s:e].sum()), dtype=np.uint8)
-        body[: len(head)] = np.frombuffer(head, np.uint8)
-        at = len(head) + np.cumsum(sizes[s:e]) - sizes[s:e]
-        for i, c in enumerate(caps):
-            mine = np.flatnonzero(which[s:e] == i)
-            if len(mine):
-                p = pos[s:e][mine]
-                put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p],
-                            c.wirelen[p], ts[s:e][mine], nanosecond)
-        temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
-        write_synced(temp, body, file_mode)
-        del body
-        # Named before it is placed, under the name it will have (the next free microsecond
-        # when its own is taken): a stop from here on is undone by the next run, which must
-        # remove this file and no other.
-        sf = ds.placement(first)
-        files.append(sf.name)
-        _store_registry(ds, reg)
-        sf = ds.place(temp, first, at=sf)
-        index_and_link(ds, sf, file_mode)
-    for src in cluster.sources:
+    _store_registry(ds, reg)
+    temps = []
+    tag = f"{TEMP_PREFIX}{os.getpid()}"
+    try:
+        for k, (s, e) in enumerate(pk.parts):
+            body = _pcap_body(ds, pk, s, e)
+            temp = ds.root / f"{tag}-{k}.pcap.part"
+            _write_new(temp, body, file_mode)
+            temps.append(temp)
+            # Indexed from memory: the file is not read back.
+            idx, _ = index_pcap(body, parse_global_header(bytes(body[:GLOBAL_HEADER_LEN]),
+                                                          str(temp)))
+            del body
+            _write_new(temp.with_suffix(".idx.part"), encode_index(idx), file_mode)
+            temps.append(temp.with_suffix(".idx.part"))
+        del pk
+        _sync(temps)
+        for k, sf in enumerate(where):
+            ds.place(temps[2 * k], sf.first_ns, at=sf)
+            os.rename(temps[2 * k + 1], sf.index)
+        _sync({ds.root, *(sf.pcap.parent for sf in where)}, directory=True)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    for sf in where:
+        ds.link_if_present(sf)
+    for src in srcs:
         reg[src.digest]["complete"] = True
     _store_registry(ds, reg)
-    if len(cluster.sources) > 1:
-        report(f"merged in time order, as they overlap: {cluster.names}")
-    return len(parts)
+    return len(where)
 
 
 def sources(paths: tuple[Path, ...]) -> list[Path]:
@@ -412,11 +576,11 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
     for name in undo_partial(ds):
         click.echo(f"{name}: its import was stopped halfway; its files were removed and it "
                    "is imported again if given")
-    clusters = survey(ds, files, report=click.echo, recording=recording)
+    clusters = survey(ds, files, report=click.echo, recording=recording, max_bytes=max_bytes)
     nfiles = npackets = 0
-    for c in clusters:
-        nfiles += import_cluster(ds, c, max_bytes, file_mode, report=click.echo)
-        for src in c.sources:
+    for g in groups(clusters):
+        nfiles += import_group(ds, g, max_bytes, file_mode, report=click.echo)
+        for src in (src for c in g for src in c.sources):
             npackets += src.packets
             click.echo(f"{src.path}: {src.packets} packets, {format_time(src.lo)} to "
                        f"{format_time(src.hi)}")
