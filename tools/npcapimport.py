@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -373,13 +374,18 @@ def _open_sources(ds: DumpSet, cluster: Cluster, snaplen: int,
 
 def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
                    report: Callable[[str], None]) -> _Packets:
-    """Each cluster cut as the recorder would (merged in time order when it has several
-    captures), then neighbouring files of different clusters joined while the result fits
-    the file size and one slot: small captures share files."""
+    """The group's packets in file order (a cluster of several captures merged in time order),
+    cut into files as the recorder would cut them.
+
+    Clusters in time order, each in time order itself, make one run in time order, cut as a
+    whole: small captures share files, filled up to the file size. A capture whose packets go
+    back in time is cut on its own, as the first pass cut it to check it can be found.
+    """
     snaplen = _snaplen(ds)
     caps: list[Capture] = []
     cols: list[list[np.ndarray]] = [[], [], [], []]
-    parts: list[tuple[int, int]] = []
+    runs = [0]  # where each run to cut as a whole starts
+    ordered = False
     n = 0
     for cluster in group:
         mine = _open_sources(ds, cluster, snaplen, report)
@@ -392,24 +398,18 @@ def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
             order = np.argsort(ts, kind="stable")
             which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
             report(f"merged in time order, as they overlap: {cluster.names}")
-        for s, e in cut_points(ts, sizes, max_bytes):
-            parts.append((n + s, n + e))
+        in_order = not (np.diff(ts) < 0).any()
+        if n and not (in_order and ordered):
+            runs.append(n)
+        ordered = in_order
         for col, a in zip(cols, (which, pos, ts, sizes), strict=True):
             col.append(a)
         caps += mine
         n += len(ts)
     which, pos, ts, sizes = (np.concatenate(c) for c in cols)
-    ends = np.cumsum(sizes)
-    joined = [parts[0]]
-    for s, e in parts[1:]:
-        s0 = joined[-1][0]
-        span = ts[s0:e]
-        if (ends[e - 1] - ends[s0] + sizes[s0] <= max_bytes
-                and int(span.min()) // SLOT_NS == int(span.max()) // SLOT_NS):
-            joined[-1] = (s0, e)
-        else:
-            joined.append((s, e))
-    return _Packets(caps, which, pos, ts, sizes, joined)
+    parts = [(r + s, r + e) for r, stop in zip(runs, [*runs[1:], n], strict=True)
+             for s, e in cut_points(ts[r:stop], sizes[r:stop], max_bytes)]
+    return _Packets(caps, which, pos, ts, sizes, parts)
 
 
 def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> np.ndarray:
@@ -509,21 +509,53 @@ def import_group(ds: DumpSet, group: list[Cluster], max_bytes: int, file_mode: i
     return len(where)
 
 
-def sources(paths: tuple[Path, ...]) -> list[Path]:
-    """The files given, and the capture files under the directories given (sorted)."""
+def sources(paths: tuple[Path, ...], ds: DumpSet,
+            report: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """The files given, and the capture files under the directories given (sorted).
+
+    In a directory, what is not a regular file (a FIFO, a device, through a link too) is
+    skipped with a warning: reading it would hang or never end. The dump set's own files
+    are refused when given, and left out of a directory holding them: imported, they would
+    be doubled (an unfinished file of the recorder is placed by npcaprepair too).
+    """
+    own = [os.path.realpath(ds.root), os.path.realpath(ds.timeline)]
+
+    def inside(p: str | Path) -> str | None:
+        real = os.path.realpath(p)
+        return next((o for o in own if real == o or real.startswith(o + os.sep)), None)
+
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            for dirpath, dirs, files in os.walk(p):
-                dirs.sort()
-                for n in sorted(files):
-                    if not n.startswith(".") and n.removesuffix(".gz").removesuffix(
-                            ".zst").endswith(CAPTURE_SUFFIXES):
-                        out.append(Path(dirpath) / n)
-        elif p.exists():
-            out.append(p)
-        else:
+        if not p.exists():
             raise click.UsageError(f"{p} does not exist; give capture files or directories")
+        if inside(p):
+            raise ImportRefused(f"{p} is inside the dump set {ds.root} (or its timeline): its "
+                                "packets are the dump set's already; nothing was imported")
+        if not p.is_dir():
+            out.append(p)
+            continue
+        for dirpath, dirs, files in os.walk(p):
+            for d in list(dirs):
+                if inside(Path(dirpath) / d):
+                    report(f"{Path(dirpath) / d}: the dump set's own directory; skipped")
+                    dirs.remove(d)
+            dirs.sort()
+            for n in sorted(files):
+                if n.startswith(".") or not n.removesuffix(".gz").removesuffix(
+                        ".zst").endswith(CAPTURE_SUFFIXES):
+                    continue
+                f = Path(dirpath) / n
+                try:
+                    regular = stat.S_ISREG(f.stat().st_mode)
+                except OSError as e:  # a dangling or looping link
+                    report(f"{f}: {e.strerror}; skipped")
+                    continue
+                if not regular:
+                    report(f"{f}: not a regular file (a FIFO or device); skipped")
+                elif inside(f):
+                    report(f"{f}: a link into the dump set; skipped")
+                else:
+                    out.append(f)
     return out
 
 
@@ -567,8 +599,8 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
         given = parse_size(max_size, "-p", 16 << 10) if max_size else None
     except PcapVaultError as e:
         raise click.UsageError(str(e)) from None
-    files = sources(paths)
     ds = DumpSet.open(dumpset)
+    files = sources(paths, ds, report=click.echo)
     max_bytes = given or ds.file_bytes or DEFAULT_FILE_BYTES
     become_owner(ds)
     os.umask(0o777 & ~dir_mode)
