@@ -3,9 +3,10 @@
 Generates the captures with numpy (bench/index_build.py's traffic: many flows, IPv4/IPv6,
 TCP/UDP, some 802.1Q; IMIX frame sizes), then, run after run with the tools taking turns:
 
-- `npcapimport -t DS INPUTS` into a fresh dump set, with this venv's command and with another
-  venv's (`--old`, the previous code), wall and CPU time (the child's), bytes per second of
-  input, and the pcaps and storage directories it made;
+- `npcapimport -t DS INPUTS` into a fresh dump set holding one recorded file of today (as a
+  sensor's does), with this venv's command and with another venv's (`--old`, the previous
+  code), wall and CPU time (the child's), bytes per second of input, and the pcaps and
+  storage directories it made;
 - a copy of the same bytes: `cat INPUTS > ONE && sync ONE` (what an import must at least do:
   read them and write them durably), and `cp -r` of the directory with each copy synced
   (`sync FILES`: a durable copy file by file).
@@ -42,6 +43,7 @@ from index_build import IMIX, _flows, _scatter  # noqa: E402
 
 from pcapvault.index.dumpset import DumpSet  # noqa: E402
 from pcapvault.index.pcaplayout import global_header  # noqa: E402
+from pcapvault.recorder.indexer import index_and_link  # noqa: E402
 
 NS = 1_000_000_000
 START_2019 = 1_546_300_800 * NS  # 2019-01-01T00:00:00Z
@@ -117,14 +119,27 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, cpu
 
 
+def live_dumpset(root: Path) -> None:
+    """A dump set as a sensor's is when old captures are imported into it: its recorder has
+    written a file of today (so the imported files are older than its newest directory)."""
+    ds = DumpSet.create(root, interface="eth0", linktype=1, snaplen=65535, nanosecond=True)
+    now = time.time_ns()
+    tmp = ds.temp_path(1)
+    write_capture(tmp, np.random.default_rng(3), _flows(np.random.default_rng(3), 10),
+                  now + np.arange(10, dtype=np.int64))
+    index_and_link(ds, ds.place(tmp, now))
+
+
 def import_run(tool: str, work: Path, inputs: list[Path]) -> dict:
     root = work / "ds"
     shutil.rmtree(root, ignore_errors=True)
-    DumpSet.create(root, interface="eth0", linktype=1, snaplen=65535, nanosecond=True)
+    live_dumpset(root)
     subprocess.run(["sync", "-f", str(work)], check=True)
     wall, cpu = timed([tool, "-t", str(root), *map(str, inputs)])
     ds = DumpSet.open(root)
-    out = {"wall": wall, "cpu": cpu, "files": len(ds.files()), "dirs": len(ds.storage_dirs())}
+    # the recorded file and its directory left out
+    out = {"wall": wall, "cpu": cpu, "files": len(ds.files()) - 1,
+           "dirs": len(ds.storage_dirs()) - 1}
     shutil.rmtree(root)
     return out
 

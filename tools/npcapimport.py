@@ -1,11 +1,11 @@
 """`npcapimport -t DS FILE|DIR...`: adopt existing captures into a dump set.
 
-Teams arrive with years of tcpdump or n2disk captures. Each capture (index/captures.py: pcap
-in any variant, pcapng with one interface, gzip or zstd) is cut into files as the recorder cuts
-them (at a file size, the recorder's -p, and at every 10-minute slot boundary), in the dump set's
-precision, then placed, indexed and linked by the recorder's own steps
-(recorder.indexer.index_and_link), so extraction, the budget, holds and `--max-age` treat them
-like recorded files.
+Teams arrive with years of tcpdump or n2disk captures. The captures (index/captures.py: pcap
+in any variant, pcapng with one interface, gzip or zstd), taken in time order, are cut into
+files as the recorder cuts its own (at a file size, the recorder's -p, and at every 10-minute
+slot boundary), in the dump set's precision, so that many small captures share files, and
+placed in storage directories of `files_per_dir` files (DumpSet.placements), indexed and
+linked, so extraction, the budget, holds and `--max-age` treat them like recorded files.
 
 A window's files are found by their start times alone (docs/FORMAT.md), which holds only while
 files do not overlap in time. So captures of one run that overlap each other are merged in
@@ -13,14 +13,16 @@ time order (as mergecap does; a tie keeps the order the captures were given in),
 that overlaps a file already in the dump set (recorded or imported before), or the file a
 running recorder is writing, is refused, naming the file; a refusal imports nothing of the
 run: no packet is lost or doubled silently. Packets out of time order inside a capture that
-overlaps no other stay in file order; a file is only cut where every packet before the cut is
-earlier than every packet after it (within the second of slack readers allow), and is named by
-its earliest packet.
+overlaps no other stay in file order; such a capture is cut on its own, only where every packet
+before the cut is earlier than every packet after it (within the second of slack readers
+allow), and each file is named by its earliest packet.
 
 Every imported capture is recorded by the SHA-256 of its decompressed content in
-DS/imports.json, first as pending with the names of the files it becomes, then as complete:
-importing it again does nothing, and a run stopped halfway is undone by the next run, which
-then imports it again.
+DS/imports.json, first as pending with the names of the files its group becomes, then as
+complete: importing it again does nothing, and a run stopped halfway is undone by the next
+run, which then imports the group again. A group (up to GROUP_BYTES or GROUP_CAPTURES) is the
+unit of durability: its files are written, then synced together, renamed into place, their
+directories synced once, linked, and only then recorded as complete.
 """
 
 from __future__ import annotations
@@ -38,14 +40,19 @@ import numpy as np
 
 from pcapvault.index import timeline
 from pcapvault.index.atomicfile import create_new, read_small_file
-from pcapvault.index.builder import index_pcap
+from pcapvault.index.builder import index_records
 from pcapvault.index.captures import Capture, open_capture
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
 from pcapvault.index.indexfile import encode_index
-from pcapvault.index.pcapfile import parse_global_header
-from pcapvault.index.pcaplayout import GLOBAL_HEADER_LEN, MAX_CAPLEN, global_header
+from pcapvault.index.pcapfile import RecordTable, parse_global_header
+from pcapvault.index.pcaplayout import (
+    GLOBAL_HEADER_LEN,
+    MAX_CAPLEN,
+    RECORD_HEADER_LEN,
+    global_header,
+)
 from pcapvault.index.recordcopy import put_records, record_sizes
 from pcapvault.index.sizes import parse_size
 from pcapvault.index.times import format_time
@@ -188,6 +195,7 @@ class ImportedCapture:
     packets: int
     lo: int  # earliest packet, ns in the dump set's precision
     hi: int  # latest
+    size: int  # bytes, decompressed
     # Why it cannot be imported alone (packets back and forth over more than a slot); merged
     # with overlapping captures (sorted by time) it can.
     disorder: str = ""
@@ -279,7 +287,8 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
         if (np.diff(ts) < 0).any():  # cut alone as the second pass will: can it be found?
             sizes = record_sizes(np.minimum(cap.caplen, _snaplen(ds)))
             disorder = _unfindable(str(path), ts, cut_points(ts, sizes, max_bytes))
-        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi, disorder))
+        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi, len(cap.data),
+                                     disorder))
         del cap, ts
     found.sort(key=lambda s: s.lo)
     clusters: list[Cluster] = []
@@ -322,7 +331,7 @@ def groups(clusters: list[Cluster]) -> Iterator[list[Cluster]]:
     size = count = 0
     for i, c in enumerate(clusters):
         group.append(c)
-        size += sum(_capture_bytes(s) for s in c.sources)
+        size += sum(s.size for s in c.sources)
         count += len(c.sources)
         nxt = clusters[i + 1] if i + 1 < len(clusters) else None
         over = size >= GROUP_BYTES or count >= GROUP_CAPTURES
@@ -330,13 +339,6 @@ def groups(clusters: list[Cluster]) -> Iterator[list[Cluster]]:
                                     or count >= 2 * GROUP_CAPTURES):
             yield group
             group, size, count = [], 0, 0
-
-
-def _capture_bytes(src: ImportedCapture) -> int:
-    try:
-        return src.path.stat().st_size
-    except OSError:
-        return 0
 
 
 @dataclass
@@ -412,23 +414,28 @@ def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
     return _Packets(caps, which, pos, ts, sizes, parts)
 
 
-def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> np.ndarray:
-    """The pcap of packets [s, e): one vectorised copy per capture it takes packets from."""
+def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> tuple[np.ndarray, RecordTable]:
+    """The pcap of packets [s, e), and where its records are (so it is indexed without being
+    walked again): one vectorised copy per capture it takes packets from."""
     head = global_header(int(ds.meta.get("linktype", 1)), _snaplen(ds), ds.nanosecond)
     sizes = pk.sizes[s:e]
     body = np.empty(len(head) + int(sizes.sum()), dtype=np.uint8)
     body[: len(head)] = np.frombuffer(head, np.uint8)
     at = len(head) + np.cumsum(sizes) - sizes
     which, pos, ts = pk.which[s:e], pk.pos[s:e], pk.ts[s:e]
+    wirelen = np.empty(e - s, dtype=np.uint32)
     order = np.argsort(which, kind="stable")
     starts = np.flatnonzero(np.diff(which[order], prepend=-1))
     for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
         mine = order[a:b]
         c = pk.caps[int(which[mine[0]])]
         p = pos[mine]
-        put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p], c.wirelen[p],
+        wirelen[mine] = c.wirelen[p]
+        put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p], wirelen[mine],
                     ts[mine], ds.nanosecond)
-    return body
+    stored_ts = ts if ds.nanosecond else ts // 1000 * 1000
+    return body, RecordTable(at.astype(np.uint64), stored_ts, (sizes - RECORD_HEADER_LEN).astype(
+        np.uint32), wirelen, len(body), False)
 
 
 def _write_new(path: Path, data: bytes | np.ndarray, mode: int) -> None:
@@ -463,33 +470,37 @@ def import_group(ds: DumpSet, group: list[Cluster], max_bytes: int, file_mode: i
     """Second pass for a group of clusters: write its files, sync them, place, index and
     link them; returns how many.
 
-    Its captures are recorded as pending with the names of all its files (collisions
-    included, `DumpSet.placements`) before any file is placed, and as complete once every
-    one is placed, indexed, on disk and linked: a stop in between is undone by the next run.
+    Its captures are recorded as pending, each with the names of the files holding its
+    packets (collisions included, `DumpSet.placements`), before any file is placed, and as
+    complete once every file is placed, indexed, on disk and linked: a stop in between is
+    undone by the next run.
     """
     pk = _group_packets(ds, group, max_bytes, report)
     firsts = [int(pk.ts[s:e].min()) for s, e in pk.parts]
     where = ds.placements(firsts)
-    srcs = [src for c in group for src in c.sources]
+    srcs = [src for c in group for src in c.sources]  # in the order of pk.caps
+    files: list[list[str]] = [[] for _ in srcs]
+    for sf, (s, e) in zip(where, pk.parts, strict=True):
+        for i in np.unique(pk.which[s:e]):
+            files[i].append(sf.name)
     reg = load_registry(ds)
-    files = [sf.name for sf in where]
-    for src in srcs:
+    for src, names in zip(srcs, files, strict=True):
         reg[src.digest] = {"source": os.path.abspath(src.path),
                            "imported": format_time(time.time_ns()), "packets": src.packets,
-                           "files": files, "complete": False}
+                           "files": names, "complete": False}
     _store_registry(ds, reg)
     temps = []
     tag = f"{TEMP_PREFIX}{os.getpid()}"
     try:
         for k, (s, e) in enumerate(pk.parts):
-            body = _pcap_body(ds, pk, s, e)
+            body, table = _pcap_body(ds, pk, s, e)
             temp = ds.root / f"{tag}-{k}.pcap.part"
             _write_new(temp, body, file_mode)
             temps.append(temp)
-            # Indexed from memory: the file is not read back.
-            idx, _ = index_pcap(body, parse_global_header(bytes(body[:GLOBAL_HEADER_LEN]),
-                                                          str(temp)))
-            del body
+            # Indexed from memory: the file is not read back, nor its records walked again.
+            head = parse_global_header(bytes(body[:GLOBAL_HEADER_LEN]), str(temp))
+            idx = index_records(body, head, table)
+            del body, table
             _write_new(temp.with_suffix(".idx.part"), encode_index(idx), file_mode)
             temps.append(temp.with_suffix(".idx.part"))
         del pk
@@ -566,10 +577,12 @@ Examples:
 
 Takes pcap (either byte order, micro- or nanosecond), pcapng with one interface, and either
 compressed with gzip or zstd (recognised by content); from a directory, every *.pcap,
-*.pcapng, *.cap and *.dmp (also .gz/.zst) below it. Each capture is cut into files at the
-recorder's file size (-p) and 10-minute slots, in its precision, indexed and linked like recorded
-files, and counted by the recorder's disk budget (which deletes the oldest files first:
-imported old captures go first when the dump set is over its limit). A capture imported
+*.pcapng, *.cap and *.dmp (also .gz/.zst) below it that is a regular file (FIFOs, devices
+and the dump set itself are skipped). The captures, in time order, are cut into files at the
+recorder's file size (-p) and 10-minute slots (small captures share files), in the dump set's
+precision, indexed and linked like recorded files, and counted by the recorder's disk
+budget (which deletes the oldest files first: imported old captures go first when the dump
+set is over its limit). A capture imported
 before is skipped (DS/imports.json records each by its SHA-256). Captures overlapping
 each other in time are merged in time order. A capture that overlaps the dump set's files
 in time, has another link type, or several interfaces is refused, and nothing is imported.
