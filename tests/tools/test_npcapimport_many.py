@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from test_npcapimport import (
     new_dumpset,
     npcapimport,
     one_line,
+    pcapng_block,
+    pcapng_shb,
     records,
     traffic,
 )
@@ -74,6 +77,10 @@ def test_small_captures_share_files_and_directories(tmp_path):
         by_dir[sf.pcap.parent] = by_dir.get(sf.pcap.parent, 0) + 1
     assert sorted(by_dir.values()) == [1, 1, 2], by_dir  # 2 + 1 imported, 1 recorded
     assert all(int(sf.pcap.parent.name.split(".")[0]) * NS <= sf.first_ns for sf in ds.files())
+    # Each capture's entry names the one file holding its packets, not all of its group's.
+    reg = json.loads((root / "imports.json").read_text())["imports"]
+    assert all(len(e["files"]) == 1 for e in reg.values())
+    assert {n for e in reg.values() for n in e["files"]} == {sf.name for sf in imported}
     assert_clean(root)
     assert sorted(extract(root, tmp_path / "out.pcap", "1970-01-01T00:00:00Z",
                           "2025-11-22T00:00:00Z")) == sorted(tcpdump_select(caps, ""))
@@ -219,3 +226,53 @@ def test_a_compression_bomb_is_refused_from_its_first_megabytes(tmp_path):
         root = new_dumpset(fs / "ds")
         one_line(npcapimport("-t", root, bomb), 1, str(bomb), "not a pcap file")
         assert not DumpSet.open(root).files()
+
+
+def _pcap(snaplen: int, *records: bytes) -> bytes:
+    return struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, snaplen, 1) + b"".join(records)
+
+
+def _record(ts: int, data: bytes, caplen: int | None = None, wirelen: int | None = None) -> bytes:
+    sec, ns = divmod(ts, NS)
+    return struct.pack("<IIII", sec, ns, len(data) if caplen is None else caplen,
+                       len(data) if wirelen is None else wirelen) + data
+
+
+def _crafted() -> dict[str, bytes]:
+    pk = traffic(20)
+    recs = [_record(ts, d, wirelen=w) for ts, d, w in pk]
+    epbs = []
+    for ts, d, w in pk:
+        units = ts
+        epbs.append(pcapng_block(6, struct.pack("<IIIII", 0, units >> 32, units & 0xFFFFFFFF,
+                                                len(d), w) + d))
+    idb = pcapng_block(1, struct.pack("<HHI", 1, 0, 262144)
+                       + struct.pack("<HH", 9, 1) + bytes([9]) + bytes(3) + bytes(4))
+    return {
+        "huge-snaplen": _pcap(0xFFFFFFFF, *recs),
+        "caplen-over-snaplen": _pcap(64, *recs),
+        "torn-last-record": _pcap(262144, *recs)[:-7],
+        "record-claiming-4-GB": _pcap(262144, *recs[:10], struct.pack(
+            "<IIII", pk[10][0] // NS, 0, 0xFFFFFFF0, 0xFFFFFFF0), *recs[10:]),
+        "pcapng-unknown-blocks": pcapng_shb() + idb + b"".join(
+            e + pcapng_block(0x0BAD0BAD, bytes(13)) for e in epbs),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_crafted()))
+def test_crafted_records_import_as_tcpdump_reads_them(tmp_path, name):
+    """Odd but readable captures: what is imported is what tcpdump reads (up to a record
+    that cannot be one), with a line for what is left out, and no traceback."""
+    src = tmp_path / f"{name}.pcap"
+    src.write_bytes(_crafted()[name])
+    r = subprocess.run(["tcpdump", "--time-stamp-precision=nano", "-r", str(src), "-w", "-"],
+                       capture_output=True)
+    want = sorted(read_pcap_records(r.stdout))
+    assert want
+    root = new_dumpset(tmp_path / "ds")
+    r = run_bounded("-t", root, src)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    if name in ("torn-last-record", "record-claiming-4-GB"):
+        assert "after the last complete packet" in r.stdout, r.stdout
+    assert sorted(extract(root, tmp_path / "out.pcap")) == want
+    assert_clean(root)
