@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -73,12 +74,18 @@ def _decompress(f, magic: bytes, name: str, tmp_dir: Path):
 
             errors = (pyzstd.ZstdError, EOFError, ValueError)
             stream = pyzstd.ZstdFile(f)
+        first = True
         while True:
             try:
                 chunk = stream.read(_CHUNK)
             except errors as e:
                 raise FormatError(f"{name}: damaged compressed data ({e}); check the file "
                                   "(gzip -t / zstd -t) and import what can be recovered") from None
+            if first and not _is_pcapng(chunk):
+                # Checked before the rest is decompressed: a bomb of gigabytes of anything
+                # else would fill the disk first.
+                parse_global_header(chunk[:GLOBAL_HEADER_LEN], name)
+            first = False
             try:
                 if not chunk:
                     out.flush()
@@ -93,6 +100,11 @@ def _decompress(f, magic: bytes, name: str, tmp_dir: Path):
     except BaseException:
         out.close()
         raise
+
+
+def _is_pcapng(data: bytes | np.ndarray) -> bool:
+    head = bytes(data[:4])
+    return len(head) == 4 and _PCAPNG_SHB in struct.unpack("<I", head) + struct.unpack(">I", head)
 
 
 def _map(f) -> np.ndarray:
@@ -110,7 +122,16 @@ def open_capture(path: Path, tmp_dir: Path) -> Capture:
     a pcapng with more than one interface, or packets without a timestamp.
     """
     name = str(path)
-    with open(path, "rb") as f:
+    # Without blocking: a FIFO named like a capture would hang the import for good.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(
+            mode) or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode) else "a socket"
+        raise FormatError(f"{name}: not a regular file ({what}), not a capture file; save the "
+                          "capture to a file first")
+    with open(fd, "rb") as f:
         magic = f.read(4)
         f.seek(0)
         how = ""
@@ -124,8 +145,7 @@ def open_capture(path: Path, tmp_dir: Path) -> Capture:
         finally:
             raw.close()
     digest = hashlib.sha256(data).hexdigest()
-    head = bytes(data[:4])
-    if len(head) == 4 and _PCAPNG_SHB in struct.unpack("<I", head) + struct.unpack(">I", head):
+    if _is_pcapng(data):
         cap = _read_pcapng(data, name)
         cap.kind += how
     else:

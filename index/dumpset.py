@@ -8,6 +8,7 @@ way.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import logging
 import os
@@ -396,26 +397,61 @@ class DumpSet:
             self._count(target_dir) >= self.files_per_dir
         ):
             target_dir = self.root / name
-        # Names have microsecond resolution: two files whose first packets fall in the same
-        # microsecond (SIGUSR1 right after a packet) would collide, and a start's repair would
-        # then fail on it for good. The later one takes the next free microsecond instead;
-        # readers allow NAME_SLACK_NS for it.
+        return self._free_name(first_ns, target_dir)
+
+    def _free_name(self, first_ns: int, d: Path, taken: set[str] = frozenset()) -> StoredFile:
+        """The file for `first_ns` in directory `d`, under the first free name from its own.
+
+        Names have microsecond resolution: two files whose first packets fall in the same
+        microsecond (SIGUSR1 right after a packet) would collide, and a start's repair would
+        then fail on it for good. The later one takes the next free microsecond instead;
+        readers allow NAME_SLACK_NS for it. `taken`: names planned but not yet placed.
+        """
+        name = wanted = file_name(first_ns)
         for _ in range(NAME_SLACK_NS // 1000):
-            if not self._name_taken(name):
-                break
+            if name not in taken and not self._name_taken(name, d):
+                return StoredFile(first_ns, d / f"{name}.pcap")
             first_ns = parse_name(name) + 1000
             name = file_name(first_ns)
-        else:
-            raise DumpSetError(f"{target_dir / name}.pcap and the names after it exist; "
-                               "refusing to overwrite recorded data")
-        return StoredFile(first_ns, target_dir / f"{name}.pcap")
+        raise DumpSetError(f"{d / wanted}.pcap and the names after it exist; "
+                           "refusing to overwrite recorded data")
+
+    def placements(self, firsts: list[int]) -> list[StoredFile]:
+        """Where `place` is to put pcaps whose first packets are at `firsts` (in order), as
+        npcapimport places them: many at once, often older than the recorder's files.
+
+        Each goes into the storage directory with the latest name not after it while that
+        one has room for it (`files_per_dir`), else into a new one named for it; so files
+        imported among later ones fill directories as recorded files do, instead of taking
+        a new directory each (`placement`'s rule for the recorder, whose files come last).
+        """
+        dirs = self.storage_dirs()
+        starts = [parse_name(d.name) for d in dirs]
+        counts: dict[Path, int] = {}
+        taken: set[str] = set()
+        out = []
+        for first in firsts:
+            k = bisect.bisect_right(starts, first) - 1
+            d = dirs[k] if k >= 0 else None
+            if d is None or counts.setdefault(d, self._count(d)) >= self.files_per_dir:
+                d = self.root / file_name(first)
+                if d not in counts:
+                    k = bisect.bisect_right(starts, first)
+                    dirs.insert(k, d)
+                    starts.insert(k, parse_name(d.name))
+                    counts[d] = self._count(d)
+            sf = self._free_name(first, d, taken)
+            taken.add(sf.name.removesuffix(".pcap"))
+            counts[d] += 1
+            out.append(sf)
+        return out
 
     def place(self, temp_pcap: Path, first_ns: int, at: StoredFile | None = None) -> StoredFile:
         """Move a complete pcap from its temporary name to its final name in a storage dir:
         `at`, chosen by `placement` beforehand, else chosen now."""
         if at is None:
             at = self.placement(first_ns)
-        elif self._name_taken(at.pcap.name.removesuffix(".pcap")):
+        elif self._name_taken(at.pcap.name.removesuffix(".pcap"), at.pcap.parent):
             raise DumpSetError(f"{at.pcap} was taken meanwhile; refusing to overwrite recorded "
                                "data: run again")
         final = at.pcap
@@ -431,10 +467,10 @@ class DumpSet:
                     raise
         return at
 
-    def _name_taken(self, name: str) -> bool:
-        """Whether the newest storage directory or the timeline already holds this name."""
+    def _name_taken(self, name: str, d: Path | None = None) -> bool:
+        """Whether the newest storage directory, `d` or the timeline already holds this name."""
         slot = timeline.slot_dir(self.timeline, timeline.slot_of(parse_name(name) // 10**9))
-        dirs = [*self.storage_dirs()[-1:], slot]
+        dirs = [*self.storage_dirs()[-1:], slot, *([d] if d else [])]
         return any((d / f"{name}{suf}").exists() for d in dirs for suf in timeline.PCAP_SUFFIXES)
 
     def link(self, sf: StoredFile) -> None:

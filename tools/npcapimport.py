@@ -1,11 +1,11 @@
 """`npcapimport -t DS FILE|DIR...`: adopt existing captures into a dump set.
 
-Teams arrive with years of tcpdump or n2disk captures. Each capture (index/captures.py: pcap
-in any variant, pcapng with one interface, gzip or zstd) is cut into files as the recorder cuts
-them (at a file size, the recorder's -p, and at every 10-minute slot boundary), in the dump set's
-precision, then placed, indexed and linked by the recorder's own steps
-(recorder.indexer.index_and_link), so extraction, the budget, holds and `--max-age` treat them
-like recorded files.
+Teams arrive with years of tcpdump or n2disk captures. The captures (index/captures.py: pcap
+in any variant, pcapng with one interface, gzip or zstd), taken in time order, are cut into
+files as the recorder cuts its own (at a file size, the recorder's -p, and at every 10-minute
+slot boundary), in the dump set's precision, so that many small captures share files, and
+placed in storage directories of `files_per_dir` files (DumpSet.placements), indexed and
+linked, so extraction, the budget, holds and `--max-age` treat them like recorded files.
 
 A window's files are found by their start times alone (docs/FORMAT.md), which holds only while
 files do not overlap in time. So captures of one run that overlap each other are merged in
@@ -13,22 +13,25 @@ time order (as mergecap does; a tie keeps the order the captures were given in),
 that overlaps a file already in the dump set (recorded or imported before), or the file a
 running recorder is writing, is refused, naming the file; a refusal imports nothing of the
 run: no packet is lost or doubled silently. Packets out of time order inside a capture that
-overlaps no other stay in file order; a file is only cut where every packet before the cut is
-earlier than every packet after it (within the second of slack readers allow), and is named by
-its earliest packet.
+overlaps no other stay in file order; such a capture is cut on its own, only where every packet
+before the cut is earlier than every packet after it (within the second of slack readers
+allow), and each file is named by its earliest packet.
 
 Every imported capture is recorded by the SHA-256 of its decompressed content in
-DS/imports.json, first as pending with the names of the files it becomes, then as complete:
-importing it again does nothing, and a run stopped halfway is undone by the next run, which
-then imports it again.
+DS/imports.json, first as pending with the names of the files its group becomes, then as
+complete: importing it again does nothing, and a run stopped halfway is undone by the next
+run, which then imports the group again. A group (up to GROUP_BYTES or GROUP_CAPTURES) is the
+unit of durability: its files are written, then synced together, renamed into place, their
+directories synced once, linked, and only then recorded as complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,20 +39,27 @@ import click
 import numpy as np
 
 from pcapvault.index import timeline
-from pcapvault.index.atomicfile import read_small_file
+from pcapvault.index.atomicfile import create_new, read_small_file
+from pcapvault.index.builder import index_records
 from pcapvault.index.captures import Capture, open_capture
 from pcapvault.index.dumpset import DumpSet
 from pcapvault.index.errors import FormatError, PcapVaultError
 from pcapvault.index.holds import files_overlapping, last_packet_ns
-from pcapvault.index.pcaplayout import MAX_CAPLEN, global_header
+from pcapvault.index.indexfile import encode_index
+from pcapvault.index.pcapfile import RecordTable, parse_global_header
+from pcapvault.index.pcaplayout import (
+    GLOBAL_HEADER_LEN,
+    MAX_CAPLEN,
+    RECORD_HEADER_LEN,
+    global_header,
+)
 from pcapvault.index.recordcopy import put_records, record_sizes
 from pcapvault.index.sizes import parse_size
 from pcapvault.index.times import format_time
 from pcapvault.recorder.cli import _mode
-from pcapvault.recorder.indexer import index_and_link
 
 from .npcaprepair import become_owner
-from .rangedelete import recording_from, write_synced, writer_lock
+from .rangedelete import recording_from, writer_lock
 
 IMPORTS_FILE = "imports.json"
 FORMAT = "pcapvault-imports"
@@ -139,16 +149,16 @@ def cut_points(ts: np.ndarray, sizes: np.ndarray, max_bytes: int) -> list[tuple[
     return out
 
 
-def _check_findable(names: str, ts: np.ndarray, parts: list[tuple[int, int]]) -> None:
-    """Refuse a capture so out of order that a file would reach beyond the one slot of
-    look-back readers allow: its late packets could not be found by time."""
+def _unfindable(name: str, ts: np.ndarray, parts: list[tuple[int, int]]) -> str:
+    """Why a capture is so out of order that a file would reach beyond the one slot of
+    look-back readers allow (its late packets could not be found by time), or ''."""
     for s, e in parts:
         lo, hi = int(ts[s:e].min()), int(ts[s:e].max())
         if (hi - SLACK_NS) // SLOT_NS > lo // SLOT_NS + 1:
-            raise ImportRefused(
-                f"{names}: packets go back and forth in time over more than 10 minutes "
-                f"({format_time(lo)} to {format_time(hi)}); nothing was imported: sort it "
-                "first (reordercap IN OUT) and import the sorted capture")
+            return (f"{name}: packets go back and forth in time over more than 10 minutes "
+                    f"({format_time(lo)} to {format_time(hi)}); nothing was imported: sort it "
+                    "first (reordercap IN OUT) and import the sorted capture")
+    return ""
 
 
 # --- overlaps ---------------------------------------------------------------------------------
@@ -185,11 +195,15 @@ class ImportedCapture:
     packets: int
     lo: int  # earliest packet, ns in the dump set's precision
     hi: int  # latest
+    size: int  # bytes, decompressed
+    # Why it cannot be imported alone (packets back and forth over more than a slot); merged
+    # with overlapping captures (sorted by time) it can.
+    disorder: str = ""
 
 
 @dataclass
 class Cluster:
-    """Captures overlapping each other in time (often just one): they become files together."""
+    """Captures overlapping each other in time (often just one): merged in time order."""
 
     sources: list[ImportedCapture]
 
@@ -204,13 +218,25 @@ class Cluster:
     @property
     def names(self) -> str:
         """The captures, for messages: a cluster of the whole corpus would fill the screen."""
-        paths = [str(s.path) for s in self.sources]
-        more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
-        return ", ".join(paths[:3]) + more
+        return _names(self.sources)
+
+
+def _names(srcs: list[ImportedCapture]) -> str:
+    paths = [str(s.path) for s in srcs]
+    more = f" and {len(paths) - 3} more captures merged with them" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
+
+
+TEMP_PREFIX = ".import-"
 
 
 def undo_partial(ds: DumpSet) -> list[str]:
-    """Remove the files of imports stopped halfway (they are imported again); their sources."""
+    """Remove the files of imports stopped halfway (they are imported again), and what such
+    a run left under temporary names; returns their sources."""
+    for e in os.scandir(ds.root):  # one import at a time (.manage.lock): these are no one's
+        if e.name.startswith(TEMP_PREFIX) and e.name.endswith(".part") and e.is_file(
+                follow_symlinks=False):
+            os.unlink(e.path)
     reg = load_registry(ds)
     stale = {d: e for d, e in reg.items() if not e.get("complete")}
     if not stale:
@@ -225,7 +251,7 @@ def undo_partial(ds: DumpSet) -> list[str]:
 
 
 def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambda line: None,
-           recording: bool = False) -> list[Cluster]:
+           recording: bool = False, max_bytes: int = DEFAULT_FILE_BYTES) -> list[Cluster]:
     """First pass: read every capture, skip those imported before, refuse what cannot be
     imported (nothing is written), and group the rest into clusters overlapping in time."""
     reg = load_registry(ds)
@@ -257,7 +283,12 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
         if lo < 0 or hi >= PCAP_TIME_END:
             raise ImportRefused(f"{path}: timestamps outside what a pcap holds (1970 to 2106); "
                                 "nothing was imported: leave it out")
-        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi))
+        disorder = ""
+        if (np.diff(ts) < 0).any():  # cut alone as the second pass will: can it be found?
+            sizes = record_sizes(np.minimum(cap.caplen, _snaplen(ds)))
+            disorder = _unfindable(str(path), ts, cut_points(ts, sizes, max_bytes))
+        found.append(ImportedCapture(path, cap.digest, len(cap), lo, hi, len(cap.data),
+                                     disorder))
         del cap, ts
     found.sort(key=lambda s: s.lo)
     clusters: list[Cluster] = []
@@ -266,8 +297,11 @@ def survey(ds: DumpSet, paths: list[Path], report: Callable[[str], None] = lambd
             clusters[-1].sources.append(src)
         else:
             clusters.append(Cluster([src]))
+    given = {p: i for i, p in reversed(list(enumerate(paths)))}
     for c in clusters:
-        c.sources.sort(key=lambda s: paths.index(s.path))
+        c.sources.sort(key=lambda s: given[s.path])
+        if len(c.sources) == 1 and c.sources[0].disorder:
+            raise ImportRefused(c.sources[0].disorder)
         _overlap(ds, c.names, c.lo, c.hi, recording)
     return clusters
 
@@ -276,13 +310,52 @@ def _in_precision(ds: DumpSet, cap: Capture) -> np.ndarray:
     return cap.ts_ns if ds.nanosecond else cap.ts_ns // 1000 * 1000
 
 
-def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int,
-                   report: Callable[[str], None] = lambda line: None) -> int:
-    """Second pass for one cluster: cut, write, place, index and link its files; returns
-    how many. Its captures are recorded as pending (with each file's name before the file is
-    placed), then as complete."""
+def _snaplen(ds: DumpSet) -> int:
+    return min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
+
+
+# --- the second pass: groups of captures, written and made durable together ------------------
+
+# A group is imported as one: its files are written, synced together, then placed, and its
+# captures recorded as complete; a stop undoes at most one group. Bounded in bytes (what a
+# stop costs again) and in captures (each stays mapped until its group is written).
+GROUP_BYTES = 1 << 30
+GROUP_CAPTURES = 1000
+
+
+def groups(clusters: list[Cluster]) -> Iterator[list[Cluster]]:
+    """The clusters (in time order) in groups; once over its bounds a group ends where the next
+    cluster starts in a later slot (no file of the recorder's would join the two), or at
+    twice its bounds."""
+    group: list[Cluster] = []
+    size = count = 0
+    for i, c in enumerate(clusters):
+        group.append(c)
+        size += sum(s.size for s in c.sources)
+        count += len(c.sources)
+        nxt = clusters[i + 1] if i + 1 < len(clusters) else None
+        over = size >= GROUP_BYTES or count >= GROUP_CAPTURES
+        if nxt is None or over and (nxt.lo // SLOT_NS > c.hi // SLOT_NS or size >= 2 * GROUP_BYTES
+                                    or count >= 2 * GROUP_CAPTURES):
+            yield group
+            group, size, count = [], 0, 0
+
+
+@dataclass
+class _Packets:
+    """The packets of a group, in the order they are stored: which capture, where in it."""
+
+    caps: list[Capture]
+    which: np.ndarray  # int64: index into caps
+    pos: np.ndarray  # int64: packet number in that capture
+    ts: np.ndarray  # int64: ns, the dump set's precision
+    sizes: np.ndarray  # int64: record sizes
+    parts: list[tuple[int, int]]  # [start, stop) of each file
+
+
+def _open_sources(ds: DumpSet, cluster: Cluster, snaplen: int,
+                  report: Callable[[str], None]) -> list[Capture]:
     caps = []
-    snaplen = min(int(ds.meta.get("snaplen", MAX_CAPLEN)), MAX_CAPLEN)
     for src in cluster.sources:
         cap = open_capture(src.path, ds.root)
         if cap.digest != src.digest:
@@ -298,68 +371,202 @@ def import_cluster(ds: DumpSet, cluster: Cluster, max_bytes: int, file_mode: int
             report(f"{src.path}: {cap.torn_bytes} bytes after the last complete packet (a "
                    "capture cut short) are left out")
         caps.append(cap)
-    which = np.concatenate([np.full(len(c), i, dtype=np.int64) for i, c in enumerate(caps)])
-    pos = np.concatenate([np.arange(len(c), dtype=np.int64) for c in caps])
-    ts = np.concatenate([_in_precision(ds, c) for c in caps])
-    sizes = np.concatenate([record_sizes(c.caplen) for c in caps])
-    if len(caps) > 1:  # merged in time order; ties keep the order the captures were given in
-        order = np.argsort(ts, kind="stable")
-        which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
-    parts = cut_points(ts, sizes, max_bytes)
-    _check_findable(cluster.names, ts, parts)
+    return caps
+
+
+def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
+                   report: Callable[[str], None]) -> _Packets:
+    """The group's packets in file order (a cluster of several captures merged in time order),
+    cut into files as the recorder would cut them.
+
+    Clusters in time order, each in time order itself, make one run in time order, cut as a
+    whole: small captures share files, filled up to the file size. A capture whose packets go
+    back in time is cut on its own, as the first pass cut it to check it can be found.
+    """
+    snaplen = _snaplen(ds)
+    caps: list[Capture] = []
+    cols: list[list[np.ndarray]] = [[], [], [], []]
+    runs = [0]  # where each run to cut as a whole starts
+    ordered = False
+    n = 0
+    for cluster in group:
+        mine = _open_sources(ds, cluster, snaplen, report)
+        which = np.concatenate([np.full(len(c), len(caps) + i, dtype=np.int64)
+                                for i, c in enumerate(mine)])
+        pos = np.concatenate([np.arange(len(c), dtype=np.int64) for c in mine])
+        ts = np.concatenate([_in_precision(ds, c) for c in mine])
+        sizes = np.concatenate([record_sizes(c.caplen) for c in mine])
+        if len(mine) > 1:  # merged in time order; ties keep the order the captures were given
+            order = np.argsort(ts, kind="stable")
+            which, pos, ts, sizes = which[order], pos[order], ts[order], sizes[order]
+            report(f"merged in time order, as they overlap: {cluster.names}")
+        in_order = not (np.diff(ts) < 0).any()
+        if n and not (in_order and ordered):
+            runs.append(n)
+        ordered = in_order
+        for col, a in zip(cols, (which, pos, ts, sizes), strict=True):
+            col.append(a)
+        caps += mine
+        n += len(ts)
+    which, pos, ts, sizes = (np.concatenate(c) for c in cols)
+    parts = [(r + s, r + e) for r, stop in zip(runs, [*runs[1:], n], strict=True)
+             for s, e in cut_points(ts[r:stop], sizes[r:stop], max_bytes)]
+    return _Packets(caps, which, pos, ts, sizes, parts)
+
+
+def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> tuple[np.ndarray, RecordTable]:
+    """The pcap of packets [s, e), and where its records are (so it is indexed without being
+    walked again): one vectorised copy per capture it takes packets from."""
+    head = global_header(int(ds.meta.get("linktype", 1)), _snaplen(ds), ds.nanosecond)
+    sizes = pk.sizes[s:e]
+    body = np.empty(len(head) + int(sizes.sum()), dtype=np.uint8)
+    body[: len(head)] = np.frombuffer(head, np.uint8)
+    at = len(head) + np.cumsum(sizes) - sizes
+    which, pos, ts = pk.which[s:e], pk.pos[s:e], pk.ts[s:e]
+    wirelen = np.empty(e - s, dtype=np.uint32)
+    order = np.argsort(which, kind="stable")
+    starts = np.flatnonzero(np.diff(which[order], prepend=-1))
+    for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
+        mine = order[a:b]
+        c = pk.caps[int(which[mine[0]])]
+        p = pos[mine]
+        wirelen[mine] = c.wirelen[p]
+        put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p], wirelen[mine],
+                    ts[mine], ds.nanosecond)
+    stored_ts = ts if ds.nanosecond else ts // 1000 * 1000
+    return body, RecordTable(at.astype(np.uint64), stored_ts, (sizes - RECORD_HEADER_LEN).astype(
+        np.uint32), wirelen, len(body), False)
+
+
+def _write_new(path: Path, data: bytes | np.ndarray, mode: int) -> None:
+    """Write a new file under a temporary name (never through a planted link); synced later,
+    with the rest of its group."""
+    fd = create_new(path, mode)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _sync(paths: Iterable[Path], directory: bool = False) -> None:
+    """fsync each of `paths`: files written earlier (their writes were left to the kernel, so
+    the group's data goes to the disk in one stream), or directories after renames."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    for p in paths:
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def import_group(ds: DumpSet, group: list[Cluster], max_bytes: int, file_mode: int,
+                 report: Callable[[str], None] = lambda line: None) -> int:
+    """Second pass for a group of clusters: write its files, sync them, place, index and
+    link them; returns how many.
+
+    Its captures are recorded as pending, each with the names of the files holding its
+    packets (collisions included, `DumpSet.placements`), before any file is placed, and as
+    complete once every file is placed, indexed, on disk and linked: a stop in between is
+    undone by the next run.
+    """
+    pk = _group_packets(ds, group, max_bytes, report)
+    firsts = [int(pk.ts[s:e].min()) for s, e in pk.parts]
+    where = ds.placements(firsts)
+    srcs = [src for c in group for src in c.sources]  # in the order of pk.caps
+    files: list[list[str]] = [[] for _ in srcs]
+    for sf, (s, e) in zip(where, pk.parts, strict=True):
+        for i in np.unique(pk.which[s:e]):
+            files[i].append(sf.name)
     reg = load_registry(ds)
-    files: list[str] = []
-    for src in cluster.sources:
+    for src, names in zip(srcs, files, strict=True):
         reg[src.digest] = {"source": os.path.abspath(src.path),
                            "imported": format_time(time.time_ns()), "packets": src.packets,
-                           "files": files, "complete": False}
-    nanosecond = ds.nanosecond
-    head = global_header(int(ds.meta.get("linktype", 1)), snaplen, nanosecond)
-    for k, (s, e) in enumerate(parts):
-        first = int(ts[s:e].min())
-        body = np.empty(len(head) + int(sizes[s:e].sum()), dtype=np.uint8)
-        body[: len(head)] = np.frombuffer(head, np.uint8)
-        at = len(head) + np.cumsum(sizes[s:e]) - sizes[s:e]
-        for i, c in enumerate(caps):
-            mine = np.flatnonzero(which[s:e] == i)
-            if len(mine):
-                p = pos[s:e][mine]
-                put_records(body, at[mine], c.data, c.data_offset[p], c.caplen[p],
-                            c.wirelen[p], ts[s:e][mine], nanosecond)
-        temp = ds.root / f".import-{os.getpid()}-{k}.pcap.part"
-        write_synced(temp, body, file_mode)
-        del body
-        # Named before it is placed, under the name it will have (the next free microsecond
-        # when its own is taken): a stop from here on is undone by the next run, which must
-        # remove this file and no other.
-        sf = ds.placement(first)
-        files.append(sf.name)
-        _store_registry(ds, reg)
-        sf = ds.place(temp, first, at=sf)
-        index_and_link(ds, sf, file_mode)
-    for src in cluster.sources:
+                           "files": names, "complete": False}
+    _store_registry(ds, reg)
+    temps = []
+    tag = f"{TEMP_PREFIX}{os.getpid()}"
+    try:
+        for k, (s, e) in enumerate(pk.parts):
+            body, table = _pcap_body(ds, pk, s, e)
+            temp = ds.root / f"{tag}-{k}.pcap.part"
+            _write_new(temp, body, file_mode)
+            temps.append(temp)
+            # Indexed from memory: the file is not read back, nor its records walked again.
+            head = parse_global_header(bytes(body[:GLOBAL_HEADER_LEN]), str(temp))
+            idx = index_records(body, head, table)
+            del body, table
+            _write_new(temp.with_suffix(".idx.part"), encode_index(idx), file_mode)
+            temps.append(temp.with_suffix(".idx.part"))
+        del pk
+        _sync(temps)
+        for k, sf in enumerate(where):
+            ds.place(temps[2 * k], sf.first_ns, at=sf)
+            os.rename(temps[2 * k + 1], sf.index)
+        _sync({ds.root, *(sf.pcap.parent for sf in where)}, directory=True)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    for sf in where:
+        ds.link_if_present(sf)
+    for src in srcs:
         reg[src.digest]["complete"] = True
     _store_registry(ds, reg)
-    if len(cluster.sources) > 1:
-        report(f"merged in time order, as they overlap: {cluster.names}")
-    return len(parts)
+    return len(where)
 
 
-def sources(paths: tuple[Path, ...]) -> list[Path]:
-    """The files given, and the capture files under the directories given (sorted)."""
+def sources(paths: tuple[Path, ...], ds: DumpSet,
+            report: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """The files given, and the capture files under the directories given (sorted).
+
+    In a directory, what is not a regular file (a FIFO, a device, through a link too) is
+    skipped with a warning: reading it would hang or never end. The dump set's own files
+    are refused when given, and left out of a directory holding them: imported, they would
+    be doubled (an unfinished file of the recorder is placed by npcaprepair too).
+    """
+    own = [os.path.realpath(ds.root), os.path.realpath(ds.timeline)]
+
+    def inside(p: str | Path) -> str | None:
+        real = os.path.realpath(p)
+        return next((o for o in own if real == o or real.startswith(o + os.sep)), None)
+
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            for dirpath, dirs, files in os.walk(p):
-                dirs.sort()
-                for n in sorted(files):
-                    if not n.startswith(".") and n.removesuffix(".gz").removesuffix(
-                            ".zst").endswith(CAPTURE_SUFFIXES):
-                        out.append(Path(dirpath) / n)
-        elif p.exists():
-            out.append(p)
-        else:
+        if not p.exists():
             raise click.UsageError(f"{p} does not exist; give capture files or directories")
+        if inside(p):
+            raise ImportRefused(f"{p} is inside the dump set {ds.root} (or its timeline): its "
+                                "packets are the dump set's already; nothing was imported")
+        if not p.is_dir():
+            out.append(p)
+            continue
+        for dirpath, dirs, files in os.walk(p):
+            for d in list(dirs):
+                if inside(Path(dirpath) / d):
+                    report(f"{Path(dirpath) / d}: the dump set's own directory; skipped")
+                    dirs.remove(d)
+            dirs.sort()
+            for n in sorted(files):
+                if n.startswith(".") or not n.removesuffix(".gz").removesuffix(
+                        ".zst").endswith(CAPTURE_SUFFIXES):
+                    continue
+                f = Path(dirpath) / n
+                try:
+                    regular = stat.S_ISREG(f.stat().st_mode)
+                except OSError as e:  # a dangling or looping link
+                    report(f"{f}: {e.strerror}; skipped")
+                    continue
+                if not regular:
+                    report(f"{f}: not a regular file (a FIFO or device); skipped")
+                elif inside(f):
+                    report(f"{f}: a link into the dump set; skipped")
+                else:
+                    out.append(f)
     return out
 
 
@@ -370,10 +577,12 @@ Examples:
 
 Takes pcap (either byte order, micro- or nanosecond), pcapng with one interface, and either
 compressed with gzip or zstd (recognised by content); from a directory, every *.pcap,
-*.pcapng, *.cap and *.dmp (also .gz/.zst) below it. Each capture is cut into files at the
-recorder's file size (-p) and 10-minute slots, in its precision, indexed and linked like recorded
-files, and counted by the recorder's disk budget (which deletes the oldest files first:
-imported old captures go first when the dump set is over its limit). A capture imported
+*.pcapng, *.cap and *.dmp (also .gz/.zst) below it that is a regular file (FIFOs, devices
+and the dump set itself are skipped). The captures, in time order, are cut into files at the
+recorder's file size (-p) and 10-minute slots (small captures share files), in the dump set's
+precision, indexed and linked like recorded files, and counted by the recorder's disk
+budget (which deletes the oldest files first: imported old captures go first when the dump
+set is over its limit). A capture imported
 before is skipped (DS/imports.json records each by its SHA-256). Captures overlapping
 each other in time are merged in time order. A capture that overlaps the dump set's files
 in time, has another link type, or several interfaces is refused, and nothing is imported.
@@ -403,8 +612,8 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
         given = parse_size(max_size, "-p", 16 << 10) if max_size else None
     except PcapVaultError as e:
         raise click.UsageError(str(e)) from None
-    files = sources(paths)
     ds = DumpSet.open(dumpset)
+    files = sources(paths, ds, report=click.echo)
     max_bytes = given or ds.file_bytes or DEFAULT_FILE_BYTES
     become_owner(ds)
     os.umask(0o777 & ~dir_mode)
@@ -412,11 +621,11 @@ def command(dumpset: Path, max_size: str | None, file_mode: int, dir_mode: int,
     for name in undo_partial(ds):
         click.echo(f"{name}: its import was stopped halfway; its files were removed and it "
                    "is imported again if given")
-    clusters = survey(ds, files, report=click.echo, recording=recording)
+    clusters = survey(ds, files, report=click.echo, recording=recording, max_bytes=max_bytes)
     nfiles = npackets = 0
-    for c in clusters:
-        nfiles += import_cluster(ds, c, max_bytes, file_mode, report=click.echo)
-        for src in c.sources:
+    for g in groups(clusters):
+        nfiles += import_group(ds, g, max_bytes, file_mode, report=click.echo)
+        for src in (src for c in g for src in c.sources):
             npackets += src.packets
             click.echo(f"{src.path}: {src.packets} packets, {format_time(src.lo)} to "
                        f"{format_time(src.hi)}")

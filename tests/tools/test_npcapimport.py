@@ -312,7 +312,19 @@ def test_imported_files_count_against_the_budget(tmp_path):
     assert ds.usage() >= before + pcaps > before + src.stat().st_size
 
 
-def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatch):
+def import_in_process(ds: DumpSet, srcs: list[Path], max_bytes: int) -> int:
+    """The command's two passes, in this process (so that a test can stop them)."""
+    from pcapvault.tools import npcapimport as imp
+
+    clusters = imp.survey(ds, srcs, max_bytes=max_bytes)
+    return sum(imp.import_group(ds, g, max_bytes, 0o640) for g in imp.groups(clusters))
+
+
+@pytest.mark.parametrize("stop_at", ["place", "link", "complete"])
+def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatch, stop_at):
+    """A stop after the third file is placed, after the second is linked, or right before the
+    registry says complete: the next run removes what the stopped one placed, and imports
+    the capture again, whole and once."""
     from pcapvault.tools import npcapimport as imp
 
     pk = traffic(600)
@@ -320,25 +332,32 @@ def test_an_import_stopped_halfway_is_undone_and_done_again(tmp_path, monkeypatc
     write_pcap(src, pk)
     root = new_dumpset(tmp_path / "ds")
     ds = DumpSet.open(root)
-    real = imp.index_and_link
     calls = []
+    # (owner, function, the call after which it stops; 0: instead of the second call)
+    target = {"place": (DumpSet, "place", 3), "link": (DumpSet, "link_if_present", 2),
+              "complete": (imp, "_store_registry", 0)}[stop_at]
+    real = getattr(*target[:2])
 
-    def die_on_third(*a, **kw):
+    def stop(*a, **kw):
         calls.append(1)
-        if len(calls) == 3:
+        if not target[2] and len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*a, **kw)
+        out = real(*a, **kw)
+        if len(calls) == target[2]:
+            raise KeyboardInterrupt  # the power fails right after it
+        return out
 
-    monkeypatch.setattr(imp, "index_and_link", die_on_third)
-    clusters = imp.survey(ds, [src])
+    monkeypatch.setattr(target[0], target[1], stop)
     with pytest.raises(KeyboardInterrupt):
-        imp.import_cluster(ds, clusters[0], 64 << 10, 0o640)
+        import_in_process(ds, [src], 64 << 10)
     monkeypatch.undo()
-    assert len(ds.files()) == 3  # two indexed, the third placed but not indexed
+    assert len(ds.files()) >= 3
     r = npcapimport("-t", root, "-p", "64K", src)
     assert r.returncode == 0 and "stopped halfway" in r.stdout, r.stdout + r.stderr
     assert_clean(root)
+    assert not list(root.glob(".import-*"))
     assert sorted(extract(root, tmp_path / "out.pcap")) == records(pk)
+    assert npcapimport("-t", root, "-p", "64K", src).stdout.count("already imported") == 1
 
 
 def test_import_beside_a_running_recorder(veth, tmp_path):
@@ -485,8 +504,6 @@ def test_a_stop_right_after_a_file_took_the_next_free_microsecond_is_undone(
     """Every packet in one microsecond: each file after the first takes the next free one.
     The registry named the file's intended name, then place() bumped it: a stop before the
     registry was rewritten made the next run remove the wrong file and refuse for good."""
-    from pcapvault.tools import npcapimport as imp
-
     pk = [(SYNTH_START + i, d, w) for i, (_, d, w) in enumerate(traffic(400))]
     src = tmp_path / "same-microsecond.pcap"
     write_pcap(src, pk)
@@ -502,9 +519,8 @@ def test_a_stop_right_after_a_file_took_the_next_free_microsecond_is_undone(
         return placed[-1]
 
     monkeypatch.setattr(DumpSet, "place", stop_after_second)
-    clusters = imp.survey(ds, [src])
     with pytest.raises(KeyboardInterrupt):
-        imp.import_cluster(ds, clusters[0], 16 << 10, 0o640)
+        import_in_process(ds, [src], 16 << 10)
     monkeypatch.undo()
     assert placed[1].first_ns == SYNTH_START // 1000 * 1000 + 1000  # it was bumped
     r = npcapimport("-t", root, "-p", "16K", src)
