@@ -342,7 +342,7 @@ def groups(clusters: list[Cluster]) -> Iterator[list[Cluster]]:
 
 
 @dataclass
-class _Packets:
+class _GroupPackets:
     """The packets of a group, in the order they are stored: which capture, where in it."""
 
     caps: list[Capture]
@@ -375,7 +375,7 @@ def _open_sources(ds: DumpSet, cluster: Cluster, snaplen: int,
 
 
 def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
-                   report: Callable[[str], None]) -> _Packets:
+                   report: Callable[[str], None]) -> _GroupPackets:
     """The group's packets in file order (a cluster of several captures merged in time order),
     cut into files as the recorder would cut them.
 
@@ -411,10 +411,10 @@ def _group_packets(ds: DumpSet, group: list[Cluster], max_bytes: int,
     which, pos, ts, sizes = (np.concatenate(c) for c in cols)
     parts = [(r + s, r + e) for r, stop in zip(runs, [*runs[1:], n], strict=True)
              for s, e in cut_points(ts[r:stop], sizes[r:stop], max_bytes)]
-    return _Packets(caps, which, pos, ts, sizes, parts)
+    return _GroupPackets(caps, which, pos, ts, sizes, parts)
 
 
-def _pcap_body(ds: DumpSet, pk: _Packets, s: int, e: int) -> tuple[np.ndarray, RecordTable]:
+def _pcap_body(ds: DumpSet, pk: _GroupPackets, s: int, e: int) -> tuple[np.ndarray, RecordTable]:
     """The pcap of packets [s, e), and where its records are (so it is indexed without being
     walked again): one vectorised copy per capture it takes packets from."""
     head = global_header(int(ds.meta.get("linktype", 1)), _snaplen(ds), ds.nanosecond)

@@ -15,8 +15,7 @@ import pytest
 from dumpsets import assert_clean, repair
 from extract_helpers import NS, SYNTH_START, read_pcap_records, tcpdump_select, write_pcap
 from fsutil import loop_fs
-from recorderproc import tool
-from test_npcapimport import (
+from import_helpers import (
     extract,
     import_in_process,
     new_dumpset,
@@ -27,6 +26,7 @@ from test_npcapimport import (
     records,
     traffic,
 )
+from recorderproc import tool
 
 from pcapvault.index import timeline
 from pcapvault.index.dumpset import DumpSet
