@@ -448,7 +448,8 @@ class Run:
         return f"{' '.join(self.argv)} -> {self.rc}\n{self.stderr[-3000:]}"
 
 
-def _limits() -> None:
+def limit_memory() -> None:
+    """In the child: the address-space limit (MEMORY_LIMIT)."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
@@ -457,7 +458,7 @@ def run(tool: str, *args: str, timeout: float = TIMEOUT) -> Run:
     argv = [str(BIN / tool), *args]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TZ": "UTC"}
     try:
-        r = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=_limits,
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=limit_memory,
                            env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         return Run(argv, None, e.stdout or b"", (e.stderr or b"").decode(errors="replace"))

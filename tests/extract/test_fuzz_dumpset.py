@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from extract_helpers import NS, SYNTH_START, epoch, synthetic_dumpset, tcpdump_window
-from fuzzdumpset import fuzz, pcap_records
+from fuzzdumpset import fuzz, make_pristine, pcap_records, stored
 from recorderproc import tool
 
 B, E = SYNTH_START, SYNTH_START + 3600 * NS
@@ -63,6 +63,30 @@ def test_a_pcap_header_tcpdump_refuses_skips_the_file(synth, tmp_path, at, fmt, 
     assert whole
     want = tcpdump_window([f for f in files if f != damaged], expr, B, E)
     assert got == want and want
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """The fuzzer's small dump sets: plain and compressed, the same packets."""
+    return make_pristine(tmp_path_factory.mktemp("pristine"))
+
+
+def test_a_seek_table_entry_one_byte_short_is_not_a_cut_file(pristine, tmp_path):
+    """Mutation 18 of seed 1: the last frame's seek-table entry one byte short. The reader
+    took the file as one byte shorter, and extraction dropped its last record as past the
+    end of the file, exit 0; now that frame is damage, reported (exit 3)."""
+    root = tmp_path / "ds"
+    shutil.copytree(pristine["zst"], root, symlinks=True)
+    victim = stored(root, ".pcap.zst")[1]
+    data = bytearray(victim.read_bytes())
+    frames = struct.unpack_from("<I", data, len(data) - 9)[0]
+    at = len(data) - 9 - 8 + 4  # the last entry's decompressed size (no checksums)
+    assert frames and not data[-5] & 0x80
+    struct.pack_into("<I", data, at, struct.unpack_from("<I", data, at)[0] - 1)
+    victim.write_bytes(bytes(data))
+    r = npcapextract(root, "")
+    assert r.returncode == 3, r.stderr
+    assert b"damaged compressed data" in r.stderr and victim.name.encode() in r.stderr
 
 
 def test_fuzz_dumpset(tmp_path):
