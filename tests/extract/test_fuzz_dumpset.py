@@ -7,6 +7,8 @@ never a traceback, a hang, or memory a length field claims."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -89,6 +91,51 @@ def test_a_seek_table_entry_one_byte_short_is_not_a_cut_file(pristine, tmp_path)
     r = npcapextract(root, "")
     assert r.returncode == 3, r.stderr
     assert b"damaged compressed data" in r.stderr and victim.name.encode() in r.stderr
+
+
+@pytest.mark.parametrize("marker, key, value", [
+    (".pcapvault", "timeline", None), (".pcapvault", "timeline", 5),
+    (".pcapvault", "files_per_dir", "x"), (".pcapvault", "linktype", "x"),
+    (".pcapvault", "snaplen", []), (".pcapvault", "precision", "ms"),
+    ("timeline/.pcapvault-timeline", "dumpset", 5),
+    ("timeline/.pcapvault-timeline", "dumpset", None),
+])
+def test_a_marker_field_of_another_type(pristine, tmp_path, marker, key, value):
+    """Mutation 50 of seed 3 and its kind: a marker's field of another type made every
+    reader fail with a traceback (TypeError, ValueError, KeyError); one line now."""
+    root = tmp_path / "ds"
+    shutil.copytree(pristine["plain"], root, symlinks=True)
+    meta = json.loads((root / marker).read_text())
+    meta[key] = value
+    (root / marker).write_text(json.dumps(meta))
+    for argv in ([tool("npcapextract"), "-t", str(root / "timeline"), "-b", epoch(B), "-e",
+                  epoch(E), "-O"], [tool("npcaprepair"), "-n", str(root)]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{marker.split('/')[-1]} is damaged" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("where", ["year", "slot", "link"])
+def test_names_of_other_digits_and_stray_slots(pristine, tmp_path, where):
+    """Seed 1 mutation 26, seed 3 mutation 42 and their kind: a timeline directory or link
+    whose name has a digit int() refuses ("²": str.isdigit() takes it) made extraction fail
+    with a traceback; a copy of a slot under another minute made it take those files twice.
+    Neither is a file of the dump set: the result is tcpdump's over its pcaps."""
+    root = tmp_path / "ds"
+    shutil.copytree(pristine["plain"], root, symlinks=True)
+    slot = root / "timeline/2025/11/21/15/00"
+    if where == "year":
+        (root / "timeline/\u00b2025").mkdir()
+    elif where == "slot":
+        shutil.copytree(slot, slot.with_name("13"), symlinks=True)
+    else:
+        link = next(slot.glob("*.pcap"))
+        (slot / ("\u00b2" + link.name[1:])).symlink_to(os.readlink(link))
+    r = npcapextract(root, "")
+    assert r.returncode == 0, r.stderr
+    got, _ = pcap_records(r.stdout)
+    assert got == tcpdump_window(stored(root), "", B, E)
 
 
 def test_fuzz_dumpset(tmp_path):
