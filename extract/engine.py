@@ -578,6 +578,14 @@ class _Pipeline:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
             self.stats.damaged_files += 1
             return _Planned(sf, None)
+        if reader.header.linktype != self.src.linktype:
+            # The filter and the index read the records as the dump set's link type; tcpdump
+            # would read them as the header's (a damaged header, or a foreign file).
+            self.warn(f"{c.file.pcap}: unreadable, skipped (its header gives link type "
+                      f"{reader.header.linktype}, the dump set's is {self.src.linktype})")
+            self.stats.damaged_files += 1
+            reader.close()
+            return _Planned(sf, None)
         sure = 0
         if self.listing:
             # Counted unread, so first dropped if the file does not hold them (a pcap cut

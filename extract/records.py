@@ -21,7 +21,12 @@ import struct
 from dataclasses import dataclass, field
 
 from pcapvault.index.libpcap import Filter
-from pcapvault.index.pcaplayout import RECORD_HEADER_LEN, global_header
+from pcapvault.index.pcaplayout import (
+    GLOBAL_HEADER_LEN,
+    RECORD_HEADER_LEN,
+    global_header,
+    is_own_header,
+)
 
 from .outfile import create, writev_all
 from .plan import FilePlan
@@ -57,7 +62,8 @@ def run(pp: PostingsPlan, begin_ns: int, end_ns: int, output: str | None, empty:
                              [c + RECORD_HEADER_LEN for c in fp.caplen]) for fp in pp.files]
         for fp, job in zip(pp.files, jobs, strict=True):
             hints.announced(job)
-            n = _take(fp, t.filter, t.nanosecond, begin_ns, end_ns, stats, kept, list_only)
+            n = _take(fp, t.filter, t.linktype, t.nanosecond, begin_ns, end_ns, stats, kept,
+                      list_only)
             hints.done(job)
             if n is None:
                 return None
@@ -81,10 +87,11 @@ def run(pp: PostingsPlan, begin_ns: int, end_ns: int, output: str | None, empty:
     return res
 
 
-def _take(fp: FilePlan, flt: Filter, nanosecond: bool, begin: int, end: int, stats: Stats,
-          kept: list[bytes], list_only: bool) -> int | None:
+def _take(fp: FilePlan, flt: Filter, linktype: int, nanosecond: bool, begin: int, end: int,
+          stats: Stats, kept: list[bytes], list_only: bool) -> int | None:
     """Matches of one file (appended to `kept` unless listing); None on a record that
-    disagrees with the plan."""
+    disagrees with the plan, or a pcap header other than the dump set's (the engine opens
+    the file as tcpdump would, and skips and reports one it cannot read)."""
     scale = 1 if nanosecond else 1000
     match = flt.match
     edges = fp.edge if fp.edge is not None else [False] * len(fp.rec)
@@ -94,6 +101,11 @@ def _take(fp: FilePlan, flt: Filter, nanosecond: bool, begin: int, end: int, sta
     except OSError:
         return None
     try:
+        try:
+            if not is_own_header(os.pread(fd, GLOBAL_HEADER_LEN, 0), linktype, nanosecond):
+                return None
+        except OSError:
+            return None
         for off, cap, sure, edge in zip(fp.rec, fp.caplen, fp.sure, edges, strict=True):
             if list_only and sure and not edge:
                 n += 1

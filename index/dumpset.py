@@ -40,7 +40,8 @@ def parse_name(name: str) -> int | None:
     """First-packet time (ns, microsecond resolution) from an `epoch.usec[.pcap]` name."""
     stem = name.removesuffix(".idx").removesuffix(".zst").removesuffix(".pcap")
     sec, dot, usec = stem.partition(".")
-    if not (dot and sec.isdigit() and usec.isdigit() and len(usec) == 6):
+    if not (dot and sec.isascii() and sec.isdigit() and usec.isascii() and usec.isdigit()
+            and len(usec) == 6):  # str.isdigit() takes "²" too, which int() refuses
         return None
     return int(sec) * 1_000_000_000 + int(usec) * 1000
 
@@ -149,6 +150,27 @@ def _ensure_timeline(tl: Path, root: Path) -> None:
         ) from None
 
 
+# The marker's fields its readers take as they are, and the values each may have
+# (docs/FORMAT.md, "Dump set"); `file_bytes` is read leniently (DumpSet.file_bytes).
+_META_FIELDS: dict[str, Callable[[object], bool]] = {
+    "timeline": lambda v: isinstance(v, str) and v != "",
+    "interface": lambda v: isinstance(v, str),
+    "linktype": lambda v: type(v) is int and 0 <= v < 1 << 32,
+    "snaplen": lambda v: type(v) is int and 0 <= v < 1 << 32,
+    "files_per_dir": lambda v: type(v) is int and v > 0,
+    "precision": lambda v: v in ("ns", "us"),
+}
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """A marker whose fields have other types or values: damage, said in one line (its
+    readers would fail on it with a traceback, or read the files wrongly)."""
+    for key, ok in _META_FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise DumpSetError(f"{path} is damaged ({key} is {meta[key]!r}); correct it as "
+                               "docs/FORMAT.md (\"Dump set\") describes")
+
+
 @dataclass(frozen=True, order=True)
 class StoredFile:
     """One finished pcap of a dump set; ordering is by first-packet time."""
@@ -182,6 +204,7 @@ class DumpSet:
     def __init__(self, root: Path, meta: dict):
         self.root = root
         self.meta = meta
+        _check_meta(root / MARKER, meta)
         tl = Path(meta.get("timeline", "timeline"))
         self.timeline = tl if tl.is_absolute() else root / tl
         self.files_per_dir = int(meta.get("files_per_dir", 1000))
@@ -547,7 +570,9 @@ class DumpSet:
                 first = parse_name(n)
                 if first is not None:
                     found.append(StoredFile(first, (d / n)))
-        found.sort()
+        # A name is one file: a stray copy of a slot (or a link in the wrong slot) must not
+        # make a reader take its packets twice.
+        found = sorted({sf.name: sf for sf in found}.values())
         out = []
         for i, sf in enumerate(found):
             nxt = found[i + 1].first_ns if i + 1 < len(found) else None

@@ -29,6 +29,7 @@ from .errors import FormatError
 from .pcaplayout import (
     _HEADER,
     GLOBAL_HEADER_LEN,
+    LINKTYPE_MASK,
     MAGIC_NS,
     MAGIC_US,
     MAX_CAPLEN,
@@ -39,9 +40,6 @@ from .pcaplayout import (
 
 _MAGIC_MODIFIED = 0xA1B2CD34  # Kuznetzov's patched libpcap: longer record headers
 _MAGIC_PCAPNG = 0x0A0D0D0A
-
-# Linktype field: the low 26 bits are the link type, the rest FCS information (pcap spec).
-_LINKTYPE_MASK = 0x03FFFFFF
 
 # Whole-file readers touch every page, so they map them all at once. (On a cached file a fault
 # per page measures no slower today: docs/BENCHMARKS.md, D18.)
@@ -105,11 +103,12 @@ def parse_global_header(data: bytes, name: str) -> PcapHeader:
     _, major, minor, _, _, snaplen, linktype = struct.unpack_from(
         order + _HEADER.format[1:], data
     )
-    if major != 2:
-        raise FormatError(f"{name}: unsupported pcap version {major}.{minor} (need 2.x)")
+    if major != 2 or minor > 4:
+        # libpcap refuses minor versions above 4 too: tcpdump would not read such a file.
+        raise FormatError(f"{name}: unsupported pcap version {major}.{minor} (need 2.4 or older)")
     return PcapHeader(
         nanosecond=magic == MAGIC_NS,
-        linktype=linktype & _LINKTYPE_MASK,
+        linktype=linktype & LINKTYPE_MASK,
         snaplen=snaplen,
         big_endian=order == ">",
         version=(major, minor),

@@ -17,6 +17,8 @@ RECORD_HEADER_LEN = 16
 MAX_CAPLEN = 262144
 
 _HEADER = struct.Struct("<IHHiIII")
+# Linktype field: the low 26 bits are the link type, the rest FCS information (pcap spec).
+LINKTYPE_MASK = 0x03FFFFFF
 
 
 def global_header(linktype: int, snaplen: int, nanosecond: bool) -> bytes:
@@ -31,3 +33,15 @@ def record_header(ts_ns: int, caplen: int, wirelen: int, nanosecond: bool) -> by
     if not nanosecond:
         frac //= 1000
     return struct.pack("<IIII", sec, frac, caplen, wirelen)
+
+
+def is_own_header(head: bytes, linktype: int, nanosecond: bool) -> bool:
+    """Whether `head` starts a pcap whose records read as the little-endian ones of this
+    precision and link type: what the readers of an index's records without numpy check
+    before trusting them (a damaged header makes libpcap refuse the file, or read it
+    otherwise)."""
+    if len(head) < GLOBAL_HEADER_LEN:
+        return False
+    magic, major, minor, _, _, _, link = _HEADER.unpack_from(head)
+    return (magic == (MAGIC_NS if nanosecond else MAGIC_US) and major == 2 and minor <= 4
+            and link & LINKTYPE_MASK == linktype)

@@ -61,7 +61,8 @@ def existing_slots(root: Path, begin_sec: int, end_sec: int) -> Iterator[int]:
 
     def walk(d: Path, parts: list[int]) -> Iterator[int]:
         try:
-            names = sorted(n for n in os.listdir(d) if n.isdigit())
+            # ASCII digits only: str.isdigit() takes "²" too, which int() refuses
+            names = sorted(n for n in os.listdir(d) if n.isascii() and n.isdigit())
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
@@ -106,9 +107,13 @@ def read_json_marker(path: Path, kind: str, missing: str) -> dict:
 
 
 def read_marker(root: Path) -> dict:
-    return read_json_marker(
+    meta = read_json_marker(
         root / MARKER, "timeline", f"{root} is not a pcapvault timeline (no {MARKER})"
     )
+    if not isinstance(meta.get("dumpset"), str) or not meta["dumpset"]:
+        raise DumpSetError(f"{root / MARKER} is damaged (its dumpset is "
+                           f"{meta.get('dumpset')!r}, not a path); run npcaprepair")
+    return meta
 
 
 def ensure_marker(root: Path, dumpset_root: Path) -> None:
