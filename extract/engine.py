@@ -56,6 +56,7 @@ from pcapvault.index.pcapfile import (
     headers_disagree,
     timestamps_ns,
 )
+from pcapvault.index.pcaplayout import snapshot
 
 from . import postingsplan
 from .direct import DirectReader, Span, cached
@@ -578,11 +579,17 @@ class _Pipeline:
             self.warn(f"{c.file.pcap}: unreadable, skipped ({e})")
             self.stats.damaged_files += 1
             return _Planned(sf, None)
-        if reader.header.linktype != self.src.linktype:
-            # The filter and the index read the records as the dump set's link type; tcpdump
-            # would read them as the header's (a damaged header, or a foreign file).
-            self.warn(f"{c.file.pcap}: unreadable, skipped (its header gives link type "
-                      f"{reader.header.linktype}, the dump set's is {self.src.linktype})")
+        # A damaged header, or a foreign file: tcpdump would read the records as its link
+        # type (the filter and the index read the dump set's), and cut those longer than its
+        # snapshot length (the index has them whole).
+        h = reader.header
+        longest = int(c.caplen.max()) if len(c.caplen) else 0
+        why = (f"its header gives link type {h.linktype}, the dump set's is "
+               f"{self.src.linktype}" if h.linktype != self.src.linktype else
+               f"its header's snapshot length {h.snaplen} is below its records' {longest}"
+               if longest > snapshot(h.snaplen) else "")
+        if why:
+            self.warn(f"{c.file.pcap}: unreadable, skipped ({why})")
             self.stats.damaged_files += 1
             reader.close()
             return _Planned(sf, None)

@@ -102,7 +102,8 @@ def _take(fp: FilePlan, flt: Filter, linktype: int, nanosecond: bool, begin: int
         return None
     try:
         try:
-            if not is_own_header(os.pread(fd, GLOBAL_HEADER_LEN, 0), linktype, nanosecond):
+            if not is_own_header(os.pread(fd, GLOBAL_HEADER_LEN, 0), linktype, nanosecond,
+                                 max(fp.caplen, default=0)):
                 return None
         except OSError:
             return None

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import FormatError, PcapVaultError
 from .pcapfile import parse_global_header, scan_records
-from .pcaplayout import GLOBAL_HEADER_LEN, MAX_CAPLEN, RECORD_HEADER_LEN
+from .pcaplayout import GLOBAL_HEADER_LEN, RECORD_HEADER_LEN, snapshot
 from .times import MAX_NS
 
 _GZIP = b"\x1f\x8b"
@@ -154,7 +154,7 @@ def open_capture(path: Path, tmp_dir: Path) -> Capture:
     cap.path, cap.digest = path, digest
     # libpcap (so tcpdump and Wireshark) reads a record longer than the file's snapshot length
     # as cut to it; a snapshot length of 0 or beyond the largest one means the largest.
-    snap = cap.snaplen if 0 < cap.snaplen <= MAX_CAPLEN else MAX_CAPLEN
+    snap = snapshot(cap.snaplen)
     np.minimum(cap.caplen, snap, out=cap.caplen)
     return cap
 

@@ -35,13 +35,19 @@ def record_header(ts_ns: int, caplen: int, wirelen: int, nanosecond: bool) -> by
     return struct.pack("<IIII", sec, frac, caplen, wirelen)
 
 
-def is_own_header(head: bytes, linktype: int, nanosecond: bool) -> bool:
+def snapshot(snaplen: int) -> int:
+    """The longest record libpcap reads whole from a pcap whose header gives `snaplen` (0, or
+    more than the largest, stands for the largest); it cuts a longer one to this length."""
+    return snaplen if 0 < snaplen <= MAX_CAPLEN else MAX_CAPLEN
+
+
+def is_own_header(head: bytes, linktype: int, nanosecond: bool, longest: int = 0) -> bool:
     """Whether `head` starts a pcap whose records read as the little-endian ones of this
-    precision and link type: what the readers of an index's records without numpy check
-    before trusting them (a damaged header makes libpcap refuse the file, or read it
-    otherwise)."""
+    precision and link type, records of up to `longest` bytes whole: what the readers of an
+    index's records without numpy check before trusting them (a damaged header makes
+    libpcap refuse the file, or read it otherwise)."""
     if len(head) < GLOBAL_HEADER_LEN:
         return False
-    magic, major, minor, _, _, _, link = _HEADER.unpack_from(head)
+    magic, major, minor, _, _, snaplen, link = _HEADER.unpack_from(head)
     return (magic == (MAGIC_NS if nanosecond else MAGIC_US) and major == 2 and minor <= 4
-            and link & LINKTYPE_MASK == linktype)
+            and link & LINKTYPE_MASK == linktype and longest <= snapshot(snaplen))

@@ -45,10 +45,12 @@ def npcapextract(root: Path, expr: str) -> subprocess.CompletedProcess:
 
 # Mutations 8, 17 and 78 of seeds 1 and 2: a pcap's global header damaged. libpcap refuses
 # a major version other than 2, a minor one above 4, an unknown magic; mutation 40 of seed 2:
-# a link type (0) tcpdump reads the records as, where the index and the filter read Ethernet.
+# a link type (0) tcpdump reads the records as, where the index and the filter read Ethernet;
+# mutation 95 of seed 3: a snapshot length (64) below the records' lengths, which tcpdump cuts
+# the records to, where the index has them whole.
 @pytest.mark.parametrize("at, fmt, value", [(4, "<H", 0x7FFF), (6, "<H", 0xFFFF),
                                             (6, "<H", 5), (0, "<I", 0xA1B27C4D),
-                                            (20, "<I", 0)])
+                                            (20, "<I", 0), (16, "<I", 64)])
 @pytest.mark.parametrize("expr", ["", HOST])
 def test_a_pcap_header_tcpdump_refuses_skips_the_file(synth, tmp_path, at, fmt, value, expr):
     """The host query's fast path read the records of such a file by its index and answered
