@@ -30,7 +30,7 @@ from .pcapfile import (
     parse_global_header,
     scan_records,
 )
-from .pcaplayout import record_header
+from .pcaplayout import global_header, is_own_header, record_header
 from .postings import FIRST_POSTINGS_VERSION, HEADER_LEN, VERSION, parse_header
 
 
@@ -167,6 +167,13 @@ class Repair:
                 self._do("remove", sf.pcap, f"duplicate of {plain.name}, whose compression was "
                          "interrupted", lambda: self.ds.delete(sf))
                 return
+        if not compressed.is_compressed(sf.pcap):
+            fix = _damaged_header(self.ds, sf, self.deep)
+            if fix is not None:
+                self._do("restore pcap header", sf.pcap, fix[0],
+                         lambda: _write_header(sf.pcap, fix[1]))
+                if self.dry_run:
+                    return  # what follows would read the header not yet restored
         wrong = None
         try:
             with PcapReader(sf.pcap) as r:
@@ -353,6 +360,52 @@ def _truncate(path: Path, size: int) -> None:
     fd = _open_pcap(path)
     try:
         os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _damaged_header(ds: DumpSet, sf: StoredFile, deep: bool) -> tuple[str, bytes] | None:
+    """(why, the header to write) when a plain pcap's global header is not one the dump set
+    writes (magic, version, link type, and with `deep` a snapshot length below its longest
+    record) while its index shows the records are the dump set's own: the first record where
+    the index says, as it says. None otherwise (a healthy header, or no index to go by: the
+    checks after this one decide). Before, a damaged magic made the file unreadable and it
+    was removed as "not a pcap", with every packet in it; tcpdump and extraction refused or
+    misread the others."""
+    try:
+        fd = os.open(sf.pcap, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, GLOBAL_HEADER_LEN + RECORD_HEADER_LEN, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    linktype, ns = int(ds.meta.get("linktype", 1)), ds.nanosecond
+    if not deep and is_own_header(head, linktype, ns):
+        return None
+    try:
+        idx = read_index(sf.index)
+    except (OSError, FormatError):
+        return None
+    if not idx.count or index_problem(idx) or int(idx.offset[0]) != GLOBAL_HEADER_LEN:
+        return None
+    longest = int(idx.caplen.max())
+    if is_own_header(head, linktype, ns, longest):
+        return None
+    first = record_header(int(idx.ts_ns[0]), int(idx.caplen[0]), int(idx.wirelen[0]), ns)
+    if head[GLOBAL_HEADER_LEN:] != first:
+        return None  # the records are not the index's either: not only the header is wrong
+    snaplen = max(int(ds.meta.get("snaplen", 0)), longest)
+    return ("its pcap header is not the dump set's (magic, version, link type, or a snapshot "
+            "length below its records'); the index shows its records are"), global_header(
+        linktype, snaplen, ns)
+
+
+def _write_header(path: Path, header: bytes) -> None:
+    fd = _open_pcap(path)
+    try:
+        os.pwrite(fd, header, 0)
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -88,10 +88,29 @@ def damage_index_disagrees(ds: DumpSet) -> None:
     write_index(sf.index, idx)
 
 
+def _pcap_header_field(name: str, at: int, value: int):
+    def damage(ds: DumpSet) -> None:
+        with open(ds.files()[1].pcap, "r+b") as f:
+            f.seek(at)
+            f.write(struct.pack("<I", value))
+    damage.__name__ = name  # the test's id
+    return damage
+
+
+# A pcap's own header damaged (the dump set's fuzzer, mutations 72 and 130 of seed 3, 95 of
+# seed 3): a magic nobody reads made the file "not a pcap", removed with its 50 packets; a
+# link type or a snapshot length below the records' (tcpdump cuts them) was left alone, and
+# extraction skipped the file for good.
+damage_pcap_magic = _pcap_header_field("damage_pcap_magic", 0, 0)
+damage_pcap_link_type = _pcap_header_field("damage_pcap_link_type", 20, 0)
+damage_pcap_snaplen = _pcap_header_field("damage_pcap_snaplen", 16, 20)
+HEADERS = (damage_pcap_magic, damage_pcap_link_type, damage_pcap_snaplen)
+
+
 @pytest.mark.parametrize("damage", [
     damage_truncated_index, damage_flipped_index_byte, damage_deleted_link,
     damage_dangling_link, damage_torn_pcap, damage_leftover_temp,
-    damage_flipped_record_caplen, damage_foreign_index, damage_index_disagrees,
+    damage_flipped_record_caplen, damage_foreign_index, damage_index_disagrees, *HEADERS,
 ])
 def test_damage_is_repaired(tmp_path, damage):
     ds = make_dumpset(tmp_path / "ds")
@@ -115,6 +134,9 @@ def test_damage_is_repaired(tmp_path, damage):
         assert "truncate" not in r.stdout  # the packets after the damaged header are whole
     if damage in (damage_foreign_index, damage_index_disagrees):
         assert "rebuild index" in r.stdout
+    if damage in HEADERS:
+        assert "restore pcap header" in r.stdout and "rebuild" not in r.stdout, r.stdout
+        assert ds.files()[1].pcap.read_bytes()[:24] == ds.files()[0].pcap.read_bytes()[:24]
     if damage is damage_torn_pcap:
         # Only the torn record goes: it was never complete on disk.
         assert len(after) == len(before) - 1 and set(after) <= set(before)
