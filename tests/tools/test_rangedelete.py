@@ -395,14 +395,9 @@ def test_stopped_before_the_new_name_is_fixed_by_running_again(synth, tmp_path, 
     assert sorted(extract_all(root, tmp_path / "all.pcap")) == want
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_stop_signal_ends_between_files_and_is_audited(synth, tmp_path, sig):
-    """kill, or the terminal hanging up, ended the run at once: files already rewritten were
-    in no audit line (nothing at all when it was the first), and a stop between a pcap and
-    its index left the file for npcaprepair. Now the file at hand is finished, the audit
-    says what went, and the message says how to go on."""
-    root, originals = synth
-    b, e = SYNTH_START, SYNTH_START + 1800 * NS
+def _deleting_udp(root: Path, b: int, e: int) -> tuple[subprocess.Popen, str]:
+    """`npcapmanage delete -f udp` of [b, e) running, with its output up to its first
+    rewritten file."""
     p = subprocess.Popen([tool("npcapmanage"), "delete", "-t", str(root), "-b", epoch(b), "-e",
                           epoch(e), "-f", "udp", "--yes"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -411,6 +406,18 @@ def test_a_stop_signal_ends_between_files_and_is_audited(synth, tmp_path, sig):
         line = p.stdout.readline()
         assert line, out + p.stderr.read()
         out += line
+    return p, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ends_between_files_and_is_audited(synth, tmp_path, sig):
+    """kill, or the terminal hanging up, ended the run at once: files already rewritten were
+    in no audit line (nothing at all when it was the first), and a stop between a pcap and
+    its index left the file for npcaprepair. Now the file at hand is finished, the audit
+    says what went, and the message says how to go on."""
+    root, originals = synth
+    b, e = SYNTH_START, SYNTH_START + 1800 * NS
+    p, out = _deleting_udp(root, b, e)
     p.send_signal(sig)
     rest, err = p.communicate(timeout=120)
     out += rest
@@ -494,14 +501,7 @@ def test_a_run_killed_outright_has_left_its_begun_line(synth):
     all: the line saying what the run meant to delete is now written before the first."""
     root, _ = synth
     b, e = SYNTH_START, SYNTH_START + 1800 * NS
-    p = subprocess.Popen([tool("npcapmanage"), "delete", "-t", str(root), "-b", epoch(b), "-e",
-                          epoch(e), "-f", "udp", "--yes"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    out = ""
-    while "rewrote" not in out:
-        line = p.stdout.readline()
-        assert line, out + p.stderr.read()
-        out += line
+    p, out = _deleting_udp(root, b, e)
     p.kill()
     p.communicate(timeout=60)
     (rec,) = [json.loads(line) for line in (root / "audit.log").read_text().splitlines()]
