@@ -228,3 +228,16 @@ def test_a_certificate_trickled_a_byte_at_a_time_is_given_up(tmp_path):
     finally:
         listener.close()
     assert time.monotonic() - t0 < 5
+
+
+def test_a_deadline_passed_before_any_connection_does_not_spin():
+    """Its watcher waited 0 s in a loop until a connection came: a core, for as long as a
+    connect took."""
+    d = sensors.Deadline(0.01)
+    try:
+        d.begin()
+        t0 = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - t0 < 0.2
+    finally:
+        d.close()
