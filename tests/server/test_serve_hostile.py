@@ -142,8 +142,11 @@ def test_a_body_that_never_comes_or_answers_never_read_free_their_connections(wo
 
 def test_a_slow_download_that_progresses_is_not_cut(world, big):
     """--send-timeout cuts a connection whose client takes nothing, not one whose client
-    reads slower than the server writes."""
-    with serving(world, [big], "--send-timeout", "1") as s:
+    reads slower than the server writes. (Loopback's MSS is 64 KiB: the client's kernel
+    reopens its window only once it has room for a whole segment, here about every 0.8 s of
+    16 KiB reads, so the acknowledgements come in steps that far apart; a timeout of 1 s cut
+    this client now and then.)"""
+    with serving(world, [big], "--send-timeout", "2") as s:
         conn = tls_socket(s, rcvbuf=64 << 10)
         b, e = world.window
         auth = base64.b64encode(f"{world.member.name}:{world.member.password}".encode())
@@ -159,6 +162,7 @@ def test_a_slow_download_that_progresses_is_not_cut(world, big):
             got += chunk
         head, _, body = got.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        print("AUDIT", world.audit_lines()[-1], len(body), time.monotonic() - t0)
         assert len(body) >= 24 + 28000 * 216, world.audit_lines()[-1]  # chunked: + sizes
         assert world.audit_lines()[-1]["outcome"] == "allowed"
 
