@@ -381,7 +381,10 @@ def _damaged_header(ds: DumpSet, sf: StoredFile, deep: bool) -> tuple[str, bytes
     except OSError:
         return None
     linktype, ns = int(ds.meta.get("linktype", 1)), ds.nanosecond
-    if not deep and is_own_header(head, linktype, ns):
+    # Records are never longer than the dump set's snapshot length: only a header below it
+    # needs the index (read here once more in the deep check) to know the longest record.
+    longest = int(ds.meta.get("snaplen", 0)) if deep else 0
+    if is_own_header(head, linktype, ns, longest):
         return None
     try:
         idx = read_index(sf.index)
